@@ -1,0 +1,100 @@
+"""Checkpoints are plain dicts that carry their own metadata (the contract every later stage reads).
+
+Keys:
+  model            state_dict
+  arch, arch_args  how to rebuild the network (training.models.build_model)
+  classes          class names, index order = logit order
+  preprocess       training.preprocess.PreprocessSpec.to_dict()
+  metrics          what the checkpoint reached on val (top1, top5, loss, epoch)
+  provenance       data set path and sha256, seed, library versions, git commit
+  args             the effective training configuration
+  epoch, optimizer, lr_scheduler   for resuming
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.models import ResNet, build_model
+from training.preprocess import PreprocessSpec
+
+REQUIRED_KEYS = ("model", "arch", "arch_args", "classes", "preprocess")
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename into place: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    atomic_write_bytes(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this project: missing keys {missing}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> ResNet:
+    model = build_model(ckpt["arch"], **ckpt["arch_args"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def spec_from_checkpoint(ckpt: dict[str, Any]) -> PreprocessSpec:
+    return PreprocessSpec.from_dict(ckpt["preprocess"])
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import PIL
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+                "pillow": PIL.__version__}
+    try:
+        import nvidia.dali
+
+        versions["nvidia-dali"] = nvidia.dali.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

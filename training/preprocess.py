@@ -1,0 +1,149 @@
+"""The one preprocessing definition: training's eval transform *is* the serving preprocess.
+
+A :class:`PreprocessSpec` travels in every checkpoint and ONNX file. The DALI pipeline below is
+built from it for evaluation during training, for ONNX validation, and serialized into the Triton
+model repository (CPU device for the embedded target, ``mixed``/GPU for the GPU target). Because
+every consumer runs the same decoder and the same resize, the server's inputs equal the inputs the
+checkpoint was scored on, by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# ImageNet statistics, the usual default for photos; a checkpoint records whichever it used.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+RESIZE_POLICIES = ("shorter_center_crop", "stretch")
+
+# Name of the DALI external source: Triton's DALI backend binds it to the model input of that name.
+DALI_INPUT_NAME = "IMAGE"
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How encoded image bytes become the model's CHW float input.
+
+    ``shorter_center_crop``: resize the shorter side to ``resize_size`` (aspect kept), then take the
+    central ``crop_size`` square (the torchvision/ImageNet eval policy). ``stretch``: resize straight
+    to ``crop_size`` x ``crop_size``. Mean/std are in the 0..1 pixel scale.
+    """
+
+    crop_size: int
+    resize_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize_policy: str = "shorter_center_crop"
+    interpolation: str = "linear"  # antialiased linear, in DALI
+    color: str = "RGB"
+    layout: str = "CHW"
+
+    def __post_init__(self) -> None:
+        if self.resize_policy not in RESIZE_POLICIES:
+            raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
+        if self.crop_size <= 0 or self.resize_size < self.crop_size:
+            raise ValueError(
+                f"need 0 < crop_size <= resize_size, got crop_size={self.crop_size}, resize_size={self.resize_size}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std must be 3 values with std > 0, got mean={self.mean}, std={self.std}")
+
+    @classmethod
+    def for_size(cls, crop_size: int, **kw) -> "PreprocessSpec":
+        """The default policy for a crop size: resize the shorter side to crop/0.875 (ImageNet's 224/256)."""
+        return cls(crop_size=crop_size, resize_size=int(round(crop_size / 0.875)), **kw)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.crop_size, self.crop_size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# DALI: one graph, two devices
+# --------------------------------------------------------------------------------------------
+
+def dali_graph(encoded, spec: PreprocessSpec, device: str):
+    """decode -> resize -> (crop) -> normalize -> CHW float32, on ``device`` ("cpu" or "gpu")."""
+    from nvidia.dali import fn, types
+
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    # "mixed" = nvJPEG: parse on the host, decode on the GPU; everything after stays on the GPU.
+    images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    if spec.resize_policy == "shorter_center_crop":
+        images = fn.resize(images, resize_shorter=spec.resize_size, interp_type=types.INTERP_LINEAR, antialias=True)
+        crop = (spec.crop_size, spec.crop_size)
+    else:  # stretch
+        images = fn.resize(
+            images, resize_x=spec.crop_size, resize_y=spec.crop_size, interp_type=types.INTERP_LINEAR, antialias=True
+        )
+        crop = None
+    return fn.crop_mirror_normalize(
+        images,
+        crop=crop,
+        mean=[255.0 * m for m in spec.mean],
+        std=[255.0 * s for s in spec.std],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
+
+
+def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cpu", num_threads: int = 2,
+                        device_id: int = 0):
+    """A DALI pipeline whose single input is the external source ``IMAGE`` (encoded bytes, uint8)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+    )
+    def preprocess():
+        encoded = fn.external_source(name=DALI_INPUT_NAME, dtype=types.UINT8, device="cpu")
+        return dali_graph(encoded, spec, device)
+
+    return preprocess()
+
+
+class DaliPreprocessor:
+    """Runs the CPU pipeline on lists of encoded images: the training package's eval transform."""
+
+    def __init__(self, spec: PreprocessSpec, batch_size: int = 64, num_threads: int = 2):
+        self.spec = spec
+        self.batch_size = batch_size
+        self.pipe = build_dali_pipeline(spec, batch_size, device="cpu", num_threads=num_threads)
+        self.pipe.build()
+
+    def __call__(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Encoded images (any count) -> float32 array [N, 3, H, W]."""
+        out = []
+        for i in range(0, len(encoded), self.batch_size):
+            chunk = [np.frombuffer(b, dtype=np.uint8) for b in encoded[i:i + self.batch_size]]
+            self.pipe.feed_input(DALI_INPUT_NAME, chunk)
+            (batch,) = self.pipe.run()
+            out.append(batch.as_array())
+        if not out:
+            return np.zeros((0, *self.spec.input_shape), np.float32)
+        return np.concatenate(out)
+
+    def files(self, paths: Iterable[Path]) -> np.ndarray:
+        return self([Path(p).read_bytes() for p in paths])
