@@ -1,0 +1,1 @@
+"""Starting and stopping the real tritonserver on a model repository."""

@@ -37,6 +37,7 @@ def atomic_write_bytes(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are read by other processes (the server)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

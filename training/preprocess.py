@@ -15,14 +15,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from clients import protocol
+
 # ImageNet statistics, the usual default for photos; a checkpoint records whichever it used.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RESIZE_POLICIES = ("shorter_center_crop", "stretch")
 
-# Name of the DALI external source: Triton's DALI backend binds it to the model input of that name.
-DALI_INPUT_NAME = "IMAGE"
+# The DALI external source is named after the model input: Triton's DALI backend binds them by name.
+DALI_INPUT_NAME = protocol.IMAGE
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,122 @@
+"""Checkpoint -> ONNX with a dynamic batch dimension, validated against PyTorch with ONNX Runtime.
+
+    python -m build.export_onnx --ckpt artifacts/best.pt --data data/synthetic --out artifacts/model.onnx
+
+The checkpoint's metadata (classes, preprocess spec, arch, metrics) is embedded in the ONNX file's
+metadata_props under ``"platform"``, with the checkpoint's sha256, so later stages read the ONNX
+alone. The file is written only after validation passes: on failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from training.checkpoint import (atomic_write_bytes, file_sha256, library_versions, load_checkpoint,
+                                 model_from_checkpoint, spec_from_checkpoint)
+from training.data import list_images
+from training.evaluate import logits_for_inputs
+from training.preprocess import DaliPreprocessor
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+METADATA_KEY = "platform"
+OPSET = 18
+
+
+class ValidationError(RuntimeError):
+    pass
+
+
+def read_metadata(model: onnx.ModelProto | Path) -> dict:
+    """The metadata contract embedded by :func:`export` (classes, preprocess, arch, provenance)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise ValueError(f"ONNX model has no '{METADATA_KEY}' metadata: was it exported by build.export_onnx?")
+    return json.loads(props[METADATA_KEY])
+
+
+def to_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Export with the dynamo exporter; batch is dynamic, everything else fixed."""
+    example = torch.zeros(2, *input_shape)
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=OPSET, verbose=False,
+    )
+    return program.model_proto
+
+
+def ort_logits(model_bytes: bytes, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: inputs[i:i + batch_size]})[0]
+                           for i in range(0, len(inputs), batch_size)])
+
+
+def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarray, tolerance: float) -> dict:
+    """Compare ONNX Runtime with PyTorch on real inputs, at batch 1 and batched; raise beyond tolerance."""
+    ref = logits_for_inputs(torch_model, inputs)
+    got = ort_logits(model_bytes, inputs)
+    got_b1 = ort_logits(model_bytes, inputs[:4], batch_size=1)  # the dynamic batch really is dynamic
+    diff = float(max(np.abs(got - ref).max(), np.abs(got_b1 - ref[:4]).max()))
+    report = {"images": len(inputs), "max_abs_logit_diff": diff, "tolerance": tolerance,
+              "top1_agreement": float(np.mean(got.argmax(1) == ref.argmax(1)))}
+    if not np.isfinite(diff) or diff > tolerance:
+        raise ValidationError(f"ONNX Runtime and PyTorch disagree: max |logit diff| {diff:.3g} > tolerance {tolerance:g}")
+    return report
+
+
+def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance: float = 1e-3,
+           max_images: int = 256) -> dict:
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
+    spec = spec_from_checkpoint(ckpt)
+    proto = to_onnx(model, spec.input_shape)
+
+    metadata = {
+        "arch": ckpt["arch"], "arch_args": ckpt["arch_args"], "classes": ckpt["classes"],
+        "preprocess": ckpt["preprocess"], "metrics": ckpt.get("metrics", {}),
+        "source": {"checkpoint": str(Path(ckpt_path).resolve()), "checkpoint_sha256": file_sha256(ckpt_path),
+                   "training_provenance": ckpt.get("provenance", {})},
+        "export": {"opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME, "precision": "fp32",
+                   "versions": {**library_versions(), "onnx": onnx.__version__}},
+    }
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+    onnx.checker.check_model(proto)
+    model_bytes = proto.SerializeToString()
+
+    paths = [p for p, _ in list_images(Path(data) / split, ckpt["classes"])][:max_images]
+    report = validate(model_bytes, model, DaliPreprocessor(spec).files(paths), tolerance)
+    atomic_write_bytes(out, lambda tmp: tmp.write_bytes(model_bytes))
+    print(f"exported {out}: {report['images']} {split} images, max |logit diff| {report['max_abs_logit_diff']:.2e} "
+          f"(tolerance {tolerance:g}), top-1 agreement {100 * report['top1_agreement']:.2f}%")
+    return report
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export a checkpoint to ONNX and validate it with ONNX Runtime")
+    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="ImageFolder root; validation uses its images")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", type=Path, default=Path("artifacts/model.onnx"))
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max absolute logit difference allowed")
+    p.add_argument("--max-images", type=int, default=256)
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    return export(args.ckpt, args.data, args.out, args.split, args.tolerance, args.max_images)
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (ValidationError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"export failed: {e}")

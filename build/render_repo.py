@@ -1,0 +1,144 @@
+"""Render the Triton model repository from an exported ONNX model (and nothing else).
+
+    python -m build.render_repo --onnx artifacts/model.onnx --out model_repository
+
+Embedded target (no GPU): preprocess (DALI pipeline on CPU inside the Python backend) ->
+classifier (ONNX Runtime inside the Python backend) -> postprocess (softmax, top-k labels), wired
+as the ensemble ``classify``. Configs are built as Triton ModelConfig protobufs and written as text,
+so they always parse; preprocessing parameters, classes and shapes come from the ONNX metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from build.export_onnx import read_metadata
+from clients import protocol as P
+from training.checkpoint import atomic_write_bytes
+from training.preprocess import PreprocessSpec, build_dali_pipeline
+
+SOURCE_REPO = Path(__file__).resolve().parent.parent / "model_repository"
+PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)  # their model.py is committed in SOURCE_REPO
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    max_batch_size: int = 32
+    queue_delay_us: int = 2000          # dynamic batcher: how long to wait to fill a batch
+    preprocess_instances: int = 1
+    classifier_instances: int = 1
+    dali_threads: int = 2
+    intra_op_threads: int = 0           # ONNX Runtime threads per classifier instance (0 = its default)
+    top_k: int = 5
+
+
+def _tensor(name: str, dtype: int, dims: list[int], ragged: bool = False):
+    return dict(name=name, data_type=dtype, dims=dims, **({"allow_ragged_batch": True} if ragged else {}))
+
+
+def _python_model(name: str, s: RepoSettings, inputs: list[dict], outputs: list[dict], instances: int,
+                  params: dict[str, str], batching: bool = True) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=s.max_batch_size)
+    cfg.input.extend(mc.ModelInput(**t) for t in inputs)
+    cfg.output.extend(mc.ModelOutput(**t) for t in outputs)
+    cfg.instance_group.append(mc.ModelInstanceGroup(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU))
+    if batching:
+        cfg.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
+    for k, v in params.items():
+        cfg.parameters[k].string_value = str(v)
+    return cfg
+
+
+def embedded_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings) -> dict[str, mc.ModelConfig]:
+    """The four configs of the embedded target, keyed by model name."""
+    k = min(s.top_k, num_classes)
+    FP32, U8, BYTES = mc.TYPE_FP32, mc.TYPE_UINT8, mc.TYPE_STRING
+    pixels = _tensor(P.PIXELS, FP32, list(spec.input_shape))
+    logits = _tensor(P.LOGITS, FP32, [num_classes])
+    outputs = [_tensor(P.PROBABILITIES, FP32, [num_classes]), _tensor(P.LABELS, BYTES, [k]), _tensor(P.SCORES, FP32, [k])]
+
+    configs = {
+        # allow_ragged_batch: requests whose byte strings differ in length still batch together
+        P.PREPROCESS: _python_model(P.PREPROCESS, s, [_tensor(P.IMAGE, U8, [-1], ragged=True)], [pixels],
+                                    s.preprocess_instances, {"dali_pipeline": "model.dali", "dali_num_threads": s.dali_threads}),
+        P.CLASSIFIER: _python_model(P.CLASSIFIER, s, [pixels], [logits], s.classifier_instances,
+                                    {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads}),
+        # postprocess is cheap and runs per request; batching it would only add queueing delay
+        P.POSTPROCESS: _python_model(P.POSTPROCESS, s, [logits], outputs, 1, {"top_k": k}, batching=False),
+    }
+    ens = mc.ModelConfig(name=P.ENSEMBLE, platform="ensemble", max_batch_size=s.max_batch_size)
+    ens.input.append(mc.ModelInput(**_tensor(P.IMAGE, U8, [-1])))
+    ens.output.extend(mc.ModelOutput(**t) for t in outputs)
+    steps = [
+        (P.PREPROCESS, {P.IMAGE: P.IMAGE}, {P.PIXELS: "pixels"}),
+        (P.CLASSIFIER, {P.PIXELS: "pixels"}, {P.LOGITS: "logits"}),
+        (P.POSTPROCESS, {P.LOGITS: "logits"}, {o: o for o in P.OUTPUTS}),
+    ]
+    for model, input_map, output_map in steps:
+        ens.ensemble_scheduling.step.add(model_name=model, model_version=-1, input_map=input_map, output_map=output_map)
+    configs[P.ENSEMBLE] = ens
+    return configs
+
+
+def config_text(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings()) -> dict[str, Path]:
+    """Write the repository; everything is computed in memory first and each file is written atomically."""
+    meta = read_metadata(Path(onnx_path))
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    classes: list[str] = meta["classes"]
+    configs = embedded_configs(spec, len(classes), settings)
+    dali = build_dali_pipeline(spec, settings.max_batch_size, device="cpu", num_threads=settings.dali_threads).serialize()
+    onnx_bytes = Path(onnx_path).read_bytes()
+    configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value = hashlib.sha256(onnx_bytes).hexdigest()
+
+    files = {
+        Path(P.PREPROCESS, "1", "model.dali"): dali,
+        Path(P.CLASSIFIER, "1", "model.onnx"): onnx_bytes,
+        Path(P.POSTPROCESS, "1", "labels.txt"): ("\n".join(classes) + "\n").encode(),
+        # the ensemble's version folder must exist and, in object stores, hold a file
+        Path(P.ENSEMBLE, "1", ".placeholder"): b"",
+    }
+    files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
+    out = Path(out)
+    if out.resolve() != SOURCE_REPO.resolve():  # a repository elsewhere gets the committed model code too
+        for name in PYTHON_MODELS:
+            files[Path(name, "1", "model.py")] = (SOURCE_REPO / name / "1" / "model.py").read_bytes()
+    for rel, data in files.items():
+        atomic_write_bytes(out / rel, lambda tmp, data=data: tmp.write_bytes(data))
+    print(f"rendered {out}: {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
+          f"max_batch_size {settings.max_batch_size})")
+    return {str(rel): out / rel for rel in files}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    d = RepoSettings()
+    p = argparse.ArgumentParser(description="Render the Triton model repository (embedded CPU target)")
+    p.add_argument("--onnx", type=Path, required=True, help="ONNX exported by build.export_onnx")
+    p.add_argument("--out", type=Path, default=SOURCE_REPO)
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us)
+    p.add_argument("--preprocess-instances", type=int, default=d.preprocess_instances)
+    p.add_argument("--classifier-instances", type=int, default=d.classifier_instances)
+    p.add_argument("--dali-threads", type=int, default=d.dali_threads)
+    p.add_argument("--intra-op-threads", type=int, default=d.intra_op_threads)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    return p
+
+
+def main(args: argparse.Namespace) -> dict[str, Path]:
+    settings = RepoSettings(args.max_batch_size, args.queue_delay_us, args.preprocess_instances,
+                            args.classifier_instances, args.dali_threads, args.intra_op_threads, args.top_k)
+    return render(args.onnx, args.out, settings)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
