@@ -1,0 +1,1 @@
+"""Python clients for the served ensemble (see clients.client and `python -m clients --help`)."""

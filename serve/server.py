@@ -87,10 +87,16 @@ def check_port_free(port: int, what: str) -> None:
                                  f"or choose another port (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...)") from None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int = 3) -> list[int]:
+    """n distinct ports that are free right now (all held open while choosing, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class TritonServer:

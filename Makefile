@@ -1,0 +1,89 @@
+# The user interface: every stage is a target, driven by the variables below; `make demo` chains them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+# data and training
+SYNTHETIC   := data/synthetic
+DATA        ?= $(SYNTHETIC)
+ARTIFACTS   ?= artifacts
+ARCH        ?= resnet_tiny
+EPOCHS      ?= 12
+IMG_SIZE    ?= 64
+BATCH_SIZE  ?= 64
+LR          ?= 0.1
+SEED        ?= 0
+WORKERS     ?= 2
+CKPT        ?= $(ARTIFACTS)/best.pt
+# export and repository
+ONNX        ?= $(ARTIFACTS)/model.onnx
+TOLERANCE   ?= 1e-3
+REPO        ?= model_repository
+MAX_BATCH   ?= 32
+QUEUE_DELAY_US ?= 2000
+INSTANCES   ?= 1
+TOP_K       ?= 5
+# serving and clients
+HTTP_PORT   ?= 8000
+GRPC_PORT   ?= 8001
+METRICS_PORT ?= 8002
+PROTOCOL    ?= http
+IMAGES      ?= $(DATA)/val
+CLIENT_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help venv data train eval onnx repo serve client demo test clean
+
+help:
+	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
+	@echo "make test   - run the test suite against the real tritonserver"
+	@echo "stages: venv data train eval onnx repo serve client; variables: see README.md"
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+data: venv
+ifeq ($(DATA),$(SYNTHETIC))
+	$(PY) -m training.synthetic --out $(DATA) --seed $(SEED)
+else
+	@test -d "$(DATA)/train" -a -d "$(DATA)/val" || { echo "DATA=$(DATA) must be an ImageFolder root with train/<class>/ and val/<class>/"; exit 2; }
+endif
+
+train: data
+	$(PY) -m training.train --data $(DATA) --out $(ARTIFACTS) --arch $(ARCH) --epochs $(EPOCHS) \
+	  --img-size $(IMG_SIZE) --batch-size $(BATCH_SIZE) --lr $(LR) --seed $(SEED) --workers $(WORKERS)
+
+eval: venv
+	$(PY) -m training.evaluate --ckpt $(CKPT) --data $(DATA) --split val
+
+onnx: venv
+	$(PY) -m build.export_onnx --ckpt $(CKPT) --data $(DATA) --out $(ONNX) --tolerance $(TOLERANCE)
+
+repo: venv
+	$(PY) -m build.render_repo --onnx $(ONNX) --out $(REPO) --max-batch-size $(MAX_BATCH) \
+	  --queue-delay-us $(QUEUE_DELAY_US) --preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES) --top-k $(TOP_K)
+
+serve: venv
+	$(PY) -m serve --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+client: venv
+	$(PY) -m clients $(IMAGES) --protocol $(PROTOCOL) \
+	  --url localhost:$(if $(filter grpc,$(PROTOCOL)),$(GRPC_PORT),$(HTTP_PORT)) $(CLIENT_ARGS)
+
+demo: data train onnx repo
+	$(PY) -m serve.demo --repo $(REPO) --images $(DATA)/val \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: venv
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(ARTIFACTS) $(SYNTHETIC) .cache .pytest_cache
+	cd $(REPO) && git clean -fqX .

@@ -1,0 +1,100 @@
+"""Command line: classify image files with the served ensemble.
+
+    python -m clients data/synthetic/val --protocol grpc --batch-size 16 --async --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+from clients.client import DEFAULT_URLS, ImageClassifierClient, ServerUnreachable
+from clients import protocol as P
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+PROGRESS_MIN_FILES = 32
+
+
+def expand(paths: list[str]) -> list[Path]:
+    """Files as given, directories searched recursively for images, globs expanded."""
+    out: list[Path] = []
+    for p in paths:
+        matches = [Path(m) for m in sorted(glob.glob(p, recursive=True))] if glob.has_magic(p) else [Path(p)]
+        if not matches:
+            raise FileNotFoundError(f"no file matches {p!r}")
+        for m in matches:
+            if m.is_dir():
+                out += sorted(f for f in m.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            elif m.is_file():
+                out.append(m)
+            else:
+                raise FileNotFoundError(f"no such file or directory: {m}")
+    return out
+
+
+def format_table(preds, top_k: int) -> str:
+    width = max([len(p.source) for p in preds] + [4])
+    lines = [f"{'file':<{width}}  predictions"]
+    for p in preds:
+        body = (f"ERROR: {p.error}" if not p.ok else
+                "  ".join(f"{lab} ({s:.3f})" for lab, s in zip(p.labels[:top_k], p.scores[:top_k])))
+        lines.append(f"{p.source:<{width}}  {body}")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m clients", description="Classify images with the Triton ensemble")
+    p.add_argument("paths", nargs="+", help="image files, directories (searched recursively) or globs")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['http']} for HTTP, {DEFAULT_URLS['grpc']} for gRPC)")
+    p.add_argument("--model", default=P.ENSEMBLE)
+    p.add_argument("--batch-size", type=int, default=8, help="images per request")
+    p.add_argument("--async", dest="use_async", action="store_true", help="send batches concurrently (asyncio)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight with --async")
+    p.add_argument("--top-k", type=int, default=3, help="labels shown per image (at most the server's k)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        files = expand(args.paths)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not files:
+        print("error: no images found (looked for .jpg, .jpeg, .png)", file=sys.stderr)
+        return 2
+    blobs, sources = [f.read_bytes() for f in files], [str(f) for f in files]
+    with ImageClassifierClient(args.url, args.protocol, args.model) as client:
+        try:
+            client.check_ready()
+        except ServerUnreachable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        bar = None
+        if len(files) >= PROGRESS_MIN_FILES and not args.no_progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(files), unit="img", file=sys.stderr)
+        progress = bar.update if bar else None
+        if args.use_async:
+            preds = client.classify_async(blobs, sources, args.batch_size, args.concurrency, progress)
+        else:
+            preds = client.classify(blobs, sources, args.batch_size, progress)
+        if bar:
+            bar.close()
+    if args.json:
+        for p in preds:
+            d = p.to_dict()
+            d["labels"], d["scores"] = d["labels"][: args.top_k], d["scores"][: args.top_k]
+            print(json.dumps(d))
+    else:
+        print(format_table(preds, args.top_k))
+    failed = sum(not p.ok for p in preds)
+    if failed:
+        print(f"{failed} of {len(preds)} images failed", file=sys.stderr)
+    return 3 if failed else 0

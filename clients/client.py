@@ -1,0 +1,217 @@
+"""Python client for the served ensemble over HTTP or gRPC (tritonclient), sync and asyncio.
+
+    from clients.client import ImageClassifierClient
+    with ImageClassifierClient("localhost:8001", protocol="grpc") as c:
+        for p in c.classify_files(["cat.jpg", "dog.jpg"]):
+            print(p.source, p.labels[0], p.scores[0])
+
+A batch that the server rejects because of one bad image is retried image by image, so the good
+images still get their answers and the bad one gets the server's error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from clients import protocol as P
+
+DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
+
+
+class ServerUnreachable(ConnectionError):
+    pass
+
+
+class RequestError(RuntimeError):
+    """The server answered with an error (e.g. HTTP 400 / gRPC INVALID_ARGUMENT for a bad image)."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Prediction:
+    source: str
+    labels: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    probabilities: list[float] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self, with_probabilities: bool = False) -> dict:
+        d = asdict(self)
+        if not with_probabilities:
+            d.pop("probabilities")
+        return d
+
+
+def pad_batch(blobs: Sequence[bytes]) -> np.ndarray:
+    """Encoded images -> uint8 [N, max_len], zero-padded (the ensemble strips the padding)."""
+    arr = np.zeros((len(blobs), max((len(b) for b in blobs), default=0)), np.uint8)
+    for i, b in enumerate(blobs):
+        arr[i, : len(b)] = np.frombuffer(b, np.uint8)
+    return arr
+
+
+def _module(protocol: str, aio: bool = False):
+    if protocol == "http":
+        import tritonclient.http as m
+        if aio:
+            import tritonclient.http.aio as a
+            return m, a
+    elif protocol == "grpc":
+        import tritonclient.grpc as m
+        if aio:
+            import tritonclient.grpc.aio as a
+            return m, a
+    else:
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+    return m, m
+
+
+def _status(e: Exception) -> str | None:
+    status = getattr(e, "status", None)
+    return str(status()) if callable(status) else None
+
+
+def _message(e: Exception) -> str:
+    msg = getattr(e, "message", None)
+    return msg() if callable(msg) else str(e)
+
+
+class ImageClassifierClient:
+    def __init__(self, url: str | None = None, protocol: str = "http", model: str = P.ENSEMBLE,
+                 timeout_s: float = 60.0, with_probabilities: bool = False):
+        self.protocol, self.model = protocol, model
+        self.url = url or DEFAULT_URLS[protocol]
+        self.timeout_s, self.with_probabilities = timeout_s, with_probabilities
+        self._mod, _ = _module(protocol)
+        kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
+        self._client = self._mod.InferenceServerClient(self.url, **kw)
+
+    # -- connection -------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        """Raise ServerUnreachable with a helpful message unless the ensemble is ready."""
+        try:
+            live = self._client.is_server_live()
+        except Exception as e:  # connection refused, DNS, timeouts: all mean "not reachable"
+            raise ServerUnreachable(
+                f"cannot reach Triton at {self.url} over {self.protocol.upper()} ({_message(e).strip() or type(e).__name__}); "
+                f"is the server running? Start it with `make serve`, or pass --url") from None
+        if not live:
+            raise ServerUnreachable(f"Triton at {self.url} is not live")
+        if not self._client.is_model_ready(self.model):
+            raise ServerUnreachable(f"Triton at {self.url} is up but model '{self.model}' is not ready")
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "ImageClassifierClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _inputs_outputs(self, mod, blobs: Sequence[bytes]):
+        arr = pad_batch(blobs)
+        inp = mod.InferInput(P.IMAGE, list(arr.shape), "UINT8")
+        inp.set_data_from_numpy(arr)  # HTTP sends it with the binary tensor extension by default
+        names = P.OUTPUTS if self.with_probabilities else (P.LABELS, P.SCORES)
+        return [inp], [mod.InferRequestedOutput(n) for n in names]
+
+    def _predictions(self, result, sources: Sequence[str]) -> list[Prediction]:
+        labels, scores = result.as_numpy(P.LABELS), result.as_numpy(P.SCORES)
+        probs = result.as_numpy(P.PROBABILITIES) if self.with_probabilities else None
+        return [Prediction(src, [x.decode() for x in labels[i]], [float(s) for s in scores[i]],
+                           None if probs is None else [float(p) for p in probs[i]])
+                for i, src in enumerate(sources)]
+
+    def infer(self, blobs: Sequence[bytes], sources: Sequence[str] | None = None) -> list[Prediction]:
+        """One request for the whole batch; raises RequestError if the server rejects it."""
+        sources = list(sources or [f"image{i}" for i in range(len(blobs))])
+        inputs, outputs = self._inputs_outputs(self._mod, blobs)
+        try:
+            result = self._client.infer(self.model, inputs, outputs=outputs)
+        except Exception as e:
+            raise RequestError(_message(e), _status(e)) from None
+        return self._predictions(result, sources)
+
+    def _isolate(self, blobs, sources, infer_one) -> list[Prediction]:
+        out = []
+        for b, s in zip(blobs, sources):
+            try:
+                out += infer_one([b], [s])
+            except RequestError as e:
+                out.append(Prediction(s, error=str(e)))
+        return out
+
+    def classify(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int = 8,
+                 progress: Callable[[int], None] | None = None) -> list[Prediction]:
+        """Sync: batches one after the other; a rejected batch is retried image by image."""
+        out: list[Prediction] = []
+        for i in range(0, len(blobs), batch_size):
+            b, s = blobs[i:i + batch_size], sources[i:i + batch_size]
+            try:
+                out += self.infer(b, s)
+            except RequestError as e:
+                out += [Prediction(s[0], error=str(e))] if len(b) == 1 else self._isolate(b, s, self.infer)
+            if progress:
+                progress(len(b))
+        return out
+
+    def classify_files(self, paths: Sequence[Path | str], batch_size: int = 8) -> list[Prediction]:
+        return self.classify([Path(p).read_bytes() for p in paths], [str(p) for p in paths], batch_size)
+
+    # -- asyncio ----------------------------------------------------------------------------------
+    def classify_async(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int = 8,
+                       concurrency: int = 4, progress: Callable[[int], None] | None = None) -> list[Prediction]:
+        """Async: up to ``concurrency`` batches in flight at once (tritonclient's asyncio clients)."""
+        return asyncio.run(self._classify_async(blobs, sources, batch_size, concurrency, progress))
+
+    async def _classify_async(self, blobs, sources, batch_size, concurrency, progress) -> list[Prediction]:
+        mod, aio = _module(self.protocol, aio=True)
+        client = aio.InferenceServerClient(self.url)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def infer_async(b, s):
+            inputs, outputs = self._inputs_outputs(mod, b)
+            try:
+                result = await client.infer(self.model, inputs, outputs=outputs)
+            except Exception as e:
+                raise RequestError(_message(e), _status(e)) from None
+            return self._predictions(result, s)
+
+        async def one_batch(b, s):
+            async with gate:
+                try:
+                    preds = await infer_async(b, s)
+                except RequestError as e:
+                    if len(b) == 1:
+                        preds = [Prediction(s[0], error=str(e))]
+                    else:
+                        preds = []
+                        for bb, ss in zip(b, s):
+                            try:
+                                preds += await infer_async([bb], [ss])
+                            except RequestError as e1:
+                                preds.append(Prediction(ss, error=str(e1)))
+                if progress:
+                    progress(len(b))
+                return preds
+
+        try:
+            batches = [one_batch(blobs[i:i + batch_size], sources[i:i + batch_size])
+                       for i in range(0, len(blobs), batch_size)]
+            return [p for preds in await asyncio.gather(*batches) for p in preds]
+        finally:
+            await client.close()

@@ -1,0 +1,58 @@
+"""Session fixtures: one tiny data set, one tiny trained model, one rendered repository and ONE real
+tritonserver for the whole test session (spoken to over HTTP and gRPC)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from build.export_onnx import export
+from build.render_repo import RepoSettings, render
+from serve.server import Ports, TritonServer, free_ports
+from training import synthetic, train
+
+TINY = dict(num_classes=10, train_per_class=16, val_per_class=8, seed=3)
+MAX_BATCH = 8  # small, so that "batch larger than max_batch_size" is cheap to send
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return synthetic.generate(tmp_path_factory.mktemp("data") / "synthetic", **TINY)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt")
+    args = train.get_args_parser().parse_args(
+        ["--data", str(tiny_data), "--out", str(out), "--img-size", "32", "--epochs", "3", "--batch-size", "32",
+         "--workers", "0", "--quiet"])
+    train.main(args)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def onnx_model(checkpoint, tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export(checkpoint, tiny_data, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def repo(onnx_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("repo")
+    render(onnx_model, out, RepoSettings(max_batch_size=MAX_BATCH, top_k=3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(repo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    with TritonServer(repo, Ports(*free_ports(3)), log_file=log) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def val_files(tiny_data) -> list[Path]:
+    return sorted((tiny_data / "val").rglob("*.jpg"))
