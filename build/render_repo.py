@@ -86,8 +86,46 @@ def embedded_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings) ->
     return configs
 
 
+def check_ensemble(configs: dict[str, mc.ModelConfig]) -> None:
+    """Cross-check the wiring: every step's tensors exist, come from somewhere, and agree in type and shape."""
+    ens = next((c for c in configs.values() if c.platform == "ensemble"), None)
+    if ens is None:
+        raise ValueError("no ensemble among the configs")
+    available = {t.name: (t.data_type, list(t.dims)) for t in ens.input}  # ensemble tensor -> (dtype, dims)
+    for i, step in enumerate(ens.ensemble_scheduling.step):
+        where = f"ensemble step {i} ({step.model_name})"
+        if step.model_name not in configs:
+            raise ValueError(f"{where}: no config for model '{step.model_name}'")
+        model = configs[step.model_name]
+        inputs = {t.name: (t.data_type, list(t.dims)) for t in model.input}
+        outputs = {t.name: (t.data_type, list(t.dims)) for t in model.output}
+        if set(step.input_map) != set(inputs):
+            raise ValueError(f"{where}: maps inputs {sorted(step.input_map)} but the model has {sorted(inputs)}")
+        for model_in, ens_tensor in step.input_map.items():
+            if ens_tensor not in available:
+                raise ValueError(f"{where}: input '{model_in}' reads '{ens_tensor}', which no earlier step produces")
+            if available[ens_tensor] != inputs[model_in]:
+                raise ValueError(f"{where}: '{ens_tensor}' is {available[ens_tensor]} but input '{model_in}' "
+                                 f"expects {inputs[model_in]} (dtype, dims)")
+        if model.max_batch_size < ens.max_batch_size:
+            raise ValueError(f"{where}: max_batch_size {model.max_batch_size} < ensemble's {ens.max_batch_size}")
+        for model_out, ens_tensor in step.output_map.items():
+            if model_out not in outputs:
+                raise ValueError(f"{where}: maps output '{model_out}', which the model does not have")
+            available[ens_tensor] = outputs[model_out]
+    for t in ens.output:
+        if available.get(t.name) != (t.data_type, list(t.dims)):
+            raise ValueError(f"ensemble output '{t.name}' {(t.data_type, list(t.dims))} is produced as "
+                             f"{available.get(t.name)} (dtype, dims)")
+
+
 def config_text(cfg: mc.ModelConfig) -> str:
     return text_format.MessageToString(cfg)
+
+
+def read_configs(repo: Path) -> dict[str, mc.ModelConfig]:
+    """Parse every <model>/config.pbtxt of a repository as Triton's ModelConfig."""
+    return {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in sorted(Path(repo).glob("*/config.pbtxt"))}
 
 
 def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings()) -> dict[str, Path]:
@@ -96,6 +134,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings()) 
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     classes: list[str] = meta["classes"]
     configs = embedded_configs(spec, len(classes), settings)
+    check_ensemble(configs)
     dali = build_dali_pipeline(spec, settings.max_batch_size, device="cpu", num_threads=settings.dali_threads).serialize()
     onnx_bytes = Path(onnx_path).read_bytes()
     configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value = hashlib.sha256(onnx_bytes).hexdigest()

@@ -1,0 +1,146 @@
+"""Data, training checkpoint contract, ONNX export and repository rendering (no server needed)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from build import export_onnx
+from build.render_repo import RepoSettings, check_ensemble, embedded_configs, read_configs
+from clients import protocol as P
+from tritonclient.grpc import model_config_pb2 as mc
+from training import synthetic
+from training.checkpoint import load_checkpoint, spec_from_checkpoint
+from training.data import dataset_fingerprint, find_classes, list_images
+from training.evaluate import get_args_parser as eval_args, main as eval_main
+from training.preprocess import DaliPreprocessor, PreprocessSpec
+
+from conftest import MAX_BATCH
+
+
+def tree_digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.jpg"))}
+
+
+def test_synthetic_is_deterministic_and_varied(tmp_path):
+    a = synthetic.generate(tmp_path / "a", num_classes=10, train_per_class=3, val_per_class=2, seed=7)
+    b = synthetic.generate(tmp_path / "b", num_classes=10, train_per_class=3, val_per_class=2, seed=7)
+    c = synthetic.generate(tmp_path / "c", num_classes=10, train_per_class=3, val_per_class=2, seed=8)
+    assert tree_digest(a) == tree_digest(b)
+    assert tree_digest(a) != tree_digest(c)
+    assert len(find_classes(a / "train")) == 10 and len(tree_digest(a)) == 50
+    sizes = [Image.open(p).size for p in a.rglob("*.jpg")]
+    aspects = [w / h for w, h in sizes]
+    assert len(set(sizes)) > 10 and min(aspects) < 0.9 and max(aspects) > 1.1
+
+
+def test_data_errors_are_clear(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="at least 2"):
+        find_classes(tmp_path / "train")
+    (tmp_path / "train" / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "dog" / "x.jpg")
+    with pytest.raises(ValueError, match=r"train/cat contains no images"):
+        list_images(tmp_path / "train", find_classes(tmp_path / "train"))
+    with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
+        find_classes(tmp_path / "val")
+
+
+def test_checkpoint_carries_its_metadata(checkpoint, tiny_data):
+    ckpt = load_checkpoint(checkpoint)
+    assert ckpt["classes"] == find_classes(tiny_data / "train")
+    assert ckpt["arch"] == "resnet_tiny" and ckpt["arch_args"] == {"num_classes": 10}
+    spec = spec_from_checkpoint(ckpt)
+    assert spec.crop_size == 32 and spec.resize_size >= 32 and spec.resize_policy == "shorter_center_crop"
+    assert 0 <= ckpt["metrics"]["top1"] <= 100 and "top5" in ckpt["metrics"]
+    prov = ckpt["provenance"]
+    assert prov["data_sha256"] == dataset_fingerprint(tiny_data) and prov["seed"] == 0
+    assert {"torch", "numpy", "nvidia-dali"} <= set(prov["versions"])
+    assert ckpt["args"]["epochs"] == 3
+
+
+def test_eval_reproduces_the_recorded_metric(checkpoint, tiny_data):
+    """`make eval` on the checkpoint's own val split gives the top-1 recorded at training time."""
+    metrics = eval_main(eval_args().parse_args(["--ckpt", str(checkpoint), "--data", str(tiny_data)]))
+    assert metrics["top1"] == pytest.approx(load_checkpoint(checkpoint)["metrics"]["top1"])
+
+
+def test_onnx_has_dynamic_batch_and_metadata(onnx_model, checkpoint):
+    model = onnx.load(str(onnx_model))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    meta = export_onnx.read_metadata(model)
+    ckpt = load_checkpoint(checkpoint)
+    assert meta["classes"] == ckpt["classes"] and meta["preprocess"] == ckpt["preprocess"]
+    assert meta["source"]["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+
+def test_failed_validation_leaves_nothing_behind(checkpoint, tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous good model")
+    # Fault injection: PyTorch's reference logits shifted, so ONNX Runtime's no longer match.
+    real = export_onnx.logits_for_inputs
+    monkeypatch.setattr(export_onnx, "logits_for_inputs", lambda m, x: real(m, x) + 0.5)
+    with pytest.raises(export_onnx.ValidationError, match=r"max \|logit diff\| 0.5"):
+        export_onnx.export(checkpoint, tiny_data, out, max_images=8)
+    assert out.read_bytes() == b"previous good model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left
+
+
+def test_rendered_configs_parse_and_wire_up(repo, onnx_model):
+    configs = read_configs(repo)
+    assert set(configs) == {P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS}
+    check_ensemble(configs)
+    meta = export_onnx.read_metadata(onnx_model)
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    assert list(configs[P.PREPROCESS].output[0].dims) == list(spec.input_shape)
+    assert list(configs[P.CLASSIFIER].output[0].dims) == [len(meta["classes"])]
+    assert all(c.max_batch_size == MAX_BATCH for c in configs.values())
+    assert configs[P.PREPROCESS].input[0].allow_ragged_batch
+    assert configs[P.CLASSIFIER].dynamic_batching.max_queue_delay_microseconds > 0
+    assert (repo / P.POSTPROCESS / "1" / "labels.txt").read_text().splitlines() == meta["classes"]
+    assert (repo / P.CLASSIFIER / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
+
+
+@pytest.mark.parametrize("breakage", ["dims", "dtype", "unknown_tensor", "missing_model"])
+def test_wiring_check_catches_mistakes(breakage):
+    configs = embedded_configs(PreprocessSpec.for_size(32), 10, RepoSettings())
+    check_ensemble(configs)
+    if breakage == "dims":
+        configs[P.CLASSIFIER].input[0].dims[1] = 31
+    elif breakage == "dtype":
+        configs[P.POSTPROCESS].input[0].data_type = mc.TYPE_FP64
+    elif breakage == "unknown_tensor":
+        configs[P.ENSEMBLE].ensemble_scheduling.step[1].input_map[P.PIXELS] = "pixelz"
+    else:
+        del configs[P.CLASSIFIER]
+    with pytest.raises(ValueError, match="ensemble"):
+        check_ensemble(configs)
+
+
+def test_serialized_dali_pipeline_equals_eval_transform(repo, onnx_model, val_files):
+    """The pipeline Triton runs gives bit-identical inputs to the one training evaluated with."""
+    from nvidia.dali import Pipeline
+
+    spec = PreprocessSpec.from_dict(export_onnx.read_metadata(onnx_model)["preprocess"])
+    pipe = Pipeline.deserialize(serialized_pipeline=(repo / P.PREPROCESS / "1" / "model.dali").read_bytes(),
+                                batch_size=MAX_BATCH, num_threads=1, device_id=None, prefetch_queue_depth=1,
+                                exec_async=False, exec_pipelined=False)
+    pipe.build()
+    files = val_files[:MAX_BATCH]
+    pipe.feed_input(P.IMAGE, [np.fromfile(f, np.uint8) for f in files])
+    (served,) = pipe.run()
+    np.testing.assert_array_equal(served.as_array(), DaliPreprocessor(spec).files(files))
+
+
+def test_preprocess_spec_validation():
+    with pytest.raises(ValueError, match="resize_policy"):
+        PreprocessSpec(crop_size=32, resize_size=36, resize_policy="squash")
+    with pytest.raises(ValueError, match="crop_size <= resize_size"):
+        PreprocessSpec(crop_size=64, resize_size=32)
+    spec = PreprocessSpec.for_size(224)
+    assert spec.resize_size == 256 and PreprocessSpec.from_dict(spec.to_dict()) == spec
