@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +47,14 @@ def read_metadata(model: onnx.ModelProto | Path) -> dict:
 def to_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     """Export with the dynamo exporter; batch is dynamic, everything else fixed."""
     example = torch.zeros(2, *input_shape)
-    program = torch.onnx.export(
-        model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=OPSET, verbose=False,
-    )
+    # the exporter logs one warning per torchvision op it cannot register; this project has no torchvision
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=OPSET, verbose=False,
+        )
     return program.model_proto
 
 

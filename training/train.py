@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def lr_lambda(warmup_steps: int, total_steps: int):
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch: int, args) -> dict[str, float]:
     model.train()
     total, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.quiet)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.quiet or not sys.stderr.isatty())
     for images, target in bar:
         output = model(images)
         loss = criterion(output, target)
