@@ -83,7 +83,7 @@ def corrupt_jpeg() -> bytes:
 
 
 BAD_IMAGES = {
-    "corrupt_jpeg": (corrupt_jpeg(), "could not decode"),
+    "corrupt_jpeg": (corrupt_jpeg(), "could not decode the image data"),
     "truncated_jpeg": (jpeg_bytes()[:700], "truncated JPEG"),
     "empty": (b"", "empty input"),
     "not_an_image": (b"%PDF-1.4 this is a text document, not a picture\n", "not a JPEG or PNG image"),
@@ -165,7 +165,7 @@ def test_bad_request_does_not_poison_concurrent_good_requests(server, val_files,
         preds = c.classify_async(blobs, [str(i) for i in range(16)], batch_size=1, concurrency=16)
     assert [p.ok for p in preds] == [True, False] * 8
     assert [classes.index(p.labels[0]) for p in preds[::2]] == list(logits[:8].argmax(1))
-    assert all("could not decode" in p.error for p in preds[1::2])
+    assert all("could not decode the image data" in p.error for p in preds[1::2])
 
 
 def test_missing_input_http_400(server, val_files, reference):

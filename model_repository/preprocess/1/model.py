@@ -39,11 +39,10 @@ def check_image(data: bytes) -> str | None:
 
 
 def dali_reason(err: Exception) -> str:
-    """DALI errors carry a traceback of the pipeline definition; keep the decoder's own words."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    for ln in lines:
-        if "decode" in ln.lower() and "nvidia.dali" not in ln:
-            return ln
+    """DALI's error text holds the pipeline definition's traceback; keep only what the decoder said."""
+    text = str(err)
+    tail = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip() and "no longer valid" not in ln]
     return lines[-1] if lines else type(err).__name__
 
 
@@ -89,7 +88,7 @@ class TritonPythonModel:
                 results.append(self._run([data])[0])
             except Exception as e:
                 self.pipe = self._build()
-                results.append(f"could not decode: {dali_reason(e)}")
+                results.append(f"could not decode the image data, corrupt or unsupported encoding ({dali_reason(e)})")
         return results
 
     def execute(self, requests):
