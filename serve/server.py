@@ -163,7 +163,9 @@ class TritonServer:
         return "\n".join(self.log[-n:])
 
     def _failures(self) -> dict[str, str]:
-        return {m.group(1): m.group(2) for line in self.log if (m := LOAD_FAILURE.search(line))}
+        """model -> reason, from Triton's log; the Python traceback after the reason is dropped."""
+        return {m.group(1): m.group(2).split("\\n\\nAt:")[0].replace("\\n", " ").strip()
+                for line in self.log if (m := LOAD_FAILURE.search(line))}
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -216,7 +218,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace) -> int:
+    # Ctrl-C (SIGINT) and `kill` (SIGTERM) both stop the server cleanly; SIGINT is set explicitly
+    # because a shell starting us in the background would leave it ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     server = TritonServer(args.repo, Ports(args.http_port, args.grpc_port, args.metrics_port), echo=True)
     try:
         server.start(args.timeout)
