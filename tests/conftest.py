@@ -25,7 +25,7 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt")
-    args = train.get_args_parser().parse_args(
+    args = train.parse_args(
         ["--data", str(tiny_data), "--out", str(out), "--img-size", "32", "--epochs", "3", "--batch-size", "32",
          "--workers", "0", "--quiet"])
     train.main(args)

@@ -44,6 +44,14 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete temporaries that a killed writer (SIGKILL, power loss) left behind in ``directory``."""
+    stale = list(Path(directory).glob(".*.tmp")) if Path(directory).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, lambda tmp: torch.save(ckpt, tmp))
 

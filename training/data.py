@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from training.preprocess import PreprocessSpec
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+# What the served ensemble accepts, so that every training image can also be served.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_FORMATS = ("JPEG", "PNG")
 
 
 def find_classes(split_dir: Path) -> list[str]:
@@ -37,6 +39,37 @@ def list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return samples
 
 
+def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used (unreadable, truncated, not JPEG/PNG), or None.
+
+    Decodes at reduced size (JPEG draft mode), so a scan is cheap but still catches truncation.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.format not in IMAGE_FORMATS:
+                return f"is {img.format}, not JPEG or PNG"
+            img.draft("RGB", (64, 64))
+            img.load()
+    except Exception as e:  # PIL raises several types for broken files
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def drop_bad_images(samples: list[tuple[Path, int]], on_bad: str = "fail") -> list[tuple[Path, int]]:
+    """Check every image; ``on_bad="fail"`` raises naming the files, ``"skip"`` drops them with a warning."""
+    if on_bad not in ("fail", "skip"):
+        raise ValueError(f"on_bad must be 'fail' or 'skip', got {on_bad!r}")
+    bad = [(p, why) for p, _ in samples if (why := image_problem(p))]
+    if not bad:
+        return samples
+    listing = "\n".join(f"  {p}: {why}" for p, why in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+    if on_bad == "fail":
+        raise ValueError(f"{len(bad)} unreadable image(s) (use --on-bad-image skip to leave them out):\n{listing}")
+    print(f"warning: skipping {len(bad)} unreadable image(s):\n{listing}")
+    bad_paths = {p for p, _ in bad}
+    return [s for s in samples if s[0] not in bad_paths]
+
+
 def dataset_fingerprint(root: Path) -> str:
     """sha256 over every image's relative path and bytes: the data set's identity in provenance."""
     h = hashlib.sha256()
@@ -47,14 +80,14 @@ def dataset_fingerprint(root: Path) -> str:
 
 
 class TrainTransform:
-    """Random resized crop + horizontal flip + normalize, in Pillow/torch (training only).
+    """Random resized crop + horizontal flip + colour jitter + normalize, in Pillow/torch (training only).
 
     Evaluation never uses this: it uses the DALI serving pipeline (training.preprocess).
     """
 
     def __init__(self, spec: PreprocessSpec, scale: tuple[float, float] = (0.35, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5):
-        self.spec, self.scale, self.ratio, self.hflip = spec, scale, ratio, hflip
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, color_jitter: float = 0.0):
+        self.spec, self.scale, self.ratio, self.hflip, self.jitter = spec, scale, ratio, hflip, color_jitter
         self.mean = torch.tensor(spec.mean).view(3, 1, 1)
         self.std = torch.tensor(spec.std).view(3, 1, 1)
 
@@ -75,6 +108,9 @@ class TrainTransform:
         img = img.resize((size, size), Image.BILINEAR, box=self.crop_box(*img.size, rng))
         if rng.random() < self.hflip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.jitter > 0:  # brightness, contrast, saturation, each by a factor in [1-j, 1+j]
+            for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                img = enhance(img).enhance(rng.uniform(1 - self.jitter, 1 + self.jitter))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (x - self.mean) / self.std
 
@@ -94,4 +130,6 @@ class ImageFolderTrain(torch.utils.data.Dataset):
             img = Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
         except Exception as e:  # name the file: a bare PIL error says nothing about which one
             raise RuntimeError(f"cannot read training image {path}: {e}") from e
+        # per-sample RNG keyed by (seed, epoch, index): the same augmentation whatever the worker,
+        # the process count or an interruption, which exact resume and DDP consistency rely on
         return self.transform(img, random.Random(hash((self.seed, self.epoch, i)))), label

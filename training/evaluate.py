@@ -1,6 +1,8 @@
 """Evaluation with the serving preprocess: what a checkpoint predicts for a JPEG is what Triton should.
 
-    python -m training.evaluate --ckpt artifacts/best.pt --data data/synthetic --split val
+    python -m training.evaluate --ckpt artifacts/best.pt --data data/synthetic --split val --out artifacts/eval
+
+Writes ``metrics.json`` (top-1, top-5, per-class accuracy, confusion matrix) and ``confusion.png``.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
-from training.data import list_images
+from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint, spec_from_checkpoint
+from training.data import drop_bad_images, list_images
 from training.preprocess import DaliPreprocessor
 
 
 @torch.inference_mode()
-def logits_for_inputs(model: torch.nn.Module, inputs: np.ndarray, batch_size: int = 128) -> np.ndarray:
+def logits_for_inputs(model: torch.nn.Module, inputs: np.ndarray, batch_size: int = 128,
+                      device: torch.device | str = "cpu") -> np.ndarray:
     model.eval()
-    outs = [model(torch.from_numpy(inputs[i:i + batch_size])).numpy() for i in range(0, len(inputs), batch_size)]
+    outs = [model(torch.from_numpy(inputs[i:i + batch_size]).to(device)).float().cpu().numpy()
+            for i in range(0, len(inputs), batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
@@ -31,12 +35,51 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1
             for k in ks if k <= logits.shape[1]}
 
 
-def evaluate(model: torch.nn.Module, inputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, inputs: np.ndarray, labels: np.ndarray,
+             device: torch.device | str = "cpu") -> dict[str, float]:
     """top-1/top-5 (percent) and cross-entropy on preprocessed inputs."""
-    logits = logits_for_inputs(model, inputs)
+    logits = logits_for_inputs(model, inputs, device=device)
     metrics = topk_accuracy(logits, labels)
     metrics["loss"] = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
     return metrics
+
+
+def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """rows = true class, columns = predicted class."""
+    return np.bincount(labels * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def full_report(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    cm = confusion_matrix(logits.argmax(1), labels, len(classes))
+    support = cm.sum(1)
+    per_class = {c: (float(100.0 * cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    return {**topk_accuracy(logits, labels), "images": int(len(labels)), "per_class_top1": per_class,
+            "classes": classes, "confusion_matrix": cm.tolist()}
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(2 + 0.45 * n, 1.5 + 0.45 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
 
 
 def predict_files(ckpt: dict, paths: Sequence[Path]) -> np.ndarray:
@@ -50,22 +93,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root")
     p.add_argument("--split", default="val")
-    p.add_argument("--out", type=Path, help="write the metrics JSON here")
+    p.add_argument("--out", type=Path, help="directory for metrics.json and confusion.png")
+    p.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail")
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(args.ckpt)
-    samples = list_images(args.data / args.split, ckpt["classes"])
+    samples = drop_bad_images(list_images(args.data / args.split, ckpt["classes"]), args.on_bad_image)
     labels = np.array([y for _, y in samples])
-    logits = predict_files(ckpt, [p for p, _ in samples])
-    metrics = topk_accuracy(logits, labels)
-    metrics["images"] = len(samples)
-    print(json.dumps(metrics, indent=2))
+    report = full_report(predict_files(ckpt, [p for p, _ in samples]), labels, ckpt["classes"])
+    report.update(checkpoint=str(args.ckpt), data=str(args.data), split=args.split)
+    print(f"{args.ckpt} on {args.data}/{args.split}: top1 {report['top1']:.2f}%  "
+          f"top5 {report.get('top5', float('nan')):.2f}%  ({report['images']} images)")
+    worst = sorted(((v, c) for c, v in report["per_class_top1"].items() if v is not None))[:5]
+    print("lowest per-class top-1: " + ", ".join(f"{c} {v:.1f}%" for v, c in worst))
     if args.out:
-        args.out.write_text(json.dumps(metrics, indent=2))
-    return metrics
+        atomic_write_bytes(args.out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        plot_confusion(np.array(report["confusion_matrix"]), ckpt["classes"], args.out / "confusion.png",
+                       f"{Path(args.ckpt).name} on {args.split}: top-1 {report['top1']:.2f}%")
+        print(f"wrote {args.out / 'metrics.json'} and {args.out / 'confusion.png'}")
+    return report
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")

@@ -1,14 +1,20 @@
 """Train an image classifier on an ImageFolder data set and write self-describing checkpoints.
 
     python -m training.train --data data/synthetic --arch resnet_tiny --img-size 64 --epochs 12 --out artifacts
+    python -m training.train --config recipe.yaml --data my_data            # flags from a file, CLI wins
+    torchrun --nproc_per_node 2 -m training.train --data ...                 # DDP (gloo on CPU, NCCL on GPU)
+    python -m training.train --data ... --arch resnet_tiny --width 16 --teacher artifacts/best.pt   # distillation
+    python -m training.train --data ... --resume auto                        # continue from <out>/last.pt
 
-Writes ``<out>/last.pt`` after every epoch and ``<out>/best.pt`` when val top-1 improves; both are
-plain dicts (see training.checkpoint) written atomically.
+Writes ``<out>/last.pt`` after every epoch, ``<out>/best.pt`` when val top-1 improves (both atomic,
+plain dicts, see training.checkpoint) and ``<out>/metrics.jsonl`` (one line per epoch). With the same
+seed, a run that is killed and resumed from last.pt ends with bit-identical weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import sys
@@ -17,128 +23,351 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from training.checkpoint import git_commit, library_versions, save_checkpoint
-from training.data import ImageFolderTrain, TrainTransform, dataset_fingerprint, find_classes, list_images
+from training.checkpoint import (atomic_write_bytes, file_sha256, git_commit, library_versions, load_checkpoint,
+                                 model_from_checkpoint, remove_stale_temporaries, save_checkpoint)
+from training.data import ImageFolderTrain, TrainTransform, dataset_fingerprint, drop_bad_images, find_classes, list_images
+from training.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from training.evaluate import evaluate
-from training.models import build_model
+from training.models import ARCHS, build_model
 from training.preprocess import DaliPreprocessor, PreprocessSpec
 
+PATH_ARGS = ("data", "out", "teacher", "config")
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norm weights and biases (1-d parameters)."""
+
+# ------------------------------------------------------------------------------------------------
+# recipe pieces
+# ------------------------------------------------------------------------------------------------
+
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
+    """Norm weights and biases (the 1-d parameters) get their own weight decay, 0 by default."""
     decay, no_decay = [], []
     for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": norm_weight_decay}]
 
 
-def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warm-up, then cosine decay to zero."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    groups = param_groups(model, args.weight_decay, args.norm_weight_decay)
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr)
+    raise ValueError(f"unknown optimizer {args.opt!r}")
+
+
+def lr_factor(step: int, steps_per_epoch: int, args) -> float:
+    """Linear warm-up over ``warmup_epochs``, then cosine to zero or step decay; per iteration."""
+    warmup = args.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if args.lr_scheduler == "cosine":
+        t = (step - warmup) / max(1, args.epochs * steps_per_epoch - warmup)
         return 0.5 * (1 + math.cos(math.pi * t))
-    return f
+    return args.lr_gamma ** ((step // steps_per_epoch) // args.lr_step_size)
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch: int, args) -> dict[str, float]:
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, ce: nn.Module,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """(1 - alpha) * label loss + alpha * T^2 * KL(teacher_T || student_T) on temperature-softened logits."""
+    kd = F.kl_div(F.log_softmax(student / temperature, 1), F.log_softmax(teacher / temperature, 1),
+                  reduction="batchmean", log_target=True) * temperature ** 2
+    return (1 - alpha) * ce(student, target) + alpha * kd
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 autocast on a GPU, full precision on the CPU."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "none"
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# loop
+# ------------------------------------------------------------------------------------------------
+
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch: int, args, device, dist: DistInfo,
+                    scaler=None, amp_dtype=None, ema=None, teacher=None) -> dict[str, float]:
     model.train()
     total, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.quiet or not sys.stderr.isatty())
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+               disable=args.quiet or not dist.is_main or not sys.stderr.isatty())
     for images, target in bar:
-        output = model(images)
-        loss = criterion(output, target)
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if args.channels_last_on:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            output = model(images)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+                loss = distillation_loss(output, teacher_logits, target, criterion, args.distill_alpha,
+                                         args.distill_temperature)
+            else:
+                loss = criterion(output, target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if args.clip_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         n = target.numel()
         total += n
         correct += (output.argmax(1) == target).sum().item()
         loss_sum += loss.item() * n
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.1f}",
-                        img_s=f"{total / (time.perf_counter() - start):.0f}")
+                        img_s=f"{total * dist.world_size / (time.perf_counter() - start):.0f}")
     elapsed = time.perf_counter() - start
-    return {"train_loss": loss_sum / total, "train_top1": 100.0 * correct / total, "images_per_s": total / elapsed}
+    total, correct, loss_sum = all_reduce_sum([total, correct, loss_sum], dist)
+    return {"train_loss": loss_sum / total, "train_top1": 100.0 * correct / total, "images_per_s": total / elapsed,
+            "lr": optimizer.param_groups[0]["lr"]}
 
 
 def main(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    dist = init_distributed(device)
+    amp_dtype = resolve_amp(args.amp, device)
+    args.channels_last_on = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
+    log = print if dist.is_main else (lambda *a, **k: None)
 
     classes = find_classes(args.data / "train")
     val_classes = find_classes(args.data / "val")
     if val_classes != classes:
         raise ValueError(f"train and val class folders differ: {sorted(set(classes) ^ set(val_classes))}")
     spec = PreprocessSpec.for_size(args.img_size)
-    train_set = ImageFolderTrain(list_images(args.data / "train", classes), TrainTransform(spec), args.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=len(train_set) > args.batch_size,
-        generator=torch.Generator().manual_seed(args.seed), persistent_workers=args.workers > 0,
-    )
-    # Val inputs come from the serving pipeline, computed once (the eval transform is deterministic).
-    val_samples = list_images(args.data / "val", classes)
-    val_inputs = DaliPreprocessor(spec).files([p for p, _ in val_samples])
-    val_labels = np.array([y for _, y in val_samples])
+    train_samples = drop_bad_images(list_images(args.data / "train", classes), args.on_bad_image)
+    transform = TrainTransform(spec, scale=(args.crop_scale_min, 1.0), hflip=args.hflip, color_jitter=args.color_jitter)
+    train_set = ImageFolderTrain(train_samples, transform, args.seed)
+    # The sampler reshuffles from (seed, epoch): the same order whether resumed or not, and in DDP
+    # the ranks' shards interleave so that together they see what one process with the
+    # combined batch would see.
+    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        drop_last=len(sampler) > args.batch_size, persistent_workers=args.workers > 0,
+                        pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_samples)} training images are too few for batch size {args.batch_size} "
+                         f"x {dist.world_size} process(es)")
 
-    arch_args = {"num_classes": len(classes)}
-    model = build_model(args.arch, **arch_args)
+    arch_args = {"num_classes": len(classes), **({"width": args.width} if args.width else {})}
+    model = build_model(args.arch, **arch_args).to(device)
+    if args.channels_last_on:
+        model = model.to(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
-    steps = args.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(len(loader) * args.warmup_epochs, steps), steps))
+    optimizer = make_optimizer(model, args)
+    steps_per_epoch = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    ema = make_ema(model, args.model_ema_decay) if args.model_ema else None
 
-    provenance = {
-        "data": str(args.data.resolve()),
-        "data_sha256": dataset_fingerprint(args.data),
-        "seed": args.seed,
-        "versions": library_versions(),
-        "git_commit": git_commit(),
-    }
-    best_top1, metrics = -1.0, {}
-    print(f"training {args.arch} on {len(train_set)} images ({len(classes)} classes), val {len(val_samples)}")
-    for epoch in range(args.epochs):
+    teacher, distill = None, None
+    if args.teacher:
+        teacher_ckpt = load_checkpoint(args.teacher)
+        if teacher_ckpt["classes"] != classes:
+            raise ValueError(f"teacher {args.teacher} was trained on other classes than {args.data}")
+        teacher = model_from_checkpoint(teacher_ckpt).to(device).requires_grad_(False)
+        distill = {"teacher": str(args.teacher), "teacher_sha256": file_sha256(args.teacher),
+                   "teacher_arch": teacher_ckpt["arch"], "teacher_arch_args": teacher_ckpt["arch_args"],
+                   "alpha": args.distill_alpha, "temperature": args.distill_temperature}
+
+    start_epoch, best_top1 = 0, -1.0
+    metrics_log = args.out / "metrics.jsonl"
+    if args.resume:
+        resume_path = args.out / "last.pt" if str(args.resume) == "auto" else Path(args.resume)
+        if resume_path.is_file():
+            ckpt = load_checkpoint(resume_path)
+            if (ckpt["arch"], ckpt["arch_args"], ckpt["classes"]) != (args.arch, arch_args, classes):
+                raise ValueError(f"{resume_path} is a {ckpt['arch']} {ckpt['arch_args']} on other classes: cannot resume")
+            state = ckpt["train_state"]
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["lr_scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            start_epoch, best_top1 = ckpt["epoch"], ckpt["best_top1"]
+            log(f"resumed from {resume_path} at epoch {start_epoch} (best top1 {best_top1:.2f})")
+        elif str(args.resume) != "auto":
+            raise FileNotFoundError(f"--resume {resume_path}: no such checkpoint")
+    if dist.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(args.out)
+        kept = [ln for ln in (metrics_log.read_text().splitlines() if metrics_log.exists() else [])
+                if json.loads(ln)["epoch"] <= start_epoch]  # a resumed run rewrites the epochs it repeats
+        atomic_write_bytes(metrics_log, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
+
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+
+    val_inputs = val_labels = None
+    if dist.is_main:  # val inputs come from the serving pipeline, computed once (it is deterministic)
+        val_samples = drop_bad_images(list_images(args.data / "val", classes), args.on_bad_image)
+        val_inputs = DaliPreprocessor(spec).files([p for p, _ in val_samples])
+        val_labels = np.array([y for _, y in val_samples])
+
+    provenance = {"data": str(args.data.resolve()), "data_sha256": dataset_fingerprint(args.data) if dist.is_main else None,
+                  "seed": args.seed, "world_size": dist.world_size, "device": device.type,
+                  "versions": library_versions(), "git_commit": git_commit()}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    log(f"training {args.arch} on {len(train_set)} images ({len(classes)} classes) on {device.type}"
+        f"{f' x{dist.world_size} ({dist.backend})' if dist.enabled else ''}, "
+        f"effective batch {args.batch_size * dist.world_size}")
+    metrics: dict = {}
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
         train_set.epoch = epoch
-        stats = train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch, args)
-        metrics = {"epoch": epoch + 1, **evaluate(model, val_inputs, val_labels), **stats}
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val top1 {metrics['top1']:.2f}  "
-              f"top5 {metrics.get('top5', float('nan')):.2f}  ({stats['images_per_s']:.0f} img/s)")
+        t0 = time.perf_counter()
+        stats = train_one_epoch(ddp_model, criterion, optimizer, scheduler, loader, epoch, args, device, dist,
+                                scaler, amp_dtype, ema, teacher)
+        if not dist.is_main:
+            continue
+        deploy = ema.module if ema is not None else model  # the weights that are scored and exported
+        metrics = {"epoch": epoch + 1, **evaluate(deploy, val_inputs, val_labels, device), **stats,
+                   "epoch_time_s": time.perf_counter() - t0}
+        log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val top1 {metrics['top1']:.2f}  "
+            f"top5 {metrics.get('top5', float('nan')):.2f}  ({stats['images_per_s']:.0f} img/s)")
+        with open(metrics_log, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        improved = metrics["top1"] > best_top1
+        best_top1 = max(best_top1, metrics["top1"])
         ckpt = {
-            "model": model.state_dict(), "arch": args.arch, "arch_args": arch_args, "classes": classes,
-            "preprocess": spec.to_dict(), "metrics": metrics, "provenance": provenance,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+            "model": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
+            "arch": args.arch, "arch_args": arch_args, "classes": classes, "preprocess": spec.to_dict(),
+            "metrics": metrics, "provenance": provenance, "args": config, "distillation": distill,
+            "epoch": epoch + 1, "best_top1": best_top1,
+            "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                            "scaler": scaler.state_dict() if scaler else None},
         }
         save_checkpoint(ckpt, args.out / "last.pt")
-        if metrics["top1"] > best_top1:
-            best_top1 = metrics["top1"]
+        if improved:
             save_checkpoint(ckpt, args.out / "best.pt")
-    print(f"best val top1 {best_top1:.2f}%  -> {args.out / 'best.pt'}")
+    log(f"best val top1 {best_top1:.2f}%  -> {args.out / 'best.pt'}")
+    cleanup(dist)
     return metrics
 
 
+# ------------------------------------------------------------------------------------------------
+# arguments: command line, optionally on top of a YAML/JSON config file
+# ------------------------------------------------------------------------------------------------
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an image classifier (ImageFolder)")
-    p.add_argument("--data", type=Path, required=True, help="ImageFolder root with train/ and val/")
-    p.add_argument("--out", type=Path, default=Path("artifacts"), help="checkpoint directory")
-    p.add_argument("--arch", default="resnet_tiny", help="resnet_tiny, resnet18, resnet34, resnet50")
-    p.add_argument("--img-size", type=int, default=64, help="model input (crop) size")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2, help="data loading processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", type=Path, help="YAML or JSON file of flag values; command-line flags override it")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/ (required)")
+    g.add_argument("--out", type=Path, default=Path("artifacts"), help="checkpoint directory")
+    g.add_argument("--img-size", type=int, default=64, help="model input (crop) size")
+    g.add_argument("--workers", type=int, default=2, help="data loading processes per training process")
+    g.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                   help="an unreadable/truncated/non-JPEG-PNG image stops training (fail) or is left out (skip)")
+    g.add_argument("--crop-scale-min", type=float, default=0.35, help="random resized crop: smallest area fraction")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation jitter strength")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet_tiny", choices=sorted(ARCHS))
+    g.add_argument("--width", type=int, help="base channel width (arch default: 32 for resnet_tiny, 64 otherwise)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=12)
+    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--norm-weight-decay", type=float, default=0.0, help="weight decay of norm weights and biases")
+    g.add_argument("--lr-scheduler", choices=("cosine", "step"), default="cosine")
+    g.add_argument("--lr-step-size", type=int, default=30, help="step schedule: epochs between decays")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule: decay factor")
+    g.add_argument("--warmup-epochs", type=int, default=1, help="linear learning-rate warm-up")
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights; it is what gets scored and exported")
+    g.add_argument("--model-ema-decay", type=float, default=0.99)
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
+                   help="autocast dtype; auto = bf16 on a GPU, none on the CPU")
+    g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="auto = on with a GPU")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", type=Path, help="teacher checkpoint: train this model as its student")
+    g.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
+    g.add_argument("--distill-temperature", type=float, default=4.0)
+    g = p.add_argument_group("run")
+    g.add_argument("--resume", help="checkpoint to resume from, or 'auto' for <out>/last.pt if it exists")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
+    text = Path(path).read_text()
+    if Path(path).suffix.lower() == ".json":
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            raise ValueError(f"{path}: unknown setting {key!r}; valid: {sorted(d for d in actions if d not in ('help', 'config'))}")
+        action = actions[dest]
+        if action.choices and value not in action.choices:
+            raise ValueError(f"{path}: {key} must be one of {list(action.choices)}, got {value!r}")
+        out[dest] = action.type(value) if action.type and value is not None and not isinstance(value, bool) else value
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_config(pre.config, parser))
+    args = parser.parse_args(argv)
+    if args.data is None:
+        parser.error("--data is required (on the command line or in --config)")
+    return args
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(parse_args())
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,204 @@
+"""The training package: exact resume after a kill, 2-process DDP, distillation, recipes, config files,
+bad images, evaluation reports, and the model family."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from build.export_onnx import export
+from training import synthetic, train
+from training.checkpoint import load_checkpoint
+from training.data import drop_bad_images, find_classes, list_images
+from training.evaluate import get_args_parser as eval_args, main as eval_main
+from training.models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory) -> Path:
+    return synthetic.generate(tmp_path_factory.mktemp("resume") / "d", num_classes=10, train_per_class=40,
+                              val_per_class=4, seed=5)
+
+
+def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "training.train", "--data", str(data), "--out", str(out), "--img-size", "48",
+            "--epochs", "4", "--batch-size", "32", "--workers", "0", "--quiet", "--model-ema", *extra]
+
+
+def all_state(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(path)
+    flat = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    flat.update({f"train.{k}": v for k, v in ckpt["train_state"]["model"].items()})
+    for i, (k, st) in enumerate(ckpt["train_state"]["optimizer"]["state"].items()):
+        flat.update({f"opt.{k}.{n}": v for n, v in st.items() if isinstance(v, torch.Tensor)})
+    return flat
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(resume_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(train_cmd(resume_data, out), check=True, env=ENV, cwd=ROOT, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_and_resumed_run_is_bit_identical(resume_data, uninterrupted, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(resume_data, out), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill as soon as epoch 1 is checkpointed: we are inside epoch 2
+        if (out / "last.pt").exists() and load_checkpoint(out / "last.pt")["epoch"] >= 1:
+            break
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.02)
+    time.sleep(0.3)  # past the checkpoint writes, into epoch 2's batches
+    proc.send_signal(sig)
+    proc.wait(60)
+    killed_at = load_checkpoint(out / "last.pt")["epoch"]
+    assert 1 <= killed_at < 4, "the run was not interrupted before its end"
+    r = subprocess.run(train_cmd(resume_data, out, "--resume", "auto"), env=ENV, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {out / 'last.pt'} at epoch {killed_at}" in r.stdout
+    a, b = all_state(uninterrupted / "last.pt"), all_state(out / "last.pt")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ddp_two_processes_match_single_process_effective_batch(tiny_data, tmp_path):
+    common = ["--data", str(tiny_data), "--img-size", "32", "--epochs", "2", "--workers", "0", "--quiet",
+              "--warmup-epochs", "0", "--lr", "0.05"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+                        "-m", "training.train", *common, "--batch-size", "16", "--out", str(tmp_path / "ddp")],
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x2 (gloo), effective batch 32" in r.stdout
+    for bs in (32, 16):
+        subprocess.run([sys.executable, "-m", "training.train", *common, "--batch-size", str(bs),
+                        "--out", str(tmp_path / f"single{bs}")], env=ENV, cwd=ROOT, check=True, capture_output=True,
+                       timeout=300)
+
+    def weights(name):
+        return load_checkpoint(tmp_path / name / "last.pt")["train_state"]["model"]
+
+    def distance(x, y):
+        return sum(float(((x[k].float() - y[k].float()) ** 2).sum()) for k in x if x[k].is_floating_point()) ** 0.5
+
+    ddp, same_batch, half_batch = weights("ddp"), weights("single32"), weights("single16")
+    # Same samples and augmentations per step; only BatchNorm statistics differ (per-rank batches of 16),
+    # so DDP lands far closer to the single process with the same effective batch.
+    assert distance(ddp, same_batch) < 0.5 * distance(ddp, half_batch)
+    ckpt = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert ckpt["provenance"]["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+
+
+def test_distilled_student_trains_and_exports(checkpoint, tiny_data, tmp_path):
+    out = tmp_path / "student"
+    args = train.parse_args(["--data", str(tiny_data), "--out", str(out), "--img-size", "32", "--epochs", "2",
+                             "--batch-size", "32", "--workers", "0", "--quiet", "--width", "8",
+                             "--teacher", str(checkpoint), "--distill-alpha", "0.7"])
+    metrics = train.main(args)
+    assert metrics["train_loss"] == metrics["train_loss"]  # finite, not NaN
+    student = load_checkpoint(out / "best.pt")
+    teacher = load_checkpoint(checkpoint)
+    assert student["distillation"]["teacher_sha256"] and student["distillation"]["alpha"] == 0.7
+    assert sum(v.numel() for v in student["model"].values()) < sum(v.numel() for v in teacher["model"].values()) / 4
+    report = export(out / "best.pt", tiny_data, tmp_path / "student.onnx", max_images=16)
+    assert report["top1_agreement"] == 1.0
+
+
+def test_distillation_loss_terms():
+    ce = nn.CrossEntropyLoss()
+    s, t = torch.randn(8, 5), torch.randn(8, 5)
+    y = torch.randint(0, 5, (8,))
+    assert torch.allclose(train.distillation_loss(s, t, y, ce, 0.0, 4.0), ce(s, y))
+    assert float(train.distillation_loss(t, t, y, ce, 1.0, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    s.requires_grad_(True)
+    train.distillation_loss(s, t, y, ce, 1.0, 2.0).backward()
+    with torch.no_grad():  # a step along -grad moves the student's softened distribution toward the teacher's
+        before = train.distillation_loss(s, t, y, ce, 1.0, 2.0)
+        after = train.distillation_loss(s - 0.1 * s.grad, t, y, ce, 1.0, 2.0)
+    assert after < before
+
+
+def test_config_file_and_command_line_override(tmp_path, tiny_data):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(f"data: {tiny_data}\nopt: adamw\nlr: 0.002\nlabel-smoothing: 0.2\nmodel_ema: true\n")
+    args = train.parse_args(["--config", str(cfg), "--lr", "0.003"])
+    assert (args.opt, args.lr, args.label_smoothing, args.model_ema, args.data) == ("adamw", 0.003, 0.2, True, tiny_data)
+    cfg.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        train.parse_args(["--config", str(cfg), "--data", "x"])
+    cfg.write_text("opt: lamb\n")
+    with pytest.raises(ValueError, match="opt must be one of"):
+        train.parse_args(["--config", str(cfg), "--data", "x"])
+
+
+def test_recipe_pieces():
+    model = build_model("resnet_tiny", num_classes=3)
+    decay, no_decay = train.param_groups(model, 1e-4, 0.0)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
+    args = train.parse_args(["--data", "x", "--epochs", "10", "--warmup-epochs", "2"])
+    f = [train.lr_factor(s, 5, args) for s in range(50)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[49] < 0.01
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # cosine decays monotonically after warm-up
+    args = train.parse_args(["--data", "x", "--lr-scheduler", "step", "--lr-step-size", "3", "--warmup-epochs", "0"])
+    assert [train.lr_factor(s * 5, 5, args) for s in (0, 2, 3, 6)] == pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_unreadable_images_are_named_and_can_be_skipped(tiny_data, tmp_path):
+    samples = list_images(tiny_data / "train", find_classes(tiny_data / "train"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(samples[0][0].read_bytes()[:300])
+    gif = tmp_path / "anim.png"
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(gif, "GIF")
+    with pytest.raises(ValueError, match=r"2 unreadable image\(s\)[\s\S]*broken.jpg[\s\S]*anim.png: is GIF"):
+        drop_bad_images(samples + [(broken, 0), (gif, 1)], "fail")
+    assert drop_bad_images(samples + [(broken, 0), (gif, 1)], "skip") == samples
+
+
+def test_cli_reports_bad_data_without_traceback(tmp_path):
+    (tmp_path / "train" / "only").mkdir(parents=True)
+    (tmp_path / "val" / "only").mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-m", "training.train", "--data", str(tmp_path)], env=ENV, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "has 1 class folder(s); a classifier needs at least 2" in r.stderr
+
+
+def test_eval_report_with_confusion_matrix(checkpoint, tiny_data, tmp_path):
+    report = eval_main(eval_args().parse_args(["--ckpt", str(checkpoint), "--data", str(tiny_data), "--out", str(tmp_path)]))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["top1"] == report["top1"] and set(saved["per_class_top1"]) == set(saved["classes"])
+    cm = torch.tensor(saved["confusion_matrix"])
+    assert cm.sum() == saved["images"] and float(cm.trace() / cm.sum() * 100) == pytest.approx(saved["top1"])
+    assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("arch,params", [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)])
+def test_resnets_match_the_reference_architectures(arch, params):
+    """Parameter counts of torchvision's ResNets at 1000 classes: same layers, same shapes."""
+    model = build_model(arch, num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 1000)
