@@ -18,7 +18,17 @@ BATCH_SIZE  ?= 64
 LR          ?= 0.1
 SEED        ?= 0
 WORKERS     ?= 2
+NPROC       ?= 1
+CONFIG      ?=
+RESUME      ?=
+TRAIN_ARGS  ?=
+TEACHER     ?= $(ARTIFACTS)/best.pt
+STUDENT_ARCH ?= resnet_tiny
+STUDENT_WIDTH ?= 16
+STUDENT_OUT ?= $(ARTIFACTS)/student
 CKPT        ?= $(ARTIFACTS)/best.pt
+SPLIT       ?= val
+EVAL_OUT    ?= $(ARTIFACTS)/eval
 # export and repository
 ONNX        ?= $(ARTIFACTS)/model.onnx
 TOLERANCE   ?= 1e-3
@@ -36,12 +46,12 @@ IMAGES      ?= $(DATA)/val
 CLIENT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv data train eval onnx repo serve client demo test clean
+.PHONY: help venv data train distill eval onnx repo serve client demo test clean
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
 	@echo "make test   - run the test suite against the real tritonserver"
-	@echo "stages: venv data train eval onnx repo serve client; variables: see README.md"
+	@echo "stages: venv data train distill eval onnx repo serve client; variables: see README.md"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -56,12 +66,21 @@ else
 	@test -d "$(DATA)/train" -a -d "$(DATA)/val" || { echo "DATA=$(DATA) must be an ImageFolder root with train/<class>/ and val/<class>/"; exit 2; }
 endif
 
+# NPROC>1 trains with torchrun DDP (gloo on CPU, NCCL on GPU); BATCH_SIZE is per process.
+TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m training.train,$(PY) -m training.train)
+# CONFIG=recipe.yaml replaces the recipe variables below (the file sets them; TRAIN_ARGS still adds flags).
+RECIPE = $(if $(CONFIG),--config $(CONFIG),--img-size $(IMG_SIZE) --batch-size $(BATCH_SIZE) --lr $(LR) \
+  --seed $(SEED) --workers $(WORKERS) --epochs $(EPOCHS))
+RUN_FLAGS = --data $(DATA) $(if $(RESUME),--resume $(RESUME)) $(TRAIN_ARGS)
+
 train: data
-	$(PY) -m training.train --data $(DATA) --out $(ARTIFACTS) --arch $(ARCH) --epochs $(EPOCHS) \
-	  --img-size $(IMG_SIZE) --batch-size $(BATCH_SIZE) --lr $(LR) --seed $(SEED) --workers $(WORKERS)
+	$(TRAIN) $(RECIPE) $(if $(CONFIG),,--arch $(ARCH)) $(RUN_FLAGS) --out $(ARTIFACTS)
+
+distill: data
+	$(TRAIN) $(RECIPE) --arch $(STUDENT_ARCH) --width $(STUDENT_WIDTH) --teacher $(TEACHER) $(RUN_FLAGS) --out $(STUDENT_OUT)
 
 eval: venv
-	$(PY) -m training.evaluate --ckpt $(CKPT) --data $(DATA) --split val
+	$(PY) -m training.evaluate --ckpt $(CKPT) --data $(DATA) --split $(SPLIT) --out $(EVAL_OUT)
 
 onnx: venv
 	$(PY) -m build.export_onnx --ckpt $(CKPT) --data $(DATA) --out $(ONNX) --tolerance $(TOLERANCE)

@@ -202,3 +202,9 @@ def test_resnets_match_the_reference_architectures(arch, params):
     model = build_model(arch, num_classes=1000)
     assert sum(p.numel() for p in model.parameters()) == params
     assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_parse(config):
+    args = train.parse_args(["--config", str(config), "--data", "x"])
+    assert args.arch in ("resnet_tiny", "resnet18", "resnet34", "resnet50")
