@@ -45,23 +45,35 @@ PROTOCOL    ?= http
 IMAGES      ?= $(DATA)/val
 CLIENT_ARGS ?=
 PYTEST_ARGS ?=
+# load testing
+CONCURRENCY ?= 1 2 4 8 16 32
+USERS       ?= 16
+DURATION    ?= 20
+P99_BUDGET_MS ?= 50
+BASELINE_PORT ?= 8080
 
-.PHONY: help venv data train distill eval onnx repo serve client demo test clean
+.PHONY: help venv data train distill eval onnx repo serve client demo test clean artifacts perf loadtest baseline tune report
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
 	@echo "make test   - run the test suite against the real tritonserver"
 	@echo "stages: venv data train distill eval onnx repo serve client; variables: see README.md"
+	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline"
+
+# Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d
+APT_PACKAGES := libb64-0d
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES); }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
 data: venv
 ifeq ($(DATA),$(SYNTHETIC))
-	$(PY) -m training.synthetic --out $(DATA) --seed $(SEED)
+	@test -f $(DATA)/.complete-seed$(SEED) || { $(PY) -m training.synthetic --out $(DATA) --seed $(SEED) && touch $(DATA)/.complete-seed$(SEED); }
 else
 	@test -d "$(DATA)/train" -a -d "$(DATA)/val" || { echo "DATA=$(DATA) must be an ImageFolder root with train/<class>/ and val/<class>/"; exit 2; }
 endif
@@ -99,6 +111,25 @@ client: venv
 demo: data train onnx repo
 	$(PY) -m serve.demo --repo $(REPO) --images $(DATA)/val \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# `make demo`'s artifacts, built only when the repository has not been rendered yet
+artifacts: venv
+	@test -f $(REPO)/build.json || $(MAKE) data train onnx repo
+
+perf: artifacts
+	$(PY) -m perf.report --parts ceiling,perf --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY)
+
+loadtest: artifacts
+	$(PY) -m perf.report --parts loadtest --repo $(REPO) --images $(IMAGES) --users $(USERS) --duration $(DURATION)
+
+baseline: venv
+	$(PY) -m perf.baseline --ckpt $(CKPT) --port $(BASELINE_PORT)
+
+tune: artifacts
+	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)
+
+report: artifacts
+	$(PY) -m perf.report --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) --users $(USERS) --duration $(DURATION)
 
 test: venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -24,13 +25,15 @@ from training.checkpoint import atomic_write_bytes
 from training.preprocess import PreprocessSpec, build_dali_pipeline
 
 SOURCE_REPO = Path(__file__).resolve().parent.parent / "model_repository"
-PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)  # their model.py is committed in SOURCE_REPO
+PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
+MANIFEST = "build.json"  # their model.py is committed in SOURCE_REPO
 
 
 @dataclass(frozen=True)
 class RepoSettings:
     max_batch_size: int = 32
     queue_delay_us: int = 2000          # dynamic batcher: how long to wait to fill a batch
+    preferred_batch_sizes: tuple[int, ...] = ()  # dynamic batcher: sizes to form without waiting longer
     preprocess_instances: int = 1
     classifier_instances: int = 1
     dali_threads: int = 2
@@ -43,13 +46,13 @@ def _tensor(name: str, dtype: int, dims: list[int], ragged: bool = False):
 
 
 def _python_model(name: str, s: RepoSettings, inputs: list[dict], outputs: list[dict], instances: int,
-                  params: dict[str, str], batching: bool = True) -> mc.ModelConfig:
+                  params: dict[str, str]) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=s.max_batch_size)
     cfg.input.extend(mc.ModelInput(**t) for t in inputs)
     cfg.output.extend(mc.ModelOutput(**t) for t in outputs)
     cfg.instance_group.append(mc.ModelInstanceGroup(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU))
-    if batching:
-        cfg.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
+    cfg.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
+    cfg.dynamic_batching.preferred_batch_size.extend(b for b in s.preferred_batch_sizes if b <= s.max_batch_size)
     for k, v in params.items():
         cfg.parameters[k].string_value = str(v)
     return cfg
@@ -69,8 +72,8 @@ def embedded_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings) ->
                                     s.preprocess_instances, {"dali_pipeline": "model.dali", "dali_num_threads": s.dali_threads}),
         P.CLASSIFIER: _python_model(P.CLASSIFIER, s, [pixels], [logits], s.classifier_instances,
                                     {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads}),
-        # postprocess is cheap and runs per request; batching it would only add queueing delay
-        P.POSTPROCESS: _python_model(P.POSTPROCESS, s, [logits], outputs, 1, {"top_k": k}, batching=False),
+        # postprocess is cheap, but with one instance and no batching its requests queue behind each other
+        P.POSTPROCESS: _python_model(P.POSTPROCESS, s, [logits], outputs, 1, {"top_k": k}),
     }
     ens = mc.ModelConfig(name=P.ENSEMBLE, platform="ensemble", max_batch_size=s.max_batch_size)
     ens.input.append(mc.ModelInput(**_tensor(P.IMAGE, U8, [-1])))
@@ -123,6 +126,19 @@ def config_text(cfg: mc.ModelConfig) -> str:
     return text_format.MessageToString(cfg)
 
 
+def read_manifest(repo: Path) -> dict:
+    path = Path(repo) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: render the repository with `make repo` first")
+    return json.loads(path.read_text())
+
+
+def settings_from_manifest(manifest: dict) -> RepoSettings:
+    s = dict(manifest["settings"])
+    s["preferred_batch_sizes"] = tuple(s.get("preferred_batch_sizes", ()))
+    return RepoSettings(**s)
+
+
 def read_configs(repo: Path) -> dict[str, mc.ModelConfig]:
     """Parse every <model>/config.pbtxt of a repository as Triton's ModelConfig."""
     return {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in sorted(Path(repo).glob("*/config.pbtxt"))}
@@ -147,6 +163,12 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings()) 
         Path(P.ENSEMBLE, "1", ".placeholder"): b"",
     }
     files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
+    # what this repository was rendered from and with: read back by the tuner and the reports
+    files[Path(MANIFEST)] = json.dumps({
+        "target": "embedded", "onnx": str(Path(onnx_path).resolve()),
+        "onnx_sha256": configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value,
+        "precision": meta.get("export", {}).get("precision", "fp32"), "settings": asdict(settings),
+        "classes": len(classes), "input_shape": list(spec.input_shape)}, indent=2).encode()
     out = Path(out)
     if out.resolve() != SOURCE_REPO.resolve():  # a repository elsewhere gets the committed model code too
         for name in PYTHON_MODELS:
@@ -165,6 +187,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=SOURCE_REPO)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us)
+    p.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=list(d.preferred_batch_sizes))
     p.add_argument("--preprocess-instances", type=int, default=d.preprocess_instances)
     p.add_argument("--classifier-instances", type=int, default=d.classifier_instances)
     p.add_argument("--dali-threads", type=int, default=d.dali_threads)
@@ -174,8 +197,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> dict[str, Path]:
-    settings = RepoSettings(args.max_batch_size, args.queue_delay_us, args.preprocess_instances,
-                            args.classifier_instances, args.dali_threads, args.intra_op_threads, args.top_k)
+    settings = RepoSettings(args.max_batch_size, args.queue_delay_us, tuple(args.preferred_batch_sizes),
+                            args.preprocess_instances, args.classifier_instances, args.dali_threads,
+                            args.intra_op_threads, args.top_k)
     return render(args.onnx, args.out, settings)
 
 

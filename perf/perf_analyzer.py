@@ -1,0 +1,120 @@
+"""Drive the real perf_analyzer binary with real JPEG payloads.
+
+Each point of a sweep (one concurrency or one request rate, over HTTP or gRPC) is a separate
+perf_analyzer run whose CSV is kept, and Triton's statistics are read before and after it, so every
+point carries the server-side breakdown (queue, compute input/infer/output, average batch) of every
+composing model of the ensemble, plus CPU and memory of the server process tree.
+
+    python -m perf.perf_analyzer --url localhost:8000 --protocol http --concurrency 1 4 16 --images data/synthetic/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from clients import protocol as P
+from perf.common import (UsageMeter, metrics_summary, model_stats, perf_analyzer_binary, perf_analyzer_env,
+                         sample_images, scrape_metrics, stats_delta)
+
+
+def write_input_data(blobs: list[bytes], path: Path) -> Path:
+    """perf_analyzer --input-data JSON: one entry per JPEG, bytes as base64, shape = byte length."""
+    data = {"data": [{P.IMAGE: {"b64": base64.b64encode(b).decode(), "shape": [len(b)]}} for b in blobs]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+@dataclass
+class PerfPoint:
+    protocol: str
+    mode: str                # "concurrency" or "request_rate"
+    value: float
+    client: dict             # perf_analyzer's CSV row (throughput, latency percentiles in µs, ...)
+    server: dict             # per composing model: stats_delta()
+    usage: dict              # server process tree: cores busy, memory
+    metrics: dict            # from Triton's Prometheus endpoint over the run: per model and CPU/memory
+
+    @property
+    def throughput(self) -> float:
+        return float(self.client["Inferences/Second"])
+
+    def latency_ms(self, pct: int) -> float:
+        return float(self.client[f"p{pct} latency"]) / 1000.0
+
+    def to_dict(self) -> dict:
+        return {"protocol": self.protocol, "mode": self.mode, "value": self.value, "client": self.client,
+                "server": self.server, "usage": self.usage, "metrics": self.metrics}
+
+
+def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, input_json: Path, out_dir: Path,
+              server_pid: int | None = None, interval_ms: int = 2000, model: str = P.ENSEMBLE,
+              timeout_s: float = 300, metrics_url: str | None = None) -> PerfPoint:
+    """One perf_analyzer measurement; raises RuntimeError with perf_analyzer's own output on failure."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"{protocol}_{mode}_{value:g}"
+    csv_path = out_dir / f"perf_analyzer_{tag}.csv"
+    rng = f"{int(value)}:{int(value)}" if mode == "concurrency" else f"{value:g}:{value:g}"
+    cmd = [str(perf_analyzer_binary()), "-m", model, "-u", url, "-i", protocol, "--input-data", str(input_json),
+           f"--{mode.replace('_', '-')}-range", rng, "--measurement-interval", str(interval_ms),
+           "--max-trials", "5", "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv"]
+    before = model_stats(http_url)
+    m_before = scrape_metrics(metrics_url) if metrics_url else {}
+    meter = UsageMeter(server_pid).start() if server_pid else None
+    r = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=timeout_s)
+    usage = meter.stop() if meter else {}
+    (out_dir / f"perf_analyzer_{tag}.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0 or not csv_path.exists():
+        raise RuntimeError(f"perf_analyzer failed ({' '.join(cmd)}):\n{(r.stdout + r.stderr)[-2000:]}")
+    with open(csv_path) as f:
+        row = next(csv.DictReader(f))
+    server = stats_delta(before, model_stats(http_url))
+    metrics = metrics_summary(m_before, scrape_metrics(metrics_url)) if metrics_url else {}
+    return PerfPoint(protocol, mode, value, row, server, usage, metrics)
+
+
+def sweep(url: str, http_url: str, protocol: str, mode: str, values: list[float], blobs: list[bytes],
+          out_dir: Path, server_pid: int | None = None, interval_ms: int = 2000,
+          metrics_url: str | None = None) -> list[PerfPoint]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    input_json = write_input_data(blobs, out_dir / "perf_analyzer_input.json")
+    points = []
+    for v in values:
+        p = run_point(url, http_url, protocol, mode, v, input_json, out_dir, server_pid, interval_ms,
+                      metrics_url=metrics_url)
+        print(f"perf_analyzer {protocol} {mode}={v:g}: {p.throughput:.0f} img/s, p50 {p.latency_ms(50):.1f} ms, "
+              f"p99 {p.latency_ms(99):.1f} ms")
+        points.append(p)
+    return points
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="perf_analyzer sweep against a running server")
+    p.add_argument("--url", default="localhost:8000", help="endpoint of --protocol")
+    p.add_argument("--http-url", default="localhost:8000", help="HTTP endpoint for the statistics API")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    p.add_argument("--request-rate", type=float, nargs="*", default=[])
+    p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
+    p.add_argument("--out", type=Path, default=Path("perf/reports/perf_analyzer"))
+    p.add_argument("--interval-ms", type=int, default=2000)
+    return p
+
+
+def main(args: argparse.Namespace) -> list[PerfPoint]:
+    blobs = [b for _, b in sample_images(args.images)]
+    points = sweep(args.url, args.http_url, args.protocol, "concurrency", args.concurrency, blobs, args.out,
+                   interval_ms=args.interval_ms)
+    points += sweep(args.url, args.http_url, args.protocol, "request_rate", args.request_rate, blobs, args.out,
+                    interval_ms=args.interval_ms)
+    (args.out / "points.json").write_text(json.dumps([p.to_dict() for p in points], indent=2))
+    return points
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,99 @@
+"""Batching auto-tuning: the project's own light Model Analyzer.
+
+Sweeps max_queue_delay, preferred batch sizes and instance counts; for each configuration renders a
+repository, starts the real server, measures it with perf_analyzer at a fixed concurrency, and keeps
+the configuration with the highest throughput whose p99 latency is within the budget. The winner is
+written back to the model repository (re-rendered with those settings) and the sweep to JSON.
+
+    python -m perf.tune --onnx artifacts/model.onnx --repo model_repository --p99-budget-ms 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from build.render_repo import RepoSettings, read_manifest, render, settings_from_manifest
+from perf.common import sample_images
+from perf.perf_analyzer import run_point, write_input_data
+from serve.server import Ports, TritonServer, free_ports
+
+DEFAULT_GRID = {
+    "queue_delay_us": [0, 1000, 4000],
+    "preferred_batch_sizes": [(), (8, 16)],
+    "instances": [(1, 1), (2, 1), (1, 2)],  # (preprocess, classifier)
+}
+
+
+def configurations(base: RepoSettings, grid: dict) -> list[RepoSettings]:
+    return [replace(base, queue_delay_us=q, preferred_batch_sizes=tuple(pb), preprocess_instances=i[0],
+                    classifier_instances=i[1])
+            for q, pb, i in itertools.product(grid["queue_delay_us"], grid["preferred_batch_sizes"], grid["instances"])]
+
+
+def choose(results: list[dict], p99_budget_ms: float) -> tuple[dict, bool]:
+    """Best throughput within the budget; if nothing meets it, the lowest p99 (and False)."""
+    within = [r for r in results if r["p99_ms"] <= p99_budget_ms]
+    if within:
+        return max(within, key=lambda r: r["throughput"]), True
+    return min(results, key=lambda r: r["p99_ms"]), False
+
+
+def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSettings(), grid: dict = DEFAULT_GRID,
+         concurrency: int = 16, p99_budget_ms: float = 50.0, protocol: str = "grpc", interval_ms: int = 2000,
+         apply_to: Path | None = None) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    input_json = write_input_data([b for _, b in sample_images(images)], out_dir / "perf_analyzer_input.json")
+    results = []
+    for i, settings in enumerate(configurations(base, grid)):
+        with tempfile.TemporaryDirectory(prefix="tune-repo-") as tmp:
+            render(onnx, Path(tmp), settings)
+            with TritonServer(Path(tmp), Ports(*free_ports(3))) as server:
+                url = server.http_url if protocol == "http" else server.grpc_url
+                point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json,
+                                  out_dir / f"config_{i:02d}", server.proc.pid, interval_ms)
+        row = {"settings": asdict(settings), "throughput": point.throughput, "p50_ms": point.latency_ms(50),
+               "p99_ms": point.latency_ms(99), "server": point.server, "usage": point.usage}
+        results.append(row)
+        print(f"[{i + 1}] delay {settings.queue_delay_us}us preferred {list(settings.preferred_batch_sizes)} "
+              f"instances pre/cls {settings.preprocess_instances}/{settings.classifier_instances}: "
+              f"{row['throughput']:.0f} img/s, p99 {row['p99_ms']:.1f} ms")
+    best, met = choose(results, p99_budget_ms)
+    summary = {"concurrency": concurrency, "protocol": protocol, "p99_budget_ms": p99_budget_ms,
+               "budget_met": met, "best": best, "results": results}
+    (out_dir / "tuning.json").write_text(json.dumps(summary, indent=2))
+    print(f"best within p99 {p99_budget_ms} ms: {best['throughput']:.0f} img/s, p99 {best['p99_ms']:.1f} ms, "
+          f"settings {best['settings']}" if met else f"no configuration met p99 <= {p99_budget_ms} ms; lowest p99 kept")
+    if apply_to:
+        s = dict(best["settings"], preferred_batch_sizes=tuple(best["settings"]["preferred_batch_sizes"]))
+        render(onnx, apply_to, RepoSettings(**s))
+        print(f"wrote the chosen configuration back to {apply_to}")
+    return summary
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sweep batching settings and write the best back to the repository")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository to tune (its build.json names the ONNX)")
+    p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
+    p.add_argument("--out", type=Path, default=Path("perf/reports/tuning"))
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--p99-budget-ms", type=float, default=50.0)
+    p.add_argument("--protocol", choices=("http", "grpc"), default="grpc")
+    p.add_argument("--interval-ms", type=int, default=2000)
+    p.add_argument("--no-apply", action="store_true", help="only report, do not write back")
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    manifest = read_manifest(args.repo)
+    return tune(Path(manifest["onnx"]), args.images, args.out, settings_from_manifest(manifest), DEFAULT_GRID,
+                args.concurrency, args.p99_budget_ms, args.protocol, args.interval_ms,
+                None if args.no_apply else args.repo)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
