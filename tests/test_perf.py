@@ -1,0 +1,124 @@
+"""Smoke runs of the load-testing harnesses, for real and for seconds: perf_analyzer, locust,
+the naive baseline, the batching tuner and the report generator. Full sweeps are make targets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from build.render_repo import RepoSettings, read_manifest
+from clients import protocol as P
+from perf import report, tune
+from perf.loadtest import run_locust
+from perf.perf_analyzer import run_point, write_input_data
+from serve.server import free_ports
+
+from conftest import MAX_BATCH
+
+COMPOSING = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_point_with_server_breakdown(server, val_files, tmp_path, protocol):
+    data = write_input_data([f.read_bytes() for f in val_files[:16]], tmp_path / "input.json")
+    url = server.http_url if protocol == "http" else server.grpc_url
+    point = run_point(url, server.http_url, protocol, "concurrency", 4, data, tmp_path, server.proc.pid,
+                      interval_ms=500, metrics_url=f"http://localhost:{server.ports.metrics}/metrics")
+    assert point.throughput > 0 and 0 < point.latency_ms(50) <= point.latency_ms(99)
+    with open(tmp_path / f"perf_analyzer_{protocol}_concurrency_4.csv") as f:
+        row = next(csv.DictReader(f))
+    assert {"Server Queue", "Server Compute Infer", "p99 latency"} <= set(row)
+    # every composing model of the ensemble saw every request, batched by the dynamic batcher
+    reqs = {m: point.server[m]["requests"] for m in (P.ENSEMBLE, *COMPOSING)}
+    assert len(set(reqs.values())) == 1 and reqs[P.ENSEMBLE] > 0, reqs
+    for m in COMPOSING:
+        assert 1 <= point.server[m]["avg_batch"] <= MAX_BATCH
+        assert point.server[m]["compute_infer_us"] > 0
+        assert point.metrics["models"][m]["requests"] == reqs[m]  # Prometheus agrees with the statistics API
+    assert point.usage["cpu_cores_busy"] > 0 and point.usage["rss_mib"] > 50
+
+
+@pytest.fixture(scope="module")
+def baseline_url(checkpoint):
+    (port,) = free_ports(1)
+    proc = report.start_baseline(str(checkpoint), port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_baseline_serves_the_checkpoint(baseline_url, val_files, checkpoint):
+    from training.checkpoint import load_checkpoint
+
+    classes = load_checkpoint(checkpoint)["classes"]
+    req = urllib.request.Request(f"{baseline_url}/predict", data=val_files[0].read_bytes())
+    answer = json.loads(urllib.request.urlopen(req, timeout=10).read())
+    assert len(answer["labels"]) == 5 and set(answer["labels"]) <= set(classes)
+    assert answer["scores"] == sorted(answer["scores"], reverse=True)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(f"{baseline_url}/predict", data=b"not an image"), timeout=10)
+    assert e.value.code == 400
+
+
+@pytest.mark.parametrize("user", ["TritonHttpUser", "TritonGrpcUser", "BaselineUser"])
+def test_locust_runs_and_checks_answers(server, baseline_url, tiny_data, repo, tmp_path, user):
+    host = baseline_url if user == "BaselineUser" else f"http://{server.http_url}"
+    top_k = 5 if user == "BaselineUser" else read_manifest(repo)["settings"]["top_k"]
+    labels = repo / P.POSTPROCESS / "1" / "labels.txt"
+    res = run_locust(user, host, 3, 3, tmp_path, tiny_data / "val", labels, top_k, server.grpc_url)
+    assert res["requests"] > 0 and res["failures"] == 0, res["failure_kinds"]
+    assert res["rps"] > 0 and res["p50_ms"] <= res["p99_ms"]
+    assert Path(res["html"]).read_text().lstrip().lower().startswith("<!doctype html")
+
+
+def test_locust_counts_wrong_answers_as_failures(server, tiny_data, repo, tmp_path):
+    """The check is real: expecting a different top-k makes every answer a failure."""
+    res = run_locust("TritonHttpUser", f"http://{server.http_url}", 2, 2, tmp_path, tiny_data / "val",
+                     repo / P.POSTPROCESS / "1" / "labels.txt", top_k=2)
+    assert res["requests"] > 0 and res["failures"] == res["requests"]
+    assert "LABELS shape [1, 3]" in res["failure_kinds"][0]["error"]
+
+
+def test_tuner_chooses_within_budget_and_writes_back(onnx_model, tiny_data, tmp_path):
+    target = tmp_path / "repo"
+    grid = {"queue_delay_us": [0, 2000], "preferred_batch_sizes": [()], "instances": [(1, 1)]}
+    summary = tune.tune(onnx_model, tiny_data / "val", tmp_path / "tuning", RepoSettings(max_batch_size=MAX_BATCH),
+                        grid, concurrency=2, p99_budget_ms=10_000, interval_ms=500, apply_to=target)
+    assert len(summary["results"]) == 2 and summary["budget_met"]
+    assert summary["best"]["throughput"] == max(r["throughput"] for r in summary["results"])
+    assert read_manifest(target)["settings"]["queue_delay_us"] == summary["best"]["settings"]["queue_delay_us"]
+    assert json.loads((tmp_path / "tuning" / "tuning.json").read_text())["best"] == json.loads(json.dumps(summary["best"]))
+
+
+def test_tuner_choice_rule():
+    rows = [{"throughput": 900, "p99_ms": 80}, {"throughput": 700, "p99_ms": 30}, {"throughput": 600, "p99_ms": 20}]
+    assert tune.choose(rows, 50) == ({"throughput": 700, "p99_ms": 30}, True)
+    assert tune.choose(rows, 10) == ({"throughput": 600, "p99_ms": 20}, False)
+
+
+def test_report_quick(repo, tiny_data, tmp_path):
+    profile = replace(report.QUICK, concurrency=(1, 2), locust_users=2, locust_seconds=2)
+    out = report.run(repo, tiny_data / "val", tmp_path, profile)
+    md = (out / "report.md").read_text()
+    head = md.splitlines()[:6]
+    assert any("Triton vs naive baseline" in ln and "×" in ln for ln in head)
+    assert any("Triton vs in-process ceiling" in ln and "×" in ln for ln in head)
+    results = json.loads((out / "results.json").read_text())
+    h = results["headline"]
+    assert h["baseline_ratio"] == pytest.approx(h["triton_rps"] / h["baseline_rps"])
+    assert f"{h['baseline_ratio']:.2f}×" in md and f"{h['ceiling_ratio']:.2f}×" in md
+    for png in ("throughput_vs_concurrency.png", "latency_vs_concurrency.png", "triton_vs_baseline_vs_ceiling.png",
+                "dali_vs_pillow.png", "request_rate.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+        assert f'src="{png}"' in (out / "report.html").read_text()
+    assert len(list((out / "perf_analyzer").glob("*.csv"))) == 2 * 2 + 1  # 2 protocols x 2 concurrencies + 1 rate
+    assert "## Server-side breakdown" in md.replace("### Server-side", "## Server-side") and "config.pbtxt" in md
