@@ -21,6 +21,7 @@ import torch
 
 from training.checkpoint import (atomic_write_bytes, file_sha256, library_versions, load_checkpoint,
                                  model_from_checkpoint, spec_from_checkpoint)
+from build.graph_cleanup import clean
 from training.data import list_images
 from training.evaluate import logits_for_inputs
 from training.preprocess import DaliPreprocessor
@@ -96,10 +97,19 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
     }
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
     onnx.checker.check_model(proto)
-    model_bytes = proto.SerializeToString()
+    cleaned, counts = clean(proto)
+    onnx.checker.check_model(cleaned)
+    model_bytes = cleaned.SerializeToString()
+    print(f"graph clean-up (onnx-graphsurgeon): {counts['nodes_before']} -> {counts['nodes_after']} nodes "
+          f"({counts['identities_removed']} identities removed, constants folded, dead nodes dropped)")
 
     paths = [p for p, _ in list_images(Path(data) / split, ckpt["classes"])][:max_images]
-    report = validate(model_bytes, model, DaliPreprocessor(spec).files(paths), tolerance)
+    inputs = DaliPreprocessor(spec).files(paths)
+    cleanup_diff = float(np.abs(ort_logits(model_bytes, inputs) - ort_logits(proto.SerializeToString(), inputs)).max())
+    if cleanup_diff > tolerance:
+        raise ValidationError(f"graph clean-up changed the outputs: max |logit diff| {cleanup_diff:.3g} > {tolerance:g}")
+    report = validate(model_bytes, model, inputs, tolerance)
+    report.update(counts, cleanup_max_abs_diff=cleanup_diff)
     atomic_write_bytes(out, lambda tmp: tmp.write_bytes(model_bytes))
     print(f"exported {out}: {report['images']} {split} images, max |logit diff| {report['max_abs_logit_diff']:.2e} "
           f"(tolerance {tolerance:g}), top-1 agreement {100 * report['top1_agreement']:.2f}%")

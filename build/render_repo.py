@@ -22,7 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build.export_onnx import read_metadata
 from clients import protocol as P
 from training.checkpoint import atomic_write_bytes
-from training.preprocess import PreprocessSpec, build_dali_pipeline
+from training.preprocess import PreprocessSpec, serialize_dali_pipeline
 
 SOURCE_REPO = Path(__file__).resolve().parent.parent / "model_repository"
 PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
@@ -151,7 +151,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings()) 
     classes: list[str] = meta["classes"]
     configs = embedded_configs(spec, len(classes), settings)
     check_ensemble(configs)
-    dali = build_dali_pipeline(spec, settings.max_batch_size, device="cpu", num_threads=settings.dali_threads).serialize()
+    dali = serialize_dali_pipeline(spec, settings.max_batch_size, "cpu", settings.dali_threads)
     onnx_bytes = Path(onnx_path).read_bytes()
     configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value = hashlib.sha256(onnx_bytes).hexdigest()
 

@@ -126,6 +126,22 @@ def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cp
     return preprocess()
 
 
+def serialize_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str, num_threads: int = 2) -> bytes:
+    """The serialized pipeline for Triton (its DALI backend, or our Python backend on the CPU).
+
+    Built without a device id: serialization needs no GPU, and the server picks the device of the
+    model instance when it deserializes. The ``device`` argument only chooses the operators.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
+    def preprocess():
+        encoded = fn.external_source(name=DALI_INPUT_NAME, dtype=types.UINT8, device="cpu")
+        return dali_graph(encoded, spec, device)
+
+    return preprocess().serialize()
+
+
 class DaliPreprocessor:
     """Runs the CPU pipeline on lists of encoded images: the training package's eval transform."""
 

@@ -1,0 +1,207 @@
+"""TensorRT engines from the FP16 / INT8 ONNX artifacts: `make engine PRECISION=fp16|int8`.
+
+A builder class in the style of TensorRT's Python samples, one short step per method:
+
+    EngineBuilder(onnx, profile).check_environment().parse().configure().build(out)
+
+Precision comes from the ONNX itself: TensorRT 11 networks are strongly typed (FP16 from AutoCast,
+INT8 from explicit Q/DQ nodes); on TensorRT 10 the network is parsed the same way and the FP16/INT8
+builder flags are set too. The optimization profile (min/opt/max batch) follows the repository's
+batching settings. Every plan gets a stamp ``<plan>.json`` (TensorRT version, GPU compute capability,
+profile, source ONNX sha256); :func:`check_plan` refuses a plan built for another TensorRT or GPU
+before Triton ever tries to load it.
+
+Needs a GPU and TensorRT, i.e. the NGC container from docker/ (``make -C docker engine``). Anywhere
+else it stops at once with a message saying what is missing and how to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from training.checkpoint import atomic_write_bytes
+
+RUN_IN_CONTAINER = ("run it in the NGC TensorRT/Triton container: `make -C docker engine PRECISION=...` "
+                    "(see docker/README.md), on a machine with an NVIDIA GPU and the NVIDIA container toolkit")
+
+
+class EngineEnvironmentError(RuntimeError):
+    """What is missing to build or load an engine here, and how to get it."""
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    min: int = 1
+    opt: int = 16
+    max: int = 32
+
+    @classmethod
+    def from_repo_settings(cls, max_batch_size: int, preferred: tuple[int, ...] = ()) -> "BatchProfile":
+        """opt = the largest preferred batch size (what the dynamic batcher aims for), else half the max."""
+        opt = max(preferred) if preferred else max(1, max_batch_size // 2)
+        return cls(1, min(opt, max_batch_size), max_batch_size)
+
+
+@dataclass(frozen=True)
+class PlanStamp:
+    tensorrt_version: str
+    compute_capability: str   # "9.0" for H100
+    gpu_name: str
+    precision: str
+    profile: dict
+    onnx_sha256: str
+    strongly_typed: bool
+
+
+def gpu_compute_capability() -> tuple[str, str] | None:
+    """(compute capability, GPU name) of GPU 0 from nvidia-smi, or None without a GPU."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=compute_cap,name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    if not line:
+        return None
+    cc, name = (x.strip() for x in line.split(",", 1))
+    return cc, name
+
+
+def check_environment() -> tuple["object", str, str]:
+    """(tensorrt module, compute capability, GPU name), or EngineEnvironmentError saying what is missing."""
+    gpu = gpu_compute_capability()
+    try:
+        import tensorrt as trt  # noqa: F401
+    except ImportError:
+        trt = None
+    missing = [what for what, ok in (("an NVIDIA GPU (nvidia-smi found none)", gpu), ("TensorRT (import tensorrt failed)", trt)) if not ok]
+    if missing:
+        raise EngineEnvironmentError(f"cannot build a TensorRT engine here: missing {' and '.join(missing)}. "
+                                     f"TensorRT is not installable from PyPI on this machine; {RUN_IN_CONTAINER}.")
+    return trt, gpu[0], gpu[1]
+
+
+def check_plan(stamp_path: Path, tensorrt_version: str, compute_capability: str) -> PlanStamp:
+    """Refuse a plan built for another TensorRT version or GPU architecture, with the reason."""
+    stamp_path = Path(stamp_path)
+    if not stamp_path.is_file():
+        raise EngineEnvironmentError(f"{stamp_path} is missing: the plan's build stamp is needed to know what it was "
+                                     "built for; rebuild it with `make engine`")
+    stamp = PlanStamp(**json.loads(stamp_path.read_text()))
+    problems = []
+    if stamp.tensorrt_version != tensorrt_version:
+        problems.append(f"built with TensorRT {stamp.tensorrt_version}, this runtime is TensorRT {tensorrt_version}")
+    if stamp.compute_capability != compute_capability:
+        problems.append(f"built for compute capability {stamp.compute_capability} ({stamp.gpu_name}), "
+                        f"this GPU is {compute_capability}")
+    if problems:
+        raise EngineEnvironmentError(f"refusing {stamp_path.with_suffix('')}: " + "; ".join(problems) +
+                                     ". A TensorRT plan only loads on the TensorRT version and GPU it was built for: "
+                                     "rebuild it with `make engine` on the serving machine's container.")
+    return stamp
+
+
+class EngineBuilder:
+    """ONNX -> serialized TensorRT plan, with an optimization profile and a reusable timing cache."""
+
+    def __init__(self, onnx_path: Path, profile: BatchProfile, precision: str, workspace_gib: float = 4.0,
+                 timing_cache: Path | None = None):
+        self.onnx_path, self.profile, self.precision = Path(onnx_path), profile, precision
+        self.workspace_gib, self.timing_cache = workspace_gib, timing_cache
+        self.trt = self.logger = self.builder = self.network = self.config = None
+
+    def check_environment(self) -> "EngineBuilder":
+        self.trt, self.cc, self.gpu_name = check_environment()
+        self.major = int(self.trt.__version__.split(".")[0])
+        return self
+
+    def parse(self) -> "EngineBuilder":
+        """Parse the ONNX into a network; strongly typed on TensorRT >= 10 so precision comes from the ONNX."""
+        trt = self.trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.builder = trt.Builder(self.logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if self.major >= 11 else 0
+        self.strongly_typed = bool(flags)
+        self.network = self.builder.create_network(flags)
+        parser = trt.OnnxParser(self.network, self.logger)
+        if not parser.parse_from_file(str(self.onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {self.onnx_path}: {errors}")
+        return self
+
+    def configure(self) -> "EngineBuilder":
+        """Workspace limit, optimization profile over the batch dimension, timing cache, (TRT 10) flags."""
+        trt = self.trt
+        self.config = self.builder.create_builder_config()
+        self.config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(self.workspace_gib * (1 << 30)))
+        profile = self.builder.create_optimization_profile()
+        for i in range(self.network.num_inputs):
+            inp = self.network.get_input(i)
+            rest = tuple(inp.shape)[1:]
+            profile.set_shape(inp.name, (self.profile.min, *rest), (self.profile.opt, *rest), (self.profile.max, *rest))
+        self.config.add_optimization_profile(profile)
+        if not self.strongly_typed:  # TensorRT 10: precision by flags (Q/DQ nodes still define INT8 scales)
+            self.config.set_flag(trt.BuilderFlag.FP16)
+            if self.precision == "int8":
+                self.config.set_flag(trt.BuilderFlag.INT8)
+        cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.exists() else b""
+        self._cache = self.config.create_timing_cache(cache_bytes)
+        self.config.set_timing_cache(self._cache, ignore_mismatch=False)
+        return self
+
+    def build(self, out: Path) -> PlanStamp:
+        """Build and write the plan and its stamp atomically; save the timing cache for the next build."""
+        plan = self.builder.build_serialized_network(self.network, self.config)
+        if plan is None:
+            raise RuntimeError(f"TensorRT failed to build an engine from {self.onnx_path} (see the log above)")
+        stamp = PlanStamp(self.trt.__version__, self.cc, self.gpu_name, self.precision, asdict(self.profile),
+                          hashlib.sha256(self.onnx_path.read_bytes()).hexdigest(), self.strongly_typed)
+        atomic_write_bytes(out, lambda tmp: tmp.write_bytes(bytes(plan)))
+        atomic_write_bytes(Path(f"{out}.json"), lambda tmp: tmp.write_text(json.dumps(asdict(stamp), indent=2)))
+        if self.timing_cache:
+            cache = self.config.get_timing_cache().serialize()
+            atomic_write_bytes(self.timing_cache, lambda tmp: tmp.write_bytes(bytes(cache)))
+        return stamp
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Build a TensorRT engine from the FP16 or INT8 ONNX (GPU + TensorRT only)")
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--precision", choices=("fp16", "int8"), required=True)
+    p.add_argument("--out", type=Path, required=True, help="the .plan to write (a .plan.json stamp goes beside it)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=[])
+    p.add_argument("--workspace-gib", type=float, default=4.0)
+    p.add_argument("--timing-cache", type=Path, default=Path("artifacts/trt_timing.cache"))
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.onnx.is_file():
+        print(f"error: {args.onnx} not found: build it first with `make quantize` (FP16/INT8 ONNX)", file=sys.stderr)
+        return 2
+    profile = BatchProfile.from_repo_settings(args.max_batch_size, tuple(args.preferred_batch_sizes))
+    try:
+        builder = EngineBuilder(args.onnx, profile, args.precision, args.workspace_gib, args.timing_cache)
+        stamp = builder.check_environment().parse().configure().build(args.out)
+    except EngineEnvironmentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"built {args.out} ({stamp.precision}, TensorRT {stamp.tensorrt_version}, compute capability "
+          f"{stamp.compute_capability}, batch {profile.min}/{profile.opt}/{profile.max})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

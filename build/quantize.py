@@ -1,0 +1,270 @@
+"""FP16 and calibrated INT8 ONNX artifacts, each scored on the val split and gated on accuracy.
+
+    python -m build.quantize --onnx artifacts/model.onnx --data data/synthetic --out artifacts
+
+Conversions (a registry, one function each; every result is checked before it is written):
+  fp16      ModelOpt AutoCast: FP16 inside, sensitive ops kept in FP32, FP32 inputs/outputs
+  int8      ModelOpt ONNX PTQ: explicit Q/DQ placed for TensorRT, calibrated on real training images
+  int8_ort  ONNX Runtime quantize_static (QDQ, per channel): the INT8 candidate for the CPU target
+
+Calibration uses N training images through the serving preprocess, saved as calib.npy with
+calib_sources.txt, so a build is reproducible. Every artifact (and FP32) gets top-1, top-1 agreement
+with PyTorch, max logit difference, size and ONNX Runtime latency at batch 1 and at its best batch;
+an artifact whose top-1 drops more than --max-top1-drop points below FP32 fails the build and is not
+written. The report goes to build_report.json and build_report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from build.export_onnx import INPUT_NAME, METADATA_KEY, read_metadata
+from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from training.data import list_images
+from training.evaluate import logits_for_inputs
+from training.preprocess import DaliPreprocessor, PreprocessSpec
+
+ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx",
+                  "int8_ort": "model_int8_ort.onnx"}
+REPORT = "build_report.json"
+
+
+class AccuracyGateError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# calibration data
+# ------------------------------------------------------------------------------------------------
+
+def calibration_batch(meta: dict, data: Path, n: int, out_dir: Path) -> np.ndarray:
+    """N training images, spread evenly over the sorted train set, through the serving preprocess."""
+    samples = list_images(Path(data) / "train", meta["classes"])
+    if n <= 0:
+        raise ValueError(f"--calib-size must be positive, got {n}")
+    idx = np.linspace(0, len(samples) - 1, num=min(n, len(samples))).round().astype(int)
+    paths = [samples[i][0] for i in sorted(set(idx.tolist()))]
+    batch = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(paths)
+    calib_dir = out_dir / "calib"
+    atomic_write_bytes(calib_dir / "calib.npy", lambda tmp: np.save(open(tmp, "wb"), batch))
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(data)}" for p in paths]
+    atomic_write_bytes(calib_dir / "calib_sources.txt", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# conversions: fp32 ONNX path + calibration batch -> ModelProto
+# ------------------------------------------------------------------------------------------------
+
+def to_fp16(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    # FP32 I/O: the Triton configs and clients stay the same for every precision
+    return convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)
+
+
+def to_int8_modelopt(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
+    from modelopt.onnx.quantization import quantize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize(onnx_path=str(onnx_path), quantize_mode="int8", calibration_data=calib, calibration_method=method,
+                 calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(out), log_level="WARNING")
+        return onnx.load(str(out))
+
+
+def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calib[i:i + 16] for i in range(0, len(calib), 16))
+
+        def get_next(self):
+            b = next(self.batches, None)
+            return None if b is None else {INPUT_NAME: b}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "int8_ort.onnx"
+        quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax)
+        return onnx.load(str(out))
+
+
+# Order matters: importing ModelOpt's quantizer patches ONNX Runtime's calibrators, after which an
+# entropy calibration with onnxruntime.quantization fails ("Histogram has not been collected").
+CONVERSIONS: dict[str, Callable[[Path, np.ndarray, str], onnx.ModelProto]] = {
+    "fp16": to_fp16, "int8_ort": to_int8_ort, "int8": to_int8_modelopt,
+}
+
+
+def stamp(model: onnx.ModelProto, meta: dict, precision: str, extra: dict) -> onnx.ModelProto:
+    """Carry the metadata contract into the new artifact, recording what it was made from."""
+    m = json.loads(json.dumps(meta))
+    m["export"] = {**m.get("export", {}), "precision": precision, **extra}
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(m)})
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring
+# ------------------------------------------------------------------------------------------------
+
+def session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+
+
+def latency(sess, inputs: np.ndarray, batches=(1, 8, 16, 32), min_time: float = 0.5) -> dict:
+    """ms per batch and images/s at each batch size; best = highest images/s."""
+    out = {}
+    for b in batches:
+        x = np.ascontiguousarray(inputs[:b])
+        if len(x) < b:
+            x = np.concatenate([x] * (b // max(1, len(x)) + 1))[:b]
+        sess.run(None, {INPUT_NAME: x})
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min_time:
+            sess.run(None, {INPUT_NAME: x})
+            n += 1
+        ms = 1000 * (time.perf_counter() - start) / n
+        out[b] = {"ms": ms, "images_per_s": b * 1000 / ms}
+    best = max(out, key=lambda b: out[b]["images_per_s"])
+    return {"batch1_ms": out[1]["ms"], "best_batch": best, "best_images_per_s": out[best]["images_per_s"], "by_batch": out}
+
+
+def score(model_bytes: bytes, inputs: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
+    sess = session(model_bytes)
+    logits = np.concatenate([sess.run(None, {INPUT_NAME: inputs[i:i + 64]})[0] for i in range(0, len(inputs), 64)])
+    return {"top1": float(100 * np.mean(logits.argmax(1) == labels)),
+            "agreement_with_pytorch": float(100 * np.mean(logits.argmax(1) == reference.argmax(1))),
+            "max_abs_logit_diff": float(np.abs(logits.astype(np.float32) - reference).max()),
+            "size_bytes": len(model_bytes), "latency": latency(sess, inputs)}
+
+
+def gate(results: dict[str, dict], max_drop: float) -> list[str]:
+    """Names of artifacts whose top-1 is more than max_drop points below FP32."""
+    base = results["fp32"]["top1"]
+    return [name for name, r in results.items() if r["top1"] < base - max_drop]
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Build report: {report['source_onnx']}", "",
+             f"Val split `{report['data']}/val`, {report['val_images']} images; calibration: {report['calibration']['images']} "
+             f"training images, method `{report['calibration']['method']}` (`calib/calib.npy`, `calib/calib_sources.txt`). "
+             f"Gate: top-1 may drop at most {report['max_top1_drop']} points below FP32.", "",
+             "| artifact | file | size | top-1 % | agreement with PyTorch % | max logit diff | ms at batch 1 | best batch | img/s at best | gate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in report["artifacts"].items():
+        lat = r["latency"]
+        lines.append(f"| {name} | {r['file']} | {r['size_bytes'] / 2 ** 20:.2f} MiB | {r['top1']:.2f} | "
+                     f"{r['agreement_with_pytorch']:.2f} | {r['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | "
+                     f"{lat['best_batch']} | {lat['best_images_per_s']:.0f} | {'FAIL' if name in report['gate_failures'] else 'pass'} |")
+    lines += ["", f"Embedded (CPU, ONNX Runtime) INT8 choice: **{report['embedded_int8']}** — {report['embedded_int8_reason']}.",
+              f"Fastest artifact on this CPU that passes the gate: **{report['fastest_passing']}**.",
+              "", "Latencies are ONNX Runtime on this machine's CPU; TensorRT engines are measured by `make gpu-check`."]
+    return "\n".join(lines) + "\n"
+
+
+def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = 128, calib_method: str = "entropy",
+          max_top1_drop: float = 1.0, precisions=("fp16", "int8", "int8_ort")) -> dict:
+    meta = read_metadata(onnx_path)
+    ckpt = load_checkpoint(meta["source"]["checkpoint"])
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    val = list_images(Path(data) / "val", meta["classes"])
+    inputs = DaliPreprocessor(spec).files([p for p, _ in val])
+    labels = np.array([y for _, y in val])
+    reference = logits_for_inputs(model_from_checkpoint(ckpt), inputs)
+    calib = calibration_batch(meta, Path(data), calib_size, out_dir)
+    print(f"calibration: {len(calib)} training images ({calib_method}) -> {out_dir / 'calib' / 'calib.npy'}")
+
+    fp32_bytes = Path(onnx_path).read_bytes()
+    produced = {"fp32": fp32_bytes}
+    extra = {"derived_from_sha256": hashlib.sha256(fp32_bytes).hexdigest(), "calibration_images": len(calib),
+             "calibration_method": calib_method}
+    for name in [n for n in CONVERSIONS if n in precisions]:
+        model = CONVERSIONS[name](Path(onnx_path), calib, calib_method)
+        onnx.checker.check_model(model)
+        produced[name] = stamp(model, meta, "int8" if name.startswith("int8") else name, extra).SerializeToString()
+        print(f"converted {name}")
+    results = {}
+    for name, blob in produced.items():
+        results[name] = {"file": ARTIFACT_NAMES[name], **score(blob, inputs, labels, reference)}
+        r = results[name]
+        print(f"{name:9s} top1 {r['top1']:.2f}%  agreement {r['agreement_with_pytorch']:.2f}%  "
+              f"max|diff| {r['max_abs_logit_diff']:.3g}  {r['latency']['best_images_per_s']:.0f} img/s (batch {r['latency']['best_batch']})")
+    failures = gate(results, max_top1_drop)
+    int8s = [n for n in ("int8", "int8_ort") if n in results and n not in failures]
+    embedded = max(int8s, key=lambda n: results[n]["latency"]["best_images_per_s"]) if int8s else None
+    fp32_speed = results["fp32"]["latency"]["best_images_per_s"]
+    reason = ("no INT8 artifact passed the gate" if embedded is None else
+              f"{results[embedded]['latency']['best_images_per_s']:.0f} img/s against FP32's {fp32_speed:.0f} img/s on "
+              f"ONNX Runtime: {'faster' if results[embedded]['latency']['best_images_per_s'] > fp32_speed else 'NOT faster than FP32, so FP32 stays the recommended CPU precision'}")
+    passing = [n for n in results if n not in failures]
+    report = {"source_onnx": str(onnx_path), "data": str(data), "val_images": len(val), "max_top1_drop": max_top1_drop,
+              "calibration": {"images": len(calib), "method": calib_method}, "artifacts": results,
+              "gate_failures": failures, "embedded_int8": embedded, "embedded_int8_reason": reason,
+              "fastest_passing": max(passing, key=lambda n: results[n]["latency"]["best_images_per_s"])}
+    for name, blob in produced.items():  # only what passed the gate is written
+        if name != "fp32" and name not in failures:
+            atomic_write_bytes(out_dir / ARTIFACT_NAMES[name], lambda tmp, blob=blob: tmp.write_bytes(blob))
+    atomic_write_bytes(out_dir / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    atomic_write_bytes(out_dir / "build_report.md", lambda tmp: tmp.write_text(markdown(report)))
+    print(f"wrote {out_dir / REPORT} and build_report.md")
+    if failures:
+        raise AccuracyGateError(
+            "accuracy gate failed: " + ", ".join(f"{n} top-1 {results[n]['top1']:.2f}% vs FP32 {results['fp32']['top1']:.2f}%"
+                                                 for n in failures) + f" (allowed drop {max_top1_drop} points); not written")
+    return report
+
+
+def artifact_for(precision: str, artifacts: Path) -> Path:
+    """The ONNX file the embedded target serves for a precision (INT8: the build report's CPU choice)."""
+    if precision in ("fp32", "fp16"):
+        path = artifacts / ARTIFACT_NAMES[precision]
+    elif precision == "int8":
+        report_path = artifacts / REPORT
+        if not report_path.is_file():
+            raise FileNotFoundError(f"{report_path} not found: run `make quantize` first")
+        choice = json.loads(report_path.read_text())["embedded_int8"]
+        if choice is None:
+            raise ValueError("no INT8 artifact passed the accuracy gate (see build_report.md)")
+        path = artifacts / ARTIFACT_NAMES[choice]
+    else:
+        raise ValueError(f"PRECISION must be fp32, fp16 or int8, got {precision!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `make {'onnx' if precision == 'fp32' else 'quantize'}` first")
+    return path
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="FP16 / INT8 ONNX artifacts with an accuracy gate and a build report")
+    p.add_argument("--onnx", type=Path, default=Path("artifacts/model.onnx"), help="the FP32 ONNX from build.export_onnx")
+    p.add_argument("--data", type=Path, required=True, help="ImageFolder root: train/ for calibration, val/ for scoring")
+    p.add_argument("--out", type=Path, default=Path("artifacts"))
+    p.add_argument("--calib-size", type=int, default=128, help="training images used for INT8 calibration")
+    p.add_argument("--calib-method", choices=("entropy", "max"), default="entropy")
+    p.add_argument("--max-top1-drop", type=float, default=1.0, help="allowed top-1 drop below FP32, in points")
+    p.add_argument("--precisions", nargs="*", default=list(CONVERSIONS), choices=list(CONVERSIONS))
+    # (run in CONVERSIONS order whatever the order given)
+    return p
+
+
+if __name__ == "__main__":
+    a = get_args_parser().parse_args()
+    try:
+        build(a.onnx, a.data, a.out, a.calib_size, a.calib_method, a.max_top1_drop, tuple(a.precisions))
+    except (AccuracyGateError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
