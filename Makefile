@@ -32,7 +32,15 @@ EVAL_OUT    ?= $(ARTIFACTS)/eval
 # export and repository
 ONNX        ?= $(ARTIFACTS)/model.onnx
 TOLERANCE   ?= 1e-3
-REPO        ?= model_repository
+PRECISION   ?= fp32
+TARGET      ?= embedded
+PLAN        ?=
+REPO        ?= $(if $(filter gpu,$(TARGET)),model_repository_gpu,model_repository)
+# quantization and engines
+CALIB_SIZE  ?= 128
+CALIB_METHOD ?= entropy
+MAX_TOP1_DROP ?= 1.0
+ENGINE_PRECISION = $(if $(filter fp32,$(PRECISION)),fp16,$(PRECISION))
 MAX_BATCH   ?= 32
 QUEUE_DELAY_US ?= 2000
 INSTANCES   ?= 1
@@ -52,12 +60,13 @@ DURATION    ?= 20
 P99_BUDGET_MS ?= 50
 BASELINE_PORT ?= 8080
 
-.PHONY: help venv data train distill eval onnx repo serve client demo test clean artifacts perf loadtest baseline tune report
+.PHONY: help venv data train distill eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
 	@echo "make test   - run the test suite against the real tritonserver"
-	@echo "stages: venv data train distill eval onnx repo serve client; variables: see README.md"
+	@echo "stages: venv data train distill eval onnx quantize repo serve client; variables: see README.md"
+	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline"
 
 # Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d
@@ -97,8 +106,22 @@ eval: venv
 onnx: venv
 	$(PY) -m build.export_onnx --ckpt $(CKPT) --data $(DATA) --out $(ONNX) --tolerance $(TOLERANCE)
 
+quantize: venv
+	$(PY) -m build.quantize --onnx $(ONNX) --data $(DATA) --out $(ARTIFACTS) --calib-size $(CALIB_SIZE) \
+	  --calib-method $(CALIB_METHOD) --max-top1-drop $(MAX_TOP1_DROP)
+
+# GPU + TensorRT only (the NGC container, see docker/); elsewhere it stops with what is missing
+engine: venv
+	$(PY) -m build.engine --onnx $(ARTIFACTS)/model_$(ENGINE_PRECISION).onnx --precision $(ENGINE_PRECISION) \
+	  --out $(ARTIFACTS)/model_$(ENGINE_PRECISION).plan --max-batch-size $(MAX_BATCH)
+
+gpu-check: venv
+	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --max-batch-size $(MAX_BATCH)
+
+# PRECISION=fp32|fp16|int8 picks the artifact (ONNX=file overrides); TARGET=gpu renders the GPU repository
 repo: venv
-	$(PY) -m build.render_repo --onnx $(ONNX) --out $(REPO) --max-batch-size $(MAX_BATCH) \
+	$(PY) -m build.render_repo $(if $(filter command line,$(origin ONNX)),--onnx $(ONNX)) --artifacts $(ARTIFACTS) \
+	  --precision $(PRECISION) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) --out $(REPO) --max-batch-size $(MAX_BATCH) \
 	  --queue-delay-us $(QUEUE_DELAY_US) --preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES) --top-k $(TOP_K)
 
 serve: venv

@@ -75,18 +75,60 @@ def embedded_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings) ->
         # postprocess is cheap, but with one instance and no batching its requests queue behind each other
         P.POSTPROCESS: _python_model(P.POSTPROCESS, s, [logits], outputs, 1, {"top_k": k}),
     }
+    configs[P.ENSEMBLE] = ensemble(s, outputs, (P.PIXELS, P.PIXELS), (P.LOGITS, P.LOGITS))
+    return configs
+
+
+def ensemble(s: RepoSettings, outputs: list[dict], classifier_in: tuple[str, str],
+             classifier_out: tuple[str, str]) -> mc.ModelConfig:
+    """preprocess -> classifier -> postprocess; classifier_in/out = (name at the producer, name at the classifier)."""
     ens = mc.ModelConfig(name=P.ENSEMBLE, platform="ensemble", max_batch_size=s.max_batch_size)
-    ens.input.append(mc.ModelInput(**_tensor(P.IMAGE, U8, [-1])))
+    ens.input.append(mc.ModelInput(**_tensor(P.IMAGE, mc.TYPE_UINT8, [-1])))
     ens.output.extend(mc.ModelOutput(**t) for t in outputs)
     steps = [
         (P.PREPROCESS, {P.IMAGE: P.IMAGE}, {P.PIXELS: "pixels"}),
-        (P.CLASSIFIER, {P.PIXELS: "pixels"}, {P.LOGITS: "logits"}),
+        (P.CLASSIFIER, {classifier_in[1]: "pixels"}, {classifier_out[1]: "logits"}),
         (P.POSTPROCESS, {P.LOGITS: "logits"}, {o: o for o in P.OUTPUTS}),
     ]
     for model, input_map, output_map in steps:
         ens.ensemble_scheduling.step.add(model_name=model, model_version=-1, input_map=input_map, output_map=output_map)
-    configs[P.ENSEMBLE] = ens
-    return configs
+    return ens
+
+
+def gpu_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings, onnx_io: tuple[str, str],
+                profile_opt: int) -> dict[str, mc.ModelConfig]:
+    """GPU target (NGC Triton container): DALI backend -> TensorRT plan -> Python postprocess.
+
+    The plan's tensors keep the ONNX names (``onnx_io``); the ensemble maps them. Batching prefers the
+    engine's optimization-profile sizes, and the plan is warmed up at load with its opt batch.
+    """
+    k = min(s.top_k, num_classes)
+    FP32, U8, BYTES = mc.TYPE_FP32, mc.TYPE_UINT8, mc.TYPE_STRING
+    gpu = mc.ModelInstanceGroup.KIND_GPU
+    outputs = [_tensor(P.PROBABILITIES, FP32, [num_classes]), _tensor(P.LABELS, BYTES, [k]), _tensor(P.SCORES, FP32, [k])]
+    preferred = sorted({b for b in (*s.preferred_batch_sizes, profile_opt, s.max_batch_size) if b <= s.max_batch_size})
+
+    pre = mc.ModelConfig(name=P.PREPROCESS, backend="dali", max_batch_size=s.max_batch_size)
+    pre.input.append(mc.ModelInput(**_tensor(P.IMAGE, U8, [-1], ragged=True)))
+    pre.output.append(mc.ModelOutput(**_tensor(P.PIXELS, FP32, list(spec.input_shape))))
+    pre.instance_group.append(mc.ModelInstanceGroup(count=s.preprocess_instances, kind=gpu))
+    pre.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
+    pre.dynamic_batching.preferred_batch_size.extend(preferred)
+
+    cls = mc.ModelConfig(name=P.CLASSIFIER, platform="tensorrt_plan", max_batch_size=s.max_batch_size)
+    cls.input.append(mc.ModelInput(**_tensor(onnx_io[0], FP32, list(spec.input_shape))))
+    cls.output.append(mc.ModelOutput(**_tensor(onnx_io[1], FP32, [num_classes])))
+    cls.instance_group.append(mc.ModelInstanceGroup(count=s.classifier_instances, kind=gpu))
+    cls.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
+    cls.dynamic_batching.preferred_batch_size.extend(preferred)
+    warm = cls.model_warmup.add(name="opt_batch", batch_size=profile_opt)
+    warm.inputs[onnx_io[0]].data_type = FP32
+    warm.inputs[onnx_io[0]].dims.extend(spec.input_shape)
+    warm.inputs[onnx_io[0]].zero_data = True
+
+    post = _python_model(P.POSTPROCESS, s, [_tensor(P.LOGITS, FP32, [num_classes])], outputs, 1, {"top_k": k})
+    return {P.PREPROCESS: pre, P.CLASSIFIER: cls, P.POSTPROCESS: post,
+            P.ENSEMBLE: ensemble(s, outputs, (P.PIXELS, onnx_io[0]), (P.LOGITS, onnx_io[1]))}
 
 
 def check_ensemble(configs: dict[str, mc.ModelConfig]) -> None:
@@ -144,46 +186,80 @@ def read_configs(repo: Path) -> dict[str, mc.ModelConfig]:
     return {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in sorted(Path(repo).glob("*/config.pbtxt"))}
 
 
-def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings()) -> dict[str, Path]:
-    """Write the repository; everything is computed in memory first and each file is written atomically."""
+def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), target: str = "embedded",
+           plan: Path | None = None) -> dict[str, Path]:
+    """Write the repository; everything is computed in memory first and each file is written atomically.
+
+    embedded: the ONNX runs in ONNX Runtime. gpu: ``plan`` (from build.engine, built from this very
+    ONNX) runs in TensorRT; without a plan the configs are rendered and the plan is reported missing.
+    """
     meta = read_metadata(Path(onnx_path))
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     classes: list[str] = meta["classes"]
-    configs = embedded_configs(spec, len(classes), settings)
-    check_ensemble(configs)
-    dali = serialize_dali_pipeline(spec, settings.max_batch_size, "cpu", settings.dali_threads)
     onnx_bytes = Path(onnx_path).read_bytes()
-    configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value = hashlib.sha256(onnx_bytes).hexdigest()
+    onnx_sha = hashlib.sha256(onnx_bytes).hexdigest()
+    if target == "embedded":
+        configs = embedded_configs(spec, len(classes), settings)
+        configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value = onnx_sha
+        files = {Path(P.CLASSIFIER, "1", "model.onnx"): onnx_bytes}
+        python_models = PYTHON_MODELS
+    elif target == "gpu":
+        from build.engine import BatchProfile
 
-    files = {
+        profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
+        export = meta.get("export", {})
+        configs = gpu_configs(spec, len(classes), settings, (export["input"], export["output"]), profile.opt)
+        files = {}
+        if plan is not None:
+            stamp = json.loads(Path(f"{plan}.json").read_text())
+            if stamp["onnx_sha256"] != onnx_sha:
+                raise ValueError(f"{plan} was built from another ONNX (sha256 {stamp['onnx_sha256'][:12]}...), "
+                                 f"not {onnx_path}: rebuild it with `make engine`")
+            files[Path(P.CLASSIFIER, "1", "model.plan")] = Path(plan).read_bytes()
+            files[Path(P.CLASSIFIER, "1", "model.plan.json")] = Path(f"{plan}.json").read_bytes()
+        else:
+            print(f"note: no TensorRT plan given: {out}/{P.CLASSIFIER}/1/model.plan is missing until you build one "
+                  "with `make engine` (GPU + TensorRT) and render again with PLAN=...")
+        python_models = (P.POSTPROCESS,)
+    else:
+        raise ValueError(f"target must be 'embedded' or 'gpu', got {target!r}")
+    check_ensemble(configs)
+    dali = serialize_dali_pipeline(spec, settings.max_batch_size, "gpu" if target == "gpu" else "cpu",
+                                   settings.dali_threads)
+
+    files.update({
         Path(P.PREPROCESS, "1", "model.dali"): dali,
-        Path(P.CLASSIFIER, "1", "model.onnx"): onnx_bytes,
         Path(P.POSTPROCESS, "1", "labels.txt"): ("\n".join(classes) + "\n").encode(),
         # the ensemble's version folder must exist and, in object stores, hold a file
         Path(P.ENSEMBLE, "1", ".placeholder"): b"",
-    }
+    })
     files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
     # what this repository was rendered from and with: read back by the tuner and the reports
     files[Path(MANIFEST)] = json.dumps({
-        "target": "embedded", "onnx": str(Path(onnx_path).resolve()),
-        "onnx_sha256": configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value,
+        "target": target, "onnx": str(Path(onnx_path).resolve()), "onnx_sha256": onnx_sha,
+        "plan": str(Path(plan).resolve()) if plan else None,
         "precision": meta.get("export", {}).get("precision", "fp32"), "settings": asdict(settings),
         "classes": len(classes), "input_shape": list(spec.input_shape)}, indent=2).encode()
     out = Path(out)
     if out.resolve() != SOURCE_REPO.resolve():  # a repository elsewhere gets the committed model code too
-        for name in PYTHON_MODELS:
+        for name in python_models:
             files[Path(name, "1", "model.py")] = (SOURCE_REPO / name / "1" / "model.py").read_bytes()
     for rel, data in files.items():
         atomic_write_bytes(out / rel, lambda tmp, data=data: tmp.write_bytes(data))
-    print(f"rendered {out}: {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
+    print(f"rendered {out} ({target}): {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
           f"max_batch_size {settings.max_batch_size})")
     return {str(rel): out / rel for rel in files}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     d = RepoSettings()
-    p = argparse.ArgumentParser(description="Render the Triton model repository (embedded CPU target)")
-    p.add_argument("--onnx", type=Path, required=True, help="ONNX exported by build.export_onnx")
+    p = argparse.ArgumentParser(description="Render the Triton model repository (embedded CPU or GPU target)")
+    p.add_argument("--onnx", type=Path, help="ONNX exported by build.export_onnx / build.quantize "
+                   "(default: the --precision artifact in --artifacts)")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    p.add_argument("--target", choices=("embedded", "gpu"), default="embedded")
+    p.add_argument("--plan", type=Path, help="gpu target: the TensorRT plan built from the same ONNX")
     p.add_argument("--out", type=Path, default=SOURCE_REPO)
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us)
@@ -200,8 +276,17 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
     settings = RepoSettings(args.max_batch_size, args.queue_delay_us, tuple(args.preferred_batch_sizes),
                             args.preprocess_instances, args.classifier_instances, args.dali_threads,
                             args.intra_op_threads, args.top_k)
-    return render(args.onnx, args.out, settings)
+    onnx_path = args.onnx
+    if onnx_path is None:
+        from build.quantize import artifact_for
+
+        onnx_path = artifact_for(args.precision, args.artifacts) if args.target == "embedded" else \
+            args.artifacts / {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}[args.precision]
+    return render(onnx_path, args.out, settings, args.target, args.plan)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")

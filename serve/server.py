@@ -103,8 +103,10 @@ class TritonServer:
     """The tritonserver process. Use as a context manager, or start()/stop()."""
 
     def __init__(self, repo: Path, ports: Ports = Ports(), log_file: Path | None = None, echo: bool = False,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), binary: Path | None = None):
+        """``binary``: a tritonserver with its own backends (the NGC container's); default: the pip wheel's."""
         self.repo, self.ports, self.echo, self.extra_args = Path(repo).resolve(), ports, echo, extra_args
+        self.binary = binary
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
@@ -119,8 +121,11 @@ class TritonServer:
         return f"localhost:{self.ports.grpc}"
 
     def command(self) -> list[str]:
-        binary = pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
-        return [str(binary), f"--model-repository={self.repo}", f"--backend-directory={backend_directory()}",
+        if self.binary:  # a full Triton install brings its backends (DALI, TensorRT, Python)
+            binary, backends = Path(self.binary), []
+        else:
+            binary, backends = pytriton_dir() / "tritonserver" / "bin" / "tritonserver", [f"--backend-directory={backend_directory()}"]
+        return [str(binary), f"--model-repository={self.repo}", *backends,
                 f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-port={self.ports.metrics}", "--exit-on-error=true", "--strict-readiness=true",
                 "--disable-auto-complete-config", "--log-verbose=0", "--exit-timeout-secs=10", *self.extra_args]

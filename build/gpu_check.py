@@ -1,0 +1,101 @@
+"""`make gpu-check`: the one check of the GPU path, on a machine with an NVIDIA GPU, in the NGC container.
+
+1. the DALI pipeline on the GPU (mixed/nvJPEG decode) against the CPU pipeline, same definition;
+2. FP16 and INT8 TensorRT engines from the ONNX artifacts (build.engine), each stamped;
+3. for each engine: the GPU repository (DALI backend -> TensorRT plan -> postprocess) served by the
+   container's tritonserver, every val image classified over gRPC, compared with PyTorch;
+4. a report: artifacts/gpu_check/report.{json,md}.
+
+Without a GPU or TensorRT it stops at once and says what is missing (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, check_environment, check_plan
+from build.export_onnx import read_metadata
+from build.render_repo import RepoSettings, render
+from clients.client import ImageClassifierClient
+from training.checkpoint import atomic_write_bytes, load_checkpoint
+from training.data import list_images
+from training.evaluate import predict_files
+from training.preprocess import DaliPreprocessor, PreprocessSpec, build_dali_pipeline, DALI_INPUT_NAME
+
+CONTAINER_TRITON = Path("/opt/tritonserver/bin/tritonserver")
+
+
+def dali_gpu_vs_cpu(spec: PreprocessSpec, files: list[Path], batch: int = 32) -> dict:
+    blobs = [f.read_bytes() for f in files[:batch]]
+    pipe = build_dali_pipeline(spec, batch, device="gpu")
+    pipe.build()
+    pipe.feed_input(DALI_INPUT_NAME, [np.frombuffer(b, np.uint8) for b in blobs])
+    (out,) = pipe.run()
+    gpu = out.as_cpu().as_array()
+    cpu = DaliPreprocessor(spec, batch_size=batch)(blobs)
+    # nvJPEG and libjpeg-turbo may round differently; report how far apart they are
+    return {"images": len(blobs), "max_abs_diff": float(np.abs(gpu - cpu).max()), "mean_abs_diff": float(np.abs(gpu - cpu).mean())}
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        trt, cc, gpu_name = check_environment()
+    except EngineEnvironmentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from serve.server import Ports, TritonServer, free_ports
+
+    out = args.artifacts / "gpu_check"
+    out.mkdir(parents=True, exist_ok=True)
+    meta = read_metadata(args.artifacts / "model.onnx")
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    val = [p for p, _ in list_images(args.data / "val", meta["classes"])]
+    reference = predict_files(load_checkpoint(meta["source"]["checkpoint"]), val).argmax(1)
+    report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__,
+              "dali_gpu_vs_cpu": dali_gpu_vs_cpu(spec, val), "engines": {}}
+    settings = RepoSettings(max_batch_size=args.max_batch_size)
+    profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
+    binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
+    for precision in ("fp16", "int8"):
+        onnx_path = args.artifacts / f"model_{precision}.onnx"
+        plan = args.artifacts / f"model_{precision}.plan"
+        stamp = EngineBuilder(onnx_path, profile, precision, timing_cache=args.artifacts / "trt_timing.cache") \
+            .check_environment().parse().configure().build(plan)
+        check_plan(Path(f"{plan}.json"), trt.__version__, cc)
+        repo = out / f"repo_{precision}"
+        render(onnx_path, repo, settings, target="gpu", plan=plan)
+        with TritonServer(repo, Ports(*free_ports(3)), log_file=out / f"tritonserver_{precision}.log", binary=binary) as s:
+            with ImageClassifierClient(s.grpc_url, "grpc") as c:
+                preds = c.classify_files(val, batch_size=settings.max_batch_size)
+        served = np.array([meta["classes"].index(p.labels[0]) if p.ok else -1 for p in preds])
+        report["engines"][precision] = {"stamp": stamp.__dict__, "images": len(val),
+                                        "agreement_with_pytorch": float(100 * np.mean(served == reference)),
+                                        "errors": sum(not p.ok for p in preds)}
+        print(f"{precision}: served agreement with PyTorch {report['engines'][precision]['agreement_with_pytorch']:.2f}%")
+    atomic_write_bytes(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    lines = [f"# GPU check: {gpu_name} (compute capability {cc}), TensorRT {trt.__version__}", "",
+             f"DALI GPU vs CPU preprocessing on {report['dali_gpu_vs_cpu']['images']} images: max |diff| "
+             f"{report['dali_gpu_vs_cpu']['max_abs_diff']:.4f}, mean {report['dali_gpu_vs_cpu']['mean_abs_diff']:.5f}", "",
+             "| engine | images | agreement with PyTorch % | errors |", "| --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['images']} | {v['agreement_with_pytorch']:.2f} | {v['errors']} |" for k, v in report["engines"].items()]
+    atomic_write_bytes(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    print(f"wrote {out / 'report.md'}")
+    return 0 if all(v["agreement_with_pytorch"] >= 99.0 and not v["errors"] for v in report["engines"].values()) else 1
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Build engines, serve the GPU repository, check fidelity (GPU only)")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    p.add_argument("--data", type=Path, default=Path("data/synthetic"))
+    p.add_argument("--max-batch-size", type=int, default=32)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

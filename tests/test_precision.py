@@ -1,0 +1,189 @@
+"""Precision artifacts, the accuracy gate, serving each precision, the GPU repository and the engine path.
+
+GPU-only steps (TensorRT engines, the DALI GPU pipeline) are skipped here with the reason printed;
+what can be checked without a GPU is: configs, wiring, plan stamps and the clean refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper
+
+from build import quantize
+from build.engine import EngineEnvironmentError, check_environment, check_plan
+from build.export_onnx import read_metadata
+from build.graph_cleanup import clean
+from build.render_repo import RepoSettings, check_ensemble, read_configs, render
+from clients import protocol as P
+from clients.client import ImageClassifierClient
+from serve.server import Ports, TritonServer, free_ports
+from tritonclient.grpc import model_config_pb2 as mc
+from training.preprocess import DaliPreprocessor, PreprocessSpec
+
+from conftest import MAX_BATCH
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _gpu_and_tensorrt() -> str | None:
+    try:
+        check_environment()
+        return None
+    except EngineEnvironmentError as e:
+        return str(e)
+
+
+NO_GPU = _gpu_and_tensorrt()
+
+
+@pytest.fixture(scope="module")
+def artifacts(onnx_model, tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifacts")
+    shutil.copy(onnx_model, out / "model.onnx")
+    quantize.build(out / "model.onnx", tiny_data, out, calib_size=32)
+    return out
+
+
+def test_build_report_and_artifacts(artifacts):
+    report = json.loads((artifacts / quantize.REPORT).read_text())
+    assert set(report["artifacts"]) == {"fp32", "fp16", "int8", "int8_ort"} and not report["gate_failures"]
+    for name, r in report["artifacts"].items():
+        path = artifacts / quantize.ARTIFACT_NAMES[name]
+        assert r["size_bytes"] == path.stat().st_size
+        assert 0 <= r["top1"] <= 100 and r["latency"]["best_images_per_s"] > 0 and r["latency"]["batch1_ms"] > 0
+        assert read_metadata(path)["export"]["precision"] == ("int8" if name.startswith("int8") else name)
+    fp16 = onnx.load(str(artifacts / "model_fp16.onnx"))
+    assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # FP32 I/O kept
+    assert any(i.data_type == TensorProto.FLOAT16 for i in fp16.graph.initializer)
+    int8 = onnx.load(str(artifacts / "model_int8.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) >= 10  # explicit Q/DQ
+    calib = np.load(artifacts / "calib" / "calib.npy")
+    sources = (artifacts / "calib" / "calib_sources.txt").read_text().splitlines()
+    assert calib.shape[0] == len(sources) == 32 and calib.shape[1:] == (3, 32, 32)
+    assert "| fp16 |" in (artifacts / "build_report.md").read_text()
+
+
+def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_data, tmp_path):
+    shutil.copy(onnx_model, tmp_path / "model.onnx")
+    with pytest.raises(quantize.AccuracyGateError, match=r"fp16 top-1 .* vs FP32"):
+        # a negative allowance demands beating FP32 by a point: every converted artifact must fail
+        quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=8, max_top1_drop=-1.0,
+                       precisions=("fp16",))
+    assert not (tmp_path / "model_fp16.onnx").exists()
+    assert json.loads((tmp_path / quantize.REPORT).read_text())["gate_failures"] == ["fp16"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_files, tmp_path, precision):
+    onnx_path = quantize.artifact_for(precision, artifacts)
+    repo = tmp_path / "repo"
+    render(onnx_path, repo, RepoSettings(max_batch_size=MAX_BATCH, top_k=3))
+    meta = read_metadata(onnx_path)
+    sess = quantize.session(onnx_path.read_bytes())
+    inputs = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(val_files)
+    own = sess.run(None, {"input": inputs})[0].argmax(1)
+    with TritonServer(repo, Ports(*free_ports(3))) as server, ImageClassifierClient(server.grpc_url, "grpc") as c:
+        preds = c.classify_files(val_files, batch_size=MAX_BATCH)
+    served = np.array([meta["classes"].index(p.labels[0]) for p in preds])
+    assert np.mean(served == own) >= 0.995  # the server gives the artifact's own answers
+    assert read_configs(repo)[P.CLASSIFIER].parameters["onnx_sha256"].string_value == \
+        __import__("hashlib").sha256(onnx_path.read_bytes()).hexdigest()  # and serves that very artifact
+
+
+def test_gpu_repository_configs(artifacts, tmp_path):
+    repo = tmp_path / "gpu"
+    render(artifacts / "model_fp16.onnx", repo, RepoSettings(max_batch_size=16, preferred_batch_sizes=(4, 8)), target="gpu")
+    configs = read_configs(repo)
+    check_ensemble(configs)
+    pre, cls, post = configs[P.PREPROCESS], configs[P.CLASSIFIER], configs[P.POSTPROCESS]
+    assert pre.backend == "dali" and pre.input[0].allow_ragged_batch
+    assert cls.platform == "tensorrt_plan" and [t.name for t in cls.input] == ["input"]
+    assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in (*pre.instance_group, *cls.instance_group))
+    assert list(cls.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert cls.model_warmup[0].batch_size == 8 and cls.model_warmup[0].inputs["input"].zero_data
+    assert post.backend == "python" and (repo / P.POSTPROCESS / "1" / "model.py").exists()
+    assert b"mixed" in (repo / P.PREPROCESS / "1" / "model.dali").read_bytes()  # nvJPEG decoder on the GPU
+    assert not (repo / P.PREPROCESS / "1" / "model.py").exists()
+
+
+def test_plan_from_another_onnx_is_refused(artifacts, tmp_path):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"plan")
+    Path(f"{plan}.json").write_text(json.dumps({"onnx_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="built from another ONNX"):
+        render(artifacts / "model_fp16.onnx", tmp_path / "gpu", target="gpu", plan=plan)
+    assert not (tmp_path / "gpu").exists()  # refused before anything was written
+
+
+def test_plan_stamp_mismatch_is_refused(tmp_path):
+    stamp = tmp_path / "model.plan.json"
+    stamp.write_text(json.dumps({"tensorrt_version": "10.5.0", "compute_capability": "9.0", "gpu_name": "NVIDIA H100",
+                                 "precision": "fp16", "profile": {"min": 1, "opt": 16, "max": 32},
+                                 "onnx_sha256": "x", "strongly_typed": False}))
+    assert check_plan(stamp, "10.5.0", "9.0").gpu_name == "NVIDIA H100"
+    with pytest.raises(EngineEnvironmentError, match="built with TensorRT 10.5.0, this runtime is TensorRT 11.0.1"):
+        check_plan(stamp, "11.0.1", "9.0")
+    with pytest.raises(EngineEnvironmentError, match=r"compute capability 9.0 \(NVIDIA H100\), this GPU is 8.9"):
+        check_plan(stamp, "10.5.0", "8.9")
+    with pytest.raises(EngineEnvironmentError, match="build stamp is needed"):
+        check_plan(tmp_path / "missing.json", "10.5.0", "9.0")
+
+
+@pytest.mark.skipif(NO_GPU is None, reason="this machine has a GPU and TensorRT: the refusal does not apply")
+def test_make_engine_stops_cleanly_without_gpu(artifacts):
+    out = artifacts / "model_fp16.plan"
+    r = subprocess.run([sys.executable, "-m", "build.engine", "--onnx", str(artifacts / "model_fp16.onnx"),
+                        "--precision", "fp16", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "missing an NVIDIA GPU" in r.stderr and "make -C docker engine" in r.stderr
+    assert not out.exists()
+    r = subprocess.run(["make", "-s", "gpu-check", f"ARTIFACTS={artifacts}"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode != 0 and "cannot build a TensorRT engine here" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(NO_GPU is not None, reason=f"GPU path not runnable here: {NO_GPU}")
+def test_gpu_check(artifacts, tiny_data):
+    from build import gpu_check
+
+    args = gpu_check.get_args_parser().parse_args(["--artifacts", str(artifacts), "--data", str(tiny_data)])
+    assert gpu_check.main(args) == 0
+
+
+def test_graph_cleanup_removes_identities_and_folds_constants():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    a = helper.make_tensor("a", TensorProto.FLOAT, [4], [1, 2, 3, 4])
+    b = helper.make_tensor("b", TensorProto.FLOAT, [4], [2, 2, 2, 2])
+    nodes = [helper.make_node("Identity", ["x"], ["x1"]),
+             helper.make_node("Mul", ["a", "b"], ["ab"]),           # constant subgraph: folded
+             helper.make_node("Add", ["x1", "ab"], ["y"]),
+             helper.make_node("Neg", ["x"], ["unused"])]            # dead: removed
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [a, b]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.helper.set_model_props(model, {"platform": "{}"})
+    cleaned, counts = clean(model)
+    assert counts == {"nodes_before": 4, "nodes_after": 1, "identities_removed": 1}
+    assert [n.op_type for n in cleaned.graph.node] == ["Add"] and cleaned.metadata_props[0].key == "platform"
+    data = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    before = quantize.session(model.SerializeToString()).run(None, {"x": data})[0]
+    after = quantize.session(cleaned.SerializeToString()).run(None, {"x": data})[0]
+    np.testing.assert_allclose(after, before)
+
+
+def test_container_and_cluster_files():
+    r = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
+                        *map(str, sorted((ROOT / "docker" / "k8s").glob("*.yaml")))], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    assert compose["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "tritonserver:24.10" in dockerfile  # 24.10 ships tritonserver 2.51, the CPU target's version
