@@ -83,6 +83,17 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
     if "ceiling" in profile.parts:
         print("ceiling (in-process, no server) ...")
         r["ceiling"] = ceiling.measure(onnx, images, min_time=profile.ceiling_seconds)
+        # the other precisions built next to the served ONNX (make quantize), same pipeline, same run
+        from build.quantize import ARTIFACT_NAMES
+
+        r["precisions"] = {}
+        for name, file in ARTIFACT_NAMES.items():
+            path = onnx.parent / file
+            if path.is_file():
+                m = ceiling.measure(path, images, min_time=profile.ceiling_seconds)
+                r["precisions"][name] = {"file": file, "images_per_s": m["ceiling_images_per_s"],
+                                         "best_batch": m["best_batch"],
+                                         "model_only_images_per_s": m["model_only_images_per_s_at_best_batch"]}
 
     ports = Ports(*free_ports(3))
     with TritonServer(repo, ports, log_file=out / "tritonserver.log") as server:
@@ -244,6 +255,15 @@ def plots(r: dict, out: Path, tuning: dict | None) -> list[tuple[str, str]]:
         ax.set_ylabel("images / s")
         save(fig, "dali_vs_pillow.png", "Preprocessing: DALI vs Pillow (in-process, same JPEGs)")
 
+    if len(r.get("precisions", {})) > 1:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        names = list(r["precisions"])
+        ax.bar(names, [r["precisions"][n]["images_per_s"] for n in names], label="pipeline (DALI + model)")
+        ax.plot(names, [r["precisions"][n]["model_only_images_per_s"] for n in names], "ko--", label="model only")
+        ax.set_ylabel("images / s (in-process, CPU)")
+        ax.legend()
+        save(fig, "precisions.png", "Precisions side by side (ONNX Runtime on this CPU)")
+
     if tuning:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         res = tuning["results"]
@@ -328,8 +348,16 @@ def markdown(r: dict, h: dict, made: list[tuple[str, str]], tuning: dict | None)
         lines += ["", f"Preprocessing alone: DALI on the CPU {pre['dali_cpu_batched']:.0f} img/s (batched) vs Pillow + "
                   f"NumPy {pre['pillow_numpy_one_by_one']:.0f} img/s (one by one, as the baseline does); the model alone "
                   f"{c['model_only_images_per_s_at_best_batch']:.0f} img/s at batch {c['best_batch']}.", ""]
-    lines += ["## Precisions", "", f"Measured: {r['manifest']['precision']} (the repository's model). FP16/INT8 "
-              "artifacts are not built by this project yet, so no side-by-side precision comparison is shown.", ""]
+    lines += ["## Precisions", "", f"Served in this run: {r['manifest']['precision']}. Every precision artifact found "
+              "next to it (`make quantize`), measured in-process in this run with the same DALI preprocessing "
+              "(ONNX Runtime on this CPU; TensorRT engines are measured by `make gpu-check` on a GPU):", ""]
+    if r.get("precisions"):
+        lines += ["| artifact | file | pipeline img/s (best batch) | model-only img/s |", "| --- | --- | --- | --- |"]
+        lines += [f"| {n} | {x['file']} | {x['images_per_s']:.0f} ({x['best_batch']}) | {x['model_only_images_per_s']:.0f} |"
+                  for n, x in r["precisions"].items()]
+        lines.append("")
+    else:
+        lines += ["(none measured: the ceiling part was not run)", ""]
     lines += tuning_section(tuning)
     lines += ["## Repository configuration measured", ""]
     for name, text in sorted(r["configs"].items()):
