@@ -36,15 +36,25 @@ PRECISION   ?= fp32
 TARGET      ?= embedded
 PLAN        ?=
 REPO        ?= $(if $(filter gpu,$(TARGET)),model_repository_gpu,model_repository)
+# the GPU repository whose batching settings the engine's optimization profile follows
+GPU_REPO    ?= $(if $(filter gpu,$(TARGET)),$(REPO),model_repository_gpu)
 # quantization and engines
 CALIB_SIZE  ?= 128
 CALIB_METHOD ?= entropy
 MAX_TOP1_DROP ?= 1.0
 ENGINE_PRECISION = $(if $(filter fp32,$(PRECISION)),fp16,$(PRECISION))
-MAX_BATCH   ?= 32
-QUEUE_DELAY_US ?= 2000
-INSTANCES   ?= 1
-TOP_K       ?= 5
+# batching settings: unset means "as the repository was last rendered or tuned (its build.json), else
+# the built-in defaults" (python -m build.render_repo --help); RESET_SETTINGS=1 goes back to the defaults
+MAX_BATCH   ?=
+PREFERRED   ?=
+QUEUE_DELAY_US ?=
+INSTANCES   ?=
+TOP_K       ?=
+RESET_SETTINGS ?=
+SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
+  $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
+  $(if $(INSTANCES),--preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES)) \
+  $(if $(RESET_SETTINGS),--reset-settings)
 # serving and clients
 HTTP_PORT   ?= 8000
 GRPC_PORT   ?= 8001
@@ -113,16 +123,15 @@ quantize: venv
 # GPU + TensorRT only (the NGC container, see docker/); elsewhere it stops with what is missing
 engine: venv
 	$(PY) -m build.engine --onnx $(ARTIFACTS)/model_$(ENGINE_PRECISION).onnx --precision $(ENGINE_PRECISION) \
-	  --out $(ARTIFACTS)/model_$(ENGINE_PRECISION).plan --max-batch-size $(MAX_BATCH)
+	  --out $(ARTIFACTS)/model_$(ENGINE_PRECISION).plan --repo $(GPU_REPO) $(SETTINGS_ARGS)
 
 gpu-check: venv
-	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --max-batch-size $(MAX_BATCH)
+	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(SETTINGS_ARGS)
 
 # PRECISION=fp32|fp16|int8 picks the artifact (ONNX=file overrides); TARGET=gpu renders the GPU repository
 repo: venv
 	$(PY) -m build.render_repo $(if $(filter command line,$(origin ONNX)),--onnx $(ONNX)) --artifacts $(ARTIFACTS) \
-	  --precision $(PRECISION) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) --out $(REPO) --max-batch-size $(MAX_BATCH) \
-	  --queue-delay-us $(QUEUE_DELAY_US) --preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES) --top-k $(TOP_K)
+	  --precision $(PRECISION) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) --out $(REPO) $(SETTINGS_ARGS)
 
 serve: venv
 	$(PY) -m serve --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)

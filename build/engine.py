@@ -27,6 +27,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from build.render_repo import add_settings_args, repo_settings
 from training.checkpoint import atomic_write_bytes
 
 RUN_IN_CONTAINER = ("run it in the NGC TensorRT/Triton container: `make -C docker engine PRECISION=...` "
@@ -127,7 +128,7 @@ class EngineBuilder:
         return self
 
     def parse(self) -> "EngineBuilder":
-        """Parse the ONNX into a network; strongly typed on TensorRT >= 10 so precision comes from the ONNX."""
+        """Parse the ONNX into a network; strongly typed on TensorRT >= 11 so precision comes from the ONNX."""
         trt = self.trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.builder = trt.Builder(self.logger)
@@ -180,8 +181,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--precision", choices=("fp16", "int8"), required=True)
     p.add_argument("--out", type=Path, required=True, help="the .plan to write (a .plan.json stamp goes beside it)")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=[])
+    p.add_argument("--repo", type=Path, default=Path("model_repository_gpu"),
+                   help="the GPU repository whose batching settings (build.json) set the optimization profile")
+    add_settings_args(p, only=("max_batch_size", "preferred_batch_sizes"))
     p.add_argument("--workspace-gib", type=float, default=4.0)
     p.add_argument("--timing-cache", type=Path, default=Path("artifacts/trt_timing.cache"))
     return p
@@ -191,7 +193,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.onnx.is_file():
         print(f"error: {args.onnx} not found: build it first with `make quantize` (FP16/INT8 ONNX)", file=sys.stderr)
         return 2
-    profile = BatchProfile.from_repo_settings(args.max_batch_size, tuple(args.preferred_batch_sizes))
+    settings = repo_settings(args, args.repo)
+    profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
     try:
         builder = EngineBuilder(args.onnx, profile, args.precision, args.workspace_gib, args.timing_cache)
         stamp = builder.check_environment().parse().configure().build(args.out)

@@ -21,7 +21,7 @@ import numpy as np
 
 from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, check_environment, check_plan
 from build.export_onnx import read_metadata
-from build.render_repo import RepoSettings, render
+from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
 from training.checkpoint import atomic_write_bytes, load_checkpoint
 from training.data import list_images
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     reference = predict_files(load_checkpoint(meta["source"]["checkpoint"]), val).argmax(1)
     report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__,
               "dali_gpu_vs_cpu": dali_gpu_vs_cpu(spec, val), "engines": {}}
-    settings = RepoSettings(max_batch_size=args.max_batch_size)
+    settings = repo_settings(args, args.repo)
     profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
     binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
     for precision in ("fp16", "int8"):
@@ -93,7 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Build engines, serve the GPU repository, check fidelity (GPU only)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--data", type=Path, default=Path("data/synthetic"))
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--repo", type=Path, default=Path("model_repository_gpu"),
+                   help="take batching settings from this repository's build.json, if it exists")
+    add_settings_args(p)
     return p
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -215,6 +215,12 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
             if stamp["onnx_sha256"] != onnx_sha:
                 raise ValueError(f"{plan} was built from another ONNX (sha256 {stamp['onnx_sha256'][:12]}...), "
                                  f"not {onnx_path}: rebuild it with `make engine`")
+            if stamp["profile"]["max"] < settings.max_batch_size:
+                # Triton would refuse the model: max_batch_size beyond the engine's optimization profile
+                raise ValueError(f"{plan} accepts batches up to {stamp['profile']['max']} (its optimization profile) "
+                                 f"but the repository's max_batch_size is {settings.max_batch_size}: rebuild the "
+                                 f"engine with `make engine MAX_BATCH={settings.max_batch_size}` or render with "
+                                 f"MAX_BATCH={stamp['profile']['max']}")
             files[Path(P.CLASSIFIER, "1", "model.plan")] = Path(plan).read_bytes()
             files[Path(P.CLASSIFIER, "1", "model.plan.json")] = Path(f"{plan}.json").read_bytes()
         else:
@@ -251,8 +257,53 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
     return {str(rel): out / rel for rel in files}
 
 
+SETTINGS_HELP = {
+    "max_batch_size": "largest batch any model accepts (and the TensorRT profile's max)",
+    "queue_delay_us": "dynamic batcher: microseconds to wait to fill a batch",
+    "preferred_batch_sizes": "dynamic batcher: sizes to form without waiting (the largest is the TensorRT profile's opt)",
+    "preprocess_instances": "DALI preprocessing model instances",
+    "classifier_instances": "classifier model instances",
+    "dali_threads": "DALI CPU threads per preprocessing instance",
+    "intra_op_threads": "ONNX Runtime threads per classifier instance (0 = its default)",
+    "top_k": "labels and scores returned per image",
+}
+
+
+def add_settings_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One --flag per RepoSettings field (or those in ``only``); unset flags stay None so repo_settings()
+    can tell them apart."""
+    g = p.add_argument_group("batching and instance settings (default: the repository's build.json, else built-in)")
+    for f in fields(RepoSettings):
+        if only is not None and f.name not in only:
+            continue
+        tuple_field = f.name == "preferred_batch_sizes"
+        g.add_argument("--" + f.name.replace("_", "-"), type=int, nargs="*" if tuple_field else None, default=None,
+                       help=f"{SETTINGS_HELP[f.name]} (built-in default {getattr(RepoSettings(), f.name)})")
+    g.add_argument("--reset-settings", action="store_true",
+                   help="ignore the settings the repository was last rendered or tuned with")
+
+
+def repo_settings(args: argparse.Namespace, repo: Path | None) -> RepoSettings:
+    """Explicit flags win, then the settings ``repo`` was last rendered with (e.g. by `make tune`), then defaults.
+
+    Re-rendering a repository (a new checkpoint, another precision) so keeps its tuned batching instead
+    of silently resetting it.
+    """
+    base, source = RepoSettings(), "built-in defaults"
+    if repo is not None and (Path(repo) / MANIFEST).is_file() and not getattr(args, "reset_settings", False):
+        base, source = settings_from_manifest(read_manifest(repo)), str(Path(repo) / MANIFEST)
+    explicit = {f.name: getattr(args, f.name) for f in fields(RepoSettings) if getattr(args, f.name, None) is not None}
+    if "preferred_batch_sizes" in explicit:
+        explicit["preferred_batch_sizes"] = tuple(explicit["preferred_batch_sizes"])
+    settings = replace(base, **explicit)
+    kept = [f.name for f in fields(RepoSettings) if f.name not in explicit]
+    if source != "built-in defaults" and kept:
+        print(f"settings from {source}: " + ", ".join(f"{k}={getattr(settings, k)}" for k in kept) +
+              " (override with flags, or --reset-settings / RESET_SETTINGS=1 for the defaults)")
+    return settings
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    d = RepoSettings()
     p = argparse.ArgumentParser(description="Render the Triton model repository (embedded CPU or GPU target)")
     p.add_argument("--onnx", type=Path, help="ONNX exported by build.export_onnx / build.quantize "
                    "(default: the --precision artifact in --artifacts)")
@@ -261,21 +312,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", choices=("embedded", "gpu"), default="embedded")
     p.add_argument("--plan", type=Path, help="gpu target: the TensorRT plan built from the same ONNX")
     p.add_argument("--out", type=Path, default=SOURCE_REPO)
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
-    p.add_argument("--queue-delay-us", type=int, default=d.queue_delay_us)
-    p.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=list(d.preferred_batch_sizes))
-    p.add_argument("--preprocess-instances", type=int, default=d.preprocess_instances)
-    p.add_argument("--classifier-instances", type=int, default=d.classifier_instances)
-    p.add_argument("--dali-threads", type=int, default=d.dali_threads)
-    p.add_argument("--intra-op-threads", type=int, default=d.intra_op_threads)
-    p.add_argument("--top-k", type=int, default=d.top_k)
+    add_settings_args(p)
     return p
 
 
 def main(args: argparse.Namespace) -> dict[str, Path]:
-    settings = RepoSettings(args.max_batch_size, args.queue_delay_us, tuple(args.preferred_batch_sizes),
-                            args.preprocess_instances, args.classifier_instances, args.dali_threads,
-                            args.intra_op_threads, args.top_k)
+    settings = repo_settings(args, args.out)
     onnx_path = args.onnx
     if onnx_path is None:
         from build.quantize import artifact_for

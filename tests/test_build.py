@@ -106,6 +106,26 @@ def test_rendered_configs_parse_and_wire_up(repo, onnx_model):
     assert (repo / P.CLASSIFIER / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
 
 
+def test_rerender_keeps_the_repository_settings(onnx_model, tmp_path):
+    from build import render_repo
+
+    out = tmp_path / "repo"
+
+    def rerender(*flags: str) -> dict:
+        render_repo.main(render_repo.get_args_parser().parse_args(["--onnx", str(onnx_model), "--out", str(out), *flags]))
+        return read_configs(out)
+
+    rerender("--max-batch-size", "8", "--queue-delay-us", "500", "--preferred-batch-sizes", "2", "4")  # e.g. tuned
+    configs = rerender("--top-k", "2")  # a later re-render changes one thing and keeps the rest
+    cls = configs[P.CLASSIFIER]
+    assert cls.max_batch_size == 8 and cls.dynamic_batching.max_queue_delay_microseconds == 500
+    assert list(cls.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert configs[P.POSTPROCESS].parameters["top_k"].string_value == "2"
+    cls = rerender("--reset-settings")[P.CLASSIFIER]
+    assert cls.max_batch_size == RepoSettings().max_batch_size
+    assert cls.dynamic_batching.max_queue_delay_microseconds == RepoSettings().queue_delay_us
+
+
 @pytest.mark.parametrize("breakage", ["dims", "dtype", "unknown_tensor", "missing_model"])
 def test_wiring_check_catches_mistakes(breakage):
     configs = embedded_configs(PreprocessSpec.for_size(32), 10, RepoSettings())

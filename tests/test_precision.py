@@ -5,6 +5,7 @@ what can be checked without a GPU is: configs, wiring, plan stamps and the clean
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -18,10 +19,10 @@ import yaml
 from onnx import TensorProto, helper
 
 from build import quantize
-from build.engine import EngineEnvironmentError, check_environment, check_plan
+from build.engine import BatchProfile, EngineEnvironmentError, check_environment, check_plan
 from build.export_onnx import read_metadata
 from build.graph_cleanup import clean
-from build.render_repo import RepoSettings, check_ensemble, read_configs, render
+from build.render_repo import RepoSettings, check_ensemble, read_configs, render, repo_settings
 from clients import protocol as P
 from clients.client import ImageClassifierClient
 from serve.server import Ports, TritonServer, free_ports
@@ -95,7 +96,7 @@ def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_fil
     served = np.array([meta["classes"].index(p.labels[0]) for p in preds])
     assert np.mean(served == own) >= 0.995  # the server gives the artifact's own answers
     assert read_configs(repo)[P.CLASSIFIER].parameters["onnx_sha256"].string_value == \
-        __import__("hashlib").sha256(onnx_path.read_bytes()).hexdigest()  # and serves that very artifact
+        hashlib.sha256(onnx_path.read_bytes()).hexdigest()  # and serves that very artifact
 
 
 def test_gpu_repository_configs(artifacts, tmp_path):
@@ -121,6 +122,31 @@ def test_plan_from_another_onnx_is_refused(artifacts, tmp_path):
     with pytest.raises(ValueError, match="built from another ONNX"):
         render(artifacts / "model_fp16.onnx", tmp_path / "gpu", target="gpu", plan=plan)
     assert not (tmp_path / "gpu").exists()  # refused before anything was written
+
+
+def test_plan_profile_must_cover_the_repository_batch(artifacts, tmp_path):
+    onnx_path = artifacts / "model_fp16.onnx"
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"plan")
+    Path(f"{plan}.json").write_text(json.dumps({"onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+                                                "profile": {"min": 1, "opt": 8, "max": 16}}))
+    with pytest.raises(ValueError, match="accepts batches up to 16 .* max_batch_size is 32"):
+        render(onnx_path, tmp_path / "gpu", RepoSettings(max_batch_size=32), target="gpu", plan=plan)
+    assert not (tmp_path / "gpu").exists()
+    render(onnx_path, tmp_path / "gpu", RepoSettings(max_batch_size=16), target="gpu", plan=plan)
+    assert (tmp_path / "gpu" / P.CLASSIFIER / "1" / "model.plan").read_bytes() == b"plan"
+
+
+def test_engine_profile_follows_the_gpu_repository(artifacts, tmp_path):
+    from build import engine
+
+    repo = tmp_path / "gpu"
+    render(artifacts / "model_fp16.onnx", repo, RepoSettings(max_batch_size=24, preferred_batch_sizes=(4, 12)), target="gpu")
+    base = ["--onnx", "x.onnx", "--precision", "fp16", "--out", "x.plan", "--repo", str(repo)]
+    s = repo_settings(engine.get_args_parser().parse_args(base), repo)
+    assert BatchProfile.from_repo_settings(s.max_batch_size, s.preferred_batch_sizes) == BatchProfile(1, 12, 24)
+    s = repo_settings(engine.get_args_parser().parse_args(base + ["--max-batch-size", "8"]), repo)
+    assert BatchProfile.from_repo_settings(s.max_batch_size, s.preferred_batch_sizes) == BatchProfile(1, 8, 8)
 
 
 def test_plan_stamp_mismatch_is_refused(tmp_path):
