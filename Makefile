@@ -126,7 +126,7 @@ engine: venv
 	  --out $(ARTIFACTS)/model_$(ENGINE_PRECISION).plan --repo $(GPU_REPO) $(SETTINGS_ARGS)
 
 gpu-check: venv
-	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(SETTINGS_ARGS)
+	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) --max-top1-drop $(MAX_TOP1_DROP) $(SETTINGS_ARGS)
 
 # PRECISION=fp32|fp16|int8 picks the artifact (ONNX=file overrides); TARGET=gpu renders the GPU repository
 repo: venv

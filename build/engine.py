@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -113,6 +112,57 @@ def check_plan(stamp_path: Path, tensorrt_version: str, compute_capability: str)
     return stamp
 
 
+def verify_repository(repo: Path, tensorrt_version: str, compute_capability: str) -> PlanStamp:
+    """check_plan for the plan a GPU repository serves (run before tritonserver starts, e.g. in compose)."""
+    from clients.protocol import CLASSIFIER
+
+    plan = Path(repo) / CLASSIFIER / "1" / "model.plan"
+    if not plan.is_file():
+        raise EngineEnvironmentError(f"{plan} is missing: build it with `make engine` and render with "
+                                     "`make repo TARGET=gpu PLAN=...`")
+    return check_plan(Path(f"{plan}.json"), tensorrt_version, compute_capability)
+
+
+class TrtRunner:
+    """A plan on GPU 0 as a function: preprocessed batch (numpy) -> logits (numpy, float32).
+
+    TensorRT 10/11 name-based I/O (set_input_shape, set_tensor_address, execute_async_v3) with torch
+    CUDA tensors as device buffers, on torch's current stream; timings include the host<->device copies.
+    """
+
+    def __init__(self, plan: Path):
+        import tensorrt as trt
+        import torch
+
+        self.trt, self.torch = trt, torch
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(plan).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {plan} (see the log above)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+
+    def _dtype(self, name: str):
+        return self.trt.nptype(self.engine.get_tensor_dtype(name))
+
+    def __call__(self, x):
+        import numpy as np
+
+        torch = self.torch
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=self._dtype(self.input))).cuda()
+        self.context.set_input_shape(self.input, tuple(xt.shape))
+        out_dtype = getattr(torch, np.dtype(self._dtype(self.output)).name)
+        yt = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=out_dtype, device="cuda")
+        self.context.set_tensor_address(self.input, xt.data_ptr())
+        self.context.set_tensor_address(self.output, yt.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"TensorRT inference failed for a batch of shape {tuple(xt.shape)}")
+        stream.synchronize()
+        return yt.float().cpu().numpy()
+
+
 class EngineBuilder:
     """ONNX -> serialized TensorRT plan, with an optimization profile and a reusable timing cache."""
 
@@ -177,25 +227,38 @@ class EngineBuilder:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Build a TensorRT engine from the FP16 or INT8 ONNX (GPU + TensorRT only)")
-    p.add_argument("--onnx", type=Path, required=True)
-    p.add_argument("--precision", choices=("fp16", "int8"), required=True)
-    p.add_argument("--out", type=Path, required=True, help="the .plan to write (a .plan.json stamp goes beside it)")
+    p = argparse.ArgumentParser(description="Build a TensorRT engine from the FP16 or INT8 ONNX (GPU + TensorRT only), "
+                                "or --verify that a GPU repository's plan fits this TensorRT and GPU")
+    p.add_argument("--onnx", type=Path)
+    p.add_argument("--precision", choices=("fp16", "int8"))
+    p.add_argument("--out", type=Path, help="the .plan to write (a .plan.json stamp goes beside it)")
     p.add_argument("--repo", type=Path, default=Path("model_repository_gpu"),
                    help="the GPU repository whose batching settings (build.json) set the optimization profile")
     add_settings_args(p, only=("max_batch_size", "preferred_batch_sizes"))
     p.add_argument("--workspace-gib", type=float, default=4.0)
     p.add_argument("--timing-cache", type=Path, default=Path("artifacts/trt_timing.cache"))
+    p.add_argument("--verify", type=Path, metavar="REPO",
+                   help="only check the plan REPO serves against this TensorRT and GPU (exit 2 with the reason)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    if not args.onnx.is_file():
-        print(f"error: {args.onnx} not found: build it first with `make quantize` (FP16/INT8 ONNX)", file=sys.stderr)
-        return 2
-    settings = repo_settings(args, args.repo)
-    profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
     try:
+        if args.verify:
+            trt, cc, _ = check_environment()
+            stamp = verify_repository(args.verify, trt.__version__, cc)
+            print(f"{args.verify}: plan built for TensorRT {stamp.tensorrt_version}, compute capability "
+                  f"{stamp.compute_capability}: matches this runtime and GPU")
+            return 0
+        missing = [f"--{a}" for a in ("onnx", "precision", "out") if getattr(args, a) is None]
+        if missing:
+            print(f"error: {', '.join(missing)} required to build an engine (or --verify REPO)", file=sys.stderr)
+            return 2
+        if not args.onnx.is_file():
+            print(f"error: {args.onnx} not found: build it first with `make quantize` (FP16/INT8 ONNX)", file=sys.stderr)
+            return 2
+        settings = repo_settings(args, args.repo)
+        profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
         builder = EngineBuilder(args.onnx, profile, args.precision, args.workspace_gib, args.timing_cache)
         stamp = builder.check_environment().parse().configure().build(args.out)
     except EngineEnvironmentError as e:

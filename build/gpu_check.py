@@ -2,9 +2,12 @@
 
 1. the DALI pipeline on the GPU (mixed/nvJPEG decode) against the CPU pipeline, same definition;
 2. FP16 and INT8 TensorRT engines from the ONNX artifacts (build.engine), each stamped;
-3. for each engine: the GPU repository (DALI backend -> TensorRT plan -> postprocess) served by the
+3. each engine scored like the ONNX artifacts in the build report (build.quantize): top-1 on the val
+   split, top-1 agreement and max logit difference against PyTorch, latency at batch 1 and the best
+   batch, and the same accuracy gate (top-1 at most --max-top1-drop points below FP32);
+4. for each engine: the GPU repository (DALI backend -> TensorRT plan -> postprocess) served by the
    container's tritonserver, every val image classified over gRPC, compared with PyTorch;
-4. a report: artifacts/gpu_check/report.{json,md}.
+5. a report: artifacts/gpu_check/report.{json,md}.
 
 Without a GPU or TensorRT it stops at once and says what is missing (exit status 2).
 """
@@ -19,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, check_environment, check_plan
+from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment, check_plan
+from build.quantize import accuracy, latency
 from build.export_onnx import read_metadata
 from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
-from training.checkpoint import atomic_write_bytes, load_checkpoint
+from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from training.data import list_images
-from training.evaluate import predict_files
+from training.evaluate import logits_for_inputs
 from training.preprocess import DaliPreprocessor, PreprocessSpec, build_dali_pipeline, DALI_INPUT_NAME
 
 CONTAINER_TRITON = Path("/opt/tritonserver/bin/tritonserver")
@@ -55,10 +59,14 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = read_metadata(args.artifacts / "model.onnx")
     spec = PreprocessSpec.from_dict(meta["preprocess"])
-    val = [p for p, _ in list_images(args.data / "val", meta["classes"])]
-    reference = predict_files(load_checkpoint(meta["source"]["checkpoint"]), val).argmax(1)
-    report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__,
-              "dali_gpu_vs_cpu": dali_gpu_vs_cpu(spec, val), "engines": {}}
+    items = list_images(args.data / "val", meta["classes"])
+    val, labels = [p for p, _ in items], np.array([y for _, y in items])
+    inputs = DaliPreprocessor(spec).files(val)
+    reference_logits = logits_for_inputs(model_from_checkpoint(load_checkpoint(meta["source"]["checkpoint"])), inputs)
+    reference = reference_logits.argmax(1)
+    fp32_top1 = float(100 * np.mean(reference == labels))
+    report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__, "pytorch_fp32_top1": fp32_top1,
+              "max_top1_drop": args.max_top1_drop, "dali_gpu_vs_cpu": dali_gpu_vs_cpu(spec, val), "engines": {}}
     settings = repo_settings(args, args.repo)
     profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
     binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
@@ -68,25 +76,43 @@ def main(args: argparse.Namespace) -> int:
         stamp = EngineBuilder(onnx_path, profile, precision, timing_cache=args.artifacts / "trt_timing.cache") \
             .check_environment().parse().configure().build(plan)
         check_plan(Path(f"{plan}.json"), trt.__version__, cc)
+        run = TrtRunner(plan)
+        scored = {**accuracy(run, inputs, labels, reference_logits, batch=profile.max),
+                  "size_bytes": plan.stat().st_size,
+                  "latency": latency(run, inputs, batches=sorted({1, profile.opt, profile.max}))}
         repo = out / f"repo_{precision}"
         render(onnx_path, repo, settings, target="gpu", plan=plan)
         with TritonServer(repo, Ports(*free_ports(3)), log_file=out / f"tritonserver_{precision}.log", binary=binary) as s:
             with ImageClassifierClient(s.grpc_url, "grpc") as c:
                 preds = c.classify_files(val, batch_size=settings.max_batch_size)
         served = np.array([meta["classes"].index(p.labels[0]) if p.ok else -1 for p in preds])
-        report["engines"][precision] = {"stamp": stamp.__dict__, "images": len(val),
-                                        "agreement_with_pytorch": float(100 * np.mean(served == reference)),
+        report["engines"][precision] = {"stamp": stamp.__dict__, "images": len(val), "engine": scored,
+                                        "gate": "pass" if scored["top1"] >= fp32_top1 - args.max_top1_drop else "FAIL",
+                                        "served_agreement_with_pytorch": float(100 * np.mean(served == reference)),
                                         "errors": sum(not p.ok for p in preds)}
-        print(f"{precision}: served agreement with PyTorch {report['engines'][precision]['agreement_with_pytorch']:.2f}%")
+        e = report["engines"][precision]
+        print(f"{precision}: engine top-1 {scored['top1']:.2f}% (PyTorch FP32 {fp32_top1:.2f}%, gate {e['gate']}), "
+              f"{scored['latency']['best_images_per_s']:.0f} img/s at batch {scored['latency']['best_batch']}; "
+              f"served agreement with PyTorch {e['served_agreement_with_pytorch']:.2f}%")
     atomic_write_bytes(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     lines = [f"# GPU check: {gpu_name} (compute capability {cc}), TensorRT {trt.__version__}", "",
              f"DALI GPU vs CPU preprocessing on {report['dali_gpu_vs_cpu']['images']} images: max |diff| "
              f"{report['dali_gpu_vs_cpu']['max_abs_diff']:.4f}, mean {report['dali_gpu_vs_cpu']['mean_abs_diff']:.5f}", "",
-             "| engine | images | agreement with PyTorch % | errors |", "| --- | --- | --- | --- |"]
-    lines += [f"| {k} | {v['images']} | {v['agreement_with_pytorch']:.2f} | {v['errors']} |" for k, v in report["engines"].items()]
+             f"PyTorch FP32 top-1 on {len(val)} val images: {fp32_top1:.2f}%; gate: at most {args.max_top1_drop} points below.", "",
+             "| engine | size | top-1 % | agreement with PyTorch % | max logit diff | ms at batch 1 | best batch | "
+             "img/s at best | gate | served via Triton: agreement % | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for k, v in report["engines"].items():
+        e, lat = v["engine"], v["engine"]["latency"]
+        lines.append(f"| {k} | {e['size_bytes'] / 2 ** 20:.2f} MiB | {e['top1']:.2f} | {e['agreement_with_pytorch']:.2f} | "
+                     f"{e['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | {lat['best_batch']} | "
+                     f"{lat['best_images_per_s']:.0f} | {v['gate']} | {v['served_agreement_with_pytorch']:.2f} | {v['errors']} |")
+    lines += ["", "Engine latencies include host<->device copies (TensorRT Python API, one stream)."]
     atomic_write_bytes(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print(f"wrote {out / 'report.md'}")
-    return 0 if all(v["agreement_with_pytorch"] >= 99.0 and not v["errors"] for v in report["engines"].values()) else 1
+    ok = all(v["gate"] == "pass" and v["served_agreement_with_pytorch"] >= 99.0 and not v["errors"]
+             for v in report["engines"].values())
+    return 0 if ok else 1
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -95,6 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/synthetic"))
     p.add_argument("--repo", type=Path, default=Path("model_repository_gpu"),
                    help="take batching settings from this repository's build.json, if it exists")
+    p.add_argument("--max-top1-drop", type=float, default=1.0, help="accuracy gate, as in `make quantize`")
     add_settings_args(p)
     return p
 

@@ -127,17 +127,25 @@ def session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
 
 
-def latency(sess, inputs: np.ndarray, batches=(1, 8, 16, 32), min_time: float = 0.5) -> dict:
+Runner = Callable[[np.ndarray], np.ndarray]  # a batch of preprocessed images -> logits
+
+
+def onnx_runner(model_bytes: bytes) -> Runner:
+    sess = session(model_bytes)
+    return lambda x: sess.run(None, {INPUT_NAME: x})[0]
+
+
+def latency(run: Runner, inputs: np.ndarray, batches=(1, 8, 16, 32), min_time: float = 0.5) -> dict:
     """ms per batch and images/s at each batch size; best = highest images/s."""
     out = {}
     for b in batches:
         x = np.ascontiguousarray(inputs[:b])
         if len(x) < b:
             x = np.concatenate([x] * (b // max(1, len(x)) + 1))[:b]
-        sess.run(None, {INPUT_NAME: x})
+        run(x)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < min_time:
-            sess.run(None, {INPUT_NAME: x})
+            run(x)
             n += 1
         ms = 1000 * (time.perf_counter() - start) / n
         out[b] = {"ms": ms, "images_per_s": b * 1000 / ms}
@@ -145,13 +153,17 @@ def latency(sess, inputs: np.ndarray, batches=(1, 8, 16, 32), min_time: float = 
     return {"batch1_ms": out[1]["ms"], "best_batch": best, "best_images_per_s": out[best]["images_per_s"], "by_batch": out}
 
 
-def score(model_bytes: bytes, inputs: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
-    sess = session(model_bytes)
-    logits = np.concatenate([sess.run(None, {INPUT_NAME: inputs[i:i + 64]})[0] for i in range(0, len(inputs), 64)])
+def accuracy(run: Runner, inputs: np.ndarray, labels: np.ndarray, reference: np.ndarray, batch: int = 32) -> dict:
+    """top-1 on the labels, top-1 agreement with the PyTorch reference logits, max |logit difference|."""
+    logits = np.concatenate([run(np.ascontiguousarray(inputs[i:i + batch])) for i in range(0, len(inputs), batch)])
     return {"top1": float(100 * np.mean(logits.argmax(1) == labels)),
             "agreement_with_pytorch": float(100 * np.mean(logits.argmax(1) == reference.argmax(1))),
-            "max_abs_logit_diff": float(np.abs(logits.astype(np.float32) - reference).max()),
-            "size_bytes": len(model_bytes), "latency": latency(sess, inputs)}
+            "max_abs_logit_diff": float(np.abs(logits.astype(np.float32) - reference).max())}
+
+
+def score(model_bytes: bytes, inputs: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
+    run = onnx_runner(model_bytes)
+    return {**accuracy(run, inputs, labels, reference), "size_bytes": len(model_bytes), "latency": latency(run, inputs)}
 
 
 def gate(results: dict[str, dict], max_drop: float) -> list[str]:

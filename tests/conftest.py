@@ -3,7 +3,6 @@ tritonserver for the whole test session (spoken to over HTTP and gRPC)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest

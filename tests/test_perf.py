@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import replace

@@ -19,7 +19,7 @@ import yaml
 from onnx import TensorProto, helper
 
 from build import quantize
-from build.engine import BatchProfile, EngineEnvironmentError, check_environment, check_plan
+from build.engine import BatchProfile, EngineEnvironmentError, check_environment, check_plan, verify_repository
 from build.export_onnx import read_metadata
 from build.graph_cleanup import clean
 from build.render_repo import RepoSettings, check_ensemble, read_configs, render, repo_settings
@@ -137,6 +137,23 @@ def test_plan_profile_must_cover_the_repository_batch(artifacts, tmp_path):
     assert (tmp_path / "gpu" / P.CLASSIFIER / "1" / "model.plan").read_bytes() == b"plan"
 
 
+def test_served_plan_is_verified_against_the_runtime(artifacts, tmp_path):
+    onnx_path = artifacts / "model_fp16.onnx"
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"plan")
+    Path(f"{plan}.json").write_text(json.dumps({
+        "tensorrt_version": "10.5.0", "compute_capability": "9.0", "gpu_name": "NVIDIA H100", "precision": "fp16",
+        "profile": {"min": 1, "opt": 16, "max": 32}, "onnx_sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+        "strongly_typed": False}))
+    repo = tmp_path / "gpu"
+    with pytest.raises(EngineEnvironmentError, match="model.plan is missing"):
+        verify_repository(repo, "10.5.0", "9.0")
+    render(onnx_path, repo, RepoSettings(max_batch_size=32), target="gpu", plan=plan)
+    assert verify_repository(repo, "10.5.0", "9.0").gpu_name == "NVIDIA H100"  # the stamp travelled with the plan
+    with pytest.raises(EngineEnvironmentError, match="this GPU is 8.6"):
+        verify_repository(repo, "10.5.0", "8.6")
+
+
 def test_engine_profile_follows_the_gpu_repository(artifacts, tmp_path):
     from build import engine
 
@@ -171,6 +188,9 @@ def test_make_engine_stops_cleanly_without_gpu(artifacts):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "missing an NVIDIA GPU" in r.stderr and "make -C docker engine" in r.stderr
     assert not out.exists()
+    r = subprocess.run([sys.executable, "-m", "build.engine", "--verify", str(artifacts)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "missing an NVIDIA GPU" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(["make", "-s", "gpu-check", f"ARTIFACTS={artifacts}"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode != 0 and "cannot build a TensorRT engine here" in r.stderr and "Traceback" not in r.stderr
