@@ -19,7 +19,8 @@ import yaml
 from onnx import TensorProto, helper
 
 from build import quantize
-from build.engine import BatchProfile, EngineEnvironmentError, check_environment, check_plan, verify_repository
+from build.engine import (BatchProfile, EngineEnvironmentError, check_environment, check_plan, gpu_compute_capability,
+                          verify_repository)
 from build.export_onnx import read_metadata
 from build.graph_cleanup import clean
 from build.render_repo import RepoSettings, check_ensemble, read_configs, render, repo_settings
@@ -43,6 +44,7 @@ def _gpu_and_tensorrt() -> str | None:
 
 
 NO_GPU = _gpu_and_tensorrt()
+NO_CUDA_GPU = None if gpu_compute_capability() else "no NVIDIA GPU here (nvidia-smi found none)"
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +198,21 @@ def test_make_engine_stops_cleanly_without_gpu(artifacts):
     assert r.returncode != 0 and "cannot build a TensorRT engine here" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA_GPU is not None, reason=f"DALI GPU pipeline not runnable: {NO_CUDA_GPU}")
+def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
+    """One definition, two devices: nvJPEG + GPU resize/normalize against the CPU pipeline, same images."""
+    from build.gpu_check import dali_gpu_vs_cpu
+
+    spec = PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])
+    diff = dali_gpu_vs_cpu(spec, val_files, batch=16)
+    assert diff["images"] == min(16, len(val_files))
+    # nvJPEG and libjpeg-turbo round differently; normalized, one 8-bit level is about 0.017: on average the
+    # two devices agree within 3 levels (a wrong channel order, scale or crop is far beyond that)
+    assert diff["mean_abs_diff"] < 0.05 and diff["max_abs_diff"] < 0.5, diff
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU is not None, reason=f"GPU path not runnable here: {NO_GPU}")
 def test_gpu_check(artifacts, tiny_data):
     from build import gpu_check
