@@ -181,6 +181,20 @@ def settings_from_manifest(manifest: dict) -> RepoSettings:
     return RepoSettings(**s)
 
 
+def check_float32_io(onnx_path: Path, names: tuple[str, str]) -> None:
+    """The TensorRT classifier sits between DALI (FP32 pixels) and postprocess (FP32 logits): its ONNX must
+    keep FP32 inputs/outputs whatever its inner precision (AutoCast keep_io_types, Q/DQ inside)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
+    wrong = {n: onnx.TensorProto.DataType.Name(types[n]) for n in names if n in types and types[n] != onnx.TensorProto.FLOAT}
+    if wrong:
+        raise ValueError(f"{onnx_path}: the GPU ensemble feeds and reads the classifier in FP32, but its "
+                         f"{', '.join(f'{n} is {t}' for n, t in wrong.items())}; convert with FP32 inputs/outputs "
+                         "(make quantize keeps them)")
+
+
 def read_configs(repo: Path) -> dict[str, mc.ModelConfig]:
     """Parse every <model>/config.pbtxt of a repository as Triton's ModelConfig."""
     return {p.parent.name: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in sorted(Path(repo).glob("*/config.pbtxt"))}
@@ -208,6 +222,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
 
         profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
         export = meta.get("export", {})
+        check_float32_io(onnx_path, (export["input"], export["output"]))
         configs = gpu_configs(spec, len(classes), settings, (export["input"], export["output"]), profile.opt)
         files = {}
         if plan is not None:

@@ -117,6 +117,15 @@ def test_gpu_repository_configs(artifacts, tmp_path):
     assert not (repo / P.PREPROCESS / "1" / "model.py").exists()
 
 
+def test_gpu_repository_needs_float32_io(artifacts, tmp_path):
+    model = onnx.load(str(artifacts / "model_fp16.onnx"))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(model, str(tmp_path / "fp16_io.onnx"))
+    with pytest.raises(ValueError, match="input is FLOAT16"):
+        render(tmp_path / "fp16_io.onnx", tmp_path / "gpu", target="gpu")
+    assert not (tmp_path / "gpu").exists()
+
+
 def test_plan_from_another_onnx_is_refused(artifacts, tmp_path):
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"plan")
