@@ -60,7 +60,7 @@ def test_checkpoint_carries_its_metadata(checkpoint, tiny_data):
     prov = ckpt["provenance"]
     assert prov["data_sha256"] == dataset_fingerprint(tiny_data) and prov["seed"] == 0
     assert {"torch", "numpy", "nvidia-dali"} <= set(prov["versions"])
-    assert ckpt["args"]["epochs"] == 3
+    assert ckpt["args"]["epochs"] == 12 and ckpt["args"]["batch_size"] == 16
 
 
 def test_eval_reproduces_the_recorded_metric(checkpoint, tiny_data):
