@@ -236,6 +236,16 @@ def test_make_engine_stops_cleanly_without_gpu(artifacts):
     assert r.returncode != 0 and "cannot build a TensorRT engine here" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_dali_decoder_ignores_zero_padding(onnx_model, val_files):
+    """Clients zero-pad the rows of a multi-image request; the GPU target's DALI backend decodes them as
+    they are (no Python strip), so the decoder must stop at the image's end. Checked here on the CPU
+    decoder; test_dali_gpu_pipeline_matches_cpu checks nvJPEG."""
+    spec = PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])
+    blobs = [f.read_bytes() for f in val_files[:4]]
+    pre = DaliPreprocessor(spec, batch_size=4)
+    assert np.array_equal(pre(blobs), pre([b + b"\x00" * 700 for b in blobs]))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_CUDA_GPU is not None, reason=f"DALI GPU pipeline not runnable: {NO_CUDA_GPU}")
 def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
@@ -248,6 +258,7 @@ def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
     # nvJPEG and libjpeg-turbo round differently; normalized, one 8-bit level is about 0.017: on average the
     # two devices agree within 3 levels (a wrong channel order, scale or crop is far beyond that)
     assert diff["mean_abs_diff"] < 0.05 and diff["max_abs_diff"] < 0.5, diff
+    assert not diff["padding_changes_output"]  # the DALI backend gets zero-padded rows, nothing strips them
 
 
 @pytest.mark.gpu
