@@ -76,6 +76,19 @@ def test_build_report_and_artifacts(artifacts):
     assert "| fp16 |" in (artifacts / "build_report.md").read_text()
 
 
+def test_calibration_batch_is_reproducible_from_its_source_list(onnx_model, tiny_data, tmp_path):
+    meta = read_metadata(onnx_model)
+    first = quantize.calibration_batch(meta, tiny_data, 12, tmp_path / "a")
+    again = quantize.calibration_batch(meta, tiny_data, 12, tmp_path / "b")
+    assert np.array_equal(first, again) and np.array_equal(first, np.load(tmp_path / "a" / "calib" / "calib.npy"))
+    lines = (tmp_path / "a" / "calib" / "calib_sources.txt").read_text().splitlines()
+    files = [tiny_data / ln.split("  ", 1)[1] for ln in lines]
+    assert len(set(f.parent for f in files)) == 10  # spread over every class, not the first few
+    assert all(hashlib.sha256(f.read_bytes()).hexdigest() == ln.split("  ", 1)[0] for f, ln in zip(files, lines))
+    # the listed files, preprocessed as served, are exactly the saved batch
+    assert np.array_equal(DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(files), first)
+
+
 def _activation_scales(model: onnx.ModelProto) -> dict[str, float]:
     """Scale of every QuantizeLinear whose input is an activation (not an initializer)."""
     inits = {i.name: i for i in model.graph.initializer}
