@@ -240,6 +240,9 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = 128, cal
     val = list_images(Path(data) / "val", meta["classes"])
     inputs = DaliPreprocessor(spec).files([p for p, _ in val])
     labels = np.array([y for _, y in val])
+    if val and 100 / len(val) > max_top1_drop:
+        print(f"warning: the val split has {len(val)} images, so one image is {100 / len(val):.2f} points of top-1, "
+              f"more than the allowed drop of {max_top1_drop}: a single changed prediction fails the gate")
     reference = logits_for_inputs(model_from_checkpoint(ckpt), inputs)
     calib = calibration_batch(meta, Path(data), calib_size, out_dir)
     print(f"calibration: {len(calib)} training images ({calib_method}) -> {out_dir / 'calib' / 'calib.npy'}")

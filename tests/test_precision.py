@@ -116,7 +116,7 @@ def test_calibration_method_max_changes_the_scales(artifacts, tiny_data, tmp_pat
     assert zero_points and all(z.data_type == TensorProto.UINT8 for z in zero_points)
 
 
-def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_data, tmp_path):
+def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_data, tmp_path, capsys):
     shutil.copy(onnx_model, tmp_path / "model.onnx")
     with pytest.raises(quantize.AccuracyGateError, match=r"fp16 top-1 .* vs FP32"):
         # a negative allowance demands beating FP32 by a point: every converted artifact must fail
@@ -124,6 +124,7 @@ def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_d
                        precisions=("fp16",))
     assert not (tmp_path / "model_fp16.onnx").exists()
     assert json.loads((tmp_path / quantize.REPORT).read_text())["gate_failures"] == ["fp16"]
+    assert "one image is 1.25 points of top-1" in capsys.readouterr().out  # 80 val images: the gate's resolution
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
