@@ -39,9 +39,11 @@ REPO        ?= $(if $(filter gpu,$(TARGET)),model_repository_gpu,model_repositor
 # the GPU repository whose batching settings the engine's optimization profile follows
 GPU_REPO    ?= $(if $(filter gpu,$(TARGET)),$(REPO),model_repository_gpu)
 # quantization and engines
-CALIB_SIZE  ?= 128
-CALIB_METHOD ?= entropy
-MAX_TOP1_DROP ?= 1.0
+# unset: build/quantize.py's defaults (128 images, max calibration, 1.0 point)
+CALIB_SIZE  ?=
+CALIB_METHOD ?=
+MAX_TOP1_DROP ?=
+GATE_ARGS = $(if $(MAX_TOP1_DROP),--max-top1-drop $(MAX_TOP1_DROP))
 ENGINE_PRECISION = $(if $(filter fp32,$(PRECISION)),fp16,$(PRECISION))
 # batching settings: unset means "as the repository was last rendered or tuned (its build.json), else
 # the built-in defaults" (python -m build.render_repo --help); RESET_SETTINGS=1 goes back to the defaults
@@ -117,8 +119,8 @@ onnx: venv
 	$(PY) -m build.export_onnx --ckpt $(CKPT) --data $(DATA) --out $(ONNX) --tolerance $(TOLERANCE)
 
 quantize: venv
-	$(PY) -m build.quantize --onnx $(ONNX) --data $(DATA) --out $(ARTIFACTS) --calib-size $(CALIB_SIZE) \
-	  --calib-method $(CALIB_METHOD) --max-top1-drop $(MAX_TOP1_DROP)
+	$(PY) -m build.quantize --onnx $(ONNX) --data $(DATA) --out $(ARTIFACTS) \
+	  $(if $(CALIB_SIZE),--calib-size $(CALIB_SIZE)) $(if $(CALIB_METHOD),--calib-method $(CALIB_METHOD)) $(GATE_ARGS)
 
 # GPU + TensorRT only (the NGC container, see docker/); elsewhere it stops with what is missing
 engine: venv
@@ -126,7 +128,7 @@ engine: venv
 	  --out $(ARTIFACTS)/model_$(ENGINE_PRECISION).plan --repo $(GPU_REPO) $(SETTINGS_ARGS)
 
 gpu-check: venv
-	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) --max-top1-drop $(MAX_TOP1_DROP) $(SETTINGS_ARGS)
+	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(GATE_ARGS) $(SETTINGS_ARGS)
 
 # PRECISION=fp32|fp16|int8 picks the artifact (ONNX=file overrides); TARGET=gpu renders the GPU repository
 repo: venv

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment, check_plan
-from build.quantize import accuracy, latency
+from build.quantize import DEFAULT_MAX_TOP1_DROP, accuracy, latency
 from build.export_onnx import read_metadata
 from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
@@ -132,7 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/synthetic"))
     p.add_argument("--repo", type=Path, default=Path("model_repository_gpu"),
                    help="take batching settings from this repository's build.json, if it exists")
-    p.add_argument("--max-top1-drop", type=float, default=1.0, help="accuracy gate, as in `make quantize`")
+    p.add_argument("--max-top1-drop", type=float, default=DEFAULT_MAX_TOP1_DROP, help="accuracy gate, as in `make quantize`")
     add_settings_args(p)
     return p
 
