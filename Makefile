@@ -70,16 +70,20 @@ CONCURRENCY ?= 1 2 4 8 16 32
 USERS       ?= 16
 DURATION    ?= 20
 P99_BUDGET_MS ?= 50
+# served side by side by `make precisions` (fp32 is the reference), at this one concurrency
+PRECISIONS  ?= fp32 int8
+PRECISION_CONCURRENCY ?= 16
 BASELINE_PORT ?= 8080
 
-.PHONY: help venv data train distill eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report
+.PHONY: help venv data train distill eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
 	@echo "make test   - run the test suite against the real tritonserver"
 	@echo "stages: venv data train distill eval onnx quantize repo serve client; variables: see README.md"
 	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
-	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline"
+	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
+	@echo "              precisions (fp32 vs int8 served side by side)"
 
 # Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d
 APT_PACKAGES := libb64-0d
@@ -158,6 +162,11 @@ loadtest: artifacts
 
 baseline: venv
 	$(PY) -m perf.baseline --ckpt $(CKPT) --port $(BASELINE_PORT)
+
+precisions: artifacts
+	@test -f $(ARTIFACTS)/build_report.json || $(MAKE) quantize
+	$(PY) -m perf.precisions --repo $(REPO) --artifacts $(ARTIFACTS) --images $(IMAGES) \
+	  --precisions $(PRECISIONS) --concurrency $(PRECISION_CONCURRENCY)
 
 tune: artifacts
 	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)

@@ -26,6 +26,7 @@ from build.graph_cleanup import clean
 from build.render_repo import RepoSettings, check_ensemble, read_configs, render, repo_settings
 from clients import protocol as P
 from clients.client import ImageClassifierClient
+from perf import precisions
 from serve.server import Ports, TritonServer, free_ports
 from tritonclient.grpc import model_config_pb2 as mc
 from training.preprocess import DaliPreprocessor, PreprocessSpec
@@ -131,6 +132,24 @@ def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_d
     assert not (tmp_path / "model_fp16.onnx").exists() and not (tmp_path / "model_int8_ort.onnx").exists()
     assert json.loads((tmp_path / quantize.REPORT).read_text())["gate_failures"] == ["fp16", "int8_ort"]
     assert "one image is 1.25 points of top-1" in capsys.readouterr().out  # 80 val images: the gate's resolution
+
+
+def test_served_precisions_side_by_side(artifacts, repo, tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="include fp32"):
+        precisions.compare(artifacts, repo, tiny_data / "val", tmp_path, ("int8",))
+    with pytest.raises(FileNotFoundError, match="run `make onnx` first"):  # before any server starts
+        precisions.compare(tmp_path / "nothing", repo, tiny_data / "val", tmp_path, ("fp32", "int8"))
+    r = precisions.compare(artifacts, repo, tiny_data / "val", tmp_path / "out", ("fp32", "int8"), rounds=1,
+                           concurrency=2, interval_ms=500)
+    rows = {x["precision"]: x for x in r["results"]}
+    assert rows["fp32"]["onnx"] == str(artifacts / "model.onnx")
+    assert rows["int8"]["onnx"] == str(quantize.artifact_for("int8", artifacts))
+    # each precision is served with the batching settings of the repository it is compared for
+    assert all(x["settings"] == r["settings"] and x["settings"]["max_batch_size"] == MAX_BATCH for x in rows.values())
+    assert all(x["throughput"] > 0 and x["p99_ms"] >= x["p50_ms"] > 0 for x in rows.values())
+    assert rows["int8"]["vs_fp32"] == pytest.approx(rows["int8"]["throughput"] / rows["fp32"]["throughput"])
+    assert r["summary"]["int8"]["median_vs_fp32"] == rows["int8"]["vs_fp32"]
+    assert f"| 1 | int8 | {rows['int8']['throughput']:.0f} |" in (tmp_path / "out" / "precisions.md").read_text()
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
