@@ -15,12 +15,15 @@ import base64
 import csv
 import json
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from build.render_repo import RepoSettings, read_manifest, render
 from clients import protocol as P
 from perf.common import (UsageMeter, metrics_summary, model_stats, perf_analyzer_binary, perf_analyzer_env,
                          sample_images, scrape_metrics, stats_delta)
+from serve.server import Ports, TritonServer, free_ports
 
 
 def write_input_data(blobs: list[bytes], path: Path) -> Path:
@@ -76,6 +79,19 @@ def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, i
     server = stats_delta(before, model_stats(http_url))
     metrics = metrics_summary(m_before, scrape_metrics(metrics_url)) if metrics_url else {}
     return PerfPoint(protocol, mode, value, row, server, usage, metrics)
+
+
+def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurrency: int, input_json: Path,
+                     out_dir: Path, interval_ms: int = 2000) -> tuple[PerfPoint, dict]:
+    """Render a throw-away repository for ``onnx`` with ``settings``, start the real server on free ports and
+    measure it at one concurrency: the point and the rendered repository's manifest (build.json)."""
+    with tempfile.TemporaryDirectory(prefix="perf-repo-") as tmp:
+        render(onnx, Path(tmp), settings)
+        with TritonServer(Path(tmp), Ports(*free_ports(3))) as server:
+            url = server.http_url if protocol == "http" else server.grpc_url
+            point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json, out_dir,
+                              server.proc.pid, interval_ms)
+        return point, read_manifest(Path(tmp))
 
 
 def sweep(url: str, http_url: str, protocol: str, mode: str, values: list[float], blobs: list[bytes],

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 from build.quantize import artifact_for
-from build.render_repo import read_manifest, render, settings_from_manifest
+from build.render_repo import read_manifest, settings_from_manifest
 from perf.common import REPORTS, machine_info, sample_images
-from perf.perf_analyzer import run_point, write_input_data
-from serve.server import Ports, TritonServer, free_ports
+from perf.perf_analyzer import measure_rendered, write_input_data
 from training.checkpoint import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -35,21 +33,18 @@ def compare(artifacts: Path, repo: Path, images: Path, out_dir: Path, precisions
         raise ValueError("the comparison is relative to FP32: include fp32 in --precisions")
     # every artifact is found (and the repository's settings read) before any server starts
     onnx = {p: artifact_for(p, artifacts) for p in precisions}
-    settings = settings_from_manifest(read_manifest(repo))
+    manifest = read_manifest(repo)
+    settings = settings_from_manifest(manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data([b for _, b in sample_images(images)], out_dir / "perf_analyzer_input.json")
     rows = []
     for r in range(rounds):
         for precision in precisions:
-            with tempfile.TemporaryDirectory(prefix=f"precision-{precision}-") as tmp:
-                render(onnx[precision], Path(tmp), settings)
-                served = read_manifest(Path(tmp))
-                with TritonServer(Path(tmp), Ports(*free_ports(3))) as server:
-                    url = server.http_url if protocol == "http" else server.grpc_url
-                    point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json,
-                                      out_dir / f"round{r + 1}_{precision}", server.proc.pid, interval_ms)
-            rows.append({"round": r + 1, "precision": precision, "onnx": served["onnx"], "settings": served["settings"], "throughput": point.throughput,
-                         "p50_ms": point.latency_ms(50), "p99_ms": point.latency_ms(99), "usage": point.usage})
+            point, served = measure_rendered(onnx[precision], settings, protocol, concurrency, input_json,
+                                             out_dir / f"round{r + 1}_{precision}", interval_ms)
+            rows.append({"round": r + 1, "precision": precision, "onnx": served["onnx"], "settings": served["settings"],
+                         "throughput": point.throughput, "p50_ms": point.latency_ms(50), "p99_ms": point.latency_ms(99),
+                         "usage": point.usage})
             print(f"round {r + 1} {precision}: {point.throughput:.0f} img/s, p50 {point.latency_ms(50):.1f} ms, "
                   f"p99 {point.latency_ms(99):.1f} ms")
     fp32 = {row["round"]: row["throughput"] for row in rows if row["precision"] == "fp32"}
@@ -57,7 +52,7 @@ def compare(artifacts: Path, repo: Path, images: Path, out_dir: Path, precisions
         row["vs_fp32"] = row["throughput"] / fp32[row["round"]]
     summary = {p: {"median_vs_fp32": statistics.median(row["vs_fp32"] for row in rows if row["precision"] == p),
                    "onnx": str(onnx[p])} for p in precisions}
-    result = {"repo": str(repo), "settings": read_manifest(repo)["settings"], "concurrency": concurrency,
+    result = {"repo": str(repo), "settings": manifest["settings"], "concurrency": concurrency,
               "protocol": protocol, "rounds": rounds, "machine": machine_info(), "results": rows, "summary": summary}
     atomic_write_bytes(out_dir / "precisions.json", lambda t: t.write_text(json.dumps(result, indent=2)))
     atomic_write_bytes(out_dir / "precisions.md", lambda t: t.write_text(markdown(result)))

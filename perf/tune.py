@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from build.render_repo import RepoSettings, read_manifest, render, settings_from_manifest
 from perf.common import sample_images
-from perf.perf_analyzer import run_point, write_input_data
-from serve.server import Ports, TritonServer, free_ports
+from perf.perf_analyzer import measure_rendered, write_input_data
 
 DEFAULT_GRID = {
     "queue_delay_us": [0, 1000, 4000],
@@ -50,12 +48,8 @@ def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSetti
     input_json = write_input_data([b for _, b in sample_images(images)], out_dir / "perf_analyzer_input.json")
     results = []
     for i, settings in enumerate(configurations(base, grid)):
-        with tempfile.TemporaryDirectory(prefix="tune-repo-") as tmp:
-            render(onnx, Path(tmp), settings)
-            with TritonServer(Path(tmp), Ports(*free_ports(3))) as server:
-                url = server.http_url if protocol == "http" else server.grpc_url
-                point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json,
-                                  out_dir / f"config_{i:02d}", server.proc.pid, interval_ms)
+        point, _ = measure_rendered(onnx, settings, protocol, concurrency, input_json, out_dir / f"config_{i:02d}",
+                                    interval_ms)
         row = {"settings": asdict(settings), "throughput": point.throughput, "p50_ms": point.latency_ms(50),
                "p99_ms": point.latency_ms(99), "server": point.server, "usage": point.usage}
         results.append(row)
