@@ -18,7 +18,9 @@ from torch import nn
 from build.export_onnx import export
 from training import synthetic, train
 from training.checkpoint import load_checkpoint
-from training.data import drop_bad_images, find_classes, list_images
+from training.data import (EpochSampler, ImageFolderTrain, TrainTransform, drop_bad_images, find_classes,
+                           list_images)
+from training.preprocess import PreprocessSpec
 from training.evaluate import get_args_parser as eval_args, main as eval_main
 from training.models import build_model
 
@@ -33,8 +35,10 @@ def resume_data(tmp_path_factory) -> Path:
 
 
 def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    # two persistent DataLoader workers: a resumed run must match although each worker holds its own
+    # copy of the data set (the epoch travels with the indices, training.data.EpochSampler)
     return [sys.executable, "-m", "training.train", "--data", str(data), "--out", str(out), "--img-size", "48",
-            "--epochs", "4", "--batch-size", "32", "--workers", "0", "--quiet", "--model-ema", *extra]
+            "--epochs", "4", "--batch-size", "32", "--workers", "2", "--quiet", "--model-ema", *extra]
 
 
 def all_state(path: Path) -> dict[str, torch.Tensor]:
@@ -80,6 +84,51 @@ def test_killed_and_resumed_run_is_bit_identical(resume_data, uninterrupted, tmp
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def epoch_batches(data: Path, workers: int, epochs: int = 2) -> list[torch.Tensor]:
+    """The augmented training images of each epoch, in index order, through the real DataLoader."""
+    samples = list_images(data / "train", find_classes(data / "train"))[:24]
+    dataset = ImageFolderTrain(samples, TrainTransform(PreprocessSpec.for_size(32), color_jitter=0.2), seed=7)
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=len(samples), sampler=sampler, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    out = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        (images, _), = list(loader)
+        out.append(images)
+    return out
+
+
+def test_augmentation_changes_every_epoch_with_persistent_workers(tiny_data):
+    first, second = epoch_batches(tiny_data, workers=2)
+    same = [i for i in range(len(first)) if torch.equal(first[i], second[i])]
+    assert not same, f"images {same} got epoch 0's augmentation again in epoch 1"
+    # and it is a function of (seed, epoch, index) only: no workers, or a new run, give the same tensors
+    for a, b in zip((first, second), epoch_batches(tiny_data, workers=0)):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_and_dropout(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    # lr 0: val top-1 only drifts (BatchNorm statistics, EMA), so it soon stalls for 2 epochs
+    r = subprocess.run(train_cmd(tiny_data, out, "--epochs", "10", "--lr", "0", "--patience", "2", "--dropout", "0.3",
+                                 "--workers", "0"), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    top1 = [json.loads(line)["top1"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best_epoch = 1 + top1.index(max(top1))  # the first epoch that reached the best
+    assert len(top1) == best_epoch + 2 < 10, f"ran {len(top1)} epochs, best at {best_epoch}, patience 2"
+    assert f"early stop after epoch {len(top1)}: val top-1 has not improved for 2 epoch(s)" in r.stdout
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["arch_args"]["dropout"] == 0.3 and ckpt["best_epoch"] == best_epoch
+    model = build_model(ckpt["arch"], **ckpt["arch_args"])
+    model.load_state_dict(ckpt["model"])
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # dropout is active in training
+    model.eval()
+    assert torch.equal(model(x), model(x))  # and gone in the served graph
 
 
 def test_ddp_two_processes_match_single_process_effective_batch(tiny_data, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import random
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from training.preprocess import PreprocessSpec
+from training.preprocess import ImageRejected, PreprocessSpec, check_limits, decode_image
 
 # What the served ensemble accepts, so that every training image can also be served.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -42,14 +41,18 @@ def list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
 def image_problem(path: Path) -> str | None:
     """Why an image file cannot be used (unreadable, truncated, not JPEG/PNG), or None.
 
-    Decodes at reduced size (JPEG draft mode), so a scan is cheap but still catches truncation.
+    Decodes at reduced size (JPEG draft mode), so a scan is cheap but still catches truncation; the
+    size limits are the decode policy's (training.preprocess).
     """
     try:
         with Image.open(path) as img:
             if img.format not in IMAGE_FORMATS:
                 return f"is {img.format}, not JPEG or PNG"
+            check_limits(path.stat().st_size, *img.size)
             img.draft("RGB", (64, 64))
             img.load()
+    except ImageRejected as e:
+        return str(e)
     except Exception as e:  # PIL raises several types for broken files
         return f"{type(e).__name__}: {e}"
     return None
@@ -115,21 +118,53 @@ class TrainTransform:
         return (x - self.mean) / self.std
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Wraps a sampler (DistributedSampler) so that each index travels with its epoch: ``(epoch, index)``.
+
+    DataLoader workers hold their own copy of the data set, made when they start; with
+    ``persistent_workers`` an epoch set later on the main process's copy never reaches them, and
+    every epoch would replay epoch 0's augmentations. Indices are sent to the workers every epoch,
+    so the epoch rides along with them.
+    """
+
+    def __init__(self, sampler: torch.utils.data.DistributedSampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def augmentation_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The augmentation randomness of one (seed, epoch, index): the same whatever the worker, the
+    number of workers or processes, or an interruption, which exact resume and DDP consistency rely
+    on; different in every epoch. (String seeds hash with SHA-512: independent of PYTHONHASHSEED.)"""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
 class ImageFolderTrain(torch.utils.data.Dataset):
-    """Decodes with Pillow on access; randomness comes from (seed, epoch, index) so runs repeat exactly."""
+    """Decodes with the serving decode policy on access; augments with the (seed, epoch, index) RNG.
+
+    Items are addressed by ``(epoch, index)`` (see :class:`EpochSampler`).
+    """
 
     def __init__(self, samples: list[tuple[Path, int]], transform: TrainTransform, seed: int):
-        self.samples, self.transform, self.seed, self.epoch = samples, transform, seed, 0
+        self.samples, self.transform, self.seed = samples, transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, i = key
         path, label = self.samples[i]
         try:
-            img = Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
-        except Exception as e:  # name the file: a bare PIL error says nothing about which one
+            img = decode_image(path.read_bytes())
+        except Exception as e:  # name the file: a bare decoder error says nothing about which one
             raise RuntimeError(f"cannot read training image {path}: {e}") from e
-        # per-sample RNG keyed by (seed, epoch, index): the same augmentation whatever the worker,
-        # the process count or an interruption, which exact resume and DDP consistency rely on
-        return self.transform(img, random.Random(hash((self.seed, self.epoch, i)))), label
+        return self.transform(img, augmentation_rng(self.seed, epoch, i)), label

@@ -61,7 +61,7 @@ def _downsample(inplanes: int, outplanes: int, stride: int) -> nn.Module | None:
 
 class ResNet(nn.Module):
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int,
-                 width: int = 64, zero_init_residual: bool = True):
+                 width: int = 64, zero_init_residual: bool = True, dropout: float = 0.0):
         super().__init__()
         self.inplanes = width
         self.stem = nn.Sequential(
@@ -73,6 +73,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, width * 4, layers[2], 2)
         self.layer4 = self._make_layer(block, width * 8, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # no weights: state dicts unchanged
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -95,15 +96,15 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
 ARCHS: dict[str, Callable[..., ResNet]] = {
     # small variant for the demo and the tests: one block per stage, narrow
-    "resnet_tiny": lambda num_classes, width=32: ResNet(BasicBlock, [1, 1, 1, 1], num_classes, width),
-    "resnet18": lambda num_classes, width=64: ResNet(BasicBlock, [2, 2, 2, 2], num_classes, width),
-    "resnet34": lambda num_classes, width=64: ResNet(BasicBlock, [3, 4, 6, 3], num_classes, width),
-    "resnet50": lambda num_classes, width=64: ResNet(Bottleneck, [3, 4, 6, 3], num_classes, width),
+    "resnet_tiny": lambda num_classes, width=32, **kw: ResNet(BasicBlock, [1, 1, 1, 1], num_classes, width, **kw),
+    "resnet18": lambda num_classes, width=64, **kw: ResNet(BasicBlock, [2, 2, 2, 2], num_classes, width, **kw),
+    "resnet34": lambda num_classes, width=64, **kw: ResNet(BasicBlock, [3, 4, 6, 3], num_classes, width, **kw),
+    "resnet50": lambda num_classes, width=64, **kw: ResNet(Bottleneck, [3, 4, 6, 3], num_classes, width, **kw),
 }
 
 

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from training.checkpoint import (atomic_write_bytes, file_sha256, git_commit, library_versions, load_checkpoint,
                                  model_from_checkpoint, remove_stale_temporaries, save_checkpoint)
-from training.data import ImageFolderTrain, TrainTransform, dataset_fingerprint, drop_bad_images, find_classes, list_images
+from training.data import (EpochSampler, ImageFolderTrain, TrainTransform, dataset_fingerprint, drop_bad_images,
+                           find_classes, list_images)
 from training.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from training.evaluate import evaluate
 from training.models import ARCHS, build_model
@@ -171,9 +172,10 @@ def main(args: argparse.Namespace) -> dict:
     train_set = ImageFolderTrain(train_samples, transform, args.seed)
     # The sampler reshuffles from (seed, epoch): the same order whether resumed or not, and in DDP
     # the ranks' shards interleave so that together they see what one process with the
-    # combined batch would see.
-    sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    # combined batch would see. EpochSampler sends the epoch with every index, so persistent
+    # workers augment each epoch afresh.
+    sampler = EpochSampler(DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                              seed=args.seed, drop_last=True))
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         drop_last=len(sampler) > args.batch_size, persistent_workers=args.workers > 0,
                         pin_memory=device.type == "cuda")
@@ -181,7 +183,8 @@ def main(args: argparse.Namespace) -> dict:
         raise ValueError(f"{len(train_samples)} training images are too few for batch size {args.batch_size} "
                          f"x {dist.world_size} process(es)")
 
-    arch_args = {"num_classes": len(classes), **({"width": args.width} if args.width else {})}
+    arch_args = {"num_classes": len(classes), **({"width": args.width} if args.width else {}),
+                 **({"dropout": args.dropout} if args.dropout else {})}
     model = build_model(args.arch, **arch_args).to(device)
     if args.channels_last_on:
         model = model.to(memory_format=torch.channels_last)
@@ -202,7 +205,7 @@ def main(args: argparse.Namespace) -> dict:
                    "teacher_arch": teacher_ckpt["arch"], "teacher_arch_args": teacher_ckpt["arch_args"],
                    "alpha": args.distill_alpha, "temperature": args.distill_temperature}
 
-    start_epoch, best_top1 = 0, -1.0
+    start_epoch, best_top1, best_epoch = 0, -1.0, 0
     metrics_log = args.out / "metrics.jsonl"
     if args.resume:
         resume_path = args.out / "last.pt" if str(args.resume) == "auto" else Path(args.resume)
@@ -219,6 +222,7 @@ def main(args: argparse.Namespace) -> dict:
             if ema is not None:
                 ema.load_state_dict(state["ema"])
             start_epoch, best_top1 = ckpt["epoch"], ckpt["best_top1"]
+            best_epoch = ckpt.get("best_epoch", start_epoch)
             log(f"resumed from {resume_path} at epoch {start_epoch} (best top1 {best_top1:.2f})")
         elif str(args.resume) != "auto":
             raise FileNotFoundError(f"--resume {resume_path}: no such checkpoint")
@@ -247,34 +251,38 @@ def main(args: argparse.Namespace) -> dict:
     metrics: dict = {}
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        train_set.epoch = epoch
         t0 = time.perf_counter()
         stats = train_one_epoch(ddp_model, criterion, optimizer, scheduler, loader, epoch, args, device, dist,
                                 scaler, amp_dtype, ema, teacher)
-        if not dist.is_main:
-            continue
-        deploy = ema.module if ema is not None else model  # the weights that are scored and exported
-        metrics = {"epoch": epoch + 1, **evaluate(deploy, val_inputs, val_labels, device), **stats,
-                   "epoch_time_s": time.perf_counter() - t0}
-        log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val top1 {metrics['top1']:.2f}  "
-            f"top5 {metrics.get('top5', float('nan')):.2f}  ({stats['images_per_s']:.0f} img/s)")
-        with open(metrics_log, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        improved = metrics["top1"] > best_top1
-        best_top1 = max(best_top1, metrics["top1"])
-        ckpt = {
-            "model": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
-            "arch": args.arch, "arch_args": arch_args, "classes": classes, "preprocess": spec.to_dict(),
-            "metrics": metrics, "provenance": provenance, "args": config, "distillation": distill,
-            "epoch": epoch + 1, "best_top1": best_top1,
-            "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                            "scaler": scaler.state_dict() if scaler else None},
-        }
-        save_checkpoint(ckpt, args.out / "last.pt")
-        if improved:
-            save_checkpoint(ckpt, args.out / "best.pt")
-    log(f"best val top1 {best_top1:.2f}%  -> {args.out / 'best.pt'}")
+        if dist.is_main:
+            deploy = ema.module if ema is not None else model  # the weights that are scored and exported
+            metrics = {"epoch": epoch + 1, **evaluate(deploy, val_inputs, val_labels, device), **stats,
+                       "epoch_time_s": time.perf_counter() - t0}
+            log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val top1 {metrics['top1']:.2f}  "
+                f"top5 {metrics.get('top5', float('nan')):.2f}  ({stats['images_per_s']:.0f} img/s)")
+            with open(metrics_log, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            improved = metrics["top1"] > best_top1
+            if improved:
+                best_top1, best_epoch = metrics["top1"], epoch + 1
+            ckpt = {
+                "model": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
+                "arch": args.arch, "arch_args": arch_args, "classes": classes, "preprocess": spec.to_dict(),
+                "metrics": metrics, "provenance": provenance, "args": config, "distillation": distill,
+                "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch,
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                                "scaler": scaler.state_dict() if scaler else None},
+            }
+            save_checkpoint(ckpt, args.out / "last.pt")
+            if improved:
+                save_checkpoint(ckpt, args.out / "best.pt")
+        # early stopping on val top-1: rank 0 decides, every rank stops after the same epoch
+        stop = bool(args.patience) and dist.is_main and epoch + 1 - best_epoch >= args.patience
+        if all_reduce_sum([float(stop)], dist)[0] > 0:
+            log(f"early stop after epoch {epoch + 1}: val top-1 has not improved for {args.patience} epoch(s)")
+            break
+    log(f"best val top1 {best_top1:.2f}% (epoch {best_epoch})  -> {args.out / 'best.pt'}")
     cleanup(dist)
     return metrics
 
@@ -299,6 +307,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet_tiny", choices=sorted(ARCHS))
     g.add_argument("--width", type=int, help="base channel width (arch default: 32 for resnet_tiny, 64 otherwise)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier layer (0 = none)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=12)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -313,6 +322,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule: decay factor")
     g.add_argument("--warmup-epochs", type=int, default=1, help="linear learning-rate warm-up")
     g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--patience", type=int, default=0,
+                   help="early stopping: stop when val top-1 has not improved for this many epochs (0 = off)")
     g.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this value")
     g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights; it is what gets scored and exported")
     g.add_argument("--model-ema-decay", type=float, default=0.99)
