@@ -22,7 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build.export_onnx import read_metadata
 from clients import protocol as P
 from training.checkpoint import atomic_write_bytes
-from training.preprocess import PreprocessSpec, serialize_dali_pipeline
+from training.preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PreprocessSpec, serialize_dali_pipeline
 
 SOURCE_REPO = Path(__file__).resolve().parent.parent / "model_repository"
 PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
@@ -39,6 +39,8 @@ class RepoSettings:
     dali_threads: int = 2
     intra_op_threads: int = 0           # ONNX Runtime threads per classifier instance (0 = its default)
     top_k: int = 5
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # refused before decoding, with an error naming the limit
+    max_image_bytes: int = MAX_IMAGE_BYTES
 
 
 def _tensor(name: str, dtype: int, dims: list[int], ragged: bool = False):
@@ -69,7 +71,9 @@ def embedded_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings) ->
     configs = {
         # allow_ragged_batch: requests whose byte strings differ in length still batch together
         P.PREPROCESS: _python_model(P.PREPROCESS, s, [_tensor(P.IMAGE, U8, [-1], ragged=True)], [pixels],
-                                    s.preprocess_instances, {"dali_pipeline": "model.dali", "dali_num_threads": s.dali_threads}),
+                                    s.preprocess_instances, {"dali_pipeline": "model.dali", "dali_num_threads": s.dali_threads,
+                                                            "max_image_pixels": s.max_image_pixels,
+                                                            "max_image_bytes": s.max_image_bytes}),
         P.CLASSIFIER: _python_model(P.CLASSIFIER, s, [pixels], [logits], s.classifier_instances,
                                     {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads}),
         # postprocess is cheap, but with one instance and no batching its requests queue behind each other
@@ -281,6 +285,8 @@ SETTINGS_HELP = {
     "dali_threads": "DALI CPU threads per preprocessing instance",
     "intra_op_threads": "ONNX Runtime threads per classifier instance (0 = its default)",
     "top_k": "labels and scores returned per image",
+    "max_image_pixels": "embedded target: images with more pixels are refused before decoding",
+    "max_image_bytes": "embedded target: larger encoded images are refused before decoding",
 }
 
 

@@ -5,8 +5,10 @@
         for p in c.classify_files(["cat.jpg", "dog.jpg"]):
             print(p.source, p.labels[0], p.scores[0])
 
-A batch that the server rejects because of one bad image is retried image by image, so the good
-images still get their answers and the bad one gets the server's error message.
+A batch that the server rejects because of a bad image (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT)
+is retried image by image, so the good images still get their answers and the bad one gets the
+server's error message. Any other error (INTERNAL, UNAVAILABLE) is the server's, not the images':
+every image of that batch gets it, without a retry per image.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class RequestError(RuntimeError):
     def __init__(self, message: str, status: str | None = None):
         super().__init__(message)
         self.status = status
+
+    @property
+    def bad_input(self) -> bool:
+        """The server blamed the request's data (Triton's INVALID_ARG), so a smaller request can succeed."""
+        return self.status in ("400", "StatusCode.INVALID_ARGUMENT")
 
 
 @dataclass
@@ -164,7 +171,8 @@ class ImageClassifierClient:
             try:
                 out += self.infer(b, s)
             except RequestError as e:
-                out += [Prediction(s[0], error=str(e))] if len(b) == 1 else self._isolate(b, s, self.infer)
+                out += self._isolate(b, s, self.infer) if e.bad_input and len(b) > 1 else \
+                    [Prediction(src, error=str(e)) for src in s]
             if progress:
                 progress(len(b))
         return out
@@ -196,8 +204,8 @@ class ImageClassifierClient:
                 try:
                     preds = await infer_async(b, s)
                 except RequestError as e:
-                    if len(b) == 1:
-                        preds = [Prediction(s[0], error=str(e))]
+                    if not e.bad_input or len(b) == 1:
+                        preds = [Prediction(src, error=str(e)) for src in s]
                     else:
                         preds = []
                         for bb, ss in zip(b, s):

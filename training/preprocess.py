@@ -26,6 +26,12 @@ RESIZE_POLICIES = ("shorter_center_crop", "stretch")
 # The DALI external source is named after the model input: Triton's DALI backend binds them by name.
 DALI_INPUT_NAME = protocol.IMAGE
 
+# Inputs refused before decoding (training, evaluation and the served preprocess model alike): a
+# 50-megapixel image decodes to 150 MB of RGB, more than any classifier input needs; 32 MiB of
+# encoded bytes is more than any camera writes for one photo. Rendered into the served config.
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -74,6 +80,51 @@ class PreprocessSpec:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# The decode policy: what every consumer sees for a file
+# --------------------------------------------------------------------------------------------
+#
+# Serving decodes with DALI; training augments with Pillow. Pillow below is made to give DALI's
+# pixels exactly (tests/test_decode.py checks it on every variant), so that what training sees is
+# what serving computes:
+#   * EXIF orientation is applied (a phone photo is upright, as DALI shows it);
+#   * grayscale, CMYK, palette and 16-bit images become 8-bit RGB (16-bit: value / 257, rounded);
+#   * alpha is dropped: the stored colour is used, not composited on a background;
+#   * bytes after a JPEG's end-of-image marker (motion photos) are ignored;
+#   * more than MAX_IMAGE_PIXELS pixels or MAX_IMAGE_BYTES bytes is refused before decoding.
+
+class ImageRejected(ValueError):
+    """An input refused by the decode policy (too large, not JPEG/PNG, undecodable)."""
+
+
+def check_limits(num_bytes: int, width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS,
+                 max_bytes: int = MAX_IMAGE_BYTES) -> None:
+    if num_bytes > max_bytes:
+        raise ImageRejected(f"image is {num_bytes} bytes, over the limit of {max_bytes} bytes")
+    if width * height > max_pixels:
+        raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels")
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES):
+    """Encoded JPEG/PNG bytes -> an RGB ``PIL.Image`` with the serving decoder's pixels."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    try:
+        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except Exception as e:
+        raise ImageRejected(f"not a decodable JPEG or PNG image ({type(e).__name__}: {e})") from e
+    if img.format not in ("JPEG", "PNG"):
+        raise ImageRejected(f"is {img.format}, not JPEG or PNG")
+    check_limits(len(data), *img.size, max_pixels=max_pixels, max_bytes=max_bytes)
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: Pillow's convert would clip at 255
+        img = Image.fromarray(np.clip(np.round(np.asarray(img, np.float64) / 257), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,9 +4,13 @@ Runs the serialized DALI pipeline ``model.dali`` written by ``build.render_repo`
 definition the training package evaluates with (training/preprocess.py). The GPU target runs the
 same pipeline in Triton's DALI backend instead.
 
-Bad images never take the server or other requests down: every image is checked, a failed DALI
-batch is retried image by image (DALI invalidates a pipeline after an error, so it is rebuilt), and
-only the requests holding a bad image get an INVALID_ARG error naming the image's index.
+Bad images never take the server or other requests down: every image's header is read first (format,
+size limits, truncation), a DALI batch that fails to decode is retried image by image (DALI
+invalidates a pipeline after an error, so it is rebuilt), and only the requests holding a bad image
+get an INVALID_ARG error naming the image's index. A failure that is not the image's fault (out of
+memory, a broken pipeline) is INTERNAL for the requests of that batch, is logged, and is not retried
+image by image. Bytes after a JPEG's end-of-image marker (motion photos) are ignored, as DALI's and
+Pillow's decoders do, so serving agrees with training (training/preprocess.py: the decode policy).
 """
 
 import json
@@ -17,6 +21,77 @@ import triton_python_backend_utils as pb_utils
 from nvidia.dali import Pipeline
 
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
+# JPEG start-of-frame markers (they carry the image size): C0-CF except DHT (C4), JPG (C8), DAC (CC)
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class Rejected(ValueError):
+    """The image's own fault: answered INVALID_ARG with this message."""
+
+
+def jpeg_extent(data: bytes) -> tuple[int, int, int]:
+    """(width, height, end) of a baseline or progressive JPEG; ``end`` is just past its end-of-image
+    marker. Walks the marker segments and the entropy-coded data (cheap: bytes.find), so a file cut
+    short is caught here with a clear message, and trailing bytes are located, not guessed at."""
+    n, pos, size = len(data), 2, None
+    truncated = Rejected(f"truncated JPEG: {n} bytes and no end-of-image marker")
+    while True:
+        if pos >= n:
+            raise truncated
+        if data[pos] != 0xFF:
+            raise Rejected(f"corrupt JPEG: expected a marker at byte {pos}")
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            raise truncated
+        marker, pos = data[pos], pos + 1
+        if marker == 0xD9:  # end of image
+            if size is None:
+                raise Rejected("corrupt JPEG: no frame header before the end-of-image marker")
+            return size[0], size[1], pos
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            continue
+        if pos + 2 > n:
+            raise truncated
+        end = pos + int.from_bytes(data[pos:pos + 2], "big")
+        if end > n:
+            raise truncated
+        if marker in SOF_MARKERS and end - pos >= 7:
+            size = (int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 3:pos + 5], "big"))
+        pos = end
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            if size is None:
+                raise Rejected("corrupt JPEG: scan data before a frame header")
+            while True:
+                j = data.find(b"\xff", pos)
+                if j < 0 or j + 1 >= n:
+                    raise truncated
+                following = data[j + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte, restart marker
+                    pos = j + 2
+                elif following == 0xFF:  # fill byte before a marker
+                    pos = j + 1
+                else:
+                    pos = j
+                    break
+
+
+def png_extent(data: bytes) -> tuple[int, int, int]:
+    """(width, height, end) of a PNG; ``end`` is just past its IEND chunk."""
+    n, pos, size = len(data), 8, None
+    while True:
+        if pos + 8 > n:
+            raise Rejected(f"truncated PNG: {n} bytes and no IEND chunk")
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"IHDR" and length >= 8 and pos + 16 <= n:
+            size = (int.from_bytes(data[pos + 8:pos + 12], "big"), int.from_bytes(data[pos + 12:pos + 16], "big"))
+        pos += 12 + length
+        if kind == b"IEND":
+            if pos > n:
+                raise Rejected(f"truncated PNG: {n} bytes, IEND cut short")
+            if size is None:
+                raise Rejected("corrupt PNG: no IHDR chunk")
+            return size[0], size[1], pos
 
 
 def strip_padding(row: np.ndarray) -> bytes:
@@ -26,16 +101,29 @@ def strip_padding(row: np.ndarray) -> bytes:
     return data.rstrip(b"\x00") if data.endswith(b"\x00") else data
 
 
-def check_image(data: bytes) -> str | None:
-    """A reason the bytes cannot be an image we decode, or None."""
+def check_image(data: bytes, max_pixels: int, max_bytes: int) -> bytes:
+    """The encoded image without trailing bytes, ready for DALI; raises Rejected saying why not."""
     if not data:
-        return "empty input: 0 bytes"
+        raise Rejected("empty input: 0 bytes")
+    if len(data) > max_bytes:
+        raise Rejected(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes")
     kind = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
     if kind is None:
-        return f"not a JPEG or PNG image (starts with {data[:8].hex(' ')})"
-    if kind == "JPEG" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return f"truncated JPEG: {len(data)} bytes and no end-of-image marker"
-    return None
+        raise Rejected(f"not a JPEG or PNG image (starts with {data[:8].hex(' ')})")
+    width, height, end = (jpeg_extent if kind == "JPEG" else png_extent)(data)
+    if width * height > max_pixels:
+        raise Rejected(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels")
+    if width == 0 or height == 0:
+        raise Rejected(f"corrupt {kind}: {width}x{height} pixels")
+    return data[:end]
+
+
+def is_decode_failure(err: Exception) -> bool:
+    """Whether DALI failed on the image data (its fault) rather than on resources or itself (ours)."""
+    text = str(err)
+    if isinstance(err, MemoryError) or any(s in text for s in ("bad_alloc", "out of memory", "Out of memory")):
+        return False
+    return any(s in text for s in ("Failed to decode", "Could not decode", "nvImageCodec", "Unsupported"))
 
 
 def dali_reason(err: Exception) -> str:
@@ -52,6 +140,9 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
         self.max_batch = max(1, int(self.model_config["max_batch_size"]))
         self.num_threads = int(params.get("dali_num_threads", "2"))
+        self.max_pixels = int(params["max_image_pixels"])
+        self.max_bytes = int(params["max_image_bytes"])
+        self.logger = pb_utils.Logger
         here = Path(args["model_repository"]) / args["model_version"]
         self.serialized = (here / params.get("dali_pipeline", "model.dali")).read_bytes()
         # tensor names come from the rendered config; the DALI external source has the input's name
@@ -77,18 +168,26 @@ class TritonPythonModel:
         return outs
 
     def _run_isolating(self, images: list) -> list:
-        """Per image: its array, or an error string. One DALI run for the whole batch when all decode."""
+        """Per image: its array, or a Rejected. One DALI run for the whole batch when all decode.
+
+        A failure that is not a decode failure propagates (INTERNAL): retrying image by image would
+        only repeat it, once per image."""
         try:
             return self._run(images)
-        except Exception:
+        except Exception as e:
             self.pipe = self._build()
+            if not is_decode_failure(e):
+                raise
         results = []
         for data in images:
             try:
                 results.append(self._run([data])[0])
             except Exception as e:
                 self.pipe = self._build()
-                results.append(f"could not decode the image data, corrupt or unsupported encoding ({dali_reason(e)})")
+                if not is_decode_failure(e):
+                    raise
+                results.append(Rejected(f"could not decode the image data, corrupt or unsupported encoding "
+                                        f"({dali_reason(e)})"))
         return results
 
     def execute(self, requests):
@@ -100,21 +199,25 @@ class TritonPythonModel:
             rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
             slots = []
             for row in rows:
-                data = strip_padding(row)
-                reason = check_image(data)
-                if reason is None:
-                    slots.append(len(good))
-                    good.append(data)
-                else:
-                    slots.append(reason)
+                try:
+                    good.append(check_image(strip_padding(row), self.max_pixels, self.max_bytes))
+                    slots.append(len(good) - 1)
+                except Rejected as e:
+                    slots.append(e)
             per_request.append(slots)
 
-        results = self._run_isolating(good) if good else []
+        try:
+            results = self._run_isolating(good) if good else []
+        except Exception as e:  # not the images' fault: every request of this batch fails, loudly
+            message = f"preprocess failed internally ({type(e).__name__}: {dali_reason(e)})"
+            self.logger.log_error(message)
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
+                    for _ in requests]
 
         responses = []
         for slots in per_request:
             resolved = [results[s] if isinstance(s, int) else s for s in slots]
-            errors = [f"image {i} of {len(resolved)}: {r}" for i, r in enumerate(resolved) if isinstance(r, str)]
+            errors = [f"image {i} of {len(resolved)}: {r}" for i, r in enumerate(resolved) if isinstance(r, Rejected)]
             if errors:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError("; ".join(errors), pb_utils.TritonError.INVALID_ARG)))
