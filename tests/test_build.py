@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import hashlib
 
 import numpy as np
@@ -126,8 +128,15 @@ def test_rerender_keeps_the_repository_settings(onnx_model, tmp_path):
     assert cls.dynamic_batching.max_queue_delay_microseconds == RepoSettings().queue_delay_us
 
 
-@pytest.mark.parametrize("breakage", ["dims", "dtype", "unknown_tensor", "missing_model"])
-def test_wiring_check_catches_mistakes(breakage):
+FP32, FP64 = mc.TYPE_FP32, mc.TYPE_FP64
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("dims", f"ensemble step 1 (classifier): 'pixels' is ({FP32}, [3, 32, 32]) but input 'PIXELS' expects ({FP32}, [3, 31, 32])"),
+    ("dtype", f"ensemble step 2 (postprocess): 'logits' is ({FP32}, [10]) but input 'LOGITS' expects ({FP64}, [10])"),
+    ("unknown_tensor", "ensemble step 1 (classifier): input 'PIXELS' reads 'pixelz', which no earlier step produces"),
+    ("missing_model", "ensemble step 1 (classifier): no config for model 'classifier'")])
+def test_wiring_check_catches_mistakes(breakage, message):
     configs = embedded_configs(PreprocessSpec.for_size(32), 10, RepoSettings())
     check_ensemble(configs)
     if breakage == "dims":
@@ -138,7 +147,7 @@ def test_wiring_check_catches_mistakes(breakage):
         configs[P.ENSEMBLE].ensemble_scheduling.step[1].input_map[P.PIXELS] = "pixelz"
     else:
         del configs[P.CLASSIFIER]
-    with pytest.raises(ValueError, match="ensemble"):
+    with pytest.raises(ValueError, match=re.escape(message)):
         check_ensemble(configs)
 
 

@@ -151,8 +151,6 @@ def test_served_precisions_side_by_side(artifacts, repo, tiny_data, tmp_path):
     # each precision is served with the batching settings of the repository it is compared for
     assert all(x["settings"] == r["settings"] and x["settings"]["max_batch_size"] == MAX_BATCH for x in rows.values())
     assert all(x["throughput"] > 0 and x["p99_ms"] >= x["p50_ms"] > 0 for x in rows.values())
-    assert rows["int8"]["vs_fp32"] == pytest.approx(rows["int8"]["throughput"] / rows["fp32"]["throughput"])
-    assert r["summary"]["int8"]["median_vs_fp32"] == rows["int8"]["vs_fp32"]
     assert f"| 1 | int8 | {rows['int8']['throughput']:.0f} |" in (tmp_path / "out" / "precisions.md").read_text()
 
 
@@ -334,11 +332,15 @@ def test_graph_cleanup_removes_identities_and_folds_constants():
     np.testing.assert_allclose(after, before)
 
 
-def test_container_and_cluster_files():
-    r = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
-                        *map(str, sorted((ROOT / "docker" / "k8s").glob("*.yaml")))], capture_output=True, text=True)
+def test_kubernetes_manifests_validate(tmp_path):
+    validate = str(Path(sys.executable).parent / "kubernetes-validate")
+    manifests = sorted((ROOT / "docker" / "k8s").glob("*.yaml"))
+    r = subprocess.run([validate, "--strict", *map(str, manifests)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    assert compose["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
-    assert "tritonserver:24.10" in dockerfile  # 24.10 ships tritonserver 2.51, the CPU target's version
+    # and the validator does catch a wrong field: replicas as a string in a copy of the Deployment
+    docs = [d for m in manifests for d in yaml.safe_load_all(m.read_text()) if d and d.get("kind") == "Deployment"]
+    docs[0]["spec"]["replicas"] = "two"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(docs[0]))
+    r = subprocess.run([validate, "--strict", str(broken)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "replicas" in r.stdout + r.stderr
