@@ -74,8 +74,10 @@ P99_BUDGET_MS ?= 50
 PRECISIONS  ?= fp32 int8
 PRECISION_CONCURRENCY ?= 16
 BASELINE_PORT ?= 8080
+# the default recipe on real data sets that packages ship (perf/real_data.py)
+REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: help venv data train distill eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions
+.PHONY: help venv data train distill eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -84,16 +86,18 @@ help:
 	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
 	@echo "              precisions (fp32 vs int8 served side by side)"
+	@echo "benchmark-data - the default recipe trained and served on real data sets that packages ship"
 
 # Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d
 APT_PACKAGES := libb64-0d
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-data.txt
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES); }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.txt
 	touch $@
 
 data: venv
@@ -173,6 +177,9 @@ tune: artifacts
 
 report: artifacts
 	$(PY) -m perf.report --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) --users $(USERS) --duration $(DURATION)
+
+benchmark-data: venv
+	$(PY) -m perf.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")
 
 test: venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
