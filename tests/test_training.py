@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -228,6 +229,27 @@ def test_unreadable_images_are_named_and_can_be_skipped(tiny_data, tmp_path):
     assert drop_bad_images(samples + [(broken, 0), (gif, 1)], "skip") == samples
 
 
+def test_bad_image_scan_is_cached_by_the_files_listing(tiny_data, tmp_path, monkeypatch):
+    from training import data
+
+    monkeypatch.setenv("IMAGE_PLATFORM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    samples = []
+    for i, (p, y) in enumerate(list_images(tiny_data / "train", find_classes(tiny_data / "train"))[:4]):
+        (folder / f"{i}.jpg").write_bytes(p.read_bytes())
+        samples.append((folder / f"{i}.jpg", y))
+    assert drop_bad_images(samples, "fail") == samples
+    decoded = []
+    monkeypatch.setattr(data, "image_problem", lambda p: decoded.append(p))
+    assert drop_bad_images(samples, "fail") == samples and decoded == []  # the verdict came from the cache
+    monkeypatch.undo()
+    monkeypatch.setenv("IMAGE_PLATFORM_CACHE", str(tmp_path / "cache"))
+    samples[1][0].write_bytes(samples[1][0].read_bytes()[:200])  # a file changes: it is scanned again
+    with pytest.raises(ValueError, match=r"1 unreadable image\(s\)[\s\S]*1.jpg"):
+        drop_bad_images(samples, "fail")
+
+
 def test_cli_reports_bad_data_without_traceback(tmp_path):
     (tmp_path / "train" / "only").mkdir(parents=True)
     (tmp_path / "val" / "only").mkdir(parents=True)
@@ -244,6 +266,24 @@ def test_eval_report_with_confusion_matrix(checkpoint, tiny_data, tmp_path):
     cm = torch.tensor(saved["confusion_matrix"])
     assert cm.sum() == saved["images"] and float(cm.trace() / cm.sum() * 100) == pytest.approx(saved["top1"])
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (tmp_path / "confusion.csv").read_text().splitlines()
+    assert [[int(v) for v in r.split(",")[1:]] for r in rows[1:]] == saved["confusion_matrix"]
+
+
+def test_confusions_stay_readable_with_1000_classes(tmp_path):
+    from PIL import Image
+
+    from training.evaluate import plot_confusion, top_confusions
+
+    classes = [f"c{i}" for i in range(1000)]
+    cm = np.diag(np.full(1000, 50))
+    cm[7, 3], cm[500, 501], cm[999, 0] = 9, 30, 4
+    top = top_confusions(cm, classes)
+    assert [(t["true"], t["predicted"], t["count"]) for t in top] == [("c500", "c501", 30), ("c7", "c3", 9),
+                                                                       ("c999", "c0", 4)]
+    plot_confusion(cm, classes, tmp_path / "confusion.png", "1000 classes")
+    with Image.open(tmp_path / "confusion.png") as img:
+        assert img.width <= 1200 and img.height <= 1200  # a 1000x1000 matrix plot would be ~55,000 px wide
 
 
 @pytest.mark.parametrize("arch,params", [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -58,11 +60,51 @@ def image_problem(path: Path) -> str | None:
     return None
 
 
+def scan_cache_dir() -> Path:
+    """Where scans and fingerprints are cached: $IMAGE_PLATFORM_CACHE, else ~/.cache/image-inference-platform."""
+    return Path(os.environ.get("IMAGE_PLATFORM_CACHE", Path.home() / ".cache" / "image-inference-platform"))
+
+
+def listing_key(paths: list[Path]) -> str:
+    """sha256 over each file's absolute path, size and modification time: changes whenever a file does,
+    costs one stat per file instead of reading every byte."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cached(kind: str, key: str, compute):
+    """``compute()`` once per (kind, key); the JSON result is kept in scan_cache_dir()."""
+    path = scan_cache_dir() / kind / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    value = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)  # atomic: another process (a DDP rank) never reads half a file
+    except OSError:
+        pass  # a read-only home still trains; it just scans again next time
+    return value
+
+
 def drop_bad_images(samples: list[tuple[Path, int]], on_bad: str = "fail") -> list[tuple[Path, int]]:
-    """Check every image; ``on_bad="fail"`` raises naming the files, ``"skip"`` drops them with a warning."""
+    """Check every image; ``on_bad="fail"`` raises naming the files, ``"skip"`` drops them with a warning.
+
+    The scan decodes every file, so its result is cached by :func:`listing_key`: a restart, a resume
+    or another rank on the same files reads the verdict instead of decoding everything again.
+    """
     if on_bad not in ("fail", "skip"):
         raise ValueError(f"on_bad must be 'fail' or 'skip', got {on_bad!r}")
-    bad = [(p, why) for p, _ in samples if (why := image_problem(p))]
+    paths = [p for p, _ in samples]
+    verdict = _cached("scan", listing_key(paths),
+                      lambda: {str(p): why for p in paths if (why := image_problem(p))})
+    bad = [(p, verdict[str(p)]) for p in paths if str(p) in verdict]
     if not bad:
         return samples
     listing = "\n".join(f"  {p}: {why}" for p, why in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
@@ -74,12 +116,18 @@ def drop_bad_images(samples: list[tuple[Path, int]], on_bad: str = "fail") -> li
 
 
 def dataset_fingerprint(root: Path) -> str:
-    """sha256 over every image's relative path and bytes: the data set's identity in provenance."""
-    h = hashlib.sha256()
-    for p in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    """sha256 over every image's relative path and bytes: the data set's identity in provenance
+    (cached by :func:`listing_key`, so only a changed data set is read again)."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+        return h.hexdigest()
+
+    return _cached("fingerprint", listing_key(files), compute)
 
 
 class TrainTransform:

@@ -2,7 +2,9 @@
 
     python -m training.evaluate --ckpt artifacts/best.pt --data data/synthetic --split val --out artifacts/eval
 
-Writes ``metrics.json`` (top-1, top-5, per-class accuracy, confusion matrix) and ``confusion.png``.
+Writes ``metrics.json`` (top-1, top-5, per-class accuracy, the most frequent confusions, the confusion
+matrix), ``confusion.csv`` (the full matrix) and ``confusion.png`` (the matrix up to 30 classes, the
+top confusions beyond). The val split is streamed batch by batch, so memory stays flat at any size.
 """
 
 from __future__ import annotations
@@ -35,10 +37,18 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1
             for k in ks if k <= logits.shape[1]}
 
 
-def evaluate(model: torch.nn.Module, inputs: np.ndarray, labels: np.ndarray,
+def logits_for_files(model: torch.nn.Module, pre: DaliPreprocessor, paths: Sequence[Path],
+                     device: torch.device | str = "cpu") -> np.ndarray:
+    """Logits for image files through the serving preprocess, streamed batch by batch: only the
+    logits are kept, never every image's input (a 50,000-image val split fits in any memory)."""
+    outs = [logits_for_inputs(model, batch, device=device) for batch in pre.iter_files(paths)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def evaluate(model: torch.nn.Module, pre: DaliPreprocessor, paths: Sequence[Path], labels: np.ndarray,
              device: torch.device | str = "cpu") -> dict[str, float]:
-    """top-1/top-5 (percent) and cross-entropy on preprocessed inputs."""
-    logits = logits_for_inputs(model, inputs, device=device)
+    """top-1/top-5 (percent) and cross-entropy on image files."""
+    logits = logits_for_files(model, pre, paths, device)
     metrics = topk_accuracy(logits, labels)
     metrics["loss"] = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
     return metrics
@@ -54,7 +64,31 @@ def full_report(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> d
     support = cm.sum(1)
     per_class = {c: (float(100.0 * cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
     return {**topk_accuracy(logits, labels), "images": int(len(labels)), "per_class_top1": per_class,
-            "classes": classes, "confusion_matrix": cm.tolist()}
+            "top_confusions": top_confusions(cm, classes), "classes": classes, "confusion_matrix": cm.tolist()}
+
+
+MATRIX_PLOT_MAX_CLASSES = 30  # beyond this a matrix plot is unreadable: plot the top confusions instead
+
+
+def top_confusions(cm: np.ndarray, classes: list[str], k: int = 20) -> list[dict]:
+    """The k most frequent (true, predicted) mistakes, most frequent first."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None)[:k]
+    return [{"true": classes[i], "predicted": classes[j], "count": int(off[i, j])}
+            for i, j in zip(*np.unravel_index(flat, off.shape)) if off[i, j] > 0]
+
+
+def write_confusion_csv(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    import csv
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["true \\ predicted", *classes])
+            w.writerows([c, *map(int, row)] for c, row in zip(classes, cm))
+
+    atomic_write_bytes(path, write)
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
@@ -64,6 +98,18 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
     import matplotlib.pyplot as plt
 
     n = len(classes)
+    if n > MATRIX_PLOT_MAX_CLASSES:
+        top = top_confusions(cm, classes)
+        fig, ax = plt.subplots(figsize=(8, 1.5 + 0.3 * max(1, len(top))))
+        ax.barh([f"{t['true']} -> {t['predicted']}" for t in top][::-1], [t["count"] for t in top][::-1])
+        ax.set_xlabel("images")
+        ax.set_title(f"{title}\nthe {len(top)} most frequent confusions of {n} classes (full matrix: confusion.csv)",
+                     fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        plt.close(fig)
+        return
     fig, ax = plt.subplots(figsize=(2 + 0.45 * n, 1.5 + 0.45 * n))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
@@ -84,8 +130,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
 
 def predict_files(ckpt: dict, paths: Sequence[Path]) -> np.ndarray:
     """Logits the checkpoint gives for image files, through the training package's eval transform."""
-    inputs = DaliPreprocessor(spec_from_checkpoint(ckpt)).files(paths)
-    return logits_for_inputs(model_from_checkpoint(ckpt), inputs)
+    return logits_for_files(model_from_checkpoint(ckpt), DaliPreprocessor(spec_from_checkpoint(ckpt)), list(paths))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -110,9 +155,11 @@ def main(args: argparse.Namespace) -> dict:
     print("lowest per-class top-1: " + ", ".join(f"{c} {v:.1f}%" for v, c in worst))
     if args.out:
         atomic_write_bytes(args.out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-        plot_confusion(np.array(report["confusion_matrix"]), ckpt["classes"], args.out / "confusion.png",
+        cm = np.array(report["confusion_matrix"])
+        write_confusion_csv(cm, ckpt["classes"], args.out / "confusion.csv")
+        plot_confusion(cm, ckpt["classes"], args.out / "confusion.png",
                        f"{Path(args.ckpt).name} on {args.split}: top-1 {report['top1']:.2f}%")
-        print(f"wrote {args.out / 'metrics.json'} and {args.out / 'confusion.png'}")
+        print(f"wrote {args.out / 'metrics.json'}, confusion.csv and confusion.png")
     return report
 
 

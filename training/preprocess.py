@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -215,4 +215,11 @@ class DaliPreprocessor:
         return np.concatenate(out)
 
     def files(self, paths: Iterable[Path]) -> np.ndarray:
+        """Every file's input at once: for small sets; large ones go through :meth:`iter_files`."""
         return self([Path(p).read_bytes() for p in paths])
+
+    def iter_files(self, paths: Sequence[Path]) -> Iterator[np.ndarray]:
+        """One batch of inputs at a time, reading only that batch's files: memory stays flat whatever
+        the number of images."""
+        for i in range(0, len(paths), self.batch_size):
+            yield self([Path(p).read_bytes() for p in paths[i:i + self.batch_size]])

@@ -32,7 +32,7 @@ from training.checkpoint import (atomic_write_bytes, file_sha256, git_commit, li
                                  model_from_checkpoint, remove_stale_temporaries, save_checkpoint)
 from training.data import (EpochSampler, ImageFolderTrain, TrainTransform, dataset_fingerprint, drop_bad_images,
                            find_classes, list_images)
-from training.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from training.evaluate import evaluate
 from training.models import ARCHS, build_model
 from training.preprocess import DaliPreprocessor, PreprocessSpec
@@ -167,7 +167,13 @@ def main(args: argparse.Namespace) -> dict:
     if val_classes != classes:
         raise ValueError(f"train and val class folders differ: {sorted(set(classes) ^ set(val_classes))}")
     spec = PreprocessSpec.for_size(args.img_size)
-    train_samples = drop_bad_images(list_images(args.data / "train", classes), args.on_bad_image)
+    # the bad-image scan decodes every file: rank 0 does it (cached by the files' listing, see
+    # training.data.drop_bad_images), the other ranks then read its verdict
+    if dist.is_main:
+        train_samples = drop_bad_images(list_images(args.data / "train", classes), args.on_bad_image)
+    barrier(dist)
+    if not dist.is_main:
+        train_samples = drop_bad_images(list_images(args.data / "train", classes), args.on_bad_image)
     transform = TrainTransform(spec, scale=(args.crop_scale_min, 1.0), hflip=args.hflip, color_jitter=args.color_jitter)
     train_set = ImageFolderTrain(train_samples, transform, args.seed)
     # The sampler reshuffles from (seed, epoch): the same order whether resumed or not, and in DDP
@@ -235,11 +241,11 @@ def main(args: argparse.Namespace) -> dict:
 
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
 
-    val_inputs = val_labels = None
-    if dist.is_main:  # val inputs come from the serving pipeline, computed once (it is deterministic)
+    val_paths = val_labels = val_pre = None
+    if dist.is_main:  # val inputs come from the serving pipeline, streamed each epoch (any val size fits)
         val_samples = drop_bad_images(list_images(args.data / "val", classes), args.on_bad_image)
-        val_inputs = DaliPreprocessor(spec).files([p for p, _ in val_samples])
-        val_labels = np.array([y for _, y in val_samples])
+        val_paths, val_labels = [p for p, _ in val_samples], np.array([y for _, y in val_samples])
+        val_pre = DaliPreprocessor(spec)
 
     provenance = {"data": str(args.data.resolve()), "data_sha256": dataset_fingerprint(args.data) if dist.is_main else None,
                   "seed": args.seed, "world_size": dist.world_size, "device": device.type,
@@ -256,7 +262,7 @@ def main(args: argparse.Namespace) -> dict:
                                 scaler, amp_dtype, ema, teacher)
         if dist.is_main:
             deploy = ema.module if ema is not None else model  # the weights that are scored and exported
-            metrics = {"epoch": epoch + 1, **evaluate(deploy, val_inputs, val_labels, device), **stats,
+            metrics = {"epoch": epoch + 1, **evaluate(deploy, val_pre, val_paths, val_labels, device), **stats,
                        "epoch_time_s": time.perf_counter() - t0}
             log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val top1 {metrics['top1']:.2f}  "
                 f"top5 {metrics.get('top5', float('nan')):.2f}  ({stats['images_per_s']:.0f} img/s)")
