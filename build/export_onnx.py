@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import warnings
 from pathlib import Path
@@ -27,7 +28,10 @@ from training.evaluate import logits_for_inputs
 from training.preprocess import DaliPreprocessor
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-METADATA_KEY = "platform"
+# The metadata contract's own key in the ONNX metadata_props ("platform" is a word Triton uses for
+# backends) and its version: a reader refuses any other version instead of misreading it.
+METADATA_KEY = "image_platform.metadata"
+SCHEMA_VERSION = 1
 OPSET = 18
 
 
@@ -41,8 +45,40 @@ def read_metadata(model: onnx.ModelProto | Path) -> dict:
         model = onnx.load(str(model), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
-        raise ValueError(f"ONNX model has no '{METADATA_KEY}' metadata: was it exported by build.export_onnx?")
-    return json.loads(props[METADATA_KEY])
+        old = " (it has the unversioned 'platform' metadata of an older export)" if "platform" in props else ""
+        raise ValueError(f"ONNX model has no '{METADATA_KEY}' metadata{old}: export it with `make onnx` "
+                         f"(build.export_onnx)")
+    meta = json.loads(props[METADATA_KEY])
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"ONNX metadata schema version {meta.get('schema_version')}, this code reads version "
+                         f"{SCHEMA_VERSION}: export it again with `make onnx`")
+    return meta
+
+
+def rebase_metadata(meta: dict, from_dir: Path, to_dir: Path) -> dict:
+    """A copy of ``meta`` for an artifact written to ``to_dir`` (paths in it are relative to the artifact)."""
+    m = json.loads(json.dumps(meta))
+    ckpt = Path(from_dir).resolve() / m["source"]["checkpoint"]
+    m["source"]["checkpoint"] = os.path.relpath(ckpt, Path(to_dir).resolve())
+    return m
+
+
+def source_checkpoint(onnx_path: Path, meta: dict | None = None) -> Path:
+    """The checkpoint an ONNX artifact was exported from: found relative to the artifact (so artifacts
+    move together, into a container or to another machine) and verified by its sha256, so a retrained
+    checkpoint is never taken as the reference for an older ONNX."""
+    meta = meta if meta is not None else read_metadata(onnx_path)
+    src = meta["source"]
+    path = Path(onnx_path).resolve().parent / src["checkpoint"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{onnx_path} was exported from {src['checkpoint']} (relative to the ONNX file), "
+                                f"which is not at {path}")
+    digest = file_sha256(path)
+    if digest != src["checkpoint_sha256"]:
+        raise ValueError(f"{path} is not the checkpoint {onnx_path} was exported from (sha256 {digest[:12]}..., "
+                         f"expected {src['checkpoint_sha256'][:12]}...): it was retrained or replaced; "
+                         f"export again with `make onnx`")
+    return path
 
 
 def to_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
@@ -88,9 +124,11 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
     proto = to_onnx(model, spec.input_shape)
 
     metadata = {
+        "schema_version": SCHEMA_VERSION,
         "arch": ckpt["arch"], "arch_args": ckpt["arch_args"], "classes": ckpt["classes"],
         "preprocess": ckpt["preprocess"], "metrics": ckpt.get("metrics", {}),
-        "source": {"checkpoint": str(Path(ckpt_path).resolve()), "checkpoint_sha256": file_sha256(ckpt_path),
+        "source": {"checkpoint": os.path.relpath(Path(ckpt_path).resolve(), Path(out).resolve().parent),
+                   "checkpoint_sha256": file_sha256(ckpt_path),
                    "training_provenance": ckpt.get("provenance", {})},
         "export": {"opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME, "precision": "fp32",
                    "versions": {**library_versions(), "onnx": onnx.__version__}},

@@ -24,7 +24,7 @@ import numpy as np
 
 from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment, check_plan
 from build.quantize import DEFAULT_MAX_TOP1_DROP, accuracy, latency
-from build.export_onnx import read_metadata
+from build.export_onnx import read_metadata, source_checkpoint
 from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     items = list_images(args.data / "val", meta["classes"])
     val, labels = [p for p, _ in items], np.array([y for _, y in items])
     inputs = DaliPreprocessor(spec).files(val)
-    reference_logits = logits_for_inputs(model_from_checkpoint(load_checkpoint(meta["source"]["checkpoint"])), inputs)
+    reference_logits = logits_for_inputs(model_from_checkpoint(load_checkpoint(source_checkpoint(args.artifacts / "model.onnx", meta))), inputs)
     reference = reference_logits.argmax(1)
     fp32_top1 = float(100 * np.mean(reference == labels))
     report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__, "pytorch_fp32_top1": fp32_top1,

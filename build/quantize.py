@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from build.export_onnx import INPUT_NAME, METADATA_KEY, read_metadata
+from build.export_onnx import INPUT_NAME, METADATA_KEY, read_metadata, rebase_metadata, source_checkpoint
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import logits_for_inputs
@@ -252,7 +252,7 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
     if calib_method not in CALIB_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {calib_method!r}")
     meta = read_metadata(onnx_path)
-    ckpt = load_checkpoint(meta["source"]["checkpoint"])
+    ckpt = load_checkpoint(source_checkpoint(onnx_path, meta))
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     val = list_images(Path(data) / "val", meta["classes"])
     inputs = DaliPreprocessor(spec).files([p for p, _ in val])
@@ -271,7 +271,8 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
     for name in [n for n in CONVERSIONS if n in precisions]:
         model = CONVERSIONS[name](Path(onnx_path), calib, calib_method)
         onnx.checker.check_model(model)
-        produced[name] = stamp(model, meta, "int8" if name.startswith("int8") else name, extra).SerializeToString()
+        produced[name] = stamp(model, rebase_metadata(meta, Path(onnx_path).parent, out_dir),
+                               "int8" if name.startswith("int8") else name, extra).SerializeToString()
         print(f"converted {name}")
     results = {}
     for name, blob in produced.items():
@@ -291,9 +292,11 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
               "calibration": {"images": len(calib), "method": calib_method}, "artifacts": results,
               "gate_failures": failures, "embedded_int8": embedded, "embedded_int8_reason": reason,
               "fastest_passing": max(passing, key=lambda n: results[n]["latency"]["best_images_per_s"])}
-    for name, blob in produced.items():  # only what passed the gate is written
+    for name, blob in produced.items():  # only what passed the gate is written; an older one that did not is removed
         if name != "fp32" and name not in failures:
             atomic_write_bytes(out_dir / ARTIFACT_NAMES[name], lambda tmp, blob=blob: tmp.write_bytes(blob))
+        elif name in failures:
+            (Path(out_dir) / ARTIFACT_NAMES[name]).unlink(missing_ok=True)
     atomic_write_bytes(out_dir / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     atomic_write_bytes(out_dir / "build_report.md", lambda tmp: tmp.write_text(markdown(report)))
     print(f"wrote {out_dir / REPORT} and build_report.md")

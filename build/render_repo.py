@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -24,9 +25,12 @@ from clients import protocol as P
 from training.checkpoint import atomic_write_bytes
 from training.preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PreprocessSpec, serialize_dali_pipeline
 
-SOURCE_REPO = Path(__file__).resolve().parent.parent / "model_repository"
+# The committed Python-backend model code; each file becomes <model>/1/model.py of a rendered repository,
+# which is generated output only (model_repository/ holds nothing committed but its README)
+MODEL_CODE = Path(__file__).resolve().parent / "triton_models"
+DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
 PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
-MANIFEST = "build.json"  # their model.py is committed in SOURCE_REPO
+MANIFEST = "build.json"
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,22 @@ def read_manifest(repo: Path) -> dict:
     path = Path(repo) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: render the repository with `make repo` first")
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    for key in ("onnx", "plan"):  # stored relative to the repository, so the two move together
+        if manifest.get(key):
+            manifest[key] = str((Path(repo).resolve() / manifest[key]).resolve())
+    return manifest
+
+
+def rendered_onnx(repo: Path) -> Path:
+    """The ONNX file ``repo`` was rendered from, verified against the sha256 recorded at render time."""
+    manifest = read_manifest(repo)
+    onnx_path = Path(manifest["onnx"])
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{repo} was rendered from {onnx_path}, which no longer exists: run `make repo`")
+    if hashlib.sha256(onnx_path.read_bytes()).hexdigest() != manifest["onnx_sha256"]:
+        raise ValueError(f"{onnx_path} has changed since {repo} was rendered from it: run `make repo` again")
+    return onnx_path
 
 
 def settings_from_manifest(manifest: dict) -> RepoSettings:
@@ -261,14 +280,13 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
     files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
     # what this repository was rendered from and with: read back by the tuner and the reports
     files[Path(MANIFEST)] = json.dumps({
-        "target": target, "onnx": str(Path(onnx_path).resolve()), "onnx_sha256": onnx_sha,
-        "plan": str(Path(plan).resolve()) if plan else None,
+        "target": target, "onnx": os.path.relpath(Path(onnx_path).resolve(), Path(out).resolve()), "onnx_sha256": onnx_sha,
+        "plan": os.path.relpath(Path(plan).resolve(), Path(out).resolve()) if plan else None,
         "precision": meta.get("export", {}).get("precision", "fp32"), "settings": asdict(settings),
         "classes": len(classes), "input_shape": list(spec.input_shape)}, indent=2).encode()
     out = Path(out)
-    if out.resolve() != SOURCE_REPO.resolve():  # a repository elsewhere gets the committed model code too
-        for name in python_models:
-            files[Path(name, "1", "model.py")] = (SOURCE_REPO / name / "1" / "model.py").read_bytes()
+    for name in python_models:
+        files[Path(name, "1", "model.py")] = (MODEL_CODE / f"{name}.py").read_bytes()
     for rel, data in files.items():
         atomic_write_bytes(out / rel, lambda tmp, data=data: tmp.write_bytes(data))
     print(f"rendered {out} ({target}): {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
@@ -332,7 +350,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument("--target", choices=("embedded", "gpu"), default="embedded")
     p.add_argument("--plan", type=Path, help="gpu target: the TensorRT plan built from the same ONNX")
-    p.add_argument("--out", type=Path, default=SOURCE_REPO)
+    p.add_argument("--out", type=Path, default=DEFAULT_REPO)
     add_settings_args(p)
     return p
 

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from build.export_onnx import read_metadata
-from build.render_repo import config_text, read_configs, read_manifest
+from build.export_onnx import read_metadata, source_checkpoint
+from build.render_repo import config_text, read_configs, read_manifest, rendered_onnx
 from clients import protocol as P
 from perf import ceiling
 from perf.common import REPORTS, machine_info, sample_images
@@ -69,9 +69,9 @@ def start_baseline(ckpt: str, port: int) -> subprocess.Popen:
 
 def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
     manifest = read_manifest(repo)
-    onnx = Path(manifest["onnx"])
+    onnx = rendered_onnx(repo)
     meta = read_metadata(onnx)
-    ckpt = meta["source"]["checkpoint"]
+    ckpt = str(source_checkpoint(onnx, meta))
     labels = repo / P.POSTPROCESS / "1" / "labels.txt"
     top_k = manifest["settings"]["top_k"] if manifest["settings"]["top_k"] <= manifest["classes"] else manifest["classes"]
     blobs = [b for _, b in sample_images(images)]

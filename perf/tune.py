@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from build.render_repo import RepoSettings, read_manifest, render, settings_from_manifest
+from build.render_repo import RepoSettings, read_manifest, render, rendered_onnx, settings_from_manifest
 from perf.common import sample_images
 from perf.perf_analyzer import measure_rendered, write_input_data
 
@@ -84,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     manifest = read_manifest(args.repo)
-    return tune(Path(manifest["onnx"]), args.images, args.out, settings_from_manifest(manifest), DEFAULT_GRID,
+    return tune(rendered_onnx(args.repo), args.images, args.out, settings_from_manifest(manifest), DEFAULT_GRID,
                 args.concurrency, args.p99_budget_ms, args.protocol, args.interval_ms,
                 None if args.no_apply else args.repo)
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import re
-
 import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 
 from build import export_onnx
-from build.render_repo import RepoSettings, check_ensemble, embedded_configs, read_configs
+from build.render_repo import RepoSettings, check_ensemble, embedded_configs, read_configs, render, rendered_onnx
 from clients import protocol as P
 from tritonclient.grpc import model_config_pb2 as mc
 from training import synthetic
@@ -79,6 +82,46 @@ def test_onnx_has_dynamic_batch_and_metadata(onnx_model, checkpoint):
     ckpt = load_checkpoint(checkpoint)
     assert meta["classes"] == ckpt["classes"] and meta["preprocess"] == ckpt["preprocess"]
     assert meta["source"]["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+
+def test_metadata_contract_is_versioned_relative_and_verified(checkpoint, onnx_model, tmp_path):
+    meta = export_onnx.read_metadata(onnx_model)
+    assert meta["schema_version"] == export_onnx.SCHEMA_VERSION
+    assert not Path(meta["source"]["checkpoint"]).is_absolute()
+    # the artifacts move together (another machine, a container's /workspace): still found and verified
+    moved = tmp_path / "elsewhere" / "artifacts"
+    moved.mkdir(parents=True)
+    shutil.copy(checkpoint, moved / "best.pt")
+    model = onnx.load(str(onnx_model))
+    meta["source"]["checkpoint"] = "best.pt"
+    onnx.helper.set_model_props(model, {export_onnx.METADATA_KEY: json.dumps(meta)})
+    onnx.save(model, str(moved / "model.onnx"))
+    assert export_onnx.source_checkpoint(moved / "model.onnx") == moved / "best.pt"
+    # a retrained checkpoint in its place is not taken as the reference of the older ONNX
+    ckpt = load_checkpoint(moved / "best.pt")
+    ckpt["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, moved / "best.pt")
+    with pytest.raises(ValueError, match="is not the checkpoint .* was exported from .* export again"):
+        export_onnx.source_checkpoint(moved / "model.onnx")
+    # metadata of another schema version, or the unversioned key of old exports, is refused by name
+    for props, message in (({export_onnx.METADATA_KEY: json.dumps({**meta, "schema_version": 99})}, "schema version 99"),
+                           ({"platform": json.dumps(meta)}, "unversioned 'platform' metadata")):
+        del model.metadata_props[:]
+        onnx.helper.set_model_props(model, props)
+        with pytest.raises(ValueError, match=message):
+            export_onnx.read_metadata(model)
+
+
+def test_repository_manifest_is_relative_and_verified(onnx_model, tmp_path):
+    artifacts = tmp_path / "a" / "artifacts"
+    artifacts.mkdir(parents=True)
+    shutil.copy(onnx_model, artifacts / "model.onnx")
+    render(artifacts / "model.onnx", tmp_path / "a" / "repo", RepoSettings(max_batch_size=4))
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the project moves: repository and artifacts together
+    assert rendered_onnx(tmp_path / "b" / "repo") == (tmp_path / "b" / "artifacts" / "model.onnx").resolve()
+    (tmp_path / "b" / "artifacts" / "model.onnx").write_bytes(b"re-exported since")
+    with pytest.raises(ValueError, match="has changed since .* was rendered from it"):
+        rendered_onnx(tmp_path / "b" / "repo")
 
 
 def test_failed_validation_leaves_nothing_behind(checkpoint, tiny_data, tmp_path, monkeypatch):

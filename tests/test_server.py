@@ -76,6 +76,14 @@ def jpeg_bytes(seed=0, size=(60, 40)) -> bytes:
 
 
 def corrupt_jpeg() -> bytes:
+    """Well-formed marker structure, undecodable content: the decoder itself must refuse it."""
+    good = bytearray(jpeg_bytes())
+    dht = good.index(b"\xff\xc4")
+    good[dht + 5:dht + 21] = b"\xff" * 16  # a Huffman table's 16 code counts: more codes than any table holds
+    return bytes(good)
+
+
+def smashed_jpeg() -> bytes:
     good = bytearray(jpeg_bytes())
     rng = np.random.default_rng(1)
     good[300:900] = rng.integers(0, 255, 600, dtype=np.uint8).tobytes()  # scan data and tables smashed
@@ -84,6 +92,7 @@ def corrupt_jpeg() -> bytes:
 
 BAD_IMAGES = {
     "corrupt_jpeg": (corrupt_jpeg(), "could not decode the image data"),
+    "smashed_jpeg": (smashed_jpeg(), "corrupt JPEG: expected a marker at byte"),
     "truncated_jpeg": (jpeg_bytes()[:700], "truncated JPEG"),
     "empty": (b"", "empty input"),
     "not_an_image": (b"%PDF-1.4 this is a text document, not a picture\n", "not a JPEG or PNG image"),
