@@ -5,6 +5,7 @@ refuse oversized inputs with an error naming the limit."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,42 @@ def test_over_the_limits_is_refused_naming_the_limit(server, tmp_path):
     assert f"over the limit of {MAX_IMAGE_PIXELS} pixels" in preds[0].error
     assert f"over the limit of {max_bytes} bytes" in preds[1].error
     assert preds[2].ok and preds[2].labels == good.labels  # the other image of the batch is unaffected
+
+
+def stub_pid(server_pid: int, model: str) -> int:
+    """The Python-backend stub process serving ``model`` (a child of tritonserver)."""
+    import psutil
+
+    for child in psutil.Process(server_pid).children(recursive=True):
+        if "triton_python_backend_stub" in child.name() and any(f"/{model}/" in a for a in child.cmdline()):
+            return child.pid
+    raise LookupError(f"no stub process for {model}")
+
+
+def test_internal_failure_is_internal_not_the_images_fault(repo, val_files, tmp_path):
+    """Out of memory inside the preprocess model (a real one: its address space is capped with prlimit
+    while it decodes a 30-megapixel photo) is INTERNAL (HTTP 500), logged, not blamed on the image,
+    and the model answers normally once memory is back."""
+    import resource
+
+    from serve.server import Ports, TritonServer, free_ports
+
+    photo = io.BytesIO()
+    Image.open(val_files[0]).convert("RGB").resize((6400, 4800)).save(photo, "JPEG", quality=80)
+    log = tmp_path / "tritonserver.log"
+    with TritonServer(repo, Ports(*free_ports(3)), log_file=log) as server, \
+            ImageClassifierClient(server.http_url, "http", timeout_s=120) as client:
+        good = client.classify([Path(val_files[0]).read_bytes()], ["good"])[0]
+        pid = stub_pid(server.proc.pid, "preprocess")
+        vm = int(next(ln.split()[1] for ln in open(f"/proc/{pid}/status") if ln.startswith("VmSize:"))) * 1024
+        previous = resource.prlimit(pid, resource.RLIMIT_AS)
+        resource.prlimit(pid, resource.RLIMIT_AS, (vm + (32 << 20), previous[1]))  # 32 MB more: a 92 MB decode fails
+        try:
+            preds = client.classify([photo.getvalue(), Path(val_files[0]).read_bytes()], ["big", "good"], batch_size=2)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_AS, previous)
+        after = client.classify([photo.getvalue()], ["big"])[0]
+    assert all("preprocess failed internally" in p.error for p in preds), [p.error for p in preds]
+    assert not any("image 0 of" in p.error or "could not decode" in p.error for p in preds)
+    assert "preprocess failed internally" in log.read_text()
+    assert good.ok and after.ok  # memory back: the same photo is classified
