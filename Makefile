@@ -52,10 +52,14 @@ PREFERRED   ?=
 QUEUE_DELAY_US ?=
 INSTANCES   ?=
 TOP_K       ?=
+# inputs refused before decoding (unset: 50 megapixels, 32 MiB; training/preprocess.py)
+MAX_IMAGE_PIXELS ?=
+MAX_IMAGE_BYTES ?=
 RESET_SETTINGS ?=
 SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
   $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
   $(if $(INSTANCES),--preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES)) \
+  $(if $(MAX_IMAGE_PIXELS),--max-image-pixels $(MAX_IMAGE_PIXELS)) $(if $(MAX_IMAGE_BYTES),--max-image-bytes $(MAX_IMAGE_BYTES)) \
   $(if $(RESET_SETTINGS),--reset-settings)
 # serving and clients
 HTTP_PORT   ?= 8000

@@ -46,7 +46,7 @@ def run(name: str, work: Path, extra_train_args: tuple[str, ...] = ()) -> dict:
     served = 100.0 * sum(p.labels[0] == classes[y] for p, (_, y) in zip(preds, val)) / len(val)
     train_images = len(list_images(data / "train", classes))
     return {"dataset": name, "classes": len(classes), "train_images": train_images, "val_images": len(val),
-            "epochs_run": ckpt["epoch"], "best_epoch": ckpt.get("best_epoch"), "checkpoint_val_top1": ckpt["best_top1"],
+            "best_epoch": ckpt.get("best_epoch"), "checkpoint_val_top1": ckpt["best_top1"],
             "served_val_top1": served, "train_seconds": round(train_s, 1)}
 
 
