@@ -29,7 +29,7 @@ from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from training.data import list_images
-from training.evaluate import logits_for_inputs
+from training.evaluate import logits_for_files
 from training.preprocess import DaliPreprocessor, PreprocessSpec, build_dali_pipeline, DALI_INPUT_NAME
 
 CONTAINER_TRITON = Path("/opt/tritonserver/bin/tritonserver")
@@ -70,14 +70,16 @@ def main(args: argparse.Namespace) -> int:
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     items = list_images(args.data / "val", meta["classes"])
     val, labels = [p for p, _ in items], np.array([y for _, y in items])
-    inputs = DaliPreprocessor(spec).files(val)
-    reference_logits = logits_for_inputs(model_from_checkpoint(load_checkpoint(source_checkpoint(args.artifacts / "model.onnx", meta))), inputs)
+    settings = repo_settings(args, args.repo)
+    profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
+    pre = DaliPreprocessor(spec, batch_size=profile.max)  # the val split is streamed: any size fits in memory
+    sample = next(pre.iter_files(val[:profile.max]))
+    torch_model = model_from_checkpoint(load_checkpoint(source_checkpoint(args.artifacts / "model.onnx", meta)))
+    reference_logits = logits_for_files(torch_model, pre, val)
     reference = reference_logits.argmax(1)
     fp32_top1 = float(100 * np.mean(reference == labels))
     report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__, "pytorch_fp32_top1": fp32_top1,
               "max_top1_drop": args.max_top1_drop, "dali_gpu_vs_cpu": dali_gpu_vs_cpu(spec, val), "engines": {}}
-    settings = repo_settings(args, args.repo)
-    profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
     binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
     for precision in ("fp16", "int8"):
         onnx_path = args.artifacts / f"model_{precision}.onnx"
@@ -86,9 +88,9 @@ def main(args: argparse.Namespace) -> int:
             .check_environment().parse().configure().build(plan)
         check_plan(Path(f"{plan}.json"), trt.__version__, cc)
         run = TrtRunner(plan)
-        scored = {**accuracy(run, inputs, labels, reference_logits, batch=profile.max),
+        scored = {**accuracy(run, pre.iter_files(val), labels, reference_logits),
                   "size_bytes": plan.stat().st_size,
-                  "latency": latency(run, inputs, batches=sorted({1, profile.opt, profile.max}))}
+                  "latency": latency(run, sample, batches=sorted({1, profile.opt, profile.max}))}
         repo = out / f"repo_{precision}"
         render(onnx_path, repo, settings, target="gpu", plan=plan)
         with TritonServer(repo, Ports(*free_ports(3)), log_file=out / f"tritonserver_{precision}.log", binary=binary) as s:
