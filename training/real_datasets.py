@@ -1,6 +1,6 @@
 """Real image data sets that installable packages ship, written as ImageFolder JPEGs.
 
-The benchmark of the default recipe (``make benchmark-data``, perf/data_benchmark.py) trains on these:
+The benchmark of the default recipe (``make benchmark-data``, perf/real_data.py) trains on these:
 data the project never generated, read from files the way a user's own data set would be.
 
     python -m training.real_datasets --name digits --out data/real/digits
