@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from training.preprocess import ImageRejected, PreprocessSpec, check_limits, decode_image
+from training.preprocess import ImageRejected, PreprocessSpec, decode_image, open_image
 
-# What the served ensemble accepts, so that every training image can also be served.
+# File names of what the served ensemble accepts (training.preprocess.IMAGE_FORMATS), so that every
+# training image can also be served.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-IMAGE_FORMATS = ("JPEG", "PNG")
 
 
 def find_classes(split_dir: Path) -> list[str]:
@@ -47,10 +47,7 @@ def image_problem(path: Path) -> str | None:
     size limits are the decode policy's (training.preprocess).
     """
     try:
-        with Image.open(path) as img:
-            if img.format not in IMAGE_FORMATS:
-                return f"is {img.format}, not JPEG or PNG"
-            check_limits(path.stat().st_size, *img.size)
+        with open_image(path, path.stat().st_size) as img:
             img.draft("RGB", (64, 64))
             img.load()
     except ImageRejected as e:

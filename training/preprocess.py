@@ -31,6 +31,7 @@ DALI_INPUT_NAME = protocol.IMAGE
 # encoded bytes is more than any camera writes for one photo. Rendered into the served config.
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
+IMAGE_FORMATS = ("JPEG", "PNG")  # what the served ensemble decodes
 
 
 @dataclass(frozen=True)
@@ -107,19 +108,34 @@ def check_limits(num_bytes: int, width: int, height: int, max_pixels: int = MAX_
         raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels")
 
 
+def open_image(fp, num_bytes: int, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES):
+    """Open a JPEG/PNG lazily (header only) and apply the policy's checks: format and size limits.
+
+    ``fp``: a path or a binary file object; ``num_bytes``: its encoded size. Raises ImageRejected."""
+    from PIL import Image
+
+    try:
+        img = Image.open(fp)
+    except Exception as e:
+        raise ImageRejected(f"not a decodable JPEG or PNG image ({type(e).__name__}: {e})") from e
+    if img.format not in IMAGE_FORMATS:
+        img.close()
+        raise ImageRejected(f"is {img.format}, not JPEG or PNG")
+    try:
+        check_limits(num_bytes, *img.size, max_pixels=max_pixels, max_bytes=max_bytes)
+    except ImageRejected:
+        img.close()
+        raise
+    return img
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES):
     """Encoded JPEG/PNG bytes -> an RGB ``PIL.Image`` with the serving decoder's pixels."""
     import io
 
     from PIL import Image, ImageOps
 
-    try:
-        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-    except Exception as e:
-        raise ImageRejected(f"not a decodable JPEG or PNG image ({type(e).__name__}: {e})") from e
-    if img.format not in ("JPEG", "PNG"):
-        raise ImageRejected(f"is {img.format}, not JPEG or PNG")
-    check_limits(len(data), *img.size, max_pixels=max_pixels, max_bytes=max_bytes)
+    img = open_image(io.BytesIO(data), len(data), max_pixels, max_bytes)
     img.load()
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: Pillow's convert would clip at 255
