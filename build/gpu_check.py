@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment, check_plan
-from build.quantize import DEFAULT_MAX_TOP1_DROP, accuracy, latency
+from build.quantize import DEFAULT_MAX_TOP1_DROP, accuracy, latency, stream_logits
 from build.export_onnx import read_metadata, source_checkpoint
 from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
@@ -88,7 +88,8 @@ def main(args: argparse.Namespace) -> int:
             .check_environment().parse().configure().build(plan)
         check_plan(Path(f"{plan}.json"), trt.__version__, cc)
         run = TrtRunner(plan)
-        scored = {**accuracy(run, pre.iter_files(val), labels, reference_logits),
+        engine_logits = stream_logits({precision: run}, pre.iter_files(val))[precision]
+        scored = {**accuracy(engine_logits, labels, reference_logits),
                   "size_bytes": plan.stat().st_size,
                   "latency": latency(run, sample, batches=sorted({1, profile.opt, profile.max}))}
         repo = out / f"repo_{precision}"

@@ -31,7 +31,7 @@ import onnx
 from build.export_onnx import INPUT_NAME, METADATA_KEY, read_metadata, rebase_metadata, source_checkpoint
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from training.data import list_images
-from training.evaluate import logits_for_files
+from training.evaluate import logits_for_inputs
 from training.preprocess import DaliPreprocessor, PreprocessSpec
 
 ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx",
@@ -209,21 +209,22 @@ def latency(run: Runner, inputs: np.ndarray, batches=(1, 8, 16, 32), min_time: f
     return {"batch1_ms": out[1]["ms"], "best_batch": best, "best_images_per_s": out[best]["images_per_s"], "by_batch": out}
 
 
-def accuracy(run: Runner, batches: Iterable[np.ndarray], labels: np.ndarray, reference: np.ndarray) -> dict:
-    """top-1 on the labels, top-1 agreement with the PyTorch reference logits, max |logit difference|.
+def stream_logits(runners: dict[str, Runner], batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every runner's logits over one pass of the streamed val split (DaliPreprocessor.iter_files): each
+    batch is decoded once whatever the number of runners, and only logits are kept."""
+    outs: dict[str, list[np.ndarray]] = {name: [] for name in runners}
+    for batch in batches:
+        batch = np.ascontiguousarray(batch)
+        for name, run in runners.items():
+            outs[name].append(run(batch))
+    return {name: np.concatenate(o) for name, o in outs.items()}
 
-    ``batches`` streams the preprocessed val split (DaliPreprocessor.iter_files): only logits are kept."""
-    logits = np.concatenate([run(np.ascontiguousarray(b)) for b in batches])
+
+def accuracy(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
+    """top-1 on the labels, top-1 agreement with the PyTorch reference logits, max |logit difference|."""
     return {"top1": float(100 * np.mean(logits.argmax(1) == labels)),
             "agreement_with_pytorch": float(100 * np.mean(logits.argmax(1) == reference.argmax(1))),
             "max_abs_logit_diff": float(np.abs(logits.astype(np.float32) - reference).max())}
-
-
-def score(model_bytes: bytes, batches: Iterable[np.ndarray], sample: np.ndarray, labels: np.ndarray,
-          reference: np.ndarray) -> dict:
-    """Accuracy on the streamed val split; latency on ``sample`` (the first val images)."""
-    run = onnx_runner(model_bytes)
-    return {**accuracy(run, batches, labels, reference), "size_bytes": len(model_bytes), "latency": latency(run, sample)}
 
 
 def gate(results: dict[str, dict], max_drop: float) -> list[str]:
@@ -265,7 +266,6 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
     if val and 100 / len(val) > max_top1_drop:
         print(f"warning: the val split has {len(val)} images, so one image is {100 / len(val):.2f} points of top-1, "
               f"more than the allowed drop of {max_top1_drop}: a single changed prediction fails the gate")
-    reference = logits_for_files(model_from_checkpoint(ckpt), pre, paths)
     calib = calibration_batch(meta, Path(data), calib_size, out_dir)
     print(f"calibration: {len(calib)} training images ({calib_method}) -> {out_dir / 'calib' / 'calib.npy'}")
 
@@ -279,9 +279,14 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
         produced[name] = stamp(model, rebase_metadata(meta, Path(onnx_path).parent, out_dir),
                                "int8" if name.startswith("int8") else name, extra).SerializeToString()
         print(f"converted {name}")
+    torch_model = model_from_checkpoint(ckpt)
+    runners = {name: onnx_runner(blob) for name, blob in produced.items()}
+    logits = stream_logits({"pytorch": lambda x: logits_for_inputs(torch_model, x), **runners}, pre.iter_files(paths))
+    reference = logits.pop("pytorch")
     results = {}
     for name, blob in produced.items():
-        results[name] = {"file": ARTIFACT_NAMES[name], **score(blob, pre.iter_files(paths), sample, labels, reference)}
+        results[name] = {"file": ARTIFACT_NAMES[name], **accuracy(logits[name], labels, reference),
+                         "size_bytes": len(blob), "latency": latency(runners[name], sample)}
         r = results[name]
         print(f"{name:9s} top1 {r['top1']:.2f}%  agreement {r['agreement_with_pytorch']:.2f}%  "
               f"max|diff| {r['max_abs_logit_diff']:.3g}  {r['latency']['best_images_per_s']:.0f} img/s (batch {r['latency']['best_batch']})")
