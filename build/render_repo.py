@@ -22,7 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build.export_onnx import read_metadata
 from clients import protocol as P
-from training.checkpoint import atomic_write_bytes
+from training.checkpoint import atomic_write_bytes, file_sha256
 from training.preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PreprocessSpec, serialize_dali_pipeline
 
 # The committed Python-backend model code; each file becomes <model>/1/model.py of a rendered repository,
@@ -193,7 +193,7 @@ def rendered_onnx(repo: Path) -> Path:
     onnx_path = Path(manifest["onnx"])
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{repo} was rendered from {onnx_path}, which no longer exists: run `make repo`")
-    if hashlib.sha256(onnx_path.read_bytes()).hexdigest() != manifest["onnx_sha256"]:
+    if file_sha256(onnx_path) != manifest["onnx_sha256"]:
         raise ValueError(f"{onnx_path} has changed since {repo} was rendered from it: run `make repo` again")
     return onnx_path
 

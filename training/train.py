@@ -284,8 +284,8 @@ def main(args: argparse.Namespace) -> dict:
             if improved:
                 save_checkpoint(ckpt, args.out / "best.pt")
         # early stopping on val top-1: rank 0 decides, every rank stops after the same epoch
-        stop = bool(args.patience) and dist.is_main and epoch + 1 - best_epoch >= args.patience
-        if all_reduce_sum([float(stop)], dist)[0] > 0:
+        stop = dist.is_main and epoch + 1 - best_epoch >= args.patience
+        if args.patience and all_reduce_sum([float(stop)], dist)[0] > 0:
             log(f"early stop after epoch {epoch + 1}: val top-1 has not improved for {args.patience} epoch(s)")
             break
     log(f"best val top1 {best_top1:.2f}% (epoch {best_epoch})  -> {args.out / 'best.pt'}")
