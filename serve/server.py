@@ -132,6 +132,10 @@ class TritonServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.binary:
+            # a full Triton install (the NGC container) brings its own libraries and Python backend
+            # stub; nvidia-pytriton is not installed there, so nothing of the wheel may be asked for
+            return env
         libs = pytriton_dir().parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

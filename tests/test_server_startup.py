@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -35,3 +40,28 @@ def test_model_that_fails_to_load_is_named_with_its_reason(repo, tmp_path):
 def test_missing_repository(tmp_path):
     with pytest.raises(Exception, match="make repo"):
         TritonServer(tmp_path / "nope").start()
+
+
+def test_own_binary_needs_no_pytriton(repo, tmp_path):
+    """`binary=` is the NGC container's tritonserver, where nvidia-pytriton is not installed: starting it must
+    not ask for the wheel. Stand-in for the container's install: a wrapper around the wheel's server that
+    brings its own backend directory and libraries, started from a Python where pytriton cannot be imported."""
+    wheel = TritonServer(repo)
+    env = wheel.environment()
+    wrapper = tmp_path / "tritonserver"
+    exports = " ".join(f"{k}={shlex.quote(env[k])}" for k in ("LD_LIBRARY_PATH", "PATH", "PYTHONPATH"))
+    binary, *_ = wheel.command()
+    backends = next(a for a in wheel.command() if a.startswith("--backend-directory="))
+    wrapper.write_text(f'#!/bin/sh\nexec env {exports} {shlex.quote(binary)} {shlex.quote(backends)} "$@"\n')
+    wrapper.chmod(0o755)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["pytriton"] = None  # as in the container: `import pytriton` fails
+        from pathlib import Path
+        from serve.server import Ports, TritonServer, free_ports
+        with TritonServer(Path({str(repo)!r}), Ports(*free_ports(3)), binary=Path({str(wrapper)!r})) as s:
+            print("ready", s.proc.pid)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                       env={k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH",)})
+    assert r.returncode == 0 and "ready" in r.stdout, r.stdout + r.stderr
