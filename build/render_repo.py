@@ -14,6 +14,9 @@ import argparse
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build.export_onnx import read_metadata
 from clients import protocol as P
 from training.checkpoint import atomic_write_bytes, file_sha256
-from training.preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PreprocessSpec, serialize_dali_pipeline
+from training.preprocess import DALI_INPUT_NAME, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PreprocessSpec
 
 # The committed Python-backend model code; each file becomes <model>/1/model.py of a rendered repository,
 # which is generated output only (model_repository/ holds nothing committed but its README)
@@ -31,6 +34,19 @@ MODEL_CODE = Path(__file__).resolve().parent / "triton_models"
 DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
 PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
 MANIFEST = "build.json"
+# The preprocess model's pipeline: a definition DALI serializes itself (build/triton_models/dali.py), the
+# one graph it imports (training/dali_graph.py) and the spec it reads, side by side in preprocess/1/
+PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG = "dali.py", "dali_graph.py", "preprocess.json"
+GRAPH_SOURCE = Path(__file__).resolve().parent.parent / "training" / GRAPH_FILE
+# What Triton's DALI backend runs when a model has no serialized pipeline (dali_backend r24.10,
+# src/model_provider/model_provider.h): load the file by path, serialize its one @autoserialize pipeline.
+AUTOSERIALIZE = """import importlib.util, sys
+from nvidia.dali._utils.autoserialize import invoke_autoserialize
+spec = importlib.util.spec_from_file_location('autoserialize_mod', sys.argv[1])
+head_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(head_module)
+invoke_autoserialize(head_module, sys.argv[2])
+"""
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,10 @@ def gpu_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings, onnx_io
     outputs = [_tensor(P.PROBABILITIES, FP32, [num_classes]), _tensor(P.LABELS, BYTES, [k]), _tensor(P.SCORES, FP32, [k])]
     preferred = sorted({b for b in (*s.preferred_batch_sizes, profile_opt, s.max_batch_size) if b <= s.max_batch_size})
 
-    pre = mc.ModelConfig(name=P.PREPROCESS, backend="dali", max_batch_size=s.max_batch_size)
+    # no model.dali: the backend serializes dali.py with its own DALI (see build/triton_models/dali.py)
+    pre = mc.ModelConfig(name=P.PREPROCESS, backend="dali", max_batch_size=s.max_batch_size,
+                         default_model_filename=PIPELINE_FILE)
+    pre.parameters["num_threads"].string_value = str(s.dali_threads)
     pre.input.append(mc.ModelInput(**_tensor(P.IMAGE, U8, [-1], ragged=True)))
     pre.output.append(mc.ModelOutput(**_tensor(P.PIXELS, FP32, list(spec.input_shape))))
     pre.instance_group.append(mc.ModelInstanceGroup(count=s.preprocess_instances, kind=gpu))
@@ -170,6 +189,29 @@ def check_ensemble(configs: dict[str, mc.ModelConfig]) -> None:
         if available.get(t.name) != (t.data_type, list(t.dims)):
             raise ValueError(f"ensemble output '{t.name}' {(t.data_type, list(t.dims))} is produced as "
                              f"{available.get(t.name)} (dtype, dims)")
+
+
+def pipeline_files(spec: PreprocessSpec, s: RepoSettings, device: str) -> dict[str, bytes]:
+    """preprocess/1/'s pipeline definition: dali.py, the graph it imports, and the spec it reads."""
+    config = {"spec": spec.to_dict(), "device": device, "device_id": 0 if device == "gpu" else None,
+              "input_name": DALI_INPUT_NAME, "max_batch_size": s.max_batch_size, "num_threads": s.dali_threads}
+    return {PIPELINE_FILE: (MODEL_CODE / PIPELINE_FILE).read_bytes(), GRAPH_FILE: GRAPH_SOURCE.read_bytes(),
+            PIPELINE_CONFIG: json.dumps(config, indent=2).encode()}
+
+
+def autoserialize(pipeline: dict[str, bytes], python: str = sys.executable) -> bytes:
+    """The serialized pipeline, made exactly as the DALI backend makes it: the backend's command, in a
+    fresh interpreter without the project on its path (so dali.py proves self-contained)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in pipeline.items():
+            (Path(tmp) / name).write_bytes(data)
+        out = Path(tmp) / "model.dali"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        r = subprocess.run([python, "-c", AUTOSERIALIZE, str(Path(tmp) / PIPELINE_FILE), str(out)], cwd=tmp, env=env,
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"DALI could not serialize the preprocess pipeline {PIPELINE_FILE}:\n{r.stderr[-3000:]}")
+        return out.read_bytes()
 
 
 def config_text(cfg: mc.ModelConfig) -> str:
@@ -268,11 +310,11 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
     else:
         raise ValueError(f"target must be 'embedded' or 'gpu', got {target!r}")
     check_ensemble(configs)
-    dali = serialize_dali_pipeline(spec, settings.max_batch_size, "gpu" if target == "gpu" else "cpu",
-                                   settings.dali_threads)
-
+    pipeline = pipeline_files(spec, settings, "gpu" if target == "gpu" else "cpu")
+    files.update({Path(P.PREPROCESS, "1", name): data for name, data in pipeline.items()})
+    if target == "embedded":  # our Python model deserializes it; serialized by this DALI, which runs it
+        files[Path(P.PREPROCESS, "1", "model.dali")] = autoserialize(pipeline)
     files.update({
-        Path(P.PREPROCESS, "1", "model.dali"): dali,
         Path(P.POSTPROCESS, "1", "labels.txt"): ("\n".join(classes) + "\n").encode(),
         # the ensemble's version folder must exist and, in object stores, hold a file
         Path(P.ENSEMBLE, "1", ".placeholder"): b"",
@@ -289,6 +331,8 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
         files[Path(name, "1", "model.py")] = (MODEL_CODE / f"{name}.py").read_bytes()
     for rel, data in files.items():
         atomic_write_bytes(out / rel, lambda tmp, data=data: tmp.write_bytes(data))
+    if target == "gpu":  # a serialized pipeline left by an earlier render would be loaded instead of dali.py
+        (out / P.PREPROCESS / "1" / "model.dali").unlink(missing_ok=True)
     print(f"rendered {out} ({target}): {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
           f"max_batch_size {settings.max_batch_size})")
     return {str(rel): out / rel for rel in files}

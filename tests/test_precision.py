@@ -184,7 +184,8 @@ def test_gpu_repository_configs(artifacts, tmp_path):
     assert list(cls.dynamic_batching.preferred_batch_size) == [4, 8, 16]
     assert cls.model_warmup[0].batch_size == 8 and cls.model_warmup[0].inputs["input"].zero_data
     assert post.backend == "python" and (repo / P.POSTPROCESS / "1" / "model.py").exists()
-    assert b"mixed" in (repo / P.PREPROCESS / "1" / "model.dali").read_bytes()  # nvJPEG decoder on the GPU
+    # the DALI backend serializes dali.py itself (its decoder: tests/test_gpu_target.py)
+    assert (repo / P.PREPROCESS / "1" / "dali.py").exists() and not (repo / P.PREPROCESS / "1" / "model.dali").exists()
     assert not (repo / P.PREPROCESS / "1" / "model.py").exists()
 
 
@@ -308,7 +309,13 @@ def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
 def test_gpu_check(artifacts, tiny_data):
     from build import gpu_check
 
-    args = gpu_check.get_args_parser().parse_args(["--artifacts", str(artifacts), "--data", str(tiny_data)])
+    # 80 val images: one image is 1.25 points, so the 1-point gate and 99% agreement would fail on a single
+    # flipped image (FP16/INT8 vs FP32 may flip one); allow two, as the artifacts fixture does
+    val = len(list((tiny_data / "val").rglob("*.jpg")))
+    tolerance = 2 * 100 / val
+    args = gpu_check.get_args_parser().parse_args(["--artifacts", str(artifacts), "--data", str(tiny_data),
+                                                   "--max-top1-drop", str(tolerance),
+                                                   "--min-served-agreement", str(100 - tolerance)])
     assert gpu_check.main(args) == 0
 
 

@@ -144,39 +144,16 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int
 
 
 # --------------------------------------------------------------------------------------------
-# DALI: one graph, two devices
+# DALI: one graph, two devices (the graph itself is training/dali_graph.py, which the GPU server's
+# DALI backend also imports: see build/triton_models/dali.py)
 # --------------------------------------------------------------------------------------------
-
-def dali_graph(encoded, spec: PreprocessSpec, device: str):
-    """decode -> resize -> (crop) -> normalize -> CHW float32, on ``device`` ("cpu" or "gpu")."""
-    from nvidia.dali import fn, types
-
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    # "mixed" = nvJPEG: parse on the host, decode on the GPU; everything after stays on the GPU.
-    images = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-    if spec.resize_policy == "shorter_center_crop":
-        images = fn.resize(images, resize_shorter=spec.resize_size, interp_type=types.INTERP_LINEAR, antialias=True)
-        crop = (spec.crop_size, spec.crop_size)
-    else:  # stretch
-        images = fn.resize(
-            images, resize_x=spec.crop_size, resize_y=spec.crop_size, interp_type=types.INTERP_LINEAR, antialias=True
-        )
-        crop = None
-    return fn.crop_mirror_normalize(
-        images,
-        crop=crop,
-        mean=[255.0 * m for m in spec.mean],
-        std=[255.0 * s for s in spec.std],
-        dtype=types.FLOAT,
-        output_layout="CHW",
-    )
-
 
 def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cpu", num_threads: int = 2,
                         device_id: int = 0):
     """A DALI pipeline whose single input is the external source ``IMAGE`` (encoded bytes, uint8)."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import pipeline_def
+
+    from training.dali_graph import preprocess_graph
 
     @pipeline_def(
         batch_size=batch_size,
@@ -187,26 +164,9 @@ def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cp
         exec_pipelined=False,
     )
     def preprocess():
-        encoded = fn.external_source(name=DALI_INPUT_NAME, dtype=types.UINT8, device="cpu")
-        return dali_graph(encoded, spec, device)
+        return preprocess_graph(spec, device, DALI_INPUT_NAME)
 
     return preprocess()
-
-
-def serialize_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str, num_threads: int = 2) -> bytes:
-    """The serialized pipeline for Triton (its DALI backend, or our Python backend on the CPU).
-
-    Built without a device id: serialization needs no GPU, and the server picks the device of the
-    model instance when it deserializes. The ``device`` argument only chooses the operators.
-    """
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None)
-    def preprocess():
-        encoded = fn.external_source(name=DALI_INPUT_NAME, dtype=types.UINT8, device="cpu")
-        return dali_graph(encoded, spec, device)
-
-    return preprocess().serialize()
 
 
 class DaliPreprocessor:

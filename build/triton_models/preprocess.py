@@ -1,8 +1,8 @@
 """Triton Python-backend model: encoded image bytes -> normalized CHW float, with DALI on the CPU.
 
-Runs the serialized DALI pipeline ``model.dali`` written by ``build.render_repo`` from the same
-definition the training package evaluates with (training/preprocess.py). The GPU target runs the
-same pipeline in Triton's DALI backend instead.
+Runs the serialized DALI pipeline ``model.dali``, which ``build.render_repo`` serializes from
+``dali.py`` beside it: the graph the training package evaluates with (training/dali_graph.py). The
+GPU target's DALI backend serializes the same ``dali.py`` itself, with its own DALI.
 
 Bad images never take the server or other requests down: every image's header is read first (format,
 size limits, truncation), a DALI batch that fails to decode is retried image by image (DALI
