@@ -60,6 +60,13 @@ def pytriton_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def dali_backend_wheel(binary: Path) -> Path | None:
+    """The DALI Python package that a Triton install's DALI backend ships for autoserialization
+    (<install>/backends/dali/wheel/dali, as in the NGC images), if there is one."""
+    wheel = binary.resolve().parent.parent / "backends" / "dali" / "wheel" / "dali"
+    return wheel if wheel.is_dir() else None
+
+
 def backend_directory() -> Path:
     """A backends/python folder with the backend library, its utils and the stub for this Python."""
     src = pytriton_dir() / "tritonserver"
@@ -134,7 +141,13 @@ class TritonServer:
         env = dict(os.environ)
         if self.binary:
             # a full Triton install (the NGC container) brings its own libraries and Python backend
-            # stub; nvidia-pytriton is not installed there, so nothing of the wheel may be asked for
+            # stub; nvidia-pytriton is not installed there, so nothing of the wheel may be asked for.
+            # Its DALI backend serializes dali.py pipelines with `python3` and its own DALI wheel, which
+            # the image puts on PYTHONPATH; our callers may have replaced that (with pip's newer DALI
+            # behind it), so it goes first again.
+            wheel = dali_backend_wheel(Path(self.binary))
+            if wheel is not None:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(wheel), env.get("PYTHONPATH")]))
             return env
         libs = pytriton_dir().parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
