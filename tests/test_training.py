@@ -162,6 +162,36 @@ def test_ddp_two_processes_match_single_process_effective_batch(tiny_data, tmp_p
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
 
 
+def test_collectives_run_on_the_backends_device(monkeypatch):
+    """NCCL reduces only CUDA tensors: a CPU tensor made DDP on GPUs fail at the end of the first epoch.
+    Where a collective's tensor is made is checked here by recording it (no second GPU to run NCCL on);
+    the real gloo run is test_ddp_two_processes_match_single_process_effective_batch, the real NCCL one
+    test_ddp_nccl_two_gpus."""
+    from training import distributed
+
+    seen = []
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: seen.append(t.device))
+    for device in (torch.device("cpu"), torch.device("meta")):  # meta: any non-CPU device will do
+        info = distributed.DistInfo(rank=0, world_size=2, backend="nccl", device=device)
+        try:
+            distributed.all_reduce_sum([1.0, 2.0], info)
+        except NotImplementedError:  # meta tensors have no values to copy back; the device is what matters
+            pass
+    assert seen == [torch.device("cpu"), torch.device("meta")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL DDP needs two CUDA GPUs (one per process)")
+def test_ddp_nccl_two_gpus(tiny_data, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+                        "-m", "training.train", "--data", str(tiny_data), "--img-size", "32", "--epochs", "2",
+                        "--workers", "0", "--quiet", "--patience", "5", "--out", str(tmp_path / "nccl")],
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x2 (nccl)" in r.stdout
+
+
 def test_distilled_student_trains_and_exports(checkpoint, tiny_data, tmp_path):
     out = tmp_path / "student"
     args = train.parse_args(["--data", str(tiny_data), "--out", str(out), "--img-size", "32", "--epochs", "2",

@@ -15,6 +15,8 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    # where collectives' tensors live: NCCL only reduces CUDA tensors, gloo CPU ones
+    device: torch.device = torch.device("cpu")
 
     @property
     def enabled(self) -> bool:
@@ -35,7 +37,8 @@ def init_distributed(device: torch.device) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+    collective = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, collective)
 
 
 def barrier(info: DistInfo) -> None:
@@ -46,9 +49,9 @@ def barrier(info: DistInfo) -> None:
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     if not info.enabled:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def cleanup(info: DistInfo) -> None:
