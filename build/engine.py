@@ -18,6 +18,7 @@ else it stops at once with a message saying what is missing and how to run it.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import shutil
@@ -78,6 +79,44 @@ def gpu_compute_capability() -> tuple[str, str] | None:
     return cc, name
 
 
+# The server's TensorRT backend; the TensorRT library it links is the one that must load our plans
+SERVER_TRT_BACKEND = Path("/opt/tritonserver/backends/tensorrt/libtriton_tensorrt.so")
+
+
+def release(version: str) -> str:
+    """major.minor.patch of a TensorRT version ('10.5.0.18' -> '10.5.0'): what a plan is tied to."""
+    return ".".join(version.split(".")[:3])
+
+
+def linked_library(binary: Path, soname_prefix: str) -> Path | None:
+    """The file the dynamic loader resolves for the library ``binary`` links whose name starts with
+    ``soname_prefix`` (from ldd), or None."""
+    try:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        name, _, rest = line.strip().partition(" => ")
+        path = rest.split(" (")[0].strip()
+        if name.startswith(soname_prefix) and path and path != "not found":
+            return Path(path)
+    return None
+
+
+def server_tensorrt_version(backend: Path = SERVER_TRT_BACKEND) -> str:
+    """The TensorRT version of the library the server's TensorRT backend loads, from the library itself
+    (getInferLibVersion: major*10000 + minor*100 + patch since TensorRT 10, major*1000 + ... before).
+    The pip bindings may be another version than the server's library; only the server's counts."""
+    lib = linked_library(Path(backend), "libnvinfer.so") if Path(backend).is_file() else None
+    if lib is None:
+        raise EngineEnvironmentError(f"cannot tell the serving TensorRT version: {backend} (Triton's TensorRT backend) "
+                                     f"{'links no libnvinfer' if Path(backend).is_file() else 'is missing'}; "
+                                     f"{RUN_IN_CONTAINER}")
+    v = int(ctypes.CDLL(str(lib)).getInferLibVersion())
+    major, rest = (v // 10000, v % 10000) if v >= 100000 else (v // 1000, v % 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
 def check_environment() -> tuple["object", str, str]:
     """(tensorrt module, compute capability, GPU name), or EngineEnvironmentError saying what is missing."""
     gpu = gpu_compute_capability()
@@ -100,7 +139,7 @@ def check_plan(stamp_path: Path, tensorrt_version: str, compute_capability: str)
                                      "built for; rebuild it with `make engine`")
     stamp = PlanStamp(**json.loads(stamp_path.read_text()))
     problems = []
-    if stamp.tensorrt_version != tensorrt_version:
+    if release(stamp.tensorrt_version) != release(tensorrt_version):
         problems.append(f"built with TensorRT {stamp.tensorrt_version}, this runtime is TensorRT {tensorrt_version}")
     if stamp.compute_capability != compute_capability:
         problems.append(f"built for compute capability {stamp.compute_capability} ({stamp.gpu_name}), "
@@ -127,7 +166,9 @@ class TrtRunner:
     """A plan on GPU 0 as a function: preprocessed batch (numpy) -> logits (numpy, float32).
 
     TensorRT 10/11 name-based I/O (set_input_shape, set_tensor_address, execute_async_v3) with torch
-    CUDA tensors as device buffers, on torch's current stream; timings include the host<->device copies.
+    CUDA tensors as device buffers, on a stream of its own: torch's legacy default stream synchronizes
+    with every other stream, which adds waits and inflates the latencies measured here. Timings include
+    the host<->device copies (from pinned memory).
     """
 
     def __init__(self, plan: Path):
@@ -142,6 +183,7 @@ class TrtRunner:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.stream = torch.cuda.Stream()
 
     def _dtype(self, name: str):
         return self.trt.nptype(self.engine.get_tensor_dtype(name))
@@ -150,17 +192,20 @@ class TrtRunner:
         import numpy as np
 
         torch = self.torch
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=self._dtype(self.input))).cuda()
-        self.context.set_input_shape(self.input, tuple(xt.shape))
-        out_dtype = getattr(torch, np.dtype(self._dtype(self.output)).name)
-        yt = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=out_dtype, device="cuda")
-        self.context.set_tensor_address(self.input, xt.data_ptr())
-        self.context.set_tensor_address(self.output, yt.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT inference failed for a batch of shape {tuple(xt.shape)}")
-        stream.synchronize()
-        return yt.float().cpu().numpy()
+        host = torch.from_numpy(np.ascontiguousarray(x, dtype=self._dtype(self.input))).pin_memory()
+        with torch.cuda.stream(self.stream):  # copies, inference and the copy back, in order on one stream
+            xt = host.to("cuda", non_blocking=True)
+            self.context.set_input_shape(self.input, tuple(xt.shape))
+            out_dtype = getattr(torch, np.dtype(self._dtype(self.output)).name)
+            yt = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=out_dtype, device="cuda")
+            self.context.set_tensor_address(self.input, xt.data_ptr())
+            self.context.set_tensor_address(self.output, yt.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"TensorRT inference failed for a batch of shape {tuple(xt.shape)}")
+            out = torch.empty(yt.shape, dtype=torch.float32, pin_memory=True)
+            out.copy_(yt.float(), non_blocking=True)
+        self.stream.synchronize()
+        return out.numpy()
 
 
 class EngineBuilder:
@@ -172,8 +217,15 @@ class EngineBuilder:
         self.workspace_gib, self.timing_cache = workspace_gib, timing_cache
         self.trt = self.logger = self.builder = self.network = self.config = None
 
-    def check_environment(self) -> "EngineBuilder":
+    def check_environment(self, server_backend: Path = SERVER_TRT_BACKEND) -> "EngineBuilder":
+        """GPU and TensorRT present; inside a Triton install, the bindings must be the server's TensorRT."""
         self.trt, self.cc, self.gpu_name = check_environment()
+        if Path(server_backend).is_file():
+            served = server_tensorrt_version(server_backend)
+            if release(self.trt.__version__) != served:
+                raise EngineEnvironmentError(f"the TensorRT Python bindings are {self.trt.__version__} but the server's "
+                                             f"TensorRT is {served}: a plan built here would not load there; install "
+                                             f"tensorrt-cu12=={served} (docker/requirements-gpu.txt)")
         self.major = int(self.trt.__version__.split(".")[0])
         return self
 
@@ -238,17 +290,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-gib", type=float, default=4.0)
     p.add_argument("--timing-cache", type=Path, default=Path("artifacts/trt_timing.cache"))
     p.add_argument("--verify", type=Path, metavar="REPO",
-                   help="only check the plan REPO serves against this TensorRT and GPU (exit 2 with the reason)")
+                   help="only check the plan REPO serves against the server's TensorRT and this GPU (exit 2 with the reason)")
+    p.add_argument("--server-backend", type=Path, default=SERVER_TRT_BACKEND,
+                   help="Triton's TensorRT backend library, whose libnvinfer is the serving TensorRT")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        if args.verify:
-            trt, cc, _ = check_environment()
-            stamp = verify_repository(args.verify, trt.__version__, cc)
+        if args.verify:  # against the server's TensorRT library and this GPU; Python TensorRT is not needed
+            gpu = gpu_compute_capability()
+            if gpu is None:
+                raise EngineEnvironmentError(f"cannot verify a plan here: missing an NVIDIA GPU (nvidia-smi found none); "
+                                             f"{RUN_IN_CONTAINER}")
+            stamp = verify_repository(args.verify, server_tensorrt_version(args.server_backend), gpu[0])
             print(f"{args.verify}: plan built for TensorRT {stamp.tensorrt_version}, compute capability "
-                  f"{stamp.compute_capability}: matches this runtime and GPU")
+                  f"{stamp.compute_capability}: matches the server's TensorRT and this GPU")
             return 0
         missing = [f"--{a}" for a in ("onnx", "precision", "out") if getattr(args, a) is None]
         if missing:

@@ -1,0 +1,212 @@
+"""The GPU target, checked without a GPU: what its server loads, what its container installs, how it
+is deployed. Each test here stands for a defect a review of the GPU path found (issue 11); the parts
+that need a GPU are in tests/test_precision.py, marked ``gpu``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from google.protobuf.internal.decoder import _DecodeVarint
+
+from build.render_repo import (GRAPH_FILE, GRAPH_SOURCE, PIPELINE_CONFIG, PIPELINE_FILE, RepoSettings, autoserialize,
+                               read_configs, render)
+from clients import protocol as P
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
+    """A protobuf message as (field number, value) pairs: enough to read DALI's serialized pipeline
+    (dali/pipeline/proto/dali.proto) without its generated module, which the DALI wheel does not ship."""
+    pos, out = 0, []
+    while pos < len(buf):
+        tag, pos = _DecodeVarint(buf, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _DecodeVarint(buf, pos)
+        elif wire == 2:
+            n, pos = _DecodeVarint(buf, pos)
+            value, pos = buf[pos:pos + n], pos + n
+        else:
+            size = 4 if wire == 5 else 8
+            value, pos = buf[pos:pos + size], pos + size
+        out.append((number, value))
+    return out
+
+
+def dali_operators(serialized: bytes) -> dict[str, dict[str, object]]:
+    """operator name -> {argument: value} for the string and bool arguments of a serialized pipeline."""
+    ops = {}
+    for number, op in _fields(serialized):
+        if number != 5:  # PipelineDef.op
+            continue
+        fields = _fields(op)
+        name = next(v for n, v in fields if n == 1).decode()
+        args = {}
+        for n, arg in fields:
+            if n != 4:  # OpDef.args
+                continue
+            a = dict(_fields(arg))
+            kind = a[2].decode()
+            if kind == "string":
+                args[a[1].decode()] = a.get(5, b"").decode()
+            elif kind == "bool":
+                args[a[1].decode()] = bool(a.get(6, 0))
+        ops[name] = args
+    return ops
+
+
+def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
+    """The GPU server's DALI (1.42 in the 24.10 image) may reject a pipeline serialized by pip's newer DALI:
+    the GPU repository carries the pipeline's definition, which the DALI backend serializes itself, and
+    no model.dali; a stale one from an earlier render is removed (the backend would load it first)."""
+    repo = tmp_path / "gpu"
+    (repo / P.PREPROCESS / "1").mkdir(parents=True)
+    (repo / P.PREPROCESS / "1" / "model.dali").write_bytes(b"serialized by another DALI")
+    render(onnx_model, repo, RepoSettings(max_batch_size=16, dali_threads=3), target="gpu")
+    version = repo / P.PREPROCESS / "1"
+    assert sorted(p.name for p in version.iterdir()) == sorted([PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG])
+    assert (version / GRAPH_FILE).read_bytes() == GRAPH_SOURCE.read_bytes()  # the one graph definition
+    config = read_configs(repo)[P.PREPROCESS]
+    assert config.backend == "dali" and config.default_model_filename == PIPELINE_FILE
+    assert config.parameters["num_threads"].string_value == "3"
+
+    # what the backend does on load, with only DALI importable (autoserialize drops PYTHONPATH); the
+    # spec's device_id is 0, which needs CUDA to serialize here, so None stands in (the server sets the
+    # device at load anyway)
+    files = {p.name: p.read_bytes() for p in version.iterdir()}
+    spec = json.loads(files[PIPELINE_CONFIG])
+    assert spec["device"] == "gpu" and spec["device_id"] == 0 and spec["max_batch_size"] == 16
+    files[PIPELINE_CONFIG] = json.dumps({**spec, "device_id": None}).encode()
+    ops = dali_operators(autoserialize(files))
+    assert ops["ExternalSource"]["device"] == "cpu"
+    # nvJPEG upsamples 4:2:0 chroma like libjpeg-turbo only when asked: without it the devices disagree
+    assert ops["decoders__Image"]["device"] == "mixed" and ops["decoders__Image"]["jpeg_fancy_upsampling"] is True
+    assert ops["Resize"]["device"] == ops["CropMirrorNormalize"]["device"] == "gpu"
+
+
+def test_embedded_pipeline_is_serialized_from_the_same_definition(repo):
+    """The embedded server deserializes model.dali, made from the very dali.py the GPU server serializes."""
+    version = repo / P.PREPROCESS / "1"
+    files = {name: (version / name).read_bytes() for name in (PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG)}
+    assert files[GRAPH_FILE] == GRAPH_SOURCE.read_bytes()
+    assert json.loads(files[PIPELINE_CONFIG])["device"] == "cpu"
+    served = dali_operators((version / "model.dali").read_bytes())
+    assert served == dali_operators(autoserialize(files))
+    assert served["decoders__Image"]["device"] == "cpu"
+
+
+def test_container_server_serializes_with_its_own_dali(tmp_path):
+    """In the NGC image the DALI backend's own DALI is on PYTHONPATH; the image must not replace it, and a
+    server started from our Python (whose PYTHONPATH is /workspace, pip's DALI behind) gets it back first."""
+    from serve.server import TritonServer
+
+    env_lines = [line for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines()
+                 if line.strip().upper().startswith("ENV") and "PYTHONPATH" in line]
+    assert env_lines == [], env_lines
+    install = tmp_path / "opt" / "tritonserver"
+    (install / "bin").mkdir(parents=True)
+    (install / "bin" / "tritonserver").write_text("#!/bin/sh\n")
+    wheel = install / "backends" / "dali" / "wheel" / "dali"
+    wheel.mkdir(parents=True)
+    env = TritonServer(tmp_path, binary=install / "bin" / "tritonserver").environment()
+    assert env["PYTHONPATH"].split(":")[0] == str(wheel)
+
+
+LOCK = ROOT / "docker" / "requirements-gpu.lock"
+# what this machine installs for a package, and what the container installs for it instead
+CONTAINER_VARIANT = {"onnxruntime": "onnxruntime-gpu"}
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _locked() -> dict[str, str]:
+    pins = [line.split("==") for line in LOCK.read_text().splitlines() if "==" in line and not line.startswith("#")]
+    return {_canonical(name): version.strip() for name, version in pins}
+
+
+def test_container_installs_what_the_gpu_path_imports():
+    """ModelOpt's ONNX quantization imports onnxslim and lief at module level, which its requirements only
+    name under the [onnx] extra: the container's locked packages must provide every distribution that the
+    GPU path's modules (quantization, engines, the GPU check) import, measured by importing them here."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, json\n"
+             "from importlib.metadata import packages_distributions\n"
+             "before = set(sys.modules)\n"
+             "import modelopt.onnx.quantization, modelopt.onnx.autocast, build.quantize, build.engine, build.gpu_check\n"
+             "mods = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+             "dists = packages_distributions()\n"
+             "print(json.dumps(sorted([m, sorted(dists[m])] for m in mods if m in dists)))\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    locked = _locked()
+    missing = [(module, dists) for module, dists in json.loads(r.stdout)
+               if not any(CONTAINER_VARIANT.get(_canonical(d), _canonical(d)) in locked for d in dists)]
+    assert missing == [], f"imported by the GPU path but not installed in the container: {missing}"
+    # and the lock is the resolution of requirements-gpu.txt (regenerate with `make -C docker lock`)
+    for line in (ROOT / "docker" / "requirements-gpu.txt").read_text().splitlines():
+        name = line.split("#")[0].strip().split("[")[0].split("==")[0].split("<")[0].split(">")[0]
+        assert not name or _canonical(name) in locked, f"{name} is in requirements-gpu.txt but not in the lock"
+
+
+def test_container_packages_are_cuda_12_builds():
+    """The 24.10 image is CUDA 12.6: a CUDA 13 build (what an unpinned torch resolves to on PyPI since 2.11)
+    needs an R580 driver and fails to initialise CUDA on the drivers this image runs on."""
+    locked = _locked()
+    cuda13 = sorted(n for n in locked if "cu13" in n or (n == "cuda-bindings" and locked[n].startswith("13")))
+    assert cuda13 == []
+    assert locked["nvidia-cuda-runtime-cu12"].startswith("12.")  # what torch's CUDA build pulls in
+    assert locked["tensorrt-cu12"] == "10.5.0"  # the server's TensorRT: plans built in the container load there
+
+
+def _stand_in_backend(tmp_path: Path, encoded_version: int) -> Path:
+    """A shared library linking a 'libnvinfer.so.10' whose getInferLibVersion() returns ``encoded_version``,
+    as Triton's TensorRT backend links the server's TensorRT: the loader, ldd and ctypes are real."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the stand-in libraries")
+    lib = tmp_path / "lib"
+    lib.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "nvinfer.c").write_text(f"int getInferLibVersion(void) {{ return {encoded_version}; }}\n")
+    (tmp_path / "backend.c").write_text("int getInferLibVersion(void);\nint backend(void) { return getInferLibVersion(); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libnvinfer.so.10", "-o", str(lib / "libnvinfer.so.10"),
+                    str(tmp_path / "nvinfer.c")], check=True, timeout=60)
+    (lib / "libnvinfer.so").symlink_to("libnvinfer.so.10")
+    backend = tmp_path / "libtriton_tensorrt.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(backend), str(tmp_path / "backend.c"), f"-L{lib}", "-lnvinfer",
+                    f"-Wl,-rpath,{lib}"], check=True, timeout=60)
+    return backend
+
+
+def test_plans_are_verified_against_the_servers_tensorrt(onnx_model, tmp_path):
+    """`build.engine --verify` compared a plan's stamp with the pip bindings' version, which need not be the
+    server's: the version now comes from the libnvinfer that the server's TensorRT backend loads."""
+    import pytest
+
+    from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
+
+    assert server_tensorrt_version(_stand_in_backend(tmp_path / "a", 100500)) == "10.5.0"
+    assert server_tensorrt_version(_stand_in_backend(tmp_path / "b", 8601)) == "8.6.1"  # TensorRT 8's encoding
+    with pytest.raises(EngineEnvironmentError, match="is missing"):
+        server_tensorrt_version(tmp_path / "no_backend.so")
+    served = server_tensorrt_version(_stand_in_backend(tmp_path / "c", 100600))
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"plan")
+    stamp = {"tensorrt_version": "10.5.0.18", "compute_capability": "9.0", "gpu_name": "NVIDIA H100", "precision": "fp16",
+             "profile": {"min": 1, "opt": 4, "max": 8}, "strongly_typed": False,
+             "onnx_sha256": __import__("hashlib").sha256(onnx_model.read_bytes()).hexdigest()}
+    Path(f"{plan}.json").write_text(json.dumps(stamp))
+    repo = tmp_path / "gpu"
+    render(onnx_model, repo, RepoSettings(max_batch_size=8), target="gpu", plan=plan)
+    with pytest.raises(EngineEnvironmentError, match=r"built with TensorRT 10\.5\.0\.18, this runtime is TensorRT 10\.6\.0"):
+        verify_repository(repo, served, "9.0")
+    assert verify_repository(repo, server_tensorrt_version(_stand_in_backend(tmp_path / "d", 100500)), "9.0")
