@@ -210,3 +210,122 @@ def test_plans_are_verified_against_the_servers_tensorrt(onnx_model, tmp_path):
     with pytest.raises(EngineEnvironmentError, match=r"built with TensorRT 10\.5\.0\.18, this runtime is TensorRT 10\.6\.0"):
         verify_repository(repo, served, "9.0")
     assert verify_repository(repo, server_tensorrt_version(_stand_in_backend(tmp_path / "d", 100500)), "9.0")
+
+
+def _yaml_docs(path: Path) -> list[dict]:
+    import yaml
+
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _one(kind: str) -> dict:
+    return next(d for p in sorted((ROOT / "docker" / "k8s").glob("*.yaml")) for d in _yaml_docs(p) if d["kind"] == kind)
+
+
+def test_kubernetes_survives_slow_starts_and_scales_on_triton():
+    """Triton opens HTTP only after every model loaded, so the liveness probe alone kills slow starts; GPU pods
+    scaled on CPU utilisation never scale; a `:latest` image is pulled on every start."""
+    import re
+
+    import yaml
+
+    pod = _one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    startup = pod["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # TensorRT engines can take minutes
+    tag = pod["image"].rsplit(":", 1)[1]
+    assert tag != "latest" and pod["imagePullPolicy"] == "IfNotPresent"
+    # one image tag: what docker/Makefile builds, compose runs and Kubernetes deploys
+    makefile_image = re.search(r"^IMAGE \?= (\S+)$", (ROOT / "docker" / "Makefile").read_text(), re.M).group(1)
+    compose_image = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["triton"]["image"]
+    assert pod["image"] == makefile_image == compose_image
+
+    hpa_metrics = _one("HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert [m["type"] for m in hpa_metrics] == ["Pods"]
+    rules = yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])["rules"]
+    assert hpa_metrics[0]["pods"]["metric"]["name"] in {r["name"]["as"] for r in rules}
+
+
+def _promql_metrics(expr: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\b(nv_[a-z_]+)\b", expr))
+
+
+def test_dashboard_and_autoscaler_read_metrics_triton_exports(server, val_files):
+    """Every Triton metric the Grafana dashboard and the autoscaling rule query, and every model they name,
+    exists in the real server's /metrics (GPU metrics aside: this server has no GPU)."""
+    import re
+    import urllib.request
+
+    import yaml
+
+    from clients.client import ImageClassifierClient
+
+    with ImageClassifierClient(server.http_url, "http") as c:
+        assert c.classify_files(val_files[:2])[0].ok  # so every per-model counter has a sample
+    with urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10) as r:
+        exported = r.read().decode()
+    names = set(re.findall(r"^(nv_[a-z_]+)", exported, re.M))
+    models = set(re.findall(r'model="([^"]+)"', exported))
+    dashboard = json.loads((ROOT / "docker" / "observability" / "grafana" / "dashboards" / "triton.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [r[k] for r in yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])["rules"]
+              for k in ("seriesQuery", "metricsQuery")]
+    used = set().union(*map(_promql_metrics, exprs))
+    assert {"nv_inference_queue_duration_us", "nv_inference_request_failure", "nv_gpu_utilization"} <= used
+    assert sorted(m for m in used - names if not m.startswith("nv_gpu_")) == []
+    named = {m for e in exprs for m in re.findall(r'model="([^"]+)"', e)}
+    assert named and named <= models
+
+
+def _kserve_schema() -> dict:
+    import lzma
+
+    import yaml
+
+    # KServe's InferenceService CRD (kserve/kserve config/crd/full/serving.kserve.io_inferenceservices.yaml,
+    # commit aaac4e29), kept compressed here: no PyPI package ships it, and kubernetes-validate only knows
+    # the core kinds
+    crd = yaml.safe_load(lzma.open(Path(__file__).parent / "fixtures" / "kserve_inferenceservices_crd.yaml.xz").read())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")["schema"]["openAPIV3Schema"]
+
+
+def _unknown_fields(doc, schema, where="") -> list[str]:
+    """Fields the schema does not declare (the API server would drop them silently): kubernetes-validate's
+    --strict, for a CRD."""
+    if isinstance(doc, dict) and "properties" in schema:
+        out = []
+        for k, v in doc.items():
+            if k not in schema["properties"]:
+                out.append(f"{where}.{k}")
+            else:
+                out += _unknown_fields(v, schema["properties"][k], f"{where}.{k}")
+        return out
+    if isinstance(doc, list) and "items" in schema:
+        return [u for i, v in enumerate(doc) for u in _unknown_fields(v, schema["items"], f"{where}[{i}]")]
+    return []
+
+
+def test_kserve_inferenceservice_validates_against_its_crd():
+    import copy
+
+    import jsonschema
+
+    schema = _kserve_schema()
+    (isvc,) = _yaml_docs(ROOT / "docker" / "k8s" / "kserve" / "inferenceservice.yaml")
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    jsonschema.validate(isvc, schema)
+    assert _unknown_fields(isvc, schema) == []
+    assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "triton"
+    # the checks do catch mistakes: a misspelt field, a wrongly typed one
+    typo = copy.deepcopy(isvc)
+    typo["spec"]["predictor"]["model"]["storageURI"] = typo["spec"]["predictor"]["model"].pop("storageUri")
+    assert _unknown_fields(typo, schema) == [".spec.predictor.model.storageURI"]
+    wrong = copy.deepcopy(isvc)
+    wrong["spec"]["predictor"]["minReplicas"] = "one"
+    try:
+        jsonschema.validate(wrong, schema)
+        raise AssertionError("minReplicas as a string passed the schema")
+    except jsonschema.ValidationError as e:
+        assert "minReplicas" in str(e.path) or "one" in e.message
