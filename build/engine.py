@@ -171,7 +171,8 @@ class TrtRunner:
     the host<->device copies (from pinned memory).
     """
 
-    def __init__(self, plan: Path):
+    def __init__(self, plan: Path, output: str = "logits"):
+        """``output``: the output returned (the export's logits); every output gets a buffer, as TensorRT needs."""
         import tensorrt as trt
         import torch
 
@@ -182,7 +183,8 @@ class TrtRunner:
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.output = output if output in self.outputs else self.outputs[0]
         self.stream = torch.cuda.Stream()
 
     def _dtype(self, name: str):
@@ -196,10 +198,13 @@ class TrtRunner:
         with torch.cuda.stream(self.stream):  # copies, inference and the copy back, in order on one stream
             xt = host.to("cuda", non_blocking=True)
             self.context.set_input_shape(self.input, tuple(xt.shape))
-            out_dtype = getattr(torch, np.dtype(self._dtype(self.output)).name)
-            yt = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=out_dtype, device="cuda")
             self.context.set_tensor_address(self.input, xt.data_ptr())
-            self.context.set_tensor_address(self.output, yt.data_ptr())
+            buffers = {}
+            for name in self.outputs:
+                dtype = getattr(torch, np.dtype(self._dtype(name)).name)
+                buffers[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+                self.context.set_tensor_address(name, buffers[name].data_ptr())
+            yt = buffers[self.output]
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError(f"TensorRT inference failed for a batch of shape {tuple(xt.shape)}")
             out = torch.empty(yt.shape, dtype=torch.float32, pin_memory=True)

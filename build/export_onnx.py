@@ -28,6 +28,9 @@ from training.evaluate import logits_for_inputs
 from training.preprocess import DaliPreprocessor
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# A second output, the softmax of the logits: a server answers top-k labels from it with Triton's
+# classification extension (label_filename + class_count), with no Python model on the request path
+PROBABILITIES_NAME = "probabilities"
 # The metadata contract's own key in the ONNX metadata_props ("platform" is a word Triton uses for
 # backends) and its version: a reader refuses any other version instead of misreading it.
 METADATA_KEY = "image_platform.metadata"
@@ -81,15 +84,28 @@ def source_checkpoint(onnx_path: Path, meta: dict | None = None) -> Path:
     return path
 
 
+class LogitsAndProbabilities(torch.nn.Module):
+    """The classifier's logits (what every fidelity check compares) and their softmax, in FP32."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.softmax(logits.float(), dim=1)
+
+
 def to_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
-    """Export with the dynamo exporter; batch is dynamic, everything else fixed."""
+    """Export with the dynamo exporter; batch is dynamic, everything else fixed. Outputs: logits, probabilities."""
     example = torch.zeros(2, *input_shape)
+    model = LogitsAndProbabilities(model).eval()
     # the exporter logs one warning per torchvision op it cannot register; this project has no torchvision
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, PROBABILITIES_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=OPSET, verbose=False,
         )
     return program.model_proto
@@ -109,6 +125,15 @@ def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarra
     got = ort_logits(model_bytes, inputs)
     got_b1 = ort_logits(model_bytes, inputs[:4], batch_size=1)  # the dynamic batch really is dynamic
     diff = float(max(np.abs(got - ref).max(), np.abs(got_b1 - ref[:4]).max()))
+    import onnxruntime as ort
+
+    probs = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(
+        [PROBABILITIES_NAME], {INPUT_NAME: inputs[:64]})[0]
+    expected = np.exp(ref[:64] - ref[:64].max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    if not np.allclose(probs, expected, atol=1e-4):
+        raise ValidationError(f"the exported softmax output disagrees with softmax(logits): max diff "
+                              f"{np.abs(probs - expected).max():.3g}")
     report = {"images": len(inputs), "max_abs_logit_diff": diff, "tolerance": tolerance,
               "top1_agreement": float(np.mean(got.argmax(1) == ref.argmax(1)))}
     if not np.isfinite(diff) or diff > tolerance:
@@ -130,7 +155,8 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
         "source": {"checkpoint": os.path.relpath(Path(ckpt_path).resolve(), Path(out).resolve().parent),
                    "checkpoint_sha256": file_sha256(ckpt_path),
                    "training_provenance": ckpt.get("provenance", {})},
-        "export": {"opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME, "precision": "fp32",
+        "export": {"opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME, "probabilities": PROBABILITIES_NAME,
+                   "precision": "fp32",
                    "versions": {**library_versions(), "onnx": onnx.__version__}},
     }
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})

@@ -246,7 +246,7 @@ def settings_from_manifest(manifest: dict) -> RepoSettings:
     return RepoSettings(**s)
 
 
-def check_float32_io(onnx_path: Path, names: tuple[str, str]) -> None:
+def check_float32_io(onnx_path: Path, names: tuple[str, ...]) -> None:
     """The TensorRT classifier sits between DALI (FP32 pixels) and postprocess (FP32 logits): its ONNX must
     keep FP32 inputs/outputs whatever its inner precision (AutoCast keep_io_types, Q/DQ inside)."""
     import onnx
@@ -287,7 +287,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
 
         profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
         export = meta.get("export", {})
-        check_float32_io(onnx_path, (export["input"], export["output"]))
+        check_float32_io(onnx_path, (export["input"], export["output"], export.get("probabilities", "")))
         configs = gpu_configs(spec, len(classes), settings, (export["input"], export["output"]), profile.opt)
         files = {}
         if plan is not None:

@@ -71,10 +71,14 @@ def test_build_report_and_artifacts(artifacts):
     assert any(i.data_type == TensorProto.FLOAT16 for i in fp16.graph.initializer)
     int8 = onnx.load(str(artifacts / "model_int8.onnx"))
     assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) >= 10  # explicit Q/DQ
-    for name in ("int8", "int8_ort"):  # the logits leave the graph unquantized (uint8 logits tie classes)
+    for name in ("int8", "int8_ort"):  # logits and probabilities leave the graph unquantized (uint8 logits tie classes)
         model = onnx.load(str(artifacts / quantize.ARTIFACT_NAMES[name]))
-        producers = {o: n.op_type for n in model.graph.node for o in n.output}
-        assert producers[model.graph.output[0].name] not in ("DequantizeLinear", "QuantizeLinear"), name
+        producers = {o: n for n in model.graph.node for o in n.output}
+        assert [o.name for o in model.graph.output] == ["logits", "probabilities"], name
+        for out in model.graph.output:
+            assert producers[out.name].op_type not in ("DequantizeLinear", "QuantizeLinear"), (name, out.name)
+        softmax = producers["probabilities"]
+        assert softmax.op_type == "Softmax" and producers[softmax.input[0]].op_type not in ("DequantizeLinear",), name
     calib = np.load(artifacts / "calib" / "calib.npy")
     sources = (artifacts / "calib" / "calib_sources.txt").read_text().splitlines()
     assert calib.shape[0] == len(sources) == 32 and calib.shape[1:] == (3, 32, 32)
