@@ -35,6 +35,9 @@ TOLERANCE   ?= 1e-3
 PRECISION   ?= fp32
 TARGET      ?= embedded
 PLAN        ?=
+# postprocess (a Python model returns LABELS/SCORES) | classification (none: top-k via Triton's
+# classification extension); unset: postprocess for embedded, classification for gpu
+LAYOUT      ?=
 REPO        ?= $(if $(filter gpu,$(TARGET)),model_repository_gpu,model_repository)
 # the GPU repository whose batching settings the engine's optimization profile follows
 GPU_REPO    ?= $(if $(filter gpu,$(TARGET)),$(REPO),model_repository_gpu)
@@ -145,7 +148,8 @@ gpu-check: venv
 # PRECISION=fp32|fp16|int8 picks the artifact (ONNX=file overrides); TARGET=gpu renders the GPU repository
 repo: venv
 	$(PY) -m build.render_repo $(if $(filter command line,$(origin ONNX)),--onnx $(ONNX)) --artifacts $(ARTIFACTS) \
-	  --precision $(PRECISION) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) --out $(REPO) $(SETTINGS_ARGS)
+	  --precision $(PRECISION) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) $(if $(LAYOUT),--layout $(LAYOUT)) \
+	  --out $(REPO) $(SETTINGS_ARGS)
 
 serve: venv
 	$(PY) -m serve --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,31 @@ def gpu_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings, onnx_io
             P.ENSEMBLE: ensemble(s, outputs, (P.PIXELS, onnx_io[0]), (P.LOGITS, onnx_io[1]))}
 
 
+LAYOUTS = ("postprocess", "classification")
+DEFAULT_LAYOUT = {"embedded": "postprocess", "gpu": "classification"}
+LABELS_FILE = "labels.txt"
+
+
+def classification_layout(configs: dict[str, mc.ModelConfig], num_classes: int, s: RepoSettings,
+                          classifier_io: tuple[str, str]) -> dict[str, mc.ModelConfig]:
+    """No Python model after the classifier: it also outputs the export's softmax, labelled from
+    ``labels.txt`` in its model folder, and the ensemble returns those probabilities. A client asks for
+    the top k with ``class_count`` (Triton's classification extension) and gets "score:index:label"
+    strings; the ensemble inherits the classifier's labels. ``classifier_io``: (input, probabilities)
+    names at the classifier."""
+    FP32 = mc.TYPE_FP32
+    cls = configs[P.CLASSIFIER]
+    cls.output.append(mc.ModelOutput(**_tensor(classifier_io[1], FP32, [num_classes]), label_filename=LABELS_FILE))
+    ens = mc.ModelConfig(name=P.ENSEMBLE, platform="ensemble", max_batch_size=s.max_batch_size)
+    ens.input.append(mc.ModelInput(**_tensor(P.IMAGE, mc.TYPE_UINT8, [-1])))
+    ens.output.append(mc.ModelOutput(**_tensor(P.PROBABILITIES, FP32, [num_classes])))
+    ens.ensemble_scheduling.step.add(model_name=P.PREPROCESS, model_version=-1, input_map={P.IMAGE: P.IMAGE},
+                                     output_map={P.PIXELS: "pixels"})
+    ens.ensemble_scheduling.step.add(model_name=P.CLASSIFIER, model_version=-1, input_map={classifier_io[0]: "pixels"},
+                                     output_map={classifier_io[1]: P.PROBABILITIES})
+    return {P.PREPROCESS: configs[P.PREPROCESS], P.CLASSIFIER: cls, P.ENSEMBLE: ens}
+
+
 def check_ensemble(configs: dict[str, mc.ModelConfig]) -> None:
     """Cross-check the wiring: every step's tensors exist, come from somewhere, and agree in type and shape."""
     ens = next((c for c in configs.values() if c.platform == "ensemble"), None)
@@ -266,7 +292,7 @@ def read_configs(repo: Path) -> dict[str, mc.ModelConfig]:
 
 
 def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), target: str = "embedded",
-           plan: Path | None = None) -> dict[str, Path]:
+           plan: Path | None = None, layout: str | None = None) -> dict[str, Path]:
     """Write the repository; everything is computed in memory first and each file is written atomically.
 
     embedded: the ONNX runs in ONNX Runtime. gpu: ``plan`` (from build.engine, built from this very
@@ -277,18 +303,28 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
     classes: list[str] = meta["classes"]
     onnx_bytes = Path(onnx_path).read_bytes()
     onnx_sha = hashlib.sha256(onnx_bytes).hexdigest()
+    layout = layout or DEFAULT_LAYOUT.get(target, "postprocess")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    export = meta.get("export", {})
+    if layout == "classification" and "probabilities" not in export:
+        raise ValueError(f"{onnx_path} has no softmax output (exported before it was added): export it again "
+                         "with `make onnx` (and `make quantize`) to render the classification layout")
     if target == "embedded":
         configs = embedded_configs(spec, len(classes), settings)
+        if layout == "classification":
+            configs = classification_layout(configs, len(classes), settings, (P.PIXELS, P.PROBABILITIES))
         configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value = onnx_sha
         files = {Path(P.CLASSIFIER, "1", "model.onnx"): onnx_bytes}
-        python_models = PYTHON_MODELS
+        python_models = PYTHON_MODELS if layout == "postprocess" else (P.PREPROCESS, P.CLASSIFIER)
     elif target == "gpu":
         from build.engine import BatchProfile
 
         profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
-        export = meta.get("export", {})
         check_float32_io(onnx_path, (export["input"], export["output"], export.get("probabilities", "")))
         configs = gpu_configs(spec, len(classes), settings, (export["input"], export["output"]), profile.opt)
+        if layout == "classification":  # no Python model at all: DALI backend -> TensorRT
+            configs = classification_layout(configs, len(classes), settings, (export["input"], export["probabilities"]))
         files = {}
         if plan is not None:
             stamp = json.loads(Path(f"{plan}.json").read_text())
@@ -306,7 +342,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
         else:
             print(f"note: no TensorRT plan given: {out}/{P.CLASSIFIER}/1/model.plan is missing until you build one "
                   "with `make engine` (GPU + TensorRT) and render again with PLAN=...")
-        python_models = (P.POSTPROCESS,)
+        python_models = (P.POSTPROCESS,) if layout == "postprocess" else ()
     else:
         raise ValueError(f"target must be 'embedded' or 'gpu', got {target!r}")
     check_ensemble(configs)
@@ -314,15 +350,16 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
     files.update({Path(P.PREPROCESS, "1", name): data for name, data in pipeline.items()})
     if target == "embedded":  # our Python model deserializes it; serialized by this DALI, which runs it
         files[Path(P.PREPROCESS, "1", "model.dali")] = autoserialize(pipeline)
+    labels = Path(P.POSTPROCESS, "1", LABELS_FILE) if layout == "postprocess" else Path(P.CLASSIFIER, LABELS_FILE)
     files.update({
-        Path(P.POSTPROCESS, "1", "labels.txt"): ("\n".join(classes) + "\n").encode(),
+        labels: ("\n".join(classes) + "\n").encode(),
         # the ensemble's version folder must exist and, in object stores, hold a file
         Path(P.ENSEMBLE, "1", ".placeholder"): b"",
     })
     files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
     # what this repository was rendered from and with: read back by the tuner and the reports
     files[Path(MANIFEST)] = json.dumps({
-        "target": target, "onnx": os.path.relpath(Path(onnx_path).resolve(), Path(out).resolve()), "onnx_sha256": onnx_sha,
+        "target": target, "layout": layout, "onnx": os.path.relpath(Path(onnx_path).resolve(), Path(out).resolve()), "onnx_sha256": onnx_sha,
         "plan": os.path.relpath(Path(plan).resolve(), Path(out).resolve()) if plan else None,
         "precision": meta.get("export", {}).get("precision", "fp32"), "settings": asdict(settings),
         "classes": len(classes), "input_shape": list(spec.input_shape)}, indent=2).encode()
@@ -333,7 +370,9 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
         atomic_write_bytes(out / rel, lambda tmp, data=data: tmp.write_bytes(data))
     if target == "gpu":  # a serialized pipeline left by an earlier render would be loaded instead of dali.py
         (out / P.PREPROCESS / "1" / "model.dali").unlink(missing_ok=True)
-    print(f"rendered {out} ({target}): {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
+    if P.POSTPROCESS not in configs and (out / P.POSTPROCESS).is_dir():  # not part of this layout
+        shutil.rmtree(out / P.POSTPROCESS)
+    print(f"rendered {out} ({target}, {layout} layout): {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
           f"max_batch_size {settings.max_batch_size})")
     return {str(rel): out / rel for rel in files}
 
@@ -394,6 +433,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument("--target", choices=("embedded", "gpu"), default="embedded")
     p.add_argument("--plan", type=Path, help="gpu target: the TensorRT plan built from the same ONNX")
+    p.add_argument("--layout", choices=LAYOUTS, help="postprocess: a Python model returns LABELS/SCORES; "
+                   "classification: no Python model after the classifier, clients ask for top-k with class_count "
+                   "(default: postprocess for embedded, classification for gpu)")
     p.add_argument("--out", type=Path, default=DEFAULT_REPO)
     add_settings_args(p)
     return p
@@ -407,7 +449,7 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
 
         onnx_path = artifact_for(args.precision, args.artifacts) if args.target == "embedded" else \
             args.artifacts / {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}[args.precision]
-    return render(onnx_path, args.out, settings, args.target, args.plan)
+    return render(onnx_path, args.out, settings, args.target, args.plan, args.layout)
 
 
 if __name__ == "__main__":

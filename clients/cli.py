@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: no images found (looked for .jpg, .jpeg, .png)", file=sys.stderr)
         return 2
     blobs, sources = [f.read_bytes() for f in files], [str(f) for f in files]
-    with ImageClassifierClient(args.url, args.protocol, args.model) as client:
+    with ImageClassifierClient(args.url, args.protocol, args.model, top_k=args.top_k) as client:
         try:
             client.check_ready()
         except ServerUnreachable as e:

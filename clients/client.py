@@ -97,10 +97,13 @@ def _message(e: Exception) -> str:
 
 class ImageClassifierClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = P.ENSEMBLE,
-                 timeout_s: float = 60.0, with_probabilities: bool = False):
+                 timeout_s: float = 60.0, with_probabilities: bool = False, top_k: int = 5):
+        """``top_k``: labels asked for when the model answers through Triton's classification extension
+        (a model with a postprocess step returns the k it was rendered with)."""
         self.protocol, self.model = protocol, model
         self.url = url or DEFAULT_URLS[protocol]
-        self.timeout_s, self.with_probabilities = timeout_s, with_probabilities
+        self.timeout_s, self.with_probabilities, self.top_k = timeout_s, with_probabilities, top_k
+        self._num_classes: int | None | bool = False  # False: not asked yet (see _classification)
         self._mod, _ = _module(protocol)
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self._client = self._mod.InferenceServerClient(self.url, **kw)
@@ -129,14 +132,45 @@ class ImageClassifierClient:
         self.close()
 
     # -- requests ---------------------------------------------------------------------------------
+    def _classification(self) -> int | None:
+        """How the model answers, from its metadata (asked once): None when it returns LABELS and SCORES
+        (a postprocess model), else its number of classes: it returns PROBABILITIES, and the top k come
+        from Triton's classification extension ("score:index:label" strings)."""
+        if self._num_classes is False:
+            try:
+                kw = {"as_json": True, "client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+                meta = self._client.get_model_metadata(self.model, **kw)
+            except Exception as e:
+                raise RequestError(_message(e), _status(e)) from None
+            outputs = {o["name"]: o for o in meta["outputs"]}
+            self._num_classes = None if P.LABELS in outputs else int(outputs[P.PROBABILITIES]["shape"][-1])
+        return self._num_classes
+
     def _inputs_outputs(self, mod, blobs: Sequence[bytes]):
         arr = pad_batch(blobs)
         inp = mod.InferInput(P.IMAGE, list(arr.shape), "UINT8")
         inp.set_data_from_numpy(arr)  # HTTP sends it with the binary tensor extension by default
+        classes = self._classification()
+        if classes is not None:  # every class when the whole distribution is wanted
+            k = classes if self.with_probabilities else min(self.top_k, classes)
+            return [inp], [mod.InferRequestedOutput(P.PROBABILITIES, class_count=k)]
         names = P.OUTPUTS if self.with_probabilities else (P.LABELS, P.SCORES)
         return [inp], [mod.InferRequestedOutput(n) for n in names]
 
     def _predictions(self, result, sources: Sequence[str]) -> list[Prediction]:
+        classes = self._classification()
+        if classes is not None:
+            out = []
+            for row in result.as_numpy(P.PROBABILITIES).reshape(len(sources), -1):
+                parsed = [x.decode().split(":", 2) for x in row]  # best first; a label may contain ':'
+                probs = None
+                if self.with_probabilities:
+                    probs = [0.0] * classes
+                    for score, index, _ in parsed:
+                        probs[int(index)] = float(score)
+                top = parsed[:self.top_k]
+                out.append(([label for _, _, label in top], [float(score) for score, _, _ in top], probs))
+            return [Prediction(src, labels, scores, probs) for src, (labels, scores, probs) in zip(sources, out)]
         labels, scores = result.as_numpy(P.LABELS), result.as_numpy(P.SCORES)
         probs = result.as_numpy(P.PROBABILITIES) if self.with_probabilities else None
         return [Prediction(src, [x.decode() for x in labels[i]], [float(s) for s in scores[i]],
@@ -184,6 +218,7 @@ class ImageClassifierClient:
     def classify_async(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int = 8,
                        concurrency: int = 4, progress: Callable[[int], None] | None = None) -> list[Prediction]:
         """Async: up to ``concurrency`` batches in flight at once (tritonclient's asyncio clients)."""
+        self._classification()  # asked once, with the sync client, before the event loop starts
         return asyncio.run(self._classify_async(blobs, sources, batch_size, concurrency, progress))
 
     async def _classify_async(self, blobs, sources, batch_size, concurrency, progress) -> list[Prediction]:

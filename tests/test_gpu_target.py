@@ -329,3 +329,62 @@ def test_kserve_inferenceservice_validates_against_its_crd():
         raise AssertionError("minReplicas as a string passed the schema")
     except jsonschema.ValidationError as e:
         assert "minReplicas" in str(e.path) or "one" in e.message
+
+
+def test_gpu_repository_has_no_python_model(onnx_model, tmp_path):
+    """The GPU target's request path is DALI backend -> TensorRT: the softmax is in the exported graph and
+    the top-k come from Triton's classification extension, labelled from the classifier's labels.txt."""
+    from build.export_onnx import read_metadata
+    from build.render_repo import check_ensemble
+
+    repo = tmp_path / "gpu"
+    (repo / P.POSTPROCESS / "1").mkdir(parents=True)  # left by an earlier render with a postprocess model
+    render(onnx_model, repo, RepoSettings(max_batch_size=8), target="gpu")
+    configs = read_configs(repo)
+    check_ensemble(configs)
+    assert sorted(configs) == sorted([P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER]) and not (repo / P.POSTPROCESS).exists()
+    assert [c.backend for c in configs.values() if c.backend] == ["dali"] and not list(repo.rglob("model.py"))
+    probs = next(o for o in configs[P.CLASSIFIER].output if o.name == "probabilities")
+    assert probs.label_filename == "labels.txt"
+    assert (repo / P.CLASSIFIER / "labels.txt").read_text().splitlines() == read_metadata(onnx_model)["classes"]
+    assert [o.name for o in configs[P.ENSEMBLE].output] == [P.PROBABILITIES]
+
+
+def test_classification_layout_serves_what_the_postprocess_layout_serves(onnx_model, server, val_files, tmp_path):
+    """The no-Python-after-the-classifier layout, verified on the embedded server: HTTP and gRPC clients get
+    the same labels, scores and probabilities as from the session server's postprocess layout, the command
+    line works unchanged, and a bad image still fails alone."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from clients.client import ImageClassifierClient
+    from conftest import MAX_BATCH
+    from serve.server import Ports, TritonServer, free_ports
+
+    repo = tmp_path / "classification"
+    render(onnx_model, repo, RepoSettings(max_batch_size=MAX_BATCH), layout="classification")
+    assert not (repo / P.POSTPROCESS).exists()
+    files = val_files[:12]
+    with ImageClassifierClient(server.http_url, "http", with_probabilities=True) as c:
+        reference = c.classify_files(files, batch_size=5)
+    with TritonServer(repo, Ports(*free_ports(3)), log_file=tmp_path / "server.log") as s:
+        for protocol, url in (("http", s.http_url), ("grpc", s.grpc_url)):
+            with ImageClassifierClient(url, protocol, top_k=3, with_probabilities=True) as c:
+                got = c.classify_files(files, batch_size=5)
+                asynchronous = c.classify_async([f.read_bytes() for f in files], [str(f) for f in files], batch_size=4)
+            for a, b in zip(got, reference):
+                assert a.ok and a.labels == b.labels[:3], (protocol, a, b)
+                np.testing.assert_allclose(a.scores, b.scores[:3], atol=2e-6)  # printed with 6 decimals
+                np.testing.assert_allclose(a.probabilities, b.probabilities, atol=2e-6)
+            assert [p.labels for p in asynchronous] == [p.labels for p in got]
+        with ImageClassifierClient(s.grpc_url, "grpc", top_k=2) as c:
+            mixed = c.classify([files[0].read_bytes(), b"\xff\xd8\xff\xe0 not a jpeg", files[1].read_bytes()],
+                               ["good0", "bad", "good1"], batch_size=3)
+        assert [p.ok for p in mixed] == [True, False, True] and len(mixed[0].labels) == 2
+        assert "JPEG" in mixed[1].error
+        r = subprocess.run([sys.executable, "-m", "clients", str(files[0]), "--url", s.http_url, "--top-k", "2",
+                            "--json", "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["labels"] == reference[0].labels[:2]

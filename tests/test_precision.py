@@ -178,7 +178,9 @@ def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_fil
 
 def test_gpu_repository_configs(artifacts, tmp_path):
     repo = tmp_path / "gpu"
-    render(artifacts / "model_fp16.onnx", repo, RepoSettings(max_batch_size=16, preferred_batch_sizes=(4, 8)), target="gpu")
+    # the layout with a Python postprocess model (the default GPU layout has none: tests/test_gpu_target.py)
+    render(artifacts / "model_fp16.onnx", repo, RepoSettings(max_batch_size=16, preferred_batch_sizes=(4, 8)), target="gpu",
+           layout="postprocess")
     configs = read_configs(repo)
     check_ensemble(configs)
     pre, cls, post = configs[P.PREPROCESS], configs[P.CLASSIFIER], configs[P.POSTPROCESS]

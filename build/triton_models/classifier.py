@@ -22,17 +22,20 @@ class TritonPythonModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.ort_input = self.session.get_inputs()[0].name
-        self.ort_output = self.session.get_outputs()[0].name
-        # Triton tensor names come from the rendered config
-        self.in_name, self.out_name = config["input"][0]["name"], config["output"][0]["name"]
+        # Triton tensor names come from the rendered config; its outputs are the ONNX outputs in order
+        # (logits, and in the classification layout also the probabilities)
+        self.in_name = config["input"][0]["name"]
+        self.out_names = [o["name"] for o in config["output"]]
+        self.ort_outputs = [o.name for o in self.session.get_outputs()][:len(self.out_names)]
         self.input_dtype = pb_utils.triton_string_to_numpy(config["input"][0]["data_type"])
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.in_name).as_numpy() for r in requests]
         batch = np.concatenate(arrays).astype(self.input_dtype, copy=False)
-        logits = self.session.run([self.ort_output], {self.ort_input: batch})[0]
+        results = self.session.run(self.ort_outputs, {self.ort_input: batch})
         responses, start = [], 0
         for a in arrays:
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.out_name, logits[start:start + len(a)])]))
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, r[start:start + len(a)]) for name, r in zip(self.out_names, results)]))
             start += len(a)
         return responses
