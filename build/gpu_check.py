@@ -7,7 +7,9 @@
    batch, and the same accuracy gate (top-1 at most --max-top1-drop points below FP32);
 4. for each engine: the GPU repository (DALI backend -> TensorRT plan -> postprocess) served by the
    container's tritonserver, every val image classified over gRPC, compared with PyTorch;
-5. a report: artifacts/gpu_check/report.{json,md}.
+5. for each engine, the served throughput from JPEG bytes (the ensemble) and from pre-decoded tensors
+   (the TensorRT model alone) at several concurrencies, with perf_analyzer;
+6. a report: artifacts/gpu_check/report.{json,md}.
 
 Without a GPU or TensorRT it stops at once and says what is missing (exit status 2).
 """
@@ -28,6 +30,7 @@ from build.quantize import DEFAULT_MAX_TOP1_DROP, accuracy, latency, stream_logi
 from build.export_onnx import read_metadata, source_checkpoint
 from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
+from perf.perf_analyzer import jpegs_and_tensors
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import logits_for_files
@@ -99,11 +102,14 @@ def main(args: argparse.Namespace) -> int:
         with TritonServer(repo, Ports(*free_ports(3)), log_file=out / f"tritonserver_{precision}.log", binary=binary) as s:
             with ImageClassifierClient(s.grpc_url, "grpc") as c:
                 preds = c.classify_files(val, batch_size=settings.max_batch_size)
+            blobs = [p.read_bytes() for p in val[:args.perf_images]]
+            throughput = jpegs_and_tensors(s.grpc_url, s.http_url, "grpc", meta["export"]["input"], blobs, pre(blobs),
+                                           args.concurrency, out / f"perf_{precision}", s.proc.pid)
         served = np.array([meta["classes"].index(p.labels[0]) if p.ok else -1 for p in preds])
         report["engines"][precision] = {"stamp": stamp.__dict__, "images": len(val), "engine": scored,
                                         "gate": "pass" if scored["top1"] >= fp32_top1 - args.max_top1_drop else "FAIL",
                                         "served_agreement_with_pytorch": float(100 * np.mean(served == reference)),
-                                        "errors": sum(not p.ok for p in preds)}
+                                        "errors": sum(not p.ok for p in preds), "throughput": throughput}
         e = report["engines"][precision]
         print(f"{precision}: engine top-1 {scored['top1']:.2f}% (PyTorch FP32 {fp32_top1:.2f}%, gate {e['gate']}), "
               f"{scored['latency']['best_images_per_s']:.0f} img/s at batch {scored['latency']['best_batch']}; "
@@ -123,7 +129,13 @@ def main(args: argparse.Namespace) -> int:
         lines.append(f"| {k} | {e['size_bytes'] / 2 ** 20:.2f} MiB | {e['top1']:.2f} | {e['agreement_with_pytorch']:.2f} | "
                      f"{e['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | {lat['best_batch']} | "
                      f"{lat['best_images_per_s']:.0f} | {v['gate']} | {v['served_agreement_with_pytorch']:.2f} | {v['errors']} |")
-    lines += ["", "Engine latencies include host<->device copies (TensorRT Python API, one stream)."]
+    lines += ["", "Engine latencies include host<->device copies (TensorRT Python API, one stream).", "",
+              "Served throughput (perf_analyzer over gRPC, alternating per concurrency): `jpeg` = JPEG bytes through the "
+              "ensemble (DALI decode + resize on the GPU, TensorRT), `tensors` = pre-decoded inputs to the TensorRT "
+              "model alone.", "",
+              "| engine | input | concurrency | img/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | {r['source']} | {r['concurrency']} | {r['images_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+              for k, v in report["engines"].items() for r in v["throughput"]]
     atomic_write_bytes(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print(f"wrote {out / 'report.md'}")
     problems = verdict(report, args.min_served_agreement)
@@ -156,6 +168,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", type=Path, default=Path("model_repository_gpu"),
                    help="take batching settings from this repository's build.json, if it exists")
     p.add_argument("--max-top1-drop", type=float, default=DEFAULT_MAX_TOP1_DROP, help="accuracy gate, as in `make quantize`")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
+                   help="perf_analyzer concurrencies for the served throughput table")
+    p.add_argument("--perf-images", type=int, default=64, help="val images perf_analyzer cycles through")
     p.add_argument("--min-served-agreement", type=float, default=99.0,
                    help="percent of val images the served engine must classify as PyTorch does; on a small split "
                    "one image is 100/N points, so allow at least that")

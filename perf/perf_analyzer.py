@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from build.render_repo import RepoSettings, read_manifest, render
 from clients import protocol as P
 from perf.common import (UsageMeter, metrics_summary, model_stats, perf_analyzer_binary, perf_analyzer_env,
@@ -57,15 +59,18 @@ class PerfPoint:
 
 def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, input_json: Path, out_dir: Path,
               server_pid: int | None = None, interval_ms: int = 2000, model: str = P.ENSEMBLE,
-              timeout_s: float = 300, metrics_url: str | None = None) -> PerfPoint:
-    """One perf_analyzer measurement; raises RuntimeError with perf_analyzer's own output on failure."""
+              timeout_s: float = 300, metrics_url: str | None = None, request_count: int = 0) -> PerfPoint:
+    """One perf_analyzer measurement; raises RuntimeError with perf_analyzer's own output on failure.
+    ``request_count`` > 0: exactly that many requests, no stabilization (a smoke test on a busy machine
+    cannot fail to stabilize)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{protocol}_{mode}_{value:g}"
     csv_path = out_dir / f"perf_analyzer_{tag}.csv"
     rng = f"{int(value)}:{int(value)}" if mode == "concurrency" else f"{value:g}:{value:g}"
     cmd = [str(perf_analyzer_binary()), "-m", model, "-u", url, "-i", protocol, "--input-data", str(input_json),
            f"--{mode.replace('_', '-')}-range", rng, "--measurement-interval", str(interval_ms),
-           "--max-trials", "5", "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv"]
+           "--max-trials", "5", "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv",
+           *(["--request-count", str(request_count)] if request_count else [])]
     before = model_stats(http_url)
     m_before = scrape_metrics(metrics_url) if metrics_url else {}
     meter = UsageMeter(server_pid).start() if server_pid else None
@@ -79,6 +84,34 @@ def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, i
     server = stats_delta(before, model_stats(http_url))
     metrics = metrics_summary(m_before, scrape_metrics(metrics_url)) if metrics_url else {}
     return PerfPoint(protocol, mode, value, row, server, usage, metrics)
+
+
+def write_tensor_input_data(name: str, batch: np.ndarray, path: Path) -> Path:
+    """perf_analyzer --input-data JSON of pre-decoded inputs: one FP32 tensor per image, with its shape."""
+    data = {"data": [{name: {"content": x.ravel().tolist(), "shape": list(x.shape)}} for x in batch]}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def jpegs_and_tensors(url: str, http_url: str, protocol: str, classifier_input: str, blobs: list[bytes],
+                      pixels: np.ndarray, concurrencies: list[int], out_dir: Path, server_pid: int | None = None,
+                      interval_ms: int = 2000, request_count: int = 0) -> list[dict]:
+    """Served throughput from JPEG bytes (the ensemble: decode, resize, model) and from pre-decoded tensors
+    (the classifier alone, ``pixels`` = the preprocessed ``blobs``) at each concurrency, alternating: the
+    gap is what preprocessing and the ensemble's hops cost."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = (("jpeg", P.ENSEMBLE, write_input_data(blobs, out_dir / "input_jpeg.json")),
+               ("tensors", P.CLASSIFIER, write_tensor_input_data(classifier_input, pixels, out_dir / "input_tensors.json")))
+    rows = []
+    for c in concurrencies:
+        for source, model, data in sources:
+            p = run_point(url, http_url, protocol, "concurrency", c, data, out_dir / source, server_pid, interval_ms,
+                          model=model, request_count=request_count)
+            rows.append({"source": source, "model": model, "protocol": protocol, "concurrency": c,
+                         "images_per_s": p.throughput, "p50_ms": p.latency_ms(50), "p99_ms": p.latency_ms(99)})
+            print(f"perf_analyzer {source:7s} {protocol} concurrency {c}: {p.throughput:.0f} img/s, "
+                  f"p99 {p.latency_ms(99):.1f} ms")
+    return rows
 
 
 def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurrency: int, input_json: Path,

@@ -119,3 +119,25 @@ def test_report_quick(repo, tiny_data, tmp_path):
         assert f'src="{png}"' in (out / "report.html").read_text()
     assert len(list((out / "perf_analyzer").glob("*.csv"))) == 2 * 2 + 1  # 2 protocols x 2 concurrencies + 1 rate
     assert "## Server-side breakdown" in md.replace("### Server-side", "## Server-side") and "config.pbtxt" in md
+
+
+def test_jpegs_and_tensors_measured_side_by_side(server, onnx_model, val_files, tmp_path):
+    """The GPU report's throughput table: perf_analyzer from JPEG bytes (the ensemble) and from pre-decoded
+    tensors (the classifier alone), here against the embedded server, with fixed request counts so a
+    busy machine cannot make it fail to stabilize."""
+    from build.export_onnx import read_metadata
+    from perf.perf_analyzer import jpegs_and_tensors
+    from training.preprocess import DaliPreprocessor, PreprocessSpec
+
+    blobs = [f.read_bytes() for f in val_files[:8]]
+    pixels = DaliPreprocessor(PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"]))(blobs)
+    from perf.common import model_stats, stats_delta
+
+    before = model_stats(server.http_url)
+    rows = jpegs_and_tensors(server.grpc_url, server.http_url, "grpc", P.PIXELS, blobs, pixels, [1, 2], tmp_path,
+                             request_count=40)
+    delta = stats_delta(before, model_stats(server.http_url))
+    assert [(r["source"], r["concurrency"]) for r in rows] == [("jpeg", 1), ("tensors", 1), ("jpeg", 2), ("tensors", 2)]
+    assert all(r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+    # the tensor runs reached the classifier without going through preprocessing (2 runs of at least 40)
+    assert delta[P.CLASSIFIER]["requests"] - delta[P.PREPROCESS]["requests"] >= 80, delta
