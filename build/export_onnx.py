@@ -111,25 +111,24 @@ def to_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelP
     return program.model_proto
 
 
-def ort_logits(model_bytes: bytes, inputs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def ort_outputs(model_bytes: bytes, inputs: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities) from ONNX Runtime, in batches of ``batch_size``."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: inputs[i:i + batch_size]})[0]
-                           for i in range(0, len(inputs), batch_size)])
+    runs = [sess.run([OUTPUT_NAME, PROBABILITIES_NAME], {INPUT_NAME: inputs[i:i + batch_size]})
+            for i in range(0, len(inputs), batch_size)]
+    return np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs])
 
 
 def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarray, tolerance: float) -> dict:
-    """Compare ONNX Runtime with PyTorch on real inputs, at batch 1 and batched; raise beyond tolerance."""
+    """Compare ONNX Runtime with PyTorch on real inputs, at batch 1 and batched; raise beyond tolerance.
+    The softmax output must be the softmax of the logits beside it."""
     ref = logits_for_inputs(torch_model, inputs)
-    got = ort_logits(model_bytes, inputs)
-    got_b1 = ort_logits(model_bytes, inputs[:4], batch_size=1)  # the dynamic batch really is dynamic
+    got, probs = ort_outputs(model_bytes, inputs)
+    got_b1 = ort_outputs(model_bytes, inputs[:4], batch_size=1)[0]  # the dynamic batch really is dynamic
     diff = float(max(np.abs(got - ref).max(), np.abs(got_b1 - ref[:4]).max()))
-    import onnxruntime as ort
-
-    probs = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(
-        [PROBABILITIES_NAME], {INPUT_NAME: inputs[:64]})[0]
-    expected = np.exp(ref[:64] - ref[:64].max(1, keepdims=True))
+    expected = np.exp(got - got.max(1, keepdims=True))
     expected /= expected.sum(1, keepdims=True)
     if not np.allclose(probs, expected, atol=1e-4):
         raise ValidationError(f"the exported softmax output disagrees with softmax(logits): max diff "
@@ -169,7 +168,7 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
 
     paths = [p for p, _ in list_images(Path(data) / split, ckpt["classes"])][:max_images]
     inputs = DaliPreprocessor(spec).files(paths)
-    cleanup_diff = float(np.abs(ort_logits(model_bytes, inputs) - ort_logits(proto.SerializeToString(), inputs)).max())
+    cleanup_diff = float(np.abs(ort_outputs(model_bytes, inputs)[0] - ort_outputs(proto.SerializeToString(), inputs)[0]).max())
     if cleanup_diff > tolerance:
         raise ValidationError(f"graph clean-up changed the outputs: max |logit diff| {cleanup_diff:.3g} > {tolerance:g}")
     report = validate(model_bytes, model, inputs, tolerance)

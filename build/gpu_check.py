@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from build.engine import (SERVER_TRT_BACKEND, BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment,
-                          check_plan, server_tensorrt_version)
+from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment, check_plan
 from build.quantize import DEFAULT_MAX_TOP1_DROP, accuracy, latency, stream_logits
 from build.export_onnx import read_metadata, source_checkpoint
 from build.render_repo import add_settings_args, render, repo_settings
@@ -90,8 +89,8 @@ def main(args: argparse.Namespace) -> int:
         plan = args.artifacts / f"model_{precision}.plan"
         stamp = EngineBuilder(onnx_path, profile, precision, timing_cache=args.artifacts / "trt_timing.cache") \
             .check_environment().parse().configure().build(plan)
-        # the plan must load in the server's TensorRT (outside a Triton install: the bindings' own)
-        check_plan(Path(f"{plan}.json"), server_tensorrt_version() if SERVER_TRT_BACKEND.is_file() else trt.__version__, cc)
+        # in a Triton install, EngineBuilder.check_environment has refused bindings other than the server's TensorRT
+        check_plan(Path(f"{plan}.json"), trt.__version__, cc)
         run = TrtRunner(plan)
         engine_logits = stream_logits({precision: run}, pre.iter_files(val))[precision]
         scored = {**accuracy(engine_logits, labels, reference_logits),

@@ -100,24 +100,29 @@ def embedded_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings) ->
         # postprocess is cheap, but with one instance and no batching its requests queue behind each other
         P.POSTPROCESS: _python_model(P.POSTPROCESS, s, [logits], outputs, 1, {"top_k": k}),
     }
-    configs[P.ENSEMBLE] = ensemble(s, outputs, (P.PIXELS, P.PIXELS), (P.LOGITS, P.LOGITS))
+    configs[P.ENSEMBLE] = ensemble(s, outputs, postprocess_steps(P.PIXELS, P.LOGITS))
     return configs
 
 
-def ensemble(s: RepoSettings, outputs: list[dict], classifier_in: tuple[str, str],
-             classifier_out: tuple[str, str]) -> mc.ModelConfig:
-    """preprocess -> classifier -> postprocess; classifier_in/out = (name at the producer, name at the classifier)."""
+# the ensemble's first step, whatever follows: IMAGE -> PIXELS (ensemble tensor "pixels")
+PREPROCESS_STEP = (P.PREPROCESS, {P.IMAGE: P.IMAGE}, {P.PIXELS: "pixels"})
+
+
+def ensemble(s: RepoSettings, outputs: list[dict], steps: list[tuple[str, dict, dict]]) -> mc.ModelConfig:
+    """The ensemble: IMAGE in, ``outputs`` out; ``steps`` = (model, input_map, output_map) in order, each map
+    from the model's tensor names to the ensemble's."""
     ens = mc.ModelConfig(name=P.ENSEMBLE, platform="ensemble", max_batch_size=s.max_batch_size)
     ens.input.append(mc.ModelInput(**_tensor(P.IMAGE, mc.TYPE_UINT8, [-1])))
     ens.output.extend(mc.ModelOutput(**t) for t in outputs)
-    steps = [
-        (P.PREPROCESS, {P.IMAGE: P.IMAGE}, {P.PIXELS: "pixels"}),
-        (P.CLASSIFIER, {classifier_in[1]: "pixels"}, {classifier_out[1]: "logits"}),
-        (P.POSTPROCESS, {P.LOGITS: "logits"}, {o: o for o in P.OUTPUTS}),
-    ]
     for model, input_map, output_map in steps:
         ens.ensemble_scheduling.step.add(model_name=model, model_version=-1, input_map=input_map, output_map=output_map)
     return ens
+
+
+def postprocess_steps(classifier_in: str, classifier_out: str) -> list[tuple[str, dict, dict]]:
+    """preprocess -> classifier -> postprocess; the classifier's input and logits output as it names them."""
+    return [PREPROCESS_STEP, (P.CLASSIFIER, {classifier_in: "pixels"}, {classifier_out: "logits"}),
+            (P.POSTPROCESS, {P.LOGITS: "logits"}, {o: o for o in P.OUTPUTS})]
 
 
 def gpu_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings, onnx_io: tuple[str, str],
@@ -156,7 +161,7 @@ def gpu_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings, onnx_io
 
     post = _python_model(P.POSTPROCESS, s, [_tensor(P.LOGITS, FP32, [num_classes])], outputs, 1, {"top_k": k})
     return {P.PREPROCESS: pre, P.CLASSIFIER: cls, P.POSTPROCESS: post,
-            P.ENSEMBLE: ensemble(s, outputs, (P.PIXELS, onnx_io[0]), (P.LOGITS, onnx_io[1]))}
+            P.ENSEMBLE: ensemble(s, outputs, postprocess_steps(*onnx_io))}
 
 
 LAYOUTS = ("postprocess", "classification")
@@ -171,16 +176,10 @@ def classification_layout(configs: dict[str, mc.ModelConfig], num_classes: int, 
     the top k with ``class_count`` (Triton's classification extension) and gets "score:index:label"
     strings; the ensemble inherits the classifier's labels. ``classifier_io``: (input, probabilities)
     names at the classifier."""
-    FP32 = mc.TYPE_FP32
     cls = configs[P.CLASSIFIER]
-    cls.output.append(mc.ModelOutput(**_tensor(classifier_io[1], FP32, [num_classes]), label_filename=LABELS_FILE))
-    ens = mc.ModelConfig(name=P.ENSEMBLE, platform="ensemble", max_batch_size=s.max_batch_size)
-    ens.input.append(mc.ModelInput(**_tensor(P.IMAGE, mc.TYPE_UINT8, [-1])))
-    ens.output.append(mc.ModelOutput(**_tensor(P.PROBABILITIES, FP32, [num_classes])))
-    ens.ensemble_scheduling.step.add(model_name=P.PREPROCESS, model_version=-1, input_map={P.IMAGE: P.IMAGE},
-                                     output_map={P.PIXELS: "pixels"})
-    ens.ensemble_scheduling.step.add(model_name=P.CLASSIFIER, model_version=-1, input_map={classifier_io[0]: "pixels"},
-                                     output_map={classifier_io[1]: P.PROBABILITIES})
+    cls.output.append(mc.ModelOutput(**_tensor(classifier_io[1], mc.TYPE_FP32, [num_classes]), label_filename=LABELS_FILE))
+    ens = ensemble(s, [_tensor(P.PROBABILITIES, mc.TYPE_FP32, [num_classes])],
+                   [PREPROCESS_STEP, (P.CLASSIFIER, {classifier_io[0]: "pixels"}, {classifier_io[1]: P.PROBABILITIES})])
     return {P.PREPROCESS: configs[P.PREPROCESS], P.CLASSIFIER: cls, P.ENSEMBLE: ens}
 
 
@@ -321,7 +320,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
         from build.engine import BatchProfile
 
         profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
-        check_float32_io(onnx_path, (export["input"], export["output"], export.get("probabilities", "")))
+        check_float32_io(onnx_path, tuple(export[k] for k in ("input", "output", "probabilities") if k in export))
         configs = gpu_configs(spec, len(classes), settings, (export["input"], export["output"]), profile.opt)
         if layout == "classification":  # no Python model at all: DALI backend -> TensorRT
             configs = classification_layout(configs, len(classes), settings, (export["input"], export["probabilities"]))
@@ -361,7 +360,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
     files[Path(MANIFEST)] = json.dumps({
         "target": target, "layout": layout, "onnx": os.path.relpath(Path(onnx_path).resolve(), Path(out).resolve()), "onnx_sha256": onnx_sha,
         "plan": os.path.relpath(Path(plan).resolve(), Path(out).resolve()) if plan else None,
-        "precision": meta.get("export", {}).get("precision", "fp32"), "settings": asdict(settings),
+        "precision": export.get("precision", "fp32"), "settings": asdict(settings),
         "classes": len(classes), "input_shape": list(spec.input_shape)}, indent=2).encode()
     out = Path(out)
     for name in python_models:

@@ -161,7 +161,7 @@ class ImageClassifierClient:
         classes = self._classification()
         if classes is not None:
             out = []
-            for row in result.as_numpy(P.PROBABILITIES).reshape(len(sources), -1):
+            for src, row in zip(sources, result.as_numpy(P.PROBABILITIES).reshape(len(sources), -1)):
                 parsed = [x.decode().split(":", 2) for x in row]  # best first; a label may contain ':'
                 probs = None
                 if self.with_probabilities:
@@ -169,8 +169,8 @@ class ImageClassifierClient:
                     for score, index, _ in parsed:
                         probs[int(index)] = float(score)
                 top = parsed[:self.top_k]
-                out.append(([label for _, _, label in top], [float(score) for score, _, _ in top], probs))
-            return [Prediction(src, labels, scores, probs) for src, (labels, scores, probs) in zip(sources, out)]
+                out.append(Prediction(src, [label for _, _, label in top], [float(score) for score, _, _ in top], probs))
+            return out
         labels, scores = result.as_numpy(P.LABELS), result.as_numpy(P.SCORES)
         probs = result.as_numpy(P.PROBABILITIES) if self.with_probabilities else None
         return [Prediction(src, [x.decode() for x in labels[i]], [float(s) for s in scores[i]],

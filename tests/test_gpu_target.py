@@ -4,14 +4,31 @@ that need a GPU are in tests/test_precision.py, marked ``gpu``."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import lzma
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
+import jsonschema
+import numpy as np
+import pytest
+import yaml
 from google.protobuf.internal.decoder import _DecodeVarint
 
+from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
+from build.export_onnx import read_metadata
 from build.render_repo import (GRAPH_FILE, GRAPH_SOURCE, PIPELINE_CONFIG, PIPELINE_FILE, RepoSettings, autoserialize,
-                               read_configs, render)
+                               check_ensemble, read_configs, render)
 from clients import protocol as P
+from clients.client import ImageClassifierClient
+from conftest import MAX_BATCH
+from serve.server import Ports, TritonServer, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,7 +117,6 @@ def test_embedded_pipeline_is_serialized_from_the_same_definition(repo):
 def test_container_server_serializes_with_its_own_dali(tmp_path):
     """In the NGC image the DALI backend's own DALI is on PYTHONPATH; the image must not replace it, and a
     server started from our Python (whose PYTHONPATH is /workspace, pip's DALI behind) gets it back first."""
-    from serve.server import TritonServer
 
     env_lines = [line for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines()
                  if line.strip().upper().startswith("ENV") and "PYTHONPATH" in line]
@@ -132,8 +148,6 @@ def test_container_installs_what_the_gpu_path_imports():
     """ModelOpt's ONNX quantization imports onnxslim and lief at module level, which its requirements only
     name under the [onnx] extra: the container's locked packages must provide every distribution that the
     GPU path's modules (quantization, engines, the GPU check) import, measured by importing them here."""
-    import subprocess
-    import sys
 
     probe = ("import sys, json\n"
              "from importlib.metadata import packages_distributions\n"
@@ -167,10 +181,7 @@ def test_container_packages_are_cuda_12_builds():
 def _stand_in_backend(tmp_path: Path, encoded_version: int) -> Path:
     """A shared library linking a 'libnvinfer.so.10' whose getInferLibVersion() returns ``encoded_version``,
     as Triton's TensorRT backend links the server's TensorRT: the loader, ldd and ctypes are real."""
-    import shutil
-    import subprocess
 
-    import pytest
 
     if shutil.which("gcc") is None:
         pytest.skip("gcc is needed to build the stand-in libraries")
@@ -190,9 +201,7 @@ def _stand_in_backend(tmp_path: Path, encoded_version: int) -> Path:
 def test_plans_are_verified_against_the_servers_tensorrt(onnx_model, tmp_path):
     """`build.engine --verify` compared a plan's stamp with the pip bindings' version, which need not be the
     server's: the version now comes from the libnvinfer that the server's TensorRT backend loads."""
-    import pytest
 
-    from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
 
     assert server_tensorrt_version(_stand_in_backend(tmp_path / "a", 100500)) == "10.5.0"
     assert server_tensorrt_version(_stand_in_backend(tmp_path / "b", 8601)) == "8.6.1"  # TensorRT 8's encoding
@@ -203,7 +212,7 @@ def test_plans_are_verified_against_the_servers_tensorrt(onnx_model, tmp_path):
     plan.write_bytes(b"plan")
     stamp = {"tensorrt_version": "10.5.0.18", "compute_capability": "9.0", "gpu_name": "NVIDIA H100", "precision": "fp16",
              "profile": {"min": 1, "opt": 4, "max": 8}, "strongly_typed": False,
-             "onnx_sha256": __import__("hashlib").sha256(onnx_model.read_bytes()).hexdigest()}
+             "onnx_sha256": hashlib.sha256(onnx_model.read_bytes()).hexdigest()}
     Path(f"{plan}.json").write_text(json.dumps(stamp))
     repo = tmp_path / "gpu"
     render(onnx_model, repo, RepoSettings(max_batch_size=8), target="gpu", plan=plan)
@@ -213,7 +222,6 @@ def test_plans_are_verified_against_the_servers_tensorrt(onnx_model, tmp_path):
 
 
 def _yaml_docs(path: Path) -> list[dict]:
-    import yaml
 
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
@@ -225,9 +233,7 @@ def _one(kind: str) -> dict:
 def test_kubernetes_survives_slow_starts_and_scales_on_triton():
     """Triton opens HTTP only after every model loaded, so the liveness probe alone kills slow starts; GPU pods
     scaled on CPU utilisation never scale; a `:latest` image is pulled on every start."""
-    import re
 
-    import yaml
 
     pod = _one("Deployment")["spec"]["template"]["spec"]["containers"][0]
     startup = pod["startupProbe"]
@@ -247,7 +253,6 @@ def test_kubernetes_survives_slow_starts_and_scales_on_triton():
 
 
 def _promql_metrics(expr: str) -> set[str]:
-    import re
 
     return set(re.findall(r"\b(nv_[a-z_]+)\b", expr))
 
@@ -255,12 +260,8 @@ def _promql_metrics(expr: str) -> set[str]:
 def test_dashboard_and_autoscaler_read_metrics_triton_exports(server, val_files):
     """Every Triton metric the Grafana dashboard and the autoscaling rule query, and every model they name,
     exists in the real server's /metrics (GPU metrics aside: this server has no GPU)."""
-    import re
-    import urllib.request
 
-    import yaml
 
-    from clients.client import ImageClassifierClient
 
     with ImageClassifierClient(server.http_url, "http") as c:
         assert c.classify_files(val_files[:2])[0].ok  # so every per-model counter has a sample
@@ -280,9 +281,7 @@ def test_dashboard_and_autoscaler_read_metrics_triton_exports(server, val_files)
 
 
 def _kserve_schema() -> dict:
-    import lzma
 
-    import yaml
 
     # KServe's InferenceService CRD (kserve/kserve config/crd/full/serving.kserve.io_inferenceservices.yaml,
     # commit aaac4e29), kept compressed here: no PyPI package ships it, and kubernetes-validate only knows
@@ -308,9 +307,7 @@ def _unknown_fields(doc, schema, where="") -> list[str]:
 
 
 def test_kserve_inferenceservice_validates_against_its_crd():
-    import copy
 
-    import jsonschema
 
     schema = _kserve_schema()
     (isvc,) = _yaml_docs(ROOT / "docker" / "k8s" / "kserve" / "inferenceservice.yaml")
@@ -334,8 +331,6 @@ def test_kserve_inferenceservice_validates_against_its_crd():
 def test_gpu_repository_has_no_python_model(onnx_model, tmp_path):
     """The GPU target's request path is DALI backend -> TensorRT: the softmax is in the exported graph and
     the top-k come from Triton's classification extension, labelled from the classifier's labels.txt."""
-    from build.export_onnx import read_metadata
-    from build.render_repo import check_ensemble
 
     repo = tmp_path / "gpu"
     (repo / P.POSTPROCESS / "1").mkdir(parents=True)  # left by an earlier render with a postprocess model
@@ -354,14 +349,8 @@ def test_classification_layout_serves_what_the_postprocess_layout_serves(onnx_mo
     """The no-Python-after-the-classifier layout, verified on the embedded server: HTTP and gRPC clients get
     the same labels, scores and probabilities as from the session server's postprocess layout, the command
     line works unchanged, and a bad image still fails alone."""
-    import subprocess
-    import sys
 
-    import numpy as np
 
-    from clients.client import ImageClassifierClient
-    from conftest import MAX_BATCH
-    from serve.server import Ports, TritonServer, free_ports
 
     repo = tmp_path / "classification"
     render(onnx_model, repo, RepoSettings(max_batch_size=MAX_BATCH), layout="classification")
