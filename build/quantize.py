@@ -31,7 +31,7 @@ import onnx
 from build.export_onnx import INPUT_NAME, METADATA_KEY, read_metadata, rebase_metadata, source_checkpoint
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from training.data import list_images
-from training.evaluate import logits_for_inputs
+from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs
 from training.preprocess import DaliPreprocessor, PreprocessSpec
 
 ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx",
@@ -44,7 +44,6 @@ CALIB_METHODS = ("max", "entropy")
 # (max: none), and on the demo model its largest logit error was 2.57 against max's 0.20 at equal top-1.
 DEFAULT_CALIB_METHOD = "max"
 DEFAULT_CALIB_SIZE = 128
-DEFAULT_MAX_TOP1_DROP = 1.0
 
 
 class AccuracyGateError(RuntimeError):

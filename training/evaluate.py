@@ -21,6 +21,10 @@ from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_
 from training.data import drop_bad_images, list_images
 from training.preprocess import DaliPreprocessor
 
+# Every accuracy gate (quantization, pruning, the GPU check): top-1 may fall at most this many points
+# below the reference model's on val.
+DEFAULT_MAX_TOP1_DROP = 1.0
+
 
 @torch.inference_mode()
 def logits_for_inputs(model: torch.nn.Module, inputs: np.ndarray, batch_size: int = 128,

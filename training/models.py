@@ -1,7 +1,9 @@
 """ResNet family in plain PyTorch (torchvision does not import with the CPU torch build).
 
 Models are built by name from :data:`ARCHS`; the name and keyword arguments are stored in every
-checkpoint so that export and evaluation rebuild exactly the trained network.
+checkpoint so that export and evaluation rebuild exactly the trained network. A structurally pruned
+network (training.prune) is its architecture plus ``channels``: the layers whose widths pruning
+changed, so a pruned checkpoint is rebuilt by the same ``build_model`` call as any other.
 """
 
 from __future__ import annotations
@@ -108,7 +110,50 @@ ARCHS: dict[str, Callable[..., ResNet]] = {
 }
 
 
-def build_model(arch: str, **arch_args) -> ResNet:
+# A layer's widths: [in, out] for convolutions and linear layers, [features] for batch norms.
+Channels = dict[str, list[int]]
+
+
+def layer_widths(model: nn.Module) -> Channels:
+    widths: Channels = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            widths[name] = [m.in_channels, m.out_channels]
+        elif isinstance(m, nn.Linear):
+            widths[name] = [m.in_features, m.out_features]
+        elif isinstance(m, nn.BatchNorm2d):
+            widths[name] = [m.num_features]
+    return widths
+
+
+def changed_widths(model: nn.Module, nominal: nn.Module) -> Channels:
+    """The layers of ``model`` whose widths differ from ``nominal`` (the same architecture, unpruned)."""
+    before = layer_widths(nominal)
+    return {name: w for name, w in layer_widths(model).items() if before.get(name) != w}
+
+
+def resize_layers(model: nn.Module, channels: Channels) -> nn.Module:
+    """Replace each named layer by one of the recorded widths (same kernel, stride, padding, bias);
+    the weights are then loaded from the checkpoint."""
+    modules = dict(model.named_modules())
+    for name, widths in channels.items():
+        old = modules.get(name)
+        if isinstance(old, nn.Conv2d) and len(widths) == 2 and old.groups == 1:
+            new = nn.Conv2d(widths[0], widths[1], old.kernel_size, old.stride, old.padding, old.dilation,
+                            bias=old.bias is not None, padding_mode=old.padding_mode)
+        elif isinstance(old, nn.Linear) and len(widths) == 2:
+            new = nn.Linear(widths[0], widths[1], bias=old.bias is not None)
+        elif isinstance(old, nn.BatchNorm2d) and len(widths) == 1:
+            new = nn.BatchNorm2d(widths[0], old.eps, old.momentum, old.affine, old.track_running_stats)
+        else:
+            raise ValueError(f"channels: cannot resize layer {name!r} ({type(old).__name__}) to {widths}")
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, new)
+    return model
+
+
+def build_model(arch: str, channels: Channels | None = None, **arch_args) -> ResNet:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
-    return ARCHS[arch](**arch_args)
+    model = ARCHS[arch](**arch_args)
+    return resize_layers(model, channels) if channels else model

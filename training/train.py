@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 -m training.train --data ...                 # DDP (gloo on CPU, NCCL on GPU)
     python -m training.train --data ... --arch resnet_tiny --width 16 --teacher artifacts/best.pt   # distillation
     python -m training.train --data ... --resume auto                        # continue from <out>/last.pt
+    python -m training.train --data ... --init pruned.pt --teacher artifacts/best.pt   # fine-tune (training.prune)
 
 Writes ``<out>/last.pt`` after every epoch, ``<out>/best.pt`` when val top-1 improves (both atomic,
 plain dicts, see training.checkpoint) and ``<out>/metrics.jsonl`` (one line per epoch). With the same
@@ -36,8 +37,9 @@ from training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, ini
 from training.evaluate import evaluate
 from training.models import ARCHS, build_model
 from training.preprocess import DaliPreprocessor, PreprocessSpec
+from training.sparsity import SPARSITY_PATTERNS, dense_state_dict, sparsify
 
-PATH_ARGS = ("data", "out", "teacher", "config")
+PATH_ARGS = ("data", "out", "teacher", "config", "init")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +193,19 @@ def main(args: argparse.Namespace) -> dict:
 
     arch_args = {"num_classes": len(classes), **({"width": args.width} if args.width else {}),
                  **({"dropout": args.dropout} if args.dropout else {})}
-    model = build_model(args.arch, **arch_args).to(device)
+    init = pruning = None
+    if args.init:  # start from a checkpoint's network and weights (a pruned one: its architecture is in it)
+        init_ckpt = load_checkpoint(args.init)
+        if init_ckpt["classes"] != classes:
+            raise ValueError(f"--init {args.init} was trained on other classes than {args.data}")
+        args.arch, arch_args = init_ckpt["arch"], init_ckpt["arch_args"]
+        init = {"checkpoint": str(args.init), "sha256": file_sha256(args.init)}
+        pruning = init_ckpt.get("pruning")  # how the starting network was made, carried forward
+        model = model_from_checkpoint(init_ckpt).to(device)
+    else:
+        model = build_model(args.arch, **arch_args).to(device)
+    if args.sparsity != "none":  # masks from the starting weights, held through training
+        model = sparsify(model)
     if args.channels_last_on:
         model = model.to(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -272,9 +286,10 @@ def main(args: argparse.Namespace) -> dict:
             if improved:
                 best_top1, best_epoch = metrics["top1"], epoch + 1
             ckpt = {
-                "model": {k: v.detach().cpu() for k, v in deploy.state_dict().items()},
+                "model": dense_state_dict(deploy),
                 "arch": args.arch, "arch_args": arch_args, "classes": classes, "preprocess": spec.to_dict(),
                 "metrics": metrics, "provenance": provenance, "args": config, "distillation": distill,
+                "init": init, "pruning": pruning, "sparsity": args.sparsity,
                 "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch,
                 "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
@@ -317,6 +332,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", default="resnet_tiny", choices=sorted(ARCHS))
     g.add_argument("--width", type=int, help="base channel width (arch default: 32 for resnet_tiny, 64 otherwise)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier layer (0 = none)")
+    g.add_argument("--init", type=Path,
+                   help="start from this checkpoint's architecture and weights (--arch/--width are then ignored)")
+    g.add_argument("--sparsity", choices=SPARSITY_PATTERNS, default="none",
+                   help="2:4: train with ModelOpt 2:4 masks (TensorRT sparse tensor cores, engine --sparsity)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=12)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
