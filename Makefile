@@ -41,6 +41,15 @@ LAYOUT      ?=
 REPO        ?= $(if $(filter gpu,$(TARGET)),model_repository_gpu,model_repository)
 # the GPU repository whose batching settings the engine's optimization profile follows
 GPU_REPO    ?= $(if $(filter gpu,$(TARGET)),$(REPO),model_repository_gpu)
+# pruning (make prune): channels of CKPT pruned to PRUNE_FLOPS of its FLOPs (and PRUNE_PARAMS of its
+# parameters, if set), PRUNE_EPOCHS of distillation from CKPT, the top-1 gate, export, served side by side
+PRUNE_OUT   ?= $(ARTIFACTS)/pruned
+PRUNE_FLOPS ?= 0.5
+PRUNE_PARAMS ?=
+PRUNE_EPOCHS ?= 8
+PRUNE_ROUNDS ?= 3
+# 2:4 = also 2:4-sparse weights (ModelOpt) for TensorRT's sparse tensor cores; `make engine` then builds with them
+SPARSITY    ?= none
 # quantization and engines
 # unset: build/quantize.py's defaults (128 images, max calibration, 1.0 point)
 CALIB_SIZE  ?=
@@ -84,12 +93,12 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: help venv data train distill eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
 	@echo "make test   - run the test suite against the real tritonserver"
-	@echo "stages: venv data train distill eval onnx quantize repo serve client; variables: see README.md"
+	@echo "stages: venv data train distill prune eval onnx quantize repo serve client; variables: see README.md"
 	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
 	@echo "              precisions (fp32 vs int8 served side by side)"
@@ -127,6 +136,14 @@ train: data
 distill: data
 	$(TRAIN) $(RECIPE) --arch $(STUDENT_ARCH) --width $(STUDENT_WIDTH) --teacher $(TEACHER) $(RUN_FLAGS) --out $(STUDENT_OUT)
 
+# needs CKPT exported to ONNX (as `make demo` leaves it); writes PRUNE_OUT/{best.pt,model.onnx,prune_report.md}
+prune: artifacts
+	$(PY) -m training.prune --ckpt $(CKPT) --data $(DATA) --out $(PRUNE_OUT) --target-flops $(PRUNE_FLOPS) \
+	  $(if $(PRUNE_PARAMS),--target-params $(PRUNE_PARAMS)) --epochs $(PRUNE_EPOCHS) --sparsity $(SPARSITY) $(GATE_ARGS)
+	$(PY) -m build.export_onnx --ckpt $(PRUNE_OUT)/best.pt --data $(DATA) --out $(PRUNE_OUT)/model.onnx --tolerance $(TOLERANCE)
+	$(PY) -m perf.pruned --unpruned $(ONNX) --pruned $(PRUNE_OUT) --repo $(REPO) --images $(IMAGES) \
+	  --rounds $(PRUNE_ROUNDS) --concurrency $(PRECISION_CONCURRENCY)
+
 eval: venv
 	$(PY) -m training.evaluate --ckpt $(CKPT) --data $(DATA) --split $(SPLIT) --out $(EVAL_OUT)
 
@@ -140,7 +157,8 @@ quantize: venv
 # GPU + TensorRT only (the NGC container, see docker/); elsewhere it stops with what is missing
 engine: venv
 	$(PY) -m build.engine --onnx $(ARTIFACTS)/model_$(ENGINE_PRECISION).onnx --precision $(ENGINE_PRECISION) \
-	  --out $(ARTIFACTS)/model_$(ENGINE_PRECISION).plan --repo $(GPU_REPO) $(SETTINGS_ARGS)
+	  --out $(ARTIFACTS)/model_$(ENGINE_PRECISION).plan --repo $(GPU_REPO) $(SETTINGS_ARGS) \
+	  $(if $(filter 2:4,$(SPARSITY)),--sparsity)
 
 gpu-check: venv
 	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(GATE_ARGS) $(SETTINGS_ARGS)

@@ -60,6 +60,7 @@ class PlanStamp:
     profile: dict
     onnx_sha256: str
     strongly_typed: bool
+    sparse_weights: bool = False  # built with SPARSE_WEIGHTS (2:4 weights from `make prune SPARSITY=2:4`)
 
 
 def gpu_compute_capability() -> tuple[str, str] | None:
@@ -217,9 +218,9 @@ class EngineBuilder:
     """ONNX -> serialized TensorRT plan, with an optimization profile and a reusable timing cache."""
 
     def __init__(self, onnx_path: Path, profile: BatchProfile, precision: str, workspace_gib: float = 4.0,
-                 timing_cache: Path | None = None):
+                 timing_cache: Path | None = None, sparse_weights: bool = False):
         self.onnx_path, self.profile, self.precision = Path(onnx_path), profile, precision
-        self.workspace_gib, self.timing_cache = workspace_gib, timing_cache
+        self.workspace_gib, self.timing_cache, self.sparse_weights = workspace_gib, timing_cache, sparse_weights
         self.trt = self.logger = self.builder = self.network = self.config = None
 
     def check_environment(self, server_backend: Path = SERVER_TRT_BACKEND) -> "EngineBuilder":
@@ -263,6 +264,8 @@ class EngineBuilder:
             self.config.set_flag(trt.BuilderFlag.FP16)
             if self.precision == "int8":
                 self.config.set_flag(trt.BuilderFlag.INT8)
+        if self.sparse_weights:  # let TensorRT pick sparse tensor-core kernels for layers whose weights are 2:4
+            self.config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
         cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.exists() else b""
         self._cache = self.config.create_timing_cache(cache_bytes)
         self.config.set_timing_cache(self._cache, ignore_mismatch=False)
@@ -274,7 +277,8 @@ class EngineBuilder:
         if plan is None:
             raise RuntimeError(f"TensorRT failed to build an engine from {self.onnx_path} (see the log above)")
         stamp = PlanStamp(self.trt.__version__, self.cc, self.gpu_name, self.precision, asdict(self.profile),
-                          hashlib.sha256(self.onnx_path.read_bytes()).hexdigest(), self.strongly_typed)
+                          hashlib.sha256(self.onnx_path.read_bytes()).hexdigest(), self.strongly_typed,
+                          self.sparse_weights)
         atomic_write_bytes(out, lambda tmp: tmp.write_bytes(bytes(plan)))
         atomic_write_bytes(Path(f"{out}.json"), lambda tmp: tmp.write_text(json.dumps(asdict(stamp), indent=2)))
         if self.timing_cache:
@@ -293,6 +297,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the GPU repository whose batching settings (build.json) set the optimization profile")
     add_settings_args(p, only=("max_batch_size", "preferred_batch_sizes"))
     p.add_argument("--workspace-gib", type=float, default=4.0)
+    p.add_argument("--sparsity", action="store_true",
+                   help="SPARSE_WEIGHTS: sparse tensor-core kernels (Ampere+) for 2:4 weights (make prune SPARSITY=2:4)")
     p.add_argument("--timing-cache", type=Path, default=Path("artifacts/trt_timing.cache"))
     p.add_argument("--verify", type=Path, metavar="REPO",
                    help="only check the plan REPO serves against the server's TensorRT and this GPU (exit 2 with the reason)")
@@ -321,7 +327,8 @@ def main(args: argparse.Namespace) -> int:
             return 2
         settings = repo_settings(args, args.repo)
         profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
-        builder = EngineBuilder(args.onnx, profile, args.precision, args.workspace_gib, args.timing_cache)
+        builder = EngineBuilder(args.onnx, profile, args.precision, args.workspace_gib, args.timing_cache,
+                                args.sparsity)
         stamp = builder.check_environment().parse().configure().build(args.out)
     except EngineEnvironmentError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -251,6 +251,18 @@ def markdown(report: dict) -> str:
     lines += ["", f"Embedded (CPU, ONNX Runtime) INT8 choice: **{report['embedded_int8']}** — {report['embedded_int8_reason']}.",
               f"Fastest artifact on this CPU that passes the gate: **{report['fastest_passing']}**.",
               "", "Latencies are ONNX Runtime on this machine's CPU; TensorRT engines are measured by `make gpu-check`."]
+    if report.get("pruned"):  # rows added by `make prune` (perf.pruned) for this same FP32 model
+        lines += ["", "## Pruned", "", "Served by the real server side by side with the unpruned model, perf_analyzer at one "
+                  "concurrency, alternating rounds; ratio = pruned / unpruned in the same round, median (min–max).", "",
+                  "| artifact | file | parameters | FLOPs | size | top-1 % | agreement with unpruned % | served vs unpruned, "
+                  "JPEG | served vs unpruned, tensors |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in report["pruned"].items():
+            u, ratio = r["unpruned"], r["served_vs_unpruned"]
+            lines.append(f"| {name} | {r['file']} | {r['params'] / 1e3:.0f}K ({r['params'] / u['params']:.2f}) | "
+                         f"{r['flops'] / 1e6:.1f}M ({r['flops'] / u['flops']:.2f}) | {r['size_bytes'] / 2 ** 20:.2f} MiB | "
+                         f"{r['top1']:.2f} (unpruned {u['top1']:.2f}) | {r['agreement_with_unpruned']:.2f} | "
+                         + " | ".join(f"{ratio[s]['median']:.2f}× ({ratio[s]['min']:.2f}–{ratio[s]['max']:.2f})"
+                                      for s in ("jpeg", "tensors")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,6 +322,12 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
             atomic_write_bytes(out_dir / ARTIFACT_NAMES[name], lambda tmp, blob=blob: tmp.write_bytes(blob))
         elif name in failures:
             (Path(out_dir) / ARTIFACT_NAMES[name]).unlink(missing_ok=True)
+    previous = Path(out_dir) / REPORT
+    if previous.is_file():  # keep the pruned rows that were measured against this same FP32 model
+        pruned = {name: row for name, row in json.loads(previous.read_text()).get("pruned", {}).items()
+                  if row.get("unpruned_onnx_sha256") == extra["derived_from_sha256"]}
+        if pruned:
+            report["pruned"] = pruned
     atomic_write_bytes(out_dir / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     atomic_write_bytes(out_dir / "build_report.md", lambda tmp: tmp.write_text(markdown(report)))
     print(f"wrote {out_dir / REPORT} and build_report.md")

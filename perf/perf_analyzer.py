@@ -16,8 +16,10 @@ import csv
 import json
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -114,17 +116,25 @@ def jpegs_and_tensors(url: str, http_url: str, protocol: str, classifier_input: 
     return rows
 
 
-def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurrency: int, input_json: Path,
-                     out_dir: Path, interval_ms: int = 2000) -> tuple[PerfPoint, dict]:
-    """Render a throw-away repository for ``onnx`` with ``settings``, start the real server on free ports and
-    measure it at one concurrency: the point and the rendered repository's manifest (build.json)."""
+@contextmanager
+def rendered_server(onnx: Path, settings: RepoSettings) -> Iterator[tuple[TritonServer, dict]]:
+    """A throw-away repository for ``onnx`` with ``settings``, served by the real server on free ports:
+    the server and the rendered repository's manifest (build.json). Both go away on exit."""
     with tempfile.TemporaryDirectory(prefix="perf-repo-") as tmp:
         render(onnx, Path(tmp), settings)
         with TritonServer(Path(tmp), Ports(*free_ports(3))) as server:
-            url = server.http_url if protocol == "http" else server.grpc_url
-            point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json, out_dir,
-                              server.proc.pid, interval_ms)
-        return point, read_manifest(Path(tmp))
+            yield server, read_manifest(Path(tmp))
+
+
+def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurrency: int, input_json: Path,
+                     out_dir: Path, interval_ms: int = 2000) -> tuple[PerfPoint, dict]:
+    """Serve ``onnx`` with ``settings`` (rendered_server) and measure it at one concurrency: the point and the
+    rendered repository's manifest."""
+    with rendered_server(onnx, settings) as (server, manifest):
+        url = server.http_url if protocol == "http" else server.grpc_url
+        point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json, out_dir,
+                          server.proc.pid, interval_ms)
+    return point, manifest
 
 
 def sweep(url: str, http_url: str, protocol: str, mode: str, values: list[float], blobs: list[bytes],

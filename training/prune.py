@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from training.data import drop_bad_images, list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs
 from training.models import build_model, changed_widths
 from training.preprocess import DaliPreprocessor
-from training.sparsity import SPARSITY_PATTERNS, two_four_violations
+from training.sparsity import SPARSE_IN_MULTIPLE, SPARSITY_PATTERNS, eligible, two_four_violations
 
 REPORT = "prune_report.json"
 # recipe values the fine-tuning run does not inherit from the unpruned checkpoint's training run
@@ -125,13 +126,16 @@ def main(args: argparse.Namespace) -> dict:
     flops0, params0 = count_flops_params(unpruned, spec.crop_size)
 
     # 1. prune a copy; record the new widths so build_model rebuilds it
+    round_to = args.round_to or None
+    if args.sparsity == "2:4":  # so that every pruned layer can carry a 2:4 mask (training.sparsity.eligible)
+        round_to = math.lcm(round_to or 1, SPARSE_IN_MULTIPLE)
     pruned = prune_to_target(model_from_checkpoint(ckpt), spec.crop_size, len(ckpt["classes"]), args.target_flops or None,
-                             args.target_params, args.round_to or None)
+                             args.target_params, round_to)
     flops, params = count_flops_params(pruned, spec.crop_size)
     import torch_pruning as tp
 
     pruning = {"library": f"torch-pruning {tp.__version__}", "importance": "group L2 magnitude",
-               "round_to": args.round_to, "target_flops": args.target_flops, "target_params": args.target_params,
+               "round_to": round_to, "target_flops": args.target_flops, "target_params": args.target_params,
                "source": str(args.ckpt), "source_sha256": file_sha256(args.ckpt),
                "unpruned": {"flops": flops0, "params": params0}, "pruned": {"flops": flops, "params": params},
                "flops_fraction": flops / flops0, "params_fraction": params / params0}
@@ -160,12 +164,14 @@ def main(args: argparse.Namespace) -> dict:
     logits = score({"unpruned": unpruned, "pruned": result, "before_finetune": pruned}, DaliPreprocessor(spec), paths)
     top1 = {name: float(100 * np.mean(l.argmax(1) == labels)) for name, l in logits.items()}
     agreement = float(100 * np.mean(logits["pruned"].argmax(1) == logits["unpruned"].argmax(1)))
-    violations = {n: two_four_violations(w) for n, w in result_ckpt["model"].items() if n.endswith(".weight") and w.ndim == 4}
+    weights = {n: w for n, w in result_ckpt["model"].items() if n.endswith(".weight") and w.ndim in (2, 4)}
+    sparse = {"eligible_layers": sum(eligible(w) for w in weights.values()), "layers": len(weights),
+              "violations": sum(two_four_violations(w) for w in weights.values())}
     passed = top1["pruned"] >= top1["unpruned"] - args.max_top1_drop
     report = {"checkpoint": str(args.out / "best.pt"), "val_images": len(paths), "max_top1_drop": args.max_top1_drop,
               "top1": top1, "agreement_with_unpruned": agreement, "gate": "pass" if passed else "fail",
               "epochs": args.epochs, "lr": targs.lr, "sparsity": args.sparsity,
-              "two_four_violations": sum(violations.values()) if args.sparsity == "2:4" else None, **pruning}
+              "two_four": sparse if args.sparsity == "2:4" else None, **pruning}
     print(f"val top-1: unpruned {top1['unpruned']:.2f}%, pruned {top1['before_finetune']:.2f}% before and "
           f"{top1['pruned']:.2f}% after fine-tuning; agreement with unpruned {agreement:.2f}%")
     atomic_write_bytes(args.out / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))

@@ -13,6 +13,14 @@ from torch import nn
 
 SPARSITY_PATTERNS = ("none", "2:4")
 MASK_SUFFIX = "._weight_mask"  # the buffer ModelOpt's sparse modules keep beside each weight
+# ModelOpt (after NVIDIA's ASP) sparsifies a layer only when its outputs are a multiple of 8 and its
+# inputs a multiple of 16; pruning with --sparsity 2:4 rounds channels to 16 so every layer qualifies.
+SPARSE_OUT_MULTIPLE, SPARSE_IN_MULTIPLE = 8, 16
+
+
+def eligible(weight: torch.Tensor) -> bool:
+    """Whether ModelOpt gives this weight (conv or linear) a 2:4 mask."""
+    return weight.ndim >= 2 and weight.shape[0] % SPARSE_OUT_MULTIPLE == 0 and weight.shape[1] % SPARSE_IN_MULTIPLE == 0
 
 
 def sparsify(model: nn.Module) -> nn.Module:
@@ -33,9 +41,9 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def two_four_violations(weight: torch.Tensor) -> int:
     """Groups of four consecutive input channels (at one output channel and kernel position) with more
-    than two non-zero weights: 0 means TensorRT can use the layer's sparse kernels. Layers whose input
-    channels are not a multiple of 4 are not sparsifiable and count 0."""
-    if weight.ndim < 2 or weight.shape[1] % 4:
+    than two non-zero weights: 0 means TensorRT can use the layer's sparse kernels. Layers that are not
+    :func:`eligible` count 0."""
+    if not eligible(weight):
         return 0
     w = weight.movedim(1, -1).reshape(-1, weight.shape[1] // 4, 4)  # input channels last, in groups of 4
     return int(((w != 0).sum(-1) > 2).sum())
