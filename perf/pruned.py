@@ -132,7 +132,7 @@ def markdown(r: dict) -> str:
     lines = [f"# Pruned model: {r['checkpoint']}", "",
              f"{r['library']}, {r['importance']} importance, channels rounded to {r['round_to']}; target: "
              + " and ".join(f"{what} ≤ {r[key]}" for what, key in (("FLOPs", "target_flops"), ("parameters", "target_params"))
-                            if r.get(key)) + " of the unpruned model's. Recovery: {r['epochs']} "
+                            if r.get(key)) + f" of the unpruned model's. Recovery: {r['epochs']} "
              f"epoch(s) of distillation from the unpruned model at lr {r['lr']:g}"
              f"{'; 2:4 sparse weights' if r.get('sparsity') == '2:4' else ''}. Gate: val top-1 at most "
              f"{r['max_top1_drop']} points below the unpruned model's ({r['val_images']} images): **{r['gate']}**. "
