@@ -8,6 +8,10 @@ Keys:
   metrics          what the checkpoint reached on val (top1, top5, loss, epoch)
   provenance       data set path and sha256, seed, library versions, git commit
   args             the effective training configuration
+  distillation     the teacher (path, sha256, architecture) when trained as a student, else None
+  init, pruning    the checkpoint training started from (--init) and, for a pruned network, how it was
+                   pruned (training.prune: library, targets, FLOPs and parameters before and after)
+  sparsity         "2:4" when trained with 2:4 masks (folded into the weights), else "none"
   epoch, optimizer, lr_scheduler   for resuming
 """
 
