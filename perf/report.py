@@ -51,20 +51,28 @@ QUICK = Profile(concurrency=(1, 4), rate_fractions=(0.5,), interval_ms=500, locu
                 ceiling_seconds=0.3)
 
 
-def start_baseline(ckpt: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "perf.baseline", "--ckpt", ckpt, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_baseline(ckpt: str, port: int, log_path: Path) -> subprocess.Popen:
+    """The naive baseline server, its output to ``log_path``: Flask logs every request to stderr, and an
+    unread pipe fills after about 950 requests and stalls the server (a stalled baseline reads as slow)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "perf.baseline", "--ckpt", ckpt, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"baseline server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("baseline server did not come up within 120 s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"baseline server exited: {log_path.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                return proc
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"baseline server did not come up within 120 s (log: {log_path})")
+    except BaseException:  # Ctrl-C included: never leave the child behind
+        proc.kill()
+        proc.wait(10)
+        raise
 
 
 def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
@@ -120,7 +128,7 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
                                            server.grpc_url, server_pid=server.proc.pid)
 
     (port,) = free_ports(1)
-    baseline = start_baseline(ckpt, port)
+    baseline = start_baseline(ckpt, port, out / "locust" / "baseline_server.log")
     try:
         r["locust"]["BaselineUser"] = run_locust("BaselineUser", f"http://127.0.0.1:{port}", profile.locust_users,
                                                  profile.locust_seconds, out / "locust", images, labels, top_k,

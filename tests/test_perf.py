@@ -45,12 +45,27 @@ def test_perf_analyzer_point_with_server_breakdown(server, val_files, tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def baseline_url(checkpoint):
+def baseline_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("baseline") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def baseline_url(checkpoint, baseline_log):
     (port,) = free_ports(1)
-    proc = report.start_baseline(str(checkpoint), port)
+    proc = report.start_baseline(str(checkpoint), port, baseline_log)
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(30)
+
+
+def test_baseline_keeps_serving_after_logging_a_pipe_full(baseline_url, baseline_log, val_files):
+    # Flask logs a line per request; an unread stderr pipe (64 KiB) stalled the server after ~950 requests
+    for _ in range(1500):
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(urllib.request.Request(f"{baseline_url}/predict", data=b"x"), timeout=10)
+    req = urllib.request.Request(f"{baseline_url}/predict", data=val_files[0].read_bytes())
+    assert len(json.loads(urllib.request.urlopen(req, timeout=10).read())["labels"]) == 5
+    assert baseline_log.read_text().count("POST /predict") >= 1500
 
 
 def test_baseline_serves_the_checkpoint(baseline_url, val_files, checkpoint):
