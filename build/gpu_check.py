@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment, check_plan
-from build.quantize import DEFAULT_MAX_TOP1_DROP, accuracy, latency, stream_logits
+from build.quantize import accuracy, latency
 from build.export_onnx import read_metadata, source_checkpoint
 from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
-from perf.perf_analyzer import jpegs_and_tensors
+from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from training.data import list_images
-from training.evaluate import logits_for_files
+from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_files, stream_logits
 from training.preprocess import DaliPreprocessor, PreprocessSpec, build_dali_pipeline, DALI_INPUT_NAME
 
 CONTAINER_TRITON = Path("/opt/tritonserver/bin/tritonserver")
@@ -84,6 +84,8 @@ def main(args: argparse.Namespace) -> int:
     report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__, "pytorch_fp32_top1": fp32_top1,
               "max_top1_drop": args.max_top1_drop, "dali_gpu_vs_cpu": dali_gpu_vs_cpu(spec, val), "engines": {}}
     binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
+    blobs = [p.read_bytes() for p in val[:args.perf_images]]  # the same payload for every engine
+    perf_inputs = jpeg_and_tensor_inputs(meta["export"]["input"], blobs, pre(blobs), out / "perf_inputs")
     for precision in ("fp16", "int8"):
         onnx_path = args.artifacts / f"model_{precision}.onnx"
         plan = args.artifacts / f"model_{precision}.plan"
@@ -101,9 +103,8 @@ def main(args: argparse.Namespace) -> int:
         with TritonServer(repo, Ports(*free_ports(3)), log_file=out / f"tritonserver_{precision}.log", binary=binary) as s:
             with ImageClassifierClient(s.grpc_url, "grpc") as c:
                 preds = c.classify_files(val, batch_size=settings.max_batch_size)
-            blobs = [p.read_bytes() for p in val[:args.perf_images]]
-            throughput = jpegs_and_tensors(s.grpc_url, s.http_url, "grpc", meta["export"]["input"], blobs, pre(blobs),
-                                           args.concurrency, out / f"perf_{precision}", s.proc.pid)
+            throughput = jpegs_and_tensors(s.grpc_url, s.http_url, "grpc", perf_inputs, args.concurrency,
+                                           out / f"perf_{precision}", s.proc.pid)
         served = np.array([meta["classes"].index(p.labels[0]) if p.ok else -1 for p in preds])
         report["engines"][precision] = {"stamp": stamp.__dict__, "images": len(val), "engine": scored,
                                         "gate": "pass" if scored["top1"] >= fp32_top1 - args.max_top1_drop else "FAIL",

@@ -23,7 +23,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -31,7 +31,7 @@ import onnx
 from build.export_onnx import INPUT_NAME, METADATA_KEY, read_metadata, rebase_metadata, source_checkpoint
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
 from training.data import list_images
-from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs
+from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
 from training.preprocess import DaliPreprocessor, PreprocessSpec
 
 ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx",
@@ -210,17 +210,6 @@ def latency(run: Runner, inputs: np.ndarray, batches=(1, 8, 16, 32), min_time: f
         out[b] = {"ms": ms, "images_per_s": b * 1000 / ms}
     best = max(out, key=lambda b: out[b]["images_per_s"])
     return {"batch1_ms": out[1]["ms"], "best_batch": best, "best_images_per_s": out[best]["images_per_s"], "by_batch": out}
-
-
-def stream_logits(runners: dict[str, Runner], batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every runner's logits over one pass of the streamed val split (DaliPreprocessor.iter_files): each
-    batch is decoded once whatever the number of runners, and only logits are kept."""
-    outs: dict[str, list[np.ndarray]] = {name: [] for name in runners}
-    for batch in batches:
-        batch = np.ascontiguousarray(batch)
-        for name, run in runners.items():
-            outs[name].append(run(batch))
-    return {name: np.concatenate(o) for name, o in outs.items()}
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:

@@ -95,15 +95,23 @@ def write_tensor_input_data(name: str, batch: np.ndarray, path: Path) -> Path:
     return path
 
 
-def jpegs_and_tensors(url: str, http_url: str, protocol: str, classifier_input: str, blobs: list[bytes],
-                      pixels: np.ndarray, concurrencies: list[int], out_dir: Path, server_pid: int | None = None,
-                      interval_ms: int = 2000, request_count: int = 0) -> list[dict]:
-    """Served throughput from JPEG bytes (the ensemble: decode, resize, model) and from pre-decoded tensors
-    (the classifier alone, ``pixels`` = the preprocessed ``blobs``) at each concurrency, alternating: the
-    gap is what preprocessing and the ensemble's hops cost."""
+Sources = tuple[tuple[str, str, Path], ...]  # (source, model to call, perf_analyzer --input-data file)
+
+
+def jpeg_and_tensor_inputs(classifier_input: str, blobs: list[bytes], pixels: np.ndarray, out_dir: Path) -> Sources:
+    """perf_analyzer input files for :func:`jpegs_and_tensors`, written once for any number of servers: the
+    JPEG bytes for the ensemble and ``pixels`` (the preprocessed ``blobs``) for the classifier alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sources = (("jpeg", P.ENSEMBLE, write_input_data(blobs, out_dir / "input_jpeg.json")),
-               ("tensors", P.CLASSIFIER, write_tensor_input_data(classifier_input, pixels, out_dir / "input_tensors.json")))
+    return (("jpeg", P.ENSEMBLE, write_input_data(blobs, out_dir / "input_jpeg.json")),
+            ("tensors", P.CLASSIFIER, write_tensor_input_data(classifier_input, pixels, out_dir / "input_tensors.json")))
+
+
+def jpegs_and_tensors(url: str, http_url: str, protocol: str, sources: Sources, concurrencies: list[int],
+                      out_dir: Path, server_pid: int | None = None, interval_ms: int = 2000,
+                      request_count: int = 0) -> list[dict]:
+    """Served throughput from JPEG bytes (the ensemble: decode, resize, model) and from pre-decoded tensors
+    (the classifier alone), ``sources`` from :func:`jpeg_and_tensor_inputs`, at each concurrency,
+    alternating: the gap is what preprocessing and the ensemble's hops cost."""
     rows = []
     for c in concurrencies:
         for source, model, data in sources:

@@ -27,7 +27,7 @@ from build.quantize import markdown as build_markdown
 from build.render_repo import read_manifest, settings_from_manifest
 from clients import protocol as P
 from perf.common import machine_info, sample_images
-from perf.perf_analyzer import jpegs_and_tensors, rendered_server
+from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors, rendered_server
 from training.checkpoint import atomic_write_bytes, file_sha256
 from training.preprocess import DaliPreprocessor, PreprocessSpec
 from training.prune import REPORT
@@ -44,7 +44,7 @@ def check_lineage(unpruned_onnx: Path, pruned_dir: Path, prune_report: dict) -> 
                                 f"(make onnx CKPT={pruned_dir}/best.pt ONNX={pruned_onnx})")
     if source_checkpoint(pruned_onnx).resolve() != (pruned_dir / "best.pt").resolve():
         raise ValueError(f"{pruned_onnx} was not exported from {pruned_dir / 'best.pt'}")
-    if file_sha256(source_checkpoint(unpruned_onnx)) != prune_report["source_sha256"]:
+    if read_metadata(unpruned_onnx)["source"]["checkpoint_sha256"] != prune_report["source_sha256"]:
         raise ValueError(f"{unpruned_onnx} was not exported from the checkpoint that was pruned "
                          f"({prune_report['source']}): export it again or prune again")
     return pruned_onnx
@@ -70,14 +70,15 @@ def compare(unpruned_onnx: Path, pruned_dir: Path, repo: Path, images: Path, rou
     meta = read_metadata(onnx["unpruned"])
     blobs = [b for _, b in sample_images(images)]
     pixels = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"]))(blobs)
+    inputs = jpeg_and_tensor_inputs(P.PIXELS, blobs, pixels, pruned_dir / "served")
 
     rows = []
     for r in range(rounds):
         for name in (("unpruned", "pruned") if r % 2 == 0 else ("pruned", "unpruned")):
             with rendered_server(onnx[name], settings) as (server, _):
                 url = server.grpc_url if protocol == "grpc" else server.http_url
-                for row in jpegs_and_tensors(url, server.http_url, protocol, P.PIXELS, blobs, pixels,
-                                             [concurrency], pruned_dir / "served" / f"round{r + 1}_{name}",
+                for row in jpegs_and_tensors(url, server.http_url, protocol, inputs, [concurrency],
+                                             pruned_dir / "served" / f"round{r + 1}_{name}",
                                              server.proc.pid, interval_ms, request_count):
                     rows.append({**row, "round": r + 1, "variant": name})
     served = {"concurrency": concurrency, "protocol": protocol, "rounds": rounds, "machine": machine_info(),

@@ -141,7 +141,7 @@ def test_jpegs_and_tensors_measured_side_by_side(server, onnx_model, val_files, 
     tensors (the classifier alone), here against the embedded server, with fixed request counts so a
     busy machine cannot make it fail to stabilize."""
     from build.export_onnx import read_metadata
-    from perf.perf_analyzer import jpegs_and_tensors
+    from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
     from training.preprocess import DaliPreprocessor, PreprocessSpec
 
     blobs = [f.read_bytes() for f in val_files[:8]]
@@ -149,8 +149,8 @@ def test_jpegs_and_tensors_measured_side_by_side(server, onnx_model, val_files, 
     from perf.common import model_stats, stats_delta
 
     before = model_stats(server.http_url)
-    rows = jpegs_and_tensors(server.grpc_url, server.http_url, "grpc", P.PIXELS, blobs, pixels, [1, 2], tmp_path,
-                             request_count=40)
+    inputs = jpeg_and_tensor_inputs(P.PIXELS, blobs, pixels, tmp_path)
+    rows = jpegs_and_tensors(server.grpc_url, server.http_url, "grpc", inputs, [1, 2], tmp_path, request_count=40)
     delta = stats_delta(before, model_stats(server.http_url))
     assert [(r["source"], r["concurrency"]) for r in rows] == [("jpeg", 1), ("tensors", 1), ("jpeg", 2), ("tensors", 2)]
     assert all(r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,17 @@ def logits_for_inputs(model: torch.nn.Module, inputs: np.ndarray, batch_size: in
     outs = [model(torch.from_numpy(inputs[i:i + batch_size]).to(device)).float().cpu().numpy()
             for i in range(0, len(inputs), batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def stream_logits(runners: dict[str, Callable[[np.ndarray], np.ndarray]], batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every runner's logits over one pass of the streamed val split (DaliPreprocessor.iter_files): each
+    batch is decoded once whatever the number of runners, and only logits are kept."""
+    outs: dict[str, list[np.ndarray]] = {name: [] for name in runners}
+    for batch in batches:
+        batch = np.ascontiguousarray(batch)
+        for name, run in runners.items():
+            outs[name].append(run(batch))
+    return {name: np.concatenate(o) for name, o in outs.items()}
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:

@@ -38,7 +38,7 @@ from training import train
 from training.checkpoint import (atomic_write_bytes, file_sha256, load_checkpoint, model_from_checkpoint,
                                  save_checkpoint, spec_from_checkpoint)
 from training.data import drop_bad_images, list_images
-from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs
+from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
 from training.models import build_model, changed_widths
 from training.preprocess import DaliPreprocessor
 from training.sparsity import SPARSE_IN_MULTIPLE, SPARSITY_PATTERNS, eligible, two_four_violations
@@ -78,28 +78,23 @@ def prune_to_target(model: nn.Module, img_size: int, num_classes: int, target_fl
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=0.9, iterative_steps=steps, ignored_layers=keep, round_to=round_to)
 
-    def reached() -> bool:
+    def fractions() -> tuple[float, float]:
         flops, params = count_flops_params(model, img_size)
-        return (not target_flops or flops <= target_flops * flops0) and (not target_params or params <= target_params * params0)
+        return flops / flops0, params / params0
 
+    def reached(f: tuple[float, float]) -> bool:
+        return (not target_flops or f[0] <= target_flops) and (not target_params or f[1] <= target_params)
+
+    f = (1.0, 1.0)
     for _ in range(steps):
-        if reached():
+        if reached(f):
             break
         pruner.step()
-    if not reached():
-        flops, params = count_flops_params(model, img_size)
-        raise ValueError(f"pruning 90% of every layer's channels leaves {flops / flops0:.2f} of the FLOPs and "
-                         f"{params / params0:.2f} of the parameters: the targets cannot be met")
+        f = fractions()
+    if not reached(f):
+        raise ValueError(f"pruning 90% of every layer's channels leaves {f[0]:.2f} of the FLOPs and "
+                         f"{f[1]:.2f} of the parameters: the targets cannot be met")
     return model.eval()
-
-
-def score(models: dict[str, nn.Module], pre: DaliPreprocessor, paths: list[Path]) -> dict[str, np.ndarray]:
-    """Each model's logits on the image files, decoded once through the serving preprocess."""
-    outs: dict[str, list[np.ndarray]] = {name: [] for name in models}
-    for batch in pre.iter_files(paths):
-        for name, model in models.items():
-            outs[name].append(logits_for_inputs(model, batch))
-    return {name: np.concatenate(o) for name, o in outs.items()}
 
 
 def finetune_args(ckpt: dict, ckpt_path: Path, init_path: Path, data: Path, out: Path, epochs: int, lr: float | None,
@@ -161,7 +156,9 @@ def main(args: argparse.Namespace) -> dict:
     result = model_from_checkpoint(result_ckpt)
     val = drop_bad_images(list_images(args.data / "val", ckpt["classes"]), "skip")
     paths, labels = [p for p, _ in val], np.array([y for _, y in val])
-    logits = score({"unpruned": unpruned, "pruned": result, "before_finetune": pruned}, DaliPreprocessor(spec), paths)
+    models = {"unpruned": unpruned, "pruned": result, "before_finetune": pruned}
+    logits = stream_logits({name: lambda x, m=m: logits_for_inputs(m, x) for name, m in models.items()},
+                           DaliPreprocessor(spec).iter_files(paths))
     top1 = {name: float(100 * np.mean(l.argmax(1) == labels)) for name, l in logits.items()}
     agreement = float(100 * np.mean(logits["pruned"].argmax(1) == logits["unpruned"].argmax(1)))
     weights = {n: w for n, w in result_ckpt["model"].items() if n.endswith(".weight") and w.ndim in (2, 4)}

@@ -39,8 +39,6 @@ from training.models import ARCHS, build_model
 from training.preprocess import DaliPreprocessor, PreprocessSpec
 from training.sparsity import SPARSITY_PATTERNS, dense_state_dict, sparsify
 
-PATH_ARGS = ("data", "out", "teacher", "config", "init")
-
 
 # ------------------------------------------------------------------------------------------------
 # recipe pieces
