@@ -43,7 +43,7 @@ def stream_logits(runners: dict[str, Callable[[np.ndarray], np.ndarray]], batche
         batch = np.ascontiguousarray(batch)
         for name, run in runners.items():
             outs[name].append(run(batch))
-    return {name: np.concatenate(o) for name, o in outs.items()}
+    return {name: np.concatenate(o) if o else np.zeros((0, 0), np.float32) for name, o in outs.items()}
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -56,8 +56,7 @@ def logits_for_files(model: torch.nn.Module, pre: DaliPreprocessor, paths: Seque
                      device: torch.device | str = "cpu") -> np.ndarray:
     """Logits for image files through the serving preprocess, streamed batch by batch: only the
     logits are kept, never every image's input (a 50,000-image val split fits in any memory)."""
-    outs = [logits_for_inputs(model, batch, device=device) for batch in pre.iter_files(paths)]
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    return stream_logits({"model": lambda x: logits_for_inputs(model, x, device=device)}, pre.iter_files(paths))["model"]
 
 
 def evaluate(model: torch.nn.Module, pre: DaliPreprocessor, paths: Sequence[Path], labels: np.ndarray,
