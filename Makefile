@@ -64,6 +64,10 @@ PREFERRED   ?=
 QUEUE_DELAY_US ?=
 INSTANCES   ?=
 TOP_K       ?=
+# overload: requests each composing model queues, and how long one may wait, before Triton answers 503 /
+# UNAVAILABLE at once (unset: 64 requests, 5000 ms; 0 = unbounded)
+MAX_QUEUE   ?=
+QUEUE_TIMEOUT_MS ?=
 # inputs refused before decoding (unset: 50 megapixels, 32 MiB; training/preprocess.py)
 MAX_IMAGE_PIXELS ?=
 MAX_IMAGE_BYTES ?=
@@ -72,8 +76,13 @@ SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRE
   $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
   $(if $(INSTANCES),--preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES)) \
   $(if $(MAX_IMAGE_PIXELS),--max-image-pixels $(MAX_IMAGE_PIXELS)) $(if $(MAX_IMAGE_BYTES),--max-image-bytes $(MAX_IMAGE_BYTES)) \
+  $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_MS),--queue-timeout-ms $(QUEUE_TIMEOUT_MS)) \
   $(if $(RESET_SETTINGS),--reset-settings)
-# serving and clients
+# serving and clients: the server listens on HOST only (0.0.0.0 opens it to the network); its model
+# control and config APIs need the admin key ($$TRITON_ADMIN_KEY, else ADMIN_KEY_FILE, generated on first use)
+HOST        ?= 127.0.0.1
+ADMIN_KEY_FILE ?= .cache/admin.key
+export TRITON_ADMIN_KEY_FILE := $(abspath $(ADMIN_KEY_FILE))
 HTTP_PORT   ?= 8000
 GRPC_PORT   ?= 8001
 METRICS_PORT ?= 8002
@@ -170,7 +179,7 @@ repo: venv
 	  --out $(REPO) $(SETTINGS_ARGS)
 
 serve: venv
-	$(PY) -m serve --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m serve --repo $(REPO) --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 client: venv
 	$(PY) -m clients $(IMAGES) --protocol $(PROTOCOL) \

@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     except EngineEnvironmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from serve.server import Ports, TritonServer, free_ports
+    from serve.server import TritonServer
 
     out = args.artifacts / "gpu_check"
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
                   "latency": latency(run, sample, batches=sorted({1, profile.opt, profile.max}))}
         repo = out / f"repo_{precision}"
         render(onnx_path, repo, settings, target="gpu", plan=plan)
-        with TritonServer(repo, Ports(*free_ports(3)), log_file=out / f"tritonserver_{precision}.log", binary=binary) as s:
+        with TritonServer(repo, None, log_file=out / f"tritonserver_{precision}.log", binary=binary) as s:
             with ImageClassifierClient(s.grpc_url, "grpc") as c:
                 preds = c.classify_files(val, batch_size=settings.max_batch_size)
             throughput = jpegs_and_tensors(s.grpc_url, s.http_url, "grpc", perf_inputs, args.concurrency,

@@ -62,6 +62,11 @@ class RepoSettings:
     top_k: int = 5
     max_image_pixels: int = MAX_IMAGE_PIXELS  # refused before decoding, with an error naming the limit
     max_image_bytes: int = MAX_IMAGE_BYTES
+    # overload: each composing model queues at most this many requests; beyond it, and for a request
+    # that waited longer than the timeout, Triton answers UNAVAILABLE (HTTP 503) at once instead of
+    # letting latency grow without bound (0 = unbounded / no timeout)
+    max_queue_size: int = 64
+    queue_timeout_ms: int = 5000
 
 
 def _tensor(name: str, dtype: int, dims: list[int], ragged: bool = False):
@@ -74,11 +79,22 @@ def _python_model(name: str, s: RepoSettings, inputs: list[dict], outputs: list[
     cfg.input.extend(mc.ModelInput(**t) for t in inputs)
     cfg.output.extend(mc.ModelOutput(**t) for t in outputs)
     cfg.instance_group.append(mc.ModelInstanceGroup(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU))
-    cfg.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
-    cfg.dynamic_batching.preferred_batch_size.extend(b for b in s.preferred_batch_sizes if b <= s.max_batch_size)
+    dynamic_batching(cfg, s, [b for b in s.preferred_batch_sizes if b <= s.max_batch_size])
     for k, v in params.items():
         cfg.parameters[k].string_value = str(v)
     return cfg
+
+
+def dynamic_batching(cfg: mc.ModelConfig, s: RepoSettings, preferred: list[int]) -> None:
+    """The dynamic batcher with its queue policy (composing models only: an ensemble has no queue)."""
+    db = cfg.dynamic_batching
+    db.max_queue_delay_microseconds = s.queue_delay_us
+    db.preferred_batch_size.extend(preferred)
+    policy = db.default_queue_policy
+    policy.max_queue_size = s.max_queue_size
+    policy.default_timeout_microseconds = s.queue_timeout_ms * 1000
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.allow_timeout_override = True  # a client may ask for a shorter wait (the request's `timeout`)
 
 
 def embedded_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings) -> dict[str, mc.ModelConfig]:
@@ -145,15 +161,13 @@ def gpu_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings, onnx_io
     pre.input.append(mc.ModelInput(**_tensor(P.IMAGE, U8, [-1], ragged=True)))
     pre.output.append(mc.ModelOutput(**_tensor(P.PIXELS, FP32, list(spec.input_shape))))
     pre.instance_group.append(mc.ModelInstanceGroup(count=s.preprocess_instances, kind=gpu))
-    pre.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
-    pre.dynamic_batching.preferred_batch_size.extend(preferred)
+    dynamic_batching(pre, s, preferred)
 
     cls = mc.ModelConfig(name=P.CLASSIFIER, platform="tensorrt_plan", max_batch_size=s.max_batch_size)
     cls.input.append(mc.ModelInput(**_tensor(onnx_io[0], FP32, list(spec.input_shape))))
     cls.output.append(mc.ModelOutput(**_tensor(onnx_io[1], FP32, [num_classes])))
     cls.instance_group.append(mc.ModelInstanceGroup(count=s.classifier_instances, kind=gpu))
-    cls.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
-    cls.dynamic_batching.preferred_batch_size.extend(preferred)
+    dynamic_batching(cls, s, preferred)
     warm = cls.model_warmup.add(name="opt_batch", batch_size=profile_opt)
     warm.inputs[onnx_io[0]].data_type = FP32
     warm.inputs[onnx_io[0]].dims.extend(spec.input_shape)
@@ -387,6 +401,8 @@ SETTINGS_HELP = {
     "top_k": "labels and scores returned per image",
     "max_image_pixels": "embedded target: images with more pixels are refused before decoding",
     "max_image_bytes": "embedded target: larger encoded images are refused before decoding",
+    "max_queue_size": "requests each composing model queues before answering UNAVAILABLE / 503 (0 = unbounded)",
+    "queue_timeout_ms": "a request queued longer is answered UNAVAILABLE / 503 (0 = no timeout)",
 }
 
 

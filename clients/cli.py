@@ -1,6 +1,10 @@
 """Command line: classify image files with the served ensemble.
 
     python -m clients data/synthetic/val --protocol grpc --batch-size 16 --async --json
+
+Exit status: 0 every image answered; 3 some images refused as bad input (each named, the others
+answered); 1 the server is unreachable or failed requests for its own reasons (overload after the
+retries, an internal error, a dropped connection); 2 no such files.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3, help="labels shown per image (at most the server's k)")
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=4, help="re-sends of a request the server refused as overloaded (503)")
     return p
 
 
@@ -70,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
         print("error: no images found (looked for .jpg, .jpeg, .png)", file=sys.stderr)
         return 2
     blobs, sources = [f.read_bytes() for f in files], [str(f) for f in files]
-    with ImageClassifierClient(args.url, args.protocol, args.model, top_k=args.top_k) as client:
+    with ImageClassifierClient(args.url, args.protocol, args.model, timeout_s=args.timeout, top_k=args.top_k,
+                               retries=args.retries) as client:
         try:
             client.check_ready()
         except ServerUnreachable as e:
@@ -94,7 +101,9 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps(d))
     else:
         print(format_table(preds, args.top_k))
-    failed = sum(not p.ok for p in preds)
+    failed = [p for p in preds if not p.ok]
     if failed:
-        print(f"{failed} of {len(preds)} images failed", file=sys.stderr)
+        print(f"{len(failed)} of {len(preds)} images failed", file=sys.stderr)
+    if any(not p.bad_input for p in failed):  # the server, the network or the load, not the images
+        return 1
     return 3 if failed else 0

@@ -5,15 +5,22 @@
         for p in c.classify_files(["cat.jpg", "dog.jpg"]):
             print(p.source, p.labels[0], p.scores[0])
 
-A batch that the server rejects because of a bad image (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT)
-is retried image by image, so the good images still get their answers and the bad one gets the
-server's error message. Any other error (INTERNAL, UNAVAILABLE) is the server's, not the images':
-every image of that batch gets it, without a retry per image.
+Retries happen only where a retry can help:
+- a batch that the server rejects because of a bad image (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT)
+  is retried image by image, so the good images still get their answers and the bad one gets the
+  server's error message;
+- a request refused because the server is overloaded (UNAVAILABLE: HTTP 503, a full queue or a queue
+  timeout) is retried after an exponential backoff with jitter, at most ``retries`` times;
+- any other error (INTERNAL, an unreachable server) is the server's, not the images': every image of
+  that batch gets it at once.
+Every call has a timeout (``timeout_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +48,11 @@ class RequestError(RuntimeError):
         """The server blamed the request's data (Triton's INVALID_ARG), so a smaller request can succeed."""
         return self.status in ("400", "StatusCode.INVALID_ARGUMENT")
 
+    @property
+    def unavailable(self) -> bool:
+        """Overloaded or stopping (Triton's UNAVAILABLE): the same request may succeed a little later."""
+        return self.status in ("503", "StatusCode.UNAVAILABLE")
+
 
 @dataclass
 class Prediction:
@@ -49,6 +61,7 @@ class Prediction:
     scores: list[float] = field(default_factory=list)
     probabilities: list[float] | None = None
     error: str | None = None
+    bad_input: bool = False  # the error blames this image (not the server, the network or the load)
 
     @property
     def ok(self) -> bool:
@@ -85,6 +98,10 @@ def _module(protocol: str, aio: bool = False):
     return m, m
 
 
+def _failed(sources: Sequence[str], e: RequestError) -> list[Prediction]:
+    return [Prediction(s, error=str(e), bad_input=e.bad_input) for s in sources]
+
+
 def _status(e: Exception) -> str | None:
     status = getattr(e, "status", None)
     return str(status()) if callable(status) else None
@@ -97,29 +114,39 @@ def _message(e: Exception) -> str:
 
 class ImageClassifierClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = P.ENSEMBLE,
-                 timeout_s: float = 60.0, with_probabilities: bool = False, top_k: int = 5):
+                 timeout_s: float = 60.0, with_probabilities: bool = False, top_k: int = 5,
+                 retries: int = 4, backoff_s: float = 0.1, max_backoff_s: float = 2.0):
         """``top_k``: labels asked for when the model answers through Triton's classification extension
-        (a model with a postprocess step returns the k it was rendered with)."""
+        (a model with a postprocess step returns the k it was rendered with). ``retries``: attempts after
+        UNAVAILABLE, waiting a random time up to ``backoff_s`` * 2^attempt (capped at ``max_backoff_s``)."""
         self.protocol, self.model = protocol, model
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s, self.with_probabilities, self.top_k = timeout_s, with_probabilities, top_k
+        self.max_retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.retried = 0  # requests re-sent after UNAVAILABLE, over this client's life
         self._num_classes: int | None | bool = False  # False: not asked yet (see _classification)
         self._mod, _ = _module(protocol)
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self._client = self._mod.InferenceServerClient(self.url, **kw)
+        # gRPC has no client-wide timeout: every call carries its own deadline
+        self._call_kw = {"client_timeout": timeout_s} if protocol == "grpc" else {}
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter (uniform in [0, cap]): clients refused together do not come back together."""
+        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
 
     # -- connection -------------------------------------------------------------------------------
     def check_ready(self) -> None:
         """Raise ServerUnreachable with a helpful message unless the ensemble is ready."""
         try:
-            live = self._client.is_server_live()
+            live = self._client.is_server_live(**self._call_kw)
         except Exception as e:  # connection refused, DNS, timeouts: all mean "not reachable"
             raise ServerUnreachable(
                 f"cannot reach Triton at {self.url} over {self.protocol.upper()} ({_message(e).strip() or type(e).__name__}); "
                 f"is the server running? Start it with `make serve`, or pass --url") from None
         if not live:
             raise ServerUnreachable(f"Triton at {self.url} is not live")
-        if not self._client.is_model_ready(self.model):
+        if not self._client.is_model_ready(self.model, **self._call_kw):
             raise ServerUnreachable(f"Triton at {self.url} is up but model '{self.model}' is not ready")
 
     def close(self) -> None:
@@ -138,7 +165,7 @@ class ImageClassifierClient:
         from Triton's classification extension ("score:index:label" strings)."""
         if self._num_classes is False:
             try:
-                kw = {"as_json": True, "client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+                kw = {"as_json": True, **self._call_kw} if self.protocol == "grpc" else {}
                 meta = self._client.get_model_metadata(self.model, **kw)
             except Exception as e:
                 raise RequestError(_message(e), _status(e)) from None
@@ -178,14 +205,21 @@ class ImageClassifierClient:
                 for i, src in enumerate(sources)]
 
     def infer(self, blobs: Sequence[bytes], sources: Sequence[str] | None = None) -> list[Prediction]:
-        """One request for the whole batch; raises RequestError if the server rejects it."""
+        """One request for the whole batch (re-sent after UNAVAILABLE, with backoff); raises RequestError
+        if the server rejects it."""
         sources = list(sources or [f"image{i}" for i in range(len(blobs))])
         inputs, outputs = self._inputs_outputs(self._mod, blobs)
-        try:
-            result = self._client.infer(self.model, inputs, outputs=outputs)
-        except Exception as e:
-            raise RequestError(_message(e), _status(e)) from None
-        return self._predictions(result, sources)
+        for attempt in range(self.max_retries + 1):
+            try:
+                result = self._client.infer(self.model, inputs, outputs=outputs, **self._call_kw)
+                return self._predictions(result, sources)
+            except Exception as e:
+                err = RequestError(_message(e), _status(e))
+            if not err.unavailable or attempt == self.max_retries:
+                raise err
+            self.retried += 1
+            time.sleep(self._backoff(attempt))
+        raise AssertionError("unreachable")
 
     def _isolate(self, blobs, sources, infer_one) -> list[Prediction]:
         out = []
@@ -193,7 +227,7 @@ class ImageClassifierClient:
             try:
                 out += infer_one([b], [s])
             except RequestError as e:
-                out.append(Prediction(s, error=str(e)))
+                out += _failed([s], e)
         return out
 
     def classify(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int = 8,
@@ -205,8 +239,7 @@ class ImageClassifierClient:
             try:
                 out += self.infer(b, s)
             except RequestError as e:
-                out += self._isolate(b, s, self.infer) if e.bad_input and len(b) > 1 else \
-                    [Prediction(src, error=str(e)) for src in s]
+                out += self._isolate(b, s, self.infer) if e.bad_input and len(b) > 1 else _failed(s, e)
             if progress:
                 progress(len(b))
         return out
@@ -223,16 +256,22 @@ class ImageClassifierClient:
 
     async def _classify_async(self, blobs, sources, batch_size, concurrency, progress) -> list[Prediction]:
         mod, aio = _module(self.protocol, aio=True)
-        client = aio.InferenceServerClient(self.url)
+        # HTTP: conn_timeout is aiohttp's total timeout per request; gRPC: a deadline per call
+        client = aio.InferenceServerClient(self.url, **({"conn_timeout": self.timeout_s} if self.protocol == "http" else {}))
         gate = asyncio.Semaphore(concurrency)
 
         async def infer_async(b, s):
             inputs, outputs = self._inputs_outputs(mod, b)
-            try:
-                result = await client.infer(self.model, inputs, outputs=outputs)
-            except Exception as e:
-                raise RequestError(_message(e), _status(e)) from None
-            return self._predictions(result, s)
+            for attempt in range(self.max_retries + 1):
+                try:
+                    result = await client.infer(self.model, inputs, outputs=outputs, **self._call_kw)
+                    return self._predictions(result, s)
+                except Exception as e:
+                    err = RequestError(_message(e), _status(e))
+                if not err.unavailable or attempt == self.max_retries:
+                    raise err
+                self.retried += 1
+                await asyncio.sleep(self._backoff(attempt))
 
         async def one_batch(b, s):
             async with gate:
@@ -240,14 +279,14 @@ class ImageClassifierClient:
                     preds = await infer_async(b, s)
                 except RequestError as e:
                     if not e.bad_input or len(b) == 1:
-                        preds = [Prediction(src, error=str(e)) for src in s]
+                        preds = _failed(s, e)
                     else:
                         preds = []
                         for bb, ss in zip(b, s):
                             try:
                                 preds += await infer_async([bb], [ss])
                             except RequestError as e1:
-                                preds.append(Prediction(ss, error=str(e1)))
+                                preds += _failed([ss], e1)
                 if progress:
                     progress(len(b))
                 return preds

@@ -26,6 +26,7 @@ from perf.common import sample_images
 IMAGES = [b for _, b in sample_images(Path(os.environ.get("LOAD_IMAGES", "data/synthetic/val")), 64)]
 LABELS = set(Path(os.environ["LOAD_LABELS"]).read_text().split()) if os.environ.get("LOAD_LABELS") else None
 TOPK = int(os.environ.get("LOAD_TOPK", "5"))
+REQUEST_TIMEOUT_S = 60.0  # FastHttpUser's network and connection timeouts default to the same
 
 # grpcio must cooperate with locust's gevent loop: patch once, before any channel exists
 grpc_gevent.init_gevent()
@@ -93,7 +94,7 @@ class TritonGrpcUser(User):
         inp.set_data_from_numpy(np.frombuffer(data, np.uint8)[None])
         start, exc = time.perf_counter(), None
         try:
-            result = self.client.infer(P.ENSEMBLE, [inp], outputs=self.outputs)
+            result = self.client.infer(P.ENSEMBLE, [inp], outputs=self.outputs, client_timeout=REQUEST_TIMEOUT_S)
             labels = result.as_numpy(P.LABELS)
             if labels.shape != (1, TOPK):
                 raise ValueError(f"LABELS shape {labels.shape}")

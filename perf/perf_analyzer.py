@@ -27,7 +27,7 @@ from build.render_repo import RepoSettings, read_manifest, render
 from clients import protocol as P
 from perf.common import (UsageMeter, metrics_summary, model_stats, perf_analyzer_binary, perf_analyzer_env,
                          sample_images, scrape_metrics, stats_delta)
-from serve.server import Ports, TritonServer, free_ports
+from serve.server import TritonServer
 
 
 def write_input_data(blobs: list[bytes], path: Path) -> Path:
@@ -130,7 +130,7 @@ def rendered_server(onnx: Path, settings: RepoSettings) -> Iterator[tuple[Triton
     the server and the rendered repository's manifest (build.json). Both go away on exit."""
     with tempfile.TemporaryDirectory(prefix="perf-repo-") as tmp:
         render(onnx, Path(tmp), settings)
-        with TritonServer(Path(tmp), Ports(*free_ports(3))) as server:
+        with TritonServer(Path(tmp), None) as server:
             yield server, read_manifest(Path(tmp))
 
 

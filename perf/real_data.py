@@ -19,7 +19,7 @@ from pathlib import Path
 from build.export_onnx import export
 from build.render_repo import RepoSettings, render
 from clients.client import ImageClassifierClient
-from serve.server import Ports, TritonServer, free_ports
+from serve.server import TritonServer
 from training import train
 from training.checkpoint import load_checkpoint
 from training.data import find_classes, list_images
@@ -37,7 +37,7 @@ def run(name: str, work: Path, extra_train_args: tuple[str, ...] = ()) -> dict:
     render(out / "model.onnx", out / "repo", RepoSettings())
     val = list_images(data / "val", find_classes(data / "val"))
     classes = ckpt["classes"]
-    with TritonServer(out / "repo", Ports(*free_ports(3)), log_file=out / "tritonserver.log") as server, \
+    with TritonServer(out / "repo", None, log_file=out / "tritonserver.log") as server, \
             ImageClassifierClient(server.http_url, "http", timeout_s=60) as client:
         preds = client.classify_files([p for p, _ in val], batch_size=16)
     errors = [p.error for p in preds if not p.ok]

@@ -28,7 +28,7 @@ from perf import ceiling
 from perf.common import REPORTS, machine_info, sample_images
 from perf.loadtest import run_locust
 from perf.perf_analyzer import PerfPoint, sweep
-from serve.server import Ports, TritonServer, free_ports
+from serve.server import TritonServer, free_ports
 
 TARGET_BASELINE_RATIO = 4.0
 TARGET_CEILING_RATIO = 0.85
@@ -103,9 +103,8 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
                                          "best_batch": m["best_batch"],
                                          "model_only_images_per_s": m["model_only_images_per_s_at_best_batch"]}
 
-    ports = Ports(*free_ports(3))
-    with TritonServer(repo, ports, log_file=out / "tritonserver.log") as server:
-        metrics_url = f"http://localhost:{ports.metrics}/metrics"
+    with TritonServer(repo, None, log_file=out / "tritonserver.log") as server:
+        metrics_url = server.metrics_url
         pa: dict[str, list[PerfPoint]] = {}
         if "perf" not in profile.parts:
             profile = Profile(**{**asdict(profile), "protocols": (), "rate_fractions": ()})

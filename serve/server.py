@@ -26,9 +26,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients import admin
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXIT_TIMEOUT_S = 10  # on SIGINT/SIGTERM Triton waits this long for in-flight requests, then exits anyway
+PORT_ATTEMPTS = 3
 CACHE = PROJECT_ROOT / ".cache" / "triton"
 LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.*?)\"?$")
+BIND_FAILURE = re.compile(r"failed to start (\w+) service: .*already in use")
+LOOPBACK = "127.0.0.1"
 
 
 class ServerError(RuntimeError):
@@ -107,35 +113,56 @@ def free_ports(n: int = 3) -> list[int]:
 
 
 class TritonServer:
-    """The tritonserver process. Use as a context manager, or start()/stop()."""
+    """The tritonserver process. Use as a context manager, or start()/stop().
 
-    def __init__(self, repo: Path, ports: Ports = Ports(), log_file: Path | None = None, echo: bool = False,
-                 extra_args: tuple[str, ...] = (), binary: Path | None = None):
+    It listens on ``host`` only (default loopback: nothing outside this machine reaches it unless asked).
+    ``ports=None`` picks free ports, and picks again if another process takes one before Triton binds it.
+    ``admin_key``: the model-repository, model-config, logging, trace and shared-memory APIs then need it
+    (clients.admin); None leaves them open, as the measuring harnesses on loopback use it.
+    """
+
+    def __init__(self, repo: Path, ports: Ports | None = Ports(), log_file: Path | None = None, echo: bool = False,
+                 extra_args: tuple[str, ...] = (), binary: Path | None = None, host: str = LOOPBACK,
+                 admin_key: str | None = None):
         """``binary``: a tritonserver with its own backends (the NGC container's); default: the pip wheel's."""
-        self.repo, self.ports, self.echo, self.extra_args = Path(repo).resolve(), ports, echo, extra_args
-        self.binary = binary
+        self.repo, self.echo, self.extra_args = Path(repo).resolve(), echo, extra_args
+        self.auto_ports = ports is None
+        self.ports = ports or Ports(*free_ports(3))
+        self.binary, self.host, self.admin_key = binary, host, admin_key
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
         self._reader: threading.Thread | None = None
 
     @property
+    def connect_host(self) -> str:
+        """Where a client on this machine reaches it (a wildcard bind is reachable on loopback)."""
+        return LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"localhost:{self.ports.http}"
+        return f"{self.connect_host}:{self.ports.http}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.ports.grpc}"
+        return f"{self.connect_host}:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.connect_host}:{self.ports.metrics}/metrics"
 
     def command(self) -> list[str]:
         if self.binary:  # a full Triton install brings its backends (DALI, TensorRT, Python)
             binary, backends = Path(self.binary), []
         else:
             binary, backends = pytriton_dir() / "tritonserver" / "bin" / "tritonserver", [f"--backend-directory={backend_directory()}"]
+        restricted = admin.server_args(self.admin_key) if self.admin_key else []
         return [str(binary), f"--model-repository={self.repo}", *backends,
+                f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
                 f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-port={self.ports.metrics}", "--exit-on-error=true", "--strict-readiness=true",
-                "--disable-auto-complete-config", "--log-verbose=0", "--exit-timeout-secs=10", *self.extra_args]
+                "--disable-auto-complete-config", "--log-verbose=0", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+                *restricted, *self.extra_args]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -170,16 +197,34 @@ class TritonServer:
             sink.close()
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
+        """Start and wait until every model is ready. On any failure, Ctrl-C included, the child is stopped
+        before the error propagates: nothing is left running."""
         if not self.repo.is_dir():
             raise ServerError(f"model repository {self.repo} does not exist: run `make repo` first")
+        attempts = PORT_ATTEMPTS if self.auto_ports else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once(timeout)
+                return self
+            except PortInUseError:
+                self.stop()
+                if attempt == attempts:
+                    raise
+                self.ports = Ports(*free_ports(3))  # another process took a port between choosing and binding
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> None:
         for port, what in ((self.ports.http, "HTTP"), (self.ports.grpc, "gRPC"), (self.ports.metrics, "metrics")):
             check_port_free(port, what)
+        self.log = []
         self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self.wait_ready(timeout)
-        return self
 
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.log[-n:])
@@ -191,10 +236,13 @@ class TritonServer:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://{self.http_url}/v2/health/ready"
+        url = f"http://{self.http_url}/v2/health/ready"  # health stays open with an admin key
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._reader.join(timeout=5)
+                bind = next((m for line in self.log if (m := BIND_FAILURE.search(line))), None)
+                if bind:
+                    raise PortInUseError(f"tritonserver could not bind its {bind.group(1)} port: {bind.group(0)}")
                 failures = self._failures()
                 if failures:
                     raise ModelLoadError(failures, self.log_tail())
@@ -237,6 +285,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=Ports.grpc)
     p.add_argument("--metrics-port", type=int, default=Ports.metrics)
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the models to load")
+    p.add_argument("--host", default=LOOPBACK, help="address to listen on (0.0.0.0: every interface, i.e. the network)")
+    p.add_argument("--no-admin-key", action="store_true",
+                   help="leave the model-repository, model-config, logging, trace and shared-memory APIs open")
     return p
 
 
@@ -249,11 +300,20 @@ def main(args: argparse.Namespace) -> int:
     # because a shell starting us in the background would leave it ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    server = TritonServer(args.repo, Ports(args.http_port, args.grpc_port, args.metrics_port), echo=True)
+    try:
+        key = None if args.no_admin_key else admin.load_key(create=True)
+    except admin.AdminKeyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server = TritonServer(args.repo, Ports(args.http_port, args.grpc_port, args.metrics_port), echo=True,
+                          host=args.host, admin_key=key)
     try:
         server.start(args.timeout)
-        print(f"\nTriton is ready: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-              f"metrics http://localhost:{args.metrics_port}/metrics  (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        where = "every interface" if server.connect_host != args.host else args.host
+        control = ("model control and config APIs need the admin key "
+                   f"(${admin.KEY_ENV} or {admin.key_file()})" if key else "model control and config APIs are OPEN")
+        print(f"\nTriton is ready on {where}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}; "
+              f"{control}  (Ctrl-C stops it)", file=sys.stderr, flush=True)
         server.proc.wait()
         return server.proc.returncode
     except ServerError as e:

@@ -127,12 +127,12 @@ def test_internal_failure_is_internal_not_the_images_fault(repo, val_files, tmp_
     and the model answers normally once memory is back."""
     import resource
 
-    from serve.server import Ports, TritonServer, free_ports
+    from serve.server import TritonServer
 
     photo = io.BytesIO()
     Image.open(val_files[0]).convert("RGB").resize((6400, 4800)).save(photo, "JPEG", quality=80)
     log = tmp_path / "tritonserver.log"
-    with TritonServer(repo, Ports(*free_ports(3)), log_file=log) as server, \
+    with TritonServer(repo, None, log_file=log) as server, \
             ImageClassifierClient(server.http_url, "http", timeout_s=120) as client:
         good = client.classify([Path(val_files[0]).read_bytes()], ["good"])[0]
         pid = stub_pid(server.proc.pid, "preprocess")

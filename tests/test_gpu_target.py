@@ -28,7 +28,7 @@ from build.render_repo import (GRAPH_FILE, GRAPH_SOURCE, PIPELINE_CONFIG, PIPELI
 from clients import protocol as P
 from clients.client import ImageClassifierClient
 from conftest import MAX_BATCH
-from serve.server import Ports, TritonServer, free_ports
+from serve.server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -265,7 +265,7 @@ def test_dashboard_and_autoscaler_read_metrics_triton_exports(server, val_files)
 
     with ImageClassifierClient(server.http_url, "http") as c:
         assert c.classify_files(val_files[:2])[0].ok  # so every per-model counter has a sample
-    with urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
         exported = r.read().decode()
     names = set(re.findall(r"^(nv_[a-z_]+)", exported, re.M))
     models = set(re.findall(r'model="([^"]+)"', exported))
@@ -358,7 +358,7 @@ def test_classification_layout_serves_what_the_postprocess_layout_serves(onnx_mo
     files = val_files[:12]
     with ImageClassifierClient(server.http_url, "http", with_probabilities=True) as c:
         reference = c.classify_files(files, batch_size=5)
-    with TritonServer(repo, Ports(*free_ports(3)), log_file=tmp_path / "server.log") as s:
+    with TritonServer(repo, None, log_file=tmp_path / "server.log") as s:
         for protocol, url in (("http", s.http_url), ("grpc", s.grpc_url)):
             with ImageClassifierClient(url, protocol, top_k=3, with_probabilities=True) as c:
                 got = c.classify_files(files, batch_size=5)

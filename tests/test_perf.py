@@ -29,7 +29,7 @@ def test_perf_analyzer_point_with_server_breakdown(server, val_files, tmp_path, 
     data = write_input_data([f.read_bytes() for f in val_files[:16]], tmp_path / "input.json")
     url = server.http_url if protocol == "http" else server.grpc_url
     point = run_point(url, server.http_url, protocol, "concurrency", 4, data, tmp_path, server.proc.pid,
-                      interval_ms=500, metrics_url=f"http://localhost:{server.ports.metrics}/metrics")
+                      interval_ms=500, metrics_url=server.metrics_url)
     assert point.throughput > 0 and 0 < point.latency_ms(50) <= point.latency_ms(99)
     with open(tmp_path / f"perf_analyzer_{protocol}_concurrency_4.csv") as f:
         row = next(csv.DictReader(f))

@@ -5,15 +5,20 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
 from clients import protocol as P
-from serve.server import ModelLoadError, Ports, PortInUseError, TritonServer, free_ports
+from serve.server import PROJECT_ROOT, ModelLoadError, Ports, PortInUseError, TritonServer, free_ports
 
 
 def test_busy_port_is_refused_with_a_clear_message(repo):
@@ -29,7 +34,7 @@ def test_model_that_fails_to_load_is_named_with_its_reason(repo, tmp_path):
     broken = tmp_path / "repo"
     shutil.copytree(repo, broken)
     (broken / P.CLASSIFIER / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
-    server = TritonServer(broken, Ports(*free_ports(3)))
+    server = TritonServer(broken, None)
     with pytest.raises(ModelLoadError) as e:
         server.start(timeout=120)
     assert P.CLASSIFIER in e.value.failures
@@ -59,9 +64,106 @@ def test_own_binary_needs_no_pytriton(repo, tmp_path):
         sys.modules["pytriton"] = None  # as in the container: `import pytriton` fails
         from pathlib import Path
         from serve.server import Ports, TritonServer, free_ports
-        with TritonServer(Path({str(repo)!r}), Ports(*free_ports(3)), binary=Path({str(wrapper)!r})) as s:
+        with TritonServer(Path({str(repo)!r}), None, binary=Path({str(wrapper)!r})) as s:
             print("ready", s.proc.pid)
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
                        env={k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH",)})
     assert r.returncode == 0 and "ready" in r.stdout, r.stdout + r.stderr
+
+
+def test_port_taken_between_choosing_and_binding_is_chosen_again(repo, monkeypatch):
+    """free ports are chosen, then released, then bound by Triton: another process may take one in
+    between. Simulated by binding the chosen gRPC port after the up-front check (which is skipped)."""
+    import serve.server as server_module
+
+    monkeypatch.setattr(server_module, "check_port_free", lambda port, what: None)
+    server = TritonServer(repo, None)
+    taken = server.ports.grpc
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", taken))
+        s.listen()
+        with server:
+            assert server.ports.grpc != taken
+            assert urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=10).status == 200
+        http, metrics = free_ports(2)
+        fixed = TritonServer(repo, Ports(http, taken, metrics))  # ports given: no second choice, a clear error
+        with pytest.raises(PortInUseError, match="could not bind its GRPC port"):
+            fixed.start()
+        assert fixed.proc.poll() is not None
+
+
+SLOW_MODEL = '''
+import time
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(600)  # a model that takes long to load: the server is up but not ready
+
+    def execute(self, requests):
+        return []
+'''
+
+
+LIBRARY_USER = """
+import sys
+from pathlib import Path
+from serve.server import TritonServer
+with TritonServer(Path(sys.argv[1]), None, echo=True) as s:  # as the demo, the tests and the harnesses use it
+    pass
+"""
+
+
+@pytest.mark.parametrize("how", ["serve CLI", "context manager"])
+def test_ctrl_c_while_models_load_leaves_no_tritonserver(tmp_path, how):
+    """Interrupted while the models still load, the process exits and its tritonserver is gone."""
+    model = tmp_path / "repo" / "slow"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(SLOW_MODEL)
+    (model / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n'
+                                        'input { name: "X" data_type: TYPE_FP32 dims: [1] }\n'
+                                        'output { name: "Y" data_type: TYPE_FP32 dims: [1] }\n')
+    http, grpc_port, metrics = free_ports(3)
+    cmd = ["-m", "serve", "--repo", str(tmp_path / "repo"), "--no-admin-key", "--http-port", str(http),
+           "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)] if how == "serve CLI" else \
+        ["-c", LIBRARY_USER, str(tmp_path / "repo")]
+    cli = subprocess.Popen([sys.executable, *cmd], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(cli.stderr), daemon=True)  # the CLI echoes Triton's log
+    reader.start()
+    try:
+        children: list[int] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # tritonserver runs and has begun loading the slow model
+            children = child_pids(cli.pid)
+            if children and any("loading: slow:1" in line for line in lines):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("tritonserver never started loading:\n" + "".join(lines[-20:]))
+        time.sleep(1)
+        cli.send_signal(signal.SIGINT)
+        cli.wait(timeout=60)
+        reader.join(timeout=10)
+        if how == "serve CLI":
+            assert cli.returncode == 0, "".join(lines[-20:])
+            assert any("stopping Triton" in line for line in lines)
+        for pid in children:
+            assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", \
+                f"tritonserver {pid} is still running"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        for pid in children:  # whatever the outcome, the test leaves nothing running
+            try:
+                os.killpg(pid, signal.SIGKILL)  # tritonserver leads its own session: it and its stubs
+            except ProcessLookupError:
+                pass
+
+
+def child_pids(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []

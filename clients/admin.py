@@ -1,0 +1,150 @@
+"""The administrative key, and a small client for the APIs it unlocks.
+
+Triton's model-repository (load/unload/index), model-config, logging, trace and shared-memory APIs
+change or reveal what the server runs, so `make serve` restricts them to requests carrying a key
+(Triton's ``--http-restricted-api`` / ``--grpc-restricted-protocol``). Inference, health, metadata and
+statistics stay open. The key is ``$TRITON_ADMIN_KEY`` if set, else the content of a key file
+(``$TRITON_ADMIN_KEY_FILE``, default ``.cache/admin.key``) that the server generates on first use,
+readable by its owner only.
+
+    python -m clients.admin index                 # models, versions and states (key from the file)
+    python -m clients.admin load classifier       # (re)load a model: Triton swaps in its newest version
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import stat
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+KEY_ENV, KEY_FILE_ENV = "TRITON_ADMIN_KEY", "TRITON_ADMIN_KEY_FILE"
+DEFAULT_KEY_FILE = PROJECT_ROOT / ".cache" / "admin.key"
+HEADER = "admin-key"  # lower case: gRPC metadata keys are
+# gRPC metadata reaches Triton's restricted-protocol check under this prefix (grpc_utils.h, r24.10)
+GRPC_PREFIX = "triton-grpc-protocol-"
+RESTRICTED_APIS = ("model-repository", "model-config", "logging", "trace", "shared-memory")
+
+
+class AdminKeyError(RuntimeError):
+    pass
+
+
+def key_file() -> Path:
+    return Path(os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE)
+
+
+def load_key(create: bool = False, path: Path | None = None) -> str | None:
+    """The key from the environment, else from the key file; ``create``: generate the file if missing.
+
+    A key file that others can read is refused: anyone who reads it can reload or unload models."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV]
+    path = Path(path or key_file())
+    if not path.exists():
+        if not create:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # O_EXCL: two servers starting at once cannot both write it; 0600 from the first byte
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_key(create=False, path=path)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise AdminKeyError(f"{path} is readable by others (mode {mode:o}): `chmod 600 {path}`, or delete it "
+                            "and let the server generate a new one")
+    key = path.read_text().strip()
+    if not key or any(c in key for c in ":,= \t"):
+        raise AdminKeyError(f"{path} does not hold a usable key (empty, or contains ':', ',', '=' or spaces)")
+    return key
+
+
+def server_args(key: str) -> list[str]:
+    """tritonserver flags restricting RESTRICTED_APIS to requests with the key (syntax: <apis>:<header>=<value>)."""
+    apis = ",".join(RESTRICTED_APIS)
+    return [f"--http-restricted-api={apis}:{HEADER}={key}", f"--grpc-restricted-protocol={apis}:{HEADER}={key}"]
+
+
+def headers(protocol: str, key: str | None) -> dict[str, str] | None:
+    if key is None:
+        return None
+    return {HEADER if protocol == "http" else GRPC_PREFIX + HEADER: key}
+
+
+class AdminClient:
+    """Model control over HTTP or gRPC, sending the key; every call has a timeout."""
+
+    def __init__(self, url: str, protocol: str = "http", key: str | None = None, timeout_s: float = 120.0):
+        self.protocol, self.url, self.timeout_s = protocol, url, timeout_s
+        self.headers = headers(protocol, key)
+        if protocol == "http":
+            import tritonclient.http as m
+            # a load (a new ONNX session, a DALI pipeline) can take a while: that is the network timeout
+            self._client = m.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+            self._kw = {}
+        else:
+            import tritonclient.grpc as m
+            self._client = m.InferenceServerClient(url)
+            self._kw = {"client_timeout": timeout_s}
+
+    def index(self) -> list[dict]:
+        """[{name, version, state, reason}] of every model version the repository holds."""
+        kw = dict(self._kw, as_json=True) if self.protocol == "grpc" else {}
+        out = self._client.get_model_repository_index(headers=self.headers, **kw)
+        return out.get("models", []) if isinstance(out, dict) else out
+
+    def load(self, model: str) -> None:
+        self._client.load_model(model, headers=self.headers, **self._kw)
+
+    def unload(self, model: str) -> None:
+        self._client.unload_model(model, headers=self.headers, **self._kw)
+
+    def ready(self, model: str, version: str = "") -> bool:
+        return self._client.is_model_ready(model, version, headers=self.headers, **self._kw)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "AdminClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clients.admin", description="Triton model control, with the admin key")
+    p.add_argument("action", choices=("index", "load", "unload"))
+    p.add_argument("model", nargs="?")
+    p.add_argument("--url", default="localhost:8000")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    args = p.parse_args(argv)
+    if args.action != "index" and not args.model:
+        p.error(f"{args.action} needs a model name")
+    try:
+        key = load_key()
+        with AdminClient(args.url, args.protocol, key, args.timeout) as c:
+            if args.action == "index":
+                print(json.dumps(c.index(), indent=2))
+            else:
+                getattr(c, args.action)(args.model)
+                print(f"{args.action}ed {args.model}")
+    except AdminKeyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the server's refusal (403 / UNAVAILABLE without the key), or unreachable
+        msg = e.message() if callable(getattr(e, "message", None)) else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Reliability against the real tritonserver: restricted control APIs, overload (queue policy and the
+client's backoff), start-up that leaves nothing behind, graceful shutdown under load."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import tritonclient.http as httpclient
+
+from build.render_repo import RepoSettings, render
+from clients import admin
+from clients import protocol as P
+from clients.client import ImageClassifierClient, pad_batch
+from serve.server import PROJECT_ROOT, TritonServer
+
+KEY = "test-key-0123456789"
+
+
+# ---------------------------------------------------------------------------------------------
+# restricted control: model-repository, model-config, logging, trace, shared-memory need the key
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def restricted(repo, tmp_path_factory):
+    with TritonServer(repo, None, admin_key=KEY, log_file=tmp_path_factory.mktemp("logs") / "restricted.log") as s:
+        yield s
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_control_apis_need_the_key(restricted, protocol):
+    url = restricted.http_url if protocol == "http" else restricted.grpc_url
+    refused = "403" if protocol == "http" else "StatusCode.UNAVAILABLE"
+    for key in (None, "wrong-key"):
+        with admin.AdminClient(url, protocol, key, timeout_s=30) as c:
+            with pytest.raises(Exception) as e:
+                c.index()
+            assert str(e.value.status()) == refused and "restricted" in e.value.message()
+    with admin.AdminClient(url, protocol, KEY, timeout_s=30) as c:
+        assert {m["name"] for m in c.index()} == {P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS}
+
+
+def test_other_restricted_apis_and_open_ones_over_http(restricted, val_files):
+    c = httpclient.InferenceServerClient(restricted.http_url, network_timeout=30)
+    hdr = admin.headers("http", KEY)
+    for call in (lambda h: c.get_model_config(P.ENSEMBLE, headers=h), lambda h: c.get_log_settings(headers=h),
+                 lambda h: c.get_trace_settings(headers=h), lambda h: c.get_system_shared_memory_status(headers=h)):
+        with pytest.raises(Exception, match="restricted"):
+            call(None)
+        call(hdr)  # accepted with the key
+    # inference, health, metadata and statistics stay open
+    assert c.is_server_ready() and c.is_model_ready(P.ENSEMBLE)
+    assert c.get_model_metadata(P.ENSEMBLE)["name"] == P.ENSEMBLE
+    assert c.get_inference_statistics(P.ENSEMBLE)["model_stats"]
+    with ImageClassifierClient(restricted.grpc_url, "grpc", timeout_s=30) as cl:
+        assert cl.classify_files(val_files[:2])[0].ok
+
+
+def listening_addresses(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The local addresses with a socket in LISTEN state on ``port`` (the kernel's /proc/net/tcp{,6})."""
+    out = []
+    for table, size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(addr)  # stored as 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                out.append(ipaddress.ip_address(raw))
+    return out
+
+
+def test_server_listens_on_loopback_only(restricted):
+    for port in (restricted.ports.http, restricted.ports.grpc, restricted.ports.metrics):
+        addresses = listening_addresses(port)
+        assert addresses, f"nothing listens on {port}"
+        for a in addresses:
+            assert a.is_loopback or (a.version == 6 and a.ipv4_mapped and a.ipv4_mapped.is_loopback), \
+                f"port {port} listens on {a}"
+
+
+def test_admin_key_file_is_generated_private_and_reused(tmp_path, monkeypatch):
+    monkeypatch.delenv(admin.KEY_ENV, raising=False)
+    path = tmp_path / "sub" / "admin.key"
+    assert admin.load_key(path=path) is None  # not created unless asked
+    key = admin.load_key(create=True, path=path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(key) >= 32
+    assert admin.load_key(create=True, path=path) == key  # the same key every time
+    path.chmod(0o644)
+    with pytest.raises(admin.AdminKeyError, match="readable by others"):
+        admin.load_key(path=path)
+    monkeypatch.setenv(admin.KEY_ENV, "from-env")
+    assert admin.load_key(path=path) == "from-env"
+
+
+def test_admin_cli_sends_the_key(restricted, tmp_path):
+    keyfile = tmp_path / "admin.key"
+    keyfile.write_text(KEY + "\n")
+    keyfile.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != admin.KEY_ENV}
+    run = lambda e: subprocess.run([sys.executable, "-m", "clients.admin", "index", "--url", restricted.http_url],
+                                   capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60, env=e)
+    ok = run({**env, admin.KEY_FILE_ENV: str(keyfile)})
+    assert ok.returncode == 0 and P.CLASSIFIER in ok.stdout, ok.stderr
+    refused = run({**env, admin.KEY_FILE_ENV: str(tmp_path / "none.key")})
+    assert refused.returncode == 1 and "restricted" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# overload: a bounded queue answers 503 / UNAVAILABLE at once; the client backs off and retries
+# ---------------------------------------------------------------------------------------------
+
+SMALL_QUEUE = 2
+
+
+@pytest.fixture(scope="module")
+def small_queue(onnx_model, tmp_path_factory):
+    """A server whose composing models queue at most SMALL_QUEUE requests: easy to overload on purpose."""
+    repo = tmp_path_factory.mktemp("small_queue_repo")
+    render(onnx_model, repo, RepoSettings(max_batch_size=8, top_k=3, max_queue_size=SMALL_QUEUE))
+    with TritonServer(repo, None, log_file=tmp_path_factory.mktemp("logs") / "small_queue.log") as s:
+        yield s
+
+
+async def flood(url: str, blobs: list[bytes], requests: int, in_flight: int) -> dict[str, list[str]]:
+    """``requests`` batches, ``in_flight`` at a time, no retries: outcome -> messages."""
+    import tritonclient.http.aio as aio
+
+    client = aio.InferenceServerClient(url, conn_timeout=60)
+    gate, out = asyncio.Semaphore(in_flight), {"ok": [], "rejected": [], "other": []}
+
+    async def one():
+        async with gate:
+            arr = pad_batch(blobs)
+            inp = httpclient.InferInput(P.IMAGE, list(arr.shape), "UINT8")
+            inp.set_data_from_numpy(arr)
+            try:
+                r = await client.infer(P.ENSEMBLE, [inp], outputs=[httpclient.InferRequestedOutput(P.LABELS)])
+                out["ok"].append(r.as_numpy(P.LABELS)[0][0].decode())
+            except Exception as e:
+                msg = e.message() if callable(getattr(e, "message", None)) else repr(e)
+                overload = str(getattr(e, "status", lambda: "")()) == "503" and "Exceeds maximum queue size" in msg
+                out["rejected" if overload else "other"].append(msg)
+    try:
+        await asyncio.gather(*(one() for _ in range(requests)))
+    finally:
+        await client.close()
+    return out
+
+
+def test_overload_is_rejected_with_503_and_the_server_keeps_serving(small_queue, val_files):
+    with ImageClassifierClient(small_queue.http_url, timeout_s=30, retries=0) as c:
+        before = c.classify_files(val_files[:8])
+    out = asyncio.run(flood(small_queue.http_url, [f.read_bytes() for f in val_files[:8]], requests=64, in_flight=32))
+    assert out["other"] == []  # every answer is either a result or a clean overload refusal
+    assert out["rejected"], "32 batches in flight against queues of 2 were never refused"
+    assert out["ok"] and set(out["ok"]) == {before[0].labels[0]}  # the accepted ones are answered correctly
+    with ImageClassifierClient(small_queue.grpc_url, "grpc", timeout_s=30, retries=0) as c:
+        after = c.classify_files(val_files[:8])
+    assert [p.labels for p in after] == [p.labels for p in before]
+
+
+def test_client_backs_off_and_retries_after_503(small_queue, val_files):
+    blobs = [f.read_bytes() for f in val_files[:8]]
+    with ImageClassifierClient(small_queue.http_url, timeout_s=30, retries=0) as c:
+        expected = [p.labels for p in c.classify_files(val_files[:4], batch_size=1)]
+    done = threading.Event()
+    background: dict = {}
+
+    def keep_flooding():
+        while not done.is_set():
+            r = asyncio.run(flood(small_queue.http_url, blobs, requests=32, in_flight=32))
+            for k, v in r.items():
+                background.setdefault(k, []).extend(v)
+
+    t = threading.Thread(target=keep_flooding)
+    t.start()
+    try:
+        with ImageClassifierClient(small_queue.http_url, timeout_s=30, retries=12, backoff_s=0.05, max_backoff_s=1.0) as c:
+            got = [c.classify_files(val_files[:4], batch_size=1) for _ in range(3)]
+    finally:
+        done.set()
+        t.join(timeout=120)
+    assert background["rejected"] and not background.get("other")
+    for preds in got:
+        assert all(p.ok for p in preds), [p.error for p in preds if not p.ok]
+        assert [p.labels for p in preds] == expected
+    assert c.retried >= 1  # it was refused on the way, and still got every answer
+
+
+def test_queue_policy_is_rendered_for_every_composing_model(onnx_model, tmp_path):
+    from build.render_repo import read_configs
+
+    render(onnx_model, tmp_path, RepoSettings(max_queue_size=7, queue_timeout_ms=1500))
+    configs = read_configs(tmp_path)
+    for name in (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS):
+        policy = configs[name].dynamic_batching.default_queue_policy
+        assert (policy.max_queue_size, policy.default_timeout_microseconds) == (7, 1_500_000), name
+    assert not configs[P.ENSEMBLE].HasField("dynamic_batching")
