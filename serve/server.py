@@ -123,14 +123,20 @@ class TritonServer:
 
     def __init__(self, repo: Path, ports: Ports | None = Ports(), log_file: Path | None = None, echo: bool = False,
                  extra_args: tuple[str, ...] = (), binary: Path | None = None, host: str = LOOPBACK,
-                 admin_key: str | None = None):
-        """``binary``: a tritonserver with its own backends (the NGC container's); default: the pip wheel's."""
+                 admin_key: str | None = None, model_control: str = "none"):
+        """``binary``: a tritonserver with its own backends (the NGC container's); default: the pip wheel's.
+        ``model_control``: "none" (the repository as loaded at start) or "explicit" (every model loaded at
+        start; then loaded and unloaded through the repository API: live updates, and a draining stop)."""
+        if model_control not in ("none", "explicit"):
+            raise ValueError(f"model_control must be 'none' or 'explicit', got {model_control!r}")
+        self.model_control = model_control
         self.repo, self.echo, self.extra_args = Path(repo).resolve(), echo, extra_args
         self.auto_ports = ports is None
         self.ports = ports or Ports(*free_ports(3))
         self.binary, self.host, self.admin_key = binary, host, admin_key
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
+        self.ready = False  # every model was READY once (start() returned)
         self.log: list[str] = []
         self._reader: threading.Thread | None = None
 
@@ -157,12 +163,13 @@ class TritonServer:
         else:
             binary, backends = pytriton_dir() / "tritonserver" / "bin" / "tritonserver", [f"--backend-directory={backend_directory()}"]
         restricted = admin.server_args(self.admin_key) if self.admin_key else []
+        control = ["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else []
         return [str(binary), f"--model-repository={self.repo}", *backends,
                 f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
                 f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-port={self.ports.metrics}", "--exit-on-error=true", "--strict-readiness=true",
                 "--disable-auto-complete-config", "--log-verbose=0", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-                *restricted, *self.extra_args]
+                *control, *restricted, *self.extra_args]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -219,7 +226,7 @@ class TritonServer:
     def _start_once(self, timeout: float) -> None:
         for port, what in ((self.ports.http, "HTTP"), (self.ports.grpc, "gRPC"), (self.ports.metrics, "metrics")):
             check_port_free(port, what)
-        self.log = []
+        self.log, self.ready = [], False
         self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._reader = threading.Thread(target=self._pump, daemon=True)
@@ -250,6 +257,7 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
+                        self.ready = True
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
@@ -260,8 +268,39 @@ class TritonServer:
             raise ModelLoadError(failures, self.log_tail())
         raise ServerError(f"tritonserver was not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def drain(self, timeout: float = EXIT_TIMEOUT_S) -> bool:
+        """Refuse new requests and let the accepted ones finish (explicit model control only): every model
+        is unloaded, so a new request is answered at once ("... has no available versions", HTTP 404 /
+        NOT_FOUND) while Triton completes the in-flight ones before a model goes. Returns whether every
+        model was gone within ``timeout``.
+
+        Why not just SIGINT: Triton's HTTP frontend keeps serving requests on open keep-alive connections
+        for up to --exit-timeout-secs and then exits, cutting the requests in flight at that moment."""
+        if self.model_control != "explicit" or not self.ready or self.proc.poll() is not None:
+            return False
+        deadline = time.monotonic() + timeout
+        try:
+            with admin.AdminClient(self.http_url, "http", self.admin_key, timeout_s=timeout) as c:
+                loaded = [m["name"] for m in c.index() if m.get("state") == "READY"]
+                # ensembles first: a composing model unloaded first would fail the ensemble's in-flight requests
+                ensembles = [n for n in loaded if (self.repo / n / "config.pbtxt").is_file()
+                             and 'platform: "ensemble"' in (self.repo / n / "config.pbtxt").read_text()]
+                for group in (ensembles, [n for n in loaded if n not in ensembles]):
+                    for name in group:
+                        c.unload(name)
+                    while any(m["name"] in group and m.get("state") in ("READY", "UNLOADING") for m in c.index()):
+                        if time.monotonic() > deadline:
+                            return False
+                        time.sleep(0.05)
+                return True
+        except Exception as e:  # the server is going away anyway: stop() follows
+            print(f"warning: draining tritonserver failed: {e}", file=sys.stderr)
+        return False
+
+    def stop(self, timeout: float = 30.0, drain: bool = True) -> None:
         if self.proc and self.proc.poll() is None:
+            if drain:
+                self.drain()
             self.proc.send_signal(signal.SIGINT)  # Triton's graceful shutdown: unloads models, stops stubs
             try:
                 self.proc.wait(timeout)
@@ -286,6 +325,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=Ports.metrics)
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the models to load")
     p.add_argument("--host", default=LOOPBACK, help="address to listen on (0.0.0.0: every interface, i.e. the network)")
+    p.add_argument("--model-control", choices=("explicit", "none"), default="explicit",
+                   help="explicit: models can be reloaded through the (key-protected) repository API, e.g. by "
+                        "`python -m build.publish`, and a stop drains them first; none: fixed at start")
     p.add_argument("--no-admin-key", action="store_true",
                    help="leave the model-repository, model-config, logging, trace and shared-memory APIs open")
     return p
@@ -306,7 +348,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     server = TritonServer(args.repo, Ports(args.http_port, args.grpc_port, args.metrics_port), echo=True,
-                          host=args.host, admin_key=key)
+                          host=args.host, admin_key=key, model_control=args.model_control)
     try:
         server.start(args.timeout)
         where = "every interface" if server.connect_host != args.host else args.host

@@ -204,3 +204,31 @@ def test_queue_policy_is_rendered_for_every_composing_model(onnx_model, tmp_path
         policy = configs[name].dynamic_batching.default_queue_policy
         assert (policy.max_queue_size, policy.default_timeout_microseconds) == (7, 1_500_000), name
     assert not configs[P.ENSEMBLE].HasField("dynamic_batching")
+
+
+# ---------------------------------------------------------------------------------------------
+# graceful shutdown and fuzzing (perf/reliability.py: the same code `make reliability` runs bigger)
+# ---------------------------------------------------------------------------------------------
+
+def test_stop_under_load_drains_and_loses_no_accepted_request(repo, val_files, tmp_path):
+    from perf.reliability import shutdown_under_load
+    from serve.server import EXIT_TIMEOUT_S
+
+    r = shutdown_under_load(repo, [f.read_bytes() for f in val_files[:16]], workers=6, load_s=1.5,
+                            log_file=tmp_path / "server.log")
+    assert r["ok"] > 0 and r["answered_of_those"] == r["sent_before_stop"]
+    assert r["lost"] == 0, r["examples"]  # nothing cut mid-flight, no errors
+    assert r["refused"] >= 1  # requests after the stop began were refused, each client once
+    assert r["exit_s"] <= EXIT_TIMEOUT_S and r["returncode"] == 0
+
+
+def test_fuzzed_requests_are_answered_and_the_server_survives(server, val_files):
+    from perf.reliability import fuzz
+
+    r = fuzz(server, [f.read_bytes() for f in val_files[:16]], n=300, seed=1, check_every=50)
+    assert r["failures"] == [], r["failures"][:5]
+    assert r["stubs_same"] and r["server_alive"]
+    statuses = {s for kinds in r["by_kind"].values() for s in kinds}
+    assert "400" in statuses and "0" not in statuses
+    assert set(r["by_kind"]) == {"random_bytes", "mutated_image", "truncated_image", "huge_dimensions", "wrong_dtype",
+                                 "wrong_shape", "wrong_input", "malformed_header", "oversized"}

@@ -1,0 +1,388 @@
+"""Reliability measured on the real tritonserver: overload, graceful shutdown, fuzzing (more to come).
+
+    python -m perf.reliability --repo model_repository --images data/synthetic/val     # make reliability
+
+Each part is a function returning its figures, so the tests run the same code with small numbers
+(tests/test_reliability.py) and `make reliability` runs it with the real ones and writes
+perf/reports/reliability/report.{json,md}.
+
+Every request made here is classified by how it ended (:func:`outcome`):
+  ok          answered
+  overloaded  refused by the queue policy: 503 / UNAVAILABLE "Exceeds maximum queue size" or
+              "Request timeout expired"; a client may come back later
+  refused     refused because the server is going away: the model has no available versions
+              (drained), "Server is stopping", or the connection was refused (nothing was accepted)
+  bad_input   400 / INVALID_ARGUMENT: the server blamed the request's data
+  cut         the connection dropped or timed out while the request was in flight: the request may
+              have been accepted and then lost
+  error       anything else (a 500, a crash): never acceptable
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clients import protocol as P
+from clients.client import pad_batch
+from perf.common import REPORTS, sample_images
+from serve.server import EXIT_TIMEOUT_S, TritonServer
+
+OUTCOMES = ("ok", "overloaded", "refused", "bad_input", "cut", "error")
+
+
+@dataclass
+class Call:
+    protocol: str
+    sent: float      # time.monotonic() when sent
+    done: float
+    outcome: str
+    message: str = ""
+
+
+def outcome(e: BaseException) -> tuple[str, str]:
+    """(outcome, message) of a failed request, from tritonclient's exception or the transport's."""
+    status = str(getattr(e, "status", lambda: "")() or "")
+    msg = e.message() if callable(getattr(e, "message", None)) else f"{type(e).__name__}: {e}"
+    msg = msg or type(e).__name__
+    if status in ("503", "StatusCode.UNAVAILABLE") and ("Exceeds maximum queue size" in msg or "timeout expired" in msg):
+        return "overloaded", msg
+    if "has no available versions" in msg or "Server is stopping" in msg or "is not found" in msg:
+        return "refused", msg
+    if status in ("400", "StatusCode.INVALID_ARGUMENT"):
+        return "bad_input", msg
+    if isinstance(e, ConnectionRefusedError) or "Connect call failed" in msg or "Cannot connect" in msg \
+            or "failed to connect" in msg.lower():
+        return "refused", msg
+    if isinstance(e, (ConnectionError, asyncio.TimeoutError, TimeoutError)) or "disconnected" in msg.lower() \
+            or "reset by peer" in msg or "DEADLINE_EXCEEDED" in status or "Socket closed" in msg:
+        return "cut", msg
+    return "error", msg
+
+
+def _request(mod, blobs: list[bytes]):
+    arr = pad_batch(blobs)
+    inp = mod.InferInput(P.IMAGE, list(arr.shape), "UINT8")
+    inp.set_data_from_numpy(arr)
+    return [inp]
+
+
+async def worker(protocol: str, url: str, batches: list[list[bytes]], calls: list[Call], keep_going,
+                 stop_on_refusal: bool = False, timeout_s: float = 60.0) -> None:
+    """One closed-loop client: sends the batches in turn while ``keep_going()``; each call recorded.
+    ``stop_on_refusal``: leave after the first refusal, as a client behind a load balancer goes elsewhere."""
+    if protocol == "http":
+        import tritonclient.http as mod
+        import tritonclient.http.aio as aio
+        client, kw = aio.InferenceServerClient(url, conn_timeout=timeout_s), {}
+    else:
+        import tritonclient.grpc as mod
+        import tritonclient.grpc.aio as aio
+        client, kw = aio.InferenceServerClient(url), {"client_timeout": timeout_s}
+    try:
+        i = 0
+        while keep_going():
+            sent = time.monotonic()
+            try:
+                await client.infer(P.ENSEMBLE, _request(mod, batches[i % len(batches)]), **kw)
+                calls.append(Call(protocol, sent, time.monotonic(), "ok"))
+            except Exception as e:
+                kind, msg = outcome(e)
+                calls.append(Call(protocol, sent, time.monotonic(), kind, msg[:300]))
+                if kind == "refused" and stop_on_refusal:
+                    return
+                await asyncio.sleep(0.01)  # a failing server is not spun against
+            i += 1
+    finally:
+        await client.close()
+
+
+def counts(calls: list[Call]) -> dict[str, int]:
+    return {k: sum(c.outcome == k for c in calls) for k in OUTCOMES}
+
+
+def examples(calls: list[Call], kinds=("cut", "error", "bad_input")) -> dict[str, list[str]]:
+    return {k: sorted({c.message for c in calls if c.outcome == k})[:5] for k in kinds if any(c.outcome == k for c in calls)}
+
+
+# ------------------------------------------------------------------------------------------------
+# graceful shutdown
+# ------------------------------------------------------------------------------------------------
+
+def shutdown_under_load(repo: Path, images: list[bytes], workers: int = 8, load_s: float = 2.0, batch: int = 4,
+                        drain: bool = True, log_file: Path | None = None) -> dict:
+    """Stop the server while ``workers`` clients (half HTTP, half gRPC) keep sending; each client leaves
+    at its first refusal. Lost = requests that did not get an answer or a refusal (cut, error)."""
+    batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images]
+    server = TritonServer(repo, None, model_control="explicit", admin_key=secrets.token_urlsafe(24), log_file=log_file)
+    server.start()
+    calls: list[Call] = []
+    stopped: dict = {}
+
+    def stop_server() -> None:
+        t = time.monotonic()
+        stopped["at"] = t
+        server.stop(drain=drain)
+        stopped["exit_s"] = time.monotonic() - t
+        stopped["returncode"] = server.proc.returncode
+
+    async def run() -> None:
+        alive = lambda: server.proc.poll() is None
+        tasks = [asyncio.create_task(worker("http" if i % 2 == 0 else "grpc",
+                                            server.http_url if i % 2 == 0 else server.grpc_url,
+                                            batches[i % len(batches):] + batches[:i % len(batches)], calls, alive,
+                                            stop_on_refusal=True, timeout_s=3 * EXIT_TIMEOUT_S))
+                 for i in range(workers)]
+        await asyncio.sleep(load_s)
+        stopper = threading.Thread(target=stop_server)
+        stopper.start()
+        await asyncio.gather(*tasks)
+        await asyncio.to_thread(stopper.join)
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+    before = [c for c in calls if c.sent < stopped["at"]]
+    c = counts(calls)
+    return {"workers": workers, "drain": drain, "requests": len(calls), **c,
+            "ok_after_stop_began": sum(x.outcome == "ok" and x.sent >= stopped["at"] for x in calls),
+            "sent_before_stop": len(before), "answered_of_those": sum(x.outcome == "ok" for x in before),
+            "lost": c["cut"] + c["error"], "exit_s": round(stopped["exit_s"], 2),
+            "exit_timeout_s": EXIT_TIMEOUT_S, "returncode": stopped["returncode"], "examples": examples(calls)}
+
+
+# ------------------------------------------------------------------------------------------------
+# fuzzing
+# ------------------------------------------------------------------------------------------------
+
+# Triton 2.51's HTTP frontend answers a request whose JSON header it cannot parse with 500 (not 400), with
+# these messages: the request is refused clearly and nothing else is affected, but the status is Triton's
+# to fix. Counted separately; any other 5xx, or no answer, fails.
+FRONTEND_PARSE_ERRORS = ("failed to parse the request JSON buffer", "Unable to parse '")
+
+FUZZ_KINDS = ("random_bytes", "mutated_image", "truncated_image", "huge_dimensions", "wrong_dtype",
+              "wrong_shape", "wrong_input", "malformed_header", "oversized")  # oversized last
+
+
+def kserve_request(inputs: list[tuple[str, str, list[int], bytes]]) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 binary-tensor request body: JSON header, then each input's raw bytes."""
+    header = json.dumps({"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
+                                    for n, d, s, b in inputs]}).encode()
+    return header + b"".join(b for *_, b in inputs), {"Inference-Header-Content-Length": str(len(header)),
+                                                      "Content-Type": "application/octet-stream"}
+
+
+def image_request(blob: bytes) -> tuple[bytes, dict[str, str]]:
+    return kserve_request([(P.IMAGE, "UINT8", [1, len(blob)], blob)])
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header (with a valid CRC) claims width x height, and no pixel data worth the name."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _jpeg_claiming(jpeg: bytes, width: int, height: int) -> bytes:
+    """``jpeg`` with its frame header's size replaced."""
+    data = bytearray(jpeg)
+    pos = 2
+    while pos + 4 < len(data):
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            data[pos + 5:pos + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+            return bytes(data)
+        pos += 2 + length
+    raise ValueError("no frame header in the JPEG")
+
+
+OVERSIZED_EVERY = 100  # tens of MiB each: one case in a hundred
+
+
+def fuzz_cases(seed: int, n: int, jpegs: list[bytes], oversized_bytes: int):
+    """``n`` seeded malformed requests (kind, body, headers), made one at a time, cycling through
+    FUZZ_KINDS (oversized every OVERSIZED_EVERY-th); the same seed gives the same requests, so a
+    failure reproduces."""
+    from PIL import Image
+    import io
+
+    rng = np.random.default_rng(seed)
+    pngs = []
+    for j in jpegs[:4]:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(j)).save(buf, "PNG")
+        pngs.append(buf.getvalue())
+    images = jpegs + pngs
+    for i in range(n):
+        kind = "oversized" if i % OVERSIZED_EVERY == OVERSIZED_EVERY - 1 else FUZZ_KINDS[i % (len(FUZZ_KINDS) - 1)]
+        img = images[int(rng.integers(len(images)))]
+        if kind == "random_bytes":
+            blob = rng.integers(0, 256, int(rng.integers(1, 4096)), dtype=np.uint8).tobytes()
+            body, hdr = image_request(blob)
+        elif kind == "mutated_image":
+            data = bytearray(img)
+            for pos in rng.integers(0, len(data), int(rng.integers(1, 32))):
+                data[pos] = int(rng.integers(256))
+            body, hdr = image_request(bytes(data))
+        elif kind == "truncated_image":
+            body, hdr = image_request(img[:int(rng.integers(1, len(img)))])
+        elif kind == "huge_dimensions":
+            w, h = (int(x) for x in rng.integers(8000, 65535, 2))
+            blob = _png_claiming(w, h) if rng.random() < 0.5 else _jpeg_claiming(jpegs[0], w, h)
+            body, hdr = image_request(blob)
+        elif kind == "wrong_dtype":
+            dtype = ["FP32", "INT64", "BYTES", "FP16", "BOOL", "INT8"][int(rng.integers(6))]
+            body, hdr = kserve_request([(P.IMAGE, dtype, [1, len(img)], img)])
+        elif kind == "wrong_shape":
+            shape = [[len(img)], [1, len(img) + 7], [2, len(img)], [1, 1, len(img)], [0, 0], [-1, len(img)]][int(rng.integers(6))]
+            body, hdr = kserve_request([(P.IMAGE, "UINT8", shape, img)])
+        elif kind == "wrong_input":
+            body, hdr = kserve_request([("NOT_" + P.IMAGE, "UINT8", [1, len(img)], img)]) if rng.random() < 0.5 else \
+                kserve_request([(P.IMAGE, "UINT8", [1, len(img)], img), ("EXTRA", "UINT8", [1, 4], b"\0" * 4)])
+        elif kind == "malformed_header":
+            body, hdr = image_request(img)
+            cut = int(hdr["Inference-Header-Content-Length"])
+            variant = int(rng.integers(3))
+            if variant == 0:  # the header length points into the middle of the JSON
+                hdr = {**hdr, "Inference-Header-Content-Length": str(int(rng.integers(1, cut)))}
+            elif variant == 1:  # JSON garbage
+                junk = rng.integers(32, 127, cut, dtype=np.uint8).tobytes()
+                body = junk + body[cut:]
+            else:  # longer than the body
+                hdr = {**hdr, "Inference-Header-Content-Length": str(len(body) + 100)}
+        else:  # oversized: more encoded bytes than the server accepts (not zeros: those are row padding)
+            blob = img + rng.integers(1, 256, oversized_bytes - len(img), dtype=np.uint8).tobytes()
+            body, hdr = image_request(blob)
+        yield kind, body, hdr
+
+
+def send_raw(http_url: str, body: bytes, headers: dict[str, str], timeout_s: float = 60.0) -> tuple[int, str]:
+    """POST one request to the ensemble; (HTTP status, error message or ""). Status 0: no answer."""
+    import http.client
+
+    host, port = http_url.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    try:
+        conn.request("POST", f"/v2/models/{P.ENSEMBLE}/infer", body=body, headers=headers)
+        r = conn.getresponse()
+        text = r.read()
+        if r.status == 200:
+            return 200, ""
+        try:
+            return r.status, json.loads(text).get("error", text[:200].decode(errors="replace"))
+        except ValueError:
+            return r.status, text[:200].decode(errors="replace")
+    except (OSError, http.client.HTTPException) as e:
+        return 0, f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+
+
+def stub_pids(server: TritonServer) -> set[int]:
+    """The Python-backend stub processes of ``server`` (its children, one per model instance)."""
+    path = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+def fuzz(server: TritonServer, jpegs: list[bytes], n: int = 2000, seed: int = 0, oversized_bytes: int | None = None,
+         check_every: int = 100) -> dict:
+    """``n`` seeded malformed requests against a running server. Every one must be answered 200 or 4xx;
+    every ``check_every`` cases and at the end a good image must still be classified as before, and the
+    stub processes must be the same ones (none died and was restarted)."""
+    from training.preprocess import MAX_IMAGE_BYTES
+
+    good_body, good_hdr = image_request(jpegs[0])
+    reference = send_good(server.http_url, good_body, good_hdr)
+    stubs = stub_pids(server)
+    results: dict[str, dict[int, int]] = {}
+    failures: list[dict] = []
+    frontend_500 = 0
+    t = time.monotonic()
+    for i, (kind, body, hdr) in enumerate(fuzz_cases(seed, n, jpegs, oversized_bytes or MAX_IMAGE_BYTES + 1024)):
+        status, msg = send_raw(server.http_url, body, hdr)
+        results.setdefault(kind, {}).setdefault(status, 0)
+        results[kind][status] += 1
+        if status == 500 and msg.startswith(FRONTEND_PARSE_ERRORS):
+            frontend_500 += 1
+        elif not (status == 200 or 400 <= status < 500):
+            failures.append({"case": i, "kind": kind, "status": status, "message": msg[:300]})
+        if (i + 1) % check_every == 0 or i == n - 1:
+            if send_good(server.http_url, good_body, good_hdr) != reference:
+                failures.append({"case": i, "kind": kind, "status": "good request after it answered differently"})
+    return {"cases": n, "seed": seed, "seconds": round(time.monotonic() - t, 1),
+            "by_kind": {k: {str(s): c for s, c in sorted(v.items())} for k, v in results.items()},
+            "frontend_parse_500": frontend_500, "failures": failures, "stubs_same": stub_pids(server) == stubs, "server_alive": server.proc.poll() is None}
+
+
+def send_good(http_url: str, body: bytes, headers: dict[str, str]) -> str:
+    """The top label for a good request (raises if it is not answered)."""
+    import http.client
+
+    host, port = http_url.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("POST", f"/v2/models/{P.ENSEMBLE}/infer", body=body, headers=headers)
+        r = conn.getresponse()
+        text = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"a good image was answered {r.status}: {text[:300]!r}")
+        n = int(r.getheader("Inference-Header-Content-Length", len(text)))
+        outputs = {o["name"]: o for o in json.loads(text[:n])["outputs"]}
+        return json.dumps(outputs[P.LABELS].get("data") or outputs[P.LABELS]["shape"])
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# the report
+# ------------------------------------------------------------------------------------------------
+
+def render_markdown(r: dict) -> str:
+    lines = ["# Reliability report", "", f"Measured on the real tritonserver, {r['when']}, repository `{r['repo']}`.", ""]
+    if "shutdown" in r:
+        lines += ["## Graceful shutdown under load", "",
+                  "The server is stopped while clients (half HTTP, half gRPC) keep sending; a client leaves at its "
+                  "first refusal. Lost = requests neither answered nor refused (cut mid-flight, or an error).", "",
+                  "| stop | requests | answered | refused | lost | exit (s) | exit timeout (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for s in r["shutdown"]:
+            lines.append(f"| {'drain, then SIGINT' if s['drain'] else 'SIGINT only'} | {s['requests']} | {s['ok']} | "
+                         f"{s['refused']} | {s['lost']} | {s['exit_s']} | {s['exit_timeout_s']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Reliability figures from the real tritonserver")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
+    p.add_argument("--out", type=Path, default=REPORTS / "reliability")
+    p.add_argument("--workers", type=int, default=16)
+    return p
+
+
+def main(args: argparse.Namespace) -> dict:
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = [b for _, b in sample_images(args.images, 64)]
+    r: dict = {"when": time.strftime("%Y-%m-%d %H:%M"), "repo": str(args.repo)}
+    r["shutdown"] = [shutdown_under_load(args.repo, images, args.workers, drain=d, log_file=args.out / f"shutdown_drain{int(d)}.log")
+                     for d in (True, False)]
+    (args.out / "report.json").write_text(json.dumps(r, indent=2))
+    (args.out / "report.md").write_text(render_markdown(r))
+    print(render_markdown(r))
+    return r
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
