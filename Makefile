@@ -102,7 +102,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: publish rollback reliability help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -111,6 +111,7 @@ help:
 	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
 	@echo "              precisions (fp32 vs int8 served side by side)"
+	@echo "reliability: make reliability (overload, fuzzing, shutdown, live update); publish / rollback (live model updates)"
 	@echo "benchmark-data - the default recipe trained and served on real data sets that packages ship"
 
 # Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d
@@ -206,6 +207,19 @@ precisions: artifacts
 	@test -f $(ARTIFACTS)/build_report.json || $(MAKE) quantize
 	$(PY) -m perf.precisions --repo $(REPO) --artifacts $(ARTIFACTS) --images $(IMAGES) \
 	  --precisions $(PRECISIONS) --concurrency $(PRECISION_CONCURRENCY)
+
+# live updates (the server started by `make serve`, explicit model control): ONNX becomes the classifier's
+# next version once it passes the checks and the accuracy gate on DATA's val split; rollback retires it
+publish: venv
+	$(PY) -m build.publish --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) $(GATE_ARGS)
+
+rollback: venv
+	$(PY) -m build.publish --rollback --repo $(REPO) --url $(HOST):$(HTTP_PORT)
+
+# overload, fuzzing, graceful shutdown and live updates on the real server: perf/reports/reliability/
+FUZZ_CASES ?= 2000
+reliability: artifacts
+	$(PY) -m perf.reliability --repo $(REPO) --images $(IMAGES) --data $(DATA) --fuzz-cases $(FUZZ_CASES)
 
 tune: artifacts
 	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
@@ -232,3 +233,80 @@ def test_fuzzed_requests_are_answered_and_the_server_survives(server, val_files)
     assert "400" in statuses and "0" not in statuses
     assert set(r["by_kind"]) == {"random_bytes", "mutated_image", "truncated_image", "huge_dimensions", "wrong_dtype",
                                  "wrong_shape", "wrong_input", "malformed_header", "oversized"}
+
+
+# ---------------------------------------------------------------------------------------------
+# live model updates: publish and roll back under load, refuse broken versions
+# ---------------------------------------------------------------------------------------------
+
+def worse_model(onnx_path: Path, out: Path, num_classes: int) -> Path:
+    """The same model with its classifier's rows rolled by one: every prediction moves to the next class."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(onnx_path))
+    for init in m.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.ndim in (1, 2) and a.shape[0] == num_classes:
+            init.CopyFrom(numpy_helper.from_array(np.roll(a, 1, axis=0), init.name))
+    onnx.save(m, str(out))
+    return out
+
+
+def classifier_states(url: str) -> dict[str, str]:
+    with admin.AdminClient(url, "http", KEY, timeout_s=30) as c:
+        return {m["version"]: m["state"] for m in c.index() if m["name"] == P.CLASSIFIER}
+
+
+def test_publish_and_rollback_under_load_fail_no_request(repo, onnx_model, tiny_data, val_files, tmp_path):
+    import shutil
+
+    from build.publish import PublishError, publish, rollback, versions
+    from perf.reliability import counts, examples, worker
+
+    live = tmp_path / "repo"
+    shutil.copytree(repo, live)
+    num_classes = len(read_metadata_classes(onnx_model))
+    with TritonServer(live, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:
+        calls: list = []
+        done = threading.Event()
+        batches = [[f.read_bytes() for f in val_files[i:i + 4]] for i in range(0, 16, 4)]
+
+        def load():
+            async def run():
+                await asyncio.gather(*(worker(p, s.http_url if p == "http" else s.grpc_url, batches, calls,
+                                              lambda: not done.is_set()) for p in ("http", "grpc", "http", "grpc")))
+            asyncio.run(run())
+
+        t = threading.Thread(target=load)
+        t.start()
+        try:
+            r = publish(onnx_model, live, tiny_data, s.http_url, key=KEY)
+            assert r["version"] == 2 and r["top1_new"] == r["top1_served"]
+            assert classifier_states(s.http_url).get("2") == "READY"
+            assert classifier_states(s.http_url).get("1") != "READY"  # latest-1 policy: the old one went
+            # refused before the server sees them: a worse model, a corrupt file
+            with pytest.raises(PublishError, match="accuracy gate"):
+                publish(worse_model(onnx_model, tmp_path / "worse.onnx", num_classes), live, tiny_data, s.http_url, key=KEY)
+            corrupt = tmp_path / "corrupt.onnx"
+            corrupt.write_bytes(onnx_model.read_bytes()[:5000])
+            with pytest.raises(PublishError, match="not a loadable"):
+                publish(corrupt, live, tiny_data, s.http_url, key=KEY)
+            # refused by the server itself: the version is moved aside, the served one stays
+            with pytest.raises(PublishError, match="did not load version 3"):
+                publish(corrupt, live, None, s.http_url, key=KEY, check=False)
+            assert versions(live / P.CLASSIFIER) == [1, 2] and classifier_states(s.http_url).get("2") == "READY"
+            r = rollback(live, s.http_url, key=KEY)
+            assert r["version"] == 1 and classifier_states(s.http_url).get("1") == "READY"
+            assert versions(live / P.CLASSIFIER) == [1]
+        finally:
+            done.set()
+            t.join(timeout=120)
+    c = counts(calls)
+    assert c["ok"] > 0 and c["ok"] == len(calls), (c, examples(calls, ("refused", "cut", "error", "overloaded")))
+
+
+def read_metadata_classes(onnx_path: Path) -> list[str]:
+    from build.export_onnx import read_metadata
+
+    return read_metadata(onnx_path)["classes"]

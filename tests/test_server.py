@@ -90,10 +90,20 @@ def smashed_jpeg() -> bytes:
     return bytes(good)
 
 
+def jpeg_with_precision(bits: int) -> bytes:
+    data = bytearray(jpeg_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 4] = bits  # marker (2), length (2), then the sample precision
+    return bytes(data)
+
+
 BAD_IMAGES = {
     "corrupt_jpeg": (corrupt_jpeg(), "could not decode the image data"),
     "smashed_jpeg": (smashed_jpeg(), "corrupt JPEG: expected a marker at byte"),
     "truncated_jpeg": (jpeg_bytes()[:700], "truncated JPEG"),
+    # found by fuzzing (perf/reliability.py, seed 0, case 1673): DALI failed with "Invalid sample_type: -1",
+    # which is no decode error, so the server answered 500
+    "jpeg_bad_precision": (jpeg_with_precision(155), "unsupported JPEG: 155-bit samples"),
     "empty": (b"", "empty input"),
     "not_an_image": (b"%PDF-1.4 this is a text document, not a picture\n", "not a JPEG or PNG image"),
 }

@@ -57,6 +57,8 @@ def jpeg_extent(data: bytes) -> tuple[int, int, int]:
         if end > n:
             raise truncated
         if marker in SOF_MARKERS and end - pos >= 7:
+            if data[pos + 2] != 8:  # DALI (and Pillow, which training decodes with) read 8-bit samples only
+                raise Rejected(f"unsupported JPEG: {data[pos + 2]}-bit samples (8-bit JPEGs are served)")
             size = (int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 3:pos + 5], "big"))
         pos = end
         if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
