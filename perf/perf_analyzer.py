@@ -135,25 +135,25 @@ def rendered_server(onnx: Path, settings: RepoSettings) -> Iterator[tuple[Triton
 
 
 def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurrency: int, input_json: Path,
-                     out_dir: Path, interval_ms: int = 2000) -> tuple[PerfPoint, dict]:
+                     out_dir: Path, interval_ms: int = 2000, request_count: int = 0) -> tuple[PerfPoint, dict]:
     """Serve ``onnx`` with ``settings`` (rendered_server) and measure it at one concurrency: the point and the
     rendered repository's manifest."""
     with rendered_server(onnx, settings) as (server, manifest):
         url = server.http_url if protocol == "http" else server.grpc_url
         point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json, out_dir,
-                          server.proc.pid, interval_ms)
+                          server.proc.pid, interval_ms, request_count=request_count)
     return point, manifest
 
 
 def sweep(url: str, http_url: str, protocol: str, mode: str, values: list[float], blobs: list[bytes],
           out_dir: Path, server_pid: int | None = None, interval_ms: int = 2000,
-          metrics_url: str | None = None) -> list[PerfPoint]:
+          metrics_url: str | None = None, request_count: int = 0) -> list[PerfPoint]:
     out_dir.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data(blobs, out_dir / "perf_analyzer_input.json")
     points = []
     for v in values:
         p = run_point(url, http_url, protocol, mode, v, input_json, out_dir, server_pid, interval_ms,
-                      metrics_url=metrics_url)
+                      metrics_url=metrics_url, request_count=request_count)
         print(f"perf_analyzer {protocol} {mode}={v:g}: {p.throughput:.0f} img/s, p50 {p.latency_ms(50):.1f} ms, "
               f"p99 {p.latency_ms(99):.1f} ms")
         points.append(p)

@@ -26,7 +26,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def compare(artifacts: Path, repo: Path, images: Path, out_dir: Path, precisions=("fp32", "int8"), rounds: int = 2,
-            concurrency: int = 16, protocol: str = "grpc", interval_ms: int = 2000) -> dict:
+            concurrency: int = 16, protocol: str = "grpc", interval_ms: int = 2000, request_count: int = 0) -> dict:
+    """``request_count`` > 0: each point is exactly that many requests (no stabilization)."""
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {rounds}")
     if "fp32" not in precisions:
@@ -41,7 +42,7 @@ def compare(artifacts: Path, repo: Path, images: Path, out_dir: Path, precisions
     for r in range(rounds):
         for precision in precisions:
             point, served = measure_rendered(onnx[precision], settings, protocol, concurrency, input_json,
-                                             out_dir / f"round{r + 1}_{precision}", interval_ms)
+                                             out_dir / f"round{r + 1}_{precision}", interval_ms, request_count)
             rows.append({"round": r + 1, "precision": precision, "onnx": served["onnx"], "settings": served["settings"],
                          "throughput": point.throughput, "p50_ms": point.latency_ms(50), "p99_ms": point.latency_ms(99),
                          "usage": point.usage})

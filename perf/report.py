@@ -44,6 +44,7 @@ class Profile:
     locust_seconds: int = 20
     ceiling_seconds: float = 3.0
     parts: tuple[str, ...] = ("ceiling", "perf", "loadtest")  # what to measure
+    request_count: int = 0  # > 0: every perf_analyzer point is exactly this many requests (no stabilization)
 
 
 FULL = Profile()
@@ -111,12 +112,14 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
         for proto in profile.protocols:
             url = server.http_url if proto == "http" else server.grpc_url
             pa[proto] = sweep(url, server.http_url, proto, "concurrency", list(profile.concurrency), blobs,
-                              out / "perf_analyzer", server.proc.pid, profile.interval_ms, metrics_url)
+                              out / "perf_analyzer", server.proc.pid, profile.interval_ms, metrics_url,
+                              profile.request_count)
         if pa:
             peak = max(p.throughput for pts in pa.values() for p in pts)
             rates = [max(1.0, round(f * peak)) for f in profile.rate_fractions]
             pa["grpc_rate"] = sweep(server.grpc_url, server.http_url, "grpc", "request_rate", rates, blobs,
-                                    out / "perf_analyzer", server.proc.pid, profile.interval_ms, metrics_url)
+                                    out / "perf_analyzer", server.proc.pid, profile.interval_ms, metrics_url,
+                              profile.request_count)
             r["perf_analyzer"] = {k: [p.to_dict() for p in v] for k, v in pa.items()}
         if "loadtest" not in profile.parts:
             return r

@@ -43,13 +43,14 @@ def choose(results: list[dict], p99_budget_ms: float) -> tuple[dict, bool]:
 
 def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSettings(), grid: dict = DEFAULT_GRID,
          concurrency: int = 16, p99_budget_ms: float = 50.0, protocol: str = "grpc", interval_ms: int = 2000,
-         apply_to: Path | None = None) -> dict:
+         apply_to: Path | None = None, request_count: int = 0) -> dict:
+    """``request_count`` > 0: each configuration measured on exactly that many requests (no stabilization)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data([b for _, b in sample_images(images)], out_dir / "perf_analyzer_input.json")
     results = []
     for i, settings in enumerate(configurations(base, grid)):
         point, _ = measure_rendered(onnx, settings, protocol, concurrency, input_json, out_dir / f"config_{i:02d}",
-                                    interval_ms)
+                                    interval_ms, request_count)
         row = {"settings": asdict(settings), "throughput": point.throughput, "p50_ms": point.latency_ms(50),
                "p99_ms": point.latency_ms(99), "server": point.server, "usage": point.usage}
         results.append(row)

@@ -29,7 +29,7 @@ def test_perf_analyzer_point_with_server_breakdown(server, val_files, tmp_path, 
     data = write_input_data([f.read_bytes() for f in val_files[:16]], tmp_path / "input.json")
     url = server.http_url if protocol == "http" else server.grpc_url
     point = run_point(url, server.http_url, protocol, "concurrency", 4, data, tmp_path, server.proc.pid,
-                      interval_ms=500, metrics_url=server.metrics_url)
+                      interval_ms=500, metrics_url=server.metrics_url, request_count=60)
     assert point.throughput > 0 and 0 < point.latency_ms(50) <= point.latency_ms(99)
     with open(tmp_path / f"perf_analyzer_{protocol}_concurrency_4.csv") as f:
         row = next(csv.DictReader(f))
@@ -104,7 +104,8 @@ def test_tuner_chooses_within_budget_and_writes_back(onnx_model, tiny_data, tmp_
     target = tmp_path / "repo"
     grid = {"queue_delay_us": [0, 2000], "preferred_batch_sizes": [()], "instances": [(1, 1)]}
     summary = tune.tune(onnx_model, tiny_data / "val", tmp_path / "tuning", RepoSettings(max_batch_size=MAX_BATCH),
-                        grid, concurrency=2, p99_budget_ms=10_000, interval_ms=500, apply_to=target)
+                        grid, concurrency=2, p99_budget_ms=10_000, interval_ms=500, apply_to=target,
+                        request_count=60)  # fixed counts: a busy machine cannot fail to stabilize
     assert len(summary["results"]) == 2 and summary["budget_met"]
     assert summary["best"]["throughput"] == max(r["throughput"] for r in summary["results"])
     assert read_manifest(target)["settings"]["queue_delay_us"] == summary["best"]["settings"]["queue_delay_us"]
@@ -118,7 +119,7 @@ def test_tuner_choice_rule():
 
 
 def test_report_quick(repo, tiny_data, tmp_path):
-    profile = replace(report.QUICK, concurrency=(1, 2), locust_users=2, locust_seconds=2)
+    profile = replace(report.QUICK, concurrency=(1, 2), locust_users=2, locust_seconds=2, request_count=60)
     out = report.run(repo, tiny_data / "val", tmp_path, profile)
     md = (out / "report.md").read_text()
     head = md.splitlines()[:6]

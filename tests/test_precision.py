@@ -149,7 +149,7 @@ def test_served_precisions_side_by_side(artifacts, repo, tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="run `make onnx` first"):  # before any server starts
         precisions.compare(tmp_path / "nothing", repo, tiny_data / "val", tmp_path, ("fp32", "int8"))
     r = precisions.compare(artifacts, repo, tiny_data / "val", tmp_path / "out", ("fp32", "int8"), rounds=1,
-                           concurrency=2, interval_ms=500)
+                           concurrency=2, interval_ms=500, request_count=60)
     rows = {x["precision"]: x for x in r["results"]}
     assert rows["fp32"]["onnx"] == str(artifacts / "model.onnx")
     assert rows["int8"]["onnx"] == str(quantize.artifact_for("int8", artifacts))

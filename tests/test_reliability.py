@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,27 +170,35 @@ def test_overload_is_rejected_with_503_and_the_server_keeps_serving(small_queue,
 
 
 def test_client_backs_off_and_retries_after_503(small_queue, val_files):
-    blobs = [f.read_bytes() for f in val_files[:8]]
+    """Each round: 32 clients keep the queues (2 deep) full for FLOOD_S; our client sends a request half a
+    second in, so it is refused (the queue is full whenever it arrives, but for a slot that just freed),
+    backs off and gets its answer once the flood is over. Over three rounds it must have retried."""
+    from perf.reliability import counts, worker
+
+    FLOOD_S = 3.0
+    flood_batches = [[f.read_bytes() for f in val_files[i:i + 8]] for i in range(0, 16, 8)]
     with ImageClassifierClient(small_queue.http_url, timeout_s=30, retries=0) as c:
-        expected = [p.labels for p in c.classify_files(val_files[:4], batch_size=1)]
-    done = threading.Event()
-    background: dict = {}
+        expected = [p.labels for p in c.classify_files(val_files[:4], batch_size=4)]
+    flood_calls: list = []
+    got = []
+    with ImageClassifierClient(small_queue.http_url, timeout_s=30, retries=12, backoff_s=0.05, max_backoff_s=1.0) as c:
+        for _ in range(3):
+            until = time.monotonic() + FLOOD_S
 
-    def keep_flooding():
-        while not done.is_set():
-            r = asyncio.run(flood(small_queue.http_url, blobs, requests=32, in_flight=32))
-            for k, v in r.items():
-                background.setdefault(k, []).extend(v)
+            def flood_round():
+                async def run():
+                    await asyncio.gather(*(worker("http", small_queue.http_url, flood_batches, flood_calls,
+                                                  lambda: time.monotonic() < until) for _ in range(32)))
+                asyncio.run(run())
 
-    t = threading.Thread(target=keep_flooding)
-    t.start()
-    try:
-        with ImageClassifierClient(small_queue.http_url, timeout_s=30, retries=12, backoff_s=0.05, max_backoff_s=1.0) as c:
-            got = [c.classify_files(val_files[:4], batch_size=1) for _ in range(3)]
-    finally:
-        done.set()
-        t.join(timeout=120)
-    assert background["rejected"] and not background.get("other")
+            t = threading.Thread(target=flood_round)
+            t.start()
+            try:
+                time.sleep(0.5)
+                got.append(c.classify_files(val_files[:4], batch_size=4))  # one request of 4 images
+            finally:
+                t.join(timeout=120)
+    assert counts(flood_calls)["overloaded"] > 0 and counts(flood_calls)["error"] == 0
     for preds in got:
         assert all(p.ok for p in preds), [p.error for p in preds if not p.ok]
         assert [p.labels for p in preds] == expected
