@@ -32,9 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from build.export_onnx import read_metadata
+from build.quantize import Runner, onnx_runner
 from build.render_repo import MANIFEST, read_manifest
 from clients import admin
 from clients import protocol as P
+from clients.client import error_message
 from training.checkpoint import atomic_write_bytes, file_sha256
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, stream_logits, topk_accuracy
@@ -73,37 +75,29 @@ def check_compatible(new: dict, served: dict) -> None:
                                f"one's {served.get('export', {}).get(key)!r}: export it with the same `make onnx`")
 
 
-def top1(models: dict[str, bytes], meta: dict, data: Path) -> dict[str, float]:
-    """val top-1 of each ONNX model, through the serving preprocess (one decode per batch for all)."""
-    import onnxruntime as ort
-
+def top1(runners: dict[str, Runner], meta: dict, data: Path) -> dict[str, float]:
+    """val top-1 of each model, through the serving preprocess (one decode per batch for all)."""
     val = list_images(Path(data) / "val", meta["classes"])
     if not val:
         raise PublishError(f"no val images under {data}/val for the accuracy check")
     labels = np.array([y for _, y in val])
     pre = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"]), batch_size=32)
-    runners = {}
-    for name, blob in models.items():
-        sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-        runners[name] = (lambda s: lambda x: s.run(None, {s.get_inputs()[0].name: x})[0])(sess)
     logits = stream_logits(runners, pre.iter_files([p for p, _ in val]))
     return {name: topk_accuracy(lg, labels, (1,))["top1"] for name, lg in logits.items()}
 
 
 def precheck(onnx_path: Path, repo: Path, data: Path | None, max_top1_drop: float) -> dict:
     """Everything that can be refused before the server sees the file; returns the figures."""
-    import onnxruntime as ort
-
     current = served_onnx(repo)
     try:
         meta = read_metadata(onnx_path)
-        ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        new = onnx_runner(Path(onnx_path).read_bytes())  # the ONNX Runtime session is the load check
     except Exception as e:
         raise PublishError(f"{onnx_path} is not a loadable exported model: {str(e).strip()[:500]}") from None
     check_compatible(meta, read_metadata(current))
     if data is None:
         return {"gate": "skipped (no --data)"}
-    acc = top1({"new": Path(onnx_path).read_bytes(), "served": current.read_bytes()}, meta, data)
+    acc = top1({"new": new, "served": onnx_runner(current.read_bytes())}, meta, data)
     result = {"top1_new": acc["new"], "top1_served": acc["served"], "max_top1_drop": max_top1_drop}
     if acc["new"] < acc["served"] - max_top1_drop:
         raise PublishError(f"accuracy gate: the new model's val top-1 is {acc['new']:.2f}%, the served one's "
@@ -125,8 +119,7 @@ def _load(url: str, protocol: str, key: str | None, version: int, timeout_s: flo
         try:
             c.load(P.CLASSIFIER)  # returns when Triton has loaded (or failed to load) the new version
         except Exception as e:
-            raise PublishError(f"the server did not load version {version}: "
-                               f"{e.message() if callable(getattr(e, 'message', None)) else e}") from None
+            raise PublishError(f"the server did not load version {version}: {error_message(e)}") from None
         if not c.ready(P.CLASSIFIER, str(version)):
             raise PublishError(f"the server reports version {version} of '{P.CLASSIFIER}' not ready")
 

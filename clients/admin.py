@@ -21,6 +21,8 @@ import stat
 import sys
 from pathlib import Path
 
+from clients.client import error_message, triton_modules
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 KEY_ENV, KEY_FILE_ENV = "TRITON_ADMIN_KEY", "TRITON_ADMIN_KEY_FILE"
 DEFAULT_KEY_FILE = PROJECT_ROOT / ".cache" / "admin.key"
@@ -83,21 +85,23 @@ class AdminClient:
     def __init__(self, url: str, protocol: str = "http", key: str | None = None, timeout_s: float = 120.0):
         self.protocol, self.url, self.timeout_s = protocol, url, timeout_s
         self.headers = headers(protocol, key)
-        if protocol == "http":
-            import tritonclient.http as m
-            # a load (a new ONNX session, a DALI pipeline) can take a while: that is the network timeout
-            self._client = m.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
-            self._kw = {}
-        else:
-            import tritonclient.grpc as m
-            self._client = m.InferenceServerClient(url)
-            self._kw = {"client_timeout": timeout_s}
+        mod, _ = triton_modules(protocol)
+        # a load (a new ONNX session, a DALI pipeline) can take a while: HTTP's network timeout, gRPC's deadline
+        self._client = mod.InferenceServerClient(url, **({"connection_timeout": timeout_s, "network_timeout": timeout_s}
+                                                          if protocol == "http" else {}))
+        self._kw = {"client_timeout": timeout_s} if protocol == "grpc" else {}
 
     def index(self) -> list[dict]:
         """[{name, version, state, reason}] of every model version the repository holds."""
         kw = dict(self._kw, as_json=True) if self.protocol == "grpc" else {}
         out = self._client.get_model_repository_index(headers=self.headers, **kw)
         return out.get("models", []) if isinstance(out, dict) else out
+
+    def config(self, model: str) -> dict:
+        """The model's configuration as the server loaded it (Triton's JSON form)."""
+        if self.protocol == "http":
+            return self._client.get_model_config(model, headers=self.headers)
+        return self._client.get_model_config(model, headers=self.headers, as_json=True, **self._kw)["config"]
 
     def load(self, model: str) -> None:
         self._client.load_model(model, headers=self.headers, **self._kw)
@@ -140,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the server's refusal (403 / UNAVAILABLE without the key), or unreachable
-        msg = e.message() if callable(getattr(e, "message", None)) else str(e)
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 1
     return 0
 

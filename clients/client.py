@@ -19,6 +19,7 @@ Every call has a timeout (``timeout_s``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,7 +83,8 @@ def pad_batch(blobs: Sequence[bytes]) -> np.ndarray:
     return arr
 
 
-def _module(protocol: str, aio: bool = False):
+def triton_modules(protocol: str, aio: bool = False):
+    """tritonclient's module for ``protocol``, and its asyncio module (``aio``; else the same one twice)."""
     if protocol == "http":
         import tritonclient.http as m
         if aio:
@@ -98,16 +100,27 @@ def _module(protocol: str, aio: bool = False):
     return m, m
 
 
+def image_input(mod, blobs: Sequence[bytes]):
+    """The ensemble's IMAGE input for encoded images, with tritonclient module ``mod`` (HTTP sends it with
+    the binary tensor extension by default)."""
+    arr = pad_batch(blobs)
+    inp = mod.InferInput(P.IMAGE, list(arr.shape), "UINT8")
+    inp.set_data_from_numpy(arr)
+    return inp
+
+
 def _failed(sources: Sequence[str], e: RequestError) -> list[Prediction]:
     return [Prediction(s, error=str(e), bad_input=e.bad_input) for s in sources]
 
 
-def _status(e: Exception) -> str | None:
+def error_status(e: BaseException) -> str | None:
+    """tritonclient's status of a failed call ("400", "StatusCode.UNAVAILABLE"), None for other errors."""
     status = getattr(e, "status", None)
     return str(status()) if callable(status) else None
 
 
-def _message(e: Exception) -> str:
+def error_message(e: BaseException) -> str:
+    """tritonclient's message of a failed call (the server's words), else the exception's text."""
     msg = getattr(e, "message", None)
     return msg() if callable(msg) else str(e)
 
@@ -125,14 +138,21 @@ class ImageClassifierClient:
         self.max_retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.retried = 0  # requests re-sent after UNAVAILABLE, over this client's life
         self._num_classes: int | None | bool = False  # False: not asked yet (see _classification)
-        self._mod, _ = _module(protocol)
+        self._mod, _ = triton_modules(protocol)
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self._client = self._mod.InferenceServerClient(self.url, **kw)
         # gRPC has no client-wide timeout: every call carries its own deadline
         self._call_kw = {"client_timeout": timeout_s} if protocol == "grpc" else {}
 
-    def _backoff(self, attempt: int) -> float:
-        """Full jitter (uniform in [0, cap]): clients refused together do not come back together."""
+    def _retry_delay(self, e: Exception, attempt: int) -> float:
+        """Seconds to wait before re-sending after failed attempt ``attempt`` (0-based), or the RequestError
+        raised when no retry can help: only UNAVAILABLE is retried, at most ``retries`` times. The wait is
+        random in [0, backoff_s * 2^attempt] capped at max_backoff_s ("full jitter": clients refused
+        together do not come back together)."""
+        err = RequestError(error_message(e), error_status(e))
+        if not err.unavailable or attempt >= self.max_retries:
+            raise err from None
+        self.retried += 1
         return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
 
     # -- connection -------------------------------------------------------------------------------
@@ -142,7 +162,7 @@ class ImageClassifierClient:
             live = self._client.is_server_live(**self._call_kw)
         except Exception as e:  # connection refused, DNS, timeouts: all mean "not reachable"
             raise ServerUnreachable(
-                f"cannot reach Triton at {self.url} over {self.protocol.upper()} ({_message(e).strip() or type(e).__name__}); "
+                f"cannot reach Triton at {self.url} over {self.protocol.upper()} ({error_message(e).strip() or type(e).__name__}); "
                 f"is the server running? Start it with `make serve`, or pass --url") from None
         if not live:
             raise ServerUnreachable(f"Triton at {self.url} is not live")
@@ -168,15 +188,13 @@ class ImageClassifierClient:
                 kw = {"as_json": True, **self._call_kw} if self.protocol == "grpc" else {}
                 meta = self._client.get_model_metadata(self.model, **kw)
             except Exception as e:
-                raise RequestError(_message(e), _status(e)) from None
+                raise RequestError(error_message(e), error_status(e)) from None
             outputs = {o["name"]: o for o in meta["outputs"]}
             self._num_classes = None if P.LABELS in outputs else int(outputs[P.PROBABILITIES]["shape"][-1])
         return self._num_classes
 
     def _inputs_outputs(self, mod, blobs: Sequence[bytes]):
-        arr = pad_batch(blobs)
-        inp = mod.InferInput(P.IMAGE, list(arr.shape), "UINT8")
-        inp.set_data_from_numpy(arr)  # HTTP sends it with the binary tensor extension by default
+        inp = image_input(mod, blobs)
         classes = self._classification()
         if classes is not None:  # every class when the whole distribution is wanted
             k = classes if self.with_probabilities else min(self.top_k, classes)
@@ -209,17 +227,13 @@ class ImageClassifierClient:
         if the server rejects it."""
         sources = list(sources or [f"image{i}" for i in range(len(blobs))])
         inputs, outputs = self._inputs_outputs(self._mod, blobs)
-        for attempt in range(self.max_retries + 1):
+        for attempt in itertools.count():
             try:
                 result = self._client.infer(self.model, inputs, outputs=outputs, **self._call_kw)
                 return self._predictions(result, sources)
             except Exception as e:
-                err = RequestError(_message(e), _status(e))
-            if not err.unavailable or attempt == self.max_retries:
-                raise err
-            self.retried += 1
-            time.sleep(self._backoff(attempt))
-        raise AssertionError("unreachable")
+                delay = self._retry_delay(e, attempt)
+            time.sleep(delay)
 
     def _isolate(self, blobs, sources, infer_one) -> list[Prediction]:
         out = []
@@ -255,23 +269,20 @@ class ImageClassifierClient:
         return asyncio.run(self._classify_async(blobs, sources, batch_size, concurrency, progress))
 
     async def _classify_async(self, blobs, sources, batch_size, concurrency, progress) -> list[Prediction]:
-        mod, aio = _module(self.protocol, aio=True)
+        mod, aio = triton_modules(self.protocol, aio=True)
         # HTTP: conn_timeout is aiohttp's total timeout per request; gRPC: a deadline per call
         client = aio.InferenceServerClient(self.url, **({"conn_timeout": self.timeout_s} if self.protocol == "http" else {}))
         gate = asyncio.Semaphore(concurrency)
 
         async def infer_async(b, s):
             inputs, outputs = self._inputs_outputs(mod, b)
-            for attempt in range(self.max_retries + 1):
+            for attempt in itertools.count():
                 try:
                     result = await client.infer(self.model, inputs, outputs=outputs, **self._call_kw)
                     return self._predictions(result, s)
                 except Exception as e:
-                    err = RequestError(_message(e), _status(e))
-                if not err.unavailable or attempt == self.max_retries:
-                    raise err
-                self.retried += 1
-                await asyncio.sleep(self._backoff(attempt))
+                    delay = self._retry_delay(e, attempt)
+                await asyncio.sleep(delay)
 
         async def one_batch(b, s):
             async with gate:

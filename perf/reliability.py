@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from clients import protocol as P
-from clients.client import pad_batch
+from clients.client import error_message, error_status, image_input, triton_modules
 from perf.common import REPORTS, sample_images
 from serve.server import EXIT_TIMEOUT_S, TritonServer
 
@@ -51,8 +51,8 @@ class Call:
 
 def outcome(e: BaseException) -> tuple[str, str]:
     """(outcome, message) of a failed request, from tritonclient's exception or the transport's."""
-    status = str(getattr(e, "status", lambda: "")() or "")
-    msg = e.message() if callable(getattr(e, "message", None)) else f"{type(e).__name__}: {e}"
+    status = error_status(e) or ""
+    msg = error_message(e) if callable(getattr(e, "message", None)) else f"{type(e).__name__}: {e}"
     msg = msg or type(e).__name__
     if status in ("503", "StatusCode.UNAVAILABLE") and ("Exceeds maximum queue size" in msg or "timeout expired" in msg):
         return "overloaded", msg
@@ -69,31 +69,19 @@ def outcome(e: BaseException) -> tuple[str, str]:
     return "error", msg
 
 
-def _request(mod, blobs: list[bytes]):
-    arr = pad_batch(blobs)
-    inp = mod.InferInput(P.IMAGE, list(arr.shape), "UINT8")
-    inp.set_data_from_numpy(arr)
-    return [inp]
-
-
 async def worker(protocol: str, url: str, batches: list[list[bytes]], calls: list[Call], keep_going,
                  stop_on_refusal: bool = False, timeout_s: float = 60.0) -> None:
     """One closed-loop client: sends the batches in turn while ``keep_going()``; each call recorded.
     ``stop_on_refusal``: leave after the first refusal, as a client behind a load balancer goes elsewhere."""
-    if protocol == "http":
-        import tritonclient.http as mod
-        import tritonclient.http.aio as aio
-        client, kw = aio.InferenceServerClient(url, conn_timeout=timeout_s), {}
-    else:
-        import tritonclient.grpc as mod
-        import tritonclient.grpc.aio as aio
-        client, kw = aio.InferenceServerClient(url), {"client_timeout": timeout_s}
+    mod, aio = triton_modules(protocol, aio=True)
+    client = aio.InferenceServerClient(url, **({"conn_timeout": timeout_s} if protocol == "http" else {}))
+    kw = {"client_timeout": timeout_s} if protocol == "grpc" else {}
     try:
         i = 0
         while keep_going():
             sent = time.monotonic()
             try:
-                await client.infer(P.ENSEMBLE, _request(mod, batches[i % len(batches)]), **kw)
+                await client.infer(P.ENSEMBLE, [image_input(mod, batches[i % len(batches)])], **kw)
                 calls.append(Call(protocol, sent, time.monotonic(), "ok"))
             except Exception as e:
                 kind, msg = outcome(e)
@@ -123,6 +111,14 @@ def to_batches(images: list[bytes], batch: int) -> list[list[bytes]]:
     return [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images]
 
 
+def mixed_workers(server: TritonServer, batches: list[list[bytes]], n: int, calls: list[Call], keep_going, **kw) -> list:
+    """``n`` closed-loop clients (coroutines), HTTP and gRPC in turn, each starting at another batch."""
+    protocols = ["http" if i % 2 == 0 else "grpc" for i in range(n)]
+    return [worker(p, server.http_url if p == "http" else server.grpc_url,
+                   batches[i % len(batches):] + batches[:i % len(batches)], calls, keep_going, **kw)
+            for i, p in enumerate(protocols)]
+
+
 @contextlib.contextmanager
 def background_load(server: TritonServer, batches: list[list[bytes]], workers: int = 4):
     """Closed-loop clients (HTTP and gRPC in turn) in a thread while the body runs; yields their calls."""
@@ -130,9 +126,7 @@ def background_load(server: TritonServer, batches: list[list[bytes]], workers: i
     done = threading.Event()
 
     async def run():
-        await asyncio.gather(*(worker("http" if i % 2 == 0 else "grpc", server.http_url if i % 2 == 0 else server.grpc_url,
-                                      batches[i % len(batches):] + batches[:i % len(batches)], calls,
-                                      lambda: not done.is_set()) for i in range(workers)))
+        await asyncio.gather(*mixed_workers(server, batches, workers, calls, lambda: not done.is_set()))
 
     t = threading.Thread(target=lambda: asyncio.run(run()))
     t.start()
@@ -151,9 +145,7 @@ def overload(server: TritonServer, images: list[bytes], batch: int = 4, concurre
              factor: float = 4.0) -> dict:
     """Capacity (closed loop at ``concurrency``), then an open-loop load of ``factor`` times it: requests
     are sent on a fixed schedule whatever the answers, as independent users do."""
-    import tritonclient.http as mod
-    import tritonclient.http.aio as aio
-
+    mod, aio = triton_modules("http", aio=True)
     batches = to_batches(images, batch)
     calls: list[Call] = []
 
@@ -173,7 +165,7 @@ def overload(server: TritonServer, images: list[bytes], batch: int = 4, concurre
         async def one(i):
             sent = time.monotonic()
             try:
-                await client.infer(P.ENSEMBLE, _request(mod, batches[i % len(batches)]))
+                await client.infer(P.ENSEMBLE, [image_input(mod, batches[i % len(batches)])])
                 offered.append(Call("http", sent, time.monotonic(), "ok"))
             except Exception as e:
                 kind, msg = outcome(e)
@@ -222,11 +214,8 @@ def shutdown_under_load(repo: Path, images: list[bytes], workers: int = 8, load_
 
     async def run() -> None:
         alive = lambda: server.proc.poll() is None
-        tasks = [asyncio.create_task(worker("http" if i % 2 == 0 else "grpc",
-                                            server.http_url if i % 2 == 0 else server.grpc_url,
-                                            batches[i % len(batches):] + batches[:i % len(batches)], calls, alive,
-                                            stop_on_refusal=True, timeout_s=3 * EXIT_TIMEOUT_S))
-                 for i in range(workers)]
+        tasks = [asyncio.create_task(w) for w in mixed_workers(server, batches, workers, calls, alive,
+                                                               stop_on_refusal=True, timeout_s=3 * EXIT_TIMEOUT_S)]
         await asyncio.sleep(load_s)
         stopper = threading.Thread(target=stop_server)
         stopper.start()
@@ -354,8 +343,8 @@ def fuzz_cases(seed: int, n: int, jpegs: list[bytes], oversized_bytes: int):
         yield kind, body, hdr
 
 
-def send_raw(http_url: str, body: bytes, headers: dict[str, str], timeout_s: float = 60.0) -> tuple[int, str]:
-    """POST one request to the ensemble; (HTTP status, error message or ""). Status 0: no answer."""
+def _post(http_url: str, body: bytes, headers: dict[str, str], timeout_s: float):
+    """POST one request to the ensemble's infer endpoint: (HTTP status, response headers (case-insensitive), body)."""
     import http.client
 
     host, port = http_url.rsplit(":", 1)
@@ -363,17 +352,25 @@ def send_raw(http_url: str, body: bytes, headers: dict[str, str], timeout_s: flo
     try:
         conn.request("POST", f"/v2/models/{P.ENSEMBLE}/infer", body=body, headers=headers)
         r = conn.getresponse()
-        text = r.read()
-        if r.status == 200:
-            return 200, ""
-        try:
-            return r.status, json.loads(text).get("error", text[:200].decode(errors="replace"))
-        except ValueError:
-            return r.status, text[:200].decode(errors="replace")
-    except (OSError, http.client.HTTPException) as e:
-        return 0, f"{type(e).__name__}: {e}"
+        return r.status, r.msg, r.read()
     finally:
         conn.close()
+
+
+def send_raw(http_url: str, body: bytes, headers: dict[str, str], timeout_s: float = 60.0) -> tuple[int, str]:
+    """POST one request to the ensemble; (HTTP status, error message or ""). Status 0: no answer."""
+    import http.client
+
+    try:
+        status, _, text = _post(http_url, body, headers, timeout_s)
+    except (OSError, http.client.HTTPException) as e:
+        return 0, f"{type(e).__name__}: {e}"
+    if status == 200:
+        return 200, ""
+    try:
+        return status, json.loads(text).get("error", text[:200].decode(errors="replace"))
+    except ValueError:
+        return status, text[:200].decode(errors="replace")
 
 
 def stub_pids(server: TritonServer) -> set[int]:
@@ -414,21 +411,12 @@ def fuzz(server: TritonServer, jpegs: list[bytes], n: int = 2000, seed: int = 0,
 
 def send_good(http_url: str, body: bytes, headers: dict[str, str]) -> str:
     """The top label for a good request (raises if it is not answered)."""
-    import http.client
-
-    host, port = http_url.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        conn.request("POST", f"/v2/models/{P.ENSEMBLE}/infer", body=body, headers=headers)
-        r = conn.getresponse()
-        text = r.read()
-        if r.status != 200:
-            raise RuntimeError(f"a good image was answered {r.status}: {text[:300]!r}")
-        n = int(r.getheader("Inference-Header-Content-Length", len(text)))
-        outputs = {o["name"]: o for o in json.loads(text[:n])["outputs"]}
-        return json.dumps(outputs[P.LABELS].get("data") or outputs[P.LABELS]["shape"])
-    finally:
-        conn.close()
+    status, hdrs, text = _post(http_url, body, headers, 60.0)
+    if status != 200:
+        raise RuntimeError(f"a good image was answered {status}: {text[:300]!r}")
+    n = int(hdrs.get("Inference-Header-Content-Length", len(text)))
+    outputs = {o["name"]: o for o in json.loads(text[:n])["outputs"]}
+    return json.dumps(outputs[P.LABELS].get("data") or outputs[P.LABELS]["shape"])
 
 
 # ------------------------------------------------------------------------------------------------

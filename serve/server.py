@@ -281,10 +281,10 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         try:
             with admin.AdminClient(self.http_url, "http", self.admin_key, timeout_s=timeout) as c:
-                loaded = [m["name"] for m in c.index() if m.get("state") == "READY"]
-                # ensembles first: a composing model unloaded first would fail the ensemble's in-flight requests
-                ensembles = [n for n in loaded if (self.repo / n / "config.pbtxt").is_file()
-                             and 'platform: "ensemble"' in (self.repo / n / "config.pbtxt").read_text()]
+                loaded = sorted({m["name"] for m in c.index() if m.get("state") == "READY"})
+                # ensembles first (as the server loaded them): a composing model unloaded first would fail
+                # the ensemble's in-flight requests
+                ensembles = [n for n in loaded if c.config(n).get("platform") == "ensemble"]
                 for group in (ensembles, [n for n in loaded if n not in ensembles]):
                     for name in group:
                         c.unload(name)

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from build.export_onnx import read_metadata
 from build.render_repo import RepoSettings, render
 from clients import admin
 from clients import protocol as P
-from clients.client import ImageClassifierClient, pad_batch
+from clients.client import ImageClassifierClient, error_message, error_status, image_input
 from serve.server import PROJECT_ROOT, TritonServer
 
 KEY = "test-key-0123456789"
@@ -140,15 +141,13 @@ async def flood(url: str, blobs: list[bytes], requests: int, in_flight: int) -> 
 
     async def one():
         async with gate:
-            arr = pad_batch(blobs)
-            inp = httpclient.InferInput(P.IMAGE, list(arr.shape), "UINT8")
-            inp.set_data_from_numpy(arr)
             try:
-                r = await client.infer(P.ENSEMBLE, [inp], outputs=[httpclient.InferRequestedOutput(P.LABELS)])
+                r = await client.infer(P.ENSEMBLE, [image_input(httpclient, blobs)],
+                                       outputs=[httpclient.InferRequestedOutput(P.LABELS)])
                 out["ok"].append(r.as_numpy(P.LABELS)[0][0].decode())
             except Exception as e:
-                msg = e.message() if callable(getattr(e, "message", None)) else repr(e)
-                overload = str(getattr(e, "status", lambda: "")()) == "503" and "Exceeds maximum queue size" in msg
+                msg = error_message(e)
+                overload = error_status(e) == "503" and "Exceeds maximum queue size" in msg
                 out["rejected" if overload else "other"].append(msg)
     try:
         await asyncio.gather(*(one() for _ in range(requests)))
@@ -271,25 +270,14 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, onnx_model, tiny_
     import shutil
 
     from build.publish import PublishError, publish, rollback, versions
-    from perf.reliability import counts, examples, worker
+    from perf.reliability import background_load, counts, examples
 
     live = tmp_path / "repo"
     shutil.copytree(repo, live)
-    num_classes = len(read_metadata_classes(onnx_model))
+    num_classes = len(read_metadata(onnx_model)["classes"])
     with TritonServer(live, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:
-        calls: list = []
-        done = threading.Event()
         batches = [[f.read_bytes() for f in val_files[i:i + 4]] for i in range(0, 16, 4)]
-
-        def load():
-            async def run():
-                await asyncio.gather(*(worker(p, s.http_url if p == "http" else s.grpc_url, batches, calls,
-                                              lambda: not done.is_set()) for p in ("http", "grpc", "http", "grpc")))
-            asyncio.run(run())
-
-        t = threading.Thread(target=load)
-        t.start()
-        try:
+        with background_load(s, batches, workers=4) as calls:
             r = publish(onnx_model, live, tiny_data, s.http_url, key=KEY)
             assert r["version"] == 2 and r["top1_new"] == r["top1_served"]
             assert classifier_states(s.http_url).get("2") == "READY"
@@ -308,14 +296,6 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, onnx_model, tiny_
             r = rollback(live, s.http_url, key=KEY)
             assert r["version"] == 1 and classifier_states(s.http_url).get("1") == "READY"
             assert versions(live / P.CLASSIFIER) == [1]
-        finally:
-            done.set()
-            t.join(timeout=120)
     c = counts(calls)
     assert c["ok"] > 0 and c["ok"] == len(calls), (c, examples(calls, ("refused", "cut", "error", "overloaded")))
 
-
-def read_metadata_classes(onnx_path: Path) -> list[str]:
-    from build.export_onnx import read_metadata
-
-    return read_metadata(onnx_path)["classes"]

@@ -18,7 +18,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from clients import protocol as P
-from clients.client import ImageClassifierClient, ServerUnreachable, pad_batch
+from clients.client import ImageClassifierClient, ServerUnreachable, image_input
 from serve.server import PROJECT_ROOT, free_ports
 from training.checkpoint import load_checkpoint
 from training.evaluate import predict_files
@@ -113,11 +113,8 @@ def raw_infer(server, blobs, protocol: str = "http"):
     """One ensemble request with the bare tritonclient (no retry or error mapping of our client)."""
     module, url = (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
     c = module.InferenceServerClient(url)
-    arr = pad_batch(blobs)
-    inp = module.InferInput(P.IMAGE, list(arr.shape), "UINT8")
-    inp.set_data_from_numpy(arr)
     try:
-        return c.infer(P.ENSEMBLE, [inp])
+        return c.infer(P.ENSEMBLE, [image_input(module, blobs)])
     finally:
         c.close()
 
