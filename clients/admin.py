@@ -19,6 +19,7 @@ import os
 import secrets
 import stat
 import sys
+import time
 from pathlib import Path
 
 from clients.client import error_message, triton_modules
@@ -30,6 +31,10 @@ HEADER = "admin-key"  # lower case: gRPC metadata keys are
 # gRPC metadata reaches Triton's restricted-protocol check under this prefix (grpc_utils.h, r24.10)
 GRPC_PREFIX = "triton-grpc-protocol-"
 RESTRICTED_APIS = ("model-repository", "model-config", "logging", "trace", "shared-memory")
+# AdminClient.reload: a parameter whose value changes on every reload. Triton skips a load of a model whose
+# files and configuration are unchanged; a changed configuration is loaded beside the old instances and
+# swapped in (as a new version is), so the model keeps serving meanwhile.
+RELOAD_PARAMETER = "reloaded_at_ns"
 
 
 class AdminKeyError(RuntimeError):
@@ -105,6 +110,13 @@ class AdminClient:
 
     def load(self, model: str) -> None:
         self._client.load_model(model, headers=self.headers, **self._kw)
+
+    def reload(self, model: str) -> None:
+        """New instances of ``model`` even though nothing changed (e.g. after its Python stub died): loaded
+        with its current configuration plus a fresh RELOAD_PARAMETER."""
+        cfg = self.config(model)
+        cfg.setdefault("parameters", {})[RELOAD_PARAMETER] = {"string_value": str(time.time_ns())}
+        self._client.load_model(model, headers=self.headers, config=json.dumps(cfg), **self._kw)
 
     def unload(self, model: str) -> None:
         self._client.unload_model(model, headers=self.headers, **self._kw)

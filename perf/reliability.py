@@ -1,4 +1,4 @@
-"""Reliability measured on the real tritonserver: overload, graceful shutdown, fuzzing (more to come).
+"""Reliability measured on the real tritonserver: overload, graceful shutdown, fuzzing, live updates, faults.
 
     python -m perf.reliability --repo model_repository --images data/synthetic/val     # make reliability
 
@@ -36,6 +36,7 @@ from clients import protocol as P
 from clients.client import error_message, error_status, image_input, triton_modules
 from perf.common import REPORTS, sample_images
 from serve.server import EXIT_TIMEOUT_S, TritonServer
+from serve.watchdog import children
 
 OUTCOMES = ("ok", "overloaded", "refused", "bad_input", "cut", "error")
 
@@ -375,8 +376,7 @@ def send_raw(http_url: str, body: bytes, headers: dict[str, str], timeout_s: flo
 
 def stub_pids(server: TritonServer) -> set[int]:
     """The Python-backend stub processes of ``server`` (its children, one per model instance)."""
-    path = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
-    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+    return children(server.proc.pid)
 
 
 def fuzz(server: TritonServer, jpegs: list[bytes], n: int = 2000, seed: int = 0, oversized_bytes: int | None = None,
@@ -452,6 +452,55 @@ def live_update(repo: Path, images: list[bytes], data: Path | None, work: Path, 
 
 
 # ------------------------------------------------------------------------------------------------
+# faults: a Python-backend stub killed under load
+# ------------------------------------------------------------------------------------------------
+
+def stub_faults(server: TritonServer, images: list[bytes], workers: int = 4, timeout_s: float = 60.0,
+                settle_s: float = 1.0, answers_after: int = 20) -> list[dict]:
+    """Kill (SIGKILL) each Python-backend model's stub in turn while clients keep sending; the server's
+    watchdog must reload the model. Per model: seconds from the kill to the reload and to the first answer
+    sent after it, requests failed meanwhile (those in flight in the dead stub wait for Triton's 1-2 s health
+    check before they fail), and requests sent after the reload that failed (must be 0); the load goes on
+    until ``answers_after`` of those were answered."""
+    import os
+    import signal
+
+    from serve.watchdog import stub_model
+
+    if server.watchdog is None:
+        raise ValueError("the server runs without its stub watchdog")
+    out = []
+    for model in sorted(m for p in stub_pids(server) if (m := stub_model(p))):
+        victim = {stub_model(p): p for p in stub_pids(server)}[model]
+        seen = len(server.watchdog.exits)
+        mine = lambda: next((e for e in server.watchdog.exits[seen:] if e.pid == victim), None)
+        with background_load(server, to_batches(images, 4), workers) as calls:
+            time.sleep(settle_s)
+            killed = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            while time.monotonic() - killed < timeout_s:
+                e = mine()
+                if e and e.error:
+                    break
+                if e and e.reloaded and sum(c.outcome == "ok" and c.sent >= e.reloaded for c in calls) >= answers_after:
+                    break
+                time.sleep(0.05)
+        e = mine()
+        back = e.reloaded if e else None
+        after = [c for c in calls if back is not None and c.sent >= back]
+        out.append({"model": model, "pid": victim, "how": e.how if e else None,
+                    "detected_s": round(e.detected - killed, 2) if e else None,
+                    "reloaded_s": round(back - killed, 2) if back else None,
+                    "first_answer_s": round(min(c.done for c in after if c.outcome == "ok") - killed, 2)
+                    if any(c.outcome == "ok" for c in after) else None,
+                    "failed_while_down": sum(c.outcome != "ok" and c.done >= killed for c in calls if c not in after),
+                    "failed_after": sum(c.outcome != "ok" for c in after),
+                    "answered_after": sum(c.outcome == "ok" for c in after),
+                    "error": e.error if e else "not detected", "examples": examples(calls, ("error", "cut"))})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # the report
 # ------------------------------------------------------------------------------------------------
 
@@ -486,6 +535,16 @@ def render_markdown(r: dict) -> str:
                   "| step | version served after | seconds |", "| --- | ---: | ---: |"]
         lines += [f"| {x['step']} | {x['version']} | {x['seconds']} |" for x in u["steps"]]
         lines += ["", f"Requests during the run: {u['requests']}, answered {u['ok']}, failed {u['failed']}.", ""]
+    if "stub_faults" in r:
+        lines += ["## A killed Python stub", "",
+                  "Each Python-backend model's stub process is killed (SIGKILL) under load. Triton 2.51 leaves it dead and "
+                  "fails that model's requests (500 \"Stub process ... is not healthy\") until restarted; the server's "
+                  "watchdog (serve/watchdog.py) notices and reloads the model.", "",
+                  "| model | detected (s) | reloaded (s) | first answer (s) | failed while down | failed after | answered after |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {x['model']} | {x['detected_s']} | {x['reloaded_s']} | {x['first_answer_s']} | {x['failed_while_down']} | "
+                  f"{x['failed_after']} | {x['answered_after']} |" for x in r["stub_faults"]]
+        lines += ["", "Times from the kill.", ""]
     if "fuzz" in r:
         f = r["fuzz"]
         lines += ["## Fuzzing", "", f"{f['cases']} malformed requests (seed {f['seed']}) in {f['seconds']} s; a good image "
@@ -519,6 +578,10 @@ def main(args: argparse.Namespace) -> dict:
         r["overload"] = overload(server, images, batch=16, seconds=args.overload_seconds)
         print("fuzzing ...", flush=True)
         r["fuzz"] = fuzz(server, images, n=args.fuzz_cases, seed=args.seed)
+    with TritonServer(args.repo, None, model_control="explicit", admin_key=secrets.token_urlsafe(24),
+                      log_file=args.out / "stub_faults.log") as server:
+        print("killed stubs ...", flush=True)
+        r["stub_faults"] = stub_faults(server, images)
     print("shutdown under load ...", flush=True)
     r["shutdown"] = [shutdown_under_load(args.repo, images, args.workers, drain=d, log_file=args.out / f"shutdown_drain{int(d)}.log")
                      for d in (True, False)]
@@ -528,7 +591,8 @@ def main(args: argparse.Namespace) -> dict:
     (args.out / "report.md").write_text(render_markdown(r))
     print(render_markdown(r))
     ok = (not r["fuzz"]["failures"] and r["fuzz"]["stubs_same"] and r["overload"]["other_errors"] == 0
-          and r["shutdown"][0]["lost"] == 0 and r["live_update"]["failed"] == 0)
+          and r["shutdown"][0]["lost"] == 0 and r["live_update"]["failed"] == 0
+          and all(x["reloaded_s"] is not None and x["failed_after"] == 0 for x in r["stub_faults"]))
     print(f"\n{'all reliability checks passed' if ok else 'SOME RELIABILITY CHECKS FAILED'}; report: {args.out / 'report.md'}")
     r["passed"] = ok
     return r

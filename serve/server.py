@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients import admin
+from serve.watchdog import StubWatchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXIT_TIMEOUT_S = 10  # on SIGINT/SIGTERM Triton waits this long for in-flight requests, then exits anyway
@@ -123,10 +124,12 @@ class TritonServer:
 
     def __init__(self, repo: Path, ports: Ports | None = Ports(), log_file: Path | None = None, echo: bool = False,
                  extra_args: tuple[str, ...] = (), binary: Path | None = None, host: str = LOOPBACK,
-                 admin_key: str | None = None, model_control: str = "none"):
+                 admin_key: str | None = None, model_control: str = "none", watch_stubs: bool = True):
         """``binary``: a tritonserver with its own backends (the NGC container's); default: the pip wheel's.
         ``model_control``: "none" (the repository as loaded at start) or "explicit" (every model loaded at
-        start; then loaded and unloaded through the repository API: live updates, and a draining stop)."""
+        start; then loaded and unloaded through the repository API: live updates, and a draining stop).
+        ``watch_stubs``: a Python-backend stub that dies is reported and, with explicit model control, its
+        model reloaded (serve.watchdog; Triton 2.51 does neither)."""
         if model_control not in ("none", "explicit"):
             raise ValueError(f"model_control must be 'none' or 'explicit', got {model_control!r}")
         self.model_control = model_control
@@ -139,6 +142,8 @@ class TritonServer:
         self.ready = False  # every model was READY once (start() returned)
         self.log: list[str] = []
         self._reader: threading.Thread | None = None
+        self.watch_stubs = watch_stubs
+        self.watchdog: StubWatchdog | None = None
 
     @property
     def connect_host(self) -> str:
@@ -212,6 +217,9 @@ class TritonServer:
         for attempt in range(1, attempts + 1):
             try:
                 self._start_once(timeout)
+                if self.watch_stubs:
+                    reload = self._reload if self.model_control == "explicit" else None
+                    self.watchdog = StubWatchdog(self.proc.pid, reload, report=self._note).start()
                 return self
             except PortInUseError:
                 self.stop()
@@ -232,6 +240,15 @@ class TritonServer:
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self.wait_ready(timeout)
+
+    def _reload(self, model: str) -> None:
+        with admin.AdminClient(self.http_url, "http", self.admin_key) as c:
+            c.reload(model)
+
+    def _note(self, message: str) -> None:
+        """A line of our own in the server's log (and on stderr)."""
+        self.log.append(message)
+        print(message, file=sys.stderr, flush=True)
 
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.log[-n:])
@@ -298,6 +315,8 @@ class TritonServer:
         return False
 
     def stop(self, timeout: float = 30.0, drain: bool = True) -> None:
+        if self.watchdog:  # stubs stopped from here on are meant to stop
+            self.watchdog.stop()
         if self.proc and self.proc.poll() is None:
             if drain:
                 self.drain()

@@ -4,6 +4,7 @@ client's backoff), start-up that leaves nothing behind, graceful shutdown under 
 from __future__ import annotations
 
 import asyncio
+import json
 import ipaddress
 import os
 import stat
@@ -299,3 +300,24 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, onnx_model, tiny_
     c = counts(calls)
     assert c["ok"] > 0 and c["ok"] == len(calls), (c, examples(calls, ("refused", "cut", "error", "overloaded")))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# faults: a killed Python stub is brought back (serve/watchdog.py)
+# ---------------------------------------------------------------------------------------------
+
+def test_killed_python_stub_is_detected_and_its_model_reloaded(repo, val_files, tmp_path):
+    """Triton 2.51 alone answers 500 "Stub process ... is not healthy" for good once a stub died (watch_stubs=False:
+    the same test then fails with reloaded_s None); the watchdog reloads the model."""
+    from perf.reliability import stub_faults
+
+    with TritonServer(repo, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:
+        r = stub_faults(s, [f.read_bytes() for f in val_files[:16]], workers=2, settle_s=0.5, answers_after=10)
+        assert {x["model"] for x in r} == {P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS}
+        for x in r:
+            assert x["how"] == "killed by signal 9" and x["error"] == "", x
+            assert x["reloaded_s"] is not None and x["reloaded_s"] < 30, x
+            assert x["failed_after"] == 0 and x["answered_after"] > 0, json.dumps(r)
+        with ImageClassifierClient(s.http_url, timeout_s=30, retries=0) as c:
+            assert all(p.ok for p in c.classify_files(val_files[:4]))
+        assert any("reloading the model" in line for line in s.log)
