@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from build.render_repo import add_settings_args, repo_settings
-from training.checkpoint import atomic_write_bytes
+from training.atomic_io import atomic_write_bytes
 
 RUN_IN_CONTAINER = ("run it in the NGC TensorRT/Triton container: `make -C docker engine PRECISION=...` "
                     "(see docker/README.md), on a machine with an NVIDIA GPU and the NVIDIA container toolkit")

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 import torch
 
-from training.checkpoint import (atomic_write_bytes, file_sha256, library_versions, load_checkpoint,
-                                 model_from_checkpoint, spec_from_checkpoint)
+from training.atomic_io import atomic_write_bytes
+from training.checkpoint import file_sha256, library_versions, load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from build.graph_cleanup import clean
 from training.data import list_images
 from training.evaluate import logits_for_inputs

@@ -30,7 +30,8 @@ from build.export_onnx import read_metadata, source_checkpoint
 from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
 from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
-from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from training.atomic_io import atomic_write_bytes
+from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_files, stream_logits
 from training.preprocess import DaliPreprocessor, PreprocessSpec, build_dali_pipeline, DALI_INPUT_NAME

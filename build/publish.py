@@ -37,7 +37,8 @@ from build.render_repo import MANIFEST, read_manifest
 from clients import admin
 from clients import protocol as P
 from clients.client import error_message
-from training.checkpoint import atomic_write_bytes, file_sha256
+from training.atomic_io import atomic_write_bytes
+from training.checkpoint import file_sha256
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, stream_logits, topk_accuracy
 from training.preprocess import DaliPreprocessor, PreprocessSpec

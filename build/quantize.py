@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 
 from build.export_onnx import INPUT_NAME, METADATA_KEY, read_metadata, rebase_metadata, source_checkpoint
-from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from training.atomic_io import atomic_write_bytes
+from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
 from training.preprocess import DaliPreprocessor, PreprocessSpec

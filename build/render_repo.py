@@ -26,7 +26,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build.export_onnx import read_metadata
 from clients import protocol as P
-from training.checkpoint import atomic_write_bytes, file_sha256
+from training.atomic_io import atomic_write_bytes, staged_directory
+from training.checkpoint import file_sha256
 from training.preprocess import DALI_INPUT_NAME, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PreprocessSpec
 
 # The committed Python-backend model code; each file becomes <model>/1/model.py of a rendered repository,
@@ -306,7 +307,7 @@ def read_configs(repo: Path) -> dict[str, mc.ModelConfig]:
 
 def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), target: str = "embedded",
            plan: Path | None = None, layout: str | None = None) -> dict[str, Path]:
-    """Write the repository; everything is computed in memory first and each file is written atomically.
+    """Write the repository: everything is computed in memory first, then the repository is replaced as a whole.
 
     embedded: the ONNX runs in ONNX Runtime. gpu: ``plan`` (from build.engine, built from this very
     ONNX) runs in TensorRT; without a plan the configs are rendered and the plan is reported missing.
@@ -379,12 +380,16 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
     out = Path(out)
     for name in python_models:
         files[Path(name, "1", "model.py")] = (MODEL_CODE / f"{name}.py").read_bytes()
-    for rel, data in files.items():
-        atomic_write_bytes(out / rel, lambda tmp, data=data: tmp.write_bytes(data))
-    if target == "gpu":  # a serialized pipeline left by an earlier render would be loaded instead of dali.py
-        (out / P.PREPROCESS / "1" / "model.dali").unlink(missing_ok=True)
-    if P.POSTPROCESS not in configs and (out / P.POSTPROCESS).is_dir():  # not part of this layout
-        shutil.rmtree(out / P.POSTPROCESS)
+    # the files belong together (a config names the tensors, shapes and batch sizes of its neighbours):
+    # changed in a copy that replaces the repository in one rename, so that neither the server nor a
+    # render killed half-way sees a mix of two renders
+    with staged_directory(out) as stage:
+        for rel, data in files.items():
+            atomic_write_bytes(stage / rel, lambda tmp, data=data: tmp.write_bytes(data))
+        if target == "gpu":  # a serialized pipeline left by an earlier render would be loaded instead of dali.py
+            (stage / P.PREPROCESS / "1" / "model.dali").unlink(missing_ok=True)
+        if P.POSTPROCESS not in configs and (stage / P.POSTPROCESS).is_dir():  # not part of this layout
+            shutil.rmtree(stage / P.POSTPROCESS)
     print(f"rendered {out} ({target}, {layout} layout): {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
           f"max_batch_size {settings.max_batch_size})")
     return {str(rel): out / rel for rel in files}

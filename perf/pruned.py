@@ -28,7 +28,8 @@ from build.render_repo import read_manifest, settings_from_manifest
 from clients import protocol as P
 from perf.common import machine_info, sample_images
 from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors, rendered_server
-from training.checkpoint import atomic_write_bytes, file_sha256
+from training.atomic_io import atomic_write_bytes
+from training.checkpoint import file_sha256
 from training.preprocess import DaliPreprocessor, PreprocessSpec
 from training.prune import REPORT
 

@@ -18,42 +18,20 @@ Keys:
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from training.atomic_io import atomic_write_bytes
+
+
 from training.models import ResNet, build_model
 from training.preprocess import PreprocessSpec
 
 REQUIRED_KEYS = ("model", "arch", "arch_args", "classes", "preprocess")
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are read by other processes (the server)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete temporaries that a killed writer (SIGKILL, power loss) left behind in ``directory``."""
-    stale = list(Path(directory).glob(".*.tmp")) if Path(directory).is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:

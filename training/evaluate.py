@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint, spec_from_checkpoint
+from training.atomic_io import atomic_write_bytes
+from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from training.data import drop_bad_images, list_images
 from training.preprocess import DaliPreprocessor
 

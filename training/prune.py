@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from training import train
-from training.checkpoint import (atomic_write_bytes, file_sha256, load_checkpoint, model_from_checkpoint,
-                                 save_checkpoint, spec_from_checkpoint)
+from training.atomic_io import atomic_write_bytes
+from training.checkpoint import (file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint, spec_from_checkpoint)
 from training.data import drop_bad_images, list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
 from training.models import build_model, changed_widths

@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from training.checkpoint import (atomic_write_bytes, file_sha256, git_commit, library_versions, load_checkpoint,
-                                 model_from_checkpoint, remove_stale_temporaries, save_checkpoint)
+from training.atomic_io import atomic_write_bytes, remove_stale_temporaries
+from training.checkpoint import file_sha256, git_commit, library_versions, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.data import (EpochSampler, ImageFolderTrain, TrainTransform, dataset_fingerprint, drop_bad_images,
                            find_classes, list_images)
 from training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
