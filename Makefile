@@ -102,7 +102,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: publish rollback reliability help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: publish rollback reliability soak help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -111,7 +111,8 @@ help:
 	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
 	@echo "              precisions (fp32 vs int8 served side by side)"
-	@echo "reliability: make reliability (overload, fuzzing, shutdown, live update); publish / rollback (live model updates)"
+	@echo "reliability: make reliability (overload, fuzzing, shutdown, live update, killed stubs); soak DURATION=600;"
+	@echo "             publish / rollback (live model updates)"
 	@echo "benchmark-data - the default recipe trained and served on real data sets that packages ship"
 
 # Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d
@@ -220,6 +221,13 @@ rollback: venv
 FUZZ_CASES ?= 2000
 reliability: artifacts
 	$(PY) -m perf.reliability --repo $(REPO) --images $(IMAGES) --data $(DATA) --fuzz-cases $(FUZZ_CASES)
+
+# a steady load for DURATION seconds (default 600 here): errors, memory and descriptor trends, latency per window
+SOAK_WORKERS ?= 4
+SOAK_WINDOW ?= 60
+soak: artifacts
+	$(PY) -m perf.soak --repo $(REPO) --images $(IMAGES) --workers $(SOAK_WORKERS) --window $(SOAK_WINDOW) \
+	  --duration $(if $(filter command line environment,$(origin DURATION)),$(DURATION),600)
 
 tune: artifacts
 	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)
