@@ -102,7 +102,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: publish rollback reliability soak help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -112,7 +112,7 @@ help:
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
 	@echo "              precisions (fp32 vs int8 served side by side)"
 	@echo "reliability: make reliability (overload, fuzzing, shutdown, live update, killed stubs); soak DURATION=600;"
-	@echo "             publish / rollback (live model updates)"
+	@echo "             publish / rollback (live model updates); s3-server, s3-upload, then serve REPO=s3://..."
 	@echo "benchmark-data - the default recipe trained and served on real data sets that packages ship"
 
 # Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d
@@ -217,7 +217,19 @@ publish: venv
 rollback: venv
 	$(PY) -m build.publish --rollback --repo $(REPO) --url $(HOST):$(HTTP_PORT)
 
-# overload, fuzzing, graceful shutdown and live updates on the real server: perf/reports/reliability/
+# a model repository in an object store: `make s3-server` runs a local S3 (moto, in memory) in the foreground;
+# `make s3-upload` copies REPO_DIR there; then `make serve REPO=$(S3_URL)` (any s3://[host:port/]bucket/prefix)
+S3_PORT     ?= 9000
+S3_URL      ?= s3://127.0.0.1:$(S3_PORT)/models/classify
+REPO_DIR    ?= model_repository
+s3-server: venv
+	$(PY) -m serve.object_store server --port $(S3_PORT)
+
+s3-upload: venv
+	@test -f $(REPO_DIR)/build.json || $(MAKE) data train onnx repo REPO=$(REPO_DIR)
+	$(PY) -m serve.object_store upload --repo $(REPO_DIR) --to $(S3_URL)
+
+# overload, fuzzing, graceful shutdown, live updates and killed stubs on the real server: perf/reports/reliability/
 FUZZ_CASES ?= 2000
 reliability: artifacts
 	$(PY) -m perf.reliability --repo $(REPO) --images $(IMAGES) --data $(DATA) --fuzz-cases $(FUZZ_CASES)

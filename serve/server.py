@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients import admin
+from serve import object_store, stop_on_signals
 from serve.watchdog import StubWatchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +134,9 @@ class TritonServer:
         if model_control not in ("none", "explicit"):
             raise ValueError(f"model_control must be 'none' or 'explicit', got {model_control!r}")
         self.model_control = model_control
-        self.repo, self.echo, self.extra_args = Path(repo).resolve(), echo, extra_args
+        # a folder, or an object store's s3://[host:port/]bucket/prefix (serve.object_store)
+        self.repo = str(repo) if object_store.is_object_store(repo) else Path(repo).resolve()
+        self.echo, self.extra_args = echo, extra_args
         self.auto_ports = ports is None
         self.ports = ports or Ports(*free_ports(3))
         self.binary, self.host, self.admin_key = binary, host, admin_key
@@ -178,6 +181,8 @@ class TritonServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        if isinstance(self.repo, str):  # the object store's credentials
+            env.update(object_store.credentials(self.repo))
         if self.binary:
             # a full Triton install (the NGC container) brings its own libraries and Python backend
             # stub; nvidia-pytriton is not installed there, so nothing of the wheel may be asked for.
@@ -211,7 +216,7 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> "TritonServer":
         """Start and wait until every model is ready. On any failure, Ctrl-C included, the child is stopped
         before the error propagates: nothing is left running."""
-        if not self.repo.is_dir():
+        if isinstance(self.repo, Path) and not self.repo.is_dir():
             raise ServerError(f"model repository {self.repo} does not exist: run `make repo` first")
         attempts = PORT_ATTEMPTS if self.auto_ports else 1
         for attempt in range(1, attempts + 1):
@@ -336,9 +341,15 @@ class TritonServer:
         self.stop()
 
 
+def repository(arg: str) -> Path | str:
+    """--repo: a folder, or an s3:// URL kept as it is (a Path would fold its '//')."""
+    return arg if object_store.is_object_store(arg) else Path(arg)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Serve a model repository with the real tritonserver (foreground)")
-    p.add_argument("--repo", type=Path, default=PROJECT_ROOT / "model_repository")
+    p.add_argument("--repo", type=repository, default=PROJECT_ROOT / "model_repository",
+                   help="a rendered repository folder, or s3://[host:port/]bucket/prefix (serve.object_store)")
     p.add_argument("--http-port", type=int, default=Ports.http)
     p.add_argument("--grpc-port", type=int, default=Ports.grpc)
     p.add_argument("--metrics-port", type=int, default=Ports.metrics)
@@ -352,15 +363,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(args: argparse.Namespace) -> int:
-    # Ctrl-C (SIGINT) and `kill` (SIGTERM) both stop the server cleanly; SIGINT is set explicitly
-    # because a shell starting us in the background would leave it ignored.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals()  # Ctrl-C and `kill` stop the server cleanly
     try:
         key = None if args.no_admin_key else admin.load_key(create=True)
     except admin.AdminKeyError as e:

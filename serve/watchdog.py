@@ -14,6 +14,7 @@ swaps in new instances while the healthy ones keep serving. Without a way to rel
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,14 +55,20 @@ def _stat(pid: int) -> list[str] | None:
 
 
 def stub_model(pid: int) -> str | None:
-    """The model a Python-backend stub serves: its first argument is <repository>/<model>/<version>/model.py."""
+    """The model a Python-backend stub serves, from its command line (python_backend r24.10,
+    stub_launcher.cc): ``stub <model dir>/<version>/model.py <shm region> <sizes> <parent pid> <lib dir>
+    <ipc handle> <instance name> <model dir>``. The instance name is Triton's default
+    <model>_<group>_<index>; the model folder's name is the fallback (a repository in an object store
+    is downloaded to a temporary folder, whose name says nothing)."""
     try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
-    if len(args) < 2 or not args[0].endswith(b"triton_python_backend_stub"):
+    if len(args) < 2 or not args[0].endswith("triton_python_backend_stub"):
         return None
-    return Path(args[1].decode()).parent.parent.name
+    if len(args) > 8 and (m := re.fullmatch(r"(.+)_\d+_\d+", args[8])):
+        return m.group(1)
+    return Path(args[1]).parent.parent.name
 
 
 def exit_description(stat: list[str]) -> str:
