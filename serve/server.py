@@ -254,6 +254,9 @@ class TritonServer:
         """A line of our own in the server's log (and on stderr)."""
         self.log.append(message)
         print(message, file=sys.stderr, flush=True)
+        if self.log_file:
+            with open(self.log_file, "a") as f:
+                f.write(message + "\n")
 
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(self.log[-n:])
