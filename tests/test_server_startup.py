@@ -145,7 +145,10 @@ def test_ctrl_c_while_models_load_leaves_no_tritonserver(tmp_path, how):
             raise AssertionError("tritonserver never started loading:\n" + "".join(lines[-20:]))
         time.sleep(1)
         cli.send_signal(signal.SIGINT)
-        cli.wait(timeout=60)
+        try:
+            cli.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 60 s after Ctrl-C; its last output:\n{''.join(lines[-30:])}") from None
         reader.join(timeout=10)
         if how == "serve CLI":
             assert cli.returncode == 0, "".join(lines[-20:])
