@@ -129,7 +129,10 @@ def test_ctrl_c_while_models_load_leaves_no_tritonserver(tmp_path, how):
     cmd = ["-m", "serve", "--repo", str(tmp_path / "repo"), "--no-admin-key", "--http-port", str(http),
            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)] if how == "serve CLI" else \
         ["-c", LIBRARY_USER, str(tmp_path / "repo")]
-    cli = subprocess.Popen([sys.executable, *cmd], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: SIGINT at its default, which Python turns into KeyboardInterrupt (a test run started
+    # in the background without job control inherits it ignored, and so would this child)
+    cli = subprocess.Popen([sys.executable, *cmd], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(cli.stderr), daemon=True)  # the CLI echoes Triton's log
     reader.start()
