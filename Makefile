@@ -102,7 +102,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -110,13 +110,14 @@ help:
 	@echo "stages: venv data train distill prune eval onnx quantize repo serve client; variables: see README.md"
 	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
-	@echo "              precisions (fp32 vs int8 served side by side)"
+	@echo "              precisions (fp32 vs int8 served side by side), compare (Triton vs baseline, one generator: wrk)"
 	@echo "reliability: make reliability (overload, fuzzing, shutdown, live update, killed stubs); soak DURATION=600;"
 	@echo "             publish / rollback (live model updates); s3-server, s3-upload, then serve REPO=s3://..."
 	@echo "benchmark-data - the default recipe trained and served on real data sets that packages ship"
 
-# Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d
-APT_PACKAGES := libb64-0d
+# Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d; wrk is the one load
+# generator that measures every HTTP server side by side (make compare)
+APT_PACKAGES := libb64-0d wrk
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 venv: $(VENV)/.installed
@@ -240,6 +241,14 @@ SOAK_WINDOW ?= 60
 soak: artifacts
 	$(PY) -m perf.soak --repo $(REPO) --images $(IMAGES) --workers $(SOAK_WORKERS) --window $(SOAK_WINDOW) \
 	  --duration $(if $(filter command line environment,$(origin DURATION)),$(DURATION),600)
+
+# Triton and the naive baseline side by side, one generator (wrk), alternating rounds: perf/reports/compare/
+COMPARE_ROUNDS ?= 3
+COMPARE_SECONDS ?= 10
+COMPARE_CONNECTIONS ?= 16
+compare: artifacts
+	$(PY) -m perf.fair --repo $(REPO) --ckpt $(CKPT) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) \
+	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS)
 
 tune: artifacts
 	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)

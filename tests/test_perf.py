@@ -10,6 +10,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from build.render_repo import RepoSettings, read_manifest
@@ -157,3 +158,27 @@ def test_jpegs_and_tensors_measured_side_by_side(server, onnx_model, val_files, 
     assert all(r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
     # the tensor runs reached the classifier without going through preprocessing (2 runs of at least 40)
     assert delta[P.CLASSIFIER]["requests"] - delta[P.PREPROCESS]["requests"] >= 80, delta
+
+
+def test_side_by_side_with_one_generator(server, baseline_url, val_files, tmp_path):
+    """wrk drives Triton (KServe binary tensors) and the baseline (raw JPEGs) with the same images, in
+    alternating rounds; every figure comes with its range and the generator's CPU."""
+    from perf.fair import Target, compare, plot, render_markdown
+
+    targets = [Target("triton", f"http://{server.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve"),
+               Target("baseline", baseline_url, "/predict", "raw")]
+    r = compare(targets, [f.read_bytes() for f in val_files[:8]], rounds=2, seconds=2, connections=4, threads=1,
+                warmup_s=1)
+    assert r["order"] == [["triton", "baseline"], ["baseline", "triton"]]
+    for name in ("triton", "baseline"):
+        s = r["summary"][name]
+        assert s["errors"] == 0 and s["requests"] > 0, s
+        assert s["images_per_s"]["min"] <= s["images_per_s"]["median"] <= s["images_per_s"]["max"]
+        assert len(r["runs"][name]) == 2 and all(x["generator_cores"] >= 0 for x in r["runs"][name])
+    ratio = r["throughput_ratios"]["triton / baseline"]["median"]
+    assert abs(ratio - np.median([a["per_s"] / b["per_s"] for a, b in zip(r["runs"]["triton"], r["runs"]["baseline"])])) < 0.01
+    assert "| triton |" in render_markdown(r) and plot(r, tmp_path / "c.png").stat().st_size > 5000
+    # a request the server refuses is caught before anything is measured
+    with pytest.raises(RuntimeError, match="answered request body 0 with 400"):
+        compare([Target("triton", f"http://{server.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve")],
+                [b"not an image"], rounds=1, seconds=1, connections=1, threads=1, warmup_s=1)

@@ -1,0 +1,242 @@
+"""Side by side with one load generator: every HTTP server measured by wrk, in alternating rounds.
+
+    python -m perf.fair --repo model_repository --ckpt artifacts/best.pt --images data/synthetic/val   # make compare
+
+perf_analyzer speaks only Triton's protocols and locust is itself CPU-bound on 2 cores, so neither can
+compare Triton with other servers fairly. wrk (C, event loop; Debian's package) drives any HTTP server:
+perf/wrk/post_bodies.lua POSTs pre-built bodies in turn, the same JPEGs for every server, one image per
+request (each server batches on its own side), as a KServe v2 binary-tensor request for Triton and as
+raw bytes for the baseline. Each round measures every server once, in an order rotated from round to
+round, after one untimed warm-up each; a server's figure is the median over the rounds with the range
+beside it, and the ratios are taken within each round. The generator's own CPU (its user + system
+time over the run, from getrusage) is reported, since it shares the cores with the servers.
+
+Writes perf/reports/compare/report.{json,md} and compare.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from clients import protocol as P
+from perf.common import REPORTS, sample_images
+from perf.reliability import kserve_request
+
+LUA = Path(__file__).resolve().parent / "wrk" / "post_bodies.lua"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str      # http://host:port
+    path: str     # what to POST to
+    kind: str     # "kserve": a KServe v2 binary-tensor request; "raw": the encoded image as the body
+
+
+def wrk_binary() -> str:
+    exe = shutil.which("wrk")
+    if not exe:
+        raise FileNotFoundError("wrk not found: `make venv` installs it (Debian package wrk)")
+    return exe
+
+
+def write_bodies(images: list[bytes], kind: str, out: Path) -> int:
+    """One request body per image into ``out`` (and its header length for KServe); how many."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, blob in enumerate(images):
+        if kind == "kserve":
+            body, headers = kserve_request([(P.IMAGE, "UINT8", [1, len(blob)], blob)])
+            (out / f"{i:05d}.hdr").write_text(headers["Inference-Header-Content-Length"] + "\n")
+        elif kind == "raw":
+            body = blob
+        else:
+            raise ValueError(f"kind must be 'kserve' or 'raw', got {kind!r}")
+        (out / f"{i:05d}.bin").write_bytes(body)
+    return len(images)
+
+
+def check_bodies(target: Target, bodies: Path, count: int) -> None:
+    """Every body is answered 200 by ``target`` before it is measured: wrk counts statuses, not answers."""
+    import urllib.error
+    import urllib.request
+
+    for i in range(count):
+        headers = {"Content-Type": "application/octet-stream"}
+        if (bodies / f"{i:05d}.hdr").exists():
+            headers["Inference-Header-Content-Length"] = (bodies / f"{i:05d}.hdr").read_text().strip()
+        req = urllib.request.Request(target.url + target.path, (bodies / f"{i:05d}.bin").read_bytes(), headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                r.read()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{target.name} answered request body {i} with {e.code}: {e.read()[:300]!r}") from None
+
+
+def run_wrk(target: Target, bodies: Path, count: int, seconds: int, connections: int, threads: int) -> dict:
+    """One wrk run of ``seconds`` (whole: wrk takes no fractions) against ``target``: its figures, and the
+    generator's CPU in cores."""
+    if int(seconds) != seconds or seconds < 1:
+        raise ValueError(f"wrk runs for whole seconds, not {seconds}")
+    cmd = [wrk_binary(), "-t", str(threads), "-c", str(connections), "-d", f"{int(seconds)}s", "--timeout", "30s",
+           "-s", str(LUA), target.url + target.path, "--", str(bodies), str(count), target.path]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if r.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk against {target.name} failed ({r.returncode}): {r.stderr[-1000:] or r.stdout[-1000:]}")
+    out = json.loads(line.split(" ", 1)[1])
+    wall = out["duration_us"] / 1e6
+    out.update(seconds=round(wall, 2), per_s=round(out["requests"] / wall, 1),
+               errors=sum(out[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")),
+               generator_cores=round(((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall, 3))
+    return out
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": round(float(np.median(xs)), 2), "min": round(min(xs), 2), "max": round(max(xs), 2)}
+
+
+def compare(targets: list[Target], images: list[bytes], rounds: int = 3, seconds: int = 10, connections: int = 16,
+            threads: int = 2, warmup_s: int = 2, ceiling: Callable[[], float] | None = None) -> dict:
+    """Every target once per round, the order rotated each round; per target the rounds and their spread;
+    per round the throughput ratio of the first target to each other one. ``ceiling``: measures the
+    in-process ceiling (images/s, no server, no generator) at the start of each round, and the first
+    target's share of it is reported the same way."""
+    with tempfile.TemporaryDirectory(prefix="fair-bodies-") as tmp:
+        bodies = {kind: Path(tmp) / kind for kind in {t.kind for t in targets}}
+        count = {kind: write_bodies(images, kind, d) for kind, d in bodies.items()}
+        for t in targets:  # untimed: first requests pay for lazy initialisation
+            check_bodies(t, bodies[t.kind], count[t.kind])
+            run_wrk(t, bodies[t.kind], count[t.kind], warmup_s, connections, threads)
+        runs: dict[str, list[dict]] = {t.name: [] for t in targets}
+        order_log = []
+        ceilings: list[float] = []
+        for r in range(rounds):
+            if ceiling is not None:
+                ceilings.append(ceiling())
+            order = targets[r % len(targets):] + targets[:r % len(targets)]
+            order_log.append([t.name for t in order])
+            for t in order:
+                runs[t.name].append(run_wrk(t, bodies[t.kind], count[t.kind], seconds, connections, threads))
+    first = targets[0].name
+    summary = {name: {"images_per_s": spread([x["per_s"] for x in rs]),
+                      "p50_ms": spread([x["p50_us"] / 1000 for x in rs]), "p99_ms": spread([x["p99_us"] / 1000 for x in rs]),
+                      "errors": sum(x["errors"] for x in rs), "requests": sum(x["requests"] for x in rs),
+                      "generator_cores": spread([x["generator_cores"] for x in rs])} for name, rs in runs.items()}
+    ratios = {f"{first} / {t.name}": spread([a["per_s"] / b["per_s"] for a, b in zip(runs[first], runs[t.name])])
+              for t in targets[1:]}
+    if ceilings:
+        summary["in-process ceiling"] = {"images_per_s": spread(ceilings)}
+        ratios[f"{first} / in-process ceiling"] = spread([a["per_s"] / c for a, c in zip(runs[first], ceilings)])
+    return {"generator": "wrk " + subprocess.run([wrk_binary(), "-v"], capture_output=True, text=True).stdout.split("[")[0]
+            .replace("wrk ", "").strip(), "connections": connections, "threads": threads, "seconds": seconds,
+            "rounds": rounds, "images": len(images), "order": order_log, "targets": [t.__dict__ for t in targets],
+            "summary": summary, "throughput_ratios": ratios, "runs": runs}
+
+
+def plot(r: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "images_per_s", "images/s (one per request)"), (axes[1], "p99_ms", "p99 latency (ms)")):
+        names = [n for n in r["summary"] if key in r["summary"][n]]
+        med = [r["summary"][n][key]["median"] for n in names]
+        lo = [m - r["summary"][n][key]["min"] for m, n in zip(med, names)]
+        hi = [r["summary"][n][key]["max"] - m for m, n in zip(med, names)]
+        ax.bar(names, med, yerr=[lo, hi], capsize=6, color=["tab:green", "tab:gray", "tab:blue", "tab:orange"][:len(names)])
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{r['generator']}, {r['connections']} connections, {r['rounds']} rounds of {r['seconds']:g} s "
+                 "(median, bars: min-max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(r: dict) -> str:
+    lines = ["# Side by side, one load generator", "",
+             f"Measured {r.get('when', '')} with {r['generator']} ({r['threads']} threads, {r['connections']} connections, "
+             f"the same {r['images']} JPEGs, one image per request), {r['rounds']} rounds of {r['seconds']:g} s, every "
+             "server once per round in a rotated order, after an untimed warm-up. Median over the rounds, range in brackets. "
+             "The generator runs on the same 2 cores as the servers; its CPU is shown.", "",
+             "| server | images/s | p50 (ms) | p99 (ms) | errors | generator CPU (cores) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    fmt = lambda s: f"{s['median']:g} [{s['min']:g}–{s['max']:g}]"
+    for name, s in r["summary"].items():
+        if "p50_ms" not in s:  # the in-process ceiling: no server, no requests
+            batch = f", batches of {r['ceiling_batch']}" if "ceiling_batch" in r else ""
+            lines.append(f"| {name} (DALI + ONNX Runtime in this process{batch}) | {fmt(s['images_per_s'])} | | | | |")
+            continue
+        lines.append(f"| {name} | {fmt(s['images_per_s'])} | {fmt(s['p50_ms'])} | {fmt(s['p99_ms'])} | {s['errors']} | "
+                     f"{fmt(s['generator_cores'])} |")
+    lines += ["", "Throughput ratios, taken within each round:", ""]
+    lines += [f"- {k}: {fmt(v)}" for k, v in r["throughput_ratios"].items()]
+    lines += ["", "![compare](compare.png)", ""]
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Triton and the naive baseline measured side by side by one generator (wrk)")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--ckpt", type=Path, default=Path("artifacts/best.pt"), help="the baseline serves this checkpoint")
+    p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=int, default=10, help="per server and round")
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--baseline-port", type=int, default=0, help="0: a free port")
+    p.add_argument("--out", type=Path, default=REPORTS / "compare")
+    return p
+
+
+def main(a: argparse.Namespace) -> dict:
+    from build.publish import served_onnx
+    from perf import ceiling
+    from perf.report import start_baseline
+    from serve.server import TritonServer, free_ports
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    images = [b for _, b in sample_images(a.images, 64)]
+    port = a.baseline_port or free_ports(1)[0]
+    baseline = start_baseline(str(a.ckpt), port, a.out / "baseline.log")
+    try:
+        with TritonServer(a.repo, None, log_file=a.out / "tritonserver.log") as server:
+            targets = [Target("triton", f"http://{server.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve"),
+                       Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw")]
+            # the served model itself, at the batch size where this process does best (chosen once, untimed)
+            onnx = served_onnx(a.repo)
+            best = ceiling.measure(onnx, a.images, min_time=1.0, stages=False)["best_batch"]
+            per_round = lambda: ceiling.measure(onnx, a.images, batches=(best,), min_time=a.seconds, stages=False)[
+                "ceiling_images_per_s"]
+            r = compare(targets, images, a.rounds, a.seconds, a.connections, ceiling=per_round)
+    finally:
+        baseline.terminate()
+        try:
+            baseline.wait(10)
+        except subprocess.TimeoutExpired:
+            baseline.kill()
+            baseline.wait()
+    r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(a.repo), ceiling_batch=best)
+    plot(r, a.out / "compare.png")
+    (a.out / "report.json").write_text(json.dumps(r, indent=2))
+    (a.out / "report.md").write_text(render_markdown(r))
+    print(render_markdown(r))
+    return r
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
