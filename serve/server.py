@@ -222,9 +222,8 @@ class TritonServer:
         for attempt in range(1, attempts + 1):
             try:
                 self._start_once(timeout)
-                if self.watch_stubs:
-                    reload = self._reload if self.model_control == "explicit" else None
-                    self.watchdog = StubWatchdog(self.proc.pid, reload, report=self._note).start()
+                if self.watchdog:
+                    self.watchdog.arm()
                 return self
             except PortInUseError:
                 self.stop()
@@ -244,6 +243,9 @@ class TritonServer:
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
+        if self.watch_stubs:  # from the start: it learns every stub's model while the models load
+            reload = self._reload if self.model_control == "explicit" else None
+            self.watchdog = StubWatchdog(self.proc.pid, reload, report=self._note, armed=False).start()
         self.wait_ready(timeout)
 
     def _reload(self, model: str) -> None:

@@ -6,8 +6,9 @@ READY, and answers every request that reaches that instance with 500 "Stub proce
 healthy" until the server restarts. (The restart qa/L0_backend_python once tested was taken out before
 r24.10; later releases report the instance not ready, but do not restart it either.)
 
-:class:`StubWatchdog` polls the server's children. A stub seen as a zombie on two polls in a row (Triton
-reaps the stubs it stops itself at once) is mapped to its model by the ``model.py`` path it was started
+:class:`StubWatchdog` polls the server's children from its start, learning each stub's model as the models
+load. A stub seen as a zombie on two polls in a row (Triton reaps the stubs it stops itself at once) is
+mapped to its model by the ``model.py`` path it was started
 with, and ``reload(model)`` is called: with explicit model control that is ``AdminClient.reload``, which
 swaps in new instances while the healthy ones keep serving. Without a way to reload, the death is reported.
 """
@@ -64,6 +65,10 @@ def stub_model(pid: int) -> str | None:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
+    if len(args) > 2 and args[0].endswith("bash") and "triton_python_backend_stub" in args[2]:
+        # launched as `bash -c "... exec <stub> <args>"`, and not yet exec'ed
+        words = args[2].split()
+        args = words[next(i for i, w in enumerate(words) if w.endswith("triton_python_backend_stub")):]
     if len(args) < 2 or not args[0].endswith("triton_python_backend_stub"):
         return None
     if len(args) > 8 and (m := re.fullmatch(r"(.+)_\d+_\d+", args[8])):
@@ -85,6 +90,7 @@ class StubWatchdog:
     reload: Callable[[str], None] | None   # None: the deaths are only reported
     report: Callable[[str], None] = print
     poll_s: float = POLL_S
+    armed: bool = True  # False while the server loads its models: stubs are learnt, deaths wait for arm()
     exits: list[StubExit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,7 +112,7 @@ class StubWatchdog:
                     self._models[pid] = model
                 continue
             zombies.add(pid)
-            if pid in self._suspects and pid not in self._handled:
+            if self.armed and pid in self._suspects and pid not in self._handled:
                 self._handled.add(pid)
                 found.append(StubExit(self._models.get(pid), pid, exit_description(stat), time.monotonic()))
         self._suspects = zombies
@@ -130,12 +136,18 @@ class StubWatchdog:
             e.error = str(err)
             self.report(f"watchdog: reloading model '{e.model}' failed: {err}")
 
+    def arm(self) -> None:
+        """The server is ready: from now on a dead stub's model is reloaded."""
+        self.armed = True
+        self.poll()
+
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             self.poll()
 
     def start(self) -> "StubWatchdog":
-        self.poll()  # the stubs alive now are known before any can die unseen
+        """Start polling; started with the server, it learns each stub while the models load."""
+        self.poll()
         self._thread = threading.Thread(target=self._run, name="stub-watchdog", daemon=True)
         self._thread.start()
         return self
