@@ -125,20 +125,21 @@ def jpegs_and_tensors(url: str, http_url: str, protocol: str, sources: Sources, 
 
 
 @contextmanager
-def rendered_server(onnx: Path, settings: RepoSettings) -> Iterator[tuple[TritonServer, dict]]:
-    """A throw-away repository for ``onnx`` with ``settings``, served by the real server on free ports:
-    the server and the rendered repository's manifest (build.json). Both go away on exit."""
+def rendered_server(onnx: Path, settings: RepoSettings, layout: str | None = None) -> Iterator[tuple[TritonServer, dict]]:
+    """A throw-away (embedded) repository for ``onnx`` with ``settings`` and ``layout``, served by the real server
+    on free ports: the server and the rendered repository's manifest (build.json). Both go away on exit."""
     with tempfile.TemporaryDirectory(prefix="perf-repo-") as tmp:
-        render(onnx, Path(tmp), settings)
+        render(onnx, Path(tmp), settings, layout=layout)
         with TritonServer(Path(tmp), None) as server:
             yield server, read_manifest(Path(tmp))
 
 
 def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurrency: int, input_json: Path,
-                     out_dir: Path, interval_ms: int = 2000, request_count: int = 0) -> tuple[PerfPoint, dict]:
+                     out_dir: Path, interval_ms: int = 2000, request_count: int = 0,
+                     layout: str | None = None) -> tuple[PerfPoint, dict]:
     """Serve ``onnx`` with ``settings`` (rendered_server) and measure it at one concurrency: the point and the
     rendered repository's manifest."""
-    with rendered_server(onnx, settings) as (server, manifest):
+    with rendered_server(onnx, settings, layout) as (server, manifest):
         url = server.http_url if protocol == "http" else server.grpc_url
         point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json, out_dir,
                           server.proc.pid, interval_ms, request_count=request_count)

@@ -43,14 +43,15 @@ def choose(results: list[dict], p99_budget_ms: float) -> tuple[dict, bool]:
 
 def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSettings(), grid: dict = DEFAULT_GRID,
          concurrency: int = 16, p99_budget_ms: float = 50.0, protocol: str = "grpc", interval_ms: int = 2000,
-         apply_to: Path | None = None, request_count: int = 0) -> dict:
-    """``request_count`` > 0: each configuration measured on exactly that many requests (no stabilization)."""
+         apply_to: Path | None = None, request_count: int = 0, layout: str | None = None) -> dict:
+    """``request_count`` > 0: each configuration measured on exactly that many requests (no stabilization).
+    ``layout``: the embedded repository's layout, measured and written back as it is (None: the default)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data([b for _, b in sample_images(images)], out_dir / "perf_analyzer_input.json")
     results = []
     for i, settings in enumerate(configurations(base, grid)):
         point, _ = measure_rendered(onnx, settings, protocol, concurrency, input_json, out_dir / f"config_{i:02d}",
-                                    interval_ms, request_count)
+                                    interval_ms, request_count, layout)
         row = {"settings": asdict(settings), "throughput": point.throughput, "p50_ms": point.latency_ms(50),
                "p99_ms": point.latency_ms(99), "server": point.server, "usage": point.usage}
         results.append(row)
@@ -65,7 +66,7 @@ def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSetti
           f"settings {best['settings']}" if met else f"no configuration met p99 <= {p99_budget_ms} ms; lowest p99 kept")
     if apply_to:
         s = dict(best["settings"], preferred_batch_sizes=tuple(best["settings"]["preferred_batch_sizes"]))
-        render(onnx, apply_to, RepoSettings(**s))
+        render(onnx, apply_to, RepoSettings(**s), layout=layout)
         print(f"wrote the chosen configuration back to {apply_to}")
     return summary
 
@@ -83,12 +84,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+class TuneError(ValueError):
+    pass
+
+
 def main(args: argparse.Namespace) -> dict:
     manifest = read_manifest(args.repo)
+    if manifest.get("target", "embedded") != "embedded":
+        # the sweep serves the embedded (CPU) pipeline: its winner says nothing about a TensorRT plan behind
+        # the DALI GPU backend, and writing it back would replace the GPU repository with the embedded one
+        raise TuneError(f"{args.repo} is rendered for the {manifest['target']!r} target; this tuner measures the "
+                        "embedded (CPU) repository only. Tune a GPU repository on a GPU (Triton Model Analyzer), "
+                        "or give its settings to `make repo TARGET=gpu MAX_BATCH=... PREFERRED=...`")
     return tune(rendered_onnx(args.repo), args.images, args.out, settings_from_manifest(manifest), DEFAULT_GRID,
                 args.concurrency, args.p99_budget_ms, args.protocol, args.interval_ms,
-                None if args.no_apply else args.repo)
+                None if args.no_apply else args.repo, layout=manifest.get("layout"))
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except TuneError as e:
+        raise SystemExit(f"error: {e}")

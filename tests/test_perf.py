@@ -106,8 +106,10 @@ def test_tuner_chooses_within_budget_and_writes_back(onnx_model, tiny_data, tmp_
     grid = {"queue_delay_us": [0, 2000], "preferred_batch_sizes": [()], "instances": [(1, 1)]}
     summary = tune.tune(onnx_model, tiny_data / "val", tmp_path / "tuning", RepoSettings(max_batch_size=MAX_BATCH),
                         grid, concurrency=2, p99_budget_ms=10_000, interval_ms=500, apply_to=target,
-                        request_count=60)  # fixed counts: a busy machine cannot fail to stabilize
+                        request_count=60,  # fixed counts: a busy machine cannot fail to stabilize
+                        layout="classification")  # measured and written back in the repository's own layout
     assert len(summary["results"]) == 2 and summary["budget_met"]
+    assert read_manifest(target)["layout"] == "classification"
     assert summary["best"]["throughput"] == max(r["throughput"] for r in summary["results"])
     assert read_manifest(target)["settings"]["queue_delay_us"] == summary["best"]["settings"]["queue_delay_us"]
     assert json.loads((tmp_path / "tuning" / "tuning.json").read_text())["best"] == json.loads(json.dumps(summary["best"]))
@@ -182,3 +184,19 @@ def test_side_by_side_with_one_generator(server, baseline_url, val_files, tmp_pa
     with pytest.raises(RuntimeError, match="answered request body 0 with 400"):
         compare([Target("triton", f"http://{server.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve")],
                 [b"not an image"], rounds=1, seconds=1, connections=1, threads=1, warmup_s=1)
+
+
+def test_tuner_refuses_a_gpu_repository_and_leaves_it_alone(onnx_model, tiny_data, tmp_path):
+    """`make tune TARGET=gpu` used to sweep the embedded pipeline and write it over the GPU repository."""
+    import hashlib
+
+    from build.render_repo import render
+
+    gpu = tmp_path / "gpu_repo"
+    render(onnx_model, gpu, RepoSettings(max_batch_size=MAX_BATCH), target="gpu")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in gpu.rglob("*") if p.is_file()}
+    args = tune.get_args_parser().parse_args(["--repo", str(gpu), "--images", str(tiny_data / "val"),
+                                              "--out", str(tmp_path / "tuning")])
+    with pytest.raises(tune.TuneError, match="'gpu' target"):
+        tune.main(args)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in gpu.rglob("*") if p.is_file()} == before
