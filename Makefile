@@ -63,6 +63,8 @@ MAX_BATCH   ?=
 PREFERRED   ?=
 QUEUE_DELAY_US ?=
 INSTANCES   ?=
+DALI_THREADS ?=
+ORT_THREADS ?=
 TOP_K       ?=
 # overload: requests each composing model queues, and how long one may wait, before Triton answers 503 /
 # UNAVAILABLE at once (unset: 64 requests, 5000 ms; 0 = unbounded)
@@ -75,6 +77,7 @@ RESET_SETTINGS ?=
 SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
   $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
   $(if $(INSTANCES),--preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES)) \
+  $(if $(DALI_THREADS),--dali-threads $(DALI_THREADS)) $(if $(ORT_THREADS),--intra-op-threads $(ORT_THREADS)) \
   $(if $(MAX_IMAGE_PIXELS),--max-image-pixels $(MAX_IMAGE_PIXELS)) $(if $(MAX_IMAGE_BYTES),--max-image-bytes $(MAX_IMAGE_BYTES)) \
   $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_MS),--queue-timeout-ms $(QUEUE_TIMEOUT_MS)) \
   $(if $(RESET_SETTINGS),--reset-settings)
@@ -242,13 +245,15 @@ soak: artifacts
 	$(PY) -m perf.soak --repo $(REPO) --images $(IMAGES) --workers $(SOAK_WORKERS) --window $(SOAK_WINDOW) \
 	  --duration $(if $(filter command line environment,$(origin DURATION)),$(DURATION),600)
 
-# Triton and the naive baseline side by side, one generator (wrk), alternating rounds: perf/reports/compare/
+# Triton (the repository and COMPARE_LAYOUTS, other layouts of the same model) and the naive baseline side by side,
+# one generator (wrk), alternating rounds: perf/reports/compare/
 COMPARE_ROUNDS ?= 3
 COMPARE_SECONDS ?= 10
 COMPARE_CONNECTIONS ?= 16
+COMPARE_LAYOUTS ?= postprocess
 compare: artifacts
 	$(PY) -m perf.fair --repo $(REPO) --ckpt $(CKPT) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) \
-	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS)
+	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --layouts "$(COMPARE_LAYOUTS)"
 
 tune: artifacts
 	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)

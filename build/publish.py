@@ -1,4 +1,4 @@
-"""Live model updates: publish a new ONNX as the classifier's next version, or roll back, while serving.
+"""Live model updates: publish a new ONNX as the served model's next version, or roll back, while serving.
 
     python -m build.publish --onnx artifacts/model.onnx --repo model_repository --data data/synthetic
     python -m build.publish --rollback --repo model_repository
@@ -6,13 +6,14 @@
 How (explicit model control, `make serve`'s default): the new file is checked first (it loads in ONNX
 Runtime, it has the served model's classes, preprocessing and tensors, and its val top-1 is within
 ``--max-top1-drop`` of the version being served, through the serving preprocess). It is then written
-into a hidden staging folder of ``classifier/`` and renamed to the next version number in one step, so
+into a hidden staging folder of the model that runs it (``classify/`` in the fused layout, ``classifier/``
+in the ensemble layouts), with the rest of the served version folder (its code, pipeline, labels), and renamed to the next version number in one step, so
 Triton never sees a half-written version and a served version is never rewritten in place. Then the
-server is asked (with the admin key) to load ``classifier``: Triton loads the new version while the old
+server is asked (with the admin key) to load that model: Triton loads the new version while the old
 one keeps serving, and swaps (``version_policy`` latest 1: requests without a version go to the newest
 READY one). A version that fails to load is moved aside and the old one keeps serving.
 
-Rollback moves the newest version folder aside (``classifier/.retired-<n>``, kept for inspection) and
+Rollback moves the newest version folder aside (``<model>/.retired-<n>``, kept for inspection) and
 asks the server to load again: the previous version comes back the same way. With no server running
 (``--url ''``) the repository is changed and the next `make serve` serves it.
 
@@ -33,9 +34,8 @@ import numpy as np
 
 from build.export_onnx import read_metadata
 from build.quantize import Runner, onnx_runner
-from build.render_repo import MANIFEST, read_manifest
+from build.render_repo import MANIFEST, onnx_model_name, read_manifest
 from clients import admin
-from clients import protocol as P
 from clients.client import error_message
 from training.atomic_io import atomic_write_bytes
 from training.checkpoint import file_sha256
@@ -55,8 +55,13 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def onnx_model_dir(repo: Path) -> Path:
+    """The folder of the model whose versions hold the ONNX, as the repository was rendered (its layout)."""
+    return Path(repo) / onnx_model_name(read_manifest(repo).get("layout", "postprocess"))
+
+
 def served_onnx(repo: Path) -> Path:
-    model_dir = Path(repo) / P.CLASSIFIER
+    model_dir = onnx_model_dir(repo)
     vs = versions(model_dir)
     if not vs:
         raise PublishError(f"{model_dir} has no version folder: render the repository with `make repo`")
@@ -114,15 +119,15 @@ def _record(repo: Path, entry: dict) -> None:
     atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(raw, indent=2)))
 
 
-def _load(url: str, protocol: str, key: str | None, version: int, timeout_s: float) -> None:
-    """Ask the server to load the classifier and check that ``version`` is the one READY."""
+def _load(url: str, protocol: str, key: str | None, model: str, version: int, timeout_s: float) -> None:
+    """Ask the server to load ``model`` and check that ``version`` is the one READY."""
     with admin.AdminClient(url, protocol, key, timeout_s) as c:
         try:
-            c.load(P.CLASSIFIER)  # returns when Triton has loaded (or failed to load) the new version
+            c.load(model)  # returns when Triton has loaded (or failed to load) the new version
         except Exception as e:
             raise PublishError(f"the server did not load version {version}: {error_message(e)}") from None
-        if not c.ready(P.CLASSIFIER, str(version)):
-            raise PublishError(f"the server reports version {version} of '{P.CLASSIFIER}' not ready")
+        if not c.ready(model, str(version)):
+            raise PublishError(f"the server reports version {version} of '{model}' not ready")
 
 
 def publish(onnx_path: Path, repo: Path, data: Path | None = None, url: str | None = "127.0.0.1:8000",
@@ -136,7 +141,7 @@ def publish(onnx_path: Path, repo: Path, data: Path | None = None, url: str | No
         raise PublishError(f"{repo} is a {manifest.get('target')} repository: live updates swap an ONNX classifier "
                            "(embedded target); for TensorRT rebuild the engine and render again")
     figures = precheck(Path(onnx_path), repo, data, max_top1_drop) if check else {"gate": "skipped"}
-    model_dir = repo / P.CLASSIFIER
+    model_dir = onnx_model_dir(repo)
     version = versions(model_dir)[-1] + 1
     staging = model_dir / f".staging-{version}"
     shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted publish
@@ -151,7 +156,7 @@ def publish(onnx_path: Path, repo: Path, data: Path | None = None, url: str | No
              "published": time.strftime("%Y-%m-%dT%H:%M:%S"), **figures}
     if url:
         try:
-            _load(url, protocol, key, version, timeout_s)
+            _load(url, protocol, key, model_dir.name, version, timeout_s)
         except PublishError:
             os.rename(model_dir / str(version), model_dir / f".rejected-{version}-{int(time.time())}")
             raise
@@ -162,7 +167,7 @@ def publish(onnx_path: Path, repo: Path, data: Path | None = None, url: str | No
 def rollback(repo: Path, url: str | None = "127.0.0.1:8000", protocol: str = "http", key: str | None = None,
              timeout_s: float = 300.0) -> dict:
     """Retire the newest classifier version; the previous one is served again."""
-    model_dir = Path(repo) / P.CLASSIFIER
+    model_dir = onnx_model_dir(repo)
     vs = versions(model_dir)
     if len(vs) < 2:
         raise PublishError(f"{model_dir} has {len(vs)} version(s): nothing to roll back to")
@@ -171,7 +176,7 @@ def rollback(repo: Path, url: str | None = "127.0.0.1:8000", protocol: str = "ht
     os.rename(model_dir / str(newest), retired)
     if url:
         try:
-            _load(url, protocol, key, previous, timeout_s)
+            _load(url, protocol, key, model_dir.name, previous, timeout_s)
         except PublishError:
             os.rename(retired, model_dir / str(newest))  # the server still serves the newest: keep them in step
             raise
@@ -206,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             r = publish(args.onnx, args.repo, args.data, args.url or None, args.protocol, key, args.max_top1_drop,
                         timeout_s=args.timeout)
-            print(f"published {args.onnx} as {P.CLASSIFIER} version {r['version']}" +
+            print(f"published {args.onnx} as {onnx_model_dir(args.repo).name} version {r['version']}" +
                   (f" (val top-1 {r['top1_new']:.2f}%, served {r['top1_served']:.2f}%)" if "top1_new" in r else ""))
     except (PublishError, admin.AdminKeyError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

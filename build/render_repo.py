@@ -2,9 +2,10 @@
 
     python -m build.render_repo --onnx artifacts/model.onnx --out model_repository
 
-Embedded target (no GPU): preprocess (DALI pipeline on CPU inside the Python backend) ->
-classifier (ONNX Runtime inside the Python backend) -> postprocess (softmax, top-k labels), wired
-as the ensemble ``classify``. Configs are built as Triton ModelConfig protobufs and written as text,
+Embedded target (no GPU): the DALI pipeline on the CPU, ONNX Runtime and the top-k, all inside
+Triton's Python backend. Default (fused layout): one model ``classify`` runs the three stages on each
+dynamic batch; the ensemble layouts wire them as three models, preprocess -> classifier ->
+postprocess, behind the ensemble ``classify`` (the GPU target's shape). Configs are built as Triton ModelConfig protobufs and written as text,
 so they always parse; preprocessing parameters, classes and shapes come from the ONNX metadata.
 """
 
@@ -35,6 +36,7 @@ from training.preprocess import DALI_INPUT_NAME, MAX_IMAGE_BYTES, MAX_IMAGE_PIXE
 MODEL_CODE = Path(__file__).resolve().parent / "triton_models"
 DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
 PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
+FUSED_MODEL = "fused"  # build/triton_models/fused.py: the fused layout's model.py, run beside the three stages
 MANIFEST = "build.json"
 # The preprocess model's pipeline: a definition DALI serializes itself (build/triton_models/dali.py), the
 # one graph it imports (training/dali_graph.py) and the spec it reads, side by side in preprocess/1/
@@ -53,13 +55,17 @@ invoke_autoserialize(head_module, sys.argv[2])
 
 @dataclass(frozen=True)
 class RepoSettings:
+    # Defaults measured here (2 cores, wrk at 16 connections, `make compare`): two instances of one thread
+    # each keep both cores busy without oversubscribing them, and a short batching delay lets the two
+    # instances take turns instead of moving all requests as one convoy. A single instance also meets a
+    # Triton 2.51 race (README, "Throughput"): its batcher can miss the instance's release and sleep 500 ms.
     max_batch_size: int = 32
-    queue_delay_us: int = 2000          # dynamic batcher: how long to wait to fill a batch
+    queue_delay_us: int = 200           # dynamic batcher: how long to wait to fill a batch
     preferred_batch_sizes: tuple[int, ...] = ()  # dynamic batcher: sizes to form without waiting longer
-    preprocess_instances: int = 1
-    classifier_instances: int = 1
-    dali_threads: int = 2
-    intra_op_threads: int = 0           # ONNX Runtime threads per classifier instance (0 = its default)
+    preprocess_instances: int = 2
+    classifier_instances: int = 2       # fused layout: instances of its one model
+    dali_threads: int = 1
+    intra_op_threads: int = 1           # ONNX Runtime threads per classifier instance (0 = one per core)
     top_k: int = 5
     max_image_pixels: int = MAX_IMAGE_PIXELS  # refused before decoding, with an error naming the limit
     max_image_bytes: int = MAX_IMAGE_BYTES
@@ -179,9 +185,42 @@ def gpu_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings, onnx_io
             P.ENSEMBLE: ensemble(s, outputs, postprocess_steps(*onnx_io))}
 
 
-LAYOUTS = ("postprocess", "classification")
-DEFAULT_LAYOUT = {"embedded": "postprocess", "gpu": "classification"}
+LAYOUTS = ("fused", "postprocess", "classification")
+DEFAULT_LAYOUT = {"embedded": "fused", "gpu": "classification"}
 LABELS_FILE = "labels.txt"
+
+
+# the embedded target's models that run code (Python-backend stubs, per-model statistics), per layout
+LAYOUT_MODELS = {"fused": (P.ENSEMBLE,), "postprocess": PYTHON_MODELS, "classification": (P.PREPROCESS, P.CLASSIFIER)}
+
+
+def onnx_model_name(layout: str) -> str:
+    """The model whose version folders hold model.onnx (what `make publish` adds a version to)."""
+    return P.ENSEMBLE if layout == "fused" else P.CLASSIFIER
+
+
+def pipeline_model(layout: str) -> str:
+    """The model whose version folder holds the DALI pipeline (dali.py, and model.dali on the embedded target)."""
+    return P.ENSEMBLE if layout == "fused" else P.PREPROCESS
+
+
+def labels_file(repo: Path, layout: str | None = None) -> Path:
+    """Where a rendered repository keeps its class names, one per line: by ``layout``, else by the one it was
+    rendered with."""
+    layout = layout or read_manifest(repo).get("layout", "postprocess")
+    return Path(repo) / {"postprocess": Path(P.POSTPROCESS, "1"), "classification": Path(P.CLASSIFIER),
+                         "fused": Path(P.ENSEMBLE, "1")}[layout] / LABELS_FILE
+
+
+def fused_configs(spec: PreprocessSpec, num_classes: int, s: RepoSettings) -> dict[str, mc.ModelConfig]:
+    """One Python model named like the ensemble, with the ensemble's inputs and outputs: the three stages
+    on one dynamic batch, with the parameters each stage's model would have."""
+    ens = embedded_configs(spec, num_classes, s)
+    params = {k: v.string_value for name in PYTHON_MODELS for k, v in ens[name].parameters.items()}
+    model = _python_model(P.ENSEMBLE, s, [_tensor(P.IMAGE, mc.TYPE_UINT8, [-1], ragged=True)],
+                          [_tensor(t.name, t.data_type, list(t.dims)) for t in ens[P.ENSEMBLE].output],
+                          s.classifier_instances, params)
+    return {P.ENSEMBLE: model}
 
 
 def classification_layout(configs: dict[str, mc.ModelConfig], num_classes: int, s: RepoSettings,
@@ -321,6 +360,8 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     export = meta.get("export", {})
+    if layout == "fused" and target != "embedded":
+        raise ValueError("the fused layout runs ONNX Runtime in the Python backend: embedded target only")
     if layout == "classification" and "probabilities" not in export:
         raise ValueError(f"{onnx_path} has no softmax output (exported before it was added): export it again "
                          "with `make onnx` (and `make quantize`) to render the classification layout")
@@ -328,9 +369,11 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
         configs = embedded_configs(spec, len(classes), settings)
         if layout == "classification":
             configs = classification_layout(configs, len(classes), settings, (P.PIXELS, P.PROBABILITIES))
-        configs[P.CLASSIFIER].parameters["onnx_sha256"].string_value = onnx_sha
-        files = {Path(P.CLASSIFIER, "1", "model.onnx"): onnx_bytes}
-        python_models = PYTHON_MODELS if layout == "postprocess" else (P.PREPROCESS, P.CLASSIFIER)
+        elif layout == "fused":
+            configs = fused_configs(spec, len(classes), settings)
+        configs[onnx_model_name(layout)].parameters["onnx_sha256"].string_value = onnx_sha
+        files = {Path(onnx_model_name(layout), "1", "model.onnx"): onnx_bytes}
+        python_models = {"postprocess": PYTHON_MODELS, "classification": (P.PREPROCESS, P.CLASSIFIER), "fused": ()}[layout]
     elif target == "gpu":
         from build.engine import BatchProfile
 
@@ -359,17 +402,19 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
         python_models = (P.POSTPROCESS,) if layout == "postprocess" else ()
     else:
         raise ValueError(f"target must be 'embedded' or 'gpu', got {target!r}")
-    check_ensemble(configs)
+    if layout != "fused":
+        check_ensemble(configs)
     pipeline = pipeline_files(spec, settings, "gpu" if target == "gpu" else "cpu")
-    files.update({Path(P.PREPROCESS, "1", name): data for name, data in pipeline.items()})
+    pre_dir = Path(pipeline_model(layout), "1")
+    files.update({pre_dir / name: data for name, data in pipeline.items()})
     if target == "embedded":  # our Python model deserializes it; serialized by this DALI, which runs it
-        files[Path(P.PREPROCESS, "1", "model.dali")] = autoserialize(pipeline)
-    labels = Path(P.POSTPROCESS, "1", LABELS_FILE) if layout == "postprocess" else Path(P.CLASSIFIER, LABELS_FILE)
-    files.update({
-        labels: ("\n".join(classes) + "\n").encode(),
-        # the ensemble's version folder must exist and, in object stores, hold a file
-        Path(P.ENSEMBLE, "1", ".placeholder"): b"",
-    })
+        files[pre_dir / "model.dali"] = autoserialize(pipeline)
+    files[labels_file(Path(), layout)] = ("\n".join(classes) + "\n").encode()
+    if layout == "fused":  # the stages' own files beside the model that runs them
+        files[Path(P.ENSEMBLE, "1", "model.py")] = (MODEL_CODE / f"{FUSED_MODEL}.py").read_bytes()
+        files.update({Path(P.ENSEMBLE, "1", f"{name}.py"): (MODEL_CODE / f"{name}.py").read_bytes() for name in PYTHON_MODELS})
+    else:  # the ensemble's version folder must exist and, in object stores, hold a file
+        files[Path(P.ENSEMBLE, "1", ".placeholder")] = b""
     files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
     # what this repository was rendered from and with: read back by the tuner and the reports
     files[Path(MANIFEST)] = json.dumps({
@@ -388,8 +433,17 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
             atomic_write_bytes(stage / rel, lambda tmp, data=data: tmp.write_bytes(data))
         if target == "gpu":  # a serialized pipeline left by an earlier render would be loaded instead of dali.py
             (stage / P.PREPROCESS / "1" / "model.dali").unlink(missing_ok=True)
-        if P.POSTPROCESS not in configs and (stage / P.POSTPROCESS).is_dir():  # not part of this layout
-            shutil.rmtree(stage / P.POSTPROCESS)
+        for folder in stage.iterdir():  # models of another layout, left by an earlier render
+            ours = folder.name in (*PYTHON_MODELS, P.ENSEMBLE) or (folder / "config.pbtxt").is_file()
+            if folder.is_dir() and ours and folder.name not in configs:
+                shutil.rmtree(folder)
+        for name in configs:  # files another layout left in a model folder of this one (its version 1 included)
+            folder, version = stage / name, stage / name / "1"
+            for stale in [*folder.iterdir(), *(version.iterdir() if version.is_dir() else ())]:
+                if stale.is_file() and stale.relative_to(stage) not in files:
+                    stale.unlink()
+                elif stale.is_dir() and stale.parent == version:  # e.g. __pycache__
+                    shutil.rmtree(stale)
     print(f"rendered {out} ({target}, {layout} layout): {', '.join(sorted(configs))} ({len(classes)} classes, input {spec.input_shape}, "
           f"max_batch_size {settings.max_batch_size})")
     return {str(rel): out / rel for rel in files}
@@ -400,9 +454,9 @@ SETTINGS_HELP = {
     "queue_delay_us": "dynamic batcher: microseconds to wait to fill a batch",
     "preferred_batch_sizes": "dynamic batcher: sizes to form without waiting (the largest is the TensorRT profile's opt)",
     "preprocess_instances": "DALI preprocessing model instances",
-    "classifier_instances": "classifier model instances",
+    "classifier_instances": "classifier model instances (fused layout: instances of its one model)",
     "dali_threads": "DALI CPU threads per preprocessing instance",
-    "intra_op_threads": "ONNX Runtime threads per classifier instance (0 = its default)",
+    "intra_op_threads": "ONNX Runtime threads per classifier instance (0 = one per core)",
     "top_k": "labels and scores returned per image",
     "max_image_pixels": "embedded target: images with more pixels are refused before decoding",
     "max_image_bytes": "embedded target: larger encoded images are refused before decoding",
@@ -453,9 +507,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
     p.add_argument("--target", choices=("embedded", "gpu"), default="embedded")
     p.add_argument("--plan", type=Path, help="gpu target: the TensorRT plan built from the same ONNX")
-    p.add_argument("--layout", choices=LAYOUTS, help="postprocess: a Python model returns LABELS/SCORES; "
+    p.add_argument("--layout", choices=LAYOUTS, help="fused (embedded only): one Python model runs preprocess, "
+                   "classifier and top-k; postprocess: the ensemble of three models, a Python model returns LABELS/SCORES; "
                    "classification: no Python model after the classifier, clients ask for top-k with class_count "
-                   "(default: postprocess for embedded, classification for gpu)")
+                   "(default: fused for embedded, classification for gpu)")
     p.add_argument("--out", type=Path, default=DEFAULT_REPO)
     add_settings_args(p)
     return p
@@ -463,13 +518,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, Path]:
     settings = repo_settings(args, args.out)
+    layout = args.layout
+    if layout is None and (Path(args.out) / MANIFEST).is_file() and not args.reset_settings:
+        # like the settings: a re-render keeps the layout the repository has, for the same target
+        previous = read_manifest(args.out)
+        if previous.get("target") == args.target and previous.get("layout") in LAYOUTS:
+            layout = previous["layout"]
+            if layout != DEFAULT_LAYOUT[args.target]:
+                print(f"layout from {Path(args.out) / MANIFEST}: {layout} (--layout, or RESET_SETTINGS=1 for the "
+                      f"default, {DEFAULT_LAYOUT[args.target]})")
     onnx_path = args.onnx
     if onnx_path is None:
         from build.quantize import artifact_for
 
         onnx_path = artifact_for(args.precision, args.artifacts) if args.target == "embedded" else \
             args.artifacts / {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}[args.precision]
-    return render(onnx_path, args.out, settings, args.target, args.plan, args.layout)
+    return render(onnx_path, args.out, settings, args.target, args.plan, layout)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,16 @@ round, after one untimed warm-up each; a server's figure is the median over the 
 beside it, and the ratios are taken within each round. The generator's own CPU (its user + system
 time over the run, from getrusage) is reported, since it shares the cores with the servers.
 
+``--layouts`` adds the served model in other repository layouts (rendered into throw-away folders with
+the repository's own settings), each behind its own server, measured in the same rounds.
+
 Writes perf/reports/compare/report.{json,md} and compare.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import shutil
@@ -152,13 +156,14 @@ def plot(r: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "images_per_s", "images/s (one per request)"), (axes[1], "p99_ms", "p99 latency (ms)")):
         names = [n for n in r["summary"] if key in r["summary"][n]]
         med = [r["summary"][n][key]["median"] for n in names]
         lo = [m - r["summary"][n][key]["min"] for m, n in zip(med, names)]
         hi = [r["summary"][n][key]["max"] - m for m, n in zip(med, names)]
-        ax.bar(names, med, yerr=[lo, hi], capsize=6, color=["tab:green", "tab:gray", "tab:blue", "tab:orange"][:len(names)])
+        ax.bar(names, med, yerr=[lo, hi], capsize=6, color=[plt.cm.tab10(i) for i in range(len(names))])
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{r['generator']}, {r['connections']} connections, {r['rounds']} rounds of {r['seconds']:g} s "
@@ -198,6 +203,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=10, help="per server and round")
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--layouts", default="", help="comma-separated other embedded layouts to measure beside the "
+                   "repository's own (fused, postprocess, classification); '' = none")
     p.add_argument("--baseline-port", type=int, default=0, help="0: a free port")
     p.add_argument("--out", type=Path, default=REPORTS / "compare")
     return p
@@ -205,18 +212,30 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(a: argparse.Namespace) -> dict:
     from build.publish import served_onnx
+    from build.render_repo import LAYOUTS, read_manifest, render, settings_from_manifest
     from perf import ceiling
     from perf.report import start_baseline
     from serve.server import TritonServer, free_ports
 
     a.out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(a.repo)
+    layouts = [x for x in a.layouts.split(",") if x and x != manifest["layout"]]
+    if unknown := set(layouts) - set(LAYOUTS):
+        raise SystemExit(f"error: unknown layout(s) {sorted(unknown)}; choose from {LAYOUTS}")
     images = [b for _, b in sample_images(a.images, 64)]
     port = a.baseline_port or free_ports(1)[0]
     baseline = start_baseline(str(a.ckpt), port, a.out / "baseline.log")
     try:
-        with TritonServer(a.repo, None, log_file=a.out / "tritonserver.log") as server:
-            targets = [Target("triton", f"http://{server.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve"),
-                       Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw")]
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(TritonServer(a.repo, None, log_file=a.out / "tritonserver.log"))
+            path = f"/v2/models/{P.ENSEMBLE}/infer"
+            targets = [Target(f"triton ({manifest['layout']})", f"http://{server.http_url}", path, "kserve")]
+            for layout in layouts:  # the same model and settings, another layout, its own server
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"compare-{layout}-")))
+                render(served_onnx(a.repo), tmp, settings_from_manifest(manifest), layout=layout)
+                other = stack.enter_context(TritonServer(tmp, None, log_file=a.out / f"tritonserver-{layout}.log"))
+                targets.append(Target(f"triton ({layout})", f"http://{other.http_url}", path, "kserve"))
+            targets.append(Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw"))
             # the served model itself, at the batch size where this process does best (chosen once, untimed)
             onnx = served_onnx(a.repo)
             best = ceiling.measure(onnx, a.images, min_time=1.0, stages=False)["best_batch"]
@@ -230,7 +249,7 @@ def main(a: argparse.Namespace) -> dict:
         except subprocess.TimeoutExpired:
             baseline.kill()
             baseline.wait()
-    r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(a.repo), ceiling_batch=best)
+    r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(a.repo), ceiling_batch=best, settings=manifest["settings"])
     plot(r, a.out / "compare.png")
     (a.out / "report.json").write_text(json.dumps(r, indent=2))
     (a.out / "report.md").write_text(render_markdown(r))

@@ -71,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--duration", type=int, default=20)
     p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
-    p.add_argument("--labels", type=Path, default=Path("model_repository/postprocess/1/labels.txt"))
+    p.add_argument("--labels", type=Path, help="class names, one per line (default: those of model_repository)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("perf/reports/locust"))
     return p
@@ -79,5 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     a = get_args_parser().parse_args()
+    if a.labels is None:
+        from build.render_repo import labels_file
+
+        a.labels = labels_file(Path("model_repository"))
     res = run_locust(a.user, a.host, a.users, a.duration, a.out, a.images, a.labels, a.top_k, a.grpc_url)
     print(json.dumps(res, indent=2))

@@ -76,7 +76,8 @@ def compare(unpruned_onnx: Path, pruned_dir: Path, repo: Path, images: Path, rou
     rows = []
     for r in range(rounds):
         for name in (("unpruned", "pruned") if r % 2 == 0 else ("pruned", "unpruned")):
-            with rendered_server(onnx[name], settings) as (server, _):
+            # the ensemble layout: the classifier alone takes the pre-decoded tensors (the fused model has none)
+            with rendered_server(onnx[name], settings, layout="postprocess") as (server, _):
                 url = server.grpc_url if protocol == "grpc" else server.http_url
                 for row in jpegs_and_tensors(url, server.http_url, protocol, inputs, [concurrency],
                                              pruned_dir / "served" / f"round{r + 1}_{name}",

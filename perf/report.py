@@ -22,8 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from build.export_onnx import read_metadata, source_checkpoint
-from build.render_repo import config_text, read_configs, read_manifest, rendered_onnx
-from clients import protocol as P
+from build.render_repo import LAYOUT_MODELS, config_text, labels_file, read_configs, read_manifest, rendered_onnx
 from perf import ceiling
 from perf.common import REPORTS, machine_info, sample_images
 from perf.loadtest import run_locust
@@ -81,7 +80,7 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
     onnx = rendered_onnx(repo)
     meta = read_metadata(onnx)
     ckpt = str(source_checkpoint(onnx, meta))
-    labels = repo / P.POSTPROCESS / "1" / "labels.txt"
+    labels = labels_file(repo)
     top_k = manifest["settings"]["top_k"] if manifest["settings"]["top_k"] <= manifest["classes"] else manifest["classes"]
     blobs = [b for _, b in sample_images(images)]
     r: dict = {"machine": machine_info(), "manifest": manifest, "profile": asdict(profile),
@@ -159,6 +158,11 @@ def headline(r: dict) -> dict:
     return h
 
 
+def computing_models(r: dict) -> tuple[str, ...]:
+    """The models of the measured repository that run code (an ensemble's statistics only add theirs up)."""
+    return LAYOUT_MODELS[r["manifest"].get("layout", "postprocess")]
+
+
 def ceiling_headline(r: dict) -> dict:
     best = max((p for pts in r["perf_analyzer"].values() for p in pts if p["mode"] == "concurrency"),
                key=lambda p: float(p["client"]["Inferences/Second"]))
@@ -169,7 +173,7 @@ def ceiling_headline(r: dict) -> dict:
     # why: server CPU per image against the ceiling's, and how busy the cores were
     per_image_ms = 1000.0 / ceil
     server = best["server"]
-    composing = {m: s for m, s in server.items() if m != P.ENSEMBLE}
+    composing = {m: s for m, s in server.items() if m in computing_models(r)}
     h["server_ms_per_image"] = sum(s["compute_infer_us"] / 1000.0 / (s["avg_batch"] or 1) for s in composing.values())
     h["ceiling_ms_per_image"] = per_image_ms
     h["server_cores_busy"] = best["usage"].get("cpu_cores_busy")
@@ -302,8 +306,8 @@ def markdown(r: dict, h: dict, made: list[tuple[str, str]], tuning: dict | None)
             f"{verdict(h['baseline_ratio'], TARGET_BASELINE_RATIO, why_base)}"
             f"{'' if h['triton_p99_ms'] < h['baseline_p99_ms'] else '; p99 is NOT lower than the baseline'}.")
     if "ceiling_ratio" in h:
-        why_ceiling = (f"the server spends {h['server_ms_per_image']:.2f} ms of compute per image across the composing "
-                       f"models at their average batches against {h['ceiling_ms_per_image']:.2f} ms in-process at batch "
+        why_ceiling = (f"the server spends {h['server_ms_per_image']:.2f} ms of compute per image in its "
+                       f"models ({', '.join(h['avg_batch'])}) at their average batches against {h['ceiling_ms_per_image']:.2f} ms in-process at batch "
                        f"{h['ceiling_batch']}; the server tree kept {h['server_cores_busy'] or 0:.2f} of "
                        f"{r['machine']['cores']} cores busy while the load generator ran on the same cores")
         lines.append(
@@ -376,10 +380,10 @@ def markdown(r: dict, h: dict, made: list[tuple[str, str]], tuning: dict | None)
 
 
 def perf_analyzer_section(r: dict) -> list[str]:
+    composing = computing_models(r)
     lines = ["## perf_analyzer", "",
-             "| protocol | mode | value | img/s | p50 ms | p90 ms | p99 ms | server cores busy | avg batch (pre/cls/post) |",
+             f"| protocol | mode | value | img/s | p50 ms | p90 ms | p99 ms | server cores busy | avg batch ({'/'.join(composing)}) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    composing = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
     for pts in r["perf_analyzer"].values():
         for p in pts:
             c, s = p["client"], p["server"]
@@ -387,7 +391,7 @@ def perf_analyzer_section(r: dict) -> list[str]:
             lines.append(f"| {p['protocol']} | {p['mode']} | {p['value']:g} | {float(c['Inferences/Second']):.0f} | "
                          f"{float(c['p50 latency']) / 1000:.1f} | {float(c['p90 latency']) / 1000:.1f} | "
                          f"{float(c['p99 latency']) / 1000:.1f} | {p['usage'].get('cpu_cores_busy', 0):.2f} | {batches} |")
-    lines += ["", "### Server-side breakdown per composing model (µs per request; Triton statistics API)", "",
+    lines += ["", "### Server-side breakdown per model (µs per request; Triton statistics API)", "",
               "| protocol | concurrency | model | queue | compute input | compute infer | compute output | avg batch |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for proto in ("http", "grpc"):
@@ -396,7 +400,7 @@ def perf_analyzer_section(r: dict) -> list[str]:
                 lines.append(f"| {proto} | {p['value']:g} | {m} | {s['queue_us']:.0f} | {s['compute_input_us']:.0f} | "
                              f"{s['compute_infer_us']:.0f} | {s['compute_output_us']:.0f} | {s['avg_batch'] or 0:.2f} |")
     lines += ["", "### Prometheus metrics scraped during each run", "",
-              "| protocol | mode | value | Triton CPU utilisation | Triton memory (MiB) | avg batch from metrics (pre/cls/post) |",
+              f"| protocol | mode | value | Triton CPU utilisation | Triton memory (MiB) | avg batch from metrics ({'/'.join(composing)}) |",
               "| --- | --- | --- | --- | --- | --- |"]
     for pts in r["perf_analyzer"].values():
         for p in pts:

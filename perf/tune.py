@@ -21,10 +21,17 @@ from perf.common import sample_images
 from perf.perf_analyzer import measure_rendered, write_input_data
 
 DEFAULT_GRID = {
-    "queue_delay_us": [0, 1000, 4000],
+    "queue_delay_us": [0, 200, 2000],
     "preferred_batch_sizes": [(), (8, 16)],
-    "instances": [(1, 1), (2, 1), (1, 2)],  # (preprocess, classifier)
+    "instances": [(1, 1), (2, 1), (1, 2), (2, 2)],  # (preprocess, classifier)
 }
+
+
+def default_grid(layout: str | None) -> dict:
+    """The fused layout has one model: only its instance count (``classifier_instances``) varies."""
+    if layout == "fused":
+        return {**DEFAULT_GRID, "instances": [(RepoSettings().preprocess_instances, n) for n in (1, 2, 3)]}
+    return DEFAULT_GRID
 
 
 def configurations(base: RepoSettings, grid: dict) -> list[RepoSettings]:
@@ -96,7 +103,8 @@ def main(args: argparse.Namespace) -> dict:
         raise TuneError(f"{args.repo} is rendered for the {manifest['target']!r} target; this tuner measures the "
                         "embedded (CPU) repository only. Tune a GPU repository on a GPU (Triton Model Analyzer), "
                         "or give its settings to `make repo TARGET=gpu MAX_BATCH=... PREFERRED=...`")
-    return tune(rendered_onnx(args.repo), args.images, args.out, settings_from_manifest(manifest), DEFAULT_GRID,
+    return tune(rendered_onnx(args.repo), args.images, args.out, settings_from_manifest(manifest),
+                default_grid(manifest.get("layout")),
                 args.concurrency, args.p99_budget_ms, args.protocol, args.interval_ms,
                 None if args.no_apply else args.repo, layout=manifest.get("layout"))
 

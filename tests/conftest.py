@@ -1,5 +1,6 @@
-"""Session fixtures: one tiny data set, one tiny trained model, one rendered repository and ONE real
-tritonserver for the whole test session (spoken to over HTTP and gRPC)."""
+"""Session fixtures: one tiny data set, one tiny trained model, one rendered repository (the default,
+fused layout) and ONE real tritonserver for the whole test session (spoken to over HTTP and gRPC); the
+same model in the ensemble layout, with its own server for the tests that need one."""
 
 from __future__ import annotations
 
@@ -45,6 +46,22 @@ def repo(onnx_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("repo")
     render(onnx_model, out, RepoSettings(max_batch_size=MAX_BATCH, top_k=3))
     return out
+
+
+@pytest.fixture(scope="session")
+def ensemble_repo(onnx_model, tmp_path_factory) -> Path:
+    """The same model and settings in the three-model ensemble layout (the GPU target's shape)."""
+    out = tmp_path_factory.mktemp("ensemble_repo")
+    render(onnx_model, out, RepoSettings(max_batch_size=MAX_BATCH, top_k=3), layout="postprocess")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ensemble_server(ensemble_repo, tmp_path_factory):
+    """Started only by the tests that look inside the ensemble (its composing models, their stubs)."""
+    log = tmp_path_factory.mktemp("logs") / "tritonserver-ensemble.log"
+    with TritonServer(ensemble_repo, None, log_file=log) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

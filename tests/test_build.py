@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from build import export_onnx
-from build.render_repo import RepoSettings, check_ensemble, embedded_configs, read_configs, render, rendered_onnx
+from build.render_repo import (PYTHON_MODELS, RepoSettings, check_ensemble, embedded_configs, pipeline_model, read_configs,
+                               read_manifest, render, rendered_onnx)
 from clients import protocol as P
 from tritonclient.grpc import model_config_pb2 as mc
 from training import synthetic
@@ -136,7 +137,8 @@ def test_failed_validation_leaves_nothing_behind(checkpoint, tiny_data, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left
 
 
-def test_rendered_configs_parse_and_wire_up(repo, onnx_model):
+def test_rendered_configs_parse_and_wire_up(ensemble_repo, onnx_model):
+    repo = ensemble_repo
     configs = read_configs(repo)
     assert set(configs) == {P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS}
     check_ensemble(configs)
@@ -151,6 +153,38 @@ def test_rendered_configs_parse_and_wire_up(repo, onnx_model):
     assert (repo / P.CLASSIFIER / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
 
 
+def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo, onnx_model):
+    """The default layout's one model answers to the ensemble's name with the ensemble's tensors, carries
+    each stage model's parameters, and runs the very stage files the ensemble's models run."""
+    fused, ens = read_configs(repo), read_configs(ensemble_repo)
+    assert set(fused) == {P.ENSEMBLE} and fused[P.ENSEMBLE].backend == "python"
+    tensors = lambda ts: [(t.name, t.data_type, list(t.dims)) for t in ts]
+    assert tensors(fused[P.ENSEMBLE].input) == tensors(ens[P.ENSEMBLE].input)
+    assert tensors(fused[P.ENSEMBLE].output) == tensors(ens[P.ENSEMBLE].output)
+    assert fused[P.ENSEMBLE].input[0].allow_ragged_batch and fused[P.ENSEMBLE].HasField("dynamic_batching")
+    params = {k: v.string_value for k, v in fused[P.ENSEMBLE].parameters.items()}
+    for name in PYTHON_MODELS:
+        assert {k: v.string_value for k, v in ens[name].parameters.items()}.items() <= params.items(), name
+        assert (repo / P.ENSEMBLE / "1" / f"{name}.py").read_bytes() == (ensemble_repo / name / "1" / "model.py").read_bytes()
+    version = repo / P.ENSEMBLE / "1"
+    assert (version / "model.onnx").read_bytes() == onnx_model.read_bytes()
+    assert (version / "labels.txt").read_text().splitlines() == export_onnx.read_metadata(onnx_model)["classes"]
+    assert (version / "model.dali").is_file() and not (version / ".placeholder").exists()
+
+
+def test_rerender_switches_layouts_without_leftovers(onnx_model, tmp_path):
+    """fused -> ensemble -> fused in one folder: each time exactly the files of a fresh render."""
+    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+    fresh = {}
+    for layout in ("fused", "postprocess"):
+        render(onnx_model, tmp_path / f"fresh-{layout}", RepoSettings(), layout=layout)
+        fresh[layout] = files(tmp_path / f"fresh-{layout}")
+    for layout in ("fused", "postprocess", "fused", "classification", "postprocess"):
+        render(onnx_model, tmp_path / "repo", RepoSettings(), layout=layout)
+        if layout in fresh:
+            assert files(tmp_path / "repo") == fresh[layout], layout
+
+
 def test_rerender_keeps_the_repository_settings(onnx_model, tmp_path):
     from build import render_repo
 
@@ -160,15 +194,18 @@ def test_rerender_keeps_the_repository_settings(onnx_model, tmp_path):
         render_repo.main(render_repo.get_args_parser().parse_args(["--onnx", str(onnx_model), "--out", str(out), *flags]))
         return read_configs(out)
 
-    rerender("--max-batch-size", "8", "--queue-delay-us", "500", "--preferred-batch-sizes", "2", "4")  # e.g. tuned
-    configs = rerender("--top-k", "2")  # a later re-render changes one thing and keeps the rest
+    rerender("--max-batch-size", "8", "--queue-delay-us", "500", "--preferred-batch-sizes", "2", "4",  # e.g. tuned
+             "--layout", "postprocess")
+    configs = rerender("--top-k", "2")  # a later re-render changes one thing and keeps the rest, layout included
     cls = configs[P.CLASSIFIER]
     assert cls.max_batch_size == 8 and cls.dynamic_batching.max_queue_delay_microseconds == 500
     assert list(cls.dynamic_batching.preferred_batch_size) == [2, 4]
     assert configs[P.POSTPROCESS].parameters["top_k"].string_value == "2"
-    cls = rerender("--reset-settings")[P.CLASSIFIER]
-    assert cls.max_batch_size == RepoSettings().max_batch_size
-    assert cls.dynamic_batching.max_queue_delay_microseconds == RepoSettings().queue_delay_us
+    configs = rerender("--reset-settings")  # the defaults, the default layout's included
+    assert set(configs) == {P.ENSEMBLE} and read_manifest(out)["layout"] == "fused"
+    model = configs[P.ENSEMBLE]
+    assert model.max_batch_size == RepoSettings().max_batch_size
+    assert model.dynamic_batching.max_queue_delay_microseconds == RepoSettings().queue_delay_us
 
 
 FP32, FP64 = mc.TYPE_FP32, mc.TYPE_FP64
@@ -199,7 +236,8 @@ def test_serialized_dali_pipeline_equals_eval_transform(repo, onnx_model, val_fi
     from nvidia.dali import Pipeline
 
     spec = PreprocessSpec.from_dict(export_onnx.read_metadata(onnx_model)["preprocess"])
-    pipe = Pipeline.deserialize(serialized_pipeline=(repo / P.PREPROCESS / "1" / "model.dali").read_bytes(),
+    served = repo / pipeline_model(read_manifest(repo)["layout"]) / "1" / "model.dali"
+    pipe = Pipeline.deserialize(serialized_pipeline=served.read_bytes(),
                                 batch_size=MAX_BATCH, num_threads=1, device_id=None, prefetch_queue_depth=1,
                                 exec_async=False, exec_pipelined=False)
     pipe.build()

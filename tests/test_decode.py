@@ -121,21 +121,25 @@ def stub_pid(server_pid: int, model: str) -> int:
     raise LookupError(f"no stub process for {model}")
 
 
-def test_internal_failure_is_internal_not_the_images_fault(repo, val_files, tmp_path):
-    """Out of memory inside the preprocess model (a real one: its address space is capped with prlimit
+@pytest.mark.parametrize("layout", ["fused", "postprocess"])
+def test_internal_failure_is_internal_not_the_images_fault(onnx_model, val_files, tmp_path, layout):
+    """Out of memory inside the model that decodes (a real one: its address space is capped with prlimit
     while it decodes a 30-megapixel photo) is INTERNAL (HTTP 500), logged, not blamed on the image,
-    and the model answers normally once memory is back."""
+    and the model answers normally once memory is back. One instance, so the capped stub is the one asked."""
     import resource
 
+    from build.render_repo import render
     from serve.server import TritonServer
 
+    repo = tmp_path / "repo"
+    render(onnx_model, repo, RepoSettings(max_batch_size=8, preprocess_instances=1, classifier_instances=1), layout=layout)
     photo = io.BytesIO()
     Image.open(val_files[0]).convert("RGB").resize((6400, 4800)).save(photo, "JPEG", quality=80)
     log = tmp_path / "tritonserver.log"
     with TritonServer(repo, None, log_file=log) as server, \
             ImageClassifierClient(server.http_url, "http", timeout_s=120) as client:
         good = client.classify([Path(val_files[0]).read_bytes()], ["good"])[0]
-        pid = stub_pid(server.proc.pid, "preprocess")
+        pid = stub_pid(server.proc.pid, "classify" if layout == "fused" else "preprocess")
         vm = int(next(ln.split()[1] for ln in open(f"/proc/{pid}/status") if ln.startswith("VmSize:"))) * 1024
         previous = resource.prlimit(pid, resource.RLIMIT_AS)
         resource.prlimit(pid, resource.RLIMIT_AS, (vm + (32 << 20), previous[1]))  # 32 MB more: a 92 MB decode fails

@@ -24,7 +24,7 @@ from google.protobuf.internal.decoder import _DecodeVarint
 from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
 from build.export_onnx import read_metadata
 from build.render_repo import (GRAPH_FILE, GRAPH_SOURCE, PIPELINE_CONFIG, PIPELINE_FILE, RepoSettings, autoserialize,
-                               check_ensemble, read_configs, render)
+                               check_ensemble, pipeline_model, read_configs, read_manifest, render)
 from clients import protocol as P
 from clients.client import ImageClassifierClient
 from conftest import MAX_BATCH
@@ -105,7 +105,7 @@ def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
 
 def test_embedded_pipeline_is_serialized_from_the_same_definition(repo):
     """The embedded server deserializes model.dali, made from the very dali.py the GPU server serializes."""
-    version = repo / P.PREPROCESS / "1"
+    version = repo / pipeline_model(read_manifest(repo)["layout"]) / "1"
     files = {name: (version / name).read_bytes() for name in (PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG)}
     assert files[GRAPH_FILE] == GRAPH_SOURCE.read_bytes()
     assert json.loads(files[PIPELINE_CONFIG])["device"] == "cpu"

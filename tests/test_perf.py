@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build.render_repo import RepoSettings, read_manifest
+from build.render_repo import RepoSettings, labels_file, read_manifest
 from clients import protocol as P
 from perf import report, tune
 from perf.loadtest import run_locust
@@ -26,7 +26,8 @@ COMPOSING = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_perf_analyzer_point_with_server_breakdown(server, val_files, tmp_path, protocol):
+def test_perf_analyzer_point_with_server_breakdown(ensemble_server, val_files, tmp_path, protocol):
+    server = ensemble_server  # the breakdown per composing model (the fused layout has one model: test_report_quick)
     data = write_input_data([f.read_bytes() for f in val_files[:16]], tmp_path / "input.json")
     url = server.http_url if protocol == "http" else server.grpc_url
     point = run_point(url, server.http_url, protocol, "concurrency", 4, data, tmp_path, server.proc.pid,
@@ -86,7 +87,7 @@ def test_baseline_serves_the_checkpoint(baseline_url, val_files, checkpoint):
 def test_locust_runs_and_checks_answers(server, baseline_url, tiny_data, repo, tmp_path, user):
     host = baseline_url if user == "BaselineUser" else f"http://{server.http_url}"
     top_k = 5 if user == "BaselineUser" else read_manifest(repo)["settings"]["top_k"]
-    labels = repo / P.POSTPROCESS / "1" / "labels.txt"
+    labels = labels_file(repo)
     res = run_locust(user, host, 3, 3, tmp_path, tiny_data / "val", labels, top_k, server.grpc_url)
     assert res["requests"] > 0 and res["failures"] == 0, res["failure_kinds"]
     assert res["rps"] > 0 and res["p50_ms"] <= res["p99_ms"]
@@ -96,7 +97,7 @@ def test_locust_runs_and_checks_answers(server, baseline_url, tiny_data, repo, t
 def test_locust_counts_wrong_answers_as_failures(server, tiny_data, repo, tmp_path):
     """The check is real: expecting a different top-k makes every answer a failure."""
     res = run_locust("TritonHttpUser", f"http://{server.http_url}", 2, 2, tmp_path, tiny_data / "val",
-                     repo / P.POSTPROCESS / "1" / "labels.txt", top_k=2)
+                     labels_file(repo), top_k=2)
     assert res["requests"] > 0 and res["failures"] == res["requests"]
     assert "LABELS shape [1, 3]" in res["failure_kinds"][0]["error"]
 
@@ -140,10 +141,11 @@ def test_report_quick(repo, tiny_data, tmp_path):
     assert "## Server-side breakdown" in md.replace("### Server-side", "## Server-side") and "config.pbtxt" in md
 
 
-def test_jpegs_and_tensors_measured_side_by_side(server, onnx_model, val_files, tmp_path):
+def test_jpegs_and_tensors_measured_side_by_side(ensemble_server, onnx_model, val_files, tmp_path):
     """The GPU report's throughput table: perf_analyzer from JPEG bytes (the ensemble) and from pre-decoded
-    tensors (the classifier alone), here against the embedded server, with fixed request counts so a
-    busy machine cannot make it fail to stabilize."""
+    tensors (the classifier alone), here against the embedded server in the ensemble layout, with fixed
+    request counts so a busy machine cannot make it fail to stabilize."""
+    server = ensemble_server
     from build.export_onnx import read_metadata
     from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
     from training.preprocess import DaliPreprocessor, PreprocessSpec

@@ -23,7 +23,7 @@ from build.engine import (BatchProfile, EngineEnvironmentError, check_environmen
                           verify_repository)
 from build.export_onnx import read_metadata
 from build.graph_cleanup import clean
-from build.render_repo import RepoSettings, check_ensemble, read_configs, render, repo_settings
+from build.render_repo import RepoSettings, check_ensemble, onnx_model_name, read_configs, read_manifest, render, repo_settings
 from clients import protocol as P
 from clients.client import ImageClassifierClient
 from perf import precisions
@@ -172,7 +172,7 @@ def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_fil
         preds = c.classify_files(val_files, batch_size=MAX_BATCH)
     served = np.array([meta["classes"].index(p.labels[0]) for p in preds])
     assert np.mean(served == own) >= 0.995  # the server gives the artifact's own answers
-    assert read_configs(repo)[P.CLASSIFIER].parameters["onnx_sha256"].string_value == \
+    assert read_configs(repo)[onnx_model_name(read_manifest(repo)["layout"])].parameters["onnx_sha256"].string_value == \
         hashlib.sha256(onnx_path.read_bytes()).hexdigest()  # and serves that very artifact
 
 

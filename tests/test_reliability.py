@@ -19,7 +19,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from build.export_onnx import read_metadata
-from build.render_repo import RepoSettings, render
+from build.render_repo import LAYOUT_MODELS, RepoSettings, read_configs, read_manifest, render
 from clients import admin
 from clients import protocol as P
 from clients.client import ImageClassifierClient, error_message, error_status, image_input
@@ -39,7 +39,7 @@ def restricted(repo, tmp_path_factory):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_control_apis_need_the_key(restricted, protocol):
+def test_control_apis_need_the_key(restricted, repo, protocol):
     url = restricted.http_url if protocol == "http" else restricted.grpc_url
     refused = "403" if protocol == "http" else "StatusCode.UNAVAILABLE"
     for key in (None, "wrong-key"):
@@ -48,7 +48,7 @@ def test_control_apis_need_the_key(restricted, protocol):
                 c.index()
             assert str(e.value.status()) == refused and "restricted" in e.value.message()
     with admin.AdminClient(url, protocol, KEY, timeout_s=30) as c:
-        assert {m["name"] for m in c.index()} == {P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS}
+        assert {m["name"] for m in c.index()} == set(read_configs(repo))
 
 
 def test_other_restricted_apis_and_open_ones_over_http(restricted, val_files):
@@ -112,7 +112,7 @@ def test_admin_cli_sends_the_key(restricted, tmp_path):
     run = lambda e: subprocess.run([sys.executable, "-m", "clients.admin", "index", "--url", restricted.http_url],
                                    capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60, env=e)
     ok = run({**env, admin.KEY_FILE_ENV: str(keyfile)})
-    assert ok.returncode == 0 and P.CLASSIFIER in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and f'"name": "{P.ENSEMBLE}"' in ok.stdout, ok.stderr
     refused = run({**env, admin.KEY_FILE_ENV: str(tmp_path / "none.key")})
     assert refused.returncode == 1 and "restricted" in refused.stderr
 
@@ -205,15 +205,15 @@ def test_client_backs_off_and_retries_after_503(small_queue, val_files):
     assert c.retried >= 1  # it was refused on the way, and still got every answer
 
 
-def test_queue_policy_is_rendered_for_every_composing_model(onnx_model, tmp_path):
-    from build.render_repo import read_configs
-
-    render(onnx_model, tmp_path, RepoSettings(max_queue_size=7, queue_timeout_ms=1500))
+@pytest.mark.parametrize("layout", ["fused", "postprocess", "classification"])
+def test_queue_policy_is_rendered_for_every_model_that_queues(onnx_model, tmp_path, layout):
+    render(onnx_model, tmp_path, RepoSettings(max_queue_size=7, queue_timeout_ms=1500), layout=layout)
     configs = read_configs(tmp_path)
-    for name in (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS):
+    for name in LAYOUT_MODELS[layout]:
         policy = configs[name].dynamic_batching.default_queue_policy
         assert (policy.max_queue_size, policy.default_timeout_microseconds) == (7, 1_500_000), name
-    assert not configs[P.ENSEMBLE].HasField("dynamic_batching")
+    if layout != "fused":  # an ensemble has no queue of its own
+        assert not configs[P.ENSEMBLE].HasField("dynamic_batching")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,19 +262,25 @@ def worse_model(onnx_path: Path, out: Path, num_classes: int) -> Path:
     return out
 
 
-def classifier_states(url: str) -> dict[str, str]:
+def version_states(url: str, model: str) -> dict[str, str]:
     with admin.AdminClient(url, "http", KEY, timeout_s=30) as c:
-        return {m["version"]: m["state"] for m in c.index() if m["name"] == P.CLASSIFIER}
+        return {m["version"]: m["state"] for m in c.index() if m["name"] == model}
 
 
-def test_publish_and_rollback_under_load_fail_no_request(repo, onnx_model, tiny_data, val_files, tmp_path):
+@pytest.mark.parametrize("layout", ["fused", "postprocess"])
+def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, onnx_model, tiny_data, val_files, tmp_path,
+                                                         layout):
+    """The new version goes to the model that runs the ONNX: the fused model itself, or the ensemble's classifier."""
     import shutil
 
-    from build.publish import PublishError, publish, rollback, versions
+    from build.publish import PublishError, onnx_model_dir, publish, rollback, versions
     from perf.reliability import background_load, counts, examples
 
     live = tmp_path / "repo"
-    shutil.copytree(repo, live)
+    shutil.copytree(repo if layout == "fused" else ensemble_repo, live)
+    model_dir = onnx_model_dir(live)
+    assert model_dir.name == (P.ENSEMBLE if layout == "fused" else P.CLASSIFIER)
+    classifier_states = lambda url: version_states(url, model_dir.name)
     num_classes = len(read_metadata(onnx_model)["classes"])
     with TritonServer(live, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:
         batches = [[f.read_bytes() for f in val_files[i:i + 4]] for i in range(0, 16, 4)]
@@ -293,10 +299,10 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, onnx_model, tiny_
             # refused by the server itself: the version is moved aside, the served one stays
             with pytest.raises(PublishError, match="did not load version 3"):
                 publish(corrupt, live, None, s.http_url, key=KEY, check=False)
-            assert versions(live / P.CLASSIFIER) == [1, 2] and classifier_states(s.http_url).get("2") == "READY"
+            assert versions(model_dir) == [1, 2] and classifier_states(s.http_url).get("2") == "READY"
             r = rollback(live, s.http_url, key=KEY)
             assert r["version"] == 1 and classifier_states(s.http_url).get("1") == "READY"
-            assert versions(live / P.CLASSIFIER) == [1]
+            assert versions(model_dir) == [1]
     c = counts(calls)
     assert c["ok"] > 0 and c["ok"] == len(calls), (c, examples(calls, ("refused", "cut", "error", "overloaded")))
 
@@ -306,14 +312,16 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, onnx_model, tiny_
 # faults: a killed Python stub is brought back (serve/watchdog.py)
 # ---------------------------------------------------------------------------------------------
 
-def test_killed_python_stub_is_detected_and_its_model_reloaded(repo, val_files, tmp_path):
+@pytest.mark.parametrize("layout", ["fused", "postprocess"])
+def test_killed_python_stub_is_detected_and_its_model_reloaded(repo, ensemble_repo, val_files, tmp_path, layout):
     """Triton 2.51 alone answers 500 "Stub process ... is not healthy" for good once a stub died (watch_stubs=False:
     the same test then fails with reloaded_s None); the watchdog reloads the model."""
     from perf.reliability import stub_faults
 
+    repo = repo if layout == "fused" else ensemble_repo
     with TritonServer(repo, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:
         r = stub_faults(s, [f.read_bytes() for f in val_files[:16]], workers=2, settle_s=0.5, answers_after=10)
-        assert {x["model"] for x in r} == {P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS}
+        assert {x["model"] for x in r} == set(LAYOUT_MODELS[read_manifest(repo)["layout"]])
         for x in r:
             assert x["how"] == "killed by signal 9" and x["error"] == "", x
             assert x["reloaded_s"] is not None and x["reloaded_s"] < 30, x

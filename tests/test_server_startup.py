@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from clients import protocol as P
+from build.render_repo import onnx_model_name, read_manifest
 from serve.server import PROJECT_ROOT, ModelLoadError, Ports, PortInUseError, TritonServer, free_ports
 
 
@@ -33,12 +33,13 @@ def test_busy_port_is_refused_with_a_clear_message(repo):
 def test_model_that_fails_to_load_is_named_with_its_reason(repo, tmp_path):
     broken = tmp_path / "repo"
     shutil.copytree(repo, broken)
-    (broken / P.CLASSIFIER / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
+    model = onnx_model_name(read_manifest(repo)["layout"])
+    (broken / model / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
     server = TritonServer(broken, None)
     with pytest.raises(ModelLoadError) as e:
         server.start(timeout=120)
-    assert P.CLASSIFIER in e.value.failures
-    assert "onnx" in e.value.failures[P.CLASSIFIER].lower() or "protobuf" in e.value.failures[P.CLASSIFIER].lower()
+    assert model in e.value.failures
+    assert "onnx" in e.value.failures[model].lower() or "protobuf" in e.value.failures[model].lower()
     assert server.proc.poll() is not None  # nothing left running
 
 

@@ -10,7 +10,7 @@ from clients import protocol as P
 from perf.soak import plot, soak
 from serve.server import TritonServer
 
-# appended to a copy of the classifier's model.py: 256 KiB of touched memory and a descriptor per batch, kept
+# appended to a copy of the served model's model.py: 256 KiB of touched memory and a descriptor per batch, kept
 LEAK = '''
 import os as _os
 _kept = []
@@ -35,7 +35,7 @@ def test_soak_30s_answers_everything_with_flat_memory_and_descriptors(server, va
 def test_soak_catches_a_model_that_leaks(onnx_model, val_files, tmp_path):
     repo = tmp_path / "repo"
     render(onnx_model, repo, RepoSettings(max_batch_size=8, top_k=3))
-    code = repo / P.CLASSIFIER / "1" / "model.py"
+    code = repo / P.ENSEMBLE / "1" / "model.py"  # the default (fused) layout's one model
     code.write_text(code.read_text() + LEAK)
     with TritonServer(repo, None, log_file=tmp_path / "server.log") as s:
         r = soak(s, [f.read_bytes() for f in val_files[:16]], duration_s=15, workers=4, window_s=5)

@@ -136,23 +136,24 @@ def dali_reason(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        self.model_config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
-        self.max_batch = max(1, int(self.model_config["max_batch_size"]))
-        self.num_threads = int(params.get("dali_num_threads", "2"))
-        self.max_pixels = int(params["max_image_pixels"])
-        self.max_bytes = int(params["max_image_bytes"])
-        self.logger = pb_utils.Logger
-        here = Path(args["model_repository"]) / args["model_version"]
-        self.serialized = (here / params.get("dali_pipeline", "model.dali")).read_bytes()
-        # tensor names come from the rendered config; the DALI external source has the input's name
-        self.in_name = self.model_config["input"][0]["name"]
-        out = self.model_config["output"][0]
-        self.out_name = out["name"]
-        self.out_dtype = pb_utils.triton_string_to_numpy(out["data_type"])
+class Preprocessor:
+    """The stage without Triton's request objects (also run by the fused model, build/triton_models/fused.py):
+    per request, its rows of encoded images in; its pixels, or why its images were refused, out."""
+
+    def __init__(self, serialized: bytes, in_name: str, max_batch: int, num_threads: int, max_pixels: int,
+                 max_bytes: int):
+        self.serialized, self.in_name, self.max_batch = serialized, in_name, max(1, max_batch)
+        self.num_threads, self.max_pixels, self.max_bytes = num_threads, max_pixels, max_bytes
         self.pipe = self._build()
+
+    @classmethod
+    def from_config(cls, config: dict, here: Path) -> "Preprocessor":
+        """From a rendered config's parameters; ``here``: the version folder holding the serialized pipeline."""
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # the DALI external source has the model's input name
+        return cls((here / params.get("dali_pipeline", "model.dali")).read_bytes(), config["input"][0]["name"],
+                   int(config["max_batch_size"]), int(params.get("dali_num_threads", "1")),
+                   int(params["max_image_pixels"]), int(params["max_image_bytes"]))
 
     def _build(self):
         pipe = Pipeline.deserialize(serialized_pipeline=self.serialized, batch_size=self.max_batch,
@@ -192,12 +193,11 @@ class TritonPythonModel:
                                         f"({dali_reason(e)})"))
         return results
 
-    def execute(self, requests):
-        # Gather every image of every request, with a reason for those rejected up front.
-        per_request, good = [], []
-        for request in requests:
-            tensor = pb_utils.get_input_tensor_by_name(request, self.in_name)
-            rows = tensor.as_numpy()
+    def decode(self, per_request: list) -> list:
+        """Per request (an array of rows, or one row): its pixels (N, C, H, W) float32, or a Rejected naming
+        each bad image by its index. Raises on a failure that is not the images' fault."""
+        slots_per_request, good = [], []
+        for rows in per_request:  # gather every image of every request, refusing bad ones up front
             rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
             slots = []
             for row in rows:
@@ -206,24 +206,38 @@ class TritonPythonModel:
                     slots.append(len(good) - 1)
                 except Rejected as e:
                     slots.append(e)
-            per_request.append(slots)
-
-        try:
-            results = self._run_isolating(good) if good else []
-        except Exception as e:  # not the images' fault: every request of this batch fails, loudly
-            message = f"preprocess failed internally ({type(e).__name__}: {dali_reason(e)})"
-            self.logger.log_error(message)
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
-                    for _ in requests]
-
-        responses = []
-        for slots in per_request:
+            slots_per_request.append(slots)
+        results = self._run_isolating(good) if good else []
+        out = []
+        for slots in slots_per_request:
             resolved = [results[s] if isinstance(s, int) else s for s in slots]
             errors = [f"image {i} of {len(resolved)}: {r}" for i, r in enumerate(resolved) if isinstance(r, Rejected)]
-            if errors:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("; ".join(errors), pb_utils.TritonError.INVALID_ARG)))
-            else:
-                pixels = np.stack(resolved).astype(self.out_dtype, copy=False)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.out_name, pixels)]))
-        return responses
+            out.append(Rejected("; ".join(errors)) if errors else np.stack(resolved))
+        return out
+
+
+def internal_error(stage: str, err: Exception):
+    """Not the images' fault: every request of the batch fails with this, and it is logged."""
+    message = f"{stage} failed internally ({type(err).__name__}: {dali_reason(err)})"
+    pb_utils.Logger.log_error(message)
+    return pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.stage = Preprocessor.from_config(config, Path(args["model_repository"]) / args["model_version"])
+        out = config["output"][0]  # tensor names come from the rendered config
+        self.out_name, self.out_dtype = out["name"], pb_utils.triton_string_to_numpy(out["data_type"])
+
+    def execute(self, requests):
+        try:
+            decoded = self.stage.decode([pb_utils.get_input_tensor_by_name(r, self.stage.in_name).as_numpy()
+                                         for r in requests])
+        except Exception as e:
+            error = internal_error("preprocess", e)
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(d), pb_utils.TritonError.INVALID_ARG))
+                if isinstance(d, Rejected) else
+                pb_utils.InferenceResponse([pb_utils.Tensor(self.out_name, d.astype(self.out_dtype, copy=False))])
+                for d in decoded]
