@@ -42,7 +42,7 @@ def run_prune(data, ckpt, out, *flags):
 def pruned(digits, tmp_path_factory):
     data, ckpt = digits
     out = tmp_path_factory.mktemp("pruned")
-    return run_prune(data, ckpt, out, "--target-flops", "0.5", "--epochs", "4"), out
+    return run_prune(data, ckpt, out, "--target-flops", "0.5", "--epochs", "6"), out
 
 
 def test_pruning_halves_the_flops_and_distillation_recovers_the_accuracy(digits, pruned):
