@@ -105,7 +105,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: peers compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -129,6 +129,14 @@ $(VENV)/.installed: requirements.txt requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.txt
+	touch $@
+
+# the peer servers `make compare` and `make report` measure beside Triton, each in its own virtualenv
+# (their pins clash with the project's): perf/peers/
+peers: .venv-ray/.installed .venv-bentoml/.installed
+.venv-%/.installed: requirements-%.txt
+	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet --disable-pip-version-check -r $<
 	touch $@
 
 data: venv
@@ -251,9 +259,11 @@ COMPARE_ROUNDS ?= 3
 COMPARE_SECONDS ?= 10
 COMPARE_CONNECTIONS ?= 16
 COMPARE_LAYOUTS ?= postprocess
-compare: artifacts
+COMPARE_PEERS ?= ray,bentoml
+compare: artifacts $(if $(COMPARE_PEERS),peers)
 	$(PY) -m perf.fair --repo $(REPO) --ckpt $(CKPT) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) \
-	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --layouts "$(COMPARE_LAYOUTS)"
+	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --layouts "$(COMPARE_LAYOUTS)" \
+	  --peers "$(COMPARE_PEERS)"
 
 tune: artifacts
 	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)
@@ -264,7 +274,7 @@ report: artifacts
 benchmark-data: venv
 	$(PY) -m perf.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")
 
-test: venv
+test: venv peers
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 clean:

@@ -55,15 +55,16 @@ invoke_autoserialize(head_module, sys.argv[2])
 
 @dataclass(frozen=True)
 class RepoSettings:
-    # Defaults measured here (2 cores, wrk at 16 connections, `make compare`): two instances of one thread
-    # each keep both cores busy without oversubscribing them, and a short batching delay lets the two
-    # instances take turns instead of moving all requests as one convoy. A single instance also meets a
-    # Triton 2.51 race (README, "Throughput"): its batcher can miss the instance's release and sleep 500 ms.
+    # Defaults measured here (2 cores, wrk at 16 connections, `make compare`): instances of one thread
+    # each keep both cores busy without oversubscribing them, and a short batching delay lets them take
+    # turns instead of moving all requests as one convoy. Triton 2.51's batcher can miss an instance's
+    # release while all are busy and sleep 500 ms (README, "Throughput"): with two fused instances that
+    # hit 3 of 6 rounds of 15 s, with three none of 6, for 4% less throughput.
     max_batch_size: int = 32
     queue_delay_us: int = 200           # dynamic batcher: how long to wait to fill a batch
     preferred_batch_sizes: tuple[int, ...] = ()  # dynamic batcher: sizes to form without waiting longer
     preprocess_instances: int = 2
-    classifier_instances: int = 2       # fused layout: instances of its one model
+    classifier_instances: int = 3       # fused layout: instances of its one model
     dali_threads: int = 1
     intra_op_threads: int = 1           # ONNX Runtime threads per classifier instance (0 = one per core)
     top_k: int = 5

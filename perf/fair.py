@@ -6,7 +6,8 @@ perf_analyzer speaks only Triton's protocols and locust is itself CPU-bound on 2
 compare Triton with other servers fairly. wrk (C, event loop; Debian's package) drives any HTTP server:
 perf/wrk/post_bodies.lua POSTs pre-built bodies in turn, the same JPEGs for every server, one image per
 request (each server batches on its own side), as a KServe v2 binary-tensor request for Triton and as
-raw bytes for the baseline. Each round measures every server once, in an order rotated from round to
+raw bytes for the baseline and Ray Serve, as a multipart file upload for BentoML (how their
+clients send a file). Each round measures every server once, in an order rotated from round to
 round, after one untimed warm-up each; a server's figure is the median over the rounds with the range
 beside it, and the ratios are taken within each round. The generator's own CPU (its user + system
 time over the run, from getrusage) is reported, since it shares the cores with the servers.
@@ -45,7 +46,8 @@ class Target:
     name: str
     url: str      # http://host:port
     path: str     # what to POST to
-    kind: str     # "kserve": a KServe v2 binary-tensor request; "raw": the encoded image as the body
+    kind: str     # "kserve": a KServe v2 binary-tensor request; "raw": the encoded image as the body;
+                  # "multipart": the image as the form file field "images"
 
 
 def wrk_binary() -> str:
@@ -55,19 +57,36 @@ def wrk_binary() -> str:
     return exe
 
 
+MULTIPART_BOUNDARY = "fair-harness-boundary-7d1c"
+
+
+def request_body(blob: bytes, kind: str) -> tuple[bytes, dict[str, str]]:
+    """The body and headers that send one encoded image as ``kind``."""
+    if kind == "kserve":
+        body, headers = kserve_request([(P.IMAGE, "UINT8", [1, len(blob)], blob)])
+        return body, {"Content-Type": "application/octet-stream", **headers}
+    if kind == "raw":
+        return blob, {"Content-Type": "application/octet-stream"}
+    if kind == "multipart":
+        head = (f"--{MULTIPART_BOUNDARY}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"image.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode()
+        return head + blob + f"\r\n--{MULTIPART_BOUNDARY}--\r\n".encode(), \
+            {"Content-Type": f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"}
+    raise ValueError(f"kind must be 'kserve', 'raw' or 'multipart', got {kind!r}")
+
+
 def write_bodies(images: list[bytes], kind: str, out: Path) -> int:
-    """One request body per image into ``out`` (and its header length for KServe); how many."""
+    """One request body per image into ``out``, with its headers beside it; how many."""
     out.mkdir(parents=True, exist_ok=True)
     for i, blob in enumerate(images):
-        if kind == "kserve":
-            body, headers = kserve_request([(P.IMAGE, "UINT8", [1, len(blob)], blob)])
-            (out / f"{i:05d}.hdr").write_text(headers["Inference-Header-Content-Length"] + "\n")
-        elif kind == "raw":
-            body = blob
-        else:
-            raise ValueError(f"kind must be 'kserve' or 'raw', got {kind!r}")
+        body, headers = request_body(blob, kind)
+        (out / f"{i:05d}.hdr").write_text("".join(f"{k}: {v}\n" for k, v in headers.items()))
         (out / f"{i:05d}.bin").write_bytes(body)
     return len(images)
+
+
+def read_headers(path: Path) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in path.read_text().splitlines() if ": " in line)
 
 
 def check_bodies(target: Target, bodies: Path, count: int) -> None:
@@ -76,10 +95,8 @@ def check_bodies(target: Target, bodies: Path, count: int) -> None:
     import urllib.request
 
     for i in range(count):
-        headers = {"Content-Type": "application/octet-stream"}
-        if (bodies / f"{i:05d}.hdr").exists():
-            headers["Inference-Header-Content-Length"] = (bodies / f"{i:05d}.hdr").read_text().strip()
-        req = urllib.request.Request(target.url + target.path, (bodies / f"{i:05d}.bin").read_bytes(), headers)
+        req = urllib.request.Request(target.url + target.path, (bodies / f"{i:05d}.bin").read_bytes(),
+                                     read_headers(bodies / f"{i:05d}.hdr"))
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 r.read()
@@ -174,10 +191,41 @@ def plot(r: dict, path: Path) -> Path:
     return path
 
 
+TARGETS = {"baseline": 6.0, "peer": 1.5, "ceiling": 0.8}  # Triton's throughput over each, at least
+PEER_NAMES = ("ray serve", "bentoml")
+
+
+def verdicts(r: dict) -> list[str]:
+    """Each target met or missed, by how much, from the medians of the per-round ratios and the p99s."""
+    first, s, ratios = r["targets"][0]["name"], r["summary"], r["throughput_ratios"]
+    out = []
+
+    def check(what: str, other: str, target: float, p99: bool) -> None:
+        ratio = ratios[f"{first} / {other}"]["median"]
+        line = f"{first} / {what}: {ratio:.2f}× (target ≥ {target:g}×: " + \
+            ("met" if ratio >= target else f"missed by {100 * (1 - ratio / target):.0f}%") + ")"
+        if p99:
+            mine, theirs = s[first]["p99_ms"]["median"], s[other]["p99_ms"]["median"]
+            line += f"; p99 {mine:g} ms vs {theirs:g} ms ({'lower' if mine < theirs else 'NOT lower'})"
+        out.append(line)
+
+    if "baseline" in s:
+        check("baseline", "baseline", TARGETS["baseline"], True)
+    peers = [n for n in PEER_NAMES if n in s]
+    if peers:
+        best = max(peers, key=lambda n: s[n]["images_per_s"]["median"])
+        check(f"best peer ({best})", best, TARGETS["peer"], True)
+    if "in-process ceiling" in s:
+        check("in-process ceiling", "in-process ceiling", TARGETS["ceiling"], False)
+    return out
+
+
 def render_markdown(r: dict) -> str:
+    forms = ", ".join(f"{t['name']} {t['kind']}" for t in r["targets"])
     lines = ["# Side by side, one load generator", "",
              f"Measured {r.get('when', '')} with {r['generator']} ({r['threads']} threads, {r['connections']} connections, "
-             f"the same {r['images']} JPEGs, one image per request), {r['rounds']} rounds of {r['seconds']:g} s, every "
+             f"the same {r['images']} JPEGs, one image per request, each in its server's own form: {forms}), "
+             f"{r['rounds']} rounds of {r['seconds']:g} s, every "
              "server once per round in a rotated order, after an untimed warm-up. Median over the rounds, range in brackets. "
              "The generator runs on the same 2 cores as the servers; its CPU is shown.", "",
              "| server | images/s | p50 (ms) | p99 (ms) | errors | generator CPU (cores) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -191,6 +239,7 @@ def render_markdown(r: dict) -> str:
                      f"{fmt(s['generator_cores'])} |")
     lines += ["", "Throughput ratios, taken within each round:", ""]
     lines += [f"- {k}: {fmt(v)}" for k, v in r["throughput_ratios"].items()]
+    lines += ["", "Targets (issue 12), at this concurrency:", ""] + [f"- {v}" for v in verdicts(r)]
     lines += ["", "![compare](compare.png)", ""]
     return "\n".join(lines)
 
@@ -205,6 +254,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--layouts", default="", help="comma-separated other embedded layouts to measure beside the "
                    "repository's own (fused, postprocess, classification); '' = none")
+    p.add_argument("--peers", default="ray,bentoml", help="comma-separated peer servers to measure (ray, bentoml; "
+                   "`make peers` installs them); '' = none")
     p.add_argument("--baseline-port", type=int, default=0, help="0: a free port")
     p.add_argument("--out", type=Path, default=REPORTS / "compare")
     return p
@@ -214,6 +265,7 @@ def main(a: argparse.Namespace) -> dict:
     from build.publish import served_onnx
     from build.render_repo import LAYOUTS, read_manifest, render, settings_from_manifest
     from perf import ceiling
+    from perf.peers import launch
     from perf.report import start_baseline
     from serve.server import TritonServer, free_ports
 
@@ -222,6 +274,11 @@ def main(a: argparse.Namespace) -> dict:
     layouts = [x for x in a.layouts.split(",") if x and x != manifest["layout"]]
     if unknown := set(layouts) - set(LAYOUTS):
         raise SystemExit(f"error: unknown layout(s) {sorted(unknown)}; choose from {LAYOUTS}")
+    peers = [x for x in a.peers.split(",") if x]
+    if unknown := set(peers) - set(launch.PEERS):
+        raise SystemExit(f"error: unknown peer(s) {sorted(unknown)}; choose from {sorted(launch.PEERS)}")
+    for name in peers:
+        launch.python_of(launch.PEERS[name])  # installed? (before anything starts)
     images = [b for _, b in sample_images(a.images, 64)]
     port = a.baseline_port or free_ports(1)[0]
     baseline = start_baseline(str(a.ckpt), port, a.out / "baseline.log")
@@ -235,6 +292,11 @@ def main(a: argparse.Namespace) -> dict:
                 render(served_onnx(a.repo), tmp, settings_from_manifest(manifest), layout=layout)
                 other = stack.enter_context(TritonServer(tmp, None, log_file=a.out / f"tritonserver-{layout}.log"))
                 targets.append(Target(f"triton ({layout})", f"http://{other.http_url}", path, "kserve"))
+            spec = launch.write_spec(a.repo, a.out / "peer_spec.json")
+            for name in peers:  # the same ONNX file, preprocessing and batching settings
+                peer = launch.PEERS[name]
+                url = stack.enter_context(launch.running(peer, spec, free_ports(1)[0], a.out / f"{name}.log", images[0]))
+                targets.append(Target(peer.name, url, peer.path, peer.kind))
             targets.append(Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw"))
             # the served model itself, at the batch size where this process does best (chosen once, untimed)
             onnx = served_onnx(a.repo)

@@ -1,8 +1,8 @@
 -- wrk script (perf/fair.py): POST pre-built request bodies in turn, then print the figures as one JSON line.
 --   wrk -s post_bodies.lua <url> -- <dir> <count> <path>
--- <dir>/NNNNN.bin is a body; <dir>/NNNNN.hdr, when present, the value of Inference-Header-Content-Length
--- (a KServe v2 binary-tensor request: JSON header, then the raw bytes).
-local bodies, header_lengths, path, i = {}, {}, "/", 0
+-- <dir>/NNNNN.bin is a body; <dir>/NNNNN.hdr its request headers, one "Name: value" per line (the
+-- Content-Type, and for a KServe v2 binary-tensor request its Inference-Header-Content-Length).
+local bodies, headers, path, i = {}, {}, "/", 0
 
 function init(args)
   local dir, count = args[1], tonumber(args[2])
@@ -11,21 +11,19 @@ function init(args)
     local f = assert(io.open(string.format("%s/%05d.bin", dir, k - 1), "rb"))
     bodies[k] = f:read("*a")
     f:close()
-    local h = io.open(string.format("%s/%05d.hdr", dir, k - 1), "r")
-    if h then
-      header_lengths[k] = h:read("*l")
-      h:close()
+    headers[k] = {}
+    local h = assert(io.open(string.format("%s/%05d.hdr", dir, k - 1), "r"))
+    for line in h:lines() do
+      local name, value = line:match("^([^:]+):%s*(.*)$")
+      if name then headers[k][name] = value end
     end
+    h:close()
   end
 end
 
 function request()
   i = i % #bodies + 1
-  local headers = { ["Content-Type"] = "application/octet-stream" }
-  if header_lengths[i] then
-    headers["Inference-Header-Content-Length"] = header_lengths[i]
-  end
-  return wrk.format("POST", path, headers, bodies[i])
+  return wrk.format("POST", path, headers[i], bodies[i])
 end
 
 function done(summary, latency, requests)
