@@ -120,7 +120,8 @@ help:
 
 # Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d; wrk is the one load
 # generator that measures every HTTP server side by side (make compare)
-APT_PACKAGES := libb64-0d wrk
+# chromium: the report's page is checked in a real headless browser (perf/report/browser.py)
+APT_PACKAGES := libb64-0d wrk chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 venv: $(VENV)/.installed
@@ -265,11 +266,16 @@ compare: artifacts $(if $(COMPARE_PEERS),peers)
 	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --layouts "$(COMPARE_LAYOUTS)" \
 	  --peers "$(COMPARE_PEERS)"
 
+TUNE_ROUNDS ?= 3
 tune: artifacts
-	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)
+	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS) --rounds $(TUNE_ROUNDS)
 
-report: artifacts
-	$(PY) -m perf.report --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) --users $(USERS) --duration $(DURATION)
+# everything in one run: ceiling, perf_analyzer, locust, and every server side by side under wrk (the
+# COMPARE_* variables); the page is then checked in headless Chromium (a screenshot, report.png, beside it)
+report: artifacts $(if $(COMPARE_PEERS),peers)
+	$(PY) -m perf.report --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) --users $(USERS) --duration $(DURATION) \
+	  --layouts "$(COMPARE_LAYOUTS)" --peers "$(COMPARE_PEERS)" --compare-rounds $(COMPARE_ROUNDS) \
+	  --compare-seconds $(COMPARE_SECONDS)
 
 benchmark-data: venv
 	$(PY) -m perf.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")

@@ -220,9 +220,10 @@ def verdicts(r: dict) -> list[str]:
     return out
 
 
-def render_markdown(r: dict) -> str:
+def render_markdown(r: dict, heading: str = "#", image: str | None = "compare.png") -> str:
+    """The comparison as Markdown: ``heading`` its level, ``image`` the plot's file (None: not shown)."""
     forms = ", ".join(f"{t['name']} {t['kind']}" for t in r["targets"])
-    lines = ["# Side by side, one load generator", "",
+    lines = [f"{heading} Side by side, one load generator", "",
              f"Measured {r.get('when', '')} with {r['generator']} ({r['threads']} threads, {r['connections']} connections, "
              f"the same {r['images']} JPEGs, one image per request, each in its server's own form: {forms}), "
              f"{r['rounds']} rounds of {r['seconds']:g} s, every "
@@ -240,7 +241,7 @@ def render_markdown(r: dict) -> str:
     lines += ["", "Throughput ratios, taken within each round:", ""]
     lines += [f"- {k}: {fmt(v)}" for k, v in r["throughput_ratios"].items()]
     lines += ["", "Targets (issue 12), at this concurrency:", ""] + [f"- {v}" for v in verdicts(r)]
-    lines += ["", "![compare](compare.png)", ""]
+    lines += ["", f"![compare]({image})", ""] if image else [""]
     return "\n".join(lines)
 
 
@@ -261,7 +262,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(a: argparse.Namespace) -> dict:
+def side_by_side(repo: Path, ckpt: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: int = 10,
+                 connections: int = 16, layouts: tuple[str, ...] = (), peers: tuple[str, ...] = (),
+                 baseline_port: int = 0) -> dict:
+    """Serve ``repo`` (and the same model in ``layouts``), start ``peers`` and the baseline (on ``ckpt``), and
+    measure them all with :func:`compare`, the in-process ceiling at each round's start. Logs go to ``out``."""
     from build.publish import served_onnx
     from build.render_repo import LAYOUTS, read_manifest, render, settings_from_manifest
     from perf import ceiling
@@ -269,41 +274,40 @@ def main(a: argparse.Namespace) -> dict:
     from perf.report import start_baseline
     from serve.server import TritonServer, free_ports
 
-    a.out.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(a.repo)
-    layouts = [x for x in a.layouts.split(",") if x and x != manifest["layout"]]
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(repo)
+    layouts = tuple(x for x in layouts if x != manifest["layout"])
     if unknown := set(layouts) - set(LAYOUTS):
-        raise SystemExit(f"error: unknown layout(s) {sorted(unknown)}; choose from {LAYOUTS}")
-    peers = [x for x in a.peers.split(",") if x]
+        raise ValueError(f"unknown layout(s) {sorted(unknown)}; choose from {LAYOUTS}")
     if unknown := set(peers) - set(launch.PEERS):
-        raise SystemExit(f"error: unknown peer(s) {sorted(unknown)}; choose from {sorted(launch.PEERS)}")
+        raise ValueError(f"unknown peer(s) {sorted(unknown)}; choose from {sorted(launch.PEERS)}")
     for name in peers:
         launch.python_of(launch.PEERS[name])  # installed? (before anything starts)
-    images = [b for _, b in sample_images(a.images, 64)]
-    port = a.baseline_port or free_ports(1)[0]
-    baseline = start_baseline(str(a.ckpt), port, a.out / "baseline.log")
+    images = [b for _, b in sample_images(image_dir, 64)]
+    onnx = served_onnx(repo)
+    port = baseline_port or free_ports(1)[0]
+    baseline = start_baseline(str(ckpt), port, out / "baseline.log")
     try:
         with contextlib.ExitStack() as stack:
-            server = stack.enter_context(TritonServer(a.repo, None, log_file=a.out / "tritonserver.log"))
+            server = stack.enter_context(TritonServer(repo, None, log_file=out / "tritonserver.log"))
             path = f"/v2/models/{P.ENSEMBLE}/infer"
             targets = [Target(f"triton ({manifest['layout']})", f"http://{server.http_url}", path, "kserve")]
             for layout in layouts:  # the same model and settings, another layout, its own server
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"compare-{layout}-")))
-                render(served_onnx(a.repo), tmp, settings_from_manifest(manifest), layout=layout)
-                other = stack.enter_context(TritonServer(tmp, None, log_file=a.out / f"tritonserver-{layout}.log"))
+                render(onnx, tmp, settings_from_manifest(manifest), layout=layout)
+                other = stack.enter_context(TritonServer(tmp, None, log_file=out / f"tritonserver-{layout}.log"))
                 targets.append(Target(f"triton ({layout})", f"http://{other.http_url}", path, "kserve"))
-            spec = launch.write_spec(a.repo, a.out / "peer_spec.json")
+            spec = launch.write_spec(repo, out / "peer_spec.json")
             for name in peers:  # the same ONNX file, preprocessing and batching settings
                 peer = launch.PEERS[name]
-                url = stack.enter_context(launch.running(peer, spec, free_ports(1)[0], a.out / f"{name}.log", images[0]))
+                url = stack.enter_context(launch.running(peer, spec, free_ports(1)[0], out / f"{name}.log", images[0]))
                 targets.append(Target(peer.name, url, peer.path, peer.kind))
             targets.append(Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw"))
             # the served model itself, at the batch size where this process does best (chosen once, untimed)
-            onnx = served_onnx(a.repo)
-            best = ceiling.measure(onnx, a.images, min_time=1.0, stages=False)["best_batch"]
-            per_round = lambda: ceiling.measure(onnx, a.images, batches=(best,), min_time=a.seconds, stages=False)[
+            best = ceiling.measure(onnx, image_dir, min_time=1.0, stages=False)["best_batch"]
+            per_round = lambda: ceiling.measure(onnx, image_dir, batches=(best,), min_time=seconds, stages=False)[
                 "ceiling_images_per_s"]
-            r = compare(targets, images, a.rounds, a.seconds, a.connections, ceiling=per_round)
+            r = compare(targets, images, rounds, seconds, connections, ceiling=per_round)
     finally:
         baseline.terminate()
         try:
@@ -311,7 +315,17 @@ def main(a: argparse.Namespace) -> dict:
         except subprocess.TimeoutExpired:
             baseline.kill()
             baseline.wait()
-    r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(a.repo), ceiling_batch=best, settings=manifest["settings"])
+    r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(repo), ceiling_batch=best, settings=manifest["settings"])
+    return r
+
+
+def main(a: argparse.Namespace) -> dict:
+    split = lambda text: tuple(x for x in text.split(",") if x)
+    try:
+        r = side_by_side(a.repo, a.ckpt, a.images, a.out, a.rounds, a.seconds, a.connections, split(a.layouts),
+                         split(a.peers), a.baseline_port)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     plot(r, a.out / "compare.png")
     (a.out / "report.json").write_text(json.dumps(r, indent=2))
     (a.out / "report.md").write_text(render_markdown(r))

@@ -1,9 +1,11 @@
 """Batching auto-tuning: the project's own light Model Analyzer.
 
 Sweeps max_queue_delay, preferred batch sizes and instance counts; for each configuration renders a
-repository, starts the real server, measures it with perf_analyzer at a fixed concurrency, and keeps
-the configuration with the highest throughput whose p99 latency is within the budget. The winner is
-written back to the model repository (re-rendered with those settings) and the sweep to JSON.
+repository, starts the real server and measures it with perf_analyzer at a fixed concurrency, in
+``rounds`` rounds with the order rotated each round, so that one noisy 2-second point cannot pick the
+winner: configurations are ranked by their median throughput, with their p99 medians held to the
+budget, and each one's spread is kept. The winner is written back to the model repository
+(re-rendered with those settings) and the sweep to JSON.
 
     python -m perf.tune --onnx artifacts/model.onnx --repo model_repository --p99-budget-ms 50
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -41,7 +44,7 @@ def configurations(base: RepoSettings, grid: dict) -> list[RepoSettings]:
 
 
 def choose(results: list[dict], p99_budget_ms: float) -> tuple[dict, bool]:
-    """Best throughput within the budget; if nothing meets it, the lowest p99 (and False)."""
+    """Best (median) throughput within the budget; if nothing meets it, the lowest p99 (and False)."""
     within = [r for r in results if r["p99_ms"] <= p99_budget_ms]
     if within:
         return max(within, key=lambda r: r["throughput"]), True
@@ -50,23 +53,34 @@ def choose(results: list[dict], p99_budget_ms: float) -> tuple[dict, bool]:
 
 def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSettings(), grid: dict = DEFAULT_GRID,
          concurrency: int = 16, p99_budget_ms: float = 50.0, protocol: str = "grpc", interval_ms: int = 2000,
-         apply_to: Path | None = None, request_count: int = 0, layout: str | None = None) -> dict:
+         apply_to: Path | None = None, request_count: int = 0, layout: str | None = None, rounds: int = 3) -> dict:
     """``request_count`` > 0: each configuration measured on exactly that many requests (no stabilization).
-    ``layout``: the embedded repository's layout, measured and written back as it is (None: the default)."""
+    ``layout``: the embedded repository's layout, measured and written back as it is (None: the default).
+    ``rounds``: every configuration measured that many times, the order rotated each round."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     out_dir.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data([b for _, b in sample_images(images)], out_dir / "perf_analyzer_input.json")
-    results = []
-    for i, settings in enumerate(configurations(base, grid)):
-        point, _ = measure_rendered(onnx, settings, protocol, concurrency, input_json, out_dir / f"config_{i:02d}",
-                                    interval_ms, request_count, layout)
-        row = {"settings": asdict(settings), "throughput": point.throughput, "p50_ms": point.latency_ms(50),
-               "p99_ms": point.latency_ms(99), "server": point.server, "usage": point.usage}
-        results.append(row)
-        print(f"[{i + 1}] delay {settings.queue_delay_us}us preferred {list(settings.preferred_batch_sizes)} "
-              f"instances pre/cls {settings.preprocess_instances}/{settings.classifier_instances}: "
-              f"{row['throughput']:.0f} img/s, p99 {row['p99_ms']:.1f} ms")
+    configs = configurations(base, grid)
+    points: list[list[dict]] = [[] for _ in configs]
+    for r in range(rounds):
+        order = [(i + r) % len(configs) for i in range(len(configs))]
+        for i in order:
+            settings = configs[i]
+            point, _ = measure_rendered(onnx, settings, protocol, concurrency, input_json,
+                                        out_dir / f"config_{i:02d}" / f"round_{r + 1}", interval_ms, request_count, layout)
+            points[i].append({"throughput": point.throughput, "p50_ms": point.latency_ms(50),
+                              "p99_ms": point.latency_ms(99), "server": point.server, "usage": point.usage})
+            print(f"[round {r + 1}, config {i + 1}] delay {settings.queue_delay_us}us preferred "
+                  f"{list(settings.preferred_batch_sizes)} instances pre/cls {settings.preprocess_instances}/"
+                  f"{settings.classifier_instances}: {point.throughput:.0f} img/s, p99 {point.latency_ms(99):.1f} ms")
+    median = lambda xs: float(statistics.median(xs))
+    results = [{"settings": asdict(settings), "throughput": median([p["throughput"] for p in ps]),
+                "throughput_range": [min(p["throughput"] for p in ps), max(p["throughput"] for p in ps)],
+                "p50_ms": median([p["p50_ms"] for p in ps]), "p99_ms": median([p["p99_ms"] for p in ps]),
+                "rounds": ps} for settings, ps in zip(configs, points)]
     best, met = choose(results, p99_budget_ms)
-    summary = {"concurrency": concurrency, "protocol": protocol, "p99_budget_ms": p99_budget_ms,
+    summary = {"concurrency": concurrency, "protocol": protocol, "p99_budget_ms": p99_budget_ms, "rounds": rounds,
                "budget_met": met, "best": best, "results": results}
     (out_dir / "tuning.json").write_text(json.dumps(summary, indent=2))
     print(f"best within p99 {p99_budget_ms} ms: {best['throughput']:.0f} img/s, p99 {best['p99_ms']:.1f} ms, "
@@ -87,6 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--p99-budget-ms", type=float, default=50.0)
     p.add_argument("--protocol", choices=("http", "grpc"), default="grpc")
     p.add_argument("--interval-ms", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=3, help="measurements per configuration, in rotated order")
     p.add_argument("--no-apply", action="store_true", help="only report, do not write back")
     return p
 
@@ -106,7 +121,7 @@ def main(args: argparse.Namespace) -> dict:
     return tune(rendered_onnx(args.repo), args.images, args.out, settings_from_manifest(manifest),
                 default_grid(manifest.get("layout")),
                 args.concurrency, args.p99_budget_ms, args.protocol, args.interval_ms,
-                None if args.no_apply else args.repo, layout=manifest.get("layout"))
+                None if args.no_apply else args.repo, layout=manifest.get("layout"), rounds=args.rounds)
 
 
 if __name__ == "__main__":

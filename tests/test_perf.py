@@ -108,8 +108,13 @@ def test_tuner_chooses_within_budget_and_writes_back(onnx_model, tiny_data, tmp_
     summary = tune.tune(onnx_model, tiny_data / "val", tmp_path / "tuning", RepoSettings(max_batch_size=MAX_BATCH),
                         grid, concurrency=2, p99_budget_ms=10_000, interval_ms=500, apply_to=target,
                         request_count=60,  # fixed counts: a busy machine cannot fail to stabilize
-                        layout="classification")  # measured and written back in the repository's own layout
+                        layout="classification",  # measured and written back in the repository's own layout
+                        rounds=2)
     assert len(summary["results"]) == 2 and summary["budget_met"]
+    for x in summary["results"]:  # ranked by the median of its rounds, each round kept
+        assert len(x["rounds"]) == 2
+        assert x["throughput"] == pytest.approx(float(np.median([p["throughput"] for p in x["rounds"]])))
+        assert x["throughput_range"] == [min(p["throughput"] for p in x["rounds"]), max(p["throughput"] for p in x["rounds"])]
     assert read_manifest(target)["layout"] == "classification"
     assert summary["best"]["throughput"] == max(r["throughput"] for r in summary["results"])
     assert read_manifest(target)["settings"]["queue_delay_us"] == summary["best"]["settings"]["queue_delay_us"]
@@ -124,19 +129,25 @@ def test_tuner_choice_rule():
 
 def test_report_quick(repo, tiny_data, tmp_path):
     profile = replace(report.QUICK, concurrency=(1, 2), locust_users=2, locust_seconds=2, request_count=60)
-    out = report.run(repo, tiny_data / "val", tmp_path, profile)
+    out = report.run(repo, tiny_data / "val", tmp_path, profile)  # checks the page in headless Chromium too
     md = (out / "report.md").read_text()
-    head = md.splitlines()[:6]
+    head = md.splitlines()[:8]
     assert any("Triton vs naive baseline" in ln and "×" in ln for ln in head)
     assert any("Triton vs in-process ceiling" in ln and "×" in ln for ln in head)
     results = json.loads((out / "results.json").read_text())
     h = results["headline"]
     assert h["triton_rps"] > 0 and h["baseline_rps"] > 0
     assert f"{h['baseline_ratio']:.2f}×" in md and f"{h['ceiling_ratio']:.2f}×" in md
-    for png in ("throughput_vs_concurrency.png", "latency_vs_concurrency.png", "triton_vs_baseline_vs_ceiling.png",
-                "dali_vs_pillow.png", "request_rate.png"):
+    pngs = ("throughput_vs_concurrency.png", "latency_vs_concurrency.png", "triton_vs_baseline_vs_ceiling.png",
+            "dali_vs_pillow.png", "request_rate.png", "compare.png")
+    page = (out / "report.html").read_text()
+    for png in pngs:
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
-        assert f'src="{png}"' in (out / "report.html").read_text()
+        assert f'src="{png}"' in page
+    # every server under one generator, with the targets checked, in the page's headline
+    assert any("Side by side (wrk" in ln and "best" not in ln and "baseline" in ln for ln in head)
+    assert set(results["compare"]["summary"]) == {"triton (fused)", "baseline", "in-process ceiling"}
+    assert "<table" in page and "## " not in page  # rendered by the Markdown library, not left as text
     assert len(list((out / "perf_analyzer").glob("*.csv"))) == 2 * 2 + 1  # 2 protocols x 2 concurrencies + 1 rate
     assert "## Server-side breakdown" in md.replace("### Server-side", "## Server-side") and "config.pbtxt" in md
 
@@ -202,3 +213,24 @@ def test_tuner_refuses_a_gpu_repository_and_leaves_it_alone(onnx_model, tiny_dat
     with pytest.raises(tune.TuneError, match="'gpu' target"):
         tune.main(args)
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in gpu.rglob("*") if p.is_file()} == before
+
+
+def test_browser_check_sees_a_figure_that_does_not_load(tmp_path):
+    """The report's page counts its figures in a real headless Chromium: a missing PNG is seen, and named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from perf.report.browser import check
+    from perf.report.render import to_html
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(tmp_path / "there.png")
+    plt.close(fig)
+    md = "# A page\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n![there](there.png)\n\n![gone](gone.png)\n"
+    (tmp_path / "page.html").write_text(to_html(md, "check"))
+    seen = check(tmp_path / "page.html", tmp_path / "page.png", height=800)
+    assert (seen["images"], seen["loaded"], seen["tables"]) == (2, 1, 1)
+    assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,101 @@
+"""One command, one load-testing report: `make report` -> perf/reports/<timestamp>/report.{html,md}.
+
+In one run on this machine: the in-process ceiling (and DALI vs Pillow preprocessing), the real
+Triton server under perf_analyzer (concurrency sweeps over HTTP and gRPC, a request-rate sweep) and
+under locust (HTTP and gRPC users), and the naive Flask + PyTorch baseline under the same locust
+load with the same JPEGs. Headline ratios come first; every figure is a measurement of this run.
+
+    python -m perf.report --repo model_repository --images data/synthetic/val [--quick]
+
+Split by what each step does: measure.py (run everything, one dict of figures), analysis.py (headline
+ratios and verdicts), plots.py (figures), render.py (Markdown, and HTML through a template).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from perf.common import REPORTS
+from perf.report.analysis import headline
+from perf.report.measure import FULL, QUICK, Profile, measure_all, start_baseline
+
+PARTS = Profile().parts
+from perf.report.plots import plots
+from perf.report.render import markdown, to_html
+
+__all__ = ["FULL", "QUICK", "Profile", "main", "run", "start_baseline"]
+
+
+def run(repo: Path, images: Path, out_root: Path = REPORTS, profile: Profile = FULL,
+        tuning_json: Path | None = None, browser: bool = True) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = out_root / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    r = measure_all(repo, images, out, profile)
+    r["timestamp"], r["out"] = stamp, str(out)
+    tuning = json.loads(tuning_json.read_text()) if tuning_json and tuning_json.exists() else None
+    h = headline(r)
+    r["headline"] = h
+    (out / "results.json").write_text(json.dumps(r, indent=2, default=str))
+    md = markdown(r, h, plots(r, out, tuning), tuning)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(to_html(md, f"Load-testing report {stamp}"))
+    print("\n".join(md.splitlines()[:8]))
+    print(f"\nwrote {out / 'report.html'} and {out / 'report.md'}")
+    if browser:  # seen, not assumed: the page in a real browser, its figures counted, a screenshot kept
+        from perf.report.browser import check
+
+        seen = check(out / "report.html", out / "report.png")
+        print(f"headless Chromium: {seen['loaded']} of {seen['images']} figures loaded, {seen['tables']} tables; "
+              f"screenshot {seen['screenshot']}")
+        if seen["loaded"] != seen["images"]:
+            raise RuntimeError(f"{out / 'report.html'}: only {seen['loaded']} of {seen['images']} figures loaded")
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Measure everything and write perf/reports/<timestamp>/report.{html,md}")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
+    p.add_argument("--out", type=Path, default=REPORTS)
+    p.add_argument("--tuning", type=Path, default=REPORTS / "tuning" / "tuning.json",
+                   help="include this batching sweep (written by `make tune`) if it exists")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke profile instead of the full sweep")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma list of ceiling (in-process), perf "
+                   "(perf_analyzer), loadtest (locust + baseline), compare (every server under wrk: perf/fair.py)")
+    p.add_argument("--layouts", help="compare: other layouts of the same model (default postprocess; '' none)")
+    p.add_argument("--peers", help="compare: peer servers (default ray,bentoml; '' none; `make peers` installs them)")
+    p.add_argument("--compare-rounds", type=int, help="compare: rounds (default 3)")
+    p.add_argument("--compare-seconds", type=int, help="compare: seconds per server and round (default 10)")
+    p.add_argument("--no-browser", action="store_true", help="do not check the page in headless Chromium")
+    p.add_argument("--concurrency", type=int, nargs="*", help="perf_analyzer concurrencies (default 1 2 4 8 16 32)")
+    p.add_argument("--users", type=int, help="locust users (default 16)")
+    p.add_argument("--duration", type=int, help="locust seconds per run (default 20)")
+    return p
+
+
+def main(a: argparse.Namespace) -> Path:
+    profile = QUICK if a.quick else FULL
+    parts = tuple(x.strip() for x in a.parts.split(",") if x.strip())
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"error: unknown --parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    overrides = {"parts": parts}
+    for flag, field in (("layouts", "compare_layouts"), ("peers", "compare_peers")):
+        if getattr(a, flag) is not None:
+            overrides[field] = tuple(x for x in getattr(a, flag).split(",") if x)
+    if a.compare_rounds:
+        overrides["compare_rounds"] = a.compare_rounds
+    if a.compare_seconds:
+        overrides["compare_seconds"] = a.compare_seconds
+    if a.concurrency:
+        overrides["concurrency"] = tuple(a.concurrency)
+    if a.users:
+        overrides["locust_users"] = a.users
+    if a.duration:
+        overrides["locust_seconds"] = a.duration
+    return run(a.repo, a.images, a.out, Profile(**{**asdict(profile), **overrides}), a.tuning, not a.no_browser)
