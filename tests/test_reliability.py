@@ -126,9 +126,12 @@ SMALL_QUEUE = 2
 
 @pytest.fixture(scope="module")
 def small_queue(onnx_model, tmp_path_factory):
-    """A server whose composing models queue at most SMALL_QUEUE requests: easy to overload on purpose."""
+    """A server whose models queue at most SMALL_QUEUE requests: easy to overload on purpose. One instance
+    per model, so the queue stays full while a flood lasts (with the default three, a request often finds
+    the slot just freed, and the client test below was never refused in one full run)."""
     repo = tmp_path_factory.mktemp("small_queue_repo")
-    render(onnx_model, repo, RepoSettings(max_batch_size=8, top_k=3, max_queue_size=SMALL_QUEUE))
+    render(onnx_model, repo, RepoSettings(max_batch_size=8, top_k=3, max_queue_size=SMALL_QUEUE, preprocess_instances=1,
+                                          classifier_instances=1))
     with TritonServer(repo, None, log_file=tmp_path_factory.mktemp("logs") / "small_queue.log") as s:
         yield s
 
