@@ -105,7 +105,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: peers compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -135,6 +135,8 @@ $(VENV)/.installed: requirements.txt requirements-data.txt
 # the peer servers `make compare` and `make report` measure beside Triton, each in its own virtualenv
 # (their pins clash with the project's): perf/peers/
 peers: .venv-ray/.installed .venv-bentoml/.installed
+# Triton Model Analyzer, also in its own virtualenv (perf/analyze.py)
+analyzer: .venv-analyzer/.installed
 .venv-%/.installed: requirements-%.txt
 	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/python -m pip install --quiet --disable-pip-version-check -r $<
@@ -266,6 +268,11 @@ compare: artifacts $(if $(COMPARE_PEERS),peers)
 	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --layouts "$(COMPARE_LAYOUTS)" \
 	  --peers "$(COMPARE_PEERS)"
 
+# Triton Model Analyzer's quick search (instances, max batch size, concurrency) on the fused model; the
+# winner within P99_BUDGET_MS is written back: perf/reports/analyze/
+analyze: artifacts analyzer
+	$(PY) -m perf.analyze --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)
+
 TUNE_ROUNDS ?= 3
 tune: artifacts
 	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS) --rounds $(TUNE_ROUNDS)
@@ -280,7 +287,7 @@ report: artifacts $(if $(COMPARE_PEERS),peers)
 benchmark-data: venv
 	$(PY) -m perf.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")
 
-test: venv peers
+test: venv peers analyzer
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 clean:
