@@ -374,7 +374,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings = RepoSettings(), 
             configs = fused_configs(spec, len(classes), settings)
         configs[onnx_model_name(layout)].parameters["onnx_sha256"].string_value = onnx_sha
         files = {Path(onnx_model_name(layout), "1", "model.onnx"): onnx_bytes}
-        python_models = {"postprocess": PYTHON_MODELS, "classification": (P.PREPROCESS, P.CLASSIFIER), "fused": ()}[layout]
+        python_models = () if layout == "fused" else LAYOUT_MODELS[layout]  # fused: its model.py is fused.py
     elif target == "gpu":
         from build.engine import BatchProfile
 

@@ -33,6 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build.render_repo import LAYOUT_MODELS, read_manifest, render, rendered_onnx, settings_from_manifest
 from clients import protocol as P
+from perf import tune
 from perf.common import PROJECT_ROOT, REPORTS, sample_images
 from perf.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
 from serve.server import TritonServer
@@ -128,10 +129,7 @@ def choose(rows: list[dict], p99_budget_ms: float, concurrency: tuple[int, int])
     Analyzer also measures the repository's own configuration at a concurrency of its choosing); if none
     meets the budget, the lowest p99 (and False)."""
     asked = [r for r in rows if concurrency[0] <= r["concurrency"] <= concurrency[1]] or rows
-    within = [r for r in asked if r["satisfies_constraints"] and r["p99_ms"] <= p99_budget_ms]
-    if within:
-        return max(within, key=lambda r: r["throughput"]), True
-    return min(asked, key=lambda r: r["p99_ms"]), False
+    return tune.choose(asked, p99_budget_ms, eligible=lambda r: r["satisfies_constraints"])
 
 
 def analyze(repo: Path, images: Path, out: Path, p99_budget_ms: float = 50.0, instances: tuple[int, int] = (1, 4),

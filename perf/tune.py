@@ -43,9 +43,10 @@ def configurations(base: RepoSettings, grid: dict) -> list[RepoSettings]:
             for q, pb, i in itertools.product(grid["queue_delay_us"], grid["preferred_batch_sizes"], grid["instances"])]
 
 
-def choose(results: list[dict], p99_budget_ms: float) -> tuple[dict, bool]:
-    """Best (median) throughput within the budget; if nothing meets it, the lowest p99 (and False)."""
-    within = [r for r in results if r["p99_ms"] <= p99_budget_ms]
+def choose(results: list[dict], p99_budget_ms: float, eligible=lambda r: True) -> tuple[dict, bool]:
+    """Best (median) throughput within the budget among the ``eligible`` results; if none meets it, the
+    lowest p99 of all (and False). Model Analyzer's winner is chosen by the same rule (perf/analyze.py)."""
+    within = [r for r in results if eligible(r) and r["p99_ms"] <= p99_budget_ms]
     if within:
         return max(within, key=lambda r: r["throughput"]), True
     return min(results, key=lambda r: r["p99_ms"]), False

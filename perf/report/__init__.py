@@ -22,10 +22,10 @@ from pathlib import Path
 from perf.common import REPORTS
 from perf.report.analysis import headline
 from perf.report.measure import FULL, QUICK, Profile, measure_all, start_baseline
-
-PARTS = Profile().parts
 from perf.report.plots import plots
 from perf.report.render import markdown, to_html
+
+PARTS = Profile().parts
 
 __all__ = ["FULL", "QUICK", "Profile", "main", "run", "start_baseline"]
 
