@@ -70,7 +70,7 @@ TOP_K       ?=
 # UNAVAILABLE at once (unset: 64 requests, 5000 ms; 0 = unbounded)
 MAX_QUEUE   ?=
 QUEUE_TIMEOUT_MS ?=
-# inputs refused before decoding (unset: 50 megapixels, 32 MiB; training/preprocess.py)
+# inputs refused before decoding (unset: 50 megapixels, 32 MiB; core/preprocess.py)
 MAX_IMAGE_PIXELS ?=
 MAX_IMAGE_BYTES ?=
 RESET_SETTINGS ?=

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from build.render_repo import add_settings_args, repo_settings
-from training.atomic_io import atomic_write_bytes
+from core.atomic_io import atomic_write_bytes
 
 RUN_IN_CONTAINER = ("run it in the NGC TensorRT/Triton container: `make -C docker engine PRECISION=...` "
                     "(see docker/README.md), on a machine with an NVIDIA GPU and the NVIDIA container toolkit")
@@ -45,7 +45,7 @@ class BatchProfile:
     max: int = 32
 
     @classmethod
-    def from_repo_settings(cls, max_batch_size: int, preferred: tuple[int, ...] = ()) -> "BatchProfile":
+    def from_repo_settings(cls, max_batch_size: int, preferred: tuple[int, ...] = ()) -> BatchProfile:
         """opt = the largest preferred batch size (what the dynamic batcher aims for), else half the max."""
         opt = max(preferred) if preferred else max(1, max_batch_size // 2)
         return cls(1, min(opt, max_batch_size), max_batch_size)
@@ -118,7 +118,7 @@ def server_tensorrt_version(backend: Path = SERVER_TRT_BACKEND) -> str:
     return f"{major}.{rest // 100}.{rest % 100}"
 
 
-def check_environment() -> tuple["object", str, str]:
+def check_environment() -> tuple[object, str, str]:
     """(tensorrt module, compute capability, GPU name), or EngineEnvironmentError saying what is missing."""
     gpu = gpu_compute_capability()
     try:
@@ -154,7 +154,7 @@ def check_plan(stamp_path: Path, tensorrt_version: str, compute_capability: str)
 
 def verify_repository(repo: Path, tensorrt_version: str, compute_capability: str) -> PlanStamp:
     """check_plan for the plan a GPU repository serves (run before tritonserver starts, e.g. in compose)."""
-    from clients.protocol import CLASSIFIER
+    from core.protocol import CLASSIFIER
 
     plan = Path(repo) / CLASSIFIER / "1" / "model.plan"
     if not plan.is_file():
@@ -223,7 +223,7 @@ class EngineBuilder:
         self.workspace_gib, self.timing_cache, self.sparse_weights = workspace_gib, timing_cache, sparse_weights
         self.trt = self.logger = self.builder = self.network = self.config = None
 
-    def check_environment(self, server_backend: Path = SERVER_TRT_BACKEND) -> "EngineBuilder":
+    def check_environment(self, server_backend: Path = SERVER_TRT_BACKEND) -> EngineBuilder:
         """GPU and TensorRT present; inside a Triton install, the bindings must be the server's TensorRT."""
         self.trt, self.cc, self.gpu_name = check_environment()
         if Path(server_backend).is_file():
@@ -235,7 +235,7 @@ class EngineBuilder:
         self.major = int(self.trt.__version__.split(".")[0])
         return self
 
-    def parse(self) -> "EngineBuilder":
+    def parse(self) -> EngineBuilder:
         """Parse the ONNX into a network; strongly typed on TensorRT >= 11 so precision comes from the ONNX."""
         trt = self.trt
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -249,7 +249,7 @@ class EngineBuilder:
             raise RuntimeError(f"TensorRT could not parse {self.onnx_path}: {errors}")
         return self
 
-    def configure(self) -> "EngineBuilder":
+    def configure(self) -> EngineBuilder:
         """Workspace limit, optimization profile over the batch dimension, timing cache, (TRT 10) flags."""
         trt = self.trt
         self.config = self.builder.create_builder_config()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -20,68 +20,27 @@ import numpy as np
 import onnx
 import torch
 
-from training.atomic_io import atomic_write_bytes
-from training.checkpoint import file_sha256, library_versions, load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from build.graph_cleanup import clean
+from core.atomic_io import atomic_write_bytes
+from core.metadata import (
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAME,
+    PROBABILITIES_NAME,
+    SCHEMA_VERSION,
+    file_sha256,
+    library_versions,
+)
+from core.preprocess import DaliPreprocessor
+from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from training.data import list_images
 from training.evaluate import logits_for_inputs
-from training.preprocess import DaliPreprocessor
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-# A second output, the softmax of the logits: a server answers top-k labels from it with Triton's
-# classification extension (label_filename + class_count), with no Python model on the request path
-PROBABILITIES_NAME = "probabilities"
-# The metadata contract's own key in the ONNX metadata_props ("platform" is a word Triton uses for
-# backends) and its version: a reader refuses any other version instead of misreading it.
-METADATA_KEY = "image_platform.metadata"
-SCHEMA_VERSION = 1
 OPSET = 18
 
 
 class ValidationError(RuntimeError):
     pass
-
-
-def read_metadata(model: onnx.ModelProto | Path) -> dict:
-    """The metadata contract embedded by :func:`export` (classes, preprocess, arch, provenance)."""
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in props:
-        old = " (it has the unversioned 'platform' metadata of an older export)" if "platform" in props else ""
-        raise ValueError(f"ONNX model has no '{METADATA_KEY}' metadata{old}: export it with `make onnx` "
-                         f"(build.export_onnx)")
-    meta = json.loads(props[METADATA_KEY])
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"ONNX metadata schema version {meta.get('schema_version')}, this code reads version "
-                         f"{SCHEMA_VERSION}: export it again with `make onnx`")
-    return meta
-
-
-def rebase_metadata(meta: dict, from_dir: Path, to_dir: Path) -> dict:
-    """A copy of ``meta`` for an artifact written to ``to_dir`` (paths in it are relative to the artifact)."""
-    m = json.loads(json.dumps(meta))
-    ckpt = Path(from_dir).resolve() / m["source"]["checkpoint"]
-    m["source"]["checkpoint"] = os.path.relpath(ckpt, Path(to_dir).resolve())
-    return m
-
-
-def source_checkpoint(onnx_path: Path, meta: dict | None = None) -> Path:
-    """The checkpoint an ONNX artifact was exported from: found relative to the artifact (so artifacts
-    move together, into a container or to another machine) and verified by its sha256, so a retrained
-    checkpoint is never taken as the reference for an older ONNX."""
-    meta = meta if meta is not None else read_metadata(onnx_path)
-    src = meta["source"]
-    path = Path(onnx_path).resolve().parent / src["checkpoint"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{onnx_path} was exported from {src['checkpoint']} (relative to the ONNX file), "
-                                f"which is not at {path}")
-    digest = file_sha256(path)
-    if digest != src["checkpoint_sha256"]:
-        raise ValueError(f"{path} is not the checkpoint {onnx_path} was exported from (sha256 {digest[:12]}..., "
-                         f"expected {src['checkpoint_sha256'][:12]}...): it was retrained or replaced; "
-                         f"export again with `make onnx`")
-    return path
 
 
 class LogitsAndProbabilities(torch.nn.Module):

@@ -26,15 +26,15 @@ import numpy as np
 
 from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment, check_plan
 from build.quantize import accuracy, latency
-from build.export_onnx import read_metadata, source_checkpoint
 from build.render_repo import add_settings_args, render, repo_settings
 from clients.client import ImageClassifierClient
+from core.atomic_io import atomic_write_bytes
+from core.metadata import read_metadata, source_checkpoint
+from core.preprocess import DALI_INPUT_NAME, DaliPreprocessor, PreprocessSpec, build_dali_pipeline
 from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
-from training.atomic_io import atomic_write_bytes
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_files, stream_logits
-from training.preprocess import DaliPreprocessor, PreprocessSpec, build_dali_pipeline, DALI_INPUT_NAME
 
 CONTAINER_TRITON = Path("/opt/tritonserver/bin/tritonserver")
 

@@ -32,16 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from build.export_onnx import read_metadata
 from build.quantize import Runner, onnx_runner
 from build.render_repo import MANIFEST, onnx_model_name, read_manifest
 from clients import admin
 from clients.client import error_message
-from training.atomic_io import atomic_write_bytes
-from training.checkpoint import file_sha256
+from core.atomic_io import atomic_write_bytes
+from core.metadata import file_sha256, read_metadata
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, stream_logits, topk_accuracy
-from training.preprocess import DaliPreprocessor, PreprocessSpec
 
 MODEL_FILE = "model.onnx"
 

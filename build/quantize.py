@@ -21,19 +21,19 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 
-from build.export_onnx import INPUT_NAME, METADATA_KEY, read_metadata, rebase_metadata, source_checkpoint
-from training.atomic_io import atomic_write_bytes
+from core.atomic_io import atomic_write_bytes
+from core.metadata import INPUT_NAME, METADATA_KEY, read_metadata, rebase_metadata, source_checkpoint
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
-from training.preprocess import DaliPreprocessor, PreprocessSpec
 
 ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx",
                   "int8_ort": "model_int8_ort.onnx"}
@@ -123,8 +123,13 @@ def to_int8_modelopt(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.Mo
 
 
 def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     class Reader(CalibrationDataReader):

@@ -25,11 +25,10 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build.export_onnx import read_metadata
-from clients import protocol as P
-from training.atomic_io import atomic_write_bytes, staged_directory
-from training.checkpoint import file_sha256
-from training.preprocess import DALI_INPUT_NAME, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PreprocessSpec
+from core import protocol as P
+from core.atomic_io import atomic_write_bytes, staged_directory
+from core.metadata import file_sha256, read_metadata
+from core.preprocess import DALI_INPUT_NAME, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, PreprocessSpec
 
 # The committed Python-backend model code; each file becomes <model>/1/model.py of a rendered repository,
 # which is generated output only (model_repository/ holds nothing committed but its README)
@@ -39,9 +38,9 @@ PYTHON_MODELS = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
 FUSED_MODEL = "fused"  # build/triton_models/fused.py: the fused layout's model.py, run beside the three stages
 MANIFEST = "build.json"
 # The preprocess model's pipeline: a definition DALI serializes itself (build/triton_models/dali.py), the
-# one graph it imports (training/dali_graph.py) and the spec it reads, side by side in preprocess/1/
+# one graph it imports (core/dali_graph.py) and the spec it reads, side by side in preprocess/1/
 PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG = "dali.py", "dali_graph.py", "preprocess.json"
-GRAPH_SOURCE = Path(__file__).resolve().parent.parent / "training" / GRAPH_FILE
+GRAPH_SOURCE = Path(__file__).resolve().parent.parent / "core" / GRAPH_FILE
 # What Triton's DALI backend runs when a model has no serialized pipeline (dali_backend r24.10,
 # src/model_provider/model_provider.h): load the file by path, serialize its one @autoserialize pipeline.
 AUTOSERIALIZE = """import importlib.util, sys

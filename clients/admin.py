@@ -127,7 +127,7 @@ class AdminClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "AdminClient":
+    def __enter__(self) -> AdminClient:
         return self
 
     def __exit__(self, *exc) -> None:

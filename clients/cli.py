@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from clients.client import DEFAULT_URLS, ImageClassifierClient, ServerUnreachable
-from clients import protocol as P
+from core import protocol as P
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 PROGRESS_MIN_FILES = 32

@@ -22,13 +22,13 @@ import asyncio
 import itertools
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from clients import protocol as P
+from core import protocol as P
 
 DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
 
@@ -172,7 +172,7 @@ class ImageClassifierClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "ImageClassifierClient":
+    def __enter__(self) -> ImageClassifierClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -32,7 +32,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build.render_repo import LAYOUT_MODELS, read_manifest, render, rendered_onnx, settings_from_manifest
-from clients import protocol as P
+from core import protocol as P
 from perf import tune
 from perf.common import PROJECT_ROOT, REPORTS, sample_images
 from perf.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from build.export_onnx import read_metadata
+from core.metadata import read_metadata
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 from perf.common import sample_images
-from training.preprocess import DaliPreprocessor, PreprocessSpec
 
 
 def _rate(fn, n_images: int, min_time: float) -> float:

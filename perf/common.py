@@ -160,7 +160,7 @@ class UsageMeter:
     """CPU utilisation (cores busy) and peak memory of a process tree between start() and stop()."""
     pid: int
 
-    def start(self) -> "UsageMeter":
+    def start(self) -> UsageMeter:
         import time
 
         self._t0, self._u0 = time.monotonic(), tree_usage(self.pid)

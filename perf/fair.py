@@ -28,13 +28,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from clients import protocol as P
+from core import protocol as P
 from perf.common import REPORTS, sample_images
 from perf.reliability import kserve_request
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 
-from clients import protocol as P
+from core import protocol as P
 from perf.common import sample_images
 
 IMAGES = [b for _, b in sample_images(Path(os.environ.get("LOAD_IMAGES", "data/synthetic/val")), 64)]

@@ -16,17 +16,25 @@ import csv
 import json
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from build.render_repo import RepoSettings, read_manifest, render
-from clients import protocol as P
-from perf.common import (UsageMeter, metrics_summary, model_stats, perf_analyzer_binary, perf_analyzer_env,
-                         sample_images, scrape_metrics, stats_delta)
+from core import protocol as P
+from perf.common import (
+    UsageMeter,
+    metrics_summary,
+    model_stats,
+    perf_analyzer_binary,
+    perf_analyzer_env,
+    sample_images,
+    scrape_metrics,
+    stats_delta,
+)
 from serve.server import TritonServer
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from build.quantize import artifact_for
 from build.render_repo import read_manifest, settings_from_manifest
+from core.atomic_io import atomic_write_bytes
 from perf.common import REPORTS, machine_info, sample_images
 from perf.perf_analyzer import measure_rendered, write_input_data
-from training.atomic_io import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -21,16 +21,15 @@ import json
 import statistics
 from pathlib import Path
 
-from build.export_onnx import read_metadata, source_checkpoint
 from build.quantize import REPORT as BUILD_REPORT
 from build.quantize import markdown as build_markdown
 from build.render_repo import read_manifest, settings_from_manifest
-from clients import protocol as P
+from core import protocol as P
+from core.atomic_io import atomic_write_bytes
+from core.metadata import file_sha256, read_metadata, source_checkpoint
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 from perf.common import machine_info, sample_images
 from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors, rendered_server
-from training.atomic_io import atomic_write_bytes
-from training.checkpoint import file_sha256
-from training.preprocess import DaliPreprocessor, PreprocessSpec
 from training.prune import REPORT
 
 SOURCES = ("jpeg", "tensors")

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clients import protocol as P
 from clients.client import error_message, error_status, image_input, triton_modules
+from core import protocol as P
 from perf.common import REPORTS, sample_images
 from serve.server import EXIT_TIMEOUT_S, TritonServer
 from serve.watchdog import children
@@ -291,8 +291,9 @@ def fuzz_cases(seed: int, n: int, jpegs: list[bytes], oversized_bytes: int):
     """``n`` seeded malformed requests (kind, body, headers), made one at a time, cycling through
     FUZZ_KINDS (oversized every OVERSIZED_EVERY-th); the same seed gives the same requests, so a
     failure reproduces."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     rng = np.random.default_rng(seed)
     pngs = []
@@ -384,7 +385,7 @@ def fuzz(server: TritonServer, jpegs: list[bytes], n: int = 2000, seed: int = 0,
     """``n`` seeded malformed requests against a running server. Every one must be answered 200 or 4xx;
     every ``check_every`` cases and at the end a good image must still be classified as before, and the
     stub processes must be the same ones (none died and was restarted)."""
-    from training.preprocess import MAX_IMAGE_BYTES
+    from core.preprocess import MAX_IMAGE_BYTES
 
     good_body, good_hdr = image_request(jpegs[0])
     reference = send_good(server.http_url, good_body, good_hdr)

@@ -138,7 +138,7 @@ class LocalS3:
     def url(self, bucket: str, prefix: str = "") -> str:
         return str(S3Url(self.endpoint, bucket, prefix))
 
-    def start(self, timeout: float = 60.0) -> "LocalS3":
+    def start(self, timeout: float = 60.0) -> LocalS3:
         exe = Path(sys.executable).parent / "moto_server"
         if not exe.exists():
             raise FileNotFoundError(f"{exe} not found: moto[server] is installed by `make venv`")
@@ -174,7 +174,7 @@ class LocalS3:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def __enter__(self) -> "LocalS3":
+    def __enter__(self) -> LocalS3:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -213,7 +213,7 @@ class TritonServer:
         if sink:
             sink.close()
 
-    def start(self, timeout: float = 180.0) -> "TritonServer":
+    def start(self, timeout: float = 180.0) -> TritonServer:
         """Start and wait until every model is ready. On any failure, Ctrl-C included, the child is stopped
         before the error propagates: nothing is left running."""
         if isinstance(self.repo, Path) and not self.repo.is_dir():
@@ -339,7 +339,7 @@ class TritonServer:
         if self._reader:
             self._reader.join(timeout=5)
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

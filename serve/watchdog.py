@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 POLL_S = 0.5
 
@@ -145,7 +145,7 @@ class StubWatchdog:
         while not self._stop.wait(self.poll_s):
             self.poll()
 
-    def start(self) -> "StubWatchdog":
+    def start(self) -> StubWatchdog:
         """Start polling; started with the server, it learns each stub while the models load."""
         self.poll()
         self._thread = threading.Thread(target=self._run, name="stub-watchdog", daemon=True)

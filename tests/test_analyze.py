@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 from build.render_repo import RepoSettings, read_configs, read_manifest, render
-from clients import protocol as P
+from core import protocol as P
 from perf.analyze import analyze
 
 

@@ -12,20 +12,30 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import MAX_BATCH
 from PIL import Image
+from tritonclient.grpc import model_config_pb2 as mc
 
 from build import export_onnx
-from build.render_repo import (PYTHON_MODELS, RepoSettings, check_ensemble, embedded_configs, pipeline_model, read_configs,
-                               read_manifest, render, rendered_onnx)
-from clients import protocol as P
-from tritonclient.grpc import model_config_pb2 as mc
+from build.render_repo import (
+    PYTHON_MODELS,
+    RepoSettings,
+    check_ensemble,
+    embedded_configs,
+    pipeline_model,
+    read_configs,
+    read_manifest,
+    render,
+    rendered_onnx,
+)
+from core import metadata
+from core import protocol as P
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 from training import synthetic
 from training.checkpoint import load_checkpoint, spec_from_checkpoint
 from training.data import dataset_fingerprint, find_classes, list_images
-from training.evaluate import get_args_parser as eval_args, main as eval_main
-from training.preprocess import DaliPreprocessor, PreprocessSpec
-
-from conftest import MAX_BATCH
+from training.evaluate import get_args_parser as eval_args
+from training.evaluate import main as eval_main
 
 
 def tree_digest(root):
@@ -79,15 +89,15 @@ def test_onnx_has_dynamic_batch_and_metadata(onnx_model, checkpoint):
     model = onnx.load(str(onnx_model))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
-    meta = export_onnx.read_metadata(model)
+    meta = metadata.read_metadata(model)
     ckpt = load_checkpoint(checkpoint)
     assert meta["classes"] == ckpt["classes"] and meta["preprocess"] == ckpt["preprocess"]
     assert meta["source"]["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
 def test_metadata_contract_is_versioned_relative_and_verified(checkpoint, onnx_model, tmp_path):
-    meta = export_onnx.read_metadata(onnx_model)
-    assert meta["schema_version"] == export_onnx.SCHEMA_VERSION
+    meta = metadata.read_metadata(onnx_model)
+    assert meta["schema_version"] == metadata.SCHEMA_VERSION
     assert not Path(meta["source"]["checkpoint"]).is_absolute()
     # the artifacts move together (another machine, a container's /workspace): still found and verified
     moved = tmp_path / "elsewhere" / "artifacts"
@@ -95,22 +105,22 @@ def test_metadata_contract_is_versioned_relative_and_verified(checkpoint, onnx_m
     shutil.copy(checkpoint, moved / "best.pt")
     model = onnx.load(str(onnx_model))
     meta["source"]["checkpoint"] = "best.pt"
-    onnx.helper.set_model_props(model, {export_onnx.METADATA_KEY: json.dumps(meta)})
+    onnx.helper.set_model_props(model, {metadata.METADATA_KEY: json.dumps(meta)})
     onnx.save(model, str(moved / "model.onnx"))
-    assert export_onnx.source_checkpoint(moved / "model.onnx") == moved / "best.pt"
+    assert metadata.source_checkpoint(moved / "model.onnx") == moved / "best.pt"
     # a retrained checkpoint in its place is not taken as the reference of the older ONNX
     ckpt = load_checkpoint(moved / "best.pt")
     ckpt["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, moved / "best.pt")
     with pytest.raises(ValueError, match="is not the checkpoint .* was exported from .* export again"):
-        export_onnx.source_checkpoint(moved / "model.onnx")
+        metadata.source_checkpoint(moved / "model.onnx")
     # metadata of another schema version, or the unversioned key of old exports, is refused by name
-    for props, message in (({export_onnx.METADATA_KEY: json.dumps({**meta, "schema_version": 99})}, "schema version 99"),
+    for props, message in (({metadata.METADATA_KEY: json.dumps({**meta, "schema_version": 99})}, "schema version 99"),
                            ({"platform": json.dumps(meta)}, "unversioned 'platform' metadata")):
         del model.metadata_props[:]
         onnx.helper.set_model_props(model, props)
         with pytest.raises(ValueError, match=message):
-            export_onnx.read_metadata(model)
+            metadata.read_metadata(model)
 
 
 def test_repository_manifest_is_relative_and_verified(onnx_model, tmp_path):
@@ -142,7 +152,7 @@ def test_rendered_configs_parse_and_wire_up(ensemble_repo, onnx_model):
     configs = read_configs(repo)
     assert set(configs) == {P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS}
     check_ensemble(configs)
-    meta = export_onnx.read_metadata(onnx_model)
+    meta = metadata.read_metadata(onnx_model)
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     assert list(configs[P.PREPROCESS].output[0].dims) == list(spec.input_shape)
     assert list(configs[P.CLASSIFIER].output[0].dims) == [len(meta["classes"])]
@@ -168,7 +178,7 @@ def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo,
         assert (repo / P.ENSEMBLE / "1" / f"{name}.py").read_bytes() == (ensemble_repo / name / "1" / "model.py").read_bytes()
     version = repo / P.ENSEMBLE / "1"
     assert (version / "model.onnx").read_bytes() == onnx_model.read_bytes()
-    assert (version / "labels.txt").read_text().splitlines() == export_onnx.read_metadata(onnx_model)["classes"]
+    assert (version / "labels.txt").read_text().splitlines() == metadata.read_metadata(onnx_model)["classes"]
     assert (version / "model.dali").is_file() and not (version / ".placeholder").exists()
 
 
@@ -235,7 +245,7 @@ def test_serialized_dali_pipeline_equals_eval_transform(repo, onnx_model, val_fi
     """The pipeline Triton runs gives bit-identical inputs to the one training evaluated with."""
     from nvidia.dali import Pipeline
 
-    spec = PreprocessSpec.from_dict(export_onnx.read_metadata(onnx_model)["preprocess"])
+    spec = PreprocessSpec.from_dict(metadata.read_metadata(onnx_model)["preprocess"])
     served = repo / pipeline_model(read_manifest(repo)["layout"]) / "1" / "model.dali"
     pipe = Pipeline.deserialize(serialized_pipeline=served.read_bytes(),
                                 batch_size=MAX_BATCH, num_threads=1, device_id=None, prefetch_queue_depth=1,

@@ -13,10 +13,10 @@ from PIL import Image
 
 from build.render_repo import RepoSettings
 from clients.client import ImageClassifierClient
+from core.preprocess import MAX_IMAGE_PIXELS, ImageRejected, decode_image
 from training.checkpoint import load_checkpoint
 from training.evaluate import predict_files
 from training.photo_variants import reference, variants
-from training.preprocess import MAX_IMAGE_PIXELS, ImageRejected, decode_image
 
 
 @pytest.fixture(scope="module")

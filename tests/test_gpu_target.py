@@ -19,15 +19,26 @@ import jsonschema
 import numpy as np
 import pytest
 import yaml
+from conftest import MAX_BATCH
 from google.protobuf.internal.decoder import _DecodeVarint
 
 from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
-from build.export_onnx import read_metadata
-from build.render_repo import (GRAPH_FILE, GRAPH_SOURCE, PIPELINE_CONFIG, PIPELINE_FILE, RepoSettings, autoserialize,
-                               check_ensemble, pipeline_model, read_configs, read_manifest, render)
-from clients import protocol as P
+from build.render_repo import (
+    GRAPH_FILE,
+    GRAPH_SOURCE,
+    PIPELINE_CONFIG,
+    PIPELINE_FILE,
+    RepoSettings,
+    autoserialize,
+    check_ensemble,
+    pipeline_model,
+    read_configs,
+    read_manifest,
+    render,
+)
 from clients.client import ImageClassifierClient
-from conftest import MAX_BATCH
+from core import protocol as P
+from core.metadata import read_metadata
 from serve.server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from clients import protocol as P
 from clients.client import ImageClassifierClient
+from core import protocol as P
 from serve.object_store import LocalS3, S3Url, client, parse, upload
 from serve.server import PROJECT_ROOT, free_ports
 from serve.watchdog import children, stub_model

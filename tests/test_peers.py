@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 import pytest
 
-from clients import protocol as P
 from clients.client import ImageClassifierClient
+from core import protocol as P
 from perf.fair import Target, compare, render_markdown, request_body
 from perf.peers import launch
 from serve.server import free_ports

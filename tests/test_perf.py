@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MAX_BATCH
 
 from build.render_repo import RepoSettings, labels_file, read_manifest
-from clients import protocol as P
+from core import protocol as P
 from perf import report, tune
 from perf.loadtest import run_locust
 from perf.perf_analyzer import run_point, write_input_data
 from serve.server import free_ports
-
-from conftest import MAX_BATCH
 
 COMPOSING = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
 
@@ -157,9 +156,9 @@ def test_jpegs_and_tensors_measured_side_by_side(ensemble_server, onnx_model, va
     tensors (the classifier alone), here against the embedded server in the ensemble layout, with fixed
     request counts so a busy machine cannot make it fail to stabilize."""
     server = ensemble_server
-    from build.export_onnx import read_metadata
+    from core.metadata import read_metadata
+    from core.preprocess import DaliPreprocessor, PreprocessSpec
     from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
-    from training.preprocess import DaliPreprocessor, PreprocessSpec
 
     blobs = [f.read_bytes() for f in val_files[:8]]
     pixels = DaliPreprocessor(PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"]))(blobs)

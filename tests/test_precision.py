@@ -16,22 +16,35 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from conftest import MAX_BATCH
 from onnx import TensorProto, helper
+from tritonclient.grpc import model_config_pb2 as mc
 
 from build import quantize
-from build.engine import (BatchProfile, EngineEnvironmentError, check_environment, check_plan, gpu_compute_capability,
-                          verify_repository)
-from build.export_onnx import read_metadata
+from build.engine import (
+    BatchProfile,
+    EngineEnvironmentError,
+    check_environment,
+    check_plan,
+    gpu_compute_capability,
+    verify_repository,
+)
 from build.graph_cleanup import clean
-from build.render_repo import RepoSettings, check_ensemble, onnx_model_name, read_configs, read_manifest, render, repo_settings
-from clients import protocol as P
+from build.render_repo import (
+    RepoSettings,
+    check_ensemble,
+    onnx_model_name,
+    read_configs,
+    read_manifest,
+    render,
+    repo_settings,
+)
 from clients.client import ImageClassifierClient
+from core import protocol as P
+from core.metadata import read_metadata
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 from perf import precisions
 from serve.server import TritonServer
-from tritonclient.grpc import model_config_pb2 as mc
-from training.preprocess import DaliPreprocessor, PreprocessSpec
-
-from conftest import MAX_BATCH
 
 ROOT = Path(__file__).resolve().parent.parent
 

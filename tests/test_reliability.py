@@ -4,8 +4,8 @@ client's backoff), start-up that leaves nothing behind, graceful shutdown under 
 from __future__ import annotations
 
 import asyncio
-import json
 import ipaddress
+import json
 import os
 import stat
 import subprocess
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from build.export_onnx import read_metadata
 from build.render_repo import LAYOUT_MODELS, RepoSettings, read_configs, read_manifest, render
 from clients import admin
-from clients import protocol as P
 from clients.client import ImageClassifierClient, error_message, error_status, image_input
+from core import protocol as P
+from core.metadata import read_metadata
 from serve.server import PROJECT_ROOT, TritonServer
 
 KEY = "test-key-0123456789"

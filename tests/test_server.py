@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from conftest import MAX_BATCH
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from clients import protocol as P
 from clients.client import ImageClassifierClient, ServerUnreachable, image_input
+from core import protocol as P
 from serve.server import PROJECT_ROOT, free_ports
 from training.checkpoint import load_checkpoint
 from training.evaluate import predict_files
-
-from conftest import MAX_BATCH
 
 
 def softmax(x):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from build.render_repo import onnx_model_name, read_manifest
-from serve.server import PROJECT_ROOT, ModelLoadError, Ports, PortInUseError, TritonServer, free_ports
+from serve.server import PROJECT_ROOT, ModelLoadError, PortInUseError, Ports, TritonServer, free_ports
 
 
 def test_busy_port_is_refused_with_a_clear_message(repo):

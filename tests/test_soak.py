@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 from build.render_repo import RepoSettings, render
-from clients import protocol as P
+from core import protocol as P
 from perf.soak import plot, soak
 from serve.server import TritonServer
 

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from build.export_onnx import export
+from core.preprocess import PreprocessSpec
 from training import synthetic, train
 from training.checkpoint import load_checkpoint
-from training.data import (EpochSampler, ImageFolderTrain, TrainTransform, drop_bad_images, find_classes,
-                           list_images)
-from training.preprocess import PreprocessSpec
-from training.evaluate import get_args_parser as eval_args, main as eval_main
+from training.data import EpochSampler, ImageFolderTrain, TrainTransform, drop_bad_images, find_classes, list_images
+from training.evaluate import get_args_parser as eval_args
+from training.evaluate import main as eval_main
 from training.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ Keys:
   model            state_dict
   arch, arch_args  how to rebuild the network (training.models.build_model)
   classes          class names, index order = logit order
-  preprocess       training.preprocess.PreprocessSpec.to_dict()
+  preprocess       core.preprocess.PreprocessSpec.to_dict()
   metrics          what the checkpoint reached on val (top1, top5, loss, epoch)
   provenance       data set path and sha256, seed, library versions, git commit
   args             the effective training configuration
@@ -17,19 +17,14 @@ Keys:
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from training.atomic_io import atomic_write_bytes
-
-
+from core.atomic_io import atomic_write_bytes
+from core.preprocess import PreprocessSpec
 from training.models import ResNet, build_model
-from training.preprocess import PreprocessSpec
 
 REQUIRED_KEYS = ("model", "arch", "arch_args", "classes", "preprocess")
 
@@ -57,35 +52,3 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> ResNet:
 
 def spec_from_checkpoint(ckpt: dict[str, Any]) -> PreprocessSpec:
     return PreprocessSpec.from_dict(ckpt["preprocess"])
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    import numpy
-    import PIL
-
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
-                "pillow": PIL.__version__}
-    try:
-        import nvidia.dali
-
-        versions["nvidia-dali"] = nvidia.dali.__version__
-    except ImportError:
-        pass
-    return versions
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from training.preprocess import ImageRejected, PreprocessSpec, decode_image, open_image
+from core.preprocess import ImageRejected, PreprocessSpec, decode_image, open_image
 
-# File names of what the served ensemble accepts (training.preprocess.IMAGE_FORMATS), so that every
+# File names of what the served ensemble accepts (core.preprocess.IMAGE_FORMATS), so that every
 # training image can also be served.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -44,7 +44,7 @@ def image_problem(path: Path) -> str | None:
     """Why an image file cannot be used (unreadable, truncated, not JPEG/PNG), or None.
 
     Decodes at reduced size (JPEG draft mode), so a scan is cheap but still catches truncation; the
-    size limits are the decode policy's (training.preprocess).
+    size limits are the decode policy's (core.preprocess).
     """
     try:
         with open_image(path, path.stat().st_size) as img:
@@ -130,7 +130,7 @@ def dataset_fingerprint(root: Path) -> str:
 class TrainTransform:
     """Random resized crop + horizontal flip + colour jitter + normalize, in Pillow/torch (training only).
 
-    Evaluation never uses this: it uses the DALI serving pipeline (training.preprocess).
+    Evaluation never uses this: it uses the DALI serving pipeline (core.preprocess).
     """
 
     def __init__(self, spec: PreprocessSpec, scale: tuple[float, float] = (0.35, 1.0),

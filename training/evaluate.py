@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from training.atomic_io import atomic_write_bytes
+from core.atomic_io import atomic_write_bytes
+from core.preprocess import DaliPreprocessor
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from training.data import drop_bad_images, list_images
-from training.preprocess import DaliPreprocessor
 
 # Every accuracy gate (quantization, pruning, the GPU check): top-1 may fall at most this many points
 # below the reference model's on val.

@@ -8,7 +8,7 @@ changed, so a pruned checkpoint is rebuilt by the same ``build_model`` call as a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

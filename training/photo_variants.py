@@ -1,7 +1,7 @@
 """Real-photo variants of an image: the encodings a phone, a scanner or an editor produces.
 
 Each variant shows the same picture as its original once decoded by the decode policy
-(training.preprocess): a classifier must give it the same class, in training, in ``make eval`` and
+(core.preprocess): a classifier must give it the same class, in training, in ``make eval`` and
 when served. tests/test_decode.py checks exactly that.
 
     python -m training.photo_variants data/synthetic/val/circle/0000.jpg --out /tmp/variants
@@ -80,7 +80,7 @@ def reference(name: str, upright: Image.Image) -> Image.Image:
 
 
 def main() -> None:
-    from training.preprocess import decode_image
+    from core.preprocess import decode_image
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("image", type=Path)

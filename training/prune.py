@@ -34,13 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.atomic_io import atomic_write_bytes
+from core.metadata import file_sha256
+from core.preprocess import DaliPreprocessor
 from training import train
-from training.atomic_io import atomic_write_bytes
-from training.checkpoint import (file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint, spec_from_checkpoint)
+from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, spec_from_checkpoint
 from training.data import drop_bad_images, list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
 from training.models import build_model, changed_widths
-from training.preprocess import DaliPreprocessor
 from training.sparsity import SPARSE_IN_MULTIPLE, SPARSITY_PATTERNS, eligible, two_four_violations
 
 REPORT = "prune_report.json"

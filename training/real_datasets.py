@@ -19,8 +19,8 @@ import argparse
 import gzip
 import io
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image

@@ -29,16 +29,23 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from training.atomic_io import atomic_write_bytes, remove_stale_temporaries
-from training.checkpoint import file_sha256, git_commit, library_versions, load_checkpoint, model_from_checkpoint, save_checkpoint
-from training.data import (EpochSampler, ImageFolderTrain, TrainTransform, dataset_fingerprint, drop_bad_images,
-                           find_classes, list_images)
+from core.atomic_io import atomic_write_bytes, remove_stale_temporaries
+from core.metadata import file_sha256, git_commit, library_versions
+from core.preprocess import DaliPreprocessor, PreprocessSpec
+from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.data import (
+    EpochSampler,
+    ImageFolderTrain,
+    TrainTransform,
+    dataset_fingerprint,
+    drop_bad_images,
+    find_classes,
+    list_images,
+)
 from training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from training.evaluate import evaluate
 from training.models import ARCHS, build_model
-from training.preprocess import DaliPreprocessor, PreprocessSpec
 from training.sparsity import SPARSITY_PATTERNS, dense_state_dict, sparsify
-
 
 # ------------------------------------------------------------------------------------------------
 # recipe pieces

@@ -6,7 +6,7 @@ always serialized by the DALI version that will run it; a pipeline serialized by
 carry arguments an older one rejects. ``make repo`` serializes the embedded target's ``model.dali``
 from this same file, with the same command.
 
-Beside this file: ``dali_graph.py`` (a copy of training/dali_graph.py, the one graph definition) and
+Beside this file: ``dali_graph.py`` (a copy of core/dali_graph.py, the one graph definition) and
 ``preprocess.json`` (the checkpoint's preprocessing spec, the device, the batch size), both written
 by ``make repo``. Nothing else is importable here: the backend's Python has only DALI on its path.
 """

@@ -1,7 +1,7 @@
 """Triton Python-backend model: encoded image bytes -> normalized CHW float, with DALI on the CPU.
 
 Runs the serialized DALI pipeline ``model.dali``, which ``build.render_repo`` serializes from
-``dali.py`` beside it: the graph the training package evaluates with (training/dali_graph.py). The
+``dali.py`` beside it: the graph the training package evaluates with (core/dali_graph.py). The
 GPU target's DALI backend serializes the same ``dali.py`` itself, with its own DALI.
 
 Bad images never take the server or other requests down: every image's header is read first (format,
@@ -10,7 +10,7 @@ invalidates a pipeline after an error, so it is rebuilt), and only the requests 
 get an INVALID_ARG error naming the image's index. A failure that is not the image's fault (out of
 memory, a broken pipeline) is INTERNAL for the requests of that batch, is logged, and is not retried
 image by image. Bytes after a JPEG's end-of-image marker (motion photos) are ignored, as DALI's and
-Pillow's decoders do, so serving agrees with training (training/preprocess.py: the decode policy).
+Pillow's decoders do, so serving agrees with training (core/preprocess.py: the decode policy).
 """
 
 import json

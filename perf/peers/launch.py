@@ -16,14 +16,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from build.export_onnx import read_metadata
 from build.publish import served_onnx
 from build.render_repo import read_manifest
+from core.metadata import read_metadata
 from perf.common import PROJECT_ROOT
 
 

@@ -1,9 +1,9 @@
 """What every peer server runs on a batch: the work of Triton's fused model, without Triton.
 
-The same preprocessing (the DALI CPU pipeline built from training/dali_graph.py with the model's own
+The same preprocessing (the DALI CPU pipeline built from core/dali_graph.py with the model's own
 spec), the same ONNX file in ONNX Runtime with the same thread settings (idle threads not spinning), and
 the same softmax top-k, on batches up to the same size. It imports NumPy, DALI, ONNX Runtime and the
-project's training/preprocess.py only, so it runs inside a peer's virtualenv; the spec file it reads is
+project's core/preprocess.py only, so it runs inside a peer's virtualenv; the spec file it reads is
 written by launch.py from the ONNX metadata and the served repository's settings.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from training.preprocess import DaliPreprocessor, PreprocessSpec
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 
 
 class PeerModel:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 from perf.common import REPORTS
@@ -32,7 +32,7 @@ __all__ = ["FULL", "QUICK", "Profile", "main", "run", "start_baseline"]
 
 def run(repo: Path, images: Path, out_root: Path = REPORTS, profile: Profile = FULL,
         tuning_json: Path | None = None, browser: bool = True) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = out_root / stamp
     out.mkdir(parents=True, exist_ok=True)
     r = measure_all(repo, images, out, profile)

@@ -12,8 +12,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from build.export_onnx import read_metadata, source_checkpoint
 from build.render_repo import config_text, labels_file, read_configs, read_manifest, rendered_onnx
+from core.metadata import read_metadata, source_checkpoint
 from perf import ceiling
 from perf.common import machine_info, sample_images
 from perf.loadtest import run_locust

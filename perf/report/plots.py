@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 def plots(r: dict, out: Path, tuning: dict | None) -> list[tuple[str, str]]:
     import matplotlib
 

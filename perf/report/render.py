@@ -3,9 +3,11 @@ the Markdown library inside a Jinja2 template (templates/report.html.j2)."""
 
 from __future__ import annotations
 
+from datetime import UTC
 from pathlib import Path
 
 from perf.report.analysis import TARGET_BASELINE_RATIO, TARGET_CEILING_RATIO, computing_models, verdict
+
 
 def markdown(r: dict, h: dict, made: list[tuple[str, str]], tuning: dict | None) -> str:
     lines = [f"# Load-testing report ({r['timestamp']})", ""]
@@ -163,7 +165,7 @@ def to_html(md_text: str, title: str) -> str:
     """report.md as a standalone page: Python-Markdown (tables, fenced code, the <details> blocks) inside
     the Jinja2 page template, with a table of contents of the second-level headings."""
     import re
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import jinja2
     import markdown as md
@@ -174,4 +176,4 @@ def to_html(md_text: str, title: str) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["j2"]))
     return env.get_template("report.html.j2").render(
         title=title, body=jinja2.utils.markupsafe.Markup(body), sections=sections, images=body.count("<img "),
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))

@@ -9,13 +9,13 @@ checkpoint was scored on, by construction.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from clients import protocol
+from core import protocol
 
 # ImageNet statistics, the usual default for photos; a checkpoint records whichever it used.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,7 +63,7 @@ class PreprocessSpec:
             raise ValueError(f"mean/std must be 3 values with std > 0, got mean={self.mean}, std={self.std}")
 
     @classmethod
-    def for_size(cls, crop_size: int, **kw) -> "PreprocessSpec":
+    def for_size(cls, crop_size: int, **kw) -> PreprocessSpec:
         """The default policy for a crop size: resize the shorter side to crop/0.875 (ImageNet's 224/256)."""
         return cls(crop_size=crop_size, resize_size=int(round(crop_size / 0.875)), **kw)
 
@@ -77,7 +77,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
@@ -144,7 +144,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int
 
 
 # --------------------------------------------------------------------------------------------
-# DALI: one graph, two devices (the graph itself is training/dali_graph.py, which the GPU server's
+# DALI: one graph, two devices (the graph itself is core/dali_graph.py, which the GPU server's
 # DALI backend also imports: see build/triton_models/dali.py)
 # --------------------------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cp
     """A DALI pipeline whose single input is the external source ``IMAGE`` (encoded bytes, uint8)."""
     from nvidia.dali import pipeline_def
 
-    from training.dali_graph import preprocess_graph
+    from core.dali_graph import preprocess_graph
 
     @pipeline_def(
         batch_size=batch_size,

@@ -1,7 +1,7 @@
 """The DALI preprocessing graph: encoded image bytes -> the model's CHW float input, on CPU or GPU.
 
 The one definition every consumer runs: training's evaluation, ONNX validation and quantization
-(training/preprocess.py builds CPU pipelines from it), the embedded server (its pipeline is
+(core/preprocess.py builds CPU pipelines from it), the embedded server (its pipeline is
 serialized from it) and the GPU server, whose DALI backend imports this very file, copied beside
 ``dali.py`` in the model repository, and serializes it with the server's own DALI. It therefore
 imports nothing but DALI, reads the spec by attribute (a PreprocessSpec, or the rendered JSON as a
