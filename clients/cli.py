@@ -13,9 +13,10 @@ import argparse
 import glob
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from clients.client import DEFAULT_URLS, ImageClassifierClient, ServerUnreachable
+from clients.client import DEFAULT_URLS, ImageClassifierClient, Prediction, ServerUnreachable
 from core import protocol as P
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -39,12 +40,12 @@ def expand(paths: list[str]) -> list[Path]:
     return out
 
 
-def format_table(preds, top_k: int) -> str:
+def format_table(preds: Sequence[Prediction], top_k: int) -> str:
     width = max([len(p.source) for p in preds] + [4])
     lines = [f"{'file':<{width}}  predictions"]
     for p in preds:
         body = (f"ERROR: {p.error}" if not p.ok else
-                "  ".join(f"{lab} ({s:.3f})" for lab, s in zip(p.labels[:top_k], p.scores[:top_k])))
+                "  ".join(f"{lab} ({s:.3f})" for lab, s in zip(p.labels[:top_k], p.scores[:top_k], strict=True)))
         lines.append(f"{p.source:<{width}}  {body}")
     return "\n".join(lines)
 
@@ -53,7 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m clients", description="Classify images with the Triton ensemble")
     p.add_argument("paths", nargs="+", help="image files, directories (searched recursively) or globs")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
-    p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['http']} for HTTP, {DEFAULT_URLS['grpc']} for gRPC)")
+    p.add_argument("--url", help=f"server address (default {DEFAULT_URLS['http']} for HTTP, "
+                                 f"{DEFAULT_URLS['grpc']} for gRPC)")
     p.add_argument("--model", default=P.ENSEMBLE)
     p.add_argument("--batch-size", type=int, default=8, help="images per request")
     p.add_argument("--async", dest="use_async", action="store_true", help="send batches concurrently (asyncio)")
@@ -62,7 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--retries", type=int, default=4, help="re-sends of a request the server refused as overloaded (503)")
+    p.add_argument("--retries", type=int, default=4,
+                   help="re-sends of a request the server refused as overloaded (503)")
     return p
 
 

@@ -19,12 +19,13 @@ Every call has a timeout (``timeout_s``).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ class Prediction:
     def ok(self) -> bool:
         return self.error is None
 
-    def to_dict(self, with_probabilities: bool = False) -> dict:
+    def to_dict(self, with_probabilities: bool = False) -> dict[str, Any]:
         d = asdict(self)
         if not with_probabilities:
             d.pop("probabilities")
@@ -83,7 +84,7 @@ def pad_batch(blobs: Sequence[bytes]) -> np.ndarray:
     return arr
 
 
-def triton_modules(protocol: str, aio: bool = False):
+def triton_modules(protocol: str, aio: bool = False) -> tuple[ModuleType, ModuleType]:
     """tritonclient's module for ``protocol``, and its asyncio module (``aio``; else the same one twice)."""
     if protocol == "http":
         import tritonclient.http as m
@@ -100,13 +101,35 @@ def triton_modules(protocol: str, aio: bool = False):
     return m, m
 
 
-def image_input(mod, blobs: Sequence[bytes]):
+def image_input(mod: ModuleType, blobs: Sequence[bytes]) -> Any:
     """The ensemble's IMAGE input for encoded images, with tritonclient module ``mod`` (HTTP sends it with
     the binary tensor extension by default)."""
     arr = pad_batch(blobs)
     inp = mod.InferInput(P.IMAGE, list(arr.shape), "UINT8")
     inp.set_data_from_numpy(arr)
     return inp
+
+
+@dataclass(frozen=True)
+class _Send:
+    """A plan's step (ImageClassifierClient._request): send one inference request."""
+    inputs: list[Any]
+    outputs: list[Any]
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """A plan's step: wait before re-sending."""
+    seconds: float
+
+
+# yields its steps, is sent each _Send's result (or the exception the call raised), returns the predictions
+_Plan = Generator[_Send | _Wait, Any, list[Prediction]]
+
+
+def _batches(blobs: Sequence[bytes], sources: Sequence[str],
+             batch_size: int) -> list[tuple[Sequence[bytes], Sequence[str]]]:
+    return [(blobs[i:i + batch_size], sources[i:i + batch_size]) for i in range(0, len(blobs), batch_size)]
 
 
 def _failed(sources: Sequence[str], e: RequestError) -> list[Prediction]:
@@ -161,8 +184,9 @@ class ImageClassifierClient:
         try:
             live = self._client.is_server_live(**self._call_kw)
         except Exception as e:  # connection refused, DNS, timeouts: all mean "not reachable"
+            why = error_message(e).strip() or type(e).__name__
             raise ServerUnreachable(
-                f"cannot reach Triton at {self.url} over {self.protocol.upper()} ({error_message(e).strip() or type(e).__name__}); "
+                f"cannot reach Triton at {self.url} over {self.protocol.upper()} ({why}); "
                 f"is the server running? Start it with `make serve`, or pass --url") from None
         if not live:
             raise ServerUnreachable(f"Triton at {self.url} is not live")
@@ -175,7 +199,7 @@ class ImageClassifierClient:
     def __enter__(self) -> ImageClassifierClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- requests ---------------------------------------------------------------------------------
@@ -193,7 +217,7 @@ class ImageClassifierClient:
             self._num_classes = None if P.LABELS in outputs else int(outputs[P.PROBABILITIES]["shape"][-1])
         return self._num_classes
 
-    def _inputs_outputs(self, mod, blobs: Sequence[bytes]):
+    def _inputs_outputs(self, mod: ModuleType, blobs: Sequence[bytes]) -> tuple[list[Any], list[Any]]:
         inp = image_input(mod, blobs)
         classes = self._classification()
         if classes is not None:  # every class when the whole distribution is wanted
@@ -202,11 +226,11 @@ class ImageClassifierClient:
         names = P.OUTPUTS if self.with_probabilities else (P.LABELS, P.SCORES)
         return [inp], [mod.InferRequestedOutput(n) for n in names]
 
-    def _predictions(self, result, sources: Sequence[str]) -> list[Prediction]:
+    def _predictions(self, result: Any, sources: Sequence[str]) -> list[Prediction]:
         classes = self._classification()
         if classes is not None:
-            out = []
-            for src, row in zip(sources, result.as_numpy(P.PROBABILITIES).reshape(len(sources), -1)):
+            out: list[Prediction] = []
+            for src, row in zip(sources, result.as_numpy(P.PROBABILITIES).reshape(len(sources), -1), strict=True):
                 parsed = [x.decode().split(":", 2) for x in row]  # best first; a label may contain ':'
                 probs = None
                 if self.with_probabilities:
@@ -214,7 +238,8 @@ class ImageClassifierClient:
                     for score, index, _ in parsed:
                         probs[int(index)] = float(score)
                 top = parsed[:self.top_k]
-                out.append(Prediction(src, [label for _, _, label in top], [float(score) for score, _, _ in top], probs))
+                top_labels, top_scores = [label for _, _, label in top], [float(score) for score, _, _ in top]
+                out.append(Prediction(src, top_labels, top_scores, probs))
             return out
         labels, scores = result.as_numpy(P.LABELS), result.as_numpy(P.SCORES)
         probs = result.as_numpy(P.PROBABILITIES) if self.with_probabilities else None
@@ -222,40 +247,99 @@ class ImageClassifierClient:
                            None if probs is None else [float(p) for p in probs[i]])
                 for i, src in enumerate(sources)]
 
-    def infer(self, blobs: Sequence[bytes], sources: Sequence[str] | None = None) -> list[Prediction]:
-        """One request for the whole batch (re-sent after UNAVAILABLE, with backoff); raises RequestError
+    # -- one copy of the retry and isolation logic, for the sync and the asyncio paths -------------
+    # A plan is a generator that decides what to send and what to do with the answers; it yields a
+    # _Send (and is sent back the result, or the exception the call raised) or a _Wait. _run carries
+    # a plan out with the sync client and time.sleep, _run_async with an asyncio client and
+    # asyncio.sleep: they differ only in how they wait.
+    def _request(self, mod: ModuleType, blobs: Sequence[bytes], sources: Sequence[str] | None) -> _Plan:
+        """One request for the whole batch, re-sent after UNAVAILABLE (with backoff); raises RequestError
         if the server rejects it."""
         sources = list(sources or [f"image{i}" for i in range(len(blobs))])
-        inputs, outputs = self._inputs_outputs(self._mod, blobs)
-        for attempt in itertools.count():
+        inputs, outputs = self._inputs_outputs(mod, blobs)
+        attempt = 0
+        while True:
+            answer = yield _Send(inputs, outputs)
             try:
-                result = self._client.infer(self.model, inputs, outputs=outputs, **self._call_kw)
-                return self._predictions(result, sources)
+                if isinstance(answer, Exception):
+                    raise answer
+                return self._predictions(answer, sources)
             except Exception as e:
                 delay = self._retry_delay(e, attempt)
-            time.sleep(delay)
+            yield _Wait(delay)
+            attempt += 1
 
-    def _isolate(self, blobs, sources, infer_one) -> list[Prediction]:
-        out = []
-        for b, s in zip(blobs, sources):
+    def _batch(self, mod: ModuleType, blobs: Sequence[bytes], sources: Sequence[str],
+               progress: Callable[[int], None] | None) -> _Plan:
+        """A batch's predictions, one per image: a batch rejected for bad input is retried image by image
+        (the good images still get answers); any other RequestError is every image's error."""
+        try:
+            preds = yield from self._request(mod, blobs, sources)
+        except RequestError as e:
+            if e.bad_input and len(blobs) > 1:
+                preds = yield from self._isolate(mod, blobs, sources)
+            else:
+                preds = _failed(sources, e)
+        if progress:
+            progress(len(blobs))
+        return preds
+
+    def _isolate(self, mod: ModuleType, blobs: Sequence[bytes], sources: Sequence[str]) -> _Plan:
+        """One request per image: the good ones get their answers, the bad ones the server's error."""
+        out: list[Prediction] = []
+        for b, s in zip(blobs, sources, strict=True):
             try:
-                out += infer_one([b], [s])
+                out += yield from self._request(mod, [b], [s])
             except RequestError as e:
                 out += _failed([s], e)
         return out
+
+    def _run(self, plan: _Plan) -> list[Prediction]:
+        """Carry out a plan with the sync client."""
+        answer: Any = None
+        while True:
+            try:
+                step = plan.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer = None
+            if isinstance(step, _Wait):
+                time.sleep(step.seconds)
+                continue
+            try:
+                answer = self._client.infer(self.model, step.inputs, outputs=step.outputs, **self._call_kw)
+            except Exception as e:
+                answer = e
+
+    async def _run_async(self, client: Any, plan: _Plan) -> list[Prediction]:
+        """Carry out a plan with an asyncio client (tritonclient's .aio): as _run, awaiting instead."""
+        answer: Any = None
+        while True:
+            try:
+                step = plan.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer = None
+            if isinstance(step, _Wait):
+                await asyncio.sleep(step.seconds)
+                continue
+            try:
+                answer = await client.infer(self.model, step.inputs, outputs=step.outputs, **self._call_kw)
+            except Exception as e:
+                answer = e
+
+    # -- sync -------------------------------------------------------------------------------------
+    def infer(self, blobs: Sequence[bytes], sources: Sequence[str] | None = None) -> list[Prediction]:
+        """One request for the whole batch (re-sent after UNAVAILABLE, with backoff); raises RequestError
+        if the server rejects it."""
+        return self._run(self._request(self._mod, blobs, sources))
 
     def classify(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int = 8,
                  progress: Callable[[int], None] | None = None) -> list[Prediction]:
         """Sync: batches one after the other; a rejected batch is retried image by image."""
         out: list[Prediction] = []
-        for i in range(0, len(blobs), batch_size):
-            b, s = blobs[i:i + batch_size], sources[i:i + batch_size]
-            try:
-                out += self.infer(b, s)
-            except RequestError as e:
-                out += self._isolate(b, s, self.infer) if e.bad_input and len(b) > 1 else _failed(s, e)
-            if progress:
-                progress(len(b))
+        for b, s in _batches(blobs, sources, batch_size):
+            out += self._run(self._batch(self._mod, b, s, progress))
         return out
 
     def classify_files(self, paths: Sequence[Path | str], batch_size: int = 8) -> list[Prediction]:
@@ -268,43 +352,20 @@ class ImageClassifierClient:
         self._classification()  # asked once, with the sync client, before the event loop starts
         return asyncio.run(self._classify_async(blobs, sources, batch_size, concurrency, progress))
 
-    async def _classify_async(self, blobs, sources, batch_size, concurrency, progress) -> list[Prediction]:
+    async def _classify_async(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int,
+                              concurrency: int, progress: Callable[[int], None] | None) -> list[Prediction]:
         mod, aio = triton_modules(self.protocol, aio=True)
         # HTTP: conn_timeout is aiohttp's total timeout per request; gRPC: a deadline per call
-        client = aio.InferenceServerClient(self.url, **({"conn_timeout": self.timeout_s} if self.protocol == "http" else {}))
+        kw = {"conn_timeout": self.timeout_s} if self.protocol == "http" else {}
+        client = aio.InferenceServerClient(self.url, **kw)
         gate = asyncio.Semaphore(concurrency)
 
-        async def infer_async(b, s):
-            inputs, outputs = self._inputs_outputs(mod, b)
-            for attempt in itertools.count():
-                try:
-                    result = await client.infer(self.model, inputs, outputs=outputs, **self._call_kw)
-                    return self._predictions(result, s)
-                except Exception as e:
-                    delay = self._retry_delay(e, attempt)
-                await asyncio.sleep(delay)
-
-        async def one_batch(b, s):
+        async def one_batch(b: Sequence[bytes], s: Sequence[str]) -> list[Prediction]:
             async with gate:
-                try:
-                    preds = await infer_async(b, s)
-                except RequestError as e:
-                    if not e.bad_input or len(b) == 1:
-                        preds = _failed(s, e)
-                    else:
-                        preds = []
-                        for bb, ss in zip(b, s):
-                            try:
-                                preds += await infer_async([bb], [ss])
-                            except RequestError as e1:
-                                preds += _failed([ss], e1)
-                if progress:
-                    progress(len(b))
-                return preds
+                return await self._run_async(client, self._batch(mod, b, s, progress))
 
         try:
-            batches = [one_batch(blobs[i:i + batch_size], sources[i:i + batch_size])
-                       for i in range(0, len(blobs), batch_size)]
+            batches = [one_batch(b, s) for b, s in _batches(blobs, sources, batch_size)]
             return [p for preds in await asyncio.gather(*batches) for p in preds]
         finally:
             await client.close()

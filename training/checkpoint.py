@@ -33,7 +33,7 @@ def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
     atomic_write_bytes(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

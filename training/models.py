@@ -9,6 +9,7 @@ changed, so a pruned checkpoint is rebuilt by the same ``build_model`` call as a
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -132,15 +133,25 @@ def changed_widths(model: nn.Module, nominal: nn.Module) -> Channels:
     return {name: w for name, w in layer_widths(model).items() if before.get(name) != w}
 
 
-def resize_layers(model: nn.Module, channels: Channels) -> nn.Module:
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's kernel size, stride, padding or dilation (always two numbers) as nn.Conv2d takes them."""
+    return values[0], values[1]
+
+
+def resize_layers(model: ModelT, channels: Channels) -> ModelT:
     """Replace each named layer by one of the recorded widths (same kernel, stride, padding, bias);
     the weights are then loaded from the checkpoint."""
     modules = dict(model.named_modules())
     for name, widths in channels.items():
         old = modules.get(name)
+        new: nn.Module
         if isinstance(old, nn.Conv2d) and len(widths) == 2 and old.groups == 1:
-            new = nn.Conv2d(widths[0], widths[1], old.kernel_size, old.stride, old.padding, old.dilation,
-                            bias=old.bias is not None, padding_mode=old.padding_mode)
+            padding = old.padding if isinstance(old.padding, str) else _pair(old.padding)
+            new = nn.Conv2d(widths[0], widths[1], _pair(old.kernel_size), _pair(old.stride), padding,
+                            _pair(old.dilation), bias=old.bias is not None, padding_mode=old.padding_mode)
         elif isinstance(old, nn.Linear) and len(widths) == 2:
             new = nn.Linear(widths[0], widths[1], bias=old.bias is not None)
         elif isinstance(old, nn.BatchNorm2d) and len(widths) == 1:

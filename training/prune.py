@@ -25,10 +25,12 @@ than its default 32 to reach 50% on the narrow demo network, and a score functio
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,12 +38,12 @@ from torch import nn
 
 from core.atomic_io import atomic_write_bytes
 from core.metadata import file_sha256
-from core.preprocess import DaliPreprocessor
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 from training import train
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, spec_from_checkpoint
 from training.data import drop_bad_images, list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
-from training.models import build_model, changed_widths
+from training.models import Channels, build_model, changed_widths
 from training.sparsity import SPARSE_IN_MULTIPLE, SPARSITY_PATTERNS, eligible, two_four_violations
 
 REPORT = "prune_report.json"
@@ -112,21 +114,17 @@ def finetune_args(ckpt: dict, ckpt_path: Path, init_path: Path, data: Path, out:
                               "--lr", str(lr if lr is not None else original_lr / 10), *extra])
 
 
-def main(args: argparse.Namespace) -> dict:
-    ckpt = load_checkpoint(args.ckpt)
-    if ckpt.get("pruning"):
-        print(f"note: {args.ckpt} is already pruned; pruning it again")
-    spec = spec_from_checkpoint(ckpt)
-    unpruned = model_from_checkpoint(ckpt)
+def prune_copy(args: argparse.Namespace, ckpt: dict[str, Any], spec: PreprocessSpec,
+               unpruned: nn.Module) -> tuple[nn.Module, dict[str, Any], Channels]:
+    """Step 1: a pruned copy of the checkpoint's network, the record of how it was pruned (the checkpoint's
+    ``pruning``) and the layer widths pruning changed (so that build_model rebuilds it)."""
     nominal = build_model(ckpt["arch"], **{k: v for k, v in ckpt["arch_args"].items() if k != "channels"})
     flops0, params0 = count_flops_params(unpruned, spec.crop_size)
-
-    # 1. prune a copy; record the new widths so build_model rebuilds it
     round_to = args.round_to or None
     if args.sparsity == "2:4":  # so that every pruned layer can carry a 2:4 mask (training.sparsity.eligible)
         round_to = math.lcm(round_to or 1, SPARSE_IN_MULTIPLE)
-    pruned = prune_to_target(model_from_checkpoint(ckpt), spec.crop_size, len(ckpt["classes"]), args.target_flops or None,
-                             args.target_params, round_to)
+    pruned = prune_to_target(model_from_checkpoint(ckpt), spec.crop_size, len(ckpt["classes"]),
+                             args.target_flops or None, args.target_params, round_to)
     flops, params = count_flops_params(pruned, spec.crop_size)
     import torch_pruning as tp
 
@@ -137,49 +135,98 @@ def main(args: argparse.Namespace) -> dict:
                "flops_fraction": flops / flops0, "params_fraction": params / params0}
     print(f"pruned {ckpt['arch']}: FLOPs {flops0 / 1e6:.1f}M -> {flops / 1e6:.1f}M ({flops / flops0:.2f}), "
           f"parameters {params0 / 1e3:.0f}K -> {params / 1e3:.0f}K ({params / params0:.2f})")
-    stage = args.out / "finetune"
+    return pruned, pruning, changed_widths(pruned, nominal)
+
+
+def write_pruned_init(ckpt: dict[str, Any], pruned: nn.Module, pruning: dict[str, Any], channels: Channels,
+                      stage: Path) -> Path:
+    """The pruned network as an ordinary checkpoint (the fine-tuning run's --init), in a fresh ``stage``."""
     if stage.exists():
         shutil.rmtree(stage)  # a fresh fine-tuning run: never resume another pruning's weights
     init_path = stage / "pruned_init.pt"
     init = {k: v for k, v in ckpt.items() if k not in ("train_state", "optimizer", "lr_scheduler")}
     init.update(model={k: v.detach().clone() for k, v in pruned.state_dict().items()}, pruning=pruning,
-                arch_args={**ckpt["arch_args"], "channels": changed_widths(pruned, nominal)})
+                arch_args={**ckpt["arch_args"], "channels": channels})
     save_checkpoint(init, init_path)
+    return init_path
 
-    # 2. recover accuracy: distillation from the unpruned model
+
+def recover(args: argparse.Namespace, ckpt: dict[str, Any], init_path: Path, stage: Path) -> argparse.Namespace:
+    """Step 2: fine-tune the pruned network as the unpruned one's student (training.train); its arguments."""
     targs = finetune_args(ckpt, args.ckpt, init_path, args.data, stage, args.epochs, args.lr, args.sparsity,
                           args.train_args)
     print(f"fine-tuning {args.epochs} epoch(s) at lr {targs.lr:g} with the unpruned model as teacher -> {stage}")
     train.main(targs)
+    return targs
 
-    # 3. the gate, on val through the serving preprocess
-    result_ckpt = load_checkpoint(stage / "best.pt")
-    result = model_from_checkpoint(result_ckpt)
-    val = drop_bad_images(list_images(args.data / "val", ckpt["classes"]), "skip")
+
+def val_top1(val_dir: Path, classes: list[str], spec: PreprocessSpec,
+             models: dict[str, nn.Module]) -> tuple[dict[str, float], float, int]:
+    """Each model's top-1 on the val split through the serving preprocess (one decode for all of them), the
+    pruned model's agreement with the unpruned one, and the number of val images."""
+    val = drop_bad_images(list_images(val_dir, classes), "skip")
     paths, labels = [p for p, _ in val], np.array([y for _, y in val])
-    models = {"unpruned": unpruned, "pruned": result, "before_finetune": pruned}
-    logits = stream_logits({name: lambda x, m=m: logits_for_inputs(m, x) for name, m in models.items()},
+    logits = stream_logits({name: functools.partial(logits_for_inputs, m) for name, m in models.items()},
                            DaliPreprocessor(spec).iter_files(paths))
-    top1 = {name: float(100 * np.mean(l.argmax(1) == labels)) for name, l in logits.items()}
+    top1 = {name: float(100 * np.mean(out.argmax(1) == labels)) for name, out in logits.items()}
     agreement = float(100 * np.mean(logits["pruned"].argmax(1) == logits["unpruned"].argmax(1)))
-    weights = {n: w for n, w in result_ckpt["model"].items() if n.endswith(".weight") and w.ndim in (2, 4)}
-    sparse = {"eligible_layers": sum(eligible(w) for w in weights.values()), "layers": len(weights),
-              "violations": sum(two_four_violations(w) for w in weights.values())}
+    return top1, agreement, len(paths)
+
+
+def two_four_counts(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """How many conv/linear weights can carry a 2:4 mask, of how many, and the 4-groups that break 2:4."""
+    weights = {n: w for n, w in state_dict.items() if n.endswith(".weight") and w.ndim in (2, 4)}
+    return {"eligible_layers": sum(eligible(w) for w in weights.values()), "layers": len(weights),
+            "violations": sum(two_four_violations(w) for w in weights.values())}
+
+
+def gate_report(args: argparse.Namespace, ckpt: dict[str, Any], spec: PreprocessSpec, unpruned: nn.Module,
+                pruned: nn.Module, stage: Path, lr: float, pruning: dict[str, Any]) -> dict[str, Any]:
+    """Step 3: the report (prune_report.json): val top-1 before and after, agreement, the gate's verdict."""
+    result_ckpt = load_checkpoint(stage / "best.pt")
+    models = {"unpruned": unpruned, "pruned": model_from_checkpoint(result_ckpt), "before_finetune": pruned}
+    top1, agreement, images = val_top1(args.data / "val", ckpt["classes"], spec, models)
+    sparse = two_four_counts(result_ckpt["model"])
     passed = top1["pruned"] >= top1["unpruned"] - args.max_top1_drop
-    report = {"checkpoint": str(args.out / "best.pt"), "val_images": len(paths), "max_top1_drop": args.max_top1_drop,
+    report = {"checkpoint": str(args.out / "best.pt"), "val_images": images, "max_top1_drop": args.max_top1_drop,
               "top1": top1, "agreement_with_unpruned": agreement, "gate": "pass" if passed else "fail",
-              "epochs": args.epochs, "lr": targs.lr, "sparsity": args.sparsity,
+              "epochs": args.epochs, "lr": lr, "sparsity": args.sparsity,
               "two_four": sparse if args.sparsity == "2:4" else None, **pruning}
     print(f"val top-1: unpruned {top1['unpruned']:.2f}%, pruned {top1['before_finetune']:.2f}% before and "
           f"{top1['pruned']:.2f}% after fine-tuning; agreement with unpruned {agreement:.2f}%")
+    return report
+
+
+def publish(args: argparse.Namespace, report: dict[str, Any], stage: Path) -> None:
+    """Write the report; only when the gate passed, <out>/best.pt (else an older one is removed and
+    PruneGateError raised)."""
     atomic_write_bytes(args.out / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    if not passed:
+    if report["gate"] != "pass":
+        top1 = report["top1"]
         (args.out / "best.pt").unlink(missing_ok=True)
         raise PruneGateError(
-            f"accuracy gate failed: pruned top-1 {top1['pruned']:.2f}% vs unpruned {top1['unpruned']:.2f}% (allowed drop "
-            f"{args.max_top1_drop} points); {args.out / 'best.pt'} not written. Try more --epochs or a milder target.")
+            f"accuracy gate failed: pruned top-1 {top1['pruned']:.2f}% vs unpruned {top1['unpruned']:.2f}% "
+            f"(allowed drop {args.max_top1_drop} points); {args.out / 'best.pt'} not written. "
+            "Try more --epochs or a milder target.")
     atomic_write_bytes(args.out / "best.pt", lambda tmp: shutil.copyfile(stage / "best.pt", tmp))
     print(f"wrote {args.out / 'best.pt'} and {args.out / REPORT}")
+
+
+def main(args: argparse.Namespace) -> dict:
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("pruning"):
+        print(f"note: {args.ckpt} is already pruned; pruning it again")
+    spec = spec_from_checkpoint(ckpt)
+    unpruned = model_from_checkpoint(ckpt)
+    # 1. prune a copy; record the new widths so build_model rebuilds it
+    pruned, pruning, channels = prune_copy(args, ckpt, spec, unpruned)
+    stage = args.out / "finetune"
+    init_path = write_pruned_init(ckpt, pruned, pruning, channels, stage)
+    # 2. recover accuracy: distillation from the unpruned model
+    targs = recover(args, ckpt, init_path, stage)
+    # 3. the gate, on val through the serving preprocess
+    report = gate_report(args, ckpt, spec, unpruned, pruned, stage, targs.lr, pruning)
+    publish(args, report, stage)
     return report
 
 
@@ -207,4 +254,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e

@@ -34,7 +34,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     d = load_digits()
     small = np.round(d.images * (255 / 16)).astype(np.uint8)  # 0..16 gray levels
     # 8x8 is below any sensible network input: upscale as a scanner would have delivered it
-    big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.BICUBIC)) for im in small])
+    big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BICUBIC)) for im in small])
     return big, d.target.astype(int), [str(i) for i in range(10)]
 
 

@@ -20,7 +20,10 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,13 +50,16 @@ from training.evaluate import evaluate
 from training.models import ARCHS, build_model
 from training.sparsity import SPARSITY_PATTERNS, dense_state_dict, sparsify
 
+METRICS_LOG = "metrics.jsonl"  # in --out: one JSON line per epoch
+
 # ------------------------------------------------------------------------------------------------
 # recipe pieces
 # ------------------------------------------------------------------------------------------------
 
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
     """Norm weights and biases (the 1-d parameters) get their own weight decay, 0 by default."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -112,6 +118,36 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
 # loop
 # ------------------------------------------------------------------------------------------------
 
+def forward_loss(model: nn.Module, images: torch.Tensor, target: torch.Tensor, criterion: nn.Module, args,
+                 teacher: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the loss: the label loss, or with a teacher the distillation loss."""
+    output = model(images)
+    if teacher is None:
+        return output, criterion(output, target)
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    return output, distillation_loss(output, teacher_logits, target, criterion, args.distill_alpha,
+                                     args.distill_temperature)
+
+
+def optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, args,
+                   scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, optional gradient clipping (on unscaled gradients), then the optimizer's step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if args.clip_grad_norm:
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch: int, args, device, dist: DistInfo,
                     scaler=None, amp_dtype=None, ema=None, teacher=None) -> dict[str, float]:
     model.train()
@@ -123,27 +159,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch: int, 
         if args.channels_last_on:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            output = model(images)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
-                loss = distillation_loss(output, teacher_logits, target, criterion, args.distill_alpha,
-                                         args.distill_temperature)
-            else:
-                loss = criterion(output, target)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if args.clip_grad_norm:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+            output, loss = forward_loss(model, images, target, criterion, args, teacher)
+        optimizer_step(loss, model, optimizer, args, scaler)
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
@@ -154,35 +171,110 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch: int, 
         bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{100 * correct / total:.1f}",
                         img_s=f"{total * dist.world_size / (time.perf_counter() - start):.0f}")
     elapsed = time.perf_counter() - start
-    total, correct, loss_sum = all_reduce_sum([total, correct, loss_sum], dist)
-    return {"train_loss": loss_sum / total, "train_top1": 100.0 * correct / total, "images_per_s": total / elapsed,
-            "lr": optimizer.param_groups[0]["lr"]}
+    images_seen, images_right, loss_total = all_reduce_sum([total, correct, loss_sum], dist)
+    return {"train_loss": loss_total / images_seen, "train_top1": 100.0 * images_right / images_seen,
+            "images_per_s": images_seen / elapsed, "lr": optimizer.param_groups[0]["lr"]}
 
 
-def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
-    dist = init_distributed(device)
-    amp_dtype = resolve_amp(args.amp, device)
-    args.channels_last_on = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    log = print if dist.is_main else (lambda *a, **k: None)
+# ------------------------------------------------------------------------------------------------
+# main's steps: what a run is made of, in the order main builds it
+# ------------------------------------------------------------------------------------------------
 
-    classes = find_classes(args.data / "train")
-    val_classes = find_classes(args.data / "val")
+@dataclass
+class TrainData:
+    classes: list[str]
+    spec: PreprocessSpec
+    train_set: ImageFolderTrain
+    sampler: EpochSampler
+    loader: DataLoader
+
+
+@dataclass
+class Student:
+    """The network being trained and what it started from."""
+    model: nn.Module
+    arch_args: dict[str, Any]
+    init: dict[str, str] | None = None  # the --init checkpoint and its sha256
+    pruning: dict[str, Any] | None = None  # how the starting network was made, carried forward
+
+
+@dataclass
+class Optimization:
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None = None
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+
+
+@dataclass
+class Progress:
+    start_epoch: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = 0
+
+
+@dataclass
+class ValData:
+    pre: DaliPreprocessor
+    paths: list[Path]
+    labels: np.ndarray
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of (main's steps build it); rank 0 alone has ``val``."""
+    args: argparse.Namespace
+    device: torch.device
+    dist: DistInfo
+    amp_dtype: torch.dtype | None
+    log: Callable[..., None]
+    data: TrainData
+    student: Student
+    opt: Optimization
+    teacher: nn.Module | None
+    distill: dict[str, Any] | None
+    progress: Progress
+    val: ValData | None
+    provenance: dict[str, Any]
+    config: dict[str, Any]
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    """``log`` on the ranks other than 0."""
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def class_names(data: Path) -> list[str]:
+    classes = find_classes(data / "train")
+    val_classes = find_classes(data / "val")
     if val_classes != classes:
         raise ValueError(f"train and val class folders differ: {sorted(set(classes) ^ set(val_classes))}")
-    spec = PreprocessSpec.for_size(args.img_size)
+    return classes
+
+
+def train_samples(args, classes: list[str], dist: DistInfo) -> list[tuple[Path, int]]:
     # the bad-image scan decodes every file: rank 0 does it (cached by the files' listing, see
     # training.data.drop_bad_images), the other ranks then read its verdict
     if dist.is_main:
-        train_samples = drop_bad_images(list_images(args.data / "train", classes), args.on_bad_image)
+        samples = drop_bad_images(list_images(args.data / "train", classes), args.on_bad_image)
     barrier(dist)
     if not dist.is_main:
-        train_samples = drop_bad_images(list_images(args.data / "train", classes), args.on_bad_image)
+        samples = drop_bad_images(list_images(args.data / "train", classes), args.on_bad_image)
+    return samples
+
+
+def load_train_data(args, dist: DistInfo, device: torch.device) -> TrainData:
+    classes = class_names(args.data)
+    spec = PreprocessSpec.for_size(args.img_size)
+    samples = train_samples(args, classes, dist)
     transform = TrainTransform(spec, scale=(args.crop_scale_min, 1.0), hflip=args.hflip, color_jitter=args.color_jitter)
-    train_set = ImageFolderTrain(train_samples, transform, args.seed)
+    train_set = ImageFolderTrain(samples, transform, args.seed)
     # The sampler reshuffles from (seed, epoch): the same order whether resumed or not, and in DDP
     # the ranks' shards interleave so that together they see what one process with the
     # combined batch would see. EpochSampler sends the epoch with every index, so persistent
@@ -193,122 +285,204 @@ def main(args: argparse.Namespace) -> dict:
                         drop_last=len(sampler) > args.batch_size, persistent_workers=args.workers > 0,
                         pin_memory=device.type == "cuda")
     if len(loader) == 0:
-        raise ValueError(f"{len(train_samples)} training images are too few for batch size {args.batch_size} "
+        raise ValueError(f"{len(samples)} training images are too few for batch size {args.batch_size} "
                          f"x {dist.world_size} process(es)")
+    return TrainData(classes, spec, train_set, sampler, loader)
 
+
+def make_student(args, classes: list[str], device: torch.device) -> Student:
+    """The network to train: ``--arch`` freshly initialised, or ``--init``'s network and weights (a pruned
+    one: its architecture is in it; ``args.arch`` then becomes the checkpoint's)."""
     arch_args = {"num_classes": len(classes), **({"width": args.width} if args.width else {}),
                  **({"dropout": args.dropout} if args.dropout else {})}
     init = pruning = None
-    if args.init:  # start from a checkpoint's network and weights (a pruned one: its architecture is in it)
+    model: nn.Module
+    if args.init:
         init_ckpt = load_checkpoint(args.init)
         if init_ckpt["classes"] != classes:
             raise ValueError(f"--init {args.init} was trained on other classes than {args.data}")
         args.arch, arch_args = init_ckpt["arch"], init_ckpt["arch_args"]
         init = {"checkpoint": str(args.init), "sha256": file_sha256(args.init)}
-        pruning = init_ckpt.get("pruning")  # how the starting network was made, carried forward
+        pruning = init_ckpt.get("pruning")
         model = model_from_checkpoint(init_ckpt).to(device)
     else:
         model = build_model(args.arch, **arch_args).to(device)
     if args.sparsity != "none":  # masks from the starting weights, held through training
         model = sparsify(model)
     if args.channels_last_on:
-        model = model.to(memory_format=torch.channels_last)
+        # torch's stubs leave memory_format out of Module.to's overloads; Module.to accepts it (documented)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return Student(model, arch_args, init, pruning)
+
+
+def make_optimization(model: nn.Module, args, steps_per_epoch: int, amp_dtype: torch.dtype | None,
+                      device: torch.device) -> Optimization:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = make_optimizer(model, args)
-    steps_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     ema = make_ema(model, args.model_ema_decay) if args.model_ema else None
+    return Optimization(criterion, optimizer, scheduler, scaler, ema)
 
-    teacher, distill = None, None
-    if args.teacher:
-        teacher_ckpt = load_checkpoint(args.teacher)
-        if teacher_ckpt["classes"] != classes:
-            raise ValueError(f"teacher {args.teacher} was trained on other classes than {args.data}")
-        teacher = model_from_checkpoint(teacher_ckpt).to(device).requires_grad_(False)
-        distill = {"teacher": str(args.teacher), "teacher_sha256": file_sha256(args.teacher),
-                   "teacher_arch": teacher_ckpt["arch"], "teacher_arch_args": teacher_ckpt["arch_args"],
-                   "alpha": args.distill_alpha, "temperature": args.distill_temperature}
 
-    start_epoch, best_top1, best_epoch = 0, -1.0, 0
-    metrics_log = args.out / "metrics.jsonl"
-    if args.resume:
-        resume_path = args.out / "last.pt" if str(args.resume) == "auto" else Path(args.resume)
-        if resume_path.is_file():
-            ckpt = load_checkpoint(resume_path)
-            if (ckpt["arch"], ckpt["arch_args"], ckpt["classes"]) != (args.arch, arch_args, classes):
-                raise ValueError(f"{resume_path} is a {ckpt['arch']} {ckpt['arch_args']} on other classes: cannot resume")
-            state = ckpt["train_state"]
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["lr_scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            start_epoch, best_top1 = ckpt["epoch"], ckpt["best_top1"]
-            best_epoch = ckpt.get("best_epoch", start_epoch)
-            log(f"resumed from {resume_path} at epoch {start_epoch} (best top1 {best_top1:.2f})")
-        elif str(args.resume) != "auto":
+def load_teacher(args, classes: list[str], device: torch.device) -> tuple[nn.Module | None, dict[str, Any] | None]:
+    """The frozen ``--teacher`` and the checkpoints' record of it (None, None without one)."""
+    if not args.teacher:
+        return None, None
+    teacher_ckpt = load_checkpoint(args.teacher)
+    if teacher_ckpt["classes"] != classes:
+        raise ValueError(f"teacher {args.teacher} was trained on other classes than {args.data}")
+    teacher = model_from_checkpoint(teacher_ckpt).to(device).requires_grad_(False)
+    distill = {"teacher": str(args.teacher), "teacher_sha256": file_sha256(args.teacher),
+               "teacher_arch": teacher_ckpt["arch"], "teacher_arch_args": teacher_ckpt["arch_args"],
+               "alpha": args.distill_alpha, "temperature": args.distill_temperature}
+    return teacher, distill
+
+
+def resume(args, classes: list[str], student: Student, opt: Optimization, log: Callable[..., None]) -> Progress:
+    """Load ``--resume``'s training state into the student and its optimization; where the run starts."""
+    if not args.resume:
+        return Progress()
+    resume_path = args.out / "last.pt" if str(args.resume) == "auto" else Path(args.resume)
+    if not resume_path.is_file():
+        if str(args.resume) != "auto":
             raise FileNotFoundError(f"--resume {resume_path}: no such checkpoint")
-    if dist.is_main:
-        args.out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(args.out)
-        kept = [ln for ln in (metrics_log.read_text().splitlines() if metrics_log.exists() else [])
-                if json.loads(ln)["epoch"] <= start_epoch]  # a resumed run rewrites the epochs it repeats
-        atomic_write_bytes(metrics_log, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
+        return Progress()
+    ckpt = load_checkpoint(resume_path)
+    if (ckpt["arch"], ckpt["arch_args"], ckpt["classes"]) != (args.arch, student.arch_args, classes):
+        raise ValueError(f"{resume_path} is a {ckpt['arch']} {ckpt['arch_args']} on other classes: "
+                         "cannot resume")
+    load_train_state(ckpt["train_state"], student.model, opt)
+    progress = Progress(ckpt["epoch"], ckpt["best_top1"], ckpt.get("best_epoch", ckpt["epoch"]))
+    log(f"resumed from {resume_path} at epoch {progress.start_epoch} (best top1 {progress.best_top1:.2f})")
+    return progress
 
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
 
-    val_paths = val_labels = val_pre = None
-    if dist.is_main:  # val inputs come from the serving pipeline, streamed each epoch (any val size fits)
-        val_samples = drop_bad_images(list_images(args.data / "val", classes), args.on_bad_image)
-        val_paths, val_labels = [p for p, _ in val_samples], np.array([y for _, y in val_samples])
-        val_pre = DaliPreprocessor(spec)
+def load_train_state(state: dict[str, Any], model: nn.Module, opt: Optimization) -> None:
+    model.load_state_dict(state["model"])
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["lr_scheduler"])
+    if opt.scaler is not None and state.get("scaler"):
+        opt.scaler.load_state_dict(state["scaler"])
+    if opt.ema is not None:
+        opt.ema.load_state_dict(state["ema"])
 
-    provenance = {"data": str(args.data.resolve()), "data_sha256": dataset_fingerprint(args.data) if dist.is_main else None,
+
+def prepare_out_dir(out: Path, start_epoch: int) -> None:
+    """Create ``out`` (rank 0), clear stale temporaries; metrics.jsonl keeps the epochs up to ``start_epoch``."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    metrics_log = out / METRICS_LOG
+    kept = [ln for ln in (metrics_log.read_text().splitlines() if metrics_log.exists() else [])
+            if json.loads(ln)["epoch"] <= start_epoch]  # a resumed run rewrites the epochs it repeats
+    atomic_write_bytes(metrics_log, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
+
+
+def load_val(args, classes: list[str], spec: PreprocessSpec, dist: DistInfo) -> ValData | None:
+    """Rank 0's val inputs: from the serving pipeline, streamed each epoch (any val size fits)."""
+    if not dist.is_main:
+        return None
+    samples = drop_bad_images(list_images(args.data / "val", classes), args.on_bad_image)
+    paths, labels = [p for p, _ in samples], np.array([y for _, y in samples])
+    return ValData(DaliPreprocessor(spec), paths, labels)
+
+
+def provenance_and_config(args, dist: DistInfo, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Where the weights came from (data, seed, processes, versions) and the effective flags."""
+    provenance = {"data": str(args.data.resolve()),
+                  "data_sha256": dataset_fingerprint(args.data) if dist.is_main else None,
                   "seed": args.seed, "world_size": dist.world_size, "device": device.type,
                   "versions": library_versions(), "git_commit": git_commit()}
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    log(f"training {args.arch} on {len(train_set)} images ({len(classes)} classes) on {device.type}"
+    return provenance, config
+
+
+def checkpoint_dict(run: Run, deploy: nn.Module, metrics: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """The checkpoint after ``epoch``: the deployed weights, what they are, and the state to resume from."""
+    args, opt, student, progress = run.args, run.opt, run.student, run.progress
+    return {
+        "model": dense_state_dict(deploy),
+        "arch": args.arch, "arch_args": student.arch_args, "classes": run.data.classes,
+        "preprocess": run.data.spec.to_dict(),
+        "metrics": metrics, "provenance": run.provenance, "args": run.config, "distillation": run.distill,
+        "init": student.init, "pruning": student.pruning, "sparsity": args.sparsity,
+        "epoch": epoch + 1, "best_top1": progress.best_top1, "best_epoch": progress.best_epoch,
+        "train_state": {"model": student.model.state_dict(), "optimizer": opt.optimizer.state_dict(),
+                        "lr_scheduler": opt.scheduler.state_dict(), "ema": opt.ema.state_dict() if opt.ema else None,
+                        "scaler": opt.scaler.state_dict() if opt.scaler else None},
+    }
+
+
+def score_and_save(run: Run, epoch: int, stats: dict[str, float], t0: float) -> dict[str, Any]:
+    """Rank 0 after an epoch: val metrics (logged, appended to metrics.jsonl), last.pt, and best.pt if better."""
+    args, opt, progress, val = run.args, run.opt, run.progress, run.val
+    assert val is not None  # rank 0 has loaded it
+    deploy = opt.ema.module if opt.ema is not None else run.student.model  # the weights scored and exported
+    metrics = {"epoch": epoch + 1, **evaluate(deploy, val.pre, val.paths, val.labels, run.device), **stats,
+               "epoch_time_s": time.perf_counter() - t0}
+    run.log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val top1 {metrics['top1']:.2f}  "
+            f"top5 {metrics.get('top5', float('nan')):.2f}  ({stats['images_per_s']:.0f} img/s)")
+    with open(args.out / METRICS_LOG, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    improved = metrics["top1"] > progress.best_top1
+    if improved:
+        progress.best_top1, progress.best_epoch = metrics["top1"], epoch + 1
+    ckpt = checkpoint_dict(run, deploy, metrics, epoch)
+    save_checkpoint(ckpt, args.out / "last.pt")
+    if improved:
+        save_checkpoint(ckpt, args.out / "best.pt")
+    return metrics
+
+
+def stop_early(run: Run, epoch: int) -> bool:
+    """Early stopping on val top-1: rank 0 decides, every rank stops after the same epoch."""
+    stop = run.dist.is_main and epoch + 1 - run.progress.best_epoch >= run.args.patience
+    return bool(run.args.patience) and all_reduce_sum([float(stop)], run.dist)[0] > 0
+
+
+def train_epochs(run: Run, model: nn.Module) -> dict[str, Any]:
+    """The epochs from ``progress.start_epoch`` on (``model``: the student, DDP-wrapped when distributed);
+    the last epoch's metrics on rank 0, {} elsewhere."""
+    args, opt, metrics = run.args, run.opt, {}
+    for epoch in range(run.progress.start_epoch, args.epochs):
+        run.data.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        stats = train_one_epoch(model, opt.criterion, opt.optimizer, opt.scheduler, run.data.loader, epoch, args,
+                                run.device, run.dist, opt.scaler, run.amp_dtype, opt.ema, run.teacher)
+        if run.dist.is_main:
+            metrics = score_and_save(run, epoch, stats, t0)
+        if stop_early(run, epoch):
+            run.log(f"early stop after epoch {epoch + 1}: val top-1 has not improved for {args.patience} epoch(s)")
+            break
+    return metrics
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    dist = init_distributed(device)
+    amp_dtype = resolve_amp(args.amp, device)
+    args.channels_last_on = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
+    seed_everything(args.seed)
+    log = print if dist.is_main else _silent
+
+    data = load_train_data(args, dist, device)
+    student = make_student(args, data.classes, device)
+    opt = make_optimization(student.model, args, len(data.loader), amp_dtype, device)
+    teacher, distill = load_teacher(args, data.classes, device)
+    progress = resume(args, data.classes, student, opt, log)
+    if dist.is_main:
+        prepare_out_dir(args.out, progress.start_epoch)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(student.model) if dist.enabled else student.model
+    val = load_val(args, data.classes, data.spec, dist)
+    provenance, config = provenance_and_config(args, dist, device)
+    run = Run(args, device, dist, amp_dtype, log, data, student, opt, teacher, distill, progress, val, provenance,
+              config)
+
+    log(f"training {args.arch} on {len(data.train_set)} images ({len(data.classes)} classes) on {device.type}"
         f"{f' x{dist.world_size} ({dist.backend})' if dist.enabled else ''}, "
         f"effective batch {args.batch_size * dist.world_size}")
-    metrics: dict = {}
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        stats = train_one_epoch(ddp_model, criterion, optimizer, scheduler, loader, epoch, args, device, dist,
-                                scaler, amp_dtype, ema, teacher)
-        if dist.is_main:
-            deploy = ema.module if ema is not None else model  # the weights that are scored and exported
-            metrics = {"epoch": epoch + 1, **evaluate(deploy, val_pre, val_paths, val_labels, device), **stats,
-                       "epoch_time_s": time.perf_counter() - t0}
-            log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val top1 {metrics['top1']:.2f}  "
-                f"top5 {metrics.get('top5', float('nan')):.2f}  ({stats['images_per_s']:.0f} img/s)")
-            with open(metrics_log, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            improved = metrics["top1"] > best_top1
-            if improved:
-                best_top1, best_epoch = metrics["top1"], epoch + 1
-            ckpt = {
-                "model": dense_state_dict(deploy),
-                "arch": args.arch, "arch_args": arch_args, "classes": classes, "preprocess": spec.to_dict(),
-                "metrics": metrics, "provenance": provenance, "args": config, "distillation": distill,
-                "init": init, "pruning": pruning, "sparsity": args.sparsity,
-                "epoch": epoch + 1, "best_top1": best_top1, "best_epoch": best_epoch,
-                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "lr_scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                                "scaler": scaler.state_dict() if scaler else None},
-            }
-            save_checkpoint(ckpt, args.out / "last.pt")
-            if improved:
-                save_checkpoint(ckpt, args.out / "best.pt")
-        # early stopping on val top-1: rank 0 decides, every rank stops after the same epoch
-        stop = dist.is_main and epoch + 1 - best_epoch >= args.patience
-        if args.patience and all_reduce_sum([float(stop)], dist)[0] > 0:
-            log(f"early stop after epoch {epoch + 1}: val top-1 has not improved for {args.patience} epoch(s)")
-            break
-    log(f"best val top1 {best_top1:.2f}% (epoch {best_epoch})  -> {args.out / 'best.pt'}")
+    metrics = train_epochs(run, ddp_model)
+    log(f"best val top1 {progress.best_top1:.2f}% (epoch {progress.best_epoch})  -> {args.out / 'best.pt'}")
     cleanup(dist)
     return metrics
 
@@ -320,7 +494,14 @@ def main(args: argparse.Namespace) -> dict:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train an image classifier (ImageFolder)")
     p.add_argument("--config", type=Path, help="YAML or JSON file of flag values; command-line flags override it")
-    g = p.add_argument_group("data")
+    add_data_args(p.add_argument_group("data"))
+    add_model_args(p.add_argument_group("model"))
+    add_optimization_args(p.add_argument_group("optimization"))
+    add_run_args(p)
+    return p
+
+
+def add_data_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/ (required)")
     g.add_argument("--out", type=Path, default=Path("artifacts"), help="checkpoint directory")
     g.add_argument("--img-size", type=int, default=64, help="model input (crop) size")
@@ -333,7 +514,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop-scale-min", type=float, default=0.6, help="random resized crop: smallest area fraction")
     g.add_argument("--hflip", type=float, default=0.0, help="horizontal flip probability (0.5 suits most photos)")
     g.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation jitter strength")
-    g = p.add_argument_group("model")
+
+
+def add_model_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--arch", default="resnet_tiny", choices=sorted(ARCHS))
     g.add_argument("--width", type=int, help="base channel width (arch default: 32 for resnet_tiny, 64 otherwise)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier layer (0 = none)")
@@ -341,7 +524,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="start from this checkpoint's architecture and weights (--arch/--width are then ignored)")
     g.add_argument("--sparsity", choices=SPARSITY_PATTERNS, default="none",
                    help="2:4: train with ModelOpt 2:4 masks (TensorRT sparse tensor cores, engine --sparsity)")
-    g = p.add_argument_group("optimization")
+
+
+def add_optimization_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--epochs", type=int, default=12)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
     g.add_argument("--opt", choices=("sgd", "adamw"), default="sgd")
@@ -358,8 +543,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=0,
                    help="early stopping: stop when val top-1 has not improved for this many epochs (0 = off)")
     g.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this value")
-    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights; it is what gets scored and exported")
+    g.add_argument("--model-ema", action="store_true",
+                   help="keep an EMA of the weights; it is what gets scored and exported")
     g.add_argument("--model-ema-decay", type=float, default=0.99)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The hardware, distillation and run groups."""
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
@@ -373,7 +563,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", help="checkpoint to resume from, or 'auto' for <out>/last.pt if it exists")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
 
 
 def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
@@ -387,15 +576,17 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions}
+    settable = sorted(d for d in actions if d not in ("help", "config"))
     out = {}
     for key, value in values.items():
         dest = key.replace("-", "_")
-        if dest not in actions or dest in ("help", "config"):
-            raise ValueError(f"{path}: unknown setting {key!r}; valid: {sorted(d for d in actions if d not in ('help', 'config'))}")
+        if dest not in settable:
+            raise ValueError(f"{path}: unknown setting {key!r}; valid: {settable}")
         action = actions[dest]
         if action.choices and value not in action.choices:
             raise ValueError(f"{path}: {key} must be one of {list(action.choices)}, got {value!r}")
-        out[dest] = action.type(value) if action.type and value is not None and not isinstance(value, bool) else value
+        convert = action.type  # every --flag of this parser has a callable type, or none
+        out[dest] = convert(value) if callable(convert) and value is not None and not isinstance(value, bool) else value
     return out
 
 
@@ -414,4 +605,4 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e
