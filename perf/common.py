@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -31,7 +32,8 @@ def perf_analyzer_binary() -> Path:
     if not exe.exists():
         found = shutil.which("perf_analyzer")
         if not found:
-            raise FileNotFoundError("perf_analyzer not found: it ships with tritonclient[all]==2.51.0 (run `make venv`)")
+            raise FileNotFoundError("perf_analyzer not found: it ships with tritonclient[all]==2.51.0 "
+                                    "(run `make venv`)")
         exe = Path(found)
     return exe
 
@@ -109,14 +111,15 @@ def metrics_summary(before: dict[str, float], after: dict[str, float]) -> dict:
 
     models = sorted({m.group(1) for k in after if (m := re.search(r'model="([^"]+)"', k))})
     per_model = {}
-    for m in models:
-        req = delta("nv_inference_request_success", m)
+    for model in models:
+        req = delta("nv_inference_request_success", model)
         if req <= 0:
             continue
-        execs = delta("nv_inference_exec_count", m)
-        per_model[m] = {"requests": req, "avg_batch": delta("nv_inference_count", m) / execs if execs else None,
-                        "queue_us": delta("nv_inference_queue_duration_us", m) / req,
-                        "compute_infer_us": delta("nv_inference_compute_infer_duration_us", m) / req}
+        execs = delta("nv_inference_exec_count", model)
+        per_model[model] = {"requests": req,
+                            "avg_batch": delta("nv_inference_count", model) / execs if execs else None,
+                            "queue_us": delta("nv_inference_queue_duration_us", model) / req,
+                            "compute_infer_us": delta("nv_inference_compute_infer_duration_us", model) / req}
     return {"models": per_model, "cpu_utilization": after.get("nv_cpu_utilization"),
             "cpu_memory_used_mib": (after.get("nv_cpu_memory_used_bytes") or 0) / 2 ** 20}
 
@@ -133,7 +136,7 @@ def process_usage(pid: int) -> dict[str, float]:
 def tree_usage(pid: int) -> dict[str, float]:
     """process_usage summed over a process and its live descendants (Triton + its Python stubs)."""
     pids, total = [pid], {"cpu_s": 0.0, "rss_bytes": 0.0}
-    children = {}
+    children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
@@ -178,20 +181,14 @@ def machine_info() -> dict:
     import importlib.metadata as md
 
     cpu = ""
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     mem = ""
-    try:
-        mem = f"{int(open('/proc/meminfo').readline().split()[1]) / 2 ** 20:.1f} GiB"
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        mem = f"{int(f.readline().split()[1]) / 2 ** 20:.1f} GiB"
     versions = {}
     for pkg in ("nvidia-pytriton", "tritonclient", "onnxruntime", "nvidia-dali-cuda120", "torch", "locust", "flask"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "platform": platform.platform(),
             "python": platform.python_version(), "versions": versions, "tritonserver": "2.51.0 (nvidia-pytriton 0.7.0)"}

@@ -36,7 +36,7 @@ import numpy as np
 
 from core import protocol as P
 from perf.common import REPORTS, sample_images
-from perf.reliability import kserve_request
+from perf.harness import request_body, start_baseline, verdicts
 
 LUA = Path(__file__).resolve().parent / "wrk" / "post_bodies.lua"
 
@@ -55,24 +55,6 @@ def wrk_binary() -> str:
     if not exe:
         raise FileNotFoundError("wrk not found: `make venv` installs it (Debian package wrk)")
     return exe
-
-
-MULTIPART_BOUNDARY = "fair-harness-boundary-7d1c"
-
-
-def request_body(blob: bytes, kind: str) -> tuple[bytes, dict[str, str]]:
-    """The body and headers that send one encoded image as ``kind``."""
-    if kind == "kserve":
-        body, headers = kserve_request([(P.IMAGE, "UINT8", [1, len(blob)], blob)])
-        return body, {"Content-Type": "application/octet-stream", **headers}
-    if kind == "raw":
-        return blob, {"Content-Type": "application/octet-stream"}
-    if kind == "multipart":
-        head = (f"--{MULTIPART_BOUNDARY}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"image.jpg\"\r\n"
-                "Content-Type: image/jpeg\r\n\r\n").encode()
-        return head + blob + f"\r\n--{MULTIPART_BOUNDARY}--\r\n".encode(), \
-            {"Content-Type": f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"}
-    raise ValueError(f"kind must be 'kserve', 'raw' or 'multipart', got {kind!r}")
 
 
 def write_bodies(images: list[bytes], kind: str, out: Path) -> int:
@@ -116,12 +98,15 @@ def run_wrk(target: Target, bodies: Path, count: int, seconds: int, connections:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
     if r.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk against {target.name} failed ({r.returncode}): {r.stderr[-1000:] or r.stdout[-1000:]}")
+        raise RuntimeError(f"wrk against {target.name} failed ({r.returncode}): "
+                           f"{r.stderr[-1000:] or r.stdout[-1000:]}")
     out = json.loads(line.split(" ", 1)[1])
     wall = out["duration_us"] / 1e6
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     out.update(seconds=round(wall, 2), per_s=round(out["requests"] / wall, 1),
-               errors=sum(out[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")),
-               generator_cores=round(((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / wall, 3))
+               errors=sum(out[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
+                                           "timeouts")),
+               generator_cores=round(cpu_s / wall, 3))
     return out
 
 
@@ -153,16 +138,20 @@ def compare(targets: list[Target], images: list[bytes], rounds: int = 3, seconds
                 runs[t.name].append(run_wrk(t, bodies[t.kind], count[t.kind], seconds, connections, threads))
     first = targets[0].name
     summary = {name: {"images_per_s": spread([x["per_s"] for x in rs]),
-                      "p50_ms": spread([x["p50_us"] / 1000 for x in rs]), "p99_ms": spread([x["p99_us"] / 1000 for x in rs]),
+                      "p50_ms": spread([x["p50_us"] / 1000 for x in rs]),
+                      "p99_ms": spread([x["p99_us"] / 1000 for x in rs]),
                       "errors": sum(x["errors"] for x in rs), "requests": sum(x["requests"] for x in rs),
                       "generator_cores": spread([x["generator_cores"] for x in rs])} for name, rs in runs.items()}
-    ratios = {f"{first} / {t.name}": spread([a["per_s"] / b["per_s"] for a, b in zip(runs[first], runs[t.name])])
+    ratios = {f"{first} / {t.name}": spread([a["per_s"] / b["per_s"]
+                                             for a, b in zip(runs[first], runs[t.name], strict=True)])
               for t in targets[1:]}
     if ceilings:
         summary["in-process ceiling"] = {"images_per_s": spread(ceilings)}
-        ratios[f"{first} / in-process ceiling"] = spread([a["per_s"] / c for a, c in zip(runs[first], ceilings)])
-    return {"generator": "wrk " + subprocess.run([wrk_binary(), "-v"], capture_output=True, text=True).stdout.split("[")[0]
-            .replace("wrk ", "").strip(), "connections": connections, "threads": threads, "seconds": seconds,
+        ratios[f"{first} / in-process ceiling"] = spread([a["per_s"] / c
+                                                          for a, c in zip(runs[first], ceilings, strict=True)])
+    version = subprocess.run([wrk_binary(), "-v"], capture_output=True, text=True).stdout
+    return {"generator": "wrk " + version.split("[")[0].replace("wrk ", "").strip(),
+            "connections": connections, "threads": threads, "seconds": seconds,
             "rounds": rounds, "images": len(images), "order": order_log, "targets": [t.__dict__ for t in targets],
             "summary": summary, "throughput_ratios": ratios, "runs": runs}
 
@@ -174,11 +163,12 @@ def plot(r: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "images_per_s", "images/s (one per request)"), (axes[1], "p99_ms", "p99 latency (ms)")):
+    for ax, key, label in ((axes[0], "images_per_s", "images/s (one per request)"),
+                           (axes[1], "p99_ms", "p99 latency (ms)")):
         names = [n for n in r["summary"] if key in r["summary"][n]]
         med = [r["summary"][n][key]["median"] for n in names]
-        lo = [m - r["summary"][n][key]["min"] for m, n in zip(med, names)]
-        hi = [r["summary"][n][key]["max"] - m for m, n in zip(med, names)]
+        lo = [m - r["summary"][n][key]["min"] for m, n in zip(med, names, strict=True)]
+        hi = [r["summary"][n][key]["max"] - m for m, n in zip(med, names, strict=True)]
         ax.bar(names, med, yerr=[lo, hi], capsize=6, color=[plt.cm.tab10(i) for i in range(len(names))])
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.set_ylabel(label)
@@ -191,62 +181,42 @@ def plot(r: dict, path: Path) -> Path:
     return path
 
 
-TARGETS = {"baseline": 6.0, "peer": 1.5, "ceiling": 0.8}  # Triton's throughput over each, at least
-PEER_NAMES = ("ray serve", "bentoml")
-
-
-def verdicts(r: dict) -> list[str]:
-    """Each target met or missed, by how much, from the medians of the per-round ratios and the p99s."""
-    first, s, ratios = r["targets"][0]["name"], r["summary"], r["throughput_ratios"]
-    out = []
-
-    def check(what: str, other: str, target: float, p99: bool) -> None:
-        ratio = ratios[f"{first} / {other}"]["median"]
-        line = f"{first} / {what}: {ratio:.2f}× (target ≥ {target:g}×: " + \
-            ("met" if ratio >= target else f"missed by {100 * (1 - ratio / target):.0f}%") + ")"
-        if p99:
-            mine, theirs = s[first]["p99_ms"]["median"], s[other]["p99_ms"]["median"]
-            line += f"; p99 {mine:g} ms vs {theirs:g} ms ({'lower' if mine < theirs else 'NOT lower'})"
-        out.append(line)
-
-    if "baseline" in s:
-        check("baseline", "baseline", TARGETS["baseline"], True)
-    peers = [n for n in PEER_NAMES if n in s]
-    if peers:
-        best = max(peers, key=lambda n: s[n]["images_per_s"]["median"])
-        check(f"best peer ({best})", best, TARGETS["peer"], True)
-    if "in-process ceiling" in s:
-        check("in-process ceiling", "in-process ceiling", TARGETS["ceiling"], False)
-    return out
+def _fmt(s: dict) -> str:
+    """A median with its range in brackets."""
+    return f"{s['median']:g} [{s['min']:g}–{s['max']:g}]"
 
 
 def render_markdown(r: dict, heading: str = "#", image: str | None = "compare.png") -> str:
     """The comparison as Markdown: ``heading`` its level, ``image`` the plot's file (None: not shown)."""
     forms = ", ".join(f"{t['name']} {t['kind']}" for t in r["targets"])
     lines = [f"{heading} Side by side, one load generator", "",
-             f"Measured {r.get('when', '')} with {r['generator']} ({r['threads']} threads, {r['connections']} connections, "
+             f"Measured {r.get('when', '')} with {r['generator']} ({r['threads']} threads, "
+             f"{r['connections']} connections, "
              f"the same {r['images']} JPEGs, one image per request, each in its server's own form: {forms}), "
              f"{r['rounds']} rounds of {r['seconds']:g} s, every "
-             "server once per round in a rotated order, after an untimed warm-up. Median over the rounds, range in brackets. "
+             "server once per round in a rotated order, after an untimed warm-up. Median over the rounds, "
+             "range in brackets. "
              "The generator runs on the same 2 cores as the servers; its CPU is shown.", "",
-             "| server | images/s | p50 (ms) | p99 (ms) | errors | generator CPU (cores) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    fmt = lambda s: f"{s['median']:g} [{s['min']:g}–{s['max']:g}]"
+             "| server | images/s | p50 (ms) | p99 (ms) | errors | generator CPU (cores) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in r["summary"].items():
         if "p50_ms" not in s:  # the in-process ceiling: no server, no requests
             batch = f", batches of {r['ceiling_batch']}" if "ceiling_batch" in r else ""
-            lines.append(f"| {name} (DALI + ONNX Runtime in this process{batch}) | {fmt(s['images_per_s'])} | | | | |")
+            lines.append(f"| {name} (DALI + ONNX Runtime in this process{batch}) | {_fmt(s['images_per_s'])} "
+                         "| | | | |")
             continue
-        lines.append(f"| {name} | {fmt(s['images_per_s'])} | {fmt(s['p50_ms'])} | {fmt(s['p99_ms'])} | {s['errors']} | "
-                     f"{fmt(s['generator_cores'])} |")
+        lines.append(f"| {name} | {_fmt(s['images_per_s'])} | {_fmt(s['p50_ms'])} | {_fmt(s['p99_ms'])} | "
+                     f"{s['errors']} | {_fmt(s['generator_cores'])} |")
     lines += ["", "Throughput ratios, taken within each round:", ""]
-    lines += [f"- {k}: {fmt(v)}" for k, v in r["throughput_ratios"].items()]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in r["throughput_ratios"].items()]
     lines += ["", "Targets (issue 12), at this concurrency:", ""] + [f"- {v}" for v in verdicts(r)]
     lines += ["", f"![compare]({image})", ""] if image else [""]
     return "\n".join(lines)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Triton and the naive baseline measured side by side by one generator (wrk)")
+    p = argparse.ArgumentParser(
+        description="Triton and the naive baseline measured side by side by one generator (wrk)")
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
     p.add_argument("--ckpt", type=Path, default=Path("artifacts/best.pt"), help="the baseline serves this checkpoint")
     p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
@@ -267,11 +237,11 @@ def side_by_side(repo: Path, ckpt: Path, image_dir: Path, out: Path, rounds: int
                  baseline_port: int = 0) -> dict:
     """Serve ``repo`` (and the same model in ``layouts``), start ``peers`` and the baseline (on ``ckpt``), and
     measure them all with :func:`compare`, the in-process ceiling at each round's start. Logs go to ``out``."""
-    from build.publish import served_onnx
-    from build.render_repo import LAYOUTS, read_manifest, render, settings_from_manifest
-    from perf import ceiling
+    from build.layouts import LAYOUTS
+    from build.render_repo import render
+    from build.settings import read_manifest, settings_from_manifest
     from perf.peers import launch
-    from perf.report import start_baseline
+    from serve.publish import served_onnx
     from serve.server import TritonServer, free_ports
 
     out.mkdir(parents=True, exist_ok=True)
@@ -297,35 +267,68 @@ def side_by_side(repo: Path, ckpt: Path, image_dir: Path, out: Path, rounds: int
                 render(onnx, tmp, settings_from_manifest(manifest), layout=layout)
                 other = stack.enter_context(TritonServer(tmp, None, log_file=out / f"tritonserver-{layout}.log"))
                 targets.append(Target(f"triton ({layout})", f"http://{other.http_url}", path, "kserve"))
-            spec = launch.write_spec(repo, out / "peer_spec.json")
-            for name in peers:  # the same ONNX file, preprocessing and batching settings
-                peer = launch.PEERS[name]
-                url = stack.enter_context(launch.running(peer, spec, free_ports(1)[0], out / f"{name}.log", images[0]))
-                targets.append(Target(peer.name, url, peer.path, peer.kind))
+            targets += peer_targets(stack, repo, peers, images[0], out)
             targets.append(Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw"))
-            # the served model itself, at the batch size where this process does best (chosen once, untimed)
-            best = ceiling.measure(onnx, image_dir, min_time=1.0, stages=False)["best_batch"]
-            per_round = lambda: ceiling.measure(onnx, image_dir, batches=(best,), min_time=seconds, stages=False)[
-                "ceiling_images_per_s"]
+            best, per_round = ceiling_per_round(onnx, image_dir, seconds)
             r = compare(targets, images, rounds, seconds, connections, ceiling=per_round)
     finally:
-        baseline.terminate()
-        try:
-            baseline.wait(10)
-        except subprocess.TimeoutExpired:
-            baseline.kill()
-            baseline.wait()
-    r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(repo), ceiling_batch=best, settings=manifest["settings"])
+        stop_baseline(baseline)
+    r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(repo), ceiling_batch=best,
+             settings=manifest["settings"])
     return r
 
 
-def main(a: argparse.Namespace) -> dict:
-    split = lambda text: tuple(x for x in text.split(",") if x)
+def peer_targets(stack: contextlib.ExitStack, repo: Path, peers: tuple[str, ...], probe: bytes,
+                 out: Path) -> list[Target]:
+    """``peers`` started on ``stack``, each serving what ``repo`` serves: the same ONNX file, preprocessing and
+    batching settings; ``probe`` (an encoded image) must be answered first. Logs go to ``out``."""
+    from perf.peers import launch
+    from serve.server import free_ports
+
+    spec = launch.write_spec(repo, out / "peer_spec.json")
+    targets = []
+    for name in peers:
+        peer = launch.PEERS[name]
+        url = stack.enter_context(launch.running(peer, spec, free_ports(1)[0], out / f"{name}.log", probe))
+        targets.append(Target(peer.name, url, peer.path, peer.kind))
+    return targets
+
+
+def ceiling_per_round(onnx: Path, image_dir: Path, seconds: int) -> tuple[int, Callable[[], float]]:
+    """The served model itself in this process: the batch size where it does best (chosen once, untimed), and
+    a measurement of its images/s at that batch over ``seconds``, to be taken at each round's start."""
+    from perf import ceiling
+
+    best = ceiling.measure(onnx, image_dir, min_time=1.0, stages=False)["best_batch"]
+
+    def per_round() -> float:
+        return ceiling.measure(onnx, image_dir, batches=(best,), min_time=seconds, stages=False)[
+            "ceiling_images_per_s"]
+
+    return best, per_round
+
+
+def stop_baseline(baseline: subprocess.Popen) -> None:
+    """Stop the baseline server: SIGTERM, and SIGKILL if it is not gone within 10 s."""
+    baseline.terminate()
     try:
-        r = side_by_side(a.repo, a.ckpt, a.images, a.out, a.rounds, a.seconds, a.connections, split(a.layouts),
-                         split(a.peers), a.baseline_port)
+        baseline.wait(10)
+    except subprocess.TimeoutExpired:
+        baseline.kill()
+        baseline.wait()
+
+
+def _split(text: str) -> tuple[str, ...]:
+    """A comma-separated list, empty items dropped."""
+    return tuple(x for x in text.split(",") if x)
+
+
+def main(a: argparse.Namespace) -> dict:
+    try:
+        r = side_by_side(a.repo, a.ckpt, a.images, a.out, a.rounds, a.seconds, a.connections, _split(a.layouts),
+                         _split(a.peers), a.baseline_port)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e
     plot(r, a.out / "compare.png")
     (a.out / "report.json").write_text(json.dumps(r, indent=2))
     (a.out / "report.md").write_text(render_markdown(r))

@@ -16,8 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
-from build.quantize import artifact_for
-from build.render_repo import read_manifest, settings_from_manifest
+from build.artifacts import artifact_for
+from build.settings import read_manifest, settings_from_manifest
 from core.atomic_io import atomic_write_bytes
 from perf.common import REPORTS, machine_info, sample_images
 from perf.perf_analyzer import measure_rendered, write_input_data
@@ -65,18 +65,22 @@ def markdown(r: dict) -> str:
     lines = [f"# Served precisions: {r['repo']}", "",
              f"perf_analyzer over {r['protocol']} at concurrency {r['concurrency']}, {r['rounds']} alternating rounds; "
              f"batching settings of the repository: `{json.dumps(r['settings'])}`.", "",
-             "| round | precision | img/s | p50 ms | p99 ms | vs FP32 (same round) |", "| --- | --- | --- | --- | --- | --- |"]
+             "| round | precision | img/s | p50 ms | p99 ms | vs FP32 (same round) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {x['round']} | {x['precision']} | {x['throughput']:.0f} | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
               f"{x['vs_fp32']:.2f}× |" for x in r["results"]]
-    lines += ["", "Median ratio to FP32: " + ", ".join(f"{p} {s['median_vs_fp32']:.2f}×" for p, s in r["summary"].items()),
+    lines += ["", "Median ratio to FP32: " + ", ".join(f"{p} {s['median_vs_fp32']:.2f}×"
+                                                    for p, s in r["summary"].items()),
               ""]
     return "\n".join(lines)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Serve each precision with the same settings and compare throughput")
-    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="its build.json gives the batching settings")
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where `make quantize` wrote the artifacts")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"),
+                   help="its build.json gives the batching settings")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"),
+                   help="where `make quantize` wrote the artifacts")
     p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
     p.add_argument("--out", type=Path, default=REPORTS / "precisions")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["fp32", "int8"])
@@ -92,7 +96,7 @@ def main(a: argparse.Namespace) -> dict:
         return compare(a.artifacts, a.repo, a.images, a.out, tuple(dict.fromkeys(a.precisions)), a.rounds,
                        a.concurrency, a.protocol, a.interval_ms)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import json
 import statistics
 from pathlib import Path
 
-from build.quantize import REPORT as BUILD_REPORT
+from build.artifacts import REPORT as BUILD_REPORT
 from build.quantize import markdown as build_markdown
-from build.render_repo import read_manifest, settings_from_manifest
+from build.settings import read_manifest, settings_from_manifest
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes
 from core.metadata import file_sha256, read_metadata, source_checkpoint
@@ -77,6 +77,7 @@ def compare(unpruned_onnx: Path, pruned_dir: Path, repo: Path, images: Path, rou
         for name in (("unpruned", "pruned") if r % 2 == 0 else ("pruned", "unpruned")):
             # the ensemble layout: the classifier alone takes the pre-decoded tensors (the fused model has none)
             with rendered_server(onnx[name], settings, layout="postprocess") as (server, _):
+                assert server.proc is not None  # serving
                 url = server.grpc_url if protocol == "grpc" else server.http_url
                 for row in jpegs_and_tensors(url, server.http_url, protocol, inputs, [concurrency],
                                              pruned_dir / "served" / f"round{r + 1}_{name}",
@@ -133,7 +134,8 @@ def markdown(r: dict) -> str:
     s = r["served"]
     lines = [f"# Pruned model: {r['checkpoint']}", "",
              f"{r['library']}, {r['importance']} importance, channels rounded to {r['round_to']}; target: "
-             + " and ".join(f"{what} ≤ {r[key]}" for what, key in (("FLOPs", "target_flops"), ("parameters", "target_params"))
+             + " and ".join(f"{what} ≤ {r[key]}"
+                            for what, key in (("FLOPs", "target_flops"), ("parameters", "target_params"))
                             if r.get(key)) + f" of the unpruned model's. Recovery: {r['epochs']} "
              f"epoch(s) of distillation from the unpruned model at lr {r['lr']:g}"
              f"{'; 2:4 sparse weights' if r.get('sparsity') == '2:4' else ''}. Gate: val top-1 at most "
@@ -148,10 +150,12 @@ def markdown(r: dict) -> str:
     for name, a in r["artifacts"].items():
         key = "unpruned" if name == "unpruned" else "pruned"
         ratio = a.get("served_vs_unpruned")
-        lines.append(f"| {name} | {a['params'] / 1e3:.0f}K | {a['flops'] / 1e6:.1f}M | {a['size_bytes'] / 2 ** 20:.2f} MiB | "
+        lines.append(f"| {name} | {a['params'] / 1e3:.0f}K | {a['flops'] / 1e6:.1f}M | "
+                     f"{a['size_bytes'] / 2 ** 20:.2f} MiB | "
                      f"{a['top1']:.2f} | {a['agreement_with_unpruned']:.2f} | {_range(s['jpeg'][key])} | "
                      f"{_range(s['tensors'][key])} | "
-                     + (f"{_range(ratio['jpeg'], '{:.2f}×')} | {_range(ratio['tensors'], '{:.2f}×')} |" if ratio else "1× | 1× |"))
+                     + (f"{_range(ratio['jpeg'], '{:.2f}×')} | {_range(ratio['tensors'], '{:.2f}×')} |"
+                        if ratio else "1× | 1× |"))
     lines += ["", "| round | model | source | img/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {x['round']} | {x['variant']} | {x['source']} | {x['images_per_s']:.0f} | {x['p50_ms']:.1f} | "
               f"{x['p99_ms']:.1f} |" for x in s["results"]]
@@ -162,7 +166,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Serve the pruned and the unpruned model side by side and report")
     p.add_argument("--unpruned", type=Path, default=Path("artifacts/model.onnx"), help="the unpruned model's ONNX")
     p.add_argument("--pruned", type=Path, default=Path("artifacts/pruned"), help="what `make prune` wrote")
-    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="its build.json gives the batching settings")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"),
+                   help="its build.json gives the batching settings")
     p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=16)
@@ -178,7 +183,7 @@ def main(a: argparse.Namespace) -> dict:
         return compare(a.unpruned, a.pruned, a.repo, a.images, a.rounds, a.concurrency, a.protocol, a.interval_ms,
                        a.request_count)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":

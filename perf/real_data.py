@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from build.export_onnx import export
-from build.render_repo import RepoSettings, render
+from build.render_repo import render
+from build.settings import RepoSettings
 from clients.client import ImageClassifierClient
 from serve.server import TritonServer
 from training import train
@@ -43,7 +44,7 @@ def run(name: str, work: Path, extra_train_args: tuple[str, ...] = ()) -> dict:
     errors = [p.error for p in preds if not p.ok]
     if errors:
         raise RuntimeError(f"{name}: {len(errors)} val images were refused by the server, e.g. {errors[0]}")
-    served = 100.0 * sum(p.labels[0] == classes[y] for p, (_, y) in zip(preds, val)) / len(val)
+    served = 100.0 * sum(p.labels[0] == classes[y] for p, (_, y) in zip(preds, val, strict=True)) / len(val)
     train_images = len(list_images(data / "train", classes))
     return {"dataset": name, "classes": len(classes), "train_images": train_images, "val_images": len(val),
             "best_epoch": ckpt.get("best_epoch"), "checkpoint_val_top1": ckpt["best_top1"],

@@ -72,8 +72,8 @@ def windows(calls, start: float, duration_s: float, window_s: float) -> list[dic
         sel = [c for c in calls if lo <= c.sent < hi]
         ok = [1000 * (c.done - c.sent) for c in sel if c.outcome == "ok"]
         pct = {f"p{q}_ms": round(float(np.percentile(ok, q)), 1) if ok else None for q in (50, 90, 99)}
-        out.append({"start_s": round(lo - start, 1), "requests": len(sel), "answered_per_s": round(len(ok) / (hi - lo), 1),
-                    "errors": len(sel) - len(ok), **pct})
+        out.append({"start_s": round(lo - start, 1), "requests": len(sel),
+                    "answered_per_s": round(len(ok) / (hi - lo), 1), "errors": len(sel) - len(ok), **pct})
     return out
 
 
@@ -82,6 +82,7 @@ def soak(server: TritonServer, images: list[bytes], duration_s: float, workers: 
     """Hold ``workers`` closed-loop clients on ``server`` for ``duration_s``; the figures and the verdict."""
     samples: list[Sample] = []
     stop = threading.Event()
+    assert server.proc is not None  # running
     pid = server.proc.pid
 
     def sampler(t0: float) -> None:
@@ -107,20 +108,23 @@ def soak(server: TritonServer, images: list[bytes], duration_s: float, workers: 
     rss_slope, fd_slope = trend(ts, [s.rss_mib for s in steady]), trend(ts, [s.fds for s in steady])
     span = (ts[-1] - ts[0]) if len(ts) > 1 else 0.0
     c = counts(calls)
-    r = {"duration_s": duration_s, "workers": workers, "batch": batch, "window_s": window_s, "settle_s": settle,
-         "requests": len(calls), **c, "errors": len(calls) - c["ok"],
-         "answered_per_s": round(c["ok"] / duration_s, 1),
-         "rss_mib": {"first": steady[0].rss_mib if steady else None, "last": steady[-1].rss_mib if steady else None,
-                     "max": max((s.rss_mib for s in samples), default=None),
-                     "slope_per_min": round(60 * rss_slope, 3), "trend_over_run": round(rss_slope * span, 2),
-                     "allowance": RSS_ALLOWANCE_MIB},
-         "fds": {"first": steady[0].fds if steady else None, "last": steady[-1].fds if steady else None,
-                 "max": max((s.fds for s in samples), default=None),
-                 "slope_per_min": round(60 * fd_slope, 3), "trend_over_run": round(fd_slope * span, 2),
-                 "allowance": FD_ALLOWANCE},
-         "processes": sorted({s.processes for s in samples}), "stubs_same": children(pid) == stubs,
-         "windows": windows(calls, start, duration_s, window_s),
-         "samples": [s.__dict__ for s in samples], "examples": examples(calls, [k for k in OUTCOMES if k != "ok"])}
+    r: dict = {"duration_s": duration_s, "workers": workers, "batch": batch, "window_s": window_s,
+               "settle_s": settle,
+               "requests": len(calls), **c, "errors": len(calls) - c["ok"],
+               "answered_per_s": round(c["ok"] / duration_s, 1),
+               "rss_mib": {"first": steady[0].rss_mib if steady else None,
+                           "last": steady[-1].rss_mib if steady else None,
+                           "max": max((s.rss_mib for s in samples), default=None),
+                           "slope_per_min": round(60 * rss_slope, 3), "trend_over_run": round(rss_slope * span, 2),
+                           "allowance": RSS_ALLOWANCE_MIB},
+               "fds": {"first": steady[0].fds if steady else None, "last": steady[-1].fds if steady else None,
+                       "max": max((s.fds for s in samples), default=None),
+                       "slope_per_min": round(60 * fd_slope, 3), "trend_over_run": round(fd_slope * span, 2),
+                       "allowance": FD_ALLOWANCE},
+               "processes": sorted({s.processes for s in samples}), "stubs_same": children(pid) == stubs,
+               "windows": windows(calls, start, duration_s, window_s),
+               "samples": [s.__dict__ for s in samples],
+               "examples": examples(calls, [k for k in OUTCOMES if k != "ok"])}
     r["checks"] = {"no_errors": r["errors"] == 0 and r["ok"] > 0,
                    "rss_flat": len(steady) >= 3 and rss_slope * span <= RSS_ALLOWANCE_MIB,
                    "fds_flat": len(steady) >= 3 and fd_slope * span <= FD_ALLOWANCE,
@@ -163,25 +167,32 @@ def plot(r: dict, path: Path) -> Path:
 
 def render_markdown(r: dict) -> str:
     m, f = r["rss_mib"], r["fds"]
-    lines = ["# Soak report", "", f"Measured on the real tritonserver, {r.get('when', '')}, repository `{r.get('repo', '')}`: "
+    lines = ["# Soak report", "",
+             f"Measured on the real tritonserver, {r.get('when', '')}, repository `{r.get('repo', '')}`: "
              f"{r['workers']} closed-loop clients (HTTP and gRPC in turn, on the same machine) sending batches of "
              f"{r['batch']} JPEGs for {r['duration_s']:.0f} s.", "",
              f"Requests: {r['requests']}, answered {r['ok']} ({r['answered_per_s']}/s), errors {r['errors']}.", "",
-             "| resource (server + stubs) | after settling | at the end | max | trend per minute | trend over the run | allowed |",
+             "| resource (server + stubs) | after settling | at the end | max | trend per minute "
+             "| trend over the run | allowed |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-             f"| resident memory (MiB) | {m['first']} | {m['last']} | {m['max']} | {m['slope_per_min']:+} | {m['trend_over_run']:+} | {m['allowance']} |",
-             f"| open file descriptors | {f['first']} | {f['last']} | {f['max']} | {f['slope_per_min']:+} | {f['trend_over_run']:+} | {f['allowance']} |",
+             f"| resident memory (MiB) | {m['first']} | {m['last']} | {m['max']} | {m['slope_per_min']:+} | "
+             f"{m['trend_over_run']:+} | {m['allowance']} |",
+             f"| open file descriptors | {f['first']} | {f['last']} | {f['max']} | {f['slope_per_min']:+} | "
+             f"{f['trend_over_run']:+} | {f['allowance']} |",
              "", f"Trends are least-squares lines over the samples after the first {r['settle_s']:.0f} s.", "",
              "| window (start, s) | requests | answers/s | errors | p50 (ms) | p90 (ms) | p99 (ms) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {x['start_s']} | {x['requests']} | {x['answered_per_s']} | {x['errors']} | {x['p50_ms']} | {x['p90_ms']} | {x['p99_ms']} |"
+    lines += [f"| {x['start_s']} | {x['requests']} | {x['answered_per_s']} | {x['errors']} | {x['p50_ms']} | "
+              f"{x['p90_ms']} | {x['p99_ms']} |"
               for x in r["windows"]]
-    lines += ["", "![soak](soak.png)", "", "Checks: " + ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in r["checks"].items()), ""]
+    lines += ["", "![soak](soak.png)", "",
+              "Checks: " + ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in r["checks"].items()), ""]
     return "\n".join(lines)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Hold a steady load on the real tritonserver; check memory, descriptors, errors")
+    p = argparse.ArgumentParser(
+        description="Hold a steady load on the real tritonserver; check memory, descriptors, errors")
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
     p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load")

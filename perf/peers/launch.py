@@ -10,6 +10,7 @@ with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,10 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from build.publish import served_onnx
-from build.render_repo import read_manifest
+from build.settings import read_manifest
 from core.metadata import read_metadata
 from perf.common import PROJECT_ROOT
+from perf.harness import request_body
+from serve.publish import served_onnx
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Peer:
     name: str
     venv: str            # its virtualenv, relative to the project (`make peers` makes it)
     command: tuple       # run with that virtualenv's python, plus --spec FILE --port N
-    kind: str            # how a request carries the image (perf.fair.request_body): "raw" or "multipart"
+    kind: str            # how a request carries the image (perf.harness.request_body): "raw" or "multipart"
     path: str = "/predict"
 
 
@@ -49,7 +51,8 @@ def write_spec(repo: Path, out: Path) -> Path:
     spec = {"onnx": str(onnx.resolve()), "preprocess": meta["preprocess"], "classes": meta["classes"],
             "top_k": settings["top_k"], "max_batch_size": settings["max_batch_size"],
             "queue_delay_us": settings["queue_delay_us"], "instances": settings["classifier_instances"],
-            "dali_threads": settings["dali_threads"], "intra_op_threads": settings["intra_op_threads"]}
+            "dali_threads": settings["dali_threads"], "intra_op_threads": settings["intra_op_threads"],
+            "max_image_pixels": settings["max_image_pixels"], "max_image_bytes": settings["max_image_bytes"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(spec, indent=2))
     return out
@@ -74,30 +77,23 @@ def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     except psutil.NoSuchProcess:
         tree = []
     proc.terminate()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
     for p in tree:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             tree += [c for c in p.children(recursive=True) if c not in tree]
-        except psutil.NoSuchProcess:
-            pass
     for p in tree:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(tree, timeout=10)
     if proc.poll() is None:
         proc.wait(10)
 
 
 @contextmanager
-def running(peer: Peer, spec: Path, port: int, log_path: Path, probe: bytes, timeout_s: float = 300.0) -> Iterator[str]:
+def running(peer: Peer, spec: Path, port: int, log_path: Path, probe: bytes,
+            timeout_s: float = 300.0) -> Iterator[str]:
     """The peer serving on 127.0.0.1:``port``, its base URL, once ``probe`` (an encoded image) is answered 200."""
-    from perf.fair import request_body
-
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     with open(log_path, "w") as log:  # the child keeps its own descriptor
@@ -110,13 +106,14 @@ def running(peer: Peer, spec: Path, port: int, log_path: Path, probe: bytes, tim
             if proc.poll() is not None:
                 raise RuntimeError(f"{peer.name} exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(urllib.request.Request(url + peer.path, *request_body(probe, peer.kind)),
-                                            timeout=10) as r:
+                req = urllib.request.Request(url + peer.path, *request_body(probe, peer.kind))
+                with urllib.request.urlopen(req, timeout=10) as r:
                     r.read()
                 break
             except (urllib.error.URLError, OSError):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{peer.name} did not answer within {timeout_s:.0f} s (log: {log_path})") from None
+                    raise RuntimeError(f"{peer.name} did not answer within {timeout_s:.0f} s "
+                                       f"(log: {log_path})") from None
                 time.sleep(0.5)
         yield url
     finally:  # Ctrl-C and errors included: never leave a peer (or its helpers) behind

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from perf.common import REPORTS
+from perf.harness import start_baseline
 from perf.report.analysis import headline
-from perf.report.measure import FULL, QUICK, Profile, measure_all, start_baseline
+from perf.report.measure import FULL, QUICK, Profile, measure_all
 from perf.report.plots import plots
 from perf.report.render import markdown, to_html
 

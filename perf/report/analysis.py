@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from build.render_repo import LAYOUT_MODELS
-from perf.fair import TARGETS
+from build import layouts
+from perf.harness import TARGETS
 
 # issue 12's targets, the same ones `make compare` checks
 TARGET_BASELINE_RATIO = TARGETS["baseline"]
@@ -26,7 +26,7 @@ def headline(r: dict) -> dict:
 
 def computing_models(r: dict) -> tuple[str, ...]:
     """The models of the measured repository that run code (an ensemble's statistics only add theirs up)."""
-    return LAYOUT_MODELS[r["manifest"].get("layout", "postprocess")]
+    return layouts.of_manifest(r["manifest"]).python_models()
 
 
 def ceiling_headline(r: dict) -> dict:

@@ -39,8 +39,13 @@ def check(html_path: Path, screenshot: Path, width: int = 1280, height: int = 40
     dom = _run(["--dump-dom", url], timeout_s)
     if dom.returncode != 0 or "<body" not in dom.stdout:
         raise RuntimeError(f"chromium could not render {html_path}: {dom.stderr[-2000:]}")
-    body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
-    attr = lambda name: int(m.group(1)) if (m := re.search(rf'data-{name}="(\d+)"', body)) else None
+    tag = re.search(r"<body([^>]*)>", dom.stdout)
+    assert tag is not None  # "<body" is in the page
+    body = tag.group(1)
+
+    def attr(name: str) -> int | None:
+        return int(m.group(1)) if (m := re.search(rf'data-{name}="(\d+)"', body)) else None
+
     shot = _run([f"--screenshot={Path(screenshot).resolve()}", f"--window-size={width},{height}", url], timeout_s)
     if shot.returncode != 0 or not Path(screenshot).is_file():
         raise RuntimeError(f"chromium took no screenshot of {html_path}: {shot.stderr[-2000:]}")

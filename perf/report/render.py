@@ -6,108 +6,157 @@ from __future__ import annotations
 from datetime import UTC
 from pathlib import Path
 
+from perf.fair import render_markdown as render_compare
+from perf.harness import verdicts
 from perf.report.analysis import TARGET_BASELINE_RATIO, TARGET_CEILING_RATIO, computing_models, verdict
 
 
 def markdown(r: dict, h: dict, made: list[tuple[str, str]], tuning: dict | None) -> str:
+    """The whole report as Markdown: the headline first, then the machine, the figures and every section."""
     lines = [f"# Load-testing report ({r['timestamp']})", ""]
-    if "baseline_ratio" in h:
-        base_usage = r["locust"]["BaselineUser"]["usage"].get("cpu_cores_busy") or 0
-        triton_usage = r["locust"]["TritonHttpUser"]["usage"].get("cpu_cores_busy") or 0
-        why_base = (f"both servers share {r['machine']['cores']} cores with the locust load generator: Triton's server "
-                    f"tree kept {triton_usage:.2f} cores busy, the baseline {base_usage:.2f}")
-        lines.append(
-            f"- **Triton vs naive baseline** (locust, {h['users']} users, HTTP, same JPEGs): "
-            f"**{h['baseline_ratio']:.2f}×** throughput ({h['triton_rps']:.0f} vs {h['baseline_rps']:.0f} img/s), "
-            f"p99 {h['triton_p99_ms']:.0f} ms vs {h['baseline_p99_ms']:.0f} ms — "
-            f"{verdict(h['baseline_ratio'], TARGET_BASELINE_RATIO, why_base)}"
-            f"{'' if h['triton_p99_ms'] < h['baseline_p99_ms'] else '; p99 is NOT lower than the baseline'}.")
-    if "ceiling_ratio" in h:
-        why_ceiling = (f"the server spends {h['server_ms_per_image']:.2f} ms of compute per image in its "
-                       f"models ({', '.join(h['avg_batch'])}) at their average batches against {h['ceiling_ms_per_image']:.2f} ms in-process at batch "
-                       f"{h['ceiling_batch']}; the server tree kept {h['server_cores_busy'] or 0:.2f} of "
-                       f"{r['machine']['cores']} cores busy while the load generator ran on the same cores")
-        lines.append(
-            f"- **Triton vs in-process ceiling**: **{h['ceiling_ratio']:.2f}×** (best perf_analyzer point "
-            f"{h['best_perf_analyzer']['throughput']:.0f} img/s over {h['best_perf_analyzer']['protocol']} at concurrency "
-            f"{h['best_perf_analyzer']['concurrency']:g}, ceiling {h['ceiling']:.0f} img/s) — "
-            f"{verdict(h['ceiling_ratio'], TARGET_CEILING_RATIO, why_ceiling)}.")
-    if "compare" in r:  # issue 12's targets, from every server under one generator
-        from perf.fair import verdicts
+    lines += headline_section(r, h)
+    lines += machine_section(r)
+    lines += figures_section(r, made)
+    if "perf_analyzer" in r:
+        lines += perf_analyzer_section(r)
+    if "locust" in r:
+        lines += locust_section(r)
+    if "ceiling" in r:
+        lines += ceiling_section(r)
+    lines += precisions_section(r)
+    lines += tuning_section(tuning)
+    lines += configs_section(r)
+    return "\n".join(lines)
 
-        lines += [f"- **Side by side (wrk, {r['compare']['connections']} connections)**: {v}" for v in verdicts(r["compare"])]
+
+def headline_section(r: dict, h: dict) -> list[str]:
+    """The headline bullets: each target met or missed, failed requests, what was measured."""
+    lines = []
+    if "baseline_ratio" in h:
+        lines.append(baseline_bullet(r, h))
+    if "ceiling_ratio" in h:
+        lines.append(ceiling_bullet(r, h))
+    if "compare" in r:  # issue 12's targets, from every server under one generator
+        lines += [f"- **Side by side (wrk, {r['compare']['connections']} connections)**: {v}"
+                  for v in verdicts(r["compare"])]
     if "failures" in h:
         lines.append("- Failed requests: " + ", ".join(f"{u} {n}" for u, n in h["failures"].items()) + ".")
-    lines += [
+    return lines + [
         f"- Parts measured: {', '.join(r['profile']['parts'])}.",
         "",
         "All figures were measured in this run, on this machine, side by side.",
         "",
+    ]
+
+
+def baseline_bullet(r: dict, h: dict) -> str:
+    base_usage = r["locust"]["BaselineUser"]["usage"].get("cpu_cores_busy") or 0
+    triton_usage = r["locust"]["TritonHttpUser"]["usage"].get("cpu_cores_busy") or 0
+    why_base = (f"both servers share {r['machine']['cores']} cores with the locust load generator: Triton's server "
+                f"tree kept {triton_usage:.2f} cores busy, the baseline {base_usage:.2f}")
+    return (f"- **Triton vs naive baseline** (locust, {h['users']} users, HTTP, same JPEGs): "
+            f"**{h['baseline_ratio']:.2f}×** throughput ({h['triton_rps']:.0f} vs {h['baseline_rps']:.0f} img/s), "
+            f"p99 {h['triton_p99_ms']:.0f} ms vs {h['baseline_p99_ms']:.0f} ms — "
+            f"{verdict(h['baseline_ratio'], TARGET_BASELINE_RATIO, why_base)}"
+            f"{'' if h['triton_p99_ms'] < h['baseline_p99_ms'] else '; p99 is NOT lower than the baseline'}.")
+
+
+def ceiling_bullet(r: dict, h: dict) -> str:
+    best = h["best_perf_analyzer"]
+    why_ceiling = (f"the server spends {h['server_ms_per_image']:.2f} ms of compute per image in its "
+                   f"models ({', '.join(h['avg_batch'])}) at their average batches against "
+                   f"{h['ceiling_ms_per_image']:.2f} ms in-process at batch "
+                   f"{h['ceiling_batch']}; the server tree kept {h['server_cores_busy'] or 0:.2f} of "
+                   f"{r['machine']['cores']} cores busy while the load generator ran on the same cores")
+    return (f"- **Triton vs in-process ceiling**: **{h['ceiling_ratio']:.2f}×** (best perf_analyzer point "
+            f"{best['throughput']:.0f} img/s over {best['protocol']} at concurrency "
+            f"{best['concurrency']:g}, ceiling {h['ceiling']:.0f} img/s) — "
+            f"{verdict(h['ceiling_ratio'], TARGET_CEILING_RATIO, why_ceiling)}.")
+
+
+def machine_section(r: dict) -> list[str]:
+    """The machine, the versions measured, the model and the payload."""
+    mach, man = r["machine"], r["manifest"]
+    return [
         "## Machine and versions",
         "",
-        f"{r['machine']['cpu']}, {r['machine']['cores']} cores, {r['machine']['memory']}; {r['machine']['platform']}; "
-        f"Python {r['machine']['python']}; tritonserver {r['machine']['tritonserver']}.",
+        f"{mach['cpu']}, {mach['cores']} cores, {mach['memory']}; {mach['platform']}; "
+        f"Python {mach['python']}; tritonserver {mach['tritonserver']}.",
         "",
         "| package | version |", "| --- | --- |",
-        *[f"| {k} | {v} |" for k, v in r["machine"]["versions"].items()],
+        *[f"| {k} | {v} |" for k, v in mach["versions"].items()],
         "",
-        f"Model: `{r['manifest']['onnx']}` (sha256 {r['manifest']['onnx_sha256'][:12]}…, {r['manifest']['precision']}, "
-        f"input {r['manifest']['input_shape']}, {r['manifest']['classes']} classes), checkpoint `{r['checkpoint']}`. "
+        f"Model: `{man['onnx']}` (sha256 {man['onnx_sha256'][:12]}…, {man['precision']}, "
+        f"input {man['input_shape']}, {man['classes']} classes), checkpoint `{r['checkpoint']}`. "
         f"Payload: {r['payload_images']} JPEGs from `{r['images']}`, {r['payload_mean_bytes']:.0f} bytes on average, "
         "one image per request.",
         "",
-        "## Figures",
-        "",
     ]
+
+
+def figures_section(r: dict, made: list[tuple[str, str]]) -> list[str]:
+    """Every figure with its title, then the side-by-side comparison's own tables."""
+    lines = ["## Figures", ""]
     for name, title in made:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     if "compare" in r:
-        from perf.fair import render_markdown
+        lines += [*render_compare(r["compare"], heading="##", image=None).splitlines(), ""]
+    return lines
 
-        lines += [*render_markdown(r["compare"], heading="##", image=None).splitlines(), ""]
-    if "perf_analyzer" in r:
-        lines += perf_analyzer_section(r)
-    if "locust" in r:
-        lines += ["## locust", "",
-                  "| user | users | s | requests | failures | req/s | p50 ms | p90 ms | p99 ms | server cores busy | server MiB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for u, x in r["locust"].items():
-            lines.append(f"| {u} | {x['users']} | {x['duration_s']} | {x['requests']} | {x['failures']} | {x['rps']:.0f} | "
-                         f"{x['p50_ms']:.0f} | {x['p90_ms']:.0f} | {x['p99_ms']:.0f} | "
-                         f"{x['usage'].get('cpu_cores_busy', 0):.2f} | {x['usage'].get('rss_mib', 0):.0f} |")
-            for f in x["failure_kinds"]:
-                lines.append(f"|  | failure: {f['error']} ({f['count']}) | | | | | | | | | |")
-        lines += ["", "locust's own HTML reports: " + ", ".join(
-            f"[{u}]({Path(x['html']).relative_to(r['out'])})" for u, x in r["locust"].items()), ""]
-    if "ceiling" in r:
-        c = r["ceiling"]
-        pre = c["preprocess_images_per_s"]
-        lines += ["## In-process ceiling", "", "| batch | img/s (DALI + ONNX Runtime, no server) |", "| --- | --- |"]
-        lines += [f"| {b} | {v:.0f} |" for b, v in c["images_per_s_by_batch"].items()]
-        lines += ["", f"Preprocessing alone: DALI on the CPU {pre['dali_cpu_batched']:.0f} img/s (batched) vs Pillow + "
-                  f"NumPy {pre['pillow_numpy_one_by_one']:.0f} img/s (one by one, as the baseline does); the model alone "
-                  f"{c['model_only_images_per_s_at_best_batch']:.0f} img/s at batch {c['best_batch']}.", ""]
-    lines += ["## Precisions", "", f"Served in this run: {r['manifest']['precision']}. Every precision artifact found "
-              "next to it (`make quantize`), measured in-process in this run with the same DALI preprocessing "
-              "(ONNX Runtime on this CPU; TensorRT engines are measured by `make gpu-check` on a GPU):", ""]
-    if r.get("precisions"):
-        lines += ["| artifact | file | pipeline img/s (best batch) | model-only img/s |", "| --- | --- | --- | --- |"]
-        lines += [f"| {n} | {x['file']} | {x['images_per_s']:.0f} ({x['best_batch']}) | {x['model_only_images_per_s']:.0f} |"
-                  for n, x in r["precisions"].items()]
-        lines.append("")
-    else:
-        lines += ["(none measured: the ceiling part was not run)", ""]
-    lines += tuning_section(tuning)
-    lines += ["## Repository configuration measured", ""]
+
+def locust_section(r: dict) -> list[str]:
+    lines = ["## locust", "",
+             "| user | users | s | requests | failures | req/s | p50 ms | p90 ms | p99 ms | server cores busy "
+             "| server MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for u, x in r["locust"].items():
+        lines.append(f"| {u} | {x['users']} | {x['duration_s']} | {x['requests']} | {x['failures']} | "
+                     f"{x['rps']:.0f} | "
+                     f"{x['p50_ms']:.0f} | {x['p90_ms']:.0f} | {x['p99_ms']:.0f} | "
+                     f"{x['usage'].get('cpu_cores_busy', 0):.2f} | {x['usage'].get('rss_mib', 0):.0f} |")
+        for f in x["failure_kinds"]:
+            lines.append(f"|  | failure: {f['error']} ({f['count']}) | | | | | | | | | |")
+    return lines + ["", "locust's own HTML reports: " + ", ".join(
+        f"[{u}]({Path(x['html']).relative_to(r['out'])})" for u, x in r["locust"].items()), ""]
+
+
+def ceiling_section(r: dict) -> list[str]:
+    c = r["ceiling"]
+    pre = c["preprocess_images_per_s"]
+    lines = ["## In-process ceiling", "", "| batch | img/s (DALI + ONNX Runtime, no server) |", "| --- | --- |"]
+    lines += [f"| {b} | {v:.0f} |" for b, v in c["images_per_s_by_batch"].items()]
+    return lines + [
+        "", f"Preprocessing alone: DALI on the CPU {pre['dali_cpu_batched']:.0f} img/s (batched) vs Pillow + "
+        f"NumPy {pre['pillow_numpy_one_by_one']:.0f} img/s (one by one, as the baseline does); the model alone "
+        f"{c['model_only_images_per_s_at_best_batch']:.0f} img/s at batch {c['best_batch']}.", ""]
+
+
+def precisions_section(r: dict) -> list[str]:
+    lines = ["## Precisions", "", f"Served in this run: {r['manifest']['precision']}. Every precision artifact found "
+             "next to it (`make quantize`), measured in-process in this run with the same DALI preprocessing "
+             "(ONNX Runtime on this CPU; TensorRT engines are measured by `make gpu-check` on a GPU):", ""]
+    if not r.get("precisions"):
+        return lines + ["(none measured: the ceiling part was not run)", ""]
+    lines += ["| artifact | file | pipeline img/s (best batch) | model-only img/s |", "| --- | --- | --- | --- |"]
+    lines += [f"| {n} | {x['file']} | {x['images_per_s']:.0f} ({x['best_batch']}) | "
+              f"{x['model_only_images_per_s']:.0f} |"
+              for n, x in r["precisions"].items()]
+    return lines + [""]
+
+
+def configs_section(r: dict) -> list[str]:
+    lines = ["## Repository configuration measured", ""]
     for name, text in sorted(r["configs"].items()):
-        lines += [f"<details><summary>{name}/config.pbtxt</summary>", "", "```", text.strip(), "```", "", "</details>", ""]
-    return "\n".join(lines)
+        lines += [f"<details><summary>{name}/config.pbtxt</summary>", "", "```", text.strip(), "```", "",
+                  "</details>", ""]
+    return lines
 
 
 def perf_analyzer_section(r: dict) -> list[str]:
     composing = computing_models(r)
     lines = ["## perf_analyzer", "",
-             f"| protocol | mode | value | img/s | p50 ms | p90 ms | p99 ms | server cores busy | avg batch ({'/'.join(composing)}) |",
+             "| protocol | mode | value | img/s | p50 ms | p90 ms | p99 ms | server cores busy | "
+             f"avg batch ({'/'.join(composing)}) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for pts in r["perf_analyzer"].values():
         for p in pts:
@@ -115,17 +164,21 @@ def perf_analyzer_section(r: dict) -> list[str]:
             batches = "/".join(f"{(s.get(m) or {}).get('avg_batch') or 0:.1f}" for m in composing)
             lines.append(f"| {p['protocol']} | {p['mode']} | {p['value']:g} | {float(c['Inferences/Second']):.0f} | "
                          f"{float(c['p50 latency']) / 1000:.1f} | {float(c['p90 latency']) / 1000:.1f} | "
-                         f"{float(c['p99 latency']) / 1000:.1f} | {p['usage'].get('cpu_cores_busy', 0):.2f} | {batches} |")
+                         f"{float(c['p99 latency']) / 1000:.1f} | {p['usage'].get('cpu_cores_busy', 0):.2f} | "
+                         f"{batches} |")
     lines += ["", "### Server-side breakdown per model (µs per request; Triton statistics API)", "",
               "| protocol | concurrency | model | queue | compute input | compute infer | compute output | avg batch |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for proto in ("http", "grpc"):
         for p in r["perf_analyzer"].get(proto, []):
             for m, s in sorted(p["server"].items()):
-                lines.append(f"| {proto} | {p['value']:g} | {m} | {s['queue_us']:.0f} | {s['compute_input_us']:.0f} | "
-                             f"{s['compute_infer_us']:.0f} | {s['compute_output_us']:.0f} | {s['avg_batch'] or 0:.2f} |")
+                lines.append(f"| {proto} | {p['value']:g} | {m} | {s['queue_us']:.0f} | "
+                             f"{s['compute_input_us']:.0f} | "
+                             f"{s['compute_infer_us']:.0f} | {s['compute_output_us']:.0f} | "
+                             f"{s['avg_batch'] or 0:.2f} |")
     lines += ["", "### Prometheus metrics scraped during each run", "",
-              f"| protocol | mode | value | Triton CPU utilisation | Triton memory (MiB) | avg batch from metrics ({'/'.join(composing)}) |",
+              "| protocol | mode | value | Triton CPU utilisation | Triton memory (MiB) | "
+              f"avg batch from metrics ({'/'.join(composing)}) |",
               "| --- | --- | --- | --- | --- | --- |"]
     for pts in r["perf_analyzer"].values():
         for p in pts:
@@ -134,7 +187,8 @@ def perf_analyzer_section(r: dict) -> list[str]:
             batches = "/".join(f"{(models.get(x) or {}).get('avg_batch') or 0:.1f}" for x in composing)
             util = m.get("cpu_utilization")
             lines.append(f"| {p['protocol']} | {p['mode']} | {p['value']:g} | "
-                         f"{'n/a' if util is None else f'{100 * util:.0f}%'} | {m.get('cpu_memory_used_mib', 0):.0f} | {batches} |")
+                         f"{'n/a' if util is None else f'{100 * util:.0f}%'} | "
+                         f"{m.get('cpu_memory_used_mib', 0):.0f} | {batches} |")
     return lines + [""]
 
 
@@ -150,11 +204,15 @@ def tuning_section(tuning: dict | None) -> list[str]:
              f"(medians over {tuning.get('rounds', 1)} round(s), the order rotated each round).", "",
              "| queue delay µs | preferred | instances pre/cls | img/s (median [range]) | p99 ms (median) |",
              "| --- | --- | --- | --- | --- |"]
-    spread = lambda x: " [{:.0f}–{:.0f}]".format(*x["throughput_range"]) if "throughput_range" in x else ""
     lines += [f"| {x['settings']['queue_delay_us']} | {x['settings']['preferred_batch_sizes']} | "
               f"{x['settings']['preprocess_instances']}/{x['settings']['classifier_instances']} | "
-              f"{x['throughput']:.0f}{spread(x)} | {x['p99_ms']:.1f} |" for x in tuning["results"]]
+              f"{x['throughput']:.0f}{_throughput_range(x)} | {x['p99_ms']:.1f} |" for x in tuning["results"]]
     return lines + [""]
+
+
+def _throughput_range(x: dict) -> str:
+    """A tuning result's throughput range over its rounds, when it has one."""
+    return " [{:.0f}–{:.0f}]".format(*x["throughput_range"]) if "throughput_range" in x else ""
 
 
 
