@@ -35,8 +35,10 @@ TOLERANCE   ?= 1e-3
 PRECISION   ?= fp32
 TARGET      ?= embedded
 PLAN        ?=
-# postprocess (a Python model returns LABELS/SCORES) | classification (none: top-k via Triton's
-# classification extension); unset: postprocess for embedded, classification for gpu
+# the served layout (build/layouts.py): fused (embedded only: one Python model runs the whole chain) |
+# postprocess (an ensemble; a Python model returns LABELS/SCORES) | classification (no Python model after the
+# classifier: top-k via Triton's classification extension); unset: as the repository was rendered, else
+# fused for embedded, classification for gpu
 LAYOUT      ?=
 REPO        ?= $(if $(filter gpu,$(TARGET)),model_repository_gpu,model_repository)
 # the GPU repository whose batching settings the engine's optimization profile follows
@@ -105,12 +107,13 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
 	@echo "make test   - run the test suite against the real tritonserver"
-	@echo "stages: venv data train distill prune eval onnx quantize repo serve client; variables: see README.md"
+	@echo "stages: venv data train distill prune eval onnx quantize repo serve client; variables: see docs/"
+	@echo "make lint   - ruff and mypy (pyproject.toml), as CI runs them before the tests"
 	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
 	@echo "              precisions (fp32 vs int8 served side by side), compare (Triton vs baseline, one generator: wrk)"
@@ -187,7 +190,7 @@ engine: venv
 	  $(if $(filter 2:4,$(SPARSITY)),--sparsity)
 
 gpu-check: venv
-	$(PY) -m build.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(GATE_ARGS) $(SETTINGS_ARGS)
+	$(PY) -m perf.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(GATE_ARGS) $(SETTINGS_ARGS)
 
 # PRECISION=fp32|fp16|int8 picks the artifact (ONNX=file overrides); TARGET=gpu renders the GPU repository
 repo: venv
@@ -227,10 +230,10 @@ precisions: artifacts
 # live updates (the server started by `make serve`, explicit model control): ONNX becomes the classifier's
 # next version once it passes the checks and the accuracy gate on DATA's val split; rollback retires it
 publish: venv
-	$(PY) -m build.publish --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) $(GATE_ARGS)
+	$(PY) -m serve.publish --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) $(GATE_ARGS)
 
 rollback: venv
-	$(PY) -m build.publish --rollback --repo $(REPO) --url $(HOST):$(HTTP_PORT)
+	$(PY) -m serve.publish --rollback --repo $(REPO) --url $(HOST):$(HTTP_PORT)
 
 # a model repository in an object store: `make s3-server` runs a local S3 (moto, in memory) in the foreground;
 # `make s3-upload` copies REPO_DIR there; then `make serve REPO=$(S3_URL)` (any s3://[host:port/]bucket/prefix)
@@ -286,6 +289,11 @@ report: artifacts $(if $(COMPARE_PEERS),peers)
 
 benchmark-data: venv
 	$(PY) -m perf.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")
+
+# lint and types (configured in pyproject.toml); .ci/run runs this before the tests
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: venv peers analyzer
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -22,6 +22,7 @@ import torch
 
 from build.graph_cleanup import clean
 from core.atomic_io import atomic_write_bytes
+from core.runners import OrtRunner
 from core.metadata import (
     INPUT_NAME,
     METADATA_KEY,
@@ -71,13 +72,9 @@ def to_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelP
 
 
 def ort_outputs(model_bytes: bytes, inputs: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, probabilities) from ONNX Runtime, in batches of ``batch_size``."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    runs = [sess.run([OUTPUT_NAME, PROBABILITIES_NAME], {INPUT_NAME: inputs[i:i + batch_size]})
-            for i in range(0, len(inputs), batch_size)]
-    return np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs])
+    """(logits, probabilities) from ONNX Runtime (the serving session options), in batches of ``batch_size``."""
+    logits, probs = OrtRunner(model_bytes).run(inputs, outputs=2, batch_size=batch_size)
+    return logits, probs
 
 
 def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarray, tolerance: float) -> dict:

@@ -8,6 +8,7 @@ Paths in it are relative to the artifact, and the checkpoint it came from is ver
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,10 +90,8 @@ def library_versions() -> dict[str, str]:
 
     versions = {"python": sys.version.split()[0], "numpy": numpy.__version__, "pillow": PIL.__version__}
     for name, module in (("torch", "torch"), ("nvidia-dali", "nvidia.dali")):
-        try:
+        with contextlib.suppress(ImportError):
             versions[name] = __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
-            pass
     return versions
 
 

@@ -12,16 +12,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from core import protocol
+from core.stages import Rejected, check_limits
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # ImageNet statistics, the usual default for photos; a checkpoint records whichever it used.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 RESIZE_POLICIES = ("shorter_center_crop", "stretch")
+# How each consumer resamples: DALI's interp types (antialiased when shrinking), Pillow's filters
+INTERPOLATIONS = ("nearest", "linear", "cubic")
+COLORS = ("RGB", "BGR")    # channel order of the model input
+LAYOUTS = ("CHW", "HWC")   # dimension order of the model input (without the batch)
 
 # The DALI external source is named after the model input: Triton's DALI backend binds them by name.
 DALI_INPUT_NAME = protocol.IMAGE
@@ -40,7 +49,10 @@ class PreprocessSpec:
 
     ``shorter_center_crop``: resize the shorter side to ``resize_size`` (aspect kept), then take the
     central ``crop_size`` square (the torchvision/ImageNet eval policy). ``stretch``: resize straight
-    to ``crop_size`` x ``crop_size``. Mean/std are in the 0..1 pixel scale.
+    to ``crop_size`` x ``crop_size``. ``interpolation`` is the resampling of that resize. Mean/std are in
+    the 0..1 pixel scale, per channel in ``color`` order; ``layout`` is the input's dimension order. Every
+    field is applied alike by the DALI graph (serving, evaluation), the training transform and the
+    Pillow path of the baseline (:func:`pillow_preprocess`).
     """
 
     crop_size: int
@@ -48,13 +60,17 @@ class PreprocessSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     resize_policy: str = "shorter_center_crop"
-    interpolation: str = "linear"  # antialiased linear, in DALI
+    interpolation: str = "linear"
     color: str = "RGB"
     layout: str = "CHW"
 
     def __post_init__(self) -> None:
         if self.resize_policy not in RESIZE_POLICIES:
             raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {self.resize_policy!r}")
+        for name, value, allowed in (("interpolation", self.interpolation, INTERPOLATIONS),
+                                     ("color", self.color, COLORS), ("layout", self.layout, LAYOUTS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.crop_size <= 0 or self.resize_size < self.crop_size:
             raise ValueError(
                 f"need 0 < crop_size <= resize_size, got crop_size={self.crop_size}, resize_size={self.resize_size}"
@@ -63,13 +79,14 @@ class PreprocessSpec:
             raise ValueError(f"mean/std must be 3 values with std > 0, got mean={self.mean}, std={self.std}")
 
     @classmethod
-    def for_size(cls, crop_size: int, **kw) -> PreprocessSpec:
+    def for_size(cls, crop_size: int, **kw: Any) -> PreprocessSpec:
         """The default policy for a crop size: resize the shorter side to crop/0.875 (ImageNet's 224/256)."""
         return cls(crop_size=crop_size, resize_size=int(round(crop_size / 0.875)), **kw)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return (3, self.crop_size, self.crop_size)
+        c = self.crop_size
+        return (3, c, c) if self.layout == "CHW" else (c, c, 3)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -96,19 +113,12 @@ class PreprocessSpec:
 #   * bytes after a JPEG's end-of-image marker (motion photos) are ignored;
 #   * more than MAX_IMAGE_PIXELS pixels or MAX_IMAGE_BYTES bytes is refused before decoding.
 
-class ImageRejected(ValueError):
-    """An input refused by the decode policy (too large, not JPEG/PNG, undecodable)."""
+# Refused inputs raise the served stages' own exception, with the same messages (core/stages.py).
+ImageRejected = Rejected
 
 
-def check_limits(num_bytes: int, width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS,
-                 max_bytes: int = MAX_IMAGE_BYTES) -> None:
-    if num_bytes > max_bytes:
-        raise ImageRejected(f"image is {num_bytes} bytes, over the limit of {max_bytes} bytes")
-    if width * height > max_pixels:
-        raise ImageRejected(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels")
-
-
-def open_image(fp, num_bytes: int, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES):
+def open_image(fp: Path | str | BinaryIO, num_bytes: int, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
     """Open a JPEG/PNG lazily (header only) and apply the policy's checks: format and size limits.
 
     ``fp``: a path or a binary file object; ``num_bytes``: its encoded size. Raises ImageRejected."""
@@ -122,14 +132,14 @@ def open_image(fp, num_bytes: int, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes
         img.close()
         raise ImageRejected(f"is {img.format}, not JPEG or PNG")
     try:
-        check_limits(num_bytes, *img.size, max_pixels=max_pixels, max_bytes=max_bytes)
+        check_limits(num_bytes, *img.size, max_pixels, max_bytes)
     except ImageRejected:
         img.close()
         raise
     return img
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES):
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
     """Encoded JPEG/PNG bytes -> an RGB ``PIL.Image`` with the serving decoder's pixels."""
     import io
 
@@ -144,12 +154,49 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int
 
 
 # --------------------------------------------------------------------------------------------
+# The same spec in Pillow and NumPy: the training transform's and the baseline's resize and normalize
+# --------------------------------------------------------------------------------------------
+
+def pillow_filter(interpolation: str) -> int:
+    """Pillow's resampling filter for a spec's interpolation (its resize is antialiased, as DALI's is)."""
+    from PIL import Image
+
+    return {"nearest": Image.Resampling.NEAREST, "linear": Image.Resampling.BILINEAR,
+            "cubic": Image.Resampling.BICUBIC}[interpolation]
+
+
+def to_model_input(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """An RGB image, HWC float32 in 0..1, as the model takes it: channel order, mean/std, layout."""
+    x = rgb[..., ::-1] if spec.color == "BGR" else rgb
+    x = (x - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1) if spec.layout == "CHW" else x, dtype=np.float32)
+
+
+def pillow_preprocess(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """The naive way: Pillow decode (the decode policy) + resize by the spec's policy and interpolation +
+    crop, NumPy normalize, one image at a time (what the baseline server does)."""
+    img = decode_image(data)
+    resample = pillow_filter(spec.interpolation)
+    if spec.resize_policy == "stretch":
+        img = img.resize((spec.crop_size, spec.crop_size), resample)
+    else:
+        w, h = img.size
+        scale = spec.resize_size / min(w, h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+        w, h = img.size
+        # DALI centres a crop at round((size - crop) / 2), halves rounded up
+        left, top = (w - spec.crop_size + 1) // 2, (h - spec.crop_size + 1) // 2
+        img = img.crop((left, top, left + spec.crop_size, top + spec.crop_size))
+    return to_model_input(np.asarray(img, np.float32) / 255.0, spec)
+
+
+# --------------------------------------------------------------------------------------------
 # DALI: one graph, two devices (the graph itself is core/dali_graph.py, which the GPU server's
 # DALI backend also imports: see build/triton_models/dali.py)
 # --------------------------------------------------------------------------------------------
 
 def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cpu", num_threads: int = 2,
-                        device_id: int = 0):
+                        device_id: int = 0) -> Any:
     """A DALI pipeline whose single input is the external source ``IMAGE`` (encoded bytes, uint8)."""
     from nvidia.dali import pipeline_def
 
@@ -158,12 +205,12 @@ def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cp
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=device_id if device == "gpu" else None,
+        device_id=device_id if device == "gpu" else None,  # type: ignore[arg-type]  # None = CPU only
         prefetch_queue_depth=1,
         exec_async=False,
         exec_pipelined=False,
     )
-    def preprocess():
+    def preprocess() -> Any:
         return preprocess_graph(spec, device, DALI_INPUT_NAME)
 
     return preprocess()

@@ -18,6 +18,7 @@ its composing models on the CPU (`cpu_only_composing_models`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -31,7 +32,9 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build.render_repo import LAYOUT_MODELS, read_manifest, render, rendered_onnx, settings_from_manifest
+from build import layouts
+from build.render_repo import render
+from build.settings import read_manifest, rendered_onnx, settings_from_manifest
 from core import protocol as P
 from perf import tune
 from perf.common import PROJECT_ROOT, REPORTS, sample_images
@@ -51,7 +54,7 @@ def model_analyzer() -> Path:
 def write_config(repo: Path, work: Path, input_json: Path, instances: tuple[int, int], batch: tuple[int, int],
                  concurrency: tuple[int, int]) -> Path:
     """The YAML (JSON is YAML) Model Analyzer reads; each pair is the (min, max) its search may try."""
-    layout = read_manifest(repo).get("layout", "postprocess")
+    layout = layouts.of_manifest(read_manifest(repo))
     server = TritonServer(repo, None)
     command, env = server.command(), server.environment()
     backend_dir = next(a.split("=", 1)[1] for a in command if a.startswith("--backend-directory="))
@@ -66,7 +69,8 @@ def write_config(repo: Path, work: Path, input_json: Path, instances: tuple[int,
         "triton_server_path": command[0],
         "triton_server_flags": {"backend_directory": backend_dir},
         # Model Analyzer hands this environment to perf_analyzer too, which needs libcudart
-        "triton_server_environment": {"PATH": env["PATH"], "PYTHONPATH": env.get("PYTHONPATH", ""), "LD_LIBRARY_PATH": libs},
+        "triton_server_environment": {"PATH": env["PATH"], "PYTHONPATH": env.get("PYTHONPATH", ""),
+                                      "LD_LIBRARY_PATH": libs},
         "perf_analyzer_path": str(perf_analyzer_binary()),
         # a shared 2-core machine rarely holds throughput within perf_analyzer's default 10%: without a
         # looser bound Model Analyzer keeps raising the request count and never finishes a point
@@ -79,8 +83,8 @@ def write_config(repo: Path, work: Path, input_json: Path, instances: tuple[int,
         "skip_detailed_reports": True,
         "profile_models": {P.ENSEMBLE: {"cpu_only": True}},
     }
-    if layout != "fused":
-        config["cpu_only_composing_models"] = list(LAYOUT_MODELS[layout])
+    if not layout.single_model:
+        config["cpu_only_composing_models"] = list(layout.python_models())
     path = work / "model_analyzer.yaml"
     path.write_text(json.dumps(config, indent=2))
     return path
@@ -98,10 +102,8 @@ def run_profile(config: Path, log: Path, timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: the servers it started are in it
-        except ProcessLookupError:
-            pass
         proc.wait()
     if code != 0:
         raise RuntimeError(f"model-analyzer profile {'timed out' if code is None else f'failed ({code})'}: "
@@ -113,8 +115,8 @@ def results(work: Path) -> list[dict]:
     rows = []
     with open(work / "export" / "results" / "metrics-model-inference.csv") as f:
         for row in csv.DictReader(f):
-            cfg = text_format.Parse((work / "output_repository" / row["Model Config Path"] / "config.pbtxt").read_text(),
-                                    mc.ModelConfig())
+            config_path = work / "output_repository" / row["Model Config Path"] / "config.pbtxt"
+            cfg = text_format.Parse(config_path.read_text(), mc.ModelConfig())
             rows.append({"config": row["Model Config Path"], "concurrency": int(row["Concurrency"]),
                          "instances": sum(g.count for g in cfg.instance_group), "max_batch_size": cfg.max_batch_size,
                          "throughput": float(row["Throughput (infer/sec)"]), "p99_ms": float(row["p99 Latency (ms)"]),
@@ -136,10 +138,12 @@ def analyze(repo: Path, images: Path, out: Path, p99_budget_ms: float = 50.0, in
             batch: tuple[int, int] = (8, 64), concurrency: tuple[int, int] = (16, 32), apply: bool = True,
             timeout_s: float = 3600.0) -> dict:
     manifest = read_manifest(repo)
-    if manifest.get("target", "embedded") != "embedded" or manifest.get("layout") != "fused":
-        raise ValueError(f"{repo} is a {manifest.get('target')} repository in the {manifest.get('layout')} layout; "
+    layout = layouts.of_manifest(manifest)
+    if manifest.get("target", "embedded") != "embedded" or not layout.single_model:
+        raise ValueError(f"{repo} is a {manifest.get('target')} repository in the {layout.name} layout; "
                          "make analyze searches the embedded fused model (its instances and max batch size): render "
-                         "it with `make repo` (or LAYOUT=fused), or tune an ensemble with `make tune`")
+                         f"it with `make repo` (or LAYOUT={layouts.DEFAULT_LAYOUT['embedded']}), or tune an ensemble "
+                         "with `make tune`")
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="model-analyzer-") as tmp:
         work = Path(tmp)
@@ -162,7 +166,7 @@ def analyze(repo: Path, images: Path, out: Path, p99_budget_ms: float = 50.0, in
     if apply:
         settings = replace(settings_from_manifest(manifest), classifier_instances=best["instances"],
                            max_batch_size=best["max_batch_size"])
-        render(rendered_onnx(repo), repo, settings, layout="fused")
+        render(rendered_onnx(repo), repo, settings, layout=layout.name)
         print(f"wrote instances {best['instances']} and max batch size {best['max_batch_size']} back to {repo}")
     return summary
 
@@ -187,4 +191,4 @@ if __name__ == "__main__":
         analyze(a.repo, a.images, a.out, a.p99_budget_ms, tuple(a.instances), tuple(a.max_batch), tuple(a.concurrency),
                 not a.no_apply)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e

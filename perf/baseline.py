@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 import torch
 
-from perf.ceiling import pillow_preprocess
+from core.preprocess import pillow_preprocess
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 
 

@@ -11,15 +11,13 @@ preprocessing done the naive way (Pillow + NumPy, one image at a time) for the D
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from core.metadata import read_metadata
-from core.preprocess import DaliPreprocessor, PreprocessSpec
+from core.preprocess import DaliPreprocessor, PreprocessSpec, pillow_preprocess
+from core.runners import OrtRunner
 from perf.common import sample_images
 
 
@@ -32,49 +30,30 @@ def _rate(fn, n_images: int, min_time: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def pillow_preprocess(data: bytes, spec: PreprocessSpec) -> np.ndarray:
-    """The naive way: Pillow decode + resize + crop, NumPy normalize (what the baseline server does)."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    scale = spec.resize_size / min(w, h)
-    img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - spec.crop_size) // 2, (h - spec.crop_size) // 2
-    img = img.crop((left, top, left + spec.crop_size, top + spec.crop_size))
-    x = np.asarray(img, np.float32) / 255.0
-    return ((x - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)).transpose(2, 0, 1)
-
-
 def measure(onnx_path: Path, image_dir: Path, batches=(1, 8, 16, 32), threads: int = 0,
             min_time: float = 2.0, n_images: int = 64, stages: bool = True) -> dict:
     """Images/s of DALI + ONNX Runtime in this process at each batch size; ``stages``: also each stage alone."""
-    import onnxruntime as ort
-
     spec = PreprocessSpec.from_dict(read_metadata(onnx_path)["preprocess"])
     blobs = [b for _, b in sample_images(image_dir, n_images)]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    # the best this process can do: every core, and idle threads spinning as ORT does by default
+    infer = OrtRunner(onnx_path, threads=threads, allow_spinning=True)
     dali = DaliPreprocessor(spec, batch_size=max(batches))
 
     def end_to_end(batch: int):
         def run():
             for i in range(0, len(blobs), batch):
-                sess.run(None, {name: dali(blobs[i:i + batch])})
+                infer(dali(blobs[i:i + batch]))
         return run
 
     per_batch = {b: _rate(end_to_end(b), len(blobs), min_time) for b in batches}
-    best = max(per_batch, key=per_batch.get)
+    best = max(per_batch, key=lambda b: per_batch[b])
     if not stages:
         return {"images_per_s_by_batch": per_batch, "best_batch": best, "ceiling_images_per_s": per_batch[best],
                 "images": len(blobs)}
     dali_rate = _rate(lambda: dali(blobs), len(blobs), min_time)
     pillow_rate = _rate(lambda: [pillow_preprocess(b, spec) for b in blobs], len(blobs), min_time)
     inputs = dali(blobs[:best])
-    model_rate = _rate(lambda: sess.run(None, {name: inputs}), len(inputs), min_time)
+    model_rate = _rate(lambda: infer(inputs), len(inputs), min_time)
     return {"images_per_s_by_batch": per_batch, "best_batch": best, "ceiling_images_per_s": per_batch[best],
             "preprocess_images_per_s": {"dali_cpu_batched": dali_rate, "pillow_numpy_one_by_one": pillow_rate},
             "model_only_images_per_s_at_best_batch": model_rate, "images": len(blobs)}

@@ -24,13 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from build.engine import BatchProfile, EngineBuilder, EngineEnvironmentError, TrtRunner, check_environment, check_plan
+from build.engine import EngineBuilder, EngineEnvironmentError, check_environment, check_plan
 from build.quantize import accuracy, latency
-from build.render_repo import add_settings_args, render, repo_settings
+from build.render_repo import render
+from build.settings import BatchProfile, add_settings_args, repo_settings
 from clients.client import ImageClassifierClient
 from core.atomic_io import atomic_write_bytes
 from core.metadata import read_metadata, source_checkpoint
 from core.preprocess import DALI_INPUT_NAME, DaliPreprocessor, PreprocessSpec, build_dali_pipeline
+from core.runners import TrtRunner
 from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images

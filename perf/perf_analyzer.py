@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from build.render_repo import RepoSettings, read_manifest, render
+from build.render_repo import render
+from build.settings import RepoSettings, read_manifest
 from core import protocol as P
 from perf.common import (
     UsageMeter,
@@ -111,7 +112,8 @@ def jpeg_and_tensor_inputs(classifier_input: str, blobs: list[bytes], pixels: np
     JPEG bytes for the ensemble and ``pixels`` (the preprocessed ``blobs``) for the classifier alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return (("jpeg", P.ENSEMBLE, write_input_data(blobs, out_dir / "input_jpeg.json")),
-            ("tensors", P.CLASSIFIER, write_tensor_input_data(classifier_input, pixels, out_dir / "input_tensors.json")))
+            ("tensors", P.CLASSIFIER,
+             write_tensor_input_data(classifier_input, pixels, out_dir / "input_tensors.json")))
 
 
 def jpegs_and_tensors(url: str, http_url: str, protocol: str, sources: Sources, concurrencies: list[int],
@@ -123,8 +125,8 @@ def jpegs_and_tensors(url: str, http_url: str, protocol: str, sources: Sources, 
     rows = []
     for c in concurrencies:
         for source, model, data in sources:
-            p = run_point(url, http_url, protocol, "concurrency", c, data, out_dir / source, server_pid, interval_ms,
-                          model=model, request_count=request_count)
+            p = run_point(url, http_url, protocol, "concurrency", c, data, out_dir / source, server_pid,
+                          interval_ms, model=model, request_count=request_count)
             rows.append({"source": source, "model": model, "protocol": protocol, "concurrency": c,
                          "images_per_s": p.throughput, "p50_ms": p.latency_ms(50), "p99_ms": p.latency_ms(99)})
             print(f"perf_analyzer {source:7s} {protocol} concurrency {c}: {p.throughput:.0f} img/s, "
@@ -133,7 +135,8 @@ def jpegs_and_tensors(url: str, http_url: str, protocol: str, sources: Sources, 
 
 
 @contextmanager
-def rendered_server(onnx: Path, settings: RepoSettings, layout: str | None = None) -> Iterator[tuple[TritonServer, dict]]:
+def rendered_server(onnx: Path, settings: RepoSettings,
+                    layout: str | None = None) -> Iterator[tuple[TritonServer, dict]]:
     """A throw-away (embedded) repository for ``onnx`` with ``settings`` and ``layout``, served by the real server
     on free ports: the server and the rendered repository's manifest (build.json). Both go away on exit."""
     with tempfile.TemporaryDirectory(prefix="perf-repo-") as tmp:
@@ -150,7 +153,7 @@ def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurre
     with rendered_server(onnx, settings, layout) as (server, manifest):
         url = server.http_url if protocol == "http" else server.grpc_url
         point = run_point(url, server.http_url, protocol, "concurrency", concurrency, input_json, out_dir,
-                          server.proc.pid, interval_ms, request_count=request_count)
+                          server.process.pid, interval_ms, request_count=request_count)
     return point, manifest
 
 

@@ -19,7 +19,9 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from build.render_repo import RepoSettings, read_manifest, render, rendered_onnx, settings_from_manifest
+from build import layouts
+from build.render_repo import render
+from build.settings import RepoSettings, read_manifest, rendered_onnx, settings_from_manifest
 from perf.common import sample_images
 from perf.perf_analyzer import measure_rendered, write_input_data
 
@@ -31,8 +33,8 @@ DEFAULT_GRID = {
 
 
 def default_grid(layout: str | None) -> dict:
-    """The fused layout has one model: only its instance count (``classifier_instances``) varies."""
-    if layout == "fused":
+    """A single-model layout (fused): only its instance count (``classifier_instances``) varies."""
+    if layout is not None and layouts.get(layout).single_model:
         return {**DEFAULT_GRID, "instances": [(RepoSettings().preprocess_instances, n) for n in (1, 2, 3)]}
     return DEFAULT_GRID
 
@@ -52,7 +54,19 @@ def choose(results: list[dict], p99_budget_ms: float, eligible=lambda r: True) -
     return min(results, key=lambda r: r["p99_ms"]), False
 
 
-def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSettings(), grid: dict = DEFAULT_GRID,
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def summarize(settings: RepoSettings, rounds: list[dict]) -> dict:
+    """One configuration's rounds: medians and the throughput's range."""
+    return {"settings": asdict(settings), "throughput": median([p["throughput"] for p in rounds]),
+            "throughput_range": [min(p["throughput"] for p in rounds), max(p["throughput"] for p in rounds)],
+            "p50_ms": median([p["p50_ms"] for p in rounds]), "p99_ms": median([p["p99_ms"] for p in rounds]),
+            "rounds": rounds}
+
+
+def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings | None = None, grid: dict = DEFAULT_GRID,
          concurrency: int = 16, p99_budget_ms: float = 50.0, protocol: str = "grpc", interval_ms: int = 2000,
          apply_to: Path | None = None, request_count: int = 0, layout: str | None = None, rounds: int = 3) -> dict:
     """``request_count`` > 0: each configuration measured on exactly that many requests (no stabilization).
@@ -60,6 +74,7 @@ def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSetti
     ``rounds``: every configuration measured that many times, the order rotated each round."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
+    base = base or RepoSettings()
     out_dir.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data([b for _, b in sample_images(images)], out_dir / "perf_analyzer_input.json")
     configs = configurations(base, grid)
@@ -69,17 +84,14 @@ def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSetti
         for i in order:
             settings = configs[i]
             point, _ = measure_rendered(onnx, settings, protocol, concurrency, input_json,
-                                        out_dir / f"config_{i:02d}" / f"round_{r + 1}", interval_ms, request_count, layout)
+                                        out_dir / f"config_{i:02d}" / f"round_{r + 1}", interval_ms, request_count,
+                                        layout)
             points[i].append({"throughput": point.throughput, "p50_ms": point.latency_ms(50),
                               "p99_ms": point.latency_ms(99), "server": point.server, "usage": point.usage})
             print(f"[round {r + 1}, config {i + 1}] delay {settings.queue_delay_us}us preferred "
                   f"{list(settings.preferred_batch_sizes)} instances pre/cls {settings.preprocess_instances}/"
                   f"{settings.classifier_instances}: {point.throughput:.0f} img/s, p99 {point.latency_ms(99):.1f} ms")
-    median = lambda xs: float(statistics.median(xs))
-    results = [{"settings": asdict(settings), "throughput": median([p["throughput"] for p in ps]),
-                "throughput_range": [min(p["throughput"] for p in ps), max(p["throughput"] for p in ps)],
-                "p50_ms": median([p["p50_ms"] for p in ps]), "p99_ms": median([p["p99_ms"] for p in ps]),
-                "rounds": ps} for settings, ps in zip(configs, points)]
+    results = [summarize(settings, ps) for settings, ps in zip(configs, points, strict=True)]
     best, met = choose(results, p99_budget_ms)
     summary = {"concurrency": concurrency, "protocol": protocol, "p99_budget_ms": p99_budget_ms, "rounds": rounds,
                "budget_met": met, "best": best, "results": results}
@@ -95,7 +107,8 @@ def tune(onnx: Path, images: Path, out_dir: Path, base: RepoSettings = RepoSetti
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Sweep batching settings and write the best back to the repository")
-    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="repository to tune (its build.json names the ONNX)")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"),
+                   help="repository to tune (its build.json names the ONNX)")
     p.add_argument("--images", type=Path, default=Path("data/synthetic/val"))
     p.add_argument("--out", type=Path, default=Path("perf/reports/tuning"))
     p.add_argument("--concurrency", type=int, default=16)
@@ -119,14 +132,14 @@ def main(args: argparse.Namespace) -> dict:
         raise TuneError(f"{args.repo} is rendered for the {manifest['target']!r} target; this tuner measures the "
                         "embedded (CPU) repository only. Tune a GPU repository on a GPU (Triton Model Analyzer), "
                         "or give its settings to `make repo TARGET=gpu MAX_BATCH=... PREFERRED=...`")
+    layout = layouts.of_manifest(manifest).name
     return tune(rendered_onnx(args.repo), args.images, args.out, settings_from_manifest(manifest),
-                default_grid(manifest.get("layout")),
-                args.concurrency, args.p99_budget_ms, args.protocol, args.interval_ms,
-                None if args.no_apply else args.repo, layout=manifest.get("layout"), rounds=args.rounds)
+                default_grid(layout), args.concurrency, args.p99_budget_ms, args.protocol, args.interval_ms,
+                None if args.no_apply else args.repo, layout=layout, rounds=args.rounds)
 
 
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except TuneError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e

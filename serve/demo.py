@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
         server.stop()
     print(format_table(http_preds, top_k=3))
     correct = sum(p.ok and p.labels[0] == Path(p.source).parent.name for p in http_preds)
-    same = sum(a.labels[:1] == b.labels[:1] for a, b in zip(http_preds, grpc_preds))
+    same = sum(a.labels[:1] == b.labels[:1] for a, b in zip(http_preds, grpc_preds, strict=True))
     print(f"\n{correct}/{len(files)} correct (class = folder name) over HTTP; "
           f"gRPC async agrees on {same}/{len(files)}")
     return 0

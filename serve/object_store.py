@@ -18,6 +18,7 @@ has no rename): publish a new release under a new prefix and point the server at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -78,7 +79,8 @@ def client(url: str):
     u = parse(url)
     env = {**os.environ, **credentials(url)}
     return boto3.client("s3", endpoint_url=f"http://{u.endpoint}" if u.endpoint else None,
-                        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+                        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
                         region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
                         config=Config(connect_timeout=TIMEOUT_S, read_timeout=TIMEOUT_S, retries={"max_attempts": 3}))
 
@@ -138,32 +140,40 @@ class LocalS3:
     def url(self, bucket: str, prefix: str = "") -> str:
         return str(S3Url(self.endpoint, bucket, prefix))
 
+    @property
+    def process(self) -> subprocess.Popen:
+        """The moto_server process; a RuntimeError before start()."""
+        if self.proc is None:
+            raise RuntimeError("moto_server has not been started: call start() first")
+        return self.proc
+
     def start(self, timeout: float = 60.0) -> LocalS3:
         exe = Path(sys.executable).parent / "moto_server"
         if not exe.exists():
             raise FileNotFoundError(f"{exe} not found: moto[server] is installed by `make venv`")
-        sink = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        # the child writes to its own copy of the log file's descriptor: ours is closed once it has started
+        with open(self.log_file, "ab") if self.log_file else contextlib.nullcontext(subprocess.DEVNULL) as sink:
+            self.proc = proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=sink,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=sink,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            if sink is not subprocess.DEVNULL:
-                sink.close()
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"moto_server exited with code {self.proc.returncode} (port {self.port} taken?)")
-                try:
-                    with urllib.request.urlopen(f"http://{self.endpoint}/moto-api/", timeout=2):
-                        return self
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"moto_server did not answer on {self.endpoint} within {timeout:.0f} s")
-                    time.sleep(0.2)
+            self._wait_ready(proc, timeout)
         except BaseException:
             self.stop()
             raise
+        return self
+
+    def _wait_ready(self, proc: subprocess.Popen, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with code {proc.returncode} (port {self.port} taken?)")
+            try:
+                with urllib.request.urlopen(f"http://{self.endpoint}/moto-api/", timeout=2):
+                    return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"moto_server did not answer on {self.endpoint} within {timeout:.0f} s") from e
+                time.sleep(0.2)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -195,10 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         with LocalS3(a.port) as s3:
             print(f"local S3 server on {s3.endpoint} (in memory; Ctrl-C stops it); e.g. "
                   f"python -m serve.object_store upload --to {s3.url('models', 'classify')}", flush=True)
-            try:
-                s3.proc.wait()
-            except KeyboardInterrupt:
-                pass
+            with contextlib.suppress(KeyboardInterrupt):
+                s3.process.wait()
         return 0
     try:
         keys = upload(a.repo, a.to)

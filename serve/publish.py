@@ -1,17 +1,18 @@
 """Live model updates: publish a new ONNX as the served model's next version, or roll back, while serving.
 
-    python -m build.publish --onnx artifacts/model.onnx --repo model_repository --data data/synthetic
-    python -m build.publish --rollback --repo model_repository
+    python -m serve.publish --onnx artifacts/model.onnx --repo model_repository --data data/synthetic
+    python -m serve.publish --rollback --repo model_repository
 
 How (explicit model control, `make serve`'s default): the new file is checked first (it loads in ONNX
 Runtime, it has the served model's classes, preprocessing and tensors, and its val top-1 is within
 ``--max-top1-drop`` of the version being served, through the serving preprocess). It is then written
 into a hidden staging folder of the model that runs it (``classify/`` in the fused layout, ``classifier/``
-in the ensemble layouts), with the rest of the served version folder (its code, pipeline, labels), and renamed to the next version number in one step, so
-Triton never sees a half-written version and a served version is never rewritten in place. Then the
-server is asked (with the admin key) to load that model: Triton loads the new version while the old
-one keeps serving, and swaps (``version_policy`` latest 1: requests without a version go to the newest
-READY one). A version that fails to load is moved aside and the old one keeps serving.
+in the ensemble layouts), with the rest of the served version folder (its code, pipeline, labels), and
+renamed to the next version number in one step, so Triton never sees a half-written version and a
+served version is never rewritten in place. Then the server is asked (with the admin key) to load that
+model: Triton loads the new version while the old one keeps serving, and swaps (``version_policy``
+latest 1: requests without a version go to the newest READY one). A version that fails to load is
+moved aside and the old one keeps serving.
 
 Rollback moves the newest version folder aside (``<model>/.retired-<n>``, kept for inspection) and
 asks the server to load again: the previous version comes back the same way. With no server running
@@ -32,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from build.quantize import Runner, onnx_runner
-from build.render_repo import MANIFEST, onnx_model_name, read_manifest
+from build import layouts
+from build.settings import MANIFEST, read_manifest
 from clients import admin
 from clients.client import error_message
 from core.atomic_io import atomic_write_bytes
 from core.metadata import file_sha256, read_metadata
 from core.preprocess import DaliPreprocessor, PreprocessSpec
+from core.runners import OrtRunner, Runner
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, stream_logits, topk_accuracy
 
@@ -56,7 +58,7 @@ def versions(model_dir: Path) -> list[int]:
 
 def onnx_model_dir(repo: Path) -> Path:
     """The folder of the model whose versions hold the ONNX, as the repository was rendered (its layout)."""
-    return Path(repo) / onnx_model_name(read_manifest(repo).get("layout", "postprocess"))
+    return Path(repo) / layouts.of_manifest(read_manifest(repo)).onnx_model
 
 
 def served_onnx(repo: Path) -> Path:
@@ -96,13 +98,13 @@ def precheck(onnx_path: Path, repo: Path, data: Path | None, max_top1_drop: floa
     current = served_onnx(repo)
     try:
         meta = read_metadata(onnx_path)
-        new = onnx_runner(Path(onnx_path).read_bytes())  # the ONNX Runtime session is the load check
+        new = OrtRunner(Path(onnx_path).read_bytes())  # the ONNX Runtime session is the load check
     except Exception as e:
         raise PublishError(f"{onnx_path} is not a loadable exported model: {str(e).strip()[:500]}") from None
     check_compatible(meta, read_metadata(current))
     if data is None:
         return {"gate": "skipped (no --data)"}
-    acc = top1({"new": new, "served": onnx_runner(current.read_bytes())}, meta, data)
+    acc = top1({"new": new, "served": OrtRunner(current.read_bytes())}, meta, data)
     result = {"top1_new": acc["new"], "top1_served": acc["served"], "max_top1_drop": max_top1_drop}
     if acc["new"] < acc["served"] - max_top1_drop:
         raise PublishError(f"accuracy gate: the new model's val top-1 is {acc['new']:.2f}%, the served one's "
@@ -206,7 +208,8 @@ def main(args: argparse.Namespace) -> int:
         key = admin.load_key()
         if args.rollback:
             r = rollback(args.repo, args.url or None, args.protocol, key, args.timeout)
-            print(f"rolled back: version {r['rolled_back_from']} retired ({r['retired_to']}), version {r['version']} served")
+            print(f"rolled back: version {r['rolled_back_from']} retired ({r['retired_to']}), "
+                  f"version {r['version']} served")
         else:
             r = publish(args.onnx, args.repo, args.data, args.url or None, args.protocol, key, args.max_top1_drop,
                         timeout_s=args.timeout)

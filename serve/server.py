@@ -12,6 +12,7 @@ that names the model and the reason.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import re
@@ -25,6 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, NoReturn
 
 from clients import admin
 from serve import object_store, stop_on_signals
@@ -51,7 +53,8 @@ class ModelLoadError(ServerError):
     def __init__(self, failures: dict[str, str], log_tail: str):
         self.failures = failures
         lines = "\n".join(f"  model '{m}': {r}" for m, r in failures.items())
-        super().__init__(f"Triton could not load {len(failures)} model(s):\n{lines}\n--- server log (tail) ---\n{log_tail}")
+        super().__init__(f"Triton could not load {len(failures)} model(s):\n{lines}\n"
+                         f"--- server log (tail) ---\n{log_tail}")
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class Ports:
 def pytriton_dir() -> Path:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError("nvidia-pytriton is not installed in this environment (it ships the tritonserver binary); run `make venv`")
+        raise ServerError("nvidia-pytriton is not installed in this environment "
+                          "(it ships the tritonserver binary); run `make venv`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -78,9 +82,10 @@ def dali_backend_wheel(binary: Path) -> Path | None:
 def backend_directory() -> Path:
     """A backends/python folder with the backend library, its utils and the stub for this Python."""
     src = pytriton_dir() / "tritonserver"
-    stub = src / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / python / "triton_python_backend_stub"
     if not stub.exists():
-        raise ServerError(f"no Python-backend stub for Python {sys.version_info.major}.{sys.version_info.minor} in {stub.parent.parent}")
+        raise ServerError(f"no Python-backend stub for Python {python} in {stub.parent.parent}")
     dest = CACHE / "backends" / "python"
     dest.mkdir(parents=True, exist_ok=True)
     for f in (src / "backends" / "python" / "libtriton_python.so",
@@ -98,8 +103,9 @@ def check_port_free(port: int, what: str) -> None:
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
+            hint = "make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=..."
             raise PortInUseError(f"port {port} ({what}) is already in use: stop whatever listens there "
-                                 f"or choose another port (make serve HTTP_PORT=... GRPC_PORT=... METRICS_PORT=...)") from None
+                                 f"or choose another port ({hint})") from None
 
 
 def free_ports(n: int = 3) -> list[int]:
@@ -149,6 +155,13 @@ class TritonServer:
         self.watchdog: StubWatchdog | None = None
 
     @property
+    def process(self) -> subprocess.Popen:
+        """The tritonserver process; a ServerError before start()."""
+        if self.proc is None:
+            raise ServerError("tritonserver has not been started: call start() first")
+        return self.proc
+
+    @property
     def connect_host(self) -> str:
         """Where a client on this machine reaches it (a wildcard bind is reachable on loopback)."""
         return LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
@@ -169,7 +182,8 @@ class TritonServer:
         if self.binary:  # a full Triton install brings its backends (DALI, TensorRT, Python)
             binary, backends = Path(self.binary), []
         else:
-            binary, backends = pytriton_dir() / "tritonserver" / "bin" / "tritonserver", [f"--backend-directory={backend_directory()}"]
+            binary = pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+            backends = [f"--backend-directory={backend_directory()}"]
         restricted = admin.server_args(self.admin_key) if self.admin_key else []
         control = ["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else []
         return [str(binary), f"--model-repository={self.repo}", *backends,
@@ -201,17 +215,16 @@ class TritonServer:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [*site, env.get("PYTHONPATH")]))
         return env
 
-    def _pump(self) -> None:
-        sink = open(self.log_file, "a") if self.log_file else None
-        for line in self.proc.stdout:
-            self.log.append(line.rstrip("\n"))
-            if sink:
-                sink.write(line)
-                sink.flush()
-            if self.echo:
-                sys.stderr.write(line)
-        if sink:
-            sink.close()
+    def _pump(self, stream: IO[str]) -> None:
+        """The reader thread: the server's output into self.log (and the log file, and stderr with echo)."""
+        with open(self.log_file, "a") if self.log_file else contextlib.nullcontext() as sink:
+            for line in stream:
+                self.log.append(line.rstrip("\n"))
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+                if self.echo:
+                    sys.stderr.write(line)
 
     def start(self, timeout: float = 180.0) -> TritonServer:
         """Start and wait until every model is ready. On any failure, Ctrl-C included, the child is stopped
@@ -239,13 +252,15 @@ class TritonServer:
         for port, what in ((self.ports.http, "HTTP"), (self.ports.grpc, "gRPC"), (self.ports.metrics, "metrics")):
             check_port_free(port, what)
         self.log, self.ready = [], False
-        self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self.proc = proc = subprocess.Popen(self.command(), env=self.environment(), stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        if proc.stdout is None:  # stdout=PIPE always gives one
+            raise ServerError("tritonserver was started without an output pipe")
+        self._reader = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)
         self._reader.start()
         if self.watch_stubs:  # from the start: it learns every stub's model while the models load
             reload = self._reload if self.model_control == "explicit" else None
-            self.watchdog = StubWatchdog(self.proc.pid, reload, report=self._note, armed=False).start()
+            self.watchdog = StubWatchdog(proc.pid, reload, report=self._note, armed=False).start()
         self.wait_ready(timeout)
 
     def _reload(self, model: str) -> None:
@@ -271,16 +286,10 @@ class TritonServer:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"  # health stays open with an admin key
+        proc = self.process
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._reader.join(timeout=5)
-                bind = next((m for line in self.log if (m := BIND_FAILURE.search(line))), None)
-                if bind:
-                    raise PortInUseError(f"tritonserver could not bind its {bind.group(1)} port: {bind.group(0)}")
-                failures = self._failures()
-                if failures:
-                    raise ModelLoadError(failures, self.log_tail())
-                raise ServerError(f"tritonserver exited with code {self.proc.returncode} before it was ready:\n{self.log_tail()}")
+            if proc.poll() is not None:
+                self._raise_exited(proc.returncode)
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
@@ -295,6 +304,18 @@ class TritonServer:
             raise ModelLoadError(failures, self.log_tail())
         raise ServerError(f"tritonserver was not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
+    def _raise_exited(self, returncode: int) -> NoReturn:
+        """tritonserver exited before it was ready: the error that says why (a port, a model, or its log)."""
+        if self._reader:
+            self._reader.join(timeout=5)
+        bind = next((m for line in self.log if (m := BIND_FAILURE.search(line))), None)
+        if bind:
+            raise PortInUseError(f"tritonserver could not bind its {bind.group(1)} port: {bind.group(0)}")
+        failures = self._failures()
+        if failures:
+            raise ModelLoadError(failures, self.log_tail())
+        raise ServerError(f"tritonserver exited with code {returncode} before it was ready:\n{self.log_tail()}")
+
     def drain(self, timeout: float = EXIT_TIMEOUT_S) -> bool:
         """Refuse new requests and let the accepted ones finish (explicit model control only): every model
         is unloaded, so a new request is answered at once ("... has no available versions", HTTP 404 /
@@ -303,7 +324,7 @@ class TritonServer:
 
         Why not just SIGINT: Triton's HTTP frontend keeps serving requests on open keep-alive connections
         for up to --exit-timeout-secs and then exits, cutting the requests in flight at that moment."""
-        if self.model_control != "explicit" or not self.ready or self.proc.poll() is not None:
+        if self.model_control != "explicit" or not self.ready or self.proc is None or self.proc.poll() is not None:
             return False
         deadline = time.monotonic() + timeout
         try:
@@ -362,7 +383,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=LOOPBACK, help="address to listen on (0.0.0.0: every interface, i.e. the network)")
     p.add_argument("--model-control", choices=("explicit", "none"), default="explicit",
                    help="explicit: models can be reloaded through the (key-protected) repository API, e.g. by "
-                        "`python -m build.publish`, and a stop drains them first; none: fixed at start")
+                        "`python -m serve.publish`, and a stop drains them first; none: fixed at start")
     p.add_argument("--no-admin-key", action="store_true",
                    help="leave the model-repository, model-config, logging, trace and shared-memory APIs open")
     return p
@@ -382,10 +403,9 @@ def main(args: argparse.Namespace) -> int:
         where = "every interface" if server.connect_host != args.host else args.host
         control = ("model control and config APIs need the admin key "
                    f"(${admin.KEY_ENV} or {admin.key_file()})" if key else "model control and config APIs are OPEN")
-        print(f"\nTriton is ready on {where}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}; "
-              f"{control}  (Ctrl-C stops it)", file=sys.stderr, flush=True)
-        server.proc.wait()
-        return server.proc.returncode
+        print(f"\nTriton is ready on {where}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+              f"metrics {server.metrics_url}; {control}  (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        return server.process.wait()
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ swaps in new instances while the healthy ones keep serving. Without a way to rel
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -39,10 +40,8 @@ def children(pid: int) -> set[int]:
     """Child processes of ``pid``, whichever of its threads started them."""
     out: set[int] = set()
     for f in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
             out.update(int(p) for p in f.read_text().split())
-        except OSError:  # the thread ended meanwhile
-            pass
     return out
 
 

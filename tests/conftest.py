@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from build.export_onnx import export
-from build.render_repo import RepoSettings, render
+from build.render_repo import render
+from build.settings import RepoSettings
 from serve.server import TritonServer
 from training import synthetic, train
 

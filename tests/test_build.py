@@ -17,17 +17,10 @@ from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build import export_onnx
-from build.render_repo import (
-    PYTHON_MODELS,
-    RepoSettings,
-    check_ensemble,
-    embedded_configs,
-    pipeline_model,
-    read_configs,
-    read_manifest,
-    render,
-    rendered_onnx,
-)
+from build import layouts
+from build.render_repo import render
+from build.model_config import check_ensemble, read_configs
+from build.settings import RepoSettings, read_manifest, rendered_onnx
 from core import metadata
 from core import protocol as P
 from core.preprocess import DaliPreprocessor, PreprocessSpec
@@ -173,9 +166,9 @@ def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo,
     assert tensors(fused[P.ENSEMBLE].output) == tensors(ens[P.ENSEMBLE].output)
     assert fused[P.ENSEMBLE].input[0].allow_ragged_batch and fused[P.ENSEMBLE].HasField("dynamic_batching")
     params = {k: v.string_value for k, v in fused[P.ENSEMBLE].parameters.items()}
-    for name in PYTHON_MODELS:
+    for name in layouts.STAGE_CODE:
         assert {k: v.string_value for k, v in ens[name].parameters.items()}.items() <= params.items(), name
-        assert (repo / P.ENSEMBLE / "1" / f"{name}.py").read_bytes() == (ensemble_repo / name / "1" / "model.py").read_bytes()
+        assert (repo / P.ENSEMBLE / "1" / "stages.py").read_bytes() == (ensemble_repo / name / "1" / "stages.py").read_bytes()
     version = repo / P.ENSEMBLE / "1"
     assert (version / "model.onnx").read_bytes() == onnx_model.read_bytes()
     assert (version / "labels.txt").read_text().splitlines() == metadata.read_metadata(onnx_model)["classes"]
@@ -227,7 +220,7 @@ FP32, FP64 = mc.TYPE_FP32, mc.TYPE_FP64
     ("unknown_tensor", "ensemble step 1 (classifier): input 'PIXELS' reads 'pixelz', which no earlier step produces"),
     ("missing_model", "ensemble step 1 (classifier): no config for model 'classifier'")])
 def test_wiring_check_catches_mistakes(breakage, message):
-    configs = embedded_configs(PreprocessSpec.for_size(32), 10, RepoSettings())
+    configs = layouts.postprocess_configs(layouts.ConfigInputs(PreprocessSpec.for_size(32), 10, RepoSettings(), "embedded", {}))
     check_ensemble(configs)
     if breakage == "dims":
         configs[P.CLASSIFIER].input[0].dims[1] = 31
@@ -246,7 +239,7 @@ def test_serialized_dali_pipeline_equals_eval_transform(repo, onnx_model, val_fi
     from nvidia.dali import Pipeline
 
     spec = PreprocessSpec.from_dict(metadata.read_metadata(onnx_model)["preprocess"])
-    served = repo / pipeline_model(read_manifest(repo)["layout"]) / "1" / "model.dali"
+    served = repo / layouts.get(read_manifest(repo)["layout"]).pipeline_model / "1" / "model.dali"
     pipe = Pipeline.deserialize(serialized_pipeline=served.read_bytes(),
                                 batch_size=MAX_BATCH, num_threads=1, device_id=None, prefetch_queue_depth=1,
                                 exec_async=False, exec_pipelined=False)

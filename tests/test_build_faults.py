@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from build.render_repo import RepoSettings, render
+from build.render_repo import render
+from build.settings import RepoSettings
 from serve.server import PROJECT_ROOT
 
 # Runs a module like `python -m`, counting file-system changes; at the KILL_AT-th one it kills itself.

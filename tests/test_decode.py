@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from build.render_repo import RepoSettings
+from build.settings import RepoSettings
 from clients.client import ImageClassifierClient
 from core.preprocess import MAX_IMAGE_PIXELS, ImageRejected, decode_image
 from training.checkpoint import load_checkpoint

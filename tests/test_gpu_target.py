@@ -23,19 +23,11 @@ from conftest import MAX_BATCH
 from google.protobuf.internal.decoder import _DecodeVarint
 
 from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
-from build.render_repo import (
-    GRAPH_FILE,
-    GRAPH_SOURCE,
-    PIPELINE_CONFIG,
-    PIPELINE_FILE,
-    RepoSettings,
-    autoserialize,
-    check_ensemble,
-    pipeline_model,
-    read_configs,
-    read_manifest,
-    render,
-)
+from build import layouts
+from build.layouts import PIPELINE_FILE
+from build.render_repo import CORE, GRAPH_FILE, PIPELINE_CONFIG, autoserialize, render
+from build.model_config import check_ensemble, read_configs
+from build.settings import RepoSettings, read_manifest
 from clients.client import ImageClassifierClient
 from core import protocol as P
 from core.metadata import read_metadata
@@ -95,7 +87,7 @@ def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
     render(onnx_model, repo, RepoSettings(max_batch_size=16, dali_threads=3), target="gpu")
     version = repo / P.PREPROCESS / "1"
     assert sorted(p.name for p in version.iterdir()) == sorted([PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG])
-    assert (version / GRAPH_FILE).read_bytes() == GRAPH_SOURCE.read_bytes()  # the one graph definition
+    assert (version / GRAPH_FILE).read_bytes() == (CORE / GRAPH_FILE).read_bytes()  # the one graph definition
     config = read_configs(repo)[P.PREPROCESS]
     assert config.backend == "dali" and config.default_model_filename == PIPELINE_FILE
     assert config.parameters["num_threads"].string_value == "3"
@@ -116,9 +108,9 @@ def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
 
 def test_embedded_pipeline_is_serialized_from_the_same_definition(repo):
     """The embedded server deserializes model.dali, made from the very dali.py the GPU server serializes."""
-    version = repo / pipeline_model(read_manifest(repo)["layout"]) / "1"
+    version = repo / layouts.get(read_manifest(repo)["layout"]).pipeline_model / "1"
     files = {name: (version / name).read_bytes() for name in (PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG)}
-    assert files[GRAPH_FILE] == GRAPH_SOURCE.read_bytes()
+    assert files[GRAPH_FILE] == (CORE / GRAPH_FILE).read_bytes()
     assert json.loads(files[PIPELINE_CONFIG])["device"] == "cpu"
     served = dali_operators((version / "model.dali").read_bytes())
     assert served == dali_operators(autoserialize(files))
@@ -163,7 +155,7 @@ def test_container_installs_what_the_gpu_path_imports():
     probe = ("import sys, json\n"
              "from importlib.metadata import packages_distributions\n"
              "before = set(sys.modules)\n"
-             "import modelopt.onnx.quantization, modelopt.onnx.autocast, build.quantize, build.engine, build.gpu_check\n"
+             "import modelopt.onnx.quantization, modelopt.onnx.autocast, build.quantize, build.engine, perf.gpu_check\n"
              "mods = {m.split('.')[0] for m in set(sys.modules) - before}\n"
              "dists = packages_distributions()\n"
              "print(json.dumps(sorted([m, sorted(dists[m])] for m in mods if m in dists)))\n")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import MAX_BATCH
 
-from build.render_repo import RepoSettings, labels_file, read_manifest
+from build.render_repo import labels_file
+from build.settings import RepoSettings, read_manifest
 from core import protocol as P
 from perf import report, tune
 from perf.loadtest import run_locust

@@ -21,26 +21,16 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build import quantize
-from build.engine import (
-    BatchProfile,
-    EngineEnvironmentError,
-    check_environment,
-    check_plan,
-    gpu_compute_capability,
-    verify_repository,
-)
+from build.engine import EngineEnvironmentError, check_environment, check_plan, gpu_compute_capability, verify_repository
+from build.settings import BatchProfile
 from build.graph_cleanup import clean
-from build.render_repo import (
-    RepoSettings,
-    check_ensemble,
-    onnx_model_name,
-    read_configs,
-    read_manifest,
-    render,
-    repo_settings,
-)
+from build import layouts
+from build.render_repo import render
+from build.model_config import check_ensemble, read_configs
+from build.settings import RepoSettings, read_manifest, repo_settings
 from clients.client import ImageClassifierClient
 from core import protocol as P
+from core.stages import ort_session
 from core.metadata import read_metadata
 from core.preprocess import DaliPreprocessor, PreprocessSpec
 from perf import precisions
@@ -178,14 +168,14 @@ def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_fil
     repo = tmp_path / "repo"
     render(onnx_path, repo, RepoSettings(max_batch_size=MAX_BATCH, top_k=3))
     meta = read_metadata(onnx_path)
-    sess = quantize.session(onnx_path.read_bytes())
+    sess = ort_session(onnx_path.read_bytes(), 0)
     inputs = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(val_files)
     own = sess.run(None, {"input": inputs})[0].argmax(1)
     with TritonServer(repo, None) as server, ImageClassifierClient(server.grpc_url, "grpc") as c:
         preds = c.classify_files(val_files, batch_size=MAX_BATCH)
     served = np.array([meta["classes"].index(p.labels[0]) for p in preds])
     assert np.mean(served == own) >= 0.995  # the server gives the artifact's own answers
-    assert read_configs(repo)[onnx_model_name(read_manifest(repo)["layout"])].parameters["onnx_sha256"].string_value == \
+    assert read_configs(repo)[layouts.get(read_manifest(repo)["layout"]).onnx_model].parameters["onnx_sha256"].string_value == \
         hashlib.sha256(onnx_path.read_bytes()).hexdigest()  # and serves that very artifact
 
 
@@ -312,7 +302,7 @@ def test_dali_decoder_ignores_zero_padding(onnx_model, val_files):
 @pytest.mark.skipif(NO_CUDA_GPU is not None, reason=f"DALI GPU pipeline not runnable: {NO_CUDA_GPU}")
 def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
     """One definition, two devices: nvJPEG + GPU resize/normalize against the CPU pipeline, same images."""
-    from build.gpu_check import dali_gpu_vs_cpu
+    from perf.gpu_check import dali_gpu_vs_cpu
 
     spec = PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])
     diff = dali_gpu_vs_cpu(spec, val_files, batch=16)
@@ -354,8 +344,8 @@ def test_graph_cleanup_removes_identities_and_folds_constants():
     assert counts == {"nodes_before": 4, "nodes_after": 1, "identities_removed": 1}
     assert [n.op_type for n in cleaned.graph.node] == ["Add"] and cleaned.metadata_props[0].key == "platform"
     data = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
-    before = quantize.session(model.SerializeToString()).run(None, {"x": data})[0]
-    after = quantize.session(cleaned.SerializeToString()).run(None, {"x": data})[0]
+    before = ort_session(model.SerializeToString(), 0).run(None, {"x": data})[0]
+    after = ort_session(cleaned.SerializeToString(), 0).run(None, {"x": data})[0]
     np.testing.assert_allclose(after, before)
 
 

@@ -119,7 +119,8 @@ def test_served_side_by_side(digits, pruned, tmp_path):
     unpruned_onnx = ckpt.parent / "model.onnx"
     export(ckpt, data, unpruned_onnx)
     export(out / "best.pt", data, out / "model.onnx")
-    from build.render_repo import RepoSettings, render
+    from build.render_repo import render
+    from build.settings import RepoSettings
 
     render(unpruned_onnx, tmp_path / "repo", RepoSettings(max_batch_size=8))
     r = perf_pruned.compare(unpruned_onnx, out, tmp_path / "repo", data / "val", rounds=2, concurrency=4,

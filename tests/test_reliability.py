@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from build.render_repo import LAYOUT_MODELS, RepoSettings, read_configs, read_manifest, render
+from build import layouts
+from build.render_repo import render
+from build.model_config import read_configs
+from build.settings import RepoSettings, read_manifest
 from clients import admin
 from clients.client import ImageClassifierClient, error_message, error_status, image_input
 from core import protocol as P
@@ -212,7 +215,7 @@ def test_client_backs_off_and_retries_after_503(small_queue, val_files):
 def test_queue_policy_is_rendered_for_every_model_that_queues(onnx_model, tmp_path, layout):
     render(onnx_model, tmp_path, RepoSettings(max_queue_size=7, queue_timeout_ms=1500), layout=layout)
     configs = read_configs(tmp_path)
-    for name in LAYOUT_MODELS[layout]:
+    for name in layouts.get(layout).python_models():
         policy = configs[name].dynamic_batching.default_queue_policy
         assert (policy.max_queue_size, policy.default_timeout_microseconds) == (7, 1_500_000), name
     if layout != "fused":  # an ensemble has no queue of its own
@@ -276,7 +279,7 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, on
     """The new version goes to the model that runs the ONNX: the fused model itself, or the ensemble's classifier."""
     import shutil
 
-    from build.publish import PublishError, onnx_model_dir, publish, rollback, versions
+    from serve.publish import PublishError, onnx_model_dir, publish, rollback, versions
     from perf.reliability import background_load, counts, examples
 
     live = tmp_path / "repo"
@@ -324,7 +327,7 @@ def test_killed_python_stub_is_detected_and_its_model_reloaded(repo, ensemble_re
     repo = repo if layout == "fused" else ensemble_repo
     with TritonServer(repo, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:
         r = stub_faults(s, [f.read_bytes() for f in val_files[:16]], workers=2, settle_s=0.5, answers_after=10)
-        assert {x["model"] for x in r} == set(LAYOUT_MODELS[read_manifest(repo)["layout"]])
+        assert {x["model"] for x in r} == set(layouts.get(read_manifest(repo)["layout"]).python_models())
         for x in r:
             assert x["how"] == "killed by signal 9" and x["error"] == "", x
             assert x["reloaded_s"] is not None and x["reloaded_s"] < 30, x

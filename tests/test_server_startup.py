@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from build.render_repo import onnx_model_name, read_manifest
+from build import layouts
+from build.settings import read_manifest
 from serve.server import PROJECT_ROOT, ModelLoadError, PortInUseError, Ports, TritonServer, free_ports
 
 
@@ -33,7 +34,7 @@ def test_busy_port_is_refused_with_a_clear_message(repo):
 def test_model_that_fails_to_load_is_named_with_its_reason(repo, tmp_path):
     broken = tmp_path / "repo"
     shutil.copytree(repo, broken)
-    model = onnx_model_name(read_manifest(repo)["layout"])
+    model = layouts.get(read_manifest(repo)["layout"]).onnx_model
     (broken / model / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
     server = TritonServer(broken, None)
     with pytest.raises(ModelLoadError) as e:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import shutil
 
-from build.render_repo import RepoSettings, render
+from build.render_repo import render
+from build.settings import RepoSettings
 from core import protocol as P
 from perf.soak import plot, soak
 from serve.server import TritonServer

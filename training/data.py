@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from core.preprocess import ImageRejected, PreprocessSpec, decode_image, open_image
+from core.preprocess import ImageRejected, PreprocessSpec, decode_image, open_image, pillow_filter, to_model_input
 
 # File names of what the served ensemble accepts (core.preprocess.IMAGE_FORMATS), so that every
 # training image can also be served.
@@ -22,7 +22,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 def find_classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"no such split directory: {split_dir} (expected ImageFolder layout root/<split>/<class>/*.jpg)")
+        raise FileNotFoundError(f"no such split directory: {split_dir} "
+                                "(expected ImageFolder layout root/<split>/<class>/*.jpg)")
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{split_dir} has {len(classes)} class folder(s); a classifier needs at least 2")
@@ -128,7 +129,8 @@ def dataset_fingerprint(root: Path) -> str:
 
 
 class TrainTransform:
-    """Random resized crop + horizontal flip + colour jitter + normalize, in Pillow/torch (training only).
+    """Random resized crop + horizontal flip + colour jitter + normalize, in Pillow/NumPy (training only), with
+    the spec's interpolation, channel order and layout.
 
     Evaluation never uses this: it uses the DALI serving pipeline (core.preprocess).
     """
@@ -136,8 +138,6 @@ class TrainTransform:
     def __init__(self, spec: PreprocessSpec, scale: tuple[float, float] = (0.35, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, color_jitter: float = 0.0):
         self.spec, self.scale, self.ratio, self.hflip, self.jitter = spec, scale, ratio, hflip, color_jitter
-        self.mean = torch.tensor(spec.mean).view(3, 1, 1)
-        self.std = torch.tensor(spec.std).view(3, 1, 1)
 
     def crop_box(self, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
         area = w * h
@@ -153,14 +153,13 @@ class TrainTransform:
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         size = self.spec.crop_size
-        img = img.resize((size, size), Image.BILINEAR, box=self.crop_box(*img.size, rng))
+        img = img.resize((size, size), pillow_filter(self.spec.interpolation), box=self.crop_box(*img.size, rng))
         if rng.random() < self.hflip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.jitter > 0:  # brightness, contrast, saturation, each by a factor in [1-j, 1+j]
             for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                 img = enhance(img).enhance(rng.uniform(1 - self.jitter, 1 + self.jitter))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - self.mean) / self.std
+        return torch.from_numpy(to_model_input(np.asarray(img, dtype=np.float32) / 255.0, self.spec))
 
 
 class EpochSampler(torch.utils.data.Sampler):

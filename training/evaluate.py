@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from core.atomic_io import atomic_write_bytes
 from core.preprocess import DaliPreprocessor
+from core.runners import Runner, TorchRunner
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from training.data import drop_bad_images, list_images
 
@@ -27,16 +28,14 @@ from training.data import drop_bad_images, list_images
 DEFAULT_MAX_TOP1_DROP = 1.0
 
 
-@torch.inference_mode()
 def logits_for_inputs(model: torch.nn.Module, inputs: np.ndarray, batch_size: int = 128,
                       device: torch.device | str = "cpu") -> np.ndarray:
-    model.eval()
-    outs = [model(torch.from_numpy(inputs[i:i + batch_size]).to(device)).float().cpu().numpy()
-            for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    """The PyTorch reference's logits (core.runners' PyTorch runner)."""
+    return TorchRunner(model, batch_size, device)(inputs)
 
 
-def stream_logits(runners: dict[str, Callable[[np.ndarray], np.ndarray]], batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+def stream_logits(runners: dict[str, Runner],
+                  batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
     """Every runner's logits over one pass of the streamed val split (DaliPreprocessor.iter_files): each
     batch is decoded once whatever the number of runners, and only logits are kept."""
     outs: dict[str, list[np.ndarray]] = {name: [] for name in runners}
@@ -57,7 +56,8 @@ def logits_for_files(model: torch.nn.Module, pre: DaliPreprocessor, paths: Seque
                      device: torch.device | str = "cpu") -> np.ndarray:
     """Logits for image files through the serving preprocess, streamed batch by batch: only the
     logits are kept, never every image's input (a 50,000-image val split fits in any memory)."""
-    return stream_logits({"model": lambda x: logits_for_inputs(model, x, device=device)}, pre.iter_files(paths))["model"]
+    logits = stream_logits({"model": lambda x: logits_for_inputs(model, x, device=device)}, pre.iter_files(paths))
+    return logits["model"]
 
 
 def evaluate(model: torch.nn.Module, pre: DaliPreprocessor, paths: Sequence[Path], labels: np.ndarray,
@@ -91,7 +91,7 @@ def top_confusions(cm: np.ndarray, classes: list[str], k: int = 20) -> list[dict
     np.fill_diagonal(off, 0)
     flat = np.argsort(-off, axis=None)[:k]
     return [{"true": classes[i], "predicted": classes[j], "count": int(off[i, j])}
-            for i, j in zip(*np.unravel_index(flat, off.shape)) if off[i, j] > 0]
+            for i, j in zip(*np.unravel_index(flat, off.shape), strict=True) if off[i, j] > 0]
 
 
 def write_confusion_csv(cm: np.ndarray, classes: list[str], path: Path) -> None:
@@ -101,7 +101,7 @@ def write_confusion_csv(cm: np.ndarray, classes: list[str], path: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["true \\ predicted", *classes])
-            w.writerows([c, *map(int, row)] for c, row in zip(classes, cm))
+            w.writerows([c, *map(int, row)] for c, row in zip(classes, cm, strict=True))
 
     atomic_write_bytes(path, write)
 
@@ -182,4 +182,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from e

@@ -3,59 +3,54 @@
 The fused layout (the embedded target's default): the preprocess, classifier and postprocess stages
 run one after the other in one stub, on one dynamic batch. The ensemble layouts hand every batch
 from stub to stub through Triton (shared memory, a queue and a scheduler per hop); here the batch
-stays in this process, which measured here serves more images per second on 2 CPU cores (README,
-"Throughput"). The stages are the very classes the ensemble's models run, copied beside this file
-by ``make repo`` (preprocess.py, classifier.py, postprocess.py), so both layouts answer alike.
+stays in this process, which measured here serves more images per second on 2 CPU cores
+(docs/performance.md, "Throughput"). The stages are the very classes the ensemble's models run
+(core/stages.py, copied beside this file by ``make repo``), so both layouts answer alike.
 """
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
+import stages  # noqa: E402
 
-def _sibling(here: Path, name: str):
-    """A stage module from this version folder, loaded by path (not by sys.path, where another module of
-    that name could come first)."""
-    spec = importlib.util.spec_from_file_location(f"_fused_{name}", here / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+def failed(stage, err, requests):
+    """Not the images' fault: every request of the batch fails with this, and it is logged."""
+    message = stages.internal_message(stage, err)
+    pb_utils.Logger.log_error(message)
+    return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
+            for _ in requests]
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         here = Path(args["model_repository"]) / args["model_version"]
-        self.pre = _sibling(here, "preprocess")
-        self.preprocess = self.pre.Preprocessor.from_config(config, here)
-        self.classifier = _sibling(here, "classifier").OnnxClassifier.from_config(config, here)
-        self.top_k = _sibling(here, "postprocess").TopK.from_config(config, here)
+        self.preprocess = stages.Preprocessor.from_config(config, here)
+        self.classifier = stages.OnnxClassifier.from_config(config, here)
+        self.top_k = stages.TopK.from_config(config, here)
         self.out_names = [o["name"] for o in config["output"]]  # probabilities, labels, scores
 
     def execute(self, requests):
         try:
-            decoded = self.preprocess.decode([pb_utils.get_input_tensor_by_name(r, self.preprocess.in_name).as_numpy()
-                                              for r in requests])
+            name = self.preprocess.in_name
+            decoded = self.preprocess.decode([pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests])
         except Exception as e:
-            return self._failed("preprocess", e, requests)
-        good = [d for d in decoded if not isinstance(d, self.pre.Rejected)]
+            return failed("preprocess", e, requests)
+        good = [d for d in decoded if not isinstance(d, stages.Rejected)]
         try:
             values = self.top_k(self.classifier(np.concatenate(good))[0]) if good else None
         except Exception as e:
-            return self._failed("classifier", e, requests)
-        responses, start = [], 0
-        for d in decoded:
-            if isinstance(d, self.pre.Rejected):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(d), pb_utils.TritonError.INVALID_ARG)))
-                continue
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, v[start:start + len(d)]) for name, v in zip(self.out_names, values)]))
-            start += len(d)
-        return responses
-
-    def _failed(self, stage, err, requests):
-        error = self.pre.internal_error(stage, err)
-        return [pb_utils.InferenceResponse(error=error) for _ in requests]
+            return failed("classifier", e, requests)
+        answers = iter(stages.split_rows(values, [len(d) for d in good]) if good else [])
+        return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(d), pb_utils.TritonError.INVALID_ARG))
+                if isinstance(d, stages.Rejected) else
+                pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in zip(self.out_names, next(answers),
+                                                                                     strict=True)])
+                for d in decoded]

@@ -14,6 +14,7 @@ import argparse
 import json
 import signal
 import threading
+from pathlib import Path
 
 from ray import serve
 from starlette.requests import Request
@@ -25,7 +26,7 @@ class Classifier:
     def __init__(self, spec_file: str, max_batch: int, wait_s: float):
         from perf.peers.pipeline import PeerModel
 
-        self.model = PeerModel(spec_file)
+        self.model = PeerModel(Path(spec_file))
         self.classify.set_max_batch_size(max_batch)
         self.classify.set_batch_wait_timeout_s(wait_s)
 
@@ -41,11 +42,11 @@ class Classifier:
 def main(a: argparse.Namespace) -> None:
     import ray
 
-    spec = json.loads(open(a.spec).read())
+    spec = json.loads(Path(a.spec).read_text())
     ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": a.host, "port": a.port}, logging_config={"log_level": "WARNING"})
-        app = Classifier.options(num_replicas=spec["instances"], max_ongoing_requests=2 * spec["max_batch_size"],
+        app = Classifier.options(  # type: ignore[attr-defined]  # @serve.deployment's class gains .optionsnum_replicas=spec["instances"], max_ongoing_requests=2 * spec["max_batch_size"],
                                  ray_actor_options={"num_cpus": 0}).bind(a.spec, spec["max_batch_size"],
                                                                          spec["queue_delay_us"] / 1e6)
         serve.run(app, route_prefix="/predict")

@@ -1,0 +1,309 @@
+"""The served stages without Triton: image checks, DALI with per-image isolation, ONNX Runtime, top-k.
+
+What the Python-backend models run (build/triton_models/: preprocess, classifier, postprocess, and the
+fused model that runs all three on one batch), copied beside each of them by ``make repo``; the peer
+servers of ``make compare`` run the very same classes (perf/peers/pipeline.py). It therefore imports
+nothing of the project and only NumPy at import time (DALI and ONNX Runtime where they are used): the
+GPU target's postprocess model loads it in a Python backend that has neither.
+
+Bad images never take the server or other requests down: every image's header is read first (format,
+size limits, truncation), a DALI batch that fails to decode is retried image by image (DALI
+invalidates a pipeline after an error, so it is rebuilt), and only the requests holding a bad image
+get an error naming the image's index. A failure that is not the image's fault (out of memory, a
+broken pipeline) propagates, and is not retried image by image. Bytes after a JPEG's end-of-image
+marker (motion photos) are ignored, as DALI's and Pillow's decoders do, so serving agrees with
+training (core/preprocess.py: the decode policy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
+# JPEG start-of-frame markers (they carry the image size): C0-CF except DHT (C4), JPG (C8), DAC (CC)
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+class Rejected(ValueError):
+    """The image's own fault (too large, not JPEG/PNG, undecodable): answered INVALID_ARG with this message."""
+
+
+def check_limits(num_bytes: int, width: int, height: int, max_pixels: int, max_bytes: int) -> None:
+    """The size limits of the decode policy, checked before decoding (core/preprocess.py for training)."""
+    if num_bytes > max_bytes:
+        raise Rejected(f"image is {num_bytes} bytes, over the limit of {max_bytes} bytes")
+    if width * height > max_pixels:
+        raise Rejected(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels")
+
+
+def jpeg_extent(data: bytes) -> tuple[int, int, int]:
+    """(width, height, end) of a baseline or progressive JPEG; ``end`` is just past its end-of-image
+    marker. Walks the marker segments and the entropy-coded data (cheap: bytes.find), so a file cut
+    short is caught here with a clear message, and trailing bytes are located, not guessed at."""
+    n, pos, size = len(data), 2, None
+    truncated = Rejected(f"truncated JPEG: {n} bytes and no end-of-image marker")
+    while True:
+        if pos >= n:
+            raise truncated
+        if data[pos] != 0xFF:
+            raise Rejected(f"corrupt JPEG: expected a marker at byte {pos}")
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            raise truncated
+        marker, pos = data[pos], pos + 1
+        if marker == 0xD9:  # end of image
+            if size is None:
+                raise Rejected("corrupt JPEG: no frame header before the end-of-image marker")
+            return size[0], size[1], pos
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            continue
+        if pos + 2 > n:
+            raise truncated
+        end = pos + int.from_bytes(data[pos:pos + 2], "big")
+        if end > n:
+            raise truncated
+        if marker in SOF_MARKERS and end - pos >= 7:
+            if data[pos + 2] != 8:  # DALI (and Pillow, which training decodes with) read 8-bit samples only
+                raise Rejected(f"unsupported JPEG: {data[pos + 2]}-bit samples (8-bit JPEGs are served)")
+            size = (int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 3:pos + 5], "big"))
+        pos = end
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            if size is None:
+                raise Rejected("corrupt JPEG: scan data before a frame header")
+            while True:
+                j = data.find(b"\xff", pos)
+                if j < 0 or j + 1 >= n:
+                    raise truncated
+                following = data[j + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:  # stuffed byte, restart marker
+                    pos = j + 2
+                elif following == 0xFF:  # fill byte before a marker
+                    pos = j + 1
+                else:
+                    pos = j
+                    break
+
+
+def png_extent(data: bytes) -> tuple[int, int, int]:
+    """(width, height, end) of a PNG; ``end`` is just past its IEND chunk."""
+    n, pos, size = len(data), 8, None
+    while True:
+        if pos + 8 > n:
+            raise Rejected(f"truncated PNG: {n} bytes and no IEND chunk")
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind == b"IHDR" and length >= 8 and pos + 16 <= n:
+            size = (int.from_bytes(data[pos + 8:pos + 12], "big"), int.from_bytes(data[pos + 12:pos + 16], "big"))
+        pos += 12 + length
+        if kind == b"IEND":
+            if pos > n:
+                raise Rejected(f"truncated PNG: {n} bytes, IEND cut short")
+            if size is None:
+                raise Rejected("corrupt PNG: no IHDR chunk")
+            return size[0], size[1], pos
+
+
+def strip_padding(row: np.ndarray) -> bytes:
+    """Rows of a batch are zero-padded to a common length. A JPEG ends with FFD9 and a PNG with
+    IEND's fixed CRC (AE426082), so trailing zero bytes are always padding."""
+    data = row.tobytes()
+    return data.rstrip(b"\x00") if data.endswith(b"\x00") else data
+
+
+def check_image(data: bytes, max_pixels: int, max_bytes: int) -> bytes:
+    """The encoded image without trailing bytes, ready for DALI; raises Rejected saying why not."""
+    if not data:
+        raise Rejected("empty input: 0 bytes")
+    check_limits(len(data), 0, 0, max_pixels, max_bytes)
+    kind = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
+    if kind is None:
+        raise Rejected(f"not a JPEG or PNG image (starts with {data[:8].hex(' ')})")
+    width, height, end = (jpeg_extent if kind == "JPEG" else png_extent)(data)
+    check_limits(len(data), width, height, max_pixels, max_bytes)
+    if width == 0 or height == 0:
+        raise Rejected(f"corrupt {kind}: {width}x{height} pixels")
+    return data[:end]
+
+
+def is_decode_failure(err: Exception) -> bool:
+    """Whether DALI failed on the image data (its fault) rather than on resources or itself (ours)."""
+    text = str(err)
+    if isinstance(err, MemoryError) or any(s in text for s in ("bad_alloc", "out of memory", "Out of memory")):
+        return False
+    return any(s in text for s in ("Failed to decode", "Could not decode", "nvImageCodec", "Unsupported"))
+
+
+def dali_reason(err: BaseException) -> str:
+    """DALI's error text holds the pipeline definition's traceback; keep only what the decoder said."""
+    text = str(err)
+    tail = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip() and "no longer valid" not in ln]
+    return lines[-1] if lines else type(err).__name__
+
+
+def internal_message(stage: str, err: BaseException) -> str:
+    """What a request is told when its batch failed for a reason that is not the images' fault."""
+    return f"{stage} failed internally ({type(err).__name__}: {dali_reason(err)})"
+
+
+def split_rows(values: Sequence[np.ndarray], counts: Sequence[int]) -> list[list[np.ndarray]]:
+    """A batch's outputs split back per request: for each request (``counts``: its rows), its slice of each."""
+    out, start = [], 0
+    for n in counts:
+        out.append([v[start:start + n] for v in values])
+        start += n
+    return out
+
+
+def parameters(config: dict[str, Any]) -> dict[str, str]:
+    """A rendered config's parameters, as the Python backend hands them over (JSON)."""
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+class Preprocessor:
+    """Per request, its rows of encoded images in; its pixels, or why its images were refused, out.
+
+    ``make_pipeline``: a function that builds a fresh DALI pipeline whose external source is ``in_name``
+    (the served model deserializes ``model.dali``; the peers build one from the spec)."""
+
+    def __init__(self, make_pipeline: Callable[[], Any], in_name: str, max_batch: int, max_pixels: int,
+                 max_bytes: int):
+        self.make_pipeline, self.in_name, self.max_batch = make_pipeline, in_name, max(1, max_batch)
+        self.max_pixels, self.max_bytes = max_pixels, max_bytes
+        self.pipe = self.make_pipeline()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], here: Path) -> Preprocessor:
+        """From a rendered config's parameters; ``here``: the version folder holding the serialized pipeline."""
+        from nvidia.dali import Pipeline
+
+        params = parameters(config)
+        serialized = (here / params.get("dali_pipeline", "model.dali")).read_bytes()
+        max_batch, threads = max(1, int(config["max_batch_size"])), int(params.get("dali_num_threads", "1"))
+
+        def make_pipeline() -> Any:
+            pipe = Pipeline.deserialize(serialized_pipeline=serialized, batch_size=max_batch, num_threads=threads,
+                                        device_id=None, prefetch_queue_depth=1, exec_async=False,
+                                        exec_pipelined=False)
+            pipe.build()
+            return pipe
+
+        # the DALI external source has the model's input name
+        return cls(make_pipeline, config["input"][0]["name"], max_batch, int(params["max_image_pixels"]),
+                   int(params["max_image_bytes"]))
+
+    def _run(self, images: list[bytes]) -> list[np.ndarray]:
+        outs: list[np.ndarray] = []
+        for i in range(0, len(images), self.max_batch):
+            self.pipe.feed_input(self.in_name, [np.frombuffer(b, np.uint8) for b in images[i:i + self.max_batch]])
+            (batch,) = self.pipe.run()
+            outs.extend(batch.as_array())
+        return outs
+
+    def _run_isolating(self, images: list[bytes]) -> list[np.ndarray | Rejected]:
+        """Per image: its array, or a Rejected. One DALI run for the whole batch when all decode.
+
+        A failure that is not a decode failure propagates (INTERNAL): retrying image by image would
+        only repeat it, once per image."""
+        try:
+            return list(self._run(images))
+        except Exception as e:
+            self.pipe = self.make_pipeline()
+            if not is_decode_failure(e):
+                raise
+        results: list[np.ndarray | Rejected] = []
+        for data in images:
+            try:
+                results.append(self._run([data])[0])
+            except Exception as e:
+                self.pipe = self.make_pipeline()
+                if not is_decode_failure(e):
+                    raise
+                results.append(Rejected(f"could not decode the image data, corrupt or unsupported encoding "
+                                        f"({dali_reason(e)})"))
+        return results
+
+    def decode(self, per_request: Sequence[np.ndarray]) -> list[np.ndarray | Rejected]:
+        """Per request (an array of rows, or one row): its pixels (N, C, H, W) float32, or a Rejected naming
+        each bad image by its index. Raises on a failure that is not the images' fault."""
+        slots_per_request: list[list[int | Rejected]] = []
+        good: list[bytes] = []
+        for rows in per_request:  # gather every image of every request, refusing bad ones up front
+            rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
+            slots: list[int | Rejected] = []
+            for row in rows:
+                try:
+                    good.append(check_image(strip_padding(row), self.max_pixels, self.max_bytes))
+                    slots.append(len(good) - 1)
+                except Rejected as e:
+                    slots.append(e)
+            slots_per_request.append(slots)
+        results = self._run_isolating(good) if good else []
+        out: list[np.ndarray | Rejected] = []
+        for slots in slots_per_request:
+            resolved = [results[s] if isinstance(s, int) else s for s in slots]
+            errors = [f"image {i} of {len(resolved)}: {r}" for i, r in enumerate(resolved) if isinstance(r, Rejected)]
+            arrays = [r for r in resolved if not isinstance(r, Rejected)]
+            out.append(Rejected("; ".join(errors)) if errors else np.stack(arrays))
+        return out
+
+
+def ort_session(model: Path | str | bytes, intra_op_threads: int = 1, allow_spinning: bool = False) -> Any:
+    """An ONNX Runtime CPU session with the serving options: what the served classifier, the peers and every
+    measurement (runners) create.
+
+    ``intra_op_threads`` 0 = ORT's default, one per core. ORT's idle intra-op threads spin-wait by default:
+    on a shared CPU that burns the cores the preprocessing and the server need (measured here: 1.14 cores
+    spinning, 0.45 doing the work), so spinning is off unless asked for."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxClassifier:
+    """A batch in, the ONNX outputs in order out (logits, then the export's softmax probabilities where it
+    has them)."""
+
+    def __init__(self, path: Path | str | bytes, intra_op_threads: int = 1):
+        self.session = ort_session(path, intra_op_threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], here: Path) -> OnnxClassifier:
+        params = parameters(config)
+        return cls(here / params.get("onnx_file", "model.onnx"), int(params.get("intra_op_threads", "1")))
+
+    def __call__(self, batch: np.ndarray, outputs: int = 1) -> list[np.ndarray]:
+        """The first ``outputs`` ONNX outputs for ``batch``."""
+        return list(self.session.run(self.output_names[:outputs], {self.input_name: batch}))
+
+
+class TopK:
+    """Logits -> softmax probabilities and the top-k labels and scores."""
+
+    def __init__(self, labels: Sequence[str], k: int):
+        self.classes = list(labels)
+        self.labels = np.array([label.encode() for label in labels], dtype=object)
+        self.k = k
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], here: Path) -> TopK:
+        return cls((here / "labels.txt").read_text().splitlines(), int(parameters(config).get("top_k", "5")))
+
+    def __call__(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probabilities, labels, scores) for a batch of logits."""
+        logits = logits.astype(np.float32, copy=False)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = z / z.sum(axis=1, keepdims=True)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
+        return probs, self.labels[top], np.take_along_axis(probs, top, axis=1)
