@@ -6,8 +6,8 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from build.render_repo import render
 from build.model_config import read_configs
+from build.render_repo import render
 from build.settings import RepoSettings, read_manifest
 from core import protocol as P
 from perf.analyze import analyze

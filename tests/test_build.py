@@ -16,10 +16,9 @@ from conftest import MAX_BATCH
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build import export_onnx
-from build import layouts
-from build.render_repo import render
+from build import export_onnx, layouts
 from build.model_config import check_ensemble, read_configs
+from build.render_repo import render
 from build.settings import RepoSettings, read_manifest, rendered_onnx
 from core import metadata
 from core import protocol as P
@@ -161,14 +160,18 @@ def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo,
     each stage model's parameters, and runs the very stage files the ensemble's models run."""
     fused, ens = read_configs(repo), read_configs(ensemble_repo)
     assert set(fused) == {P.ENSEMBLE} and fused[P.ENSEMBLE].backend == "python"
-    tensors = lambda ts: [(t.name, t.data_type, list(t.dims)) for t in ts]
+
+    def tensors(ts):
+        return [(t.name, t.data_type, list(t.dims)) for t in ts]
+
     assert tensors(fused[P.ENSEMBLE].input) == tensors(ens[P.ENSEMBLE].input)
     assert tensors(fused[P.ENSEMBLE].output) == tensors(ens[P.ENSEMBLE].output)
     assert fused[P.ENSEMBLE].input[0].allow_ragged_batch and fused[P.ENSEMBLE].HasField("dynamic_batching")
     params = {k: v.string_value for k, v in fused[P.ENSEMBLE].parameters.items()}
     for name in layouts.STAGE_CODE:
         assert {k: v.string_value for k, v in ens[name].parameters.items()}.items() <= params.items(), name
-        assert (repo / P.ENSEMBLE / "1" / "stages.py").read_bytes() == (ensemble_repo / name / "1" / "stages.py").read_bytes()
+        assert ((repo / P.ENSEMBLE / "1" / "stages.py").read_bytes()
+                == (ensemble_repo / name / "1" / "stages.py").read_bytes())
     version = repo / P.ENSEMBLE / "1"
     assert (version / "model.onnx").read_bytes() == onnx_model.read_bytes()
     assert (version / "labels.txt").read_text().splitlines() == metadata.read_metadata(onnx_model)["classes"]
@@ -177,7 +180,10 @@ def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo,
 
 def test_rerender_switches_layouts_without_leftovers(onnx_model, tmp_path):
     """fused -> ensemble -> fused in one folder: each time exactly the files of a fresh render."""
-    files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+    def files(d):
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
     fresh = {}
     for layout in ("fused", "postprocess"):
         render(onnx_model, tmp_path / f"fresh-{layout}", RepoSettings(), layout=layout)
@@ -194,7 +200,8 @@ def test_rerender_keeps_the_repository_settings(onnx_model, tmp_path):
     out = tmp_path / "repo"
 
     def rerender(*flags: str) -> dict:
-        render_repo.main(render_repo.get_args_parser().parse_args(["--onnx", str(onnx_model), "--out", str(out), *flags]))
+        render_repo.main(render_repo.get_args_parser().parse_args(
+            ["--onnx", str(onnx_model), "--out", str(out), *flags]))
         return read_configs(out)
 
     rerender("--max-batch-size", "8", "--queue-delay-us", "500", "--preferred-batch-sizes", "2", "4",  # e.g. tuned
@@ -215,12 +222,14 @@ FP32, FP64 = mc.TYPE_FP32, mc.TYPE_FP64
 
 
 @pytest.mark.parametrize("breakage,message", [
-    ("dims", f"ensemble step 1 (classifier): 'pixels' is ({FP32}, [3, 32, 32]) but input 'PIXELS' expects ({FP32}, [3, 31, 32])"),
+    ("dims", f"ensemble step 1 (classifier): 'pixels' is ({FP32}, [3, 32, 32]) "
+             f"but input 'PIXELS' expects ({FP32}, [3, 31, 32])"),
     ("dtype", f"ensemble step 2 (postprocess): 'logits' is ({FP32}, [10]) but input 'LOGITS' expects ({FP64}, [10])"),
     ("unknown_tensor", "ensemble step 1 (classifier): input 'PIXELS' reads 'pixelz', which no earlier step produces"),
     ("missing_model", "ensemble step 1 (classifier): no config for model 'classifier'")])
 def test_wiring_check_catches_mistakes(breakage, message):
-    configs = layouts.postprocess_configs(layouts.ConfigInputs(PreprocessSpec.for_size(32), 10, RepoSettings(), "embedded", {}))
+    configs = layouts.postprocess_configs(
+        layouts.ConfigInputs(PreprocessSpec.for_size(32), 10, RepoSettings(), "embedded", {}))
     check_ensemble(configs)
     if breakage == "dims":
         configs[P.CLASSIFIER].input[0].dims[1] = 31

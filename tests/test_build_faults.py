@@ -30,7 +30,8 @@ kill_at, seen = int(os.environ.get("KILL_AT", "0")), [0]
 def hook(event, args):
     changes = (event in ("os.rename", "os.remove", "os.rmdir", "shutil.rmtree")
                or (event == "open" and args[1] is not None and any(c in str(args[1]) for c in "wax+"))
-               or (event == "open" and args[1] is None and isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR)))
+               or (event == "open" and args[1] is None and isinstance(args[2], int)
+                   and args[2] & (os.O_WRONLY | os.O_RDWR)))
     if changes:
         seen[0] += 1
         if seen[0] == kill_at:
@@ -68,12 +69,17 @@ UNSTABLE = ("preprocess/1/model.dali", "classify/1/model.dali")
 def is_render(now: dict[str, str], new: dict[str, str], old: dict[str, str]) -> bool:
     """``now`` is the render ``new`` was taken from: the same files, byte for byte, but those in UNSTABLE,
     which must be there and differ from ``old``'s."""
-    stable = lambda snap: {f: h for f, h in snap.items() if f not in UNSTABLE}
-    return stable(now) == stable(new) and set(now) == set(new) and all(now[f] != old.get(f) for f in UNSTABLE if f in new)
+
+    def stable(snap):
+        return {f: h for f, h in snap.items() if f not in UNSTABLE}
+
+    return (stable(now) == stable(new) and set(now) == set(new)
+            and all(now[f] != old.get(f) for f in UNSTABLE if f in new))
 
 
 def leftovers(parent: Path) -> list[str]:
-    return sorted(str(p.relative_to(parent)) for p in Path(parent).rglob(".*") if ".staging-" in p.name or p.name.endswith(".tmp"))
+    return sorted(str(p.relative_to(parent)) for p in Path(parent).rglob(".*")
+                  if ".staging-" in p.name or p.name.endswith(".tmp"))
 
 
 def test_render_killed_at_any_point_leaves_the_old_repository_or_the_new_one(onnx_model, tmp_path):
@@ -87,7 +93,8 @@ def test_render_killed_at_any_point_leaves_the_old_repository_or_the_new_one(onn
     new, total = snapshot(ref), changes(done)
     assert not is_render(old, new, old) and total > 10
     seen = []
-    for k in sorted({round(1 + i * (total - 1) / 11) for i in range(12)}):  # 12 points from the first change to the last
+    # 12 points from the first change to the last
+    for k in sorted({round(1 + i * (total - 1) / 11) for i in range(12)}):
         r = run_step([*args, "--out", str(repo)], kill_at=k)
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
         now = snapshot(repo)
@@ -110,8 +117,8 @@ def test_render_killed_at_any_point_leaves_the_old_repository_or_the_new_one(onn
 
 
 @pytest.mark.parametrize("step", ["export", "render"])
-def test_build_step_on_a_full_disk_fails_clearly_and_keeps_the_previous_artifact(step, checkpoint, tiny_data, onnx_model,
-                                                                                 tmp_path):
+def test_build_step_on_a_full_disk_fails_clearly_and_keeps_the_previous_artifact(step, checkpoint, tiny_data,
+                                                                                 onnx_model, tmp_path):
     if step == "export":
         out = tmp_path / "model.onnx"
         shutil.copyfile(onnx_model, out)

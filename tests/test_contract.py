@@ -12,8 +12,14 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from core.preprocess import (INTERPOLATIONS, RESIZE_POLICIES, DaliPreprocessor, PreprocessSpec, decode_image,
-                             pillow_preprocess)
+from core.preprocess import (
+    INTERPOLATIONS,
+    RESIZE_POLICIES,
+    DaliPreprocessor,
+    PreprocessSpec,
+    decode_image,
+    pillow_preprocess,
+)
 from training.data import TrainTransform
 
 SIZE = 64

@@ -86,7 +86,7 @@ def test_variants_classified_alike_by_eval_and_server(checkpoint, server, confid
             original = classes[int(predict_files(ckpt, [path]).argmax())]
             evaluated = [classes[i] for i in predict_files(ckpt, files).argmax(1)]
             served = [p.labels[0] if p.ok else p.error for p in client.classify_files(files, batch_size=1)]
-            for f, e, s in zip(files, evaluated, served):
+            for f, e, s in zip(files, evaluated, served, strict=True):
                 assert e == s, f"{f.name}: make eval says {e}, the server says {s}"
                 if not f.name.endswith("grayscale_jpeg"):  # colour is a cue of the synthetic classes
                     assert e == original, f"{f.name}: {e}, but its original is {original}"
@@ -132,7 +132,8 @@ def test_internal_failure_is_internal_not_the_images_fault(onnx_model, val_files
     from serve.server import TritonServer
 
     repo = tmp_path / "repo"
-    render(onnx_model, repo, RepoSettings(max_batch_size=8, preprocess_instances=1, classifier_instances=1), layout=layout)
+    render(onnx_model, repo, RepoSettings(max_batch_size=8, preprocess_instances=1, classifier_instances=1),
+           layout=layout)
     photo = io.BytesIO()
     Image.open(val_files[0]).convert("RGB").resize((6400, 4800)).save(photo, "JPEG", quality=80)
     log = tmp_path / "tritonserver.log"
@@ -140,7 +141,8 @@ def test_internal_failure_is_internal_not_the_images_fault(onnx_model, val_files
             ImageClassifierClient(server.http_url, "http", timeout_s=120) as client:
         good = client.classify([Path(val_files[0]).read_bytes()], ["good"])[0]
         pid = stub_pid(server.proc.pid, "classify" if layout == "fused" else "preprocess")
-        vm = int(next(ln.split()[1] for ln in open(f"/proc/{pid}/status") if ln.startswith("VmSize:"))) * 1024
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        vm = int(next(ln.split()[1] for ln in status if ln.startswith("VmSize:"))) * 1024
         previous = resource.prlimit(pid, resource.RLIMIT_AS)
         resource.prlimit(pid, resource.RLIMIT_AS, (vm + (32 << 20), previous[1]))  # 32 MB more: a 92 MB decode fails
         try:

@@ -22,11 +22,11 @@ import yaml
 from conftest import MAX_BATCH
 from google.protobuf.internal.decoder import _DecodeVarint
 
-from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
 from build import layouts
+from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
 from build.layouts import PIPELINE_FILE
-from build.render_repo import CORE, GRAPH_FILE, PIPELINE_CONFIG, autoserialize, render
 from build.model_config import check_ensemble, read_configs
+from build.render_repo import CORE, GRAPH_FILE, PIPELINE_CONFIG, autoserialize, render
 from build.settings import RepoSettings, read_manifest
 from clients.client import ImageClassifierClient
 from core import protocol as P
@@ -191,7 +191,8 @@ def _stand_in_backend(tmp_path: Path, encoded_version: int) -> Path:
     lib = tmp_path / "lib"
     lib.mkdir(parents=True, exist_ok=True)
     (tmp_path / "nvinfer.c").write_text(f"int getInferLibVersion(void) {{ return {encoded_version}; }}\n")
-    (tmp_path / "backend.c").write_text("int getInferLibVersion(void);\nint backend(void) { return getInferLibVersion(); }\n")
+    (tmp_path / "backend.c").write_text("int getInferLibVersion(void);\n"
+                                        "int backend(void) { return getInferLibVersion(); }\n")
     subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libnvinfer.so.10", "-o", str(lib / "libnvinfer.so.10"),
                     str(tmp_path / "nvinfer.c")], check=True, timeout=60)
     (lib / "libnvinfer.so").symlink_to("libnvinfer.so.10")
@@ -213,13 +214,14 @@ def test_plans_are_verified_against_the_servers_tensorrt(onnx_model, tmp_path):
     served = server_tensorrt_version(_stand_in_backend(tmp_path / "c", 100600))
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"plan")
-    stamp = {"tensorrt_version": "10.5.0.18", "compute_capability": "9.0", "gpu_name": "NVIDIA H100", "precision": "fp16",
-             "profile": {"min": 1, "opt": 4, "max": 8}, "strongly_typed": False,
+    stamp = {"tensorrt_version": "10.5.0.18", "compute_capability": "9.0", "gpu_name": "NVIDIA H100",
+             "precision": "fp16", "profile": {"min": 1, "opt": 4, "max": 8}, "strongly_typed": False,
              "onnx_sha256": hashlib.sha256(onnx_model.read_bytes()).hexdigest()}
     Path(f"{plan}.json").write_text(json.dumps(stamp))
     repo = tmp_path / "gpu"
     render(onnx_model, repo, RepoSettings(max_batch_size=8), target="gpu", plan=plan)
-    with pytest.raises(EngineEnvironmentError, match=r"built with TensorRT 10\.5\.0\.18, this runtime is TensorRT 10\.6\.0"):
+    with pytest.raises(EngineEnvironmentError,
+                       match=r"built with TensorRT 10\.5\.0\.18, this runtime is TensorRT 10\.6\.0"):
         verify_repository(repo, served, "9.0")
     assert verify_repository(repo, server_tensorrt_version(_stand_in_backend(tmp_path / "d", 100500)), "9.0")
 
@@ -289,7 +291,8 @@ def _kserve_schema() -> dict:
     # KServe's InferenceService CRD (kserve/kserve config/crd/full/serving.kserve.io_inferenceservices.yaml,
     # commit aaac4e29), kept compressed here: no PyPI package ships it, and kubernetes-validate only knows
     # the core kinds
-    crd = yaml.safe_load(lzma.open(Path(__file__).parent / "fixtures" / "kserve_inferenceservices_crd.yaml.xz").read())
+    with lzma.open(Path(__file__).parent / "fixtures" / "kserve_inferenceservices_crd.yaml.xz") as fh:
+        crd = yaml.safe_load(fh.read())
     return next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")["schema"]["openAPIV3Schema"]
 
 
@@ -366,7 +369,7 @@ def test_classification_layout_serves_what_the_postprocess_layout_serves(onnx_mo
             with ImageClassifierClient(url, protocol, top_k=3, with_probabilities=True) as c:
                 got = c.classify_files(files, batch_size=5)
                 asynchronous = c.classify_async([f.read_bytes() for f in files], [str(f) for f in files], batch_size=4)
-            for a, b in zip(got, reference):
+            for a, b in zip(got, reference, strict=True):
                 assert a.ok and a.labels == b.labels[:3], (protocol, a, b)
                 np.testing.assert_allclose(a.scores, b.scores[:3], atol=2e-6)  # printed with 6 decimals
                 np.testing.assert_allclose(a.probabilities, b.probabilities, atol=2e-6)

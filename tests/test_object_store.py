@@ -76,7 +76,10 @@ def test_serve_a_repository_from_s3(ensemble_repo, server, val_files, tmp_path):
                     os.kill(stub, signal.SIGKILL)
                     # the other instance keeps answering meanwhile: wait for the reload itself
                     deadline = time.monotonic() + 60
-                    reloaded = lambda: "model 'preprocess' reloaded" in (tmp_path / "serve.log").read_text()
+
+                    def reloaded():
+                        return "model 'preprocess' reloaded" in (tmp_path / "serve.log").read_text()
+
                     while not reloaded() and time.monotonic() < deadline:
                         c.classify_files(val_files[:1])
                         time.sleep(0.2)

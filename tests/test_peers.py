@@ -60,8 +60,10 @@ def test_peers_answer_as_triton_does(peers, server, val_files):
 
 def test_peers_measured_side_by_side_with_triton(peers, server, val_files, tmp_path):
     targets = [Target("triton (fused)", f"http://{server.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve")]
-    targets += [Target(launch.PEERS[n].name, url, launch.PEERS[n].path, launch.PEERS[n].kind) for n, url in peers.items()]
-    r = compare(targets, [f.read_bytes() for f in val_files[:8]], rounds=2, seconds=2, connections=4, threads=1, warmup_s=1)
+    targets += [Target(launch.PEERS[n].name, url, launch.PEERS[n].path, launch.PEERS[n].kind)
+                for n, url in peers.items()]
+    r = compare(targets, [f.read_bytes() for f in val_files[:8]], rounds=2, seconds=2, connections=4, threads=1,
+                warmup_s=1)
     for t in targets:
         s = r["summary"][t.name]
         assert s["errors"] == 0 and s["requests"] > 0, (t.name, s)

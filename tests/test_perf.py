@@ -114,11 +114,13 @@ def test_tuner_chooses_within_budget_and_writes_back(onnx_model, tiny_data, tmp_
     for x in summary["results"]:  # ranked by the median of its rounds, each round kept
         assert len(x["rounds"]) == 2
         assert x["throughput"] == pytest.approx(float(np.median([p["throughput"] for p in x["rounds"]])))
-        assert x["throughput_range"] == [min(p["throughput"] for p in x["rounds"]), max(p["throughput"] for p in x["rounds"])]
+        assert x["throughput_range"] == [min(p["throughput"] for p in x["rounds"]),
+                                         max(p["throughput"] for p in x["rounds"])]
     assert read_manifest(target)["layout"] == "classification"
     assert summary["best"]["throughput"] == max(r["throughput"] for r in summary["results"])
     assert read_manifest(target)["settings"]["queue_delay_us"] == summary["best"]["settings"]["queue_delay_us"]
-    assert json.loads((tmp_path / "tuning" / "tuning.json").read_text())["best"] == json.loads(json.dumps(summary["best"]))
+    assert (json.loads((tmp_path / "tuning" / "tuning.json").read_text())["best"]
+            == json.loads(json.dumps(summary["best"])))
 
 
 def test_tuner_choice_rule():
@@ -191,7 +193,8 @@ def test_side_by_side_with_one_generator(server, baseline_url, val_files, tmp_pa
         assert s["images_per_s"]["min"] <= s["images_per_s"]["median"] <= s["images_per_s"]["max"]
         assert len(r["runs"][name]) == 2 and all(x["generator_cores"] >= 0 for x in r["runs"][name])
     ratio = r["throughput_ratios"]["triton / baseline"]["median"]
-    assert abs(ratio - np.median([a["per_s"] / b["per_s"] for a, b in zip(r["runs"]["triton"], r["runs"]["baseline"])])) < 0.01
+    per_run = [a["per_s"] / b["per_s"] for a, b in zip(r["runs"]["triton"], r["runs"]["baseline"], strict=True)]
+    assert abs(ratio - np.median(per_run)) < 0.01
     assert "| triton |" in render_markdown(r) and plot(r, tmp_path / "c.png").stat().st_size > 5000
     # a request the server refuses is caught before anything is measured
     with pytest.raises(RuntimeError, match="answered request body 0 with 400"):

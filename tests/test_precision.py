@@ -20,19 +20,23 @@ from conftest import MAX_BATCH
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build import quantize
-from build.engine import EngineEnvironmentError, check_environment, check_plan, gpu_compute_capability, verify_repository
-from build.settings import BatchProfile
+from build import layouts, quantize
+from build.engine import (
+    EngineEnvironmentError,
+    check_environment,
+    check_plan,
+    gpu_compute_capability,
+    verify_repository,
+)
 from build.graph_cleanup import clean
-from build import layouts
-from build.render_repo import render
 from build.model_config import check_ensemble, read_configs
-from build.settings import RepoSettings, read_manifest, repo_settings
+from build.render_repo import render
+from build.settings import BatchProfile, RepoSettings, read_manifest, repo_settings
 from clients.client import ImageClassifierClient
 from core import protocol as P
-from core.stages import ort_session
 from core.metadata import read_metadata
 from core.preprocess import DaliPreprocessor, PreprocessSpec
+from core.stages import ort_session
 from perf import precisions
 from serve.server import TritonServer
 
@@ -96,7 +100,8 @@ def test_calibration_batch_is_reproducible_from_its_source_list(onnx_model, tiny
     lines = (tmp_path / "a" / "calib" / "calib_sources.txt").read_text().splitlines()
     files = [tiny_data / ln.split("  ", 1)[1] for ln in lines]
     assert len(set(f.parent for f in files)) == 10  # spread over every class, not the first few
-    assert all(hashlib.sha256(f.read_bytes()).hexdigest() == ln.split("  ", 1)[0] for f, ln in zip(files, lines))
+    assert all(hashlib.sha256(f.read_bytes()).hexdigest() == ln.split("  ", 1)[0]
+               for f, ln in zip(files, lines, strict=True))
     # the listed files, preprocessed as served, are exactly the saved batch
     assert np.array_equal(DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(files), first)
 
@@ -106,7 +111,8 @@ def _activation_scales(model: onnx.ModelProto) -> dict[str, float]:
     inits = {i.name: i for i in model.graph.initializer}
     weights = set(inits)
     return {n.input[0]: float(onnx.numpy_helper.to_array(inits[n.input[1]]).ravel()[0])
-            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights and n.input[1] in inits}
+            for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in weights and n.input[1] in inits}
 
 
 def test_calibration_method_entropy_clips_the_ranges(artifacts, tiny_data, tmp_path):
@@ -115,18 +121,21 @@ def test_calibration_method_entropy_clips_the_ranges(artifacts, tiny_data, tmp_p
     report = quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=32, calib_method="entropy",
                             max_top1_drop=100.0, precisions=("int8_ort", "int8"))
     assert report["calibration"] == {"images": 32, "method": "entropy"}
-    assert json.loads((artifacts / quantize.REPORT).read_text())["calibration"]["method"] == quantize.DEFAULT_CALIB_METHOD
+    assert (json.loads((artifacts / quantize.REPORT).read_text())["calibration"]["method"]
+            == quantize.DEFAULT_CALIB_METHOD)
     for name in ("int8_ort", "int8"):
         maxed = _activation_scales(onnx.load(str(artifacts / quantize.ARTIFACT_NAMES[name])))
         entropy = _activation_scales(onnx.load(str(tmp_path / quantize.ARTIFACT_NAMES[name])))
         shared = set(entropy) & set(maxed)
         assert shared, name
         # same 32 images: max calibration covers the full range, entropy clips outliers, so scales are >=
-        assert all(maxed[t] >= entropy[t] * 0.999 for t in shared) and any(maxed[t] > entropy[t] * 1.01 for t in shared), name
+        assert (all(maxed[t] >= entropy[t] * 0.999 for t in shared)
+                and any(maxed[t] > entropy[t] * 1.01 for t in shared)), name
     # the CPU INT8 uses uint8 activations (ONNX Runtime's fast x86 path; int8 activations ran slower than FP32)
     ort_int8 = onnx.load(str(artifacts / quantize.ARTIFACT_NAMES["int8_ort"]))
     inits = {i.name: i for i in ort_int8.graph.initializer}
-    zero_points = [inits[n.input[2]] for n in ort_int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    zero_points = [inits[n.input[2]] for n in ort_int8.graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert zero_points and all(z.data_type == TensorProto.UINT8 for z in zero_points)
 
 
@@ -138,7 +147,8 @@ def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_d
     # INT8 failure says which knobs to turn; an artifact left by an earlier, passing build is removed
     (tmp_path / "model_fp16.onnx").write_bytes(b"an earlier build's artifact")
     with pytest.raises(quantize.AccuracyGateError, match=r"fp16 top-1 .* vs FP32 .*int8_ort top-1 .*"
-                                                         r"CALIB_METHOD=entropy\) or more calibration images \(CALIB_SIZE, now 8\)"):
+                                                         r"CALIB_METHOD=entropy\) or more calibration images "
+                                                         r"\(CALIB_SIZE, now 8\)"):
         quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=8, max_top1_drop=-1.0,
                        precisions=("fp16", "int8_ort"))
     assert not (tmp_path / "model_fp16.onnx").exists() and not (tmp_path / "model_int8_ort.onnx").exists()
@@ -175,15 +185,16 @@ def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_fil
         preds = c.classify_files(val_files, batch_size=MAX_BATCH)
     served = np.array([meta["classes"].index(p.labels[0]) for p in preds])
     assert np.mean(served == own) >= 0.995  # the server gives the artifact's own answers
-    assert read_configs(repo)[layouts.get(read_manifest(repo)["layout"]).onnx_model].parameters["onnx_sha256"].string_value == \
+    served_model = read_configs(repo)[layouts.get(read_manifest(repo)["layout"]).onnx_model]
+    assert served_model.parameters["onnx_sha256"].string_value == \
         hashlib.sha256(onnx_path.read_bytes()).hexdigest()  # and serves that very artifact
 
 
 def test_gpu_repository_configs(artifacts, tmp_path):
     repo = tmp_path / "gpu"
     # the layout with a Python postprocess model (the default GPU layout has none: tests/test_gpu_target.py)
-    render(artifacts / "model_fp16.onnx", repo, RepoSettings(max_batch_size=16, preferred_batch_sizes=(4, 8)), target="gpu",
-           layout="postprocess")
+    render(artifacts / "model_fp16.onnx", repo, RepoSettings(max_batch_size=16, preferred_batch_sizes=(4, 8)),
+           target="gpu", layout="postprocess")
     configs = read_configs(repo)
     check_ensemble(configs)
     pre, cls, post = configs[P.PREPROCESS], configs[P.CLASSIFIER], configs[P.POSTPROCESS]
@@ -250,7 +261,8 @@ def test_engine_profile_follows_the_gpu_repository(artifacts, tmp_path):
     from build import engine
 
     repo = tmp_path / "gpu"
-    render(artifacts / "model_fp16.onnx", repo, RepoSettings(max_batch_size=24, preferred_batch_sizes=(4, 12)), target="gpu")
+    render(artifacts / "model_fp16.onnx", repo, RepoSettings(max_batch_size=24, preferred_batch_sizes=(4, 12)),
+           target="gpu")
     base = ["--onnx", "x.onnx", "--precision", "fp16", "--out", "x.plan", "--repo", str(repo)]
     s = repo_settings(engine.get_args_parser().parse_args(base), repo)
     assert BatchProfile.from_repo_settings(s.max_batch_size, s.preferred_batch_sizes) == BatchProfile(1, 12, 24)
@@ -276,12 +288,13 @@ def test_plan_stamp_mismatch_is_refused(tmp_path):
 def test_make_engine_stops_cleanly_without_gpu(artifacts):
     out = artifacts / "model_fp16.plan"
     r = subprocess.run([sys.executable, "-m", "build.engine", "--onnx", str(artifacts / "model_fp16.onnx"),
-                        "--precision", "fp16", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                        "--precision", "fp16", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "missing an NVIDIA GPU" in r.stderr and "make -C docker engine" in r.stderr
     assert not out.exists()
-    r = subprocess.run([sys.executable, "-m", "build.engine", "--verify", str(artifacts)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "build.engine", "--verify", str(artifacts)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "missing an NVIDIA GPU" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(["make", "-s", "gpu-check", f"ARTIFACTS={artifacts}"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
@@ -337,7 +350,8 @@ def test_graph_cleanup_removes_identities_and_folds_constants():
              helper.make_node("Mul", ["a", "b"], ["ab"]),           # constant subgraph: folded
              helper.make_node("Add", ["x1", "ab"], ["y"]),
              helper.make_node("Neg", ["x"], ["unused"])]            # dead: removed
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [a, b]), opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [a, b]),
+                              opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.helper.set_model_props(model, {"platform": "{}"})
     cleaned, counts = clean(model)

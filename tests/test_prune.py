@@ -72,7 +72,8 @@ def test_pruned_checkpoint_is_an_ordinary_checkpoint(digits, pruned, tmp_path):
     assert rebuilt.load_state_dict(ckpt["model"]) is not None
     nominal = build_model(ckpt["arch"], **{k: v for k, v in ckpt["arch_args"].items() if k != "channels"})
     assert layer_widths(rebuilt) != layer_widths(nominal)
-    assert {k: list(v.shape) for k, v in rebuilt.state_dict().items()} == {k: list(v.shape) for k, v in ckpt["model"].items()}
+    assert ({k: list(v.shape) for k, v in rebuilt.state_dict().items()}
+            == {k: list(v.shape) for k, v in ckpt["model"].items()})
     # export takes it unchanged, validated against PyTorch, and the ONNX is smaller
     export(out / "best.pt", data, tmp_path / "model.onnx")
     sizes = sum(numpy_helper.to_array(t).size for t in onnx.load(tmp_path / "model.onnx").graph.initializer)

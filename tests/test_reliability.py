@@ -19,8 +19,8 @@ import pytest
 import tritonclient.http as httpclient
 
 from build import layouts
-from build.render_repo import render
 from build.model_config import read_configs
+from build.render_repo import render
 from build.settings import RepoSettings, read_manifest
 from clients import admin
 from clients.client import ImageClassifierClient, error_message, error_status, image_input
@@ -73,7 +73,7 @@ def test_other_restricted_apis_and_open_ones_over_http(restricted, val_files):
 def listening_addresses(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """The local addresses with a socket in LISTEN state on ``port`` (the kernel's /proc/net/tcp{,6})."""
     out = []
-    for table, size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+    for table, _size in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
         for line in Path(table).read_text().splitlines()[1:]:
             local, state = line.split()[1], line.split()[3]
             addr, p = local.split(":")
@@ -112,8 +112,11 @@ def test_admin_cli_sends_the_key(restricted, tmp_path):
     keyfile.write_text(KEY + "\n")
     keyfile.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if k != admin.KEY_ENV}
-    run = lambda e: subprocess.run([sys.executable, "-m", "clients.admin", "index", "--url", restricted.http_url],
-                                   capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60, env=e)
+
+    def run(e):
+        return subprocess.run([sys.executable, "-m", "clients.admin", "index", "--url", restricted.http_url],
+                              capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60, env=e)
+
     ok = run({**env, admin.KEY_FILE_ENV: str(keyfile)})
     assert ok.returncode == 0 and f'"name": "{P.ENSEMBLE}"' in ok.stdout, ok.stderr
     refused = run({**env, admin.KEY_FILE_ENV: str(tmp_path / "none.key")})
@@ -191,7 +194,7 @@ def test_client_backs_off_and_retries_after_503(small_queue, val_files):
         for _ in range(3):
             until = time.monotonic() + FLOOD_S
 
-            def flood_round():
+            def flood_round(until=until):
                 async def run():
                     await asyncio.gather(*(worker("http", small_queue.http_url, flood_batches, flood_calls,
                                                   lambda: time.monotonic() < until) for _ in range(32)))
@@ -274,19 +277,22 @@ def version_states(url: str, model: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("layout", ["fused", "postprocess"])
-def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, onnx_model, tiny_data, val_files, tmp_path,
-                                                         layout):
+def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, onnx_model, tiny_data, val_files,
+                                                         tmp_path, layout):
     """The new version goes to the model that runs the ONNX: the fused model itself, or the ensemble's classifier."""
     import shutil
 
-    from serve.publish import PublishError, onnx_model_dir, publish, rollback, versions
     from perf.reliability import background_load, counts, examples
+    from serve.publish import PublishError, onnx_model_dir, publish, rollback, versions
 
     live = tmp_path / "repo"
     shutil.copytree(repo if layout == "fused" else ensemble_repo, live)
     model_dir = onnx_model_dir(live)
     assert model_dir.name == (P.ENSEMBLE if layout == "fused" else P.CLASSIFIER)
-    classifier_states = lambda url: version_states(url, model_dir.name)
+
+    def classifier_states(url):
+        return version_states(url, model_dir.name)
+
     num_classes = len(read_metadata(onnx_model)["classes"])
     with TritonServer(live, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:
         batches = [[f.read_bytes() for f in val_files[i:i + 4]] for i in range(0, 16, 4)]
@@ -297,7 +303,8 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, on
             assert classifier_states(s.http_url).get("1") != "READY"  # latest-1 policy: the old one went
             # refused before the server sees them: a worse model, a corrupt file
             with pytest.raises(PublishError, match="accuracy gate"):
-                publish(worse_model(onnx_model, tmp_path / "worse.onnx", num_classes), live, tiny_data, s.http_url, key=KEY)
+                publish(worse_model(onnx_model, tmp_path / "worse.onnx", num_classes), live, tiny_data, s.http_url,
+                        key=KEY)
             corrupt = tmp_path / "corrupt.onnx"
             corrupt.write_bytes(onnx_model.read_bytes()[:5000])
             with pytest.raises(PublishError, match="not a loadable"):

@@ -166,7 +166,7 @@ def test_bad_request_does_not_poison_concurrent_good_requests(server, val_files,
     """Bad and good requests interleaved in flight (so the dynamic batcher mixes them)."""
     classes, logits = reference
     good = [f.read_bytes() for f in val_files[:8]]
-    blobs = [b for pair in zip(good, [BAD_IMAGES["corrupt_jpeg"][0]] * 8) for b in pair]
+    blobs = [b for pair in zip(good, [BAD_IMAGES["corrupt_jpeg"][0]] * 8, strict=True) for b in pair]
     with ImageClassifierClient(server.grpc_url, "grpc") as c:
         preds = c.classify_async(blobs, [str(i) for i in range(16)], batch_size=1, concurrency=16)
     assert [p.ok for p in preds] == [True, False] * 8
@@ -221,9 +221,9 @@ def test_png_is_accepted(server, val_files, reference):
 def test_client_unreachable_server_says_so():
     (port,) = free_ports(1)
     for protocol in ("http", "grpc"):
-        with ImageClassifierClient(f"localhost:{port}", protocol, timeout_s=2) as c:
-            with pytest.raises(ServerUnreachable, match=f"cannot reach Triton at localhost:{port}"):
-                c.check_ready()
+        with (ImageClassifierClient(f"localhost:{port}", protocol, timeout_s=2) as c,
+              pytest.raises(ServerUnreachable, match=f"cannot reach Triton at localhost:{port}")):
+            c.check_ready()
 
 
 def run_cli(*args):

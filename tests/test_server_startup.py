@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -166,10 +167,8 @@ def test_ctrl_c_while_models_load_leaves_no_tritonserver(tmp_path, how):
             cli.kill()
             cli.wait()
         for pid in children:  # whatever the outcome, the test leaves nothing running
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # tritonserver leads its own session: it and its stubs
-            except ProcessLookupError:
-                pass
 
 
 def child_pids(pid: int) -> list[int]:
