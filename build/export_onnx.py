@@ -22,7 +22,6 @@ import torch
 
 from build.graph_cleanup import clean
 from core.atomic_io import atomic_write_bytes
-from core.runners import OrtRunner
 from core.metadata import (
     INPUT_NAME,
     METADATA_KEY,
@@ -33,6 +32,7 @@ from core.metadata import (
     library_versions,
 )
 from core.preprocess import DaliPreprocessor
+from core.runners import OrtRunner
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from training.data import list_images
 from training.evaluate import logits_for_inputs
@@ -68,6 +68,8 @@ def to_onnx(model: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelP
             model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME, PROBABILITIES_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), opset_version=OPSET, verbose=False,
         )
+    if program is None:  # only the legacy exporter (dynamo=False) returns None
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
     return program.model_proto
 
 
@@ -92,18 +94,14 @@ def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarra
     report = {"images": len(inputs), "max_abs_logit_diff": diff, "tolerance": tolerance,
               "top1_agreement": float(np.mean(got.argmax(1) == ref.argmax(1)))}
     if not np.isfinite(diff) or diff > tolerance:
-        raise ValidationError(f"ONNX Runtime and PyTorch disagree: max |logit diff| {diff:.3g} > tolerance {tolerance:g}")
+        raise ValidationError(f"ONNX Runtime and PyTorch disagree: max |logit diff| {diff:.3g} "
+                              f"> tolerance {tolerance:g}")
     return report
 
 
-def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance: float = 1e-3,
-           max_images: int = 256) -> dict:
-    ckpt = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt)
-    spec = spec_from_checkpoint(ckpt)
-    proto = to_onnx(model, spec.input_shape)
-
-    metadata = {
+def export_metadata(ckpt: dict, ckpt_path: Path, out: Path) -> dict:
+    """The metadata contract embedded in the ONNX: the checkpoint's metadata, its source and the export's."""
+    return {
         "schema_version": SCHEMA_VERSION,
         "arch": ckpt["arch"], "arch_args": ckpt["arch_args"], "classes": ckpt["classes"],
         "preprocess": ckpt["preprocess"], "metrics": ckpt.get("metrics", {}),
@@ -114,19 +112,40 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
                    "precision": "fp32",
                    "versions": {**library_versions(), "onnx": onnx.__version__}},
     }
-    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+
+
+def cleaned_graph(proto: onnx.ModelProto) -> tuple[bytes, dict]:
+    """The checked model cleaned up with onnx-graphsurgeon and checked again: (its bytes, node counts)."""
     onnx.checker.check_model(proto)
     cleaned, counts = clean(proto)
     onnx.checker.check_model(cleaned)
-    model_bytes = cleaned.SerializeToString()
     print(f"graph clean-up (onnx-graphsurgeon): {counts['nodes_before']} -> {counts['nodes_after']} nodes "
           f"({counts['identities_removed']} identities removed, constants folded, dead nodes dropped)")
+    return cleaned.SerializeToString(), counts
+
+
+def check_cleanup(model_bytes: bytes, proto: onnx.ModelProto, inputs: np.ndarray, tolerance: float) -> float:
+    """Max |logit difference| the clean-up made on real inputs; ValidationError beyond tolerance."""
+    cleaned_logits = ort_outputs(model_bytes, inputs)[0]
+    cleanup_diff = float(np.abs(cleaned_logits - ort_outputs(proto.SerializeToString(), inputs)[0]).max())
+    if cleanup_diff > tolerance:
+        raise ValidationError(f"graph clean-up changed the outputs: max |logit diff| {cleanup_diff:.3g} "
+                              f"> {tolerance:g}")
+    return cleanup_diff
+
+
+def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance: float = 1e-3,
+           max_images: int = 256) -> dict:
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt)
+    spec = spec_from_checkpoint(ckpt)
+    proto = to_onnx(model, spec.input_shape)
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(export_metadata(ckpt, ckpt_path, out))})
+    model_bytes, counts = cleaned_graph(proto)
 
     paths = [p for p, _ in list_images(Path(data) / split, ckpt["classes"])][:max_images]
     inputs = DaliPreprocessor(spec).files(paths)
-    cleanup_diff = float(np.abs(ort_outputs(model_bytes, inputs)[0] - ort_outputs(proto.SerializeToString(), inputs)[0]).max())
-    if cleanup_diff > tolerance:
-        raise ValidationError(f"graph clean-up changed the outputs: max |logit diff| {cleanup_diff:.3g} > {tolerance:g}")
+    cleanup_diff = check_cleanup(model_bytes, proto, inputs, tolerance)
     report = validate(model_bytes, model, inputs, tolerance)
     report.update(counts, cleanup_max_abs_diff=cleanup_diff)
     atomic_write_bytes(out, lambda tmp: tmp.write_bytes(model_bytes))
@@ -154,4 +173,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (ValidationError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"export failed: {e}")
+        raise SystemExit(f"export failed: {e}") from e

@@ -136,6 +136,22 @@ def to_int8_modelopt(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.Mo
         return onnx.load(str(out))
 
 
+def float_outputs(onnx_path: Path) -> tuple[list[str], list[str]]:
+    """(op types whose outputs stay float, nodes left unquantized) for ONNX Runtime's quantize_static.
+
+    The logits are the answer: quantized to uint8 (256 steps over their range) they tied the top two
+    classes in 88 of 200 val images of the demo model and doubled the largest logit error, so the ops
+    that produce graph outputs keep a float output (a consumer inside the graph would still quantize it).
+    The softmax over the logits (the second output) stays float too: as a quantized consumer it would
+    quantize the logits it reads.
+    """
+    graph = onnx.load(str(onnx_path)).graph
+    graph_outputs = {o.name for o in graph.output}
+    output_ops = sorted({n.op_type for n in graph.node if set(n.output) & graph_outputs})
+    on_outputs = [n.name for n in graph.node if set(n.input) & graph_outputs]
+    return output_ops, on_outputs
+
+
 def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -165,15 +181,7 @@ def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelPr
                                        extra_options={"num_bins": 2048, "num_quantized_bins": 128})
         calibrator.collect_data(Reader())
         save_tensors_data(calibrator.compute_data(), ranges)
-        # The logits are the answer: quantized to uint8 (256 steps over their range) they tied the top two
-        # classes in 88 of 200 val images of the demo model and doubled the largest logit error, so the ops
-        # that produce graph outputs keep a float output (a consumer inside the graph would still quantize it).
-        # The softmax over the logits (the second output) stays float too: as a quantized consumer it would
-        # quantize the logits it reads.
-        graph = onnx.load(str(onnx_path)).graph
-        graph_outputs = {o.name for o in graph.output}
-        output_ops = sorted({n.op_type for n in graph.node if set(n.output) & graph_outputs})
-        on_outputs = [n.name for n in graph.node if set(n.input) & graph_outputs]
+        output_ops, on_outputs = float_outputs(onnx_path)
         # U8S8 (uint8 activations, int8 weights): ONNX Runtime's fast path on x86. Measured on this
         # project's AVX2 machine: S8S8 QDQ ran at 0.6x FP32, U8S8 QDQ at 1.4x FP32 (resnet_tiny, 64 px).
         quantize_static(str(onnx_path), str(out), None, calibration_cache_path=ranges, quant_format=QuantFormat.QDQ,
@@ -244,8 +252,9 @@ def pruned_lines(pruned: dict) -> list[str]:
     lines = ["", "## Pruned", "",
              "Served by the real server side by side with the unpruned model, perf_analyzer at one "
              "concurrency, alternating rounds; ratio = pruned / unpruned in the same round, median (min–max).", "",
-             "| artifact | file | parameters | FLOPs | size | top-1 % | agreement with unpruned % | served vs unpruned, "
-             "JPEG | served vs unpruned, tensors |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| artifact | file | parameters | FLOPs | size | top-1 % | agreement with unpruned % | "
+             "served vs unpruned, JPEG | served vs unpruned, tensors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in pruned.items():
         u, ratio = r["unpruned"], r["served_vs_unpruned"]
         served = " | ".join(f"{ratio[s]['median']:.2f}× ({ratio[s]['min']:.2f}–{ratio[s]['max']:.2f})"
@@ -278,215 +287,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_blob(path: Path, blob: bytes) -> None:
-    atomic_write_bytes(path, lambda tmp: tmp.write_bytes(blob))
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
-
-
-def calibration_batch(meta: dict, data: Path, n: int, out_dir: Path) -> np.ndarray:
-    """N training images, spread evenly over the sorted train set, through the serving preprocess."""
-    samples = list_images(Path(data) / "train", meta["classes"])
-    if n <= 0:
-        raise ValueError(f"--calib-size must be positive, got {n}")
-    idx = np.linspace(0, len(samples) - 1, num=min(n, len(samples))).round().astype(int)
-    paths = [samples[i][0] for i in sorted(set(idx.tolist()))]
-    batch = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(paths)
-    calib_dir = out_dir / "calib"
-    atomic_write_bytes(calib_dir / "calib.npy", lambda tmp: save_npy(tmp, batch))
-    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(data)}" for p in paths]
-    write_text(calib_dir / "calib_sources.txt", "\n".join(lines) + "\n")
-    return batch
-
-
-# ------------------------------------------------------------------------------------------------
-# conversions: fp32 ONNX path + calibration batch -> ModelProto
-# ------------------------------------------------------------------------------------------------
-
-def to_fp16(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
-    from modelopt.onnx.autocast import convert_to_mixed_precision
-
-    # FP32 I/O: the Triton configs and clients stay the same for every precision
-    return convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)
-
-
-@contextmanager
-def onnxruntime_quantization_restored():
-    """Put ONNX Runtime's quantization back as it was after the block.
-
-    ModelOpt's ONNX PTQ monkey-patches ONNX Runtime's calibrators and quantizers and edits its op
-    registries for the whole process (modelopt/onnx/quantization/ort_utils.py configure_ort); after
-    that, ONNX Runtime's own static quantization fails ("Quantization parameters are not specified").
-    """
-    import importlib
-
-    # import_module, not attribute access: onnxruntime.quantization.quantize is also a function's name
-    base_quantizer, calibrate, qdq_quantizer, quantize, registry = (
-        importlib.import_module(f"onnxruntime.quantization.{m}")
-        for m in ("base_quantizer", "calibrate", "qdq_quantizer", "quantize", "registry"))
-    namespaces = [calibrate, quantize, calibrate.CalibraterBase, calibrate.MinMaxCalibrater,
-                  calibrate.HistogramCalibrater, calibrate.HistogramCollector, base_quantizer.BaseQuantizer,
-                  qdq_quantizer.QDQQuantizer]
-    registries = [getattr(registry, n) for n in ("QDQRegistry", "QLinearOpsRegistry", "IntegerOpsRegistry")]
-    saved = [(ns, dict(vars(ns))) for ns in namespaces]
-    saved_registries = [(r, dict(r)) for r in registries]
-    try:
-        yield
-    finally:
-        for ns, attrs in saved:
-            for name, value in attrs.items():
-                if vars(ns).get(name) is not value:
-                    setattr(ns, name, value)
-        for r, content in saved_registries:
-            r.clear()
-            r.update(content)
-
-
-def to_int8_modelopt(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
-    from modelopt.onnx.quantization import quantize
-
-    with tempfile.TemporaryDirectory() as tmp, onnxruntime_quantization_restored():
-        out = Path(tmp) / "int8.onnx"
-        quantize(onnx_path=str(onnx_path), quantize_mode="int8", calibration_data=calib, calibration_method=method,
-                 calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(out), log_level="WARNING")
-        return onnx.load(str(out))
-
-
-def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calib[i:i + 16] for i in range(0, len(calib), 16))
-
-        def get_next(self):
-            b = next(self.batches, None)
-            return None if b is None else {INPUT_NAME: b}
-
-    calibrate_method = CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax
-    with tempfile.TemporaryDirectory() as tmp:
-        out, ranges = Path(tmp) / "int8_ort.onnx", Path(tmp) / "ranges.json"
-        # quantize_static's entropy calibration histograms 128 bins for 128 quantized bins, so the KL search
-        # can only return the full range (measured: scales identical to max). Calibrate here with 2048 bins,
-        # as TensorRT's entropy calibrator does, and hand quantize_static the ranges.
-        calibrator = create_calibrator(onnx_path, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=calibrate_method,
-                                       extra_options={"num_bins": 2048, "num_quantized_bins": 128})
-        calibrator.collect_data(Reader())
-        save_tensors_data(calibrator.compute_data(), ranges)
-        # The logits are the answer: quantized to uint8 (256 steps over their range) they tied the top two
-        # classes in 88 of 200 val images of the demo model and doubled the largest logit error, so the ops
-        # that produce graph outputs keep a float output (a consumer inside the graph would still quantize it).
-        # The softmax over the logits (the second output) stays float too: as a quantized consumer it would
-        # quantize the logits it reads.
-        graph = onnx.load(str(onnx_path)).graph
-        graph_outputs = {o.name for o in graph.output}
-        output_ops = sorted({n.op_type for n in graph.node if set(n.output) & graph_outputs})
-        on_outputs = [n.name for n in graph.node if set(n.input) & graph_outputs]
-        # U8S8 (uint8 activations, int8 weights): ONNX Runtime's fast path on x86. Measured on this
-        # project's AVX2 machine: S8S8 QDQ ran at 0.6x FP32, U8S8 QDQ at 1.4x FP32 (resnet_tiny, 64 px).
-        quantize_static(str(onnx_path), str(out), None, calibration_cache_path=ranges, quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calibrate_method, nodes_to_exclude=on_outputs,
-                        extra_options={"OpTypesToExcludeOutputQuantization": output_ops})
-        return onnx.load(str(out))
-
-
-CONVERSIONS: dict[str, Callable[[Path, np.ndarray, str], onnx.ModelProto]] = {
-    "fp16": to_fp16, "int8_ort": to_int8_ort, "int8": to_int8_modelopt,
-}
-
-
-def stamp(model: onnx.ModelProto, meta: dict, precision: str, extra: dict) -> onnx.ModelProto:
-    """Carry the metadata contract into the new artifact, recording what it was made from."""
-    m = json.loads(json.dumps(meta))
-    m["export"] = {**m.get("export", {}), "precision": precision, **extra}
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(m)})
-    return model
-
-
-# ------------------------------------------------------------------------------------------------
-# scoring
-# ------------------------------------------------------------------------------------------------
-
-def latency(run: Runner, inputs: np.ndarray, batches=(1, 8, 16, 32), min_time: float = 0.5) -> dict:
-    """ms per batch and images/s at each batch size; best = highest images/s."""
-    out = {}
-    for b in batches:
-        x = np.ascontiguousarray(inputs[:b])
-        if len(x) < b:
-            x = np.concatenate([x] * (b // max(1, len(x)) + 1))[:b]
-        run(x)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_time:
-            run(x)
-            n += 1
-        ms = 1000 * (time.perf_counter() - start) / n
-        out[b] = {"ms": ms, "images_per_s": b * 1000 / ms}
-    best = max(out, key=lambda b: out[b]["images_per_s"])
-    return {"batch1_ms": out[1]["ms"], "best_batch": best, "best_images_per_s": out[best]["images_per_s"],
-            "by_batch": out}
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
-    """top-1 on the labels, top-1 agreement with the PyTorch reference logits, max |logit difference|."""
-    return {"top1": float(100 * np.mean(logits.argmax(1) == labels)),
-            "agreement_with_pytorch": float(100 * np.mean(logits.argmax(1) == reference.argmax(1))),
-            "max_abs_logit_diff": float(np.abs(logits.astype(np.float32) - reference).max())}
-
-
-def gate(results: dict[str, dict], max_drop: float) -> list[str]:
-    """Names of artifacts whose top-1 is more than max_drop points below FP32."""
-    base = results["fp32"]["top1"]
-    return [name for name, r in results.items() if name != "fp32" and r["top1"] < base - max_drop]
-
-
-def markdown(report: dict) -> str:
-    lines = [f"# Build report: {report['source_onnx']}", "",
-             f"Val split `{report['data']}/val`, {report['val_images']} images; calibration: {report['calibration']['images']} "
-             f"training images, method `{report['calibration']['method']}` (`calib/calib.npy`, `calib/calib_sources.txt`). "
-             f"Gate: top-1 may drop at most {report['max_top1_drop']} points below FP32.", "",
-             "| artifact | file | size | top-1 % | agreement with PyTorch % | max logit diff | ms at batch 1 | best batch | img/s at best | gate |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, r in report["artifacts"].items():
-        lat = r["latency"]
-        lines.append(f"| {name} | {r['file']} | {r['size_bytes'] / 2 ** 20:.2f} MiB | {r['top1']:.2f} | "
-                     f"{r['agreement_with_pytorch']:.2f} | {r['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | "
-                     f"{lat['best_batch']} | {lat['best_images_per_s']:.0f} | {'FAIL' if name in report['gate_failures'] else 'pass'} |")
-    lines += ["", f"Embedded (CPU, ONNX Runtime) INT8 choice: **{report['embedded_int8']}** — {report['embedded_int8_reason']}.",
-              f"Fastest artifact on this CPU that passes the gate: **{report['fastest_passing']}**.",
-              "", "Latencies are ONNX Runtime on this machine's CPU; TensorRT engines are measured by `make gpu-check`."]
-    if report.get("pruned"):  # rows added by `make prune` (perf.pruned) for this same FP32 model
-        lines += ["", "## Pruned", "", "Served by the real server side by side with the unpruned model, perf_analyzer at one "
-                  "concurrency, alternating rounds; ratio = pruned / unpruned in the same round, median (min–max).", "",
-                  "| artifact | file | parameters | FLOPs | size | top-1 % | agreement with unpruned % | served vs unpruned, "
-                  "JPEG | served vs unpruned, tensors |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, r in report["pruned"].items():
-            u, ratio = r["unpruned"], r["served_vs_unpruned"]
-            lines.append(f"| {name} | {r['file']} | {r['params'] / 1e3:.0f}K ({r['params'] / u['params']:.2f}) | "
-                         f"{r['flops'] / 1e6:.1f}M ({r['flops'] / u['flops']:.2f}) | {r['size_bytes'] / 2 ** 20:.2f} MiB | "
-                         f"{r['top1']:.2f} (unpruned {u['top1']:.2f}) | {r['agreement_with_unpruned']:.2f} | "
-                         + " | ".join(f"{ratio[s]['median']:.2f}× ({ratio[s]['min']:.2f}–{ratio[s]['max']:.2f})"
-                                      for s in ("jpeg", "tensors")) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def load_val(meta: dict, data: Path, max_top1_drop: float) -> tuple[list[Path], np.ndarray, DaliPreprocessor,
-                                                                     np.ndarray]:
+def load_val(
+    meta: dict, data: Path, max_top1_drop: float
+) -> tuple[list[Path], np.ndarray, DaliPreprocessor, np.ndarray]:
     """(val paths, labels, the streaming preprocess, a first batch for the latencies); warn when one image
     is worth more top-1 than the gate allows."""
     val = list_images(Path(data) / "val", meta["classes"])
     paths, labels = [p for p, _ in val], np.array([y for _, y in val])
-    pre = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"]), batch_size=32)  # streamed: any size fits
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    pre = DaliPreprocessor(spec, batch_size=32)  # the val split is streamed: any size fits in memory
     sample = next(pre.iter_files(paths[:32]))
     if val and 100 / len(val) > max_top1_drop:
         print(f"warning: the val split has {len(val)} images, so one image is {100 / len(val):.2f} points of top-1, "

@@ -20,20 +20,21 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from build.engine import EngineBuilder, EngineEnvironmentError, check_environment, check_plan
+from build.engine import EngineBuilder, EngineEnvironmentError, PlanStamp, check_environment, check_plan
 from build.quantize import accuracy, latency
 from build.render_repo import render
-from build.settings import BatchProfile, add_settings_args, repo_settings
-from clients.client import ImageClassifierClient
+from build.settings import BatchProfile, RepoSettings, add_settings_args, repo_settings
+from clients.client import ImageClassifierClient, Prediction
 from core.atomic_io import atomic_write_bytes
 from core.metadata import read_metadata, source_checkpoint
 from core.preprocess import DALI_INPUT_NAME, DaliPreprocessor, PreprocessSpec, build_dali_pipeline
 from core.runners import TrtRunner
-from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
+from perf.perf_analyzer import Sources, jpeg_and_tensor_inputs, jpegs_and_tensors
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_files, stream_logits
@@ -58,20 +59,33 @@ def dali_gpu_vs_cpu(spec: PreprocessSpec, files: list[Path], batch: int = 32) ->
     padded = run_gpu([b + b"\x00" * (longest - len(b)) for b in blobs])
     cpu = DaliPreprocessor(spec, batch_size=batch)(blobs)
     # nvJPEG and libjpeg-turbo may round differently; report how far apart they are
-    return {"images": len(blobs), "max_abs_diff": float(np.abs(gpu - cpu).max()), "mean_abs_diff": float(np.abs(gpu - cpu).mean()),
+    return {"images": len(blobs), "max_abs_diff": float(np.abs(gpu - cpu).max()),
+            "mean_abs_diff": float(np.abs(gpu - cpu).mean()),
             "padding_changes_output": bool(not np.array_equal(gpu, padded))}
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        trt, cc, gpu_name = check_environment()
-    except EngineEnvironmentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from serve.server import TritonServer
+@dataclass(frozen=True)
+class Reference:
+    """What every engine is checked against: the val split, its preprocess, the batching settings and
+    PyTorch FP32 on the same images."""
 
-    out = args.artifacts / "gpu_check"
-    out.mkdir(parents=True, exist_ok=True)
+    meta: dict
+    spec: PreprocessSpec
+    val: list[Path]
+    labels: np.ndarray
+    settings: RepoSettings
+    profile: BatchProfile
+    pre: DaliPreprocessor
+    sample: np.ndarray  # the first batch, for the engine latencies
+    logits: np.ndarray  # PyTorch FP32 over the val split
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+
+def load_reference(args: argparse.Namespace) -> Reference:
+    """The val split, streamed through the serving preprocess, and PyTorch FP32's logits over it."""
     meta = read_metadata(args.artifacts / "model.onnx")
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     items = list_images(args.data / "val", meta["classes"])
@@ -81,65 +95,140 @@ def main(args: argparse.Namespace) -> int:
     pre = DaliPreprocessor(spec, batch_size=profile.max)  # the val split is streamed: any size fits in memory
     sample = next(pre.iter_files(val[:profile.max]))
     torch_model = model_from_checkpoint(load_checkpoint(source_checkpoint(args.artifacts / "model.onnx", meta)))
-    reference_logits = logits_for_files(torch_model, pre, val)
-    reference = reference_logits.argmax(1)
-    fp32_top1 = float(100 * np.mean(reference == labels))
-    report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__, "pytorch_fp32_top1": fp32_top1,
-              "max_top1_drop": args.max_top1_drop, "dali_gpu_vs_cpu": dali_gpu_vs_cpu(spec, val), "engines": {}}
+    logits = logits_for_files(torch_model, pre, val)
+    return Reference(meta, spec, val, labels, settings, profile, pre, sample, logits)
+
+
+@dataclass(frozen=True)
+class CheckRun:
+    """One `make gpu-check`: its arguments, the reference, where it writes, and what every engine shares."""
+
+    args: argparse.Namespace
+    ref: Reference
+    out: Path
+    tensorrt_version: str
+    cc: str
+    fp32_top1: float
+    binary: Path  # the tritonserver that serves every engine
+    perf_inputs: Sources  # the same perf_analyzer payload for every engine
+
+
+def start_run(args: argparse.Namespace, ref: Reference, out: Path, tensorrt_version: str, cc: str,
+              fp32_top1: float) -> CheckRun:
     binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
-    blobs = [p.read_bytes() for p in val[:args.perf_images]]  # the same payload for every engine
-    perf_inputs = jpeg_and_tensor_inputs(meta["export"]["input"], blobs, pre(blobs), out / "perf_inputs")
-    for precision in ("fp16", "int8"):
-        onnx_path = args.artifacts / f"model_{precision}.onnx"
-        plan = args.artifacts / f"model_{precision}.plan"
-        stamp = EngineBuilder(onnx_path, profile, precision, timing_cache=args.artifacts / "trt_timing.cache") \
-            .check_environment().parse().configure().build(plan)
-        # in a Triton install, EngineBuilder.check_environment has refused bindings other than the server's TensorRT
-        check_plan(Path(f"{plan}.json"), trt.__version__, cc)
-        run = TrtRunner(plan)
-        engine_logits = stream_logits({precision: run}, pre.iter_files(val))[precision]
-        scored = {**accuracy(engine_logits, labels, reference_logits),
-                  "size_bytes": plan.stat().st_size,
-                  "latency": latency(run, sample, batches=sorted({1, profile.opt, profile.max}))}
-        repo = out / f"repo_{precision}"
-        render(onnx_path, repo, settings, target="gpu", plan=plan)
-        with TritonServer(repo, None, log_file=out / f"tritonserver_{precision}.log", binary=binary) as s:
-            with ImageClassifierClient(s.grpc_url, "grpc") as c:
-                preds = c.classify_files(val, batch_size=settings.max_batch_size)
-            throughput = jpegs_and_tensors(s.grpc_url, s.http_url, "grpc", perf_inputs, args.concurrency,
-                                           out / f"perf_{precision}", s.proc.pid)
-        served = np.array([meta["classes"].index(p.labels[0]) if p.ok else -1 for p in preds])
-        report["engines"][precision] = {"stamp": stamp.__dict__, "images": len(val), "engine": scored,
-                                        "gate": "pass" if scored["top1"] >= fp32_top1 - args.max_top1_drop else "FAIL",
-                                        "served_agreement_with_pytorch": float(100 * np.mean(served == reference)),
-                                        "errors": sum(not p.ok for p in preds), "throughput": throughput}
-        e = report["engines"][precision]
-        print(f"{precision}: engine top-1 {scored['top1']:.2f}% (PyTorch FP32 {fp32_top1:.2f}%, gate {e['gate']}), "
-              f"{scored['latency']['best_images_per_s']:.0f} img/s at batch {scored['latency']['best_batch']}; "
-              f"served agreement with PyTorch {e['served_agreement_with_pytorch']:.2f}%")
-    atomic_write_bytes(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    lines = [f"# GPU check: {gpu_name} (compute capability {cc}), TensorRT {trt.__version__}", "",
-             f"DALI GPU vs CPU preprocessing on {report['dali_gpu_vs_cpu']['images']} images: max |diff| "
-             f"{report['dali_gpu_vs_cpu']['max_abs_diff']:.4f}, mean {report['dali_gpu_vs_cpu']['mean_abs_diff']:.5f}; "
-             f"zero-padded rows {'CHANGE' if report['dali_gpu_vs_cpu']['padding_changes_output'] else 'do not change'} "
-             "the GPU output", "",
-             f"PyTorch FP32 top-1 on {len(val)} val images: {fp32_top1:.2f}%; gate: at most {args.max_top1_drop} points below.", "",
+    blobs = [p.read_bytes() for p in ref.val[:args.perf_images]]  # the same payload for every engine
+    perf_inputs = jpeg_and_tensor_inputs(ref.meta["export"]["input"], blobs, ref.pre(blobs), out / "perf_inputs")
+    return CheckRun(args, ref, out, tensorrt_version, cc, fp32_top1, binary, perf_inputs)
+
+
+def build_engine(run: CheckRun, precision: str) -> tuple[Path, Path, PlanStamp]:
+    """(source ONNX, plan, its stamp): the engine built from the ONNX artifact, checked for this GPU."""
+    artifacts = run.args.artifacts
+    onnx_path = artifacts / f"model_{precision}.onnx"
+    plan = artifacts / f"model_{precision}.plan"
+    stamp = EngineBuilder(onnx_path, run.ref.profile, precision, timing_cache=artifacts / "trt_timing.cache") \
+        .check_environment().parse().configure().build(plan)
+    # in a Triton install, EngineBuilder.check_environment has refused bindings other than the server's TensorRT
+    check_plan(Path(f"{plan}.json"), run.tensorrt_version, run.cc)
+    return onnx_path, plan, stamp
+
+
+def score_engine(plan: Path, precision: str, ref: Reference) -> dict:
+    """The engine scored like the ONNX artifacts in the build report (build.quantize)."""
+    engine = TrtRunner(plan)
+    engine_logits = stream_logits({precision: engine}, ref.pre.iter_files(ref.val))[precision]
+    return {**accuracy(engine_logits, ref.labels, ref.logits),
+            "size_bytes": plan.stat().st_size,
+            "latency": latency(engine, ref.sample, batches=sorted({1, ref.profile.opt, ref.profile.max}))}
+
+
+def serve_engine(run: CheckRun, onnx_path: Path, plan: Path, precision: str) -> tuple[list[Prediction], list[dict]]:
+    """The GPU repository for the plan, served: every val image classified over gRPC, then the served
+    throughput from JPEG bytes and from tensors. Returns (predictions, throughput rows)."""
+    from serve.server import TritonServer
+
+    ref, out = run.ref, run.out
+    repo = out / f"repo_{precision}"
+    render(onnx_path, repo, ref.settings, target="gpu", plan=plan)
+    with TritonServer(repo, None, log_file=out / f"tritonserver_{precision}.log", binary=run.binary) as s:
+        with ImageClassifierClient(s.grpc_url, "grpc") as c:
+            preds = c.classify_files(ref.val, batch_size=ref.settings.max_batch_size)
+        if s.proc is None:
+            raise RuntimeError("tritonserver is not running")
+        throughput = jpegs_and_tensors(s.grpc_url, s.http_url, "grpc", run.perf_inputs, run.args.concurrency,
+                                       out / f"perf_{precision}", s.proc.pid)
+    return preds, throughput
+
+
+def check_engine(run: CheckRun, precision: str) -> dict:
+    """Build, score and serve one engine: its entry in the report."""
+    onnx_path, plan, stamp = build_engine(run, precision)
+    scored = score_engine(plan, precision, run.ref)
+    preds, throughput = serve_engine(run, onnx_path, plan, precision)
+    served = np.array([run.ref.meta["classes"].index(p.labels[0]) if p.ok else -1 for p in preds])
+    entry = {"stamp": stamp.__dict__, "images": len(run.ref.val), "engine": scored,
+             "gate": "pass" if scored["top1"] >= run.fp32_top1 - run.args.max_top1_drop else "FAIL",
+             "served_agreement_with_pytorch": float(100 * np.mean(served == run.ref.predictions)),
+             "errors": sum(not p.ok for p in preds), "throughput": throughput}
+    print(f"{precision}: engine top-1 {scored['top1']:.2f}% (PyTorch FP32 {run.fp32_top1:.2f}%, gate {entry['gate']}), "
+          f"{scored['latency']['best_images_per_s']:.0f} img/s at batch {scored['latency']['best_batch']}; "
+          f"served agreement with PyTorch {entry['served_agreement_with_pytorch']:.2f}%")
+    return entry
+
+
+def engine_row(name: str, entry: dict) -> str:
+    e, lat = entry["engine"], entry["engine"]["latency"]
+    return (f"| {name} | {e['size_bytes'] / 2 ** 20:.2f} MiB | {e['top1']:.2f} | {e['agreement_with_pytorch']:.2f} | "
+            f"{e['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | {lat['best_batch']} | "
+            f"{lat['best_images_per_s']:.0f} | {entry['gate']} | {entry['served_agreement_with_pytorch']:.2f} | "
+            f"{entry['errors']} |")
+
+
+def throughput_row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['source']} | {r['concurrency']} | {r['images_per_s']:.0f} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} |")
+
+
+def markdown(report: dict, val_images: int) -> str:
+    dali = report["dali_gpu_vs_cpu"]
+    lines = [f"# GPU check: {report['gpu']} (compute capability {report['compute_capability']}), "
+             f"TensorRT {report['tensorrt']}", "",
+             f"DALI GPU vs CPU preprocessing on {dali['images']} images: max |diff| {dali['max_abs_diff']:.4f}, "
+             f"mean {dali['mean_abs_diff']:.5f}; zero-padded rows "
+             f"{'CHANGE' if dali['padding_changes_output'] else 'do not change'} the GPU output", "",
+             f"PyTorch FP32 top-1 on {val_images} val images: {report['pytorch_fp32_top1']:.2f}%; "
+             f"gate: at most {report['max_top1_drop']} points below.", "",
              "| engine | size | top-1 % | agreement with PyTorch % | max logit diff | ms at batch 1 | best batch | "
              "img/s at best | gate | served via Triton: agreement % | errors |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for k, v in report["engines"].items():
-        e, lat = v["engine"], v["engine"]["latency"]
-        lines.append(f"| {k} | {e['size_bytes'] / 2 ** 20:.2f} MiB | {e['top1']:.2f} | {e['agreement_with_pytorch']:.2f} | "
-                     f"{e['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | {lat['best_batch']} | "
-                     f"{lat['best_images_per_s']:.0f} | {v['gate']} | {v['served_agreement_with_pytorch']:.2f} | {v['errors']} |")
+    lines += [engine_row(k, v) for k, v in report["engines"].items()]
     lines += ["", "Engine latencies include host<->device copies (TensorRT Python API, one stream).", "",
-              "Served throughput (perf_analyzer over gRPC, alternating per concurrency): `jpeg` = JPEG bytes through the "
-              "ensemble (DALI decode + resize on the GPU, TensorRT), `tensors` = pre-decoded inputs to the TensorRT "
-              "model alone.", "",
+              "Served throughput (perf_analyzer over gRPC, alternating per concurrency): `jpeg` = JPEG bytes "
+              "through the ensemble (DALI decode + resize on the GPU, TensorRT), `tensors` = pre-decoded inputs "
+              "to the TensorRT model alone.", "",
               "| engine | input | concurrency | img/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {k} | {r['source']} | {r['concurrency']} | {r['images_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
-              for k, v in report["engines"].items() for r in v["throughput"]]
-    atomic_write_bytes(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    lines += [throughput_row(k, r) for k, v in report["engines"].items() for r in v["throughput"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        trt, cc, gpu_name = check_environment()
+    except EngineEnvironmentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.artifacts / "gpu_check"
+    out.mkdir(parents=True, exist_ok=True)
+    ref = load_reference(args)
+    fp32_top1 = float(100 * np.mean(ref.predictions == ref.labels))
+    report = {"gpu": gpu_name, "compute_capability": cc, "tensorrt": trt.__version__, "pytorch_fp32_top1": fp32_top1,
+              "max_top1_drop": args.max_top1_drop, "dali_gpu_vs_cpu": dali_gpu_vs_cpu(ref.spec, ref.val),
+              "engines": {}}
+    run = start_run(args, ref, out, trt.__version__, cc, fp32_top1)
+    for precision in ("fp16", "int8"):
+        report["engines"][precision] = check_engine(run, precision)
+    atomic_write_bytes(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    atomic_write_bytes(out / "report.md", lambda tmp: tmp.write_text(markdown(report, len(ref.val))))
     print(f"wrote {out / 'report.md'}")
     problems = verdict(report, args.min_served_agreement)
     for problem in problems:
@@ -157,8 +246,9 @@ def verdict(report: dict, min_served_agreement: float) -> list[str]:
             problems.append(f"{name}: top-1 {e['engine']['top1']:.2f}% is more than {report['max_top1_drop']} points "
                             f"below PyTorch FP32 ({report['pytorch_fp32_top1']:.2f}%)")
         if e["served_agreement_with_pytorch"] < min_served_agreement:
-            problems.append(f"{name}: served predictions agree with PyTorch on {e['served_agreement_with_pytorch']:.2f}% "
-                            f"of {e['images']} images, below {min_served_agreement}%")
+            problems.append(f"{name}: served predictions agree with PyTorch on "
+                            f"{e['served_agreement_with_pytorch']:.2f}% of {e['images']} images, "
+                            f"below {min_served_agreement}%")
         if e["errors"]:
             problems.append(f"{name}: {e['errors']} request(s) failed")
     return problems
@@ -170,7 +260,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/synthetic"))
     p.add_argument("--repo", type=Path, default=Path("model_repository_gpu"),
                    help="take batching settings from this repository's build.json, if it exists")
-    p.add_argument("--max-top1-drop", type=float, default=DEFAULT_MAX_TOP1_DROP, help="accuracy gate, as in `make quantize`")
+    p.add_argument("--max-top1-drop", type=float, default=DEFAULT_MAX_TOP1_DROP,
+                   help="accuracy gate, as in `make quantize`")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="perf_analyzer concurrencies for the served throughput table")
     p.add_argument("--perf-images", type=int, default=64, help="val images perf_analyzer cycles through")

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build import layouts, quantize
+from build.artifacts import ARTIFACT_NAMES, REPORT, artifact_for
 from build.engine import (
     EngineEnvironmentError,
     check_environment,
@@ -66,10 +67,10 @@ def artifacts(onnx_model, tiny_data, tmp_path_factory) -> Path:
 
 
 def test_build_report_and_artifacts(artifacts):
-    report = json.loads((artifacts / quantize.REPORT).read_text())
+    report = json.loads((artifacts / REPORT).read_text())
     assert set(report["artifacts"]) == {"fp32", "fp16", "int8", "int8_ort"} and not report["gate_failures"]
     for name, r in report["artifacts"].items():
-        path = artifacts / quantize.ARTIFACT_NAMES[name]
+        path = artifacts / ARTIFACT_NAMES[name]
         assert r["size_bytes"] == path.stat().st_size
         assert 0 <= r["top1"] <= 100 and r["latency"]["best_images_per_s"] > 0 and r["latency"]["batch1_ms"] > 0
         assert read_metadata(path)["export"]["precision"] == ("int8" if name.startswith("int8") else name)
@@ -79,7 +80,7 @@ def test_build_report_and_artifacts(artifacts):
     int8 = onnx.load(str(artifacts / "model_int8.onnx"))
     assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) >= 10  # explicit Q/DQ
     for name in ("int8", "int8_ort"):  # logits and probabilities leave the graph unquantized (uint8 logits tie classes)
-        model = onnx.load(str(artifacts / quantize.ARTIFACT_NAMES[name]))
+        model = onnx.load(str(artifacts / ARTIFACT_NAMES[name]))
         producers = {o: n for n in model.graph.node for o in n.output}
         assert [o.name for o in model.graph.output] == ["logits", "probabilities"], name
         for out in model.graph.output:
@@ -121,18 +122,18 @@ def test_calibration_method_entropy_clips_the_ranges(artifacts, tiny_data, tmp_p
     report = quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=32, calib_method="entropy",
                             max_top1_drop=100.0, precisions=("int8_ort", "int8"))
     assert report["calibration"] == {"images": 32, "method": "entropy"}
-    assert (json.loads((artifacts / quantize.REPORT).read_text())["calibration"]["method"]
+    assert (json.loads((artifacts / REPORT).read_text())["calibration"]["method"]
             == quantize.DEFAULT_CALIB_METHOD)
     for name in ("int8_ort", "int8"):
-        maxed = _activation_scales(onnx.load(str(artifacts / quantize.ARTIFACT_NAMES[name])))
-        entropy = _activation_scales(onnx.load(str(tmp_path / quantize.ARTIFACT_NAMES[name])))
+        maxed = _activation_scales(onnx.load(str(artifacts / ARTIFACT_NAMES[name])))
+        entropy = _activation_scales(onnx.load(str(tmp_path / ARTIFACT_NAMES[name])))
         shared = set(entropy) & set(maxed)
         assert shared, name
         # same 32 images: max calibration covers the full range, entropy clips outliers, so scales are >=
         assert (all(maxed[t] >= entropy[t] * 0.999 for t in shared)
                 and any(maxed[t] > entropy[t] * 1.01 for t in shared)), name
     # the CPU INT8 uses uint8 activations (ONNX Runtime's fast x86 path; int8 activations ran slower than FP32)
-    ort_int8 = onnx.load(str(artifacts / quantize.ARTIFACT_NAMES["int8_ort"]))
+    ort_int8 = onnx.load(str(artifacts / ARTIFACT_NAMES["int8_ort"]))
     inits = {i.name: i for i in ort_int8.graph.initializer}
     zero_points = [inits[n.input[2]] for n in ort_int8.graph.node
                    if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
@@ -152,7 +153,7 @@ def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_d
         quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=8, max_top1_drop=-1.0,
                        precisions=("fp16", "int8_ort"))
     assert not (tmp_path / "model_fp16.onnx").exists() and not (tmp_path / "model_int8_ort.onnx").exists()
-    assert json.loads((tmp_path / quantize.REPORT).read_text())["gate_failures"] == ["fp16", "int8_ort"]
+    assert json.loads((tmp_path / REPORT).read_text())["gate_failures"] == ["fp16", "int8_ort"]
     assert "one image is 1.25 points of top-1" in capsys.readouterr().out  # 80 val images: the gate's resolution
 
 
@@ -165,7 +166,7 @@ def test_served_precisions_side_by_side(artifacts, repo, tiny_data, tmp_path):
                            concurrency=2, interval_ms=500, request_count=60)
     rows = {x["precision"]: x for x in r["results"]}
     assert rows["fp32"]["onnx"] == str(artifacts / "model.onnx")
-    assert rows["int8"]["onnx"] == str(quantize.artifact_for("int8", artifacts))
+    assert rows["int8"]["onnx"] == str(artifact_for("int8", artifacts))
     # each precision is served with the batching settings of the repository it is compared for
     assert all(x["settings"] == r["settings"] and x["settings"]["max_batch_size"] == MAX_BATCH for x in rows.values())
     assert all(x["throughput"] > 0 and x["p99_ms"] >= x["p50_ms"] > 0 for x in rows.values())
@@ -174,7 +175,7 @@ def test_served_precisions_side_by_side(artifacts, repo, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_files, tmp_path, precision):
-    onnx_path = quantize.artifact_for(precision, artifacts)
+    onnx_path = artifact_for(precision, artifacts)
     repo = tmp_path / "repo"
     render(onnx_path, repo, RepoSettings(max_batch_size=MAX_BATCH, top_k=3))
     meta = read_metadata(onnx_path)
@@ -329,7 +330,7 @@ def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU is not None, reason=f"GPU path not runnable here: {NO_GPU}")
 def test_gpu_check(artifacts, tiny_data):
-    from build import gpu_check
+    from perf import gpu_check
 
     # 80 val images: one image is 1.25 points, so the 1-point gate and 99% agreement would fail on a single
     # flipped image (FP16/INT8 vs FP32 may flip one); allow two, as the artifacts fixture does
