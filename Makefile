@@ -11,7 +11,15 @@ export PYTHONPATH := $(CURDIR)
 SYNTHETIC   := data/synthetic
 DATA        ?= $(SYNTHETIC)
 ARTIFACTS   ?= artifacts
+# a built-in network (resnet_tiny, resnet18, resnet34, resnet50) or any classification model of a library:
+# torchvision:<name>, timm:<name> (training/sources.py)
 ARCH        ?= resnet_tiny
+# fine-tuning: WEIGHTS = pretrained weights (a file, or the library's name: IMAGENET1K_V1, a timm tag); the
+# backbone learns at BACKBONE_LR_SCALE of LR, and not at all for FREEZE_EPOCHS; the preprocessing is the
+# model's own (its resize fraction, interpolation, mean/std) at IMG_SIZE
+WEIGHTS     ?=
+BACKBONE_LR_SCALE ?=
+FREEZE_EPOCHS ?=
 EPOCHS      ?= 12
 IMG_SIZE    ?= 64
 BATCH_SIZE  ?= 64
@@ -107,7 +115,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint transfer peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -157,7 +165,9 @@ TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc
 # CONFIG=recipe.yaml replaces the recipe variables below (the file sets them; TRAIN_ARGS still adds flags).
 RECIPE = $(if $(CONFIG),--config $(CONFIG),--img-size $(IMG_SIZE) --batch-size $(BATCH_SIZE) --lr $(LR) \
   --seed $(SEED) --workers $(WORKERS) --epochs $(EPOCHS))
-RUN_FLAGS = --data $(DATA) $(if $(RESUME),--resume $(RESUME)) $(TRAIN_ARGS)
+RUN_FLAGS = --data $(DATA) $(if $(RESUME),--resume $(RESUME)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+  $(if $(BACKBONE_LR_SCALE),--backbone-lr-scale $(BACKBONE_LR_SCALE)) \
+  $(if $(FREEZE_EPOCHS),--freeze-epochs $(FREEZE_EPOCHS)) $(TRAIN_ARGS)
 
 train: data
 	$(TRAIN) $(RECIPE) $(if $(CONFIG),,--arch $(ARCH)) $(RUN_FLAGS) --out $(ARTIFACTS)
@@ -286,6 +296,13 @@ report: artifacts $(if $(COMPARE_PEERS),peers)
 	$(PY) -m perf.report --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) --users $(USERS) --duration $(DURATION) \
 	  --layouts "$(COMPARE_LAYOUTS)" --peers "$(COMPARE_PEERS)" --compare-rounds $(COMPARE_ROUNDS) \
 	  --compare-seconds $(COMPARE_SECONDS)
+
+# transfer, measured offline: this project's own pretrained network (TRANSFER_SOURCE) fine-tuned on another real
+# data set against training from scratch, equal epochs, several seeds: .cache/transfer/results.md
+TRANSFER_SOURCE ?= animals
+TRANSFER_TARGET ?= digits
+transfer: venv
+	$(PY) -m perf.transfer --source $(TRANSFER_SOURCE) --target $(TRANSFER_TARGET) --work .cache/transfer
 
 benchmark-data: venv
 	$(PY) -m perf.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")

@@ -2,7 +2,10 @@
 
 Keys:
   model            state_dict
-  arch, arch_args  how to rebuild the network (training.models.build_model)
+  arch, arch_args  how to rebuild the network (training.models.build_model): a built-in name, or
+                   torchvision:<name> / timm:<name> (training/sources.py), with num_classes and the rest
+  pretrained       the weights fine-tuning started from (--weights: the file and its sha256, or the
+                   library's name; the library and its version; the head tensors left out), else None
   classes          class names, index order = logit order
   preprocess       core.preprocess.PreprocessSpec.to_dict()
   metrics          what the checkpoint reached on val (top1, top5, loss, epoch)
@@ -21,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from core.atomic_io import atomic_write_bytes
 from core.preprocess import PreprocessSpec
-from training.models import ResNet, build_model
+from training.models import build_model
 
 REQUIRED_KEYS = ("model", "arch", "arch_args", "classes", "preprocess")
 
@@ -44,7 +48,7 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> ResNet:
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     model = build_model(ckpt["arch"], **ckpt["arch_args"])
     model.load_state_dict(ckpt["model"])
     return model.eval()

@@ -9,10 +9,12 @@ changed, so a pruned checkpoint is rebuilt by the same ``build_model`` call as a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from training import sources
 
 
 class BasicBlock(nn.Module):
@@ -163,8 +165,25 @@ def resize_layers(model: ModelT, channels: Channels) -> ModelT:
     return model
 
 
-def build_model(arch: str, channels: Channels | None = None, **arch_args) -> ResNet:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
-    model = ARCHS[arch](**arch_args)
+def build_model(arch: str, channels: Channels | None = None, **arch_args: Any) -> nn.Module:
+    """A fresh network: a built-in one by name, or a library's (``torchvision:<name>``, ``timm:<name>``:
+    training/sources.py) with the checkpoint's arguments; ``channels``: a pruned network's layer widths."""
+    model: nn.Module
+    if sources.SEPARATOR in arch:
+        model = sources.create(arch, **arch_args)
+    elif arch in ARCHS:
+        model = ARCHS[arch](**arch_args)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}, or torchvision:<name> "
+                         "or timm:<name>")
     return resize_layers(model, channels) if channels else model
+
+
+def check_arch(arch: str) -> str:
+    """An --arch value: a built-in name, or a known source and a name (the library checks the name itself)."""
+    if sources.SEPARATOR in arch:
+        sources.split(arch)
+    elif arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}, or torchvision:<name> "
+                         "or timm:<name>")
+    return arch

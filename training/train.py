@@ -47,7 +47,8 @@ from training.data import (
 )
 from training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from training.evaluate import evaluate
-from training.models import ARCHS, build_model
+from training.models import ARCHS, build_model, check_arch
+from training.sources import head_parameters, load_pretrained, model_spec
 from training.sparsity import SPARSITY_PATTERNS, dense_state_dict, sparsify
 
 METRICS_LOG = "metrics.jsonl"  # in --out: one JSON line per epoch
@@ -56,18 +57,30 @@ METRICS_LOG = "metrics.jsonl"  # in --out: one JSON line per epoch
 # recipe pieces
 # ------------------------------------------------------------------------------------------------
 
-def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
-    """Norm weights and biases (the 1-d parameters) get their own weight decay, 0 by default."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float,
+                 head: set[str] | None = None) -> list[dict]:
+    """Norm weights and biases (the 1-d parameters) get their own weight decay, 0 by default. With
+    ``head`` (fine-tuning: the new head's parameter names), the other parameters, the backbone's, form
+    groups of their own, marked ``backbone``, for their own learning rate."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": norm_weight_decay}]
+            groups.setdefault((head is not None and name not in head, p.ndim <= 1), []).append(p)
+    keys = [(False, False), (False, True)] + ([(True, False), (True, True)] if head is not None else [])
+    return [{"params": groups.get(k, []), "weight_decay": norm_weight_decay if k[1] else weight_decay,
+             "backbone": k[0]} for k in keys if k in groups or head is None]
+
+
+def fine_tuning(args) -> bool:
+    """Whether the backbone learns apart from the head: pretrained weights and a backbone recipe."""
+    return bool(getattr(args, "weights", None)) and (args.backbone_lr_scale != 1.0 or args.freeze_epochs > 0)
 
 
 def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
-    groups = param_groups(model, args.weight_decay, args.norm_weight_decay)
+    head = head_parameters(model, args.arch) if fine_tuning(args) else None
+    groups = param_groups(model, args.weight_decay, args.norm_weight_decay, head)
+    for g in groups:  # the backbone learns at a fraction of the head's rate
+        g["lr"] = args.lr * (args.backbone_lr_scale if g["backbone"] else 1.0)
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
     if args.opt == "adamw":
@@ -196,6 +209,7 @@ class Student:
     arch_args: dict[str, Any]
     init: dict[str, str] | None = None  # the --init checkpoint and its sha256
     pruning: dict[str, Any] | None = None  # how the starting network was made, carried forward
+    pretrained: dict[str, Any] | None = None  # --weights: which, their sha256, the head left out
 
 
 @dataclass
@@ -271,7 +285,9 @@ def train_samples(args, classes: list[str], dist: DistInfo) -> list[tuple[Path, 
 
 def load_train_data(args, dist: DistInfo, device: torch.device) -> TrainData:
     classes = class_names(args.data)
-    spec = PreprocessSpec.for_size(args.img_size)
+    # a pretrained library model is trained, scored and served with the preprocessing it learned with
+    spec = (model_spec(args.arch, args.weights, args.img_size) if args.weights else None) or \
+        PreprocessSpec.for_size(args.img_size)
     samples = train_samples(args, classes, dist)
     transform = TrainTransform(spec, scale=(args.crop_scale_min, 1.0), hflip=args.hflip, color_jitter=args.color_jitter)
     train_set = ImageFolderTrain(samples, transform, args.seed)
@@ -290,13 +306,26 @@ def load_train_data(args, dist: DistInfo, device: torch.device) -> TrainData:
     return TrainData(classes, spec, train_set, sampler, loader)
 
 
+def model_arguments(args, num_classes: int) -> dict[str, Any]:
+    """What the architecture is built with (recorded in the checkpoint): the classes, and the width and
+    dropout where set (a library model's dropout argument: timm's drop_rate, torchvision's dropout)."""
+    library = ":" in args.arch
+    if library and args.width:
+        raise ValueError(f"--width is for the built-in networks; {args.arch} has its library's own widths")
+    dropout_name = "drop_rate" if args.arch.startswith("timm:") else "dropout"
+    return {"num_classes": num_classes, **({"width": args.width} if args.width else {}),
+            **({dropout_name: args.dropout} if args.dropout else {})}
+
+
 def make_student(args, classes: list[str], device: torch.device) -> Student:
     """The network to train: ``--arch`` freshly initialised, or ``--init``'s network and weights (a pruned
     one: its architecture is in it; ``args.arch`` then becomes the checkpoint's)."""
-    arch_args = {"num_classes": len(classes), **({"width": args.width} if args.width else {}),
-                 **({"dropout": args.dropout} if args.dropout else {})}
-    init = pruning = None
+    arch_args = model_arguments(args, len(classes))
+    init = pruning = pretrained = None
     model: nn.Module
+    if args.init and args.weights:
+        raise ValueError("--init continues a checkpoint of this project, --weights fine-tunes pretrained weights: "
+                         "give one of them")
     if args.init:
         init_ckpt = load_checkpoint(args.init)
         if init_ckpt["classes"] != classes:
@@ -306,20 +335,25 @@ def make_student(args, classes: list[str], device: torch.device) -> Student:
         pruning = init_ckpt.get("pruning")
         model = model_from_checkpoint(init_ckpt).to(device)
     else:
-        model = build_model(args.arch, **arch_args).to(device)
+        model = build_model(args.arch, **arch_args)
+        if args.weights:
+            pretrained = load_pretrained(model, args.arch, args.weights)
+        model = model.to(device)
     if args.sparsity != "none":  # masks from the starting weights, held through training
         model = sparsify(model)
     if args.channels_last_on:
-        # torch's stubs leave memory_format out of Module.to's overloads; Module.to accepts it (documented)
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    return Student(model, arch_args, init, pruning)
+        model = model.to(memory_format=torch.channels_last)
+    return Student(model, arch_args, init, pruning, pretrained)
 
 
 def make_optimization(model: nn.Module, args, steps_per_epoch: int, amp_dtype: torch.dtype | None,
                       device: torch.device) -> Optimization:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = make_optimizer(model, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
+    freeze = getattr(args, "freeze_epochs", 0) * steps_per_epoch  # the backbone holds still at first
+    schedules = [(lambda step: 0.0 if step < freeze else lr_factor(step, steps_per_epoch, args)) if g["backbone"]
+                 else (lambda step: lr_factor(step, steps_per_epoch, args)) for g in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     ema = make_ema(model, args.model_ema_decay) if args.model_ema else None
     return Optimization(criterion, optimizer, scheduler, scaler, ema)
@@ -405,7 +439,7 @@ def checkpoint_dict(run: Run, deploy: nn.Module, metrics: dict[str, Any], epoch:
         "arch": args.arch, "arch_args": student.arch_args, "classes": run.data.classes,
         "preprocess": run.data.spec.to_dict(),
         "metrics": metrics, "provenance": run.provenance, "args": run.config, "distillation": run.distill,
-        "init": student.init, "pruning": student.pruning, "sparsity": args.sparsity,
+        "init": student.init, "pruning": student.pruning, "sparsity": args.sparsity, "pretrained": student.pretrained,
         "epoch": epoch + 1, "best_top1": progress.best_top1, "best_epoch": progress.best_epoch,
         "train_state": {"model": student.model.state_dict(), "optimizer": opt.optimizer.state_dict(),
                         "lr_scheduler": opt.scheduler.state_dict(), "ema": opt.ema.state_dict() if opt.ema else None,
@@ -478,7 +512,14 @@ def main(args: argparse.Namespace) -> dict:
     run = Run(args, device, dist, amp_dtype, log, data, student, opt, teacher, distill, progress, val, provenance,
               config)
 
-    log(f"training {args.arch} on {len(data.train_set)} images ({len(data.classes)} classes) on {device.type}"
+    n_params = sum(p.numel() for p in student.model.parameters())
+    if student.pretrained:
+        log(f"fine-tuning from {student.pretrained['weights']} (new head: "
+            f"{', '.join(student.pretrained['head_reinitialised']) or 'none'}; backbone lr x{args.backbone_lr_scale}, "
+            f"frozen for {args.freeze_epochs} epoch(s)); preprocessing: {data.spec.interpolation} resize to "
+            f"{data.spec.resize_size}, crop {data.spec.crop_size}")
+    log(f"training {args.arch} ({n_params / 1e6:.2f}M parameters) on {len(data.train_set)} images "
+        f"({len(data.classes)} classes) on {device.type}"
         f"{f' x{dist.world_size} ({dist.backend})' if dist.enabled else ''}, "
         f"effective batch {args.batch_size * dist.world_size}")
     metrics = train_epochs(run, ddp_model)
@@ -516,8 +557,26 @@ def add_data_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation jitter strength")
 
 
+def arch_argument(value: str) -> str:
+    """--arch, checked: argparse shows the reason instead of "invalid value"."""
+    try:
+        return check_arch(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def add_model_args(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--arch", default="resnet_tiny", choices=sorted(ARCHS))
+    g.add_argument("--arch", default="resnet_tiny", type=arch_argument, metavar="ARCH",
+                   help=f"a built-in network ({', '.join(sorted(ARCHS))}), or any classification model of a "
+                        "library: torchvision:<name>, timm:<name> (training/sources.py)")
+    g.add_argument("--weights", help="pretrained weights to fine-tune from: a file (a state dict), or the "
+                   "library's name for them (torchvision: IMAGENET1K_V1, DEFAULT; timm: a pretrained tag); the "
+                   "head is new, and the preprocessing becomes the model's own (resize fraction, "
+                   "interpolation, mean/std) at --img-size")
+    g.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                   help="fine-tuning: the backbone learns at this fraction of --lr (the new head at --lr)")
+    g.add_argument("--freeze-epochs", type=int, default=0,
+                   help="fine-tuning: epochs at the start in which only the head learns")
     g.add_argument("--width", type=int, help="base channel width (arch default: 32 for resnet_tiny, 64 otherwise)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier layer (0 = none)")
     g.add_argument("--init", type=Path,
@@ -586,7 +645,11 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
         if action.choices and value not in action.choices:
             raise ValueError(f"{path}: {key} must be one of {list(action.choices)}, got {value!r}")
         convert = action.type  # every --flag of this parser has a callable type, or none
-        out[dest] = convert(value) if callable(convert) and value is not None and not isinstance(value, bool) else value
+        try:
+            out[dest] = convert(value) if callable(convert) and value is not None and not isinstance(value, bool) \
+                else value
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{path}: {key}: {e}") from e
     return out
 
 

@@ -1,0 +1,140 @@
+"""Model sources: torchvision and timm architectures, fine-tuned from a weights file with the model's own
+preprocessing, recorded in the checkpoint, and served like the built-in networks (served = PyTorch).
+
+No weights can be downloaded here: the "pretrained" files are written by the tests (each library's own
+network, randomly initialised with its ImageNet head, saved as a state dict or into torch hub's cache)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from build.export_onnx import export
+from build.render_repo import render
+from build.settings import RepoSettings
+from clients.client import ImageClassifierClient
+from core.metadata import file_sha256, read_metadata
+from serve.server import TritonServer
+from training import sources, train
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.evaluate import predict_files
+from training.models import build_model
+
+TIMM_ARCH = "timm:test_convnext"  # timm's own small test network: a real ConvNeXt (LayerNorm, no running stats)
+
+
+def backbone_and_head(model: torch.nn.Module, arch: str) -> tuple[dict, dict]:
+    head = sources.head_parameters(model, arch)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    return ({k: v for k, v in params.items() if k not in head}, {k: v for k, v in params.items() if k in head})
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory) -> Path:
+    import timm
+
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("weights") / "test_convnext_in1k.pth"
+    torch.save(timm.create_model("test_convnext", num_classes=1000).state_dict(), path)
+    return path
+
+
+def fine_tune(tiny_data: Path, weights: Path, out: Path, epochs: int, freeze: int) -> Path:
+    train.main(train.parse_args(
+        ["--data", str(tiny_data), "--out", str(out), "--arch", TIMM_ARCH, "--weights", str(weights),
+         "--img-size", "32", "--epochs", str(epochs), "--freeze-epochs", str(freeze), "--backbone-lr-scale", "0.1",
+         "--opt", "adamw", "--lr", "0.003", "--weight-decay", "0.05", "--batch-size", "16", "--workers", "0",
+         "--quiet"]))
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_data, timm_weights, tmp_path_factory) -> Path:
+    return fine_tune(tiny_data, timm_weights, tmp_path_factory.mktemp("finetuned"), epochs=3, freeze=1)
+
+
+def test_the_checkpoint_records_source_weights_and_the_models_own_preprocessing(finetuned, timm_weights, tiny_data):
+    import timm
+
+    ckpt = load_checkpoint(finetuned)
+    assert ckpt["arch"] == TIMM_ARCH and ckpt["arch_args"] == {"num_classes": 10}
+    pre = ckpt["pretrained"]
+    assert pre["weights_sha256"] == file_sha256(timm_weights) and pre["source"] == "timm"
+    assert pre["head_reinitialised"] == ["head.fc.bias", "head.fc.weight"]
+    cfg = timm.models.get_pretrained_cfg("test_convnext")  # bicubic, crop_pct 0.95, mean/std 0.5
+    spec = ckpt["preprocess"]
+    assert spec["interpolation"] == "cubic" and cfg.interpolation == "bicubic"
+    assert spec["crop_size"] == 32 and spec["resize_size"] == math.floor(32 / cfg.crop_pct)
+    assert tuple(spec["mean"]) == tuple(cfg.mean) and tuple(spec["std"]) == tuple(cfg.std)
+    # rebuilt from the checkpoint alone, and it learned the data set (10 classes; chance is 10%)
+    model = model_from_checkpoint(ckpt)
+    assert type(model).__name__ == "ConvNeXt" and model.get_classifier().out_features == 10
+    assert ckpt["metrics"]["top1"] > 30
+
+
+def test_frozen_epochs_hold_the_backbone_and_the_new_head_learns(tiny_data, timm_weights, finetuned, tmp_path):
+    start = build_model(TIMM_ARCH, num_classes=10)
+    sources.load_pretrained(start, TIMM_ARCH, str(timm_weights))
+    backbone0, head0 = backbone_and_head(start, TIMM_ARCH)
+    frozen = model_from_checkpoint(load_checkpoint(fine_tune(tiny_data, timm_weights, tmp_path, epochs=1, freeze=1)))
+    backbone1, head1 = backbone_and_head(frozen, TIMM_ARCH)
+    assert all(torch.equal(backbone0[k], backbone1[k]) for k in backbone0), "the backbone moved while frozen"
+    assert not torch.equal(head0["head.fc.weight"], head1["head.fc.weight"])
+    later, _ = backbone_and_head(model_from_checkpoint(load_checkpoint(finetuned)), TIMM_ARCH)
+    assert any(not torch.equal(backbone0[k], later[k]) for k in backbone0), "the backbone never learned"
+
+
+def test_fine_tuned_timm_model_is_served_as_pytorch_computes(finetuned, tiny_data, val_files, tmp_path):
+    """Export (validated against PyTorch), the fused repository, the real server: served top-1 = PyTorch's,
+    through the model's own (bicubic) preprocessing in DALI."""
+    onnx_path = tmp_path / "model.onnx"
+    export(finetuned, tiny_data, onnx_path)
+    assert read_metadata(onnx_path)["preprocess"]["interpolation"] == "cubic"
+    repo = tmp_path / "repo"
+    render(onnx_path, repo, RepoSettings(max_batch_size=8, classifier_instances=1))
+    reference = predict_files(load_checkpoint(finetuned), val_files).argmax(1)
+    classes = load_checkpoint(finetuned)["classes"]
+    with TritonServer(repo, None, log_file=tmp_path / "server.log") as server, \
+            ImageClassifierClient(server.http_url, timeout_s=60) as client:
+        served = client.classify_files(val_files)
+    assert [p.labels[0] for p in served] == [classes[i] for i in reference]
+
+
+def test_torchvision_weights_from_torch_hubs_cache_with_its_own_preprocessing(tmp_path, monkeypatch):
+    """torchvision's own name for the weights (IMAGENET1K_V1) resolves offline from $TORCH_HOME's hub
+    cache; the head is the data set's; the spec is the weights' eval transform (bilinear, 224/256)."""
+    from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(3)
+    imagenet = mobilenet_v3_small(num_classes=1000)
+    torch.save(imagenet.state_dict(), cache / MobileNet_V3_Small_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1])
+    arch = "torchvision:mobilenet_v3_small"
+    model = build_model(arch, num_classes=4)
+    record = sources.load_pretrained(model, arch, "IMAGENET1K_V1")
+    assert record["head_reinitialised"] == ["classifier.3.bias", "classifier.3.weight"]
+    mine, theirs = model.state_dict(), imagenet.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if not k.startswith("classifier.3."))
+    assert mine["classifier.3.weight"].shape == (4, 1024)
+    spec = sources.model_spec(arch, "IMAGENET1K_V1", 32)
+    assert (spec.interpolation, spec.crop_size, spec.resize_size) == ("linear", 32, math.floor(32 * 256 / 224))
+    np.testing.assert_allclose(spec.mean, (0.485, 0.456, 0.406))
+
+
+def test_weights_that_do_not_fit_are_refused_by_name(timm_weights, tmp_path, capsys):
+    model = build_model("torchvision:resnet18", num_classes=3)
+    with pytest.raises(ValueError, match="does not fit torchvision:resnet18"):
+        sources.load_pretrained(model, "torchvision:resnet18", str(timm_weights))
+    with pytest.raises(ValueError, match="torchvision has no classification model 'resnet_tiny'"):
+        build_model("torchvision:resnet_tiny", num_classes=3)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data", str(tmp_path), "--arch", "keras:resnet50"])
+    assert "unknown model source 'keras'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--width is for the built-in networks"):
+        train.model_arguments(train.parse_args(["--data", str(tmp_path), "--arch", TIMM_ARCH, "--width", "8"]), 3)
