@@ -91,7 +91,7 @@ def library_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0], "numpy": numpy.__version__, "pillow": PIL.__version__}
     for name, module in (("torch", "torch"), ("nvidia-dali", "nvidia.dali")):
         with contextlib.suppress(ImportError):
-            versions[name] = __import__(module, fromlist=["__version__"]).__version__
+            versions[name] = str(__import__(module, fromlist=["__version__"]).__version__)  # a plain str
     return versions
 
 

@@ -138,3 +138,15 @@ def test_weights_that_do_not_fit_are_refused_by_name(timm_weights, tmp_path, cap
     assert "unknown model source 'keras'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--width is for the built-in networks"):
         train.model_arguments(train.parse_args(["--data", str(tmp_path), "--arch", TIMM_ARCH, "--width", "8"]), 3)
+
+
+def test_a_checkpoint_of_this_project_is_pretrained_weights_for_another_data_set(checkpoint):
+    """make transfer's path: a built-in network fine-tuned from this project's own checkpoint (a dict holding
+    the state dict under "model"); the head is new even where its shape would fit."""
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt["arch"], **ckpt["arch_args"])
+    record = sources.load_pretrained(model, ckpt["arch"], str(checkpoint))
+    assert record["head_reinitialised"] == ["fc.bias", "fc.weight"] and record["source"] == "builtin"
+    mine = model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in ckpt["model"].items() if not k.startswith("fc."))
+    assert not torch.equal(mine["fc.weight"], ckpt["model"]["fc.weight"])

@@ -195,7 +195,12 @@ def create(arch: str, **arch_args: Any) -> nn.Module:
 
 
 def _state_dict_of(path: Path) -> dict[str, Any]:
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    from torch.torch_version import TorchVersion
+
+    # tensors only (a weights file may come from anywhere); a checkpoint of this project also records
+    # torch's version, a str subclass
+    with torch.serialization.safe_globals([TorchVersion]):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):
             raw = raw[key]
