@@ -115,7 +115,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint transfer peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -188,6 +188,15 @@ eval: venv
 
 onnx: venv
 	$(PY) -m build.export_onnx --ckpt $(CKPT) --data $(DATA) --out $(ONNX) --tolerance $(TOLERANCE)
+
+# a model trained elsewhere: `make import ONNX=their_model.onnx LABELS=labels.txt LIKE=timm:<name> IMG_SIZE=224`
+# checks and fixes it, and writes $(ARTIFACTS)/model.onnx with the metadata contract (then quantize, repo, serve)
+LABELS      ?=
+LIKE        ?=
+import: venv
+	@test "$(origin ONNX)" = "command line" -a -n "$(LABELS)" || { echo "make import needs ONNX=<the model> LABELS=<class names, one per line>"; exit 2; }
+	$(PY) -m build.import_onnx --onnx $(ONNX) --labels $(LABELS) --out $(ARTIFACTS)/model.onnx --img-size $(IMG_SIZE) \
+	  $(if $(LIKE),--like $(LIKE)) $(if $(filter-out $(SYNTHETIC),$(DATA)),--data $(DATA))
 
 quantize: venv
 	$(PY) -m build.quantize --onnx $(ONNX) --data $(DATA) --out $(ARTIFACTS) \

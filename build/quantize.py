@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Collection
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import onnx
 
 from build.artifacts import ARTIFACT_NAMES, REPORT
 from core.atomic_io import atomic_write_bytes
-from core.metadata import INPUT_NAME, METADATA_KEY, read_metadata, rebase_metadata, source_checkpoint
+from core.metadata import INPUT_NAME, METADATA_KEY, has_checkpoint, read_metadata, rebase_metadata, source_checkpoint
 from core.preprocess import DaliPreprocessor, PreprocessSpec
 from core.runners import OrtRunner, Runner
 from training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -266,6 +267,12 @@ def pruned_lines(pruned: dict) -> list[str]:
     return lines
 
 
+def onnx_parameters(path: Path) -> int:
+    """Weights in the graph (its float initializers), the parameter count the report names."""
+    graph = onnx.load(str(path)).graph
+    return int(sum(np.prod(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
+
+
 def markdown(report: dict) -> str:
     calibration = report["calibration"]
     lines = [f"# Build report: {report['source_onnx']}", "",
@@ -273,7 +280,10 @@ def markdown(report: dict) -> str:
              f"{calibration['images']} training images, method `{calibration['method']}` "
              "(`calib/calib.npy`, `calib/calib_sources.txt`). "
              f"Gate: top-1 may drop at most {report['max_top1_drop']} points below FP32.", "",
-             "| artifact | file | size | top-1 % | agreement with PyTorch % | max logit diff | ms at batch 1 | "
+             f"Model: {report.get('model', {}).get('arch', '?')}, "
+             f"{report.get('model', {}).get('parameters', 0) / 1e6:.2f}M parameters.", "",
+             f"| artifact | file | size | top-1 % | agreement with {report.get('reference', 'PyTorch')} % | "
+             "max logit diff | ms at batch 1 | "
              "best batch | img/s at best | gate |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [artifact_row(name, r, name in report["gate_failures"]) for name, r in report["artifacts"].items()]
@@ -320,13 +330,18 @@ def convert(onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, o
     return produced, extra
 
 
-def score(produced: dict[str, bytes], ckpt: dict, pre: DaliPreprocessor, paths: list[Path], labels: np.ndarray,
-          sample: np.ndarray) -> dict[str, dict]:
-    """Every artifact's accuracy against the labels and PyTorch (one streamed pass), size and latency."""
-    torch_model = model_from_checkpoint(ckpt)
+def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, paths: list[Path],
+          labels: np.ndarray, sample: np.ndarray) -> dict[str, dict]:
+    """Every artifact's accuracy against the labels and the reference (one streamed pass), size and latency.
+    The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself."""
     runners: dict[str, Runner] = {name: OrtRunner(blob) for name, blob in produced.items()}
-    logits = stream_logits({"pytorch": lambda x: logits_for_inputs(torch_model, x), **runners}, pre.iter_files(paths))
-    reference = logits.pop("pytorch")
+    if ckpt is not None:
+        torch_model = model_from_checkpoint(ckpt)
+        reference_run: Runner = partial(logits_for_inputs, torch_model)
+    else:
+        reference_run = runners["fp32"]
+    logits = stream_logits({"reference": reference_run, **runners}, pre.iter_files(paths))
+    reference = logits.pop("reference")
     results = {}
     for name, blob in produced.items():
         results[name] = {"file": ARTIFACT_NAMES[name], **accuracy(logits[name], labels, reference),
@@ -393,7 +408,7 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
     if calib_method not in CALIB_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {calib_method!r}")
     meta = read_metadata(onnx_path)
-    ckpt = load_checkpoint(source_checkpoint(onnx_path, meta))
+    ckpt = load_checkpoint(source_checkpoint(onnx_path, meta)) if has_checkpoint(meta) else None
     paths, labels, pre, sample = load_val(meta, data, max_top1_drop)
     calib = calibration_batch(meta, Path(data), calib_size, out_dir)
     print(f"calibration: {len(calib)} training images ({calib_method}) -> {out_dir / 'calib' / 'calib.npy'}")
@@ -407,7 +422,9 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
               "max_top1_drop": max_top1_drop, "calibration": {"images": len(calib), "method": calib_method},
               "artifacts": results, "gate_failures": failures, "embedded_int8": embedded,
               "embedded_int8_reason": reason,
-              "fastest_passing": max(passing, key=lambda n: images_per_s(results[n]))}
+              "fastest_passing": max(passing, key=lambda n: images_per_s(results[n])),
+              "reference": "PyTorch" if ckpt is not None else "the imported FP32 ONNX",
+              "model": {"arch": meta["arch"], "parameters": onnx_parameters(onnx_path)}}
     write_artifacts(produced, failures, out_dir)
     write_report(report, out_dir, extra["derived_from_sha256"])
     if failures:

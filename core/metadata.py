@@ -52,8 +52,9 @@ def read_metadata(model: onnx.ModelProto | Path | str) -> dict[str, Any]:
 def rebase_metadata(meta: dict[str, Any], from_dir: Path, to_dir: Path) -> dict[str, Any]:
     """A copy of ``meta`` for an artifact written to ``to_dir`` (paths in it are relative to the artifact)."""
     m: dict[str, Any] = json.loads(json.dumps(meta))
-    ckpt = Path(from_dir).resolve() / m["source"]["checkpoint"]
-    m["source"]["checkpoint"] = os.path.relpath(ckpt, Path(to_dir).resolve())
+    if m["source"].get("checkpoint") is not None:  # an imported model has none
+        ckpt = Path(from_dir).resolve() / m["source"]["checkpoint"]
+        m["source"]["checkpoint"] = os.path.relpath(ckpt, Path(to_dir).resolve())
     return m
 
 
@@ -63,6 +64,9 @@ def source_checkpoint(onnx_path: Path, meta: dict[str, Any] | None = None) -> Pa
     checkpoint is never taken as the reference for an older ONNX."""
     meta = meta if meta is not None else read_metadata(onnx_path)
     src = meta["source"]
+    if src.get("checkpoint") is None:
+        raise ValueError(f"{onnx_path} was imported from {src.get('imported')} (make import), not exported from a "
+                         "checkpoint of this project: there is no PyTorch model to compare with or to serve naively")
     path = Path(onnx_path).resolve().parent / src["checkpoint"]
     if not path.is_file():
         raise FileNotFoundError(f"{onnx_path} was exported from {src['checkpoint']} (relative to the ONNX file), "
@@ -73,6 +77,11 @@ def source_checkpoint(onnx_path: Path, meta: dict[str, Any] | None = None) -> Pa
                          f"expected {src['checkpoint_sha256'][:12]}...): it was retrained or replaced; "
                          f"export again with `make onnx`")
     return path
+
+
+def has_checkpoint(meta: dict[str, Any]) -> bool:
+    """Whether an artifact was exported from a PyTorch checkpoint of this project (not imported)."""
+    return meta["source"].get("checkpoint") is not None
 
 
 def file_sha256(path: Path) -> str:
