@@ -104,6 +104,7 @@ def export_metadata(ckpt: dict, ckpt_path: Path, out: Path) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "arch": ckpt["arch"], "arch_args": ckpt["arch_args"], "classes": ckpt["classes"],
+        "pretrained": ckpt.get("pretrained"),
         "preprocess": ckpt["preprocess"], "metrics": ckpt.get("metrics", {}),
         "source": {"checkpoint": os.path.relpath(Path(ckpt_path).resolve(), Path(out).resolve().parent),
                    "checkpoint_sha256": file_sha256(ckpt_path),

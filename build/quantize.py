@@ -31,7 +31,15 @@ import onnx
 
 from build.artifacts import ARTIFACT_NAMES, REPORT
 from core.atomic_io import atomic_write_bytes
-from core.metadata import INPUT_NAME, METADATA_KEY, has_checkpoint, read_metadata, rebase_metadata, source_checkpoint
+from core.metadata import (
+    INPUT_NAME,
+    METADATA_KEY,
+    has_checkpoint,
+    parameter_count,
+    read_metadata,
+    rebase_metadata,
+    source_checkpoint,
+)
 from core.preprocess import DaliPreprocessor, PreprocessSpec
 from core.runners import OrtRunner, Runner
 from training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -267,12 +275,6 @@ def pruned_lines(pruned: dict) -> list[str]:
     return lines
 
 
-def onnx_parameters(path: Path) -> int:
-    """Weights in the graph (its float initializers), the parameter count the report names."""
-    graph = onnx.load(str(path)).graph
-    return int(sum(np.prod(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
-
-
 def markdown(report: dict) -> str:
     calibration = report["calibration"]
     lines = [f"# Build report: {report['source_onnx']}", "",
@@ -424,7 +426,7 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
               "embedded_int8_reason": reason,
               "fastest_passing": max(passing, key=lambda n: images_per_s(results[n])),
               "reference": "PyTorch" if ckpt is not None else "the imported FP32 ONNX",
-              "model": {"arch": meta["arch"], "parameters": onnx_parameters(onnx_path)}}
+              "model": {"arch": meta["arch"], "parameters": parameter_count(onnx_path)}}
     write_artifacts(produced, failures, out_dir)
     write_report(report, out_dir, extra["derived_from_sha256"])
     if failures:

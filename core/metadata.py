@@ -79,6 +79,20 @@ def source_checkpoint(onnx_path: Path, meta: dict[str, Any] | None = None) -> Pa
     return path
 
 
+def parameter_count(path: Path) -> int:
+    """The weights of an ONNX graph (its initializers' elements): the parameter count reports name."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    count = 0
+    for t in graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        count += n
+    return count
+
+
 def has_checkpoint(meta: dict[str, Any]) -> bool:
     """Whether an artifact was exported from a PyTorch checkpoint of this project (not imported)."""
     return meta["source"].get("checkpoint") is not None

@@ -43,7 +43,8 @@ from training import train
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, spec_from_checkpoint
 from training.data import drop_bad_images, list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
-from training.models import Channels, build_model, changed_widths
+from training.models import ARCHS, Channels, build_model, changed_widths
+from training.sources import SEPARATOR
 from training.sparsity import SPARSE_IN_MULTIPLE, SPARSITY_PATTERNS, eligible, two_four_violations
 
 REPORT = "prune_report.json"
@@ -214,6 +215,11 @@ def publish(args: argparse.Namespace, report: dict[str, Any], stage: Path) -> No
 
 def main(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(args.ckpt)
+    if SEPARATOR in ckpt["arch"]:
+        # the pruned widths are rebuilt by training.models.resize_layers, which knows the built-in networks'
+        # convolutions, batch norms and linear layers, not a library's layer norms, attention or SE blocks
+        raise ValueError(f"{args.ckpt} is a {ckpt['arch']}: make prune supports the built-in networks "
+                         f"({', '.join(sorted(ARCHS))}) only, not torchvision or timm architectures yet")
     if ckpt.get("pruning"):
         print(f"note: {args.ckpt} is already pruned; pruning it again")
     spec = spec_from_checkpoint(ckpt)

@@ -188,6 +188,18 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
 # What training asks of a source
 # --------------------------------------------------------------------------------------------
 
+def size_arguments(arch: str, crop_size: int) -> dict[str, Any]:
+    """What a library architecture needs to be built for ``crop_size``: a timm model with a fixed input size
+    (a ViT's position embedding) takes ``img_size``; the others adapt by themselves."""
+    source, name = split(arch)
+    if source != "timm":
+        return {}
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return {"img_size": crop_size} if cfg is not None and cfg.fixed_input_size else {}
+
+
 def create(arch: str, **arch_args: Any) -> nn.Module:
     """A fresh network of a library architecture (``arch`` = source:name) with the checkpoint's arguments."""
     source, name = split(arch)

@@ -48,7 +48,7 @@ from training.data import (
 from training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from training.evaluate import evaluate
 from training.models import ARCHS, build_model, check_arch
-from training.sources import head_parameters, load_pretrained, model_spec
+from training.sources import head_parameters, load_pretrained, model_spec, size_arguments
 from training.sparsity import SPARSITY_PATTERNS, dense_state_dict, sparsify
 
 METRICS_LOG = "metrics.jsonl"  # in --out: one JSON line per epoch
@@ -314,7 +314,8 @@ def model_arguments(args, num_classes: int) -> dict[str, Any]:
         raise ValueError(f"--width is for the built-in networks; {args.arch} has its library's own widths")
     dropout_name = "drop_rate" if args.arch.startswith("timm:") else "dropout"
     return {"num_classes": num_classes, **({"width": args.width} if args.width else {}),
-            **({dropout_name: args.dropout} if args.dropout else {})}
+            **({dropout_name: args.dropout} if args.dropout else {}),
+            **(size_arguments(args.arch, args.img_size) if library else {})}
 
 
 def make_student(args, classes: list[str], device: torch.device) -> Student:

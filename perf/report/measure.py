@@ -12,7 +12,7 @@ from build.artifacts import ARTIFACT_NAMES
 from build.model_config import config_text, read_configs
 from build.render_repo import labels_file
 from build.settings import read_manifest, rendered_onnx
-from core.metadata import read_metadata, source_checkpoint
+from core.metadata import parameter_count, read_metadata, source_checkpoint
 from perf import ceiling
 from perf.common import machine_info, sample_images
 from perf.fair import side_by_side
@@ -77,7 +77,10 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
 
 def describe(repo: Path, images: Path, profile: Profile, manifest: dict, ckpt: str, blobs: list[bytes]) -> dict:
     """What is measured: the machine, the repository (its manifest and configurations) and the payload."""
-    return {"machine": machine_info(), "manifest": manifest, "profile": asdict(profile),
+    meta = read_metadata(manifest["onnx"])
+    arch = {"arch": meta["arch"], "parameters": parameter_count(Path(manifest["onnx"])),
+            "weights": (meta.get("pretrained") or {}).get("weights")}
+    return {"machine": machine_info(), "manifest": manifest, "profile": asdict(profile), "model": arch,
             "configs": {name: config_text(cfg) for name, cfg in read_configs(repo).items()},
             "checkpoint": ckpt, "images": str(images), "payload_images": len(blobs),
             "payload_mean_bytes": sum(map(len, blobs)) / len(blobs)}

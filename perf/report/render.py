@@ -86,7 +86,11 @@ def machine_section(r: dict) -> list[str]:
         "| package | version |", "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in mach["versions"].items()],
         "",
-        f"Model: `{man['onnx']}` (sha256 {man['onnx_sha256'][:12]}…, {man['precision']}, "
+        f"Model: {r.get('model', {}).get('arch', '?')} "
+        f"({r.get('model', {}).get('parameters', 0) / 1e6:.2f}M parameters"
+        f"{', fine-tuned from ' + str(r['model']['weights']) if r.get('model', {}).get('weights') else ''}), "
+        f"`{man['onnx']}` "
+        f"(sha256 {man['onnx_sha256'][:12]}…, {man['precision']}, "
         f"input {man['input_shape']}, {man['classes']} classes), checkpoint `{r['checkpoint']}`. "
         f"Payload: {r['payload_images']} JPEGs from `{r['images']}`, {r['payload_mean_bytes']:.0f} bytes on average, "
         "one image per request.",

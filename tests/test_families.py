@@ -1,0 +1,65 @@
+"""One model of each family through the chain, at a small input size on the tiny data set: a depthwise CNN
+(torchvision's MobileNetV3), a modern CNN (timm's ConvNeXt) and a vision transformer (timm's ViT).
+Train, export (validated against PyTorch), FP16 and INT8 with the build report's per-model drop, the
+fused repository served (served top-1 = PyTorch's), the GPU repository rendered, and pruning refused by
+name. The figures at 224 px come from benchmarks, not from here."""
+
+from __future__ import annotations
+
+import pytest
+
+from build import quantize
+from build.export_onnx import export
+from build.model_config import read_configs
+from build.render_repo import render
+from build.settings import RepoSettings
+from clients.client import ImageClassifierClient
+from core import protocol as P
+from core.metadata import read_metadata
+from serve.server import TritonServer
+from training import prune, train
+from training.checkpoint import load_checkpoint
+from training.evaluate import predict_files
+
+FAMILIES = {
+    "depthwise": "torchvision:mobilenet_v3_small",
+    "modern-cnn": "timm:test_convnext",
+    "transformer": "timm:test_vit",  # a fixed input size: built with img_size = the crop
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_family_goes_through_the_chain(family, tiny_data, val_files, tmp_path):
+    arch = FAMILIES[family]
+    train.main(train.parse_args(
+        ["--data", str(tiny_data), "--out", str(tmp_path), "--arch", arch, "--img-size", "32", "--epochs", "3",
+         "--opt", "adamw", "--lr", "0.003", "--weight-decay", "0.05", "--batch-size", "16", "--workers", "0",
+         "--quiet"]))
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt["arch"] == arch
+    report = export(tmp_path / "best.pt", tiny_data, tmp_path / "model.onnx")  # raises beyond the tolerance
+    assert report["top1_agreement"] == 1.0 and read_metadata(tmp_path / "model.onnx")["arch"] == arch
+
+    # FP16 and INT8 with the gate wide open: this test is about the chain, the report states each drop
+    build = quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=32, max_top1_drop=100.0)
+    assert set(build["artifacts"]) == {"fp32", "fp16", "int8", "int8_ort"}
+    assert build["model"]["arch"] == arch and build["model"]["parameters"] > 0
+    md = (tmp_path / "build_report.md").read_text()
+    assert arch in md and all(f"| {name} |" in md for name in build["artifacts"])
+
+    repo = tmp_path / "repo"
+    render(tmp_path / "model.onnx", repo, RepoSettings(max_batch_size=8, classifier_instances=1))
+    reference = predict_files(ckpt, val_files).argmax(1)
+    with TritonServer(repo, None, log_file=tmp_path / "server.log") as server, \
+            ImageClassifierClient(server.http_url, timeout_s=60) as client:
+        served = client.classify_files(val_files)
+    assert [p.labels[0] for p in served] == [ckpt["classes"][i] for i in reference]
+
+    gpu = tmp_path / "repo_gpu"
+    render(tmp_path / "model_fp16.onnx", gpu, RepoSettings(max_batch_size=8), target="gpu")
+    configs = read_configs(gpu)
+    assert configs[P.CLASSIFIER].platform == "tensorrt_plan" and configs[P.PREPROCESS].backend == "dali"
+
+    with pytest.raises(ValueError, match="make prune supports the built-in networks"):
+        prune.main(prune.get_args_parser().parse_args(["--ckpt", str(tmp_path / "best.pt"), "--data", str(tiny_data),
+                                                       "--out", str(tmp_path / "pruned")]))
