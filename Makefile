@@ -67,30 +67,7 @@ CALIB_METHOD ?=
 MAX_TOP1_DROP ?=
 GATE_ARGS = $(if $(MAX_TOP1_DROP),--max-top1-drop $(MAX_TOP1_DROP))
 ENGINE_PRECISION = $(if $(filter fp32,$(PRECISION)),fp16,$(PRECISION))
-# batching settings: unset means "as the repository was last rendered or tuned (its build.json), else
-# the built-in defaults" (python -m build.render_repo --help); RESET_SETTINGS=1 goes back to the defaults
-MAX_BATCH   ?=
-PREFERRED   ?=
-QUEUE_DELAY_US ?=
-INSTANCES   ?=
-DALI_THREADS ?=
-ORT_THREADS ?=
-TOP_K       ?=
-# overload: requests each composing model queues, and how long one may wait, before Triton answers 503 /
-# UNAVAILABLE at once (unset: 64 requests, 5000 ms; 0 = unbounded)
-MAX_QUEUE   ?=
-QUEUE_TIMEOUT_MS ?=
-# inputs refused before decoding (unset: 50 megapixels, 32 MiB; core/preprocess.py)
-MAX_IMAGE_PIXELS ?=
-MAX_IMAGE_BYTES ?=
-RESET_SETTINGS ?=
-SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
-  $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
-  $(if $(INSTANCES),--preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES)) \
-  $(if $(DALI_THREADS),--dali-threads $(DALI_THREADS)) $(if $(ORT_THREADS),--intra-op-threads $(ORT_THREADS)) \
-  $(if $(MAX_IMAGE_PIXELS),--max-image-pixels $(MAX_IMAGE_PIXELS)) $(if $(MAX_IMAGE_BYTES),--max-image-bytes $(MAX_IMAGE_BYTES)) \
-  $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_MS),--queue-timeout-ms $(QUEUE_TIMEOUT_MS)) \
-  $(if $(RESET_SETTINGS),--reset-settings)
+include $(dir $(lastword $(MAKEFILE_LIST)))mk/settings.mk
 # serving and clients: the server listens on HOST only (0.0.0.0 opens it to the network); its model
 # control and config APIs need the admin key ($$TRITON_ADMIN_KEY, else ADMIN_KEY_FILE, generated on first use)
 HOST        ?= 127.0.0.1

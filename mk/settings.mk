@@ -1,0 +1,28 @@
+# The repository settings as make variables and the flags they become: included by the Makefile and by
+# docker/Makefile, so that `make engine` and `make -C docker engine` pass the same ones. Their built-in
+# defaults are printed by `python -m build.render_repo --help` (build/settings.py); an unset variable
+# passes nothing.
+# batching settings: unset means "as the repository was last rendered or tuned (its build.json), else
+# the built-in defaults" (python -m build.render_repo --help); RESET_SETTINGS=1 goes back to the defaults
+MAX_BATCH   ?=
+PREFERRED   ?=
+QUEUE_DELAY_US ?=
+INSTANCES   ?=
+DALI_THREADS ?=
+ORT_THREADS ?=
+TOP_K       ?=
+# overload: requests each composing model queues, and how long one may wait, before Triton answers 503 /
+# UNAVAILABLE at once (0 = unbounded)
+MAX_QUEUE   ?=
+QUEUE_TIMEOUT_MS ?=
+# inputs refused before decoding (the embedded target's preprocess model)
+MAX_IMAGE_PIXELS ?=
+MAX_IMAGE_BYTES ?=
+RESET_SETTINGS ?=
+SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
+  $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
+  $(if $(INSTANCES),--preprocess-instances $(INSTANCES) --classifier-instances $(INSTANCES)) \
+  $(if $(DALI_THREADS),--dali-threads $(DALI_THREADS)) $(if $(ORT_THREADS),--intra-op-threads $(ORT_THREADS)) \
+  $(if $(MAX_IMAGE_PIXELS),--max-image-pixels $(MAX_IMAGE_PIXELS)) $(if $(MAX_IMAGE_BYTES),--max-image-bytes $(MAX_IMAGE_BYTES)) \
+  $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_MS),--queue-timeout-ms $(QUEUE_TIMEOUT_MS)) \
+  $(if $(RESET_SETTINGS),--reset-settings)

@@ -1,0 +1,90 @@
+"""The GPU image's commands, read as the image will run them (no Docker engine here): every Python command
+exists in the base image as recorded in docker/base-image.json, `make -C docker engine` passes the
+settings `make engine` does, the build context leaves out what must not go into the image, and the
+image's test tools are locked."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+FACTS = json.loads((DOCKER / "base-image.json").read_text())
+
+
+def commands_run_in_the_image() -> list[str]:
+    """Every shell command the image runs: the Makefile's $(RUN) lines as make expands them, compose's
+    command, the Dockerfile's RUN and CMD lines."""
+    out = subprocess.run(["make", "-n", "-C", str(DOCKER), "engine", "gpu-check", "test-gpu"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    lines = out.replace("\\\n", " ").splitlines()
+    runs = [line.split(" image-inference-triton:", 1)[1].split(" ", 1)[1] for line in lines
+            if line.startswith("docker run ")]
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["triton"]["command"]
+    dockerfile = [line.split(" ", 1)[1] for line in (DOCKER / "Dockerfile").read_text().splitlines()
+                  if line.startswith(("RUN ", "CMD "))]
+    return [*runs, compose[-1], *dockerfile]
+
+
+def test_the_base_image_is_the_one_recorded():
+    assert f"FROM {FACTS['image']}" in (DOCKER / "Dockerfile").read_text()
+
+
+def test_every_python_command_exists_in_the_image():
+    commands = commands_run_in_the_image()
+    assert len(commands) >= 5
+    for command in commands:
+        for word in re.findall(r"(?<![\w/.-])(python[\d.]*)(?=\s)", command + " "):
+            assert word in FACTS["python_commands"], f"{word!r} is not in the image ({command})"
+
+
+def test_docker_engine_passes_the_settings_and_sparsity():
+    out = subprocess.run(["make", "-n", "-C", str(DOCKER), "engine", "MAX_BATCH=64", "PREFERRED=8 16",
+                          "SPARSITY=2:4", "PRECISION=int8"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.replace("\\\n", " ")
+    line = next(x for x in out.splitlines() if "build.engine" in x)
+    words = shlex.split(line)
+    assert words[words.index("--max-batch-size") + 1] == "64"
+    assert words[words.index("--preferred-batch-sizes") + 1:words.index("--preferred-batch-sizes") + 3] == ["8", "16"]
+    assert "--sparsity" in words and "model_int8.onnx" in line and "--repo" in words
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """.dockerignore's rule, for the patterns used here: the last matching pattern wins, ! re-includes, a
+    pattern matches a path or any folder above it."""
+    verdict = False
+    parts = path.split("/")
+    for pattern in patterns:
+        negate, pat = pattern.startswith("!"), pattern.lstrip("!")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatchcase(p, pat) or (pat.startswith("**/") and fnmatch.fnmatchcase(p.split("/")[-1],
+                                                                                             pat[3:]))
+               for p in prefixes):
+            verdict = not negate
+    return verdict
+
+
+def test_the_build_context_holds_the_source_and_nothing_else():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for path in (".venv/bin/python", ".venv-ray/bin/python", ".cache/admin.key", "data/synthetic/train/a.jpg",
+                 "artifacts/model.onnx", "model_repository/classify/1/model.onnx",
+                 "model_repository_gpu/classifier/1/model.plan", "perf/reports/report.html", ".git/HEAD",
+                 "core/__pycache__/stages.cpython-311.pyc"):
+        assert ignored(path, patterns), f"{path} would go into the image"
+    for path in ("core/stages.py", "build/engine.py", "build/triton_models/dali.py", "docker/requirements-gpu.lock",
+                 "model_repository/README.md", "tests/test_docker.py", "Makefile", "mk/settings.mk"):
+        assert not ignored(path, patterns), f"{path} is left out of the image"
+
+
+def test_the_images_test_tools_are_locked():
+    locked = {line.split("==")[0].lower() for line in (DOCKER / "requirements-gpu.lock").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    assert {"pytest", "pytest-timeout"} <= locked  # pyproject.toml's timeout = 600 needs the plugin
