@@ -114,6 +114,15 @@ def strip_padding(row: np.ndarray) -> bytes:
     return data.rstrip(b"\x00") if data.endswith(b"\x00") else data
 
 
+def image_bytes(row: np.ndarray) -> bytes:
+    """A request row's encoded image, its zero padding stripped; a row of nothing but zeros is refused as
+    such (stripped, it would look like an empty input)."""
+    data = strip_padding(row)
+    if not data and row.size:
+        raise Rejected(f"no image bytes (the row is all zero padding: {row.size} zero bytes)")
+    return data
+
+
 def check_image(data: bytes, max_pixels: int, max_bytes: int) -> bytes:
     """The encoded image without trailing bytes, ready for DALI; raises Rejected saying why not."""
     if not data:
@@ -237,7 +246,7 @@ class Preprocessor:
             slots: list[int | Rejected] = []
             for row in rows:
                 try:
-                    good.append(check_image(strip_padding(row), self.max_pixels, self.max_bytes))
+                    good.append(check_image(image_bytes(row), self.max_pixels, self.max_bytes))
                     slots.append(len(good) - 1)
                 except Rejected as e:
                     slots.append(e)

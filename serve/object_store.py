@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve import stop_on_signals
+from serve import die_with_parent, stop_on_signals
 
 SCHEME = "s3://"
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -153,7 +153,8 @@ class LocalS3:
             raise FileNotFoundError(f"{exe} not found: moto[server] is installed by `make venv`")
         # the child writes to its own copy of the log file's descriptor: ours is closed once it has started
         with open(self.log_file, "ab") if self.log_file else contextlib.nullcontext(subprocess.DEVNULL) as sink:
-            self.proc = proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=sink,
+            self.proc = proc = subprocess.Popen([*die_with_parent(), str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+                                                stdout=sink,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_ready(proc, timeout)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from clients import admin
-from serve import object_store, stop_on_signals
+from serve import die_with_parent, object_store, stop_on_signals
 from serve.watchdog import StubWatchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -252,8 +252,10 @@ class TritonServer:
         for port, what in ((self.ports.http, "HTTP"), (self.ports.grpc, "gRPC"), (self.ports.metrics, "metrics")):
             check_port_free(port, what)
         self.log, self.ready = [], False
-        self.proc = proc = subprocess.Popen(self.command(), env=self.environment(), stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # its own session (a terminal's Ctrl-C reaches us, and we drain it), and SIGTERM if we die first
+        self.proc = proc = subprocess.Popen([*die_with_parent(), *self.command()], env=self.environment(),
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            start_new_session=True)
         if proc.stdout is None:  # stdout=PIPE always gives one
             raise ServerError("tritonserver was started without an output pipe")
         self._reader = threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True)

@@ -104,6 +104,7 @@ BAD_IMAGES = {
     # which is no decode error, so the server answered 500
     "jpeg_bad_precision": (jpeg_with_precision(155), "unsupported JPEG: 155-bit samples"),
     "empty": (b"", "empty input"),
+    "all_zero": (bytes(64), "no image bytes (the row is all zero padding"),
     "not_an_image": (b"%PDF-1.4 this is a text document, not a picture\n", "not a JPEG or PNG image"),
 }
 

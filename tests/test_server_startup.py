@@ -174,3 +174,51 @@ def test_ctrl_c_while_models_load_leaves_no_tritonserver(tmp_path, how):
 def child_pids(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+LIBRARY_HOLDER = """
+import sys, time
+from pathlib import Path
+from serve.server import TritonServer
+with TritonServer(Path(sys.argv[1]), None) as s:
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["serve CLI", "library"])
+def test_a_parent_killed_outright_leaves_no_tritonserver(repo, how):
+    """SIGKILL (or the OOM killer) runs no handler and no finally: the server still goes with its parent."""
+    http, grpc_port, metrics = free_ports(3)
+    cmd = ["-m", "serve", "--repo", str(repo), "--no-admin-key", "--http-port", str(http), "--grpc-port",
+           str(grpc_port), "--metrics-port", str(metrics)] if how == "serve CLI" else ["-c", LIBRARY_HOLDER, str(repo)]
+    parent = subprocess.Popen([sys.executable, *cmd], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not servers:  # tritonserver started
+            servers = [p for p in child_pids(parent.pid) if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text()]
+            time.sleep(0.2)
+        assert servers, "tritonserver never started"
+        time.sleep(2)  # it is up and loading, or serving
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(_alive(p) for p in servers):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in servers), f"tritonserver {servers} outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in servers:  # whatever the outcome, the test leaves nothing running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

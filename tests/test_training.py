@@ -337,3 +337,12 @@ def test_shipped_recipes_reach_the_trainer(config):
     assert not differ, f"recipe value -> parsed value: {differ}"
     model = build_model(args["arch"], num_classes=3, **({"width": args["width"]} if args["width"] else {}))
     assert model.eval()(torch.zeros(1, 3, args["img_size"], args["img_size"])).shape == (1, 3)
+
+
+def test_top5_is_left_out_below_five_classes():
+    from training.evaluate import format_topk, topk_accuracy
+
+    two = topk_accuracy(np.array([[2.0, 1.0], [0.0, 3.0]]), np.array([0, 0]))
+    assert format_topk(two) == "top1 50.00"  # was "top1 50.00  top5 nan"
+    six = topk_accuracy(np.eye(6), np.arange(6))
+    assert format_topk(six, "%") == "top1 100.00%  top5 100.00%"

@@ -60,6 +60,11 @@ def logits_for_files(model: torch.nn.Module, pre: DaliPreprocessor, paths: Seque
     return logits["model"]
 
 
+def format_topk(metrics: dict[str, float], unit: str = "") -> str:
+    """"top1 97.50  top5 99.75": the top-k the metrics have (top-5 is left out below 5 classes)."""
+    return "  ".join(f"{k} {metrics[k]:.2f}{unit}" for k in ("top1", "top5") if k in metrics)
+
+
 def evaluate(model: torch.nn.Module, pre: DaliPreprocessor, paths: Sequence[Path], labels: np.ndarray,
              device: torch.device | str = "cpu") -> dict[str, float]:
     """top-1/top-5 (percent) and cross-entropy on image files."""
@@ -164,8 +169,7 @@ def main(args: argparse.Namespace) -> dict:
     labels = np.array([y for _, y in samples])
     report = full_report(predict_files(ckpt, [p for p, _ in samples]), labels, ckpt["classes"])
     report.update(checkpoint=str(args.ckpt), data=str(args.data), split=args.split)
-    print(f"{args.ckpt} on {args.data}/{args.split}: top1 {report['top1']:.2f}%  "
-          f"top5 {report.get('top5', float('nan')):.2f}%  ({report['images']} images)")
+    print(f"{args.ckpt} on {args.data}/{args.split}: {format_topk(report, '%')}  ({report['images']} images)")
     worst = sorted(((v, c) for c, v in report["per_class_top1"].items() if v is not None))[:5]
     print("lowest per-class top-1: " + ", ".join(f"{c} {v:.1f}%" for v, c in worst))
     if args.out:

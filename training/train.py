@@ -46,7 +46,7 @@ from training.data import (
     list_images,
 )
 from training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from training.evaluate import evaluate
+from training.evaluate import evaluate, format_topk
 from training.models import ARCHS, build_model, check_arch
 from training.sources import head_parameters, load_pretrained, model_spec, size_arguments
 from training.sparsity import SPARSITY_PATTERNS, dense_state_dict, sparsify
@@ -455,8 +455,8 @@ def score_and_save(run: Run, epoch: int, stats: dict[str, float], t0: float) -> 
     deploy = opt.ema.module if opt.ema is not None else run.student.model  # the weights scored and exported
     metrics = {"epoch": epoch + 1, **evaluate(deploy, val.pre, val.paths, val.labels, run.device), **stats,
                "epoch_time_s": time.perf_counter() - t0}
-    run.log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val top1 {metrics['top1']:.2f}  "
-            f"top5 {metrics.get('top5', float('nan')):.2f}  ({stats['images_per_s']:.0f} img/s)")
+    run.log(f"epoch {epoch + 1}/{args.epochs}  loss {stats['train_loss']:.3f}  val {format_topk(metrics)}  "
+            f"({stats['images_per_s']:.0f} img/s)")
     with open(args.out / METRICS_LOG, "a") as f:
         f.write(json.dumps(metrics) + "\n")
     improved = metrics["top1"] > progress.best_top1
