@@ -24,10 +24,11 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # annotations only: TensorRT is imported at run time by check_environment
     import tensorrt
@@ -172,6 +173,21 @@ def verify_repository(repo: Path, tensorrt_version: str, compute_capability: str
     return check_plan(Path(f"{plan}.json"), tensorrt_version, compute_capability)
 
 
+def apply_timing_cache(config: Any, path: Path | None, note: Callable[[str], None] = print) -> Any:
+    """The timing cache in ``path`` set on ``config``; TensorRT refuses one made on another GPU or TensorRT
+    (``set_timing_cache`` returns False, TensorRT 10.5), and then the build starts from an empty one."""
+    data = path.read_bytes() if path and path.is_file() else b""
+    cache = created(config.create_timing_cache(data), "timing cache")
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    note(f"note: the timing cache {path} was made on another GPU or TensorRT: building without it "
+         "(this build's cache replaces it)")
+    cache = created(config.create_timing_cache(b""), "timing cache")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError("TensorRT refused an empty timing cache")
+    return cache
+
+
 class EngineBuilder:
     """ONNX -> serialized TensorRT plan, with an optimization profile and a reusable timing cache."""
 
@@ -241,10 +257,16 @@ class EngineBuilder:
                 config.set_flag(trt.BuilderFlag.INT8)
         if self.sparse_weights:  # let TensorRT pick sparse tensor-core kernels for layers whose weights are 2:4
             config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-        cache_bytes = self.timing_cache.read_bytes() if self.timing_cache and self.timing_cache.exists() else b""
-        self._cache = created(config.create_timing_cache(cache_bytes), "timing cache")
-        config.set_timing_cache(self._cache, ignore_mismatch=False)
+        self._cache = apply_timing_cache(config, self.cache_path())
         return self
+
+    def cache_path(self) -> Path | None:
+        """The timing cache of this GPU and TensorRT: a cache holds kernel timings of the GPU and TensorRT that
+        made it, so its file name carries both (``trt_timing.cache`` -> ``trt_timing-trt10.5.0.18-sm90.cache``)."""
+        if not self.timing_cache:
+            return None
+        t = Path(self.timing_cache)
+        return t.with_name(f"{t.stem}-trt{self._tensorrt().__version__}-sm{self.cc.replace('.', '')}{t.suffix}")
 
     def _config(self) -> tensorrt.IBuilderConfig:
         if self.config is None:
@@ -262,9 +284,10 @@ class EngineBuilder:
                           self.sparse_weights)
         atomic_write_bytes(out, lambda tmp: tmp.write_bytes(bytes(plan)))
         atomic_write_bytes(Path(f"{out}.json"), lambda tmp: tmp.write_text(json.dumps(asdict(stamp), indent=2)))
-        if self.timing_cache:
+        cache_path = self.cache_path()
+        if cache_path:
             cache = created(config.get_timing_cache(), "timing cache to save").serialize()
-            atomic_write_bytes(self.timing_cache, lambda tmp: tmp.write_bytes(bytes(cache)))
+            atomic_write_bytes(cache_path, lambda tmp: tmp.write_bytes(bytes(cache)))
         return stamp
 
 

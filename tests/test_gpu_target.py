@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from build.engine import EngineEnvironmentError, server_tensorrt_version, verify
 from build.layouts import PIPELINE_FILE
 from build.model_config import check_ensemble, read_configs
 from build.render_repo import CORE, GRAPH_FILE, PIPELINE_CONFIG, autoserialize, render
-from build.settings import RepoSettings, read_manifest
+from build.settings import BatchProfile, RepoSettings, read_manifest
 from clients.client import ImageClassifierClient
 from core import protocol as P
 from core.metadata import read_metadata
@@ -383,3 +384,44 @@ def test_classification_layout_serves_what_the_postprocess_layout_serves(onnx_mo
                             "--json", "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["labels"] == reference[0].labels[:2]
+
+
+class RecordingConfig:
+    """The two IBuilderConfig calls apply_timing_cache makes (TensorRT 10.5's signatures), answering as
+    TensorRT does for a cache made elsewhere: set_timing_cache returns False. TensorRT itself needs a GPU;
+    this checks what our code does with its answer."""
+
+    def __init__(self, accepts: set[bytes]):
+        self.accepts, self.created, self.set = accepts, [], []
+
+    def create_timing_cache(self, data: bytes):
+        self.created.append(data)
+        return ("cache", data)
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        self.set.append((cache, ignore_mismatch))
+        return cache[1] in self.accepts
+
+
+def test_a_timing_cache_from_another_gpu_or_tensorrt_is_dropped_with_a_note(tmp_path):
+    from build.engine import apply_timing_cache
+
+    foreign = tmp_path / "trt_timing.cache"
+    foreign.write_bytes(b"made on an A100 with TensorRT 10.3")
+    notes: list[str] = []
+    config = RecordingConfig(accepts={b""})
+    assert apply_timing_cache(config, foreign, notes.append) == ("cache", b"")
+    assert config.created == [foreign.read_bytes(), b""] and all(not ignore for _, ignore in config.set)
+    assert len(notes) == 1 and "another GPU or TensorRT" in notes[0]
+    ours = RecordingConfig(accepts={foreign.read_bytes()})
+    assert apply_timing_cache(ours, foreign, notes.append) == ("cache", foreign.read_bytes()) and len(notes) == 1
+
+
+def test_the_timing_cache_file_is_keyed_by_gpu_and_tensorrt(tmp_path):
+    from build.engine import EngineBuilder
+
+    builder = EngineBuilder(tmp_path / "m.onnx", BatchProfile(), "fp16", timing_cache=tmp_path / "trt_timing.cache")
+    builder.trt, builder.cc = types.SimpleNamespace(__version__="10.5.0.18"), "9.0"
+    assert builder.cache_path() == tmp_path / "trt_timing-trt10.5.0.18-sm90.cache"
+    builder.cc = "8.0"
+    assert builder.cache_path() != tmp_path / "trt_timing-trt10.5.0.18-sm90.cache"
