@@ -335,6 +335,24 @@ def test_kserve_inferenceservice_validates_against_its_crd():
         assert "minReplicas" in str(e.path) or "one" in e.message
 
 
+def test_kserve_reads_the_private_bucket_with_a_service_accounts_secret():
+    """KServe's storage initializer takes S3 credentials only from the InferenceService's ServiceAccount's
+    secrets (with the endpoint in their serving.kserve.io annotations)."""
+    (isvc,) = _yaml_docs(ROOT / "docker" / "k8s" / "kserve" / "inferenceservice.yaml")
+    creds = {d["kind"]: d for d in _yaml_docs(ROOT / "docker" / "k8s" / "kserve" / "s3-credentials.yaml")}
+    account = creds["ServiceAccount"]
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == account["metadata"]["name"]
+    secret = creds["Secret"]
+    assert {"name": secret["metadata"]["name"]} in account["secrets"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+    assert "serving.kserve.io/s3-endpoint" in secret["metadata"]["annotations"]
+    assert isvc["spec"]["predictor"]["model"]["storageUri"].startswith("s3://")
+    validate = str(Path(sys.executable).parent / "kubernetes-validate")
+    path = str(ROOT / "docker" / "k8s" / "kserve" / "s3-credentials.yaml")
+    r = subprocess.run([validate, "--strict", path], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_gpu_repository_has_no_python_model(onnx_model, tmp_path):
     """The GPU target's request path is DALI backend -> TensorRT: the softmax is in the exported graph and
     the top-k come from Triton's classification extension, labelled from the classifier's labels.txt."""
