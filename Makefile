@@ -20,6 +20,8 @@ ARCH        ?= resnet_tiny
 WEIGHTS     ?=
 BACKBONE_LR_SCALE ?=
 FREEZE_EPOCHS ?=
+# a timm model: layer-wise learning-rate decay instead of BACKBONE_LR_SCALE (e.g. 0.75)
+LAYER_DECAY ?=
 EPOCHS      ?= 12
 IMG_SIZE    ?= 64
 BATCH_SIZE  ?= 64
@@ -144,7 +146,7 @@ RECIPE = $(if $(CONFIG),--config $(CONFIG),--img-size $(IMG_SIZE) --batch-size $
   --seed $(SEED) --workers $(WORKERS) --epochs $(EPOCHS))
 RUN_FLAGS = --data $(DATA) $(if $(RESUME),--resume $(RESUME)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
   $(if $(BACKBONE_LR_SCALE),--backbone-lr-scale $(BACKBONE_LR_SCALE)) \
-  $(if $(FREEZE_EPOCHS),--freeze-epochs $(FREEZE_EPOCHS)) $(TRAIN_ARGS)
+  $(if $(FREEZE_EPOCHS),--freeze-epochs $(FREEZE_EPOCHS)) $(if $(LAYER_DECAY),--layer-decay $(LAYER_DECAY)) $(TRAIN_ARGS)
 
 train: data
 	$(TRAIN) $(RECIPE) $(if $(CONFIG),,--arch $(ARCH)) $(RUN_FLAGS) --out $(ARTIFACTS)

@@ -150,3 +150,19 @@ def test_a_checkpoint_of_this_project_is_pretrained_weights_for_another_data_set
     mine = model.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in ckpt["model"].items() if not k.startswith("fc."))
     assert not torch.equal(mine["fc.weight"], ckpt["model"]["fc.weight"])
+
+
+def test_layer_wise_decay_follows_timms_layers(tmp_path):
+    args = train.parse_args(["--data", str(tmp_path), "--arch", TIMM_ARCH, "--layer-decay", "0.5", "--lr", "0.01"])
+    model = build_model(TIMM_ARCH, num_classes=3)
+    groups = train.make_optimizer(model, args).param_groups
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+    head = {id(p) for n, p in model.named_parameters() if n in sources.head_parameters(model, TIMM_ARCH)}
+    head_groups = [g for g in groups if any(id(p) in head for p in g["params"])]  # weights, biases (no decay)
+    assert head_groups and all(g["lr"] == pytest.approx(0.01) and not g["backbone"] for g in head_groups)
+    lrs = sorted({round(g["lr"], 12) for g in groups})
+    assert len(lrs) > 3 and lrs[0] < 0.01 * 0.5 ** 3  # deeper below the head, slower
+    with pytest.raises(ValueError, match="timm architectures only"):
+        train.make_optimizer(build_model("torchvision:mobilenet_v3_small", num_classes=3),
+                             train.parse_args(["--data", str(tmp_path), "--arch", "torchvision:mobilenet_v3_small",
+                                               "--layer-decay", "0.5"]))

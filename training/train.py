@@ -76,11 +76,31 @@ def fine_tuning(args) -> bool:
     return bool(getattr(args, "weights", None)) and (args.backbone_lr_scale != 1.0 or args.freeze_epochs > 0)
 
 
+def layer_decay_groups(model: nn.Module, args) -> list[dict]:
+    """timm's layer-wise learning-rate decay: each layer group learns at layer_decay ** (its depth below the
+    head) of --lr (timm's own grouping, param_groups_layer_decay; its 1-d parameters get no weight decay).
+    A group that holds the head counts as the head (it learns during --freeze-epochs)."""
+    if not args.arch.startswith("timm:"):
+        raise ValueError(f"--layer-decay uses timm's layer grouping: timm architectures only, not {args.arch}")
+    if args.backbone_lr_scale != 1.0:
+        raise ValueError("--layer-decay sets every layer's rate: give it or --backbone-lr-scale, not both")
+    from timm.optim import param_groups_layer_decay
+
+    head = {id(p) for n, p in model.named_parameters() if n in head_parameters(model, args.arch)}
+    groups = param_groups_layer_decay(model, weight_decay=args.weight_decay, layer_decay=args.layer_decay)
+    for g in groups:
+        g["lr"], g["backbone"] = args.lr * g.pop("lr_scale"), not any(id(p) in head for p in g["params"])
+    return groups
+
+
 def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
-    head = head_parameters(model, args.arch) if fine_tuning(args) else None
-    groups = param_groups(model, args.weight_decay, args.norm_weight_decay, head)
-    for g in groups:  # the backbone learns at a fraction of the head's rate
-        g["lr"] = args.lr * (args.backbone_lr_scale if g["backbone"] else 1.0)
+    if getattr(args, "layer_decay", None):
+        groups = layer_decay_groups(model, args)
+    else:
+        head = head_parameters(model, args.arch) if fine_tuning(args) else None
+        groups = param_groups(model, args.weight_decay, args.norm_weight_decay, head)
+        for g in groups:  # the backbone learns at a fraction of the head's rate
+            g["lr"] = args.lr * (args.backbone_lr_scale if g["backbone"] else 1.0)
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
     if args.opt == "adamw":
@@ -578,6 +598,9 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
                    help="fine-tuning: the backbone learns at this fraction of --lr (the new head at --lr)")
     g.add_argument("--freeze-epochs", type=int, default=0,
                    help="fine-tuning: epochs at the start in which only the head learns")
+    g.add_argument("--layer-decay", type=float,
+                   help="fine-tuning a timm model: layer-wise learning-rate decay (each layer below the head learns "
+                        "at this factor of the one above; timm's grouping), e.g. 0.75")
     g.add_argument("--width", type=int, help="base channel width (arch default: 32 for resnet_tiny, 64 otherwise)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classifier layer (0 = none)")
     g.add_argument("--init", type=Path,
