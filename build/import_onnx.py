@@ -97,17 +97,16 @@ def spec_for(args: argparse.Namespace, height: Any) -> PreprocessSpec:
                           mean=tuple(args.mean), std=tuple(args.std), interpolation=args.interpolation)
 
 
-def outputs_probabilities(model_bytes: bytes, shape: tuple[int, int, int]) -> bool:
+def outputs_probabilities(original: OrtRunner, shape: tuple[int, int, int]) -> bool:
     """Whether the output is already a softmax: non-negative rows summing to 1 on random inputs."""
     x = np.random.default_rng(0).standard_normal((4, 1, *shape)).astype(np.float32)
-    run = OrtRunner(model_bytes)  # one image at a time: the original's batch may be fixed at 1
-    y = np.concatenate([run(xi) for xi in x])
+    y = np.concatenate([original(xi) for xi in x])  # one image at a time: the original's batch may be fixed at 1
     return bool(np.all(y >= 0) and np.allclose(y.sum(1), 1.0, atol=1e-4))
 
 
-def rewire(model: onnx.ModelProto, num_classes: int, already_softmax: bool | None) -> tuple[onnx.ModelProto, dict]:
-    """The standard names, a dynamic batch, logits out and a softmax beside them."""
-    graph = gs.import_onnx(model)
+def rewire(graph: gs.Graph, ir_version: int, num_classes: int,
+           already_softmax: bool) -> tuple[onnx.ModelProto, dict]:
+    """The checked graph with the standard names, a dynamic batch, logits out and a softmax beside them."""
     inp, out = image_input(graph), classifier_output(graph, num_classes)
     renamed: dict[str, str] = {inp.name: INPUT_NAME}
     fixes = {"dynamic_batch": not isinstance(inp.shape[0], str), "softmax_turned_to_logits": bool(already_softmax),
@@ -127,12 +126,12 @@ def rewire(model: onnx.ModelProto, num_classes: int, already_softmax: bool | Non
     graph.outputs = [logits, probs]
     graph.cleanup().toposort()
     rewired = gs.export_onnx(graph)
-    rewired.ir_version = model.ir_version  # gs writes its own default; ORT reads the original one
+    rewired.ir_version = ir_version  # gs writes its own default; ORT reads the original one
     onnx.checker.check_model(rewired)
     return rewired, fixes
 
 
-def check_runs(original: bytes, imported: bytes, shape: tuple[int, int, int], softmax: bool) -> float:
+def check_runs(original: OrtRunner, imported: bytes, shape: tuple[int, int, int], softmax: bool) -> float:
     """Run at batch 1 and 3 (the batch really is dynamic) and compare with the original at batch 1."""
     x = np.random.default_rng(1).standard_normal((3, *shape)).astype(np.float32)
     runner = OrtRunner(imported)
@@ -141,7 +140,7 @@ def check_runs(original: bytes, imported: bytes, shape: tuple[int, int, int], so
     except Exception as e:
         raise ImportCheckError(f"the batch dimension cannot be made dynamic (the graph fixes it inside: "
                                f"{str(e)[:300]}); export the model with a dynamic batch") from e
-    first = OrtRunner(original)(x[:1])
+    first = original(x[:1])
     ours = np.exp(logits[:1]) if softmax else logits[:1]
     diff = float(np.abs(ours - first).max())
     if not np.allclose(probs, np.exp(logits) / np.exp(logits).sum(1, keepdims=True), atol=1e-5) or diff > 1e-4:
@@ -159,8 +158,9 @@ def import_onnx(src: Path, labels_file: Path, out: Path, args: argparse.Namespac
     if any(isinstance(d, int) and d != spec.crop_size for d in inp.shape[2:]):
         raise ImportCheckError(f"input {inp.name!r} is fixed at {inp.shape[2:]} but the preprocessing crops "
                            f"{spec.crop_size}: give --img-size {inp.shape[2]}")
-    softmax = outputs_probabilities(model.SerializeToString(), spec.input_shape)
-    rewired, fixes = rewire(model, len(labels), softmax)
+    original = OrtRunner(model.SerializeToString())
+    softmax = outputs_probabilities(original, spec.input_shape)
+    rewired, fixes = rewire(graph, model.ir_version, len(labels), softmax)
     meta = {"schema_version": SCHEMA_VERSION, "arch": IMPORTED_ARCH, "arch_args": {}, "classes": labels,
             "preprocess": spec.to_dict(), "metrics": {},
             "source": {"checkpoint": None, "imported": str(Path(src).resolve()), "imported_sha256": file_sha256(src),
@@ -170,7 +170,7 @@ def import_onnx(src: Path, labels_file: Path, out: Path, args: argparse.Namespac
                        "precision": "fp32", "versions": {**library_versions(), "onnx": onnx.__version__}}}
     onnx.helper.set_model_props(rewired, {METADATA_KEY: json.dumps(meta)})
     model_bytes = rewired.SerializeToString()
-    diff = check_runs(model.SerializeToString(), model_bytes, spec.input_shape, softmax)
+    diff = check_runs(original, model_bytes, spec.input_shape, softmax)
     report = {"fixes": fixes, "max_abs_diff_vs_original": diff, "classes": len(labels), "input": spec.input_shape}
     if args.data:
         report["val_top1"] = val_top1(model_bytes, spec, labels, Path(args.data))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,14 +84,7 @@ def parameter_count(path: Path) -> int:
     """The weights of an ONNX graph (its initializers' elements): the parameter count reports name."""
     import onnx
 
-    graph = onnx.load(str(path)).graph
-    count = 0
-    for t in graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        count += n
-    return count
+    return sum(math.prod(t.dims) for t in onnx.load(str(path)).graph.initializer)
 
 
 def has_checkpoint(meta: dict[str, Any]) -> bool:

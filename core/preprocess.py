@@ -196,8 +196,9 @@ def pillow_preprocess(data: bytes, spec: PreprocessSpec) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cpu", num_threads: int = 2,
-                        device_id: int = 0) -> Any:
-    """A DALI pipeline whose single input is the external source ``IMAGE`` (encoded bytes, uint8)."""
+                        device_id: int = 0, build: bool = False) -> Any:
+    """A DALI pipeline whose single input is the external source ``IMAGE`` (encoded bytes, uint8); ``build``:
+    built, ready to run."""
     from nvidia.dali import pipeline_def
 
     from core.dali_graph import preprocess_graph
@@ -213,7 +214,10 @@ def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cp
     def preprocess() -> Any:
         return preprocess_graph(spec, device, DALI_INPUT_NAME)
 
-    return preprocess()
+    pipe = preprocess()
+    if build:
+        pipe.build()
+    return pipe
 
 
 class DaliPreprocessor:
@@ -222,8 +226,7 @@ class DaliPreprocessor:
     def __init__(self, spec: PreprocessSpec, batch_size: int = 64, num_threads: int = 2):
         self.spec = spec
         self.batch_size = batch_size
-        self.pipe = build_dali_pipeline(spec, batch_size, device="cpu", num_threads=num_threads)
-        self.pipe.build()
+        self.pipe = build_dali_pipeline(spec, batch_size, device="cpu", num_threads=num_threads, build=True)
 
     def __call__(self, encoded: Sequence[bytes]) -> np.ndarray:
         """Encoded images (any count) -> float32 array [N, 3, H, W]."""

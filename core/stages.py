@@ -32,12 +32,22 @@ class Rejected(ValueError):
     """The image's own fault (too large, not JPEG/PNG, undecodable): answered INVALID_ARG with this message."""
 
 
-def check_limits(num_bytes: int, width: int, height: int, max_pixels: int, max_bytes: int) -> None:
-    """The size limits of the decode policy, checked before decoding (core/preprocess.py for training)."""
+def check_bytes(num_bytes: int, max_bytes: int) -> None:
+    """The decode policy's limit on encoded bytes: checked first, before anything is parsed."""
     if num_bytes > max_bytes:
         raise Rejected(f"image is {num_bytes} bytes, over the limit of {max_bytes} bytes")
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """The decode policy's limit on pixels, from the header: checked before decoding."""
     if width * height > max_pixels:
         raise Rejected(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels")
+
+
+def check_limits(num_bytes: int, width: int, height: int, max_pixels: int, max_bytes: int) -> None:
+    """Both size limits of the decode policy (core/preprocess.py checks them for training)."""
+    check_bytes(num_bytes, max_bytes)
+    check_pixels(width, height, max_pixels)
 
 
 def jpeg_extent(data: bytes) -> tuple[int, int, int]:
@@ -127,12 +137,12 @@ def check_image(data: bytes, max_pixels: int, max_bytes: int) -> bytes:
     """The encoded image without trailing bytes, ready for DALI; raises Rejected saying why not."""
     if not data:
         raise Rejected("empty input: 0 bytes")
-    check_limits(len(data), 0, 0, max_pixels, max_bytes)
+    check_bytes(len(data), max_bytes)
     kind = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
     if kind is None:
         raise Rejected(f"not a JPEG or PNG image (starts with {data[:8].hex(' ')})")
     width, height, end = (jpeg_extent if kind == "JPEG" else png_extent)(data)
-    check_limits(len(data), width, height, max_pixels, max_bytes)
+    check_pixels(width, height, max_pixels)
     if width == 0 or height == 0:
         raise Rejected(f"corrupt {kind}: {width}x{height} pixels")
     return data[:end]

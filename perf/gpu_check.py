@@ -46,8 +46,7 @@ def dali_gpu_vs_cpu(spec: PreprocessSpec, files: list[Path], batch: int = 32) ->
     """The GPU pipeline (nvJPEG) against the CPU one on the same images; also on zero-padded rows, which is
     how the DALI backend receives a multi-image request (the CPU target strips padding in Python)."""
     blobs = [f.read_bytes() for f in files[:batch]]
-    pipe = build_dali_pipeline(spec, batch, device="gpu")
-    pipe.build()
+    pipe = build_dali_pipeline(spec, batch, device="gpu", build=True)
 
     def run_gpu(rows: list[bytes]) -> np.ndarray:
         pipe.feed_input(DALI_INPUT_NAME, [np.frombuffer(b, np.uint8) for b in rows])

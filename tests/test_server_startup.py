@@ -160,15 +160,9 @@ def test_ctrl_c_while_models_load_leaves_no_tritonserver(tmp_path, how):
             assert cli.returncode == 0, "".join(lines[-20:])
             assert any("stopping Triton" in line for line in lines)
         for pid in children:
-            assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", \
-                f"tritonserver {pid} is still running"
+            assert not _alive(pid), f"tritonserver {pid} is still running"
     finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait()
-        for pid in children:  # whatever the outcome, the test leaves nothing running
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)  # tritonserver leads its own session: it and its stubs
+        _leave_nothing_running(cli, children)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -209,15 +203,21 @@ def test_a_parent_killed_outright_leaves_no_tritonserver(repo, how):
             time.sleep(0.2)
         assert not any(_alive(p) for p in servers), f"tritonserver {servers} outlived its killed parent"
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        for pid in servers:  # whatever the outcome, the test leaves nothing running
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        _leave_nothing_running(parent, servers)
+
+
+def _leave_nothing_running(parent: subprocess.Popen, servers: list[int]) -> None:
+    """Whatever a test's outcome: its parent process and the tritonservers it started are gone."""
+    if parent.poll() is None:
+        parent.kill()
+        parent.wait()
+    for pid in servers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # tritonserver leads its own session: it and its stubs
 
 
 def _alive(pid: int) -> bool:
+    """Running: not gone and not a zombie (an orphan's exit is reaped by init later)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:

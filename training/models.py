@@ -168,14 +168,8 @@ def resize_layers(model: ModelT, channels: Channels) -> ModelT:
 def build_model(arch: str, channels: Channels | None = None, **arch_args: Any) -> nn.Module:
     """A fresh network: a built-in one by name, or a library's (``torchvision:<name>``, ``timm:<name>``:
     training/sources.py) with the checkpoint's arguments; ``channels``: a pruned network's layer widths."""
-    model: nn.Module
-    if sources.SEPARATOR in arch:
-        model = sources.create(arch, **arch_args)
-    elif arch in ARCHS:
-        model = ARCHS[arch](**arch_args)
-    else:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}, or torchvision:<name> "
-                         "or timm:<name>")
+    check_arch(arch)
+    model = sources.create(arch, **arch_args) if sources.SEPARATOR in arch else ARCHS[arch](**arch_args)
     return resize_layers(model, channels) if channels else model
 
 

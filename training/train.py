@@ -49,6 +49,7 @@ from training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, ini
 from training.evaluate import evaluate, format_topk
 from training.models import ARCHS, build_model, check_arch
 from training.sources import head_parameters, load_pretrained, model_spec, size_arguments
+from training.sources import split as split_arch
 from training.sparsity import SPARSITY_PATTERNS, dense_state_dict, sparsify
 
 METRICS_LOG = "metrics.jsonl"  # in --out: one JSON line per epoch
@@ -73,14 +74,14 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
 
 def fine_tuning(args) -> bool:
     """Whether the backbone learns apart from the head: pretrained weights and a backbone recipe."""
-    return bool(getattr(args, "weights", None)) and (args.backbone_lr_scale != 1.0 or args.freeze_epochs > 0)
+    return bool(args.weights) and (args.backbone_lr_scale != 1.0 or args.freeze_epochs > 0)
 
 
 def layer_decay_groups(model: nn.Module, args) -> list[dict]:
     """timm's layer-wise learning-rate decay: each layer group learns at layer_decay ** (its depth below the
     head) of --lr (timm's own grouping, param_groups_layer_decay; its 1-d parameters get no weight decay).
     A group that holds the head counts as the head (it learns during --freeze-epochs)."""
-    if not args.arch.startswith("timm:"):
+    if split_arch(args.arch)[0] != "timm":
         raise ValueError(f"--layer-decay uses timm's layer grouping: timm architectures only, not {args.arch}")
     if args.backbone_lr_scale != 1.0:
         raise ValueError("--layer-decay sets every layer's rate: give it or --backbone-lr-scale, not both")
@@ -94,7 +95,7 @@ def layer_decay_groups(model: nn.Module, args) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
-    if getattr(args, "layer_decay", None):
+    if args.layer_decay:
         groups = layer_decay_groups(model, args)
     else:
         head = head_parameters(model, args.arch) if fine_tuning(args) else None
@@ -329,10 +330,11 @@ def load_train_data(args, dist: DistInfo, device: torch.device) -> TrainData:
 def model_arguments(args, num_classes: int) -> dict[str, Any]:
     """What the architecture is built with (recorded in the checkpoint): the classes, and the width and
     dropout where set (a library model's dropout argument: timm's drop_rate, torchvision's dropout)."""
-    library = ":" in args.arch
+    source = split_arch(args.arch)[0]
+    library = source != "builtin"
     if library and args.width:
         raise ValueError(f"--width is for the built-in networks; {args.arch} has its library's own widths")
-    dropout_name = "drop_rate" if args.arch.startswith("timm:") else "dropout"
+    dropout_name = "drop_rate" if source == "timm" else "dropout"
     return {"num_classes": num_classes, **({"width": args.width} if args.width else {}),
             **({dropout_name: args.dropout} if args.dropout else {}),
             **(size_arguments(args.arch, args.img_size) if library else {})}
@@ -371,7 +373,7 @@ def make_optimization(model: nn.Module, args, steps_per_epoch: int, amp_dtype: t
                       device: torch.device) -> Optimization:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer = make_optimizer(model, args)
-    freeze = getattr(args, "freeze_epochs", 0) * steps_per_epoch  # the backbone holds still at first
+    freeze = args.freeze_epochs * steps_per_epoch  # the backbone holds still at first
     schedules = [(lambda step: 0.0 if step < freeze else lr_factor(step, steps_per_epoch, args)) if g["backbone"]
                  else (lambda step: lr_factor(step, steps_per_epoch, args)) for g in optimizer.param_groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)

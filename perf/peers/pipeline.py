@@ -11,6 +11,7 @@ repository's settings.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,7 @@ class PeerModel:
         spec = json.loads(Path(spec_file).read_text())
         preprocess_spec = PreprocessSpec.from_dict(spec["preprocess"])
         batch, threads = spec["max_batch_size"], spec["dali_threads"]
-
-        def make_pipeline() -> Any:
-            pipe = build_dali_pipeline(preprocess_spec, batch, device="cpu", num_threads=threads)
-            pipe.build()
-            return pipe
-
+        make_pipeline = partial(build_dali_pipeline, preprocess_spec, batch, "cpu", threads, build=True)
         self.pre = Preprocessor(make_pipeline, DALI_INPUT_NAME, batch, spec["max_image_pixels"],
                                 spec["max_image_bytes"])
         self.classifier = OnnxClassifier(spec["onnx"], spec["intra_op_threads"])
