@@ -42,7 +42,10 @@ EVAL_OUT    ?= $(ARTIFACTS)/eval
 # export and repository
 ONNX        ?= $(ARTIFACTS)/model.onnx
 TOLERANCE   ?= 1e-3
+# embedded: fp32 | fp16 | bf16 | int8 | auto (the fastest that passed make quantize's gate), on ENGINE
+# (onnxruntime | openvino; unset: the fastest make quantize measured for PRECISION, else onnxruntime)
 PRECISION   ?= fp32
+ENGINE      ?=
 TARGET      ?= embedded
 PLAN        ?=
 # the served layout (build/layouts.py): fused (embedded only: one Python model runs the whole chain) |
@@ -190,10 +193,11 @@ engine: venv
 gpu-check: venv
 	$(PY) -m perf.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(GATE_ARGS) $(SETTINGS_ARGS)
 
-# PRECISION=fp32|fp16|int8 picks the artifact (ONNX=file overrides); TARGET=gpu renders the GPU repository
+# PRECISION and ENGINE pick what serves (ONNX=file overrides the file); TARGET=gpu renders the GPU repository
 repo: venv
 	$(PY) -m build.render_repo $(if $(filter command line,$(origin ONNX)),--onnx $(ONNX)) --artifacts $(ARTIFACTS) \
-	  --precision $(PRECISION) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) $(if $(LAYOUT),--layout $(LAYOUT)) \
+	  --precision $(PRECISION) $(if $(ENGINE),--engine $(ENGINE)) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) \
+	  $(if $(LAYOUT),--layout $(LAYOUT)) \
 	  --out $(REPO) $(SETTINGS_ARGS)
 
 serve: venv

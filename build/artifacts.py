@@ -1,21 +1,57 @@
-"""The artifact files of a build (``make onnx``, ``make quantize``) and which one a target serves."""
+"""The artifact files of a build (``make onnx``, ``make quantize``), the ways the CPU target can serve them
+(engine x precision), and which one a target serves."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from core.stages import ENGINES
 
 ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx",
                   "int8_ort": "model_int8_ort.onnx"}
-REPORT = "build_report.json"  # build.quantize's report: every artifact's scores and the embedded INT8 choice
-PRECISIONS = ("fp32", "fp16", "int8")
+REPORT = "build_report.json"  # build.quantize's report: every candidate's scores and the embedded INT8 choice
+FILE_PRECISIONS = ("fp32", "fp16", "int8")  # the precisions an artifact file has (the GPU target's choices)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # what the CPU target serves; PRECISION=auto: the fastest passing
+# An engine other than ONNX Runtime (the default) is chosen for a precision only when make quantize measured
+# it this much faster: equal engines (both run f32 kernels) would otherwise swap on the timing noise.
+ENGINE_MARGIN = 1.05
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way the CPU target can serve the model: an artifact file on an engine at a precision."""
+
+    engine: str                       # core.stages.ENGINES
+    artifact: str                     # a key of ARTIFACT_NAMES
+    precision: str                    # the PRECISION it serves
+    inference_precision: str = "f32"  # the engine's precision hint (OpenVINO: f32 or bf16)
+
+
+# Every candidate make quantize scores, gates and times. The ONNX Runtime ones keep their artifact's name
+# (the report's rows from before OpenVINO). OpenVINO is not given the FP16 file: its CPU plugin has no FP16
+# arithmetic on this CPU family (it would compute it in f32 or bf16), so it adds nothing to the bf16 hint.
+CANDIDATES: dict[str, Candidate] = {
+    "fp32": Candidate("onnxruntime", "fp32", "fp32"),
+    "fp16": Candidate("onnxruntime", "fp16", "fp16"),
+    "int8": Candidate("onnxruntime", "int8", "int8"),
+    "int8_ort": Candidate("onnxruntime", "int8_ort", "int8"),
+    "openvino_fp32": Candidate("openvino", "fp32", "fp32"),
+    "openvino_bf16": Candidate("openvino", "fp32", "bf16", "bf16"),
+    "openvino_int8": Candidate("openvino", "int8", "int8"),
+    "openvino_int8_ort": Candidate("openvino", "int8_ort", "int8"),
+}
 
 
 def artifact_for(precision: str, artifacts: Path, target: str = "embedded") -> Path:
-    """The ONNX file a target serves for a precision. Embedded INT8: the build report's CPU choice; the GPU
-    target builds its engine from the ModelOpt Q/DQ file (its path is returned whether or not it exists yet)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"PRECISION must be fp32, fp16 or int8, got {precision!r}")
+    """The ONNX file a target serves for a precision on ONNX Runtime. Embedded INT8: the build report's CPU
+    choice; the GPU target builds its engine from the ModelOpt Q/DQ file (its path is returned whether or not
+    it exists yet)."""
+    if precision not in FILE_PRECISIONS:
+        raise ValueError(f"PRECISION must be one of {', '.join(FILE_PRECISIONS)} here, got {precision!r}")
     if target != "embedded":
         return Path(artifacts) / ARTIFACT_NAMES[precision]
     if precision in ("fp32", "fp16"):
@@ -31,3 +67,62 @@ def artifact_for(precision: str, artifacts: Path, target: str = "embedded") -> P
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `make {'onnx' if precision == 'fp32' else 'quantize'}` first")
     return path
+
+
+def current_report(artifacts: Path) -> dict[str, Any] | None:
+    """The build report, if it was measured on the FP32 model that is in ``artifacts`` now."""
+    path, fp32 = Path(artifacts) / REPORT, Path(artifacts) / ARTIFACT_NAMES["fp32"]
+    if not path.is_file():
+        return None
+    report: dict[str, Any] = json.loads(path.read_text())
+    measured = report.get("fp32_sha256")
+    if measured and fp32.is_file() and hashlib.sha256(fp32.read_bytes()).hexdigest() != measured:
+        print(f"note: {path} was measured on another {fp32.name} (exported since): its engine timings are not used")
+        return None
+    return report
+
+
+def _images_per_s(report: dict[str, Any], name: str) -> float:
+    return float(report["artifacts"][name]["latency"]["best_images_per_s"])
+
+
+def fastest(report: dict[str, Any], names: list[str]) -> str:
+    """The fastest of ``names`` in the report; ONNX Runtime unless another engine beats it by ENGINE_MARGIN."""
+    best = max(names, key=lambda n: _images_per_s(report, n))
+    on_ort = [n for n in names if CANDIDATES[n].engine == "onnxruntime"]
+    if on_ort and CANDIDATES[best].engine != "onnxruntime":
+        ort_best = max(on_ort, key=lambda n: _images_per_s(report, n))
+        if _images_per_s(report, best) < ENGINE_MARGIN * _images_per_s(report, ort_best):
+            return ort_best
+    return best
+
+
+def served_for(precision: str, artifacts: Path, engine: str | None = None) -> tuple[Path, Candidate]:
+    """What the CPU target serves for ``precision`` (or ``auto``) on ``engine`` (None: the fastest measured):
+    the candidates make quantize scored that pass its accuracy gate. Without a report for this model, FP32 and
+    FP16 are served as exported (ONNX Runtime, or OpenVINO at f32); bf16, INT8 and auto need the report."""
+    if precision not in (*PRECISIONS, "auto"):
+        raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)} or auto, got {precision!r}")
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"ENGINE must be one of {', '.join(ENGINES)}, got {engine!r}")
+    report = current_report(artifacts)
+    matching = [n for n, c in CANDIDATES.items() if precision in ("auto", c.precision) and engine in (None, c.engine)]
+    if not matching:
+        serves = sorted({c.precision for c in CANDIDATES.values() if c.engine == engine})
+        raise ValueError(f"{engine} does not serve {precision} on the CPU (it serves {', '.join(serves)})")
+    if report is None:
+        exact = [n for n in matching if precision in ("fp32", "fp16") and CANDIDATES[n].inference_precision == "f32"]
+        if not exact:
+            raise FileNotFoundError(f"{Path(artifacts) / REPORT} for this model not found: run `make quantize` first "
+                                    f"(it scores, gates and times every engine x precision; {precision} needs it)")
+        name = exact[0]  # ONNX Runtime first
+    else:
+        passing = [n for n in matching if n in report["artifacts"] and n not in report["gate_failures"]]
+        if not passing:
+            raise ValueError(f"no candidate for PRECISION={precision}{f' ENGINE={engine}' if engine else ''} was "
+                             f"measured and passed the accuracy gate (see {Path(artifacts) / 'build_report.md'})")
+        name = fastest(report, passing)
+    path = Path(artifacts) / ARTIFACT_NAMES[CANDIDATES[name].artifact]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `make {'onnx' if name == 'fp32' else 'quantize'}` first")
+    return path, CANDIDATES[name]

@@ -8,10 +8,13 @@ Conversions (a registry, one function each; every result is checked before it is
   int8_ort  ONNX Runtime quantize_static (QDQ, per channel): the INT8 candidate for the CPU target
 
 Calibration uses N training images through the serving preprocess, saved as calib.npy with
-calib_sources.txt, so a build is reproducible. Every artifact (and FP32) gets top-1, top-1 agreement
-with PyTorch, max logit difference, size and ONNX Runtime latency at batch 1 and at its best batch;
-an artifact whose top-1 drops more than --max-top1-drop points below FP32 fails the build and is not
-written. The report goes to build_report.json and build_report.md.
+calib_sources.txt, so a build is reproducible. Every way the CPU target can serve (build/artifacts.py
+CANDIDATES: each artifact on ONNX Runtime, and on OpenVINO at f32, at bf16 and from the Q/DQ files) gets
+top-1, top-1 agreement with PyTorch, max logit difference, size and latency at batch 1 and at its best
+batch, measured as served; a candidate whose top-1 drops more than --max-top1-drop points below FP32
+fails the build and is never served (an artifact file failing on ONNX Runtime is not written). The
+report, with the CPU features the engines used, goes to build_report.json and build_report.md; `make
+repo` serves from it the fastest passing candidate for the precision asked for.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from build.artifacts import ARTIFACT_NAMES, REPORT
+from build.artifacts import ARTIFACT_NAMES, CANDIDATES, ENGINE_MARGIN, PRECISIONS, REPORT, Candidate, fastest
 from core.atomic_io import atomic_write_bytes
 from core.metadata import (
     INPUT_NAME,
@@ -41,12 +44,14 @@ from core.metadata import (
     source_checkpoint,
 )
 from core.preprocess import DaliPreprocessor, PreprocessSpec
-from core.runners import OrtRunner, Runner
+from core.runners import OrtRunner, OvRunner, Runner
+from core.stages import ENGINES
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
 
 CALIB_METHODS = ("max", "entropy")
+ENGINE_MARGIN_TEXT = f"{round(100 * (ENGINE_MARGIN - 1))}%"
 # Defaults of the CLI, `make quantize` and `make gpu-check` (the Makefile passes only what is set).
 # Max calibration is the default because it measured better here: on the test suite's tiny model
 # entropy clipped most ReLU ranges to half their max and cost both INT8 models 2.5-3.75 points of top-1
@@ -251,7 +256,8 @@ def gate(results: dict[str, dict], max_drop: float) -> list[str]:
 
 def artifact_row(name: str, r: dict, failed: bool) -> str:
     lat = r["latency"]
-    return (f"| {name} | {r['file']} | {r['size_bytes'] / 2 ** 20:.2f} MiB | {r['top1']:.2f} | "
+    return (f"| {name} | {r.get('engine', 'onnxruntime')} | {r.get('precision', name)} | {r['file']} | "
+            f"{r['size_bytes'] / 2 ** 20:.2f} MiB | {r['top1']:.2f} | "
             f"{r['agreement_with_pytorch']:.2f} | {r['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | "
             f"{lat['best_batch']} | {lat['best_images_per_s']:.0f} | {'FAIL' if failed else 'pass'} |")
 
@@ -284,16 +290,21 @@ def markdown(report: dict) -> str:
              f"Gate: top-1 may drop at most {report['max_top1_drop']} points below FP32.", "",
              f"Model: {report.get('model', {}).get('arch', '?')}, "
              f"{report.get('model', {}).get('parameters', 0) / 1e6:.2f}M parameters.", "",
-             f"| artifact | file | size | top-1 % | agreement with {report.get('reference', 'PyTorch')} % | "
-             "max logit diff | ms at batch 1 | "
-             "best batch | img/s at best | gate |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| candidate | engine | precision | file | size | top-1 % | agreement with "
+             f"{report.get('reference', 'PyTorch')} % | max logit diff | ms at batch 1 | best batch | img/s at best "
+             "| gate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [artifact_row(name, r, name in report["gate_failures"]) for name, r in report["artifacts"].items()]
+    lines += [f"| {name} | {u['engine']} | {u['precision']} | {u['file']} | – | – | – | – | – | – | – | "
+              f"cannot run: {u['error'][-200:]} |" for name, u in report.get("unsupported", {}).items()]
+    serving = ", ".join(f"{p} → **{name}**" for p, name in report.get("serving", {}).items())
     lines += ["", f"Embedded (CPU, ONNX Runtime) INT8 choice: **{report['embedded_int8']}** — "
               f"{report['embedded_int8_reason']}.",
-              f"Fastest artifact on this CPU that passes the gate: **{report['fastest_passing']}**.",
-              "", "Latencies are ONNX Runtime on this machine's CPU; TensorRT engines are measured by "
-              "`make gpu-check`."]
+              f"Fastest candidate on this CPU that passes the gate: **{report['fastest_passing']}**.",
+              f"`make repo` serves, by PRECISION (the fastest passing; another engine than ONNX Runtime only when "
+              f"{ENGINE_MARGIN_TEXT} faster): {serving}.", "", cpu_text(report.get("cpu", {})), "",
+              "Latencies are measured on this machine's CPU as served (one thread per core, in this process); "
+              "TensorRT engines are measured by `make gpu-check`."]
     if report.get("pruned"):  # rows added by `make prune` (perf.pruned) for this same FP32 model
         lines += pruned_lines(report["pruned"])
     return "\n".join(lines) + "\n"
@@ -332,11 +343,36 @@ def convert(onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, o
     return produced, extra
 
 
+def candidate_runner(c: Candidate, blob: bytes) -> Runner:
+    """The candidate's engine at its precision hint, as the served classifier creates it (every core)."""
+    return OrtRunner(blob) if c.engine == "onnxruntime" else OvRunner(blob, inference_precision=c.inference_precision)
+
+
+def candidates_for(produced: Collection[str], engines: Collection[str]) -> dict[str, Candidate]:
+    """The CANDIDATES whose artifact was produced, on the engines asked for (ONNX Runtime always: the gate's
+    FP32 reference row and the files' own check)."""
+    return {n: c for n, c in CANDIDATES.items() if c.artifact in produced and
+            (c.engine == "onnxruntime" or c.engine in engines)}
+
+
 def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, paths: list[Path],
-          labels: np.ndarray, sample: np.ndarray) -> dict[str, dict]:
-    """Every artifact's accuracy against the labels and the reference (one streamed pass), size and latency.
-    The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself."""
-    runners: dict[str, Runner] = {name: OrtRunner(blob) for name, blob in produced.items()}
+          labels: np.ndarray, sample: np.ndarray, engines: Collection[str] = tuple(ENGINES),
+          unsupported: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Every candidate's accuracy against the labels and the reference (one streamed pass), size and latency.
+    The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself. A
+    candidate whose engine cannot compile its file goes into ``unsupported`` with the engine's error."""
+    unsupported = {} if unsupported is None else unsupported
+    candidates, runners = candidates_for(produced, engines), {}
+    for name, c in candidates.items():
+        try:
+            runners[name] = candidate_runner(c, produced[c.artifact])
+        except RuntimeError as e:  # another engine that cannot compile this file: recorded, never served
+            if c.engine == "onnxruntime":
+                raise
+            unsupported[name] = {"engine": c.engine, "precision": c.precision, "file": ARTIFACT_NAMES[c.artifact],
+                                 "error": " ".join(str(e).split())[-400:].replace("|", "/")}
+            print(f"{name:17s} {c.engine} cannot run {ARTIFACT_NAMES[c.artifact]}: {unsupported[name]['error']}")
+    candidates = {n: c for n, c in candidates.items() if n in runners}
     if ckpt is not None:
         torch_model = model_from_checkpoint(ckpt)
         reference_run: Runner = partial(logits_for_inputs, torch_model)
@@ -345,18 +381,59 @@ def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, 
     logits = stream_logits({"reference": reference_run, **runners}, pre.iter_files(paths))
     reference = logits.pop("reference")
     results = {}
-    for name, blob in produced.items():
-        results[name] = {"file": ARTIFACT_NAMES[name], **accuracy(logits[name], labels, reference),
-                         "size_bytes": len(blob), "latency": latency(runners[name], sample)}
+    for name, c in candidates.items():
+        results[name] = {"engine": c.engine, "precision": c.precision, "file": ARTIFACT_NAMES[c.artifact],
+                         **accuracy(logits[name], labels, reference), "size_bytes": len(produced[c.artifact]),
+                         "latency": latency(runners.pop(name), sample)}
         r = results[name]
-        print(f"{name:9s} top1 {r['top1']:.2f}%  agreement {r['agreement_with_pytorch']:.2f}%  "
+        print(f"{name:17s} top1 {r['top1']:.2f}%  agreement {r['agreement_with_pytorch']:.2f}%  "
               f"max|diff| {r['max_abs_logit_diff']:.3g}  {r['latency']['best_images_per_s']:.0f} img/s "
               f"(batch {r['latency']['best_batch']})")
     return results
 
 
+def cpu_features() -> dict:
+    """The CPU's instruction sets that the engines' fast paths use, and OpenVINO's view of them."""
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        line = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
+        flags = set(line.split(":", 1)[-1].split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    info: dict = {"flags": [f for f in wanted if f in flags]}
+    try:
+        import openvino as ov
+
+        info["openvino"] = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except ImportError:
+        pass
+    return info
+
+
+def cpu_text(cpu: dict) -> str:
+    """What the engines used on this CPU, and what a CPU without those units gets."""
+    if not cpu:
+        return ""
+    flags = cpu.get("flags", [])
+    bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
+    return (f"CPU features: {', '.join(flags) or 'none of AVX2/AVX-512/VNNI/AMX'} (OpenVINO: "
+            f"{', '.join(cpu.get('openvino', [])) or 'not installed'}). "
+            + ("bf16 ran on this CPU's AMX / AVX-512 BF16 units; " if bf16 else
+               "This CPU has no bf16 units: OpenVINO computed the bf16 candidate in f32; ")
+            + "a CPU without them runs bf16 as f32 (no speed-up), and INT8 without VNNI/AMX runs on AVX2 "
+              "or AVX-512 at a fraction of the speed measured here: measure on the serving CPU.")
+
+
 def images_per_s(result: dict) -> float:
     return result["latency"]["best_images_per_s"]
+
+
+def serving(report: dict) -> dict[str, str]:
+    """By PRECISION (and auto): the candidate `make repo` serves, the fastest that passes the gate."""
+    passing = [n for n in report["artifacts"] if n not in report["gate_failures"]]
+    by_precision = {p: [n for n in passing if CANDIDATES[n].precision == p] for p in PRECISIONS}
+    choice = {p: fastest(report, names) for p, names in by_precision.items() if names}
+    return {**choice, "auto": fastest(report, passing)} if passing else choice
 
 
 def embedded_int8(results: dict[str, dict], failures: list[str]) -> tuple[str | None, str]:
@@ -405,8 +482,10 @@ def gate_error(results: dict[str, dict], failures: list[str], calib_method: str,
 
 def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_CALIB_SIZE,
           calib_method: str = DEFAULT_CALIB_METHOD, max_top1_drop: float = DEFAULT_MAX_TOP1_DROP,
-          precisions: Collection[str] = ("fp16", "int8", "int8_ort")) -> dict:
-    """Calibrate, convert, score every artifact on the val split, gate, write what passed and the report."""
+          precisions: Collection[str] = ("fp16", "int8", "int8_ort"),
+          engines: Collection[str] = tuple(ENGINES)) -> dict:
+    """Calibrate, convert, score every candidate (artifact x engine) on the val split, gate, write what passed
+    and the report."""
     if calib_method not in CALIB_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {calib_method!r}")
     meta = read_metadata(onnx_path)
@@ -416,7 +495,8 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
     print(f"calibration: {len(calib)} training images ({calib_method}) -> {out_dir / 'calib' / 'calib.npy'}")
 
     produced, extra = convert(onnx_path, meta, calib, calib_method, out_dir, precisions)
-    results = score(produced, ckpt, pre, paths, labels, sample)
+    unsupported: dict[str, dict] = {}
+    results = score(produced, ckpt, pre, paths, labels, sample, engines, unsupported)
     failures = gate(results, max_top1_drop)
     embedded, reason = embedded_int8(results, failures)
     passing = [n for n in results if n not in failures]
@@ -426,7 +506,9 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
               "embedded_int8_reason": reason,
               "fastest_passing": max(passing, key=lambda n: images_per_s(results[n])),
               "reference": "PyTorch" if ckpt is not None else "the imported FP32 ONNX",
-              "model": {"arch": meta["arch"], "parameters": parameter_count(onnx_path)}}
+              "model": {"arch": meta["arch"], "parameters": parameter_count(onnx_path)},
+              "fp32_sha256": extra["derived_from_sha256"], "cpu": cpu_features(), "unsupported": unsupported}
+    report["serving"] = serving(report)
     write_artifacts(produced, failures, out_dir)
     write_report(report, out_dir, extra["derived_from_sha256"])
     if failures:
@@ -449,12 +531,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="allowed top-1 drop below FP32, in points")
     p.add_argument("--precisions", nargs="*", default=list(CONVERSIONS), choices=list(CONVERSIONS))
     # (run in CONVERSIONS order whatever the order given)
+    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES),
+                   help="the CPU engines each artifact is scored and timed on (ONNX Runtime always)")
     return p
 
 
 if __name__ == "__main__":
     a = get_args_parser().parse_args()
     try:
-        build(a.onnx, a.data, a.out, a.calib_size, a.calib_method, a.max_top1_drop, tuple(a.precisions))
+        build(a.onnx, a.data, a.out, a.calib_size, a.calib_method, a.max_top1_drop, tuple(a.precisions),
+              tuple(a.engines))
     except (AccuracyGateError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e

@@ -27,7 +27,7 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build import layouts
-from build.artifacts import PRECISIONS, artifact_for
+from build.artifacts import CANDIDATES, FILE_PRECISIONS, PRECISIONS, Candidate, artifact_for, served_for
 from build.layouts import MODEL_DALI, PIPELINE_FILE, ConfigInputs, Layout
 from build.model_config import config_text
 from build.settings import MANIFEST, RepoSettings, add_settings_args, read_manifest, repo_settings
@@ -35,6 +35,7 @@ from core import protocol as P
 from core.atomic_io import atomic_write_bytes, staged_directory
 from core.metadata import read_metadata
 from core.preprocess import DALI_INPUT_NAME, PreprocessSpec
+from core.stages import ENGINES
 
 # The committed Python-backend model code; each file becomes <model>/1/model.py of a rendered repository,
 # which is generated output only (model_repository/ holds nothing committed but its README)
@@ -146,14 +147,17 @@ def code_files(lay: Layout, target: str) -> dict[Path, bytes]:
 
 
 def manifest(lay: Layout, target: str, onnx_path: Path, onnx_sha: str, plan: Path | None, out: Path,
-             meta: dict[str, Any], spec: PreprocessSpec, settings: RepoSettings) -> bytes:
+             meta: dict[str, Any], spec: PreprocessSpec, settings: RepoSettings, served: Candidate | None) -> bytes:
     """What this repository was rendered from and with: read back by the tuner and the reports."""
     def rel(p: Path) -> str:
         return os.path.relpath(Path(p).resolve(), Path(out).resolve())
 
     return json.dumps({
         "target": target, "layout": lay.name, "onnx": rel(onnx_path), "onnx_sha256": onnx_sha,
-        "plan": rel(plan) if plan else None, "precision": meta.get("export", {}).get("precision", "fp32"),
+        "plan": rel(plan) if plan else None,
+        "precision": served.precision if served else meta.get("export", {}).get("precision", "fp32"),
+        "engine": served.engine if served else "tensorrt",
+        "inference_precision": served.inference_precision if served else None,
         "settings": asdict(settings), "classes": len(meta["classes"]), "input_shape": list(spec.input_shape)},
         indent=2).encode()
 
@@ -182,11 +186,12 @@ def write_repository(out: Path, files: dict[Path, bytes], configs: dict[str, mc.
 
 
 def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, target: str = "embedded",
-           plan: Path | None = None, layout: str | None = None) -> dict[str, Path]:
+           plan: Path | None = None, layout: str | None = None, served: Candidate | None = None) -> dict[str, Path]:
     """Write the repository: everything is computed in memory first, then the repository is replaced as a whole.
 
-    embedded: the ONNX runs in ONNX Runtime. gpu: ``plan`` (from build.engine, built from this very
-    ONNX) runs in TensorRT; without a plan the configs are rendered and the plan is reported missing.
+    embedded: the ONNX runs on ``served``'s engine (default: ONNX Runtime, in the file's own precision). gpu:
+    ``plan`` (from build.engine, built from this very ONNX) runs in TensorRT; without a plan the configs are
+    rendered and the plan is reported missing.
     """
     settings = settings or RepoSettings()
     meta = read_metadata(Path(onnx_path))
@@ -195,11 +200,18 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
     onnx_sha = hashlib.sha256(onnx_bytes).hexdigest()
     lay = layouts.get(layout) if layout else layouts.default_for(target)
     lay.check(target, export, Path(onnx_path))
+    if target == "embedded" and served is None:
+        precision = export.get("precision", "fp32")
+        served = CANDIDATES[precision] if precision in CANDIDATES else CANDIDATES["fp32"]
+    served = served if target == "embedded" else None
     if target == "gpu":
         check_float32_io(onnx_path, tuple(export[k] for k in ("input", "output", "probabilities") if k in export))
     configs = lay.build_configs(ConfigInputs(spec, len(classes), settings, target, export))
-    if target == "embedded":
-        configs[lay.onnx_model].parameters["onnx_sha256"].string_value = onnx_sha
+    if served is not None:
+        params = configs[lay.onnx_model].parameters
+        params["onnx_sha256"].string_value = onnx_sha
+        params["engine"].string_value = served.engine
+        params["inference_precision"].string_value = served.inference_precision
 
     files = model_files(lay, target, Path(onnx_path), onnx_bytes, settings, plan, Path(out))
     pipeline = pipeline_files(spec, settings, "gpu" if target == "gpu" else "cpu")
@@ -210,10 +222,12 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
     files[lay.labels_file()] = ("\n".join(classes) + "\n").encode()
     files.update(code_files(lay, target))
     files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
-    files[Path(MANIFEST)] = manifest(lay, target, Path(onnx_path), onnx_sha, plan, Path(out), meta, spec, settings)
+    files[Path(MANIFEST)] = manifest(lay, target, Path(onnx_path), onnx_sha, plan, Path(out), meta, spec, settings,
+                                     served)
     write_repository(Path(out), files, configs, target)
-    print(f"rendered {out} ({target}, {lay.name} layout): {', '.join(sorted(configs))} ({len(classes)} classes, "
-          f"input {spec.input_shape}, max_batch_size {settings.max_batch_size})")
+    engine = f", {served.engine} {served.precision}" if served else ""
+    print(f"rendered {out} ({target}, {lay.name} layout{engine}): {', '.join(sorted(configs))} ({len(classes)} "
+          f"classes, input {spec.input_shape}, max_batch_size {settings.max_batch_size})")
     return {str(rel): Path(out) / rel for rel in files}
 
 
@@ -222,7 +236,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="ONNX exported by build.export_onnx / build.quantize "
                    "(default: the --precision artifact in --artifacts)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--precision", choices=(*PRECISIONS, "auto"), default="fp32",
+                   help="embedded: the fastest engine for it that passed make quantize's gate (bf16 and int8 need "
+                        "its report; auto: the fastest passing candidate of any precision); gpu: fp32, fp16, int8")
+    p.add_argument("--engine", choices=tuple(ENGINES),
+                   help="embedded: the CPU engine (default: the fastest measured by make quantize, else onnxruntime)")
     p.add_argument("--target", choices=layouts.TARGETS, default="embedded")
     p.add_argument("--plan", type=Path, help="gpu target: the TensorRT plan built from the same ONNX")
     defaults = ", ".join(f"{name} for {target}" for target, name in layouts.DEFAULT_LAYOUT.items())
@@ -232,6 +250,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_REPO)
     add_settings_args(p)
     return p
+
+
+def served_choice(args: argparse.Namespace) -> tuple[Path, Candidate | None]:
+    """(the ONNX file, how the embedded target serves it) from --onnx / --artifacts, --precision, --engine."""
+    if args.target == "gpu":
+        if args.engine or args.precision not in FILE_PRECISIONS:
+            raise ValueError(f"the GPU target serves TensorRT at {', '.join(FILE_PRECISIONS)}: ENGINE and "
+                             f"PRECISION={args.precision} are for the embedded target")
+        return args.onnx or artifact_for(args.precision, args.artifacts, args.target), None
+    if args.onnx is None:
+        return served_for(args.precision, args.artifacts, args.engine)
+    if not (args.engine or args.precision == "bf16"):
+        return args.onnx, None  # as exported, on ONNX Runtime
+    if args.precision == "bf16" and args.engine == "onnxruntime":
+        raise ValueError("ONNX Runtime has no bf16 on the CPU: PRECISION=bf16 is served by ENGINE=openvino")
+    exported = read_metadata(args.onnx).get("export", {}).get("precision", "fp32")
+    hint = "bf16" if args.precision == "bf16" else "f32"
+    return args.onnx, Candidate(args.engine or "openvino", exported, "bf16" if hint == "bf16" else exported, hint)
 
 
 def main(args: argparse.Namespace) -> dict[str, Path]:
@@ -245,10 +281,8 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
             if layout != layouts.DEFAULT_LAYOUT[args.target]:
                 print(f"layout from {Path(args.out) / MANIFEST}: {layout} (--layout, or RESET_SETTINGS=1 for the "
                       f"default, {layouts.DEFAULT_LAYOUT[args.target]})")
-    onnx_path = args.onnx
-    if onnx_path is None:
-        onnx_path = artifact_for(args.precision, args.artifacts, args.target)
-    return render(onnx_path, args.out, settings, args.target, args.plan, layout)
+    onnx_path, served = served_choice(args)
+    return render(onnx_path, args.out, settings, args.target, args.plan, layout, served)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the ONNX Runtime runner creates its session with the served classifier's own fac
     logits = run(batch)            # float32 [N, num_classes]
 
 Adding a runtime is one class with ``__call__(batch) -> logits`` and one entry in :data:`RUNNERS`.
-Heavy libraries (ONNX Runtime, TensorRT, torch) are imported by the runner that needs them.
+Heavy libraries (ONNX Runtime, OpenVINO, TensorRT, torch) are imported by the runner that needs them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from core.stages import ort_session
+from core.stages import OpenVinoClassifier, ort_session
 
 Runner = Callable[[np.ndarray], np.ndarray]  # a batch of preprocessed images -> logits
 
@@ -43,6 +43,17 @@ class OrtRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(self.output_names[:1], {self.input_name: x})[0])
+
+
+class OvRunner:
+    """OpenVINO on the CPU, as served (core.stages.OpenVinoClassifier), at an inference precision hint
+    (f32 or bf16). ``threads`` 0 = one per core."""
+
+    def __init__(self, model: Path | str | bytes, threads: int = 0, inference_precision: str = "f32"):
+        self.classifier = OpenVinoClassifier(model, threads, inference_precision)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classifier(x)[0])
 
 
 class TorchRunner:
@@ -109,7 +120,8 @@ class TrtRunner:
         return np.asarray(out.numpy())
 
 
-RUNNERS: dict[str, Callable[..., Runner]] = {"onnxruntime": OrtRunner, "tensorrt": TrtRunner, "pytorch": TorchRunner}
+RUNNERS: dict[str, Callable[..., Runner]] = {"onnxruntime": OrtRunner, "openvino": OvRunner, "tensorrt": TrtRunner,
+                                             "pytorch": TorchRunner}
 
 
 def make_runner(kind: str, model: Any, **options: Any) -> Runner:

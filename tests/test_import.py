@@ -123,7 +123,12 @@ def test_the_imported_model_is_quantized_and_served_as_onnx_runtime_computes(imp
     report = quantize.build(imported, tiny_data, tmp_path, calib_size=16, max_top1_drop=100.0,
                             precisions=("int8_ort",))
     assert report["reference"] == "the imported FP32 ONNX" and report["artifacts"]["fp32"]["max_abs_logit_diff"] == 0
-    assert json.loads((tmp_path / "build_report.json").read_text())["artifacts"]["int8_ort"]["top1"] >= 0
+    written = json.loads((tmp_path / "build_report.json").read_text())
+    assert written["artifacts"]["int8_ort"]["top1"] >= 0
+    # a file another engine cannot compile (OpenVINO 2026.4 fails on some Q/DQ transformer blocks) is recorded
+    # with the engine's own error and never served
+    for name, u in written["unsupported"].items():
+        assert u["engine"] == "openvino" and u["error"] and name not in written["serving"].values()
     meta = read_metadata(imported)
     reference = np.concatenate([OrtRunner(imported)(x) for x in
                                 DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).iter_files(val_files)])

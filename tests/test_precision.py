@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build import layouts, quantize
-from build.artifacts import ARTIFACT_NAMES, REPORT, artifact_for
+from build.artifacts import ARTIFACT_NAMES, CANDIDATES, REPORT, artifact_for, served_for
 from build.engine import (
     EngineEnvironmentError,
     check_environment,
@@ -37,7 +37,8 @@ from clients.client import ImageClassifierClient
 from core import protocol as P
 from core.metadata import read_metadata
 from core.preprocess import DaliPreprocessor, PreprocessSpec
-from core.stages import ort_session
+from core.runners import make_runner
+from core.stages import TopK, ort_session
 from perf import precisions
 from serve.server import TritonServer
 
@@ -68,12 +69,27 @@ def artifacts(onnx_model, tiny_data, tmp_path_factory) -> Path:
 
 def test_build_report_and_artifacts(artifacts):
     report = json.loads((artifacts / REPORT).read_text())
-    assert set(report["artifacts"]) == {"fp32", "fp16", "int8", "int8_ort"} and not report["gate_failures"]
+    # every artifact on ONNX Runtime, and on OpenVINO at f32, at bf16 and from both Q/DQ files
+    assert set(report["artifacts"]) == set(CANDIDATES) and not report["gate_failures"]
     for name, r in report["artifacts"].items():
-        path = artifacts / ARTIFACT_NAMES[name]
-        assert r["size_bytes"] == path.stat().st_size
+        path = artifacts / r["file"]
+        assert (r["engine"], r["precision"]) == (CANDIDATES[name].engine, CANDIDATES[name].precision)
+        assert r["size_bytes"] == path.stat().st_size and r["file"] == ARTIFACT_NAMES[CANDIDATES[name].artifact]
         assert 0 <= r["top1"] <= 100 and r["latency"]["best_images_per_s"] > 0 and r["latency"]["batch1_ms"] > 0
-        assert read_metadata(path)["export"]["precision"] == ("int8" if name.startswith("int8") else name)
+        assert read_metadata(path)["export"]["precision"] == ("int8" if name.endswith(("int8", "int8_ort")) else
+                                                              CANDIDATES[name].artifact)
+    # OpenVINO's own default on a bf16 CPU is bf16: the f32 candidate must really compute in f32 (as ONNX
+    # Runtime's FP32 does), and the bf16 one in bf16 where the CPU has the units
+    arts = report["artifacts"]
+    assert arts["openvino_fp32"]["max_abs_logit_diff"] < 1e-3
+    if {"avx512_bf16", "amx_bf16"} & set(report["cpu"]["flags"]):
+        assert arts["openvino_bf16"]["max_abs_logit_diff"] > 10 * arts["openvino_fp32"]["max_abs_logit_diff"]
+    # what the report says make repo serves is what it serves, at the precision asked for
+    assert set(report["serving"]) == {"fp32", "fp16", "bf16", "int8", "auto"}
+    for precision, name in report["serving"].items():
+        assert precision in ("auto", CANDIDATES[name].precision)
+        assert served_for(precision, artifacts)[1] == CANDIDATES[name]
+    assert report["fp32_sha256"] == hashlib.sha256((artifacts / "model.onnx").read_bytes()).hexdigest()
     fp16 = onnx.load(str(artifacts / "model_fp16.onnx"))
     assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # FP32 I/O kept
     assert any(i.data_type == TensorProto.FLOAT16 for i in fp16.graph.initializer)
@@ -90,7 +106,9 @@ def test_build_report_and_artifacts(artifacts):
     calib = np.load(artifacts / "calib" / "calib.npy")
     sources = (artifacts / "calib" / "calib_sources.txt").read_text().splitlines()
     assert calib.shape[0] == len(sources) == 32 and calib.shape[1:] == (3, 32, 32)
-    assert "| fp16 |" in (artifacts / "build_report.md").read_text()
+    md = (artifacts / "build_report.md").read_text()
+    assert "| fp16 | onnxruntime | fp16 |" in md and "| openvino_bf16 | openvino | bf16 | model.onnx |" in md
+    assert f"auto → **{report['serving']['auto']}**" in md and "CPU features:" in md
 
 
 def test_calibration_batch_is_reproducible_from_its_source_list(onnx_model, tiny_data, tmp_path):
@@ -153,7 +171,9 @@ def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_d
         quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=8, max_top1_drop=-1.0,
                        precisions=("fp16", "int8_ort"))
     assert not (tmp_path / "model_fp16.onnx").exists() and not (tmp_path / "model_int8_ort.onnx").exists()
-    assert json.loads((tmp_path / REPORT).read_text())["gate_failures"] == ["fp16", "int8_ort"]
+    # every candidate is gated, OpenVINO's too (their files are the ONNX Runtime ones: removed above)
+    assert json.loads((tmp_path / REPORT).read_text())["gate_failures"] == [
+        "fp16", "int8_ort", "openvino_fp32", "openvino_bf16", "openvino_int8_ort"]
     assert "one image is 1.25 points of top-1" in capsys.readouterr().out  # 80 val images: the gate's resolution
 
 
@@ -173,22 +193,72 @@ def test_served_precisions_side_by_side(artifacts, repo, tiny_data, tmp_path):
     assert f"| 1 | int8 | {rows['int8']['throughput']:.0f} |" in (tmp_path / "out" / "precisions.md").read_text()
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_files, tmp_path, precision):
-    onnx_path = artifact_for(precision, artifacts)
+@pytest.mark.parametrize(("precision", "engine"), [("fp16", "onnxruntime"), ("int8", "onnxruntime"),
+                                                  ("bf16", "openvino"), ("int8", "openvino")])
+def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_files, tmp_path, precision, engine):
+    onnx_path, served = served_for(precision, artifacts, engine)
+    assert (served.engine, served.precision) == (engine, precision)
     repo = tmp_path / "repo"
-    render(onnx_path, repo, RepoSettings(max_batch_size=MAX_BATCH, top_k=3))
+    render(onnx_path, repo, RepoSettings(max_batch_size=MAX_BATCH, top_k=3), served=served)
     meta = read_metadata(onnx_path)
-    sess = ort_session(onnx_path.read_bytes(), 0)
+    run = make_runner(engine, onnx_path.read_bytes(), threads=0,
+                      **({"inference_precision": served.inference_precision} if engine == "openvino" else {}))
     inputs = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(val_files)
-    own = sess.run(None, {"input": inputs})[0].argmax(1)
+    logits = run(inputs)
     with TritonServer(repo, None) as server, ImageClassifierClient(server.grpc_url, "grpc") as c:
         preds = c.classify_files(val_files, batch_size=MAX_BATCH)
-    served = np.array([meta["classes"].index(p.labels[0]) for p in preds])
-    assert np.mean(served == own) >= 0.995  # the server gives the artifact's own answers
-    served_model = read_configs(repo)[layouts.get(read_manifest(repo)["layout"]).onnx_model]
-    assert served_model.parameters["onnx_sha256"].string_value == \
-        hashlib.sha256(onnx_path.read_bytes()).hexdigest()  # and serves that very artifact
+    served_top1 = np.array([meta["classes"].index(p.labels[0]) for p in preds])
+    assert np.mean(served_top1 == logits.argmax(1)) >= 0.995  # the artifact's own answers on its engine
+    if engine != "onnxruntime":  # its numbers, not ONNX Runtime's on the same file
+        def top_score(x):
+            return TopK(meta["classes"], 1)(x)[2][:, 0]
+
+        served_scores = np.array([p.scores[0] for p in preds])
+        ort = make_runner("onnxruntime", onnx_path.read_bytes(), threads=0)(inputs)
+        assert np.abs(served_scores - top_score(logits)).max() < np.abs(served_scores - top_score(ort)).max()
+    params = read_configs(repo)[layouts.get(read_manifest(repo)["layout"]).onnx_model].parameters
+    assert params["onnx_sha256"].string_value == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert (params["engine"].string_value, params["inference_precision"].string_value) == \
+        (engine, served.inference_precision)  # and serves that very artifact, on that engine
+    assert (read_manifest(repo)["engine"], read_manifest(repo)["precision"]) == (engine, precision)
+
+
+def _with_speeds(artifacts: Path, out: Path, speeds: dict[str, float]) -> Path:
+    """A copy of the artifacts whose report says these candidates ran at these speeds."""
+    shutil.copytree(artifacts, out)
+    report = json.loads((out / REPORT).read_text())
+    for name, r in report["artifacts"].items():
+        r["latency"]["best_images_per_s"] = speeds.get(name, 1.0)
+    (out / REPORT).write_text(json.dumps(report))
+    return out
+
+
+def test_served_engine_is_the_fastest_that_passed_the_gate(artifacts, tmp_path, capsys):
+    fast_ov = _with_speeds(artifacts, tmp_path / "a", {"fp32": 100, "openvino_fp32": 120, "openvino_bf16": 300,
+                                                       "int8_ort": 200, "openvino_int8": 250})
+    assert served_for("fp32", fast_ov)[1].engine == "openvino"  # 20% faster: OpenVINO serves FP32
+    assert served_for("fp32", fast_ov, "onnxruntime")[1] == CANDIDATES["fp32"]
+    assert served_for("int8", fast_ov)[1] == CANDIDATES["openvino_int8"]
+    assert served_for("int8", fast_ov, "onnxruntime")[1] == CANDIDATES["int8_ort"]
+    assert served_for("auto", fast_ov) == (fast_ov / "model.onnx", CANDIDATES["openvino_bf16"])
+    # within the margin, ONNX Runtime stays: equal engines do not swap on timing noise
+    close = _with_speeds(artifacts, tmp_path / "b", {"fp32": 100, "openvino_fp32": 103})
+    assert served_for("fp32", close)[1] == CANDIDATES["fp32"]
+    # a candidate that failed the gate is never served, however fast
+    report = json.loads((fast_ov / REPORT).read_text())
+    (fast_ov / REPORT).write_text(json.dumps({**report, "gate_failures": ["openvino_bf16"]}))
+    assert served_for("auto", fast_ov)[1] == CANDIDATES["openvino_int8"]
+    with pytest.raises(ValueError, match="no candidate for PRECISION=bf16 was measured and passed"):
+        served_for("bf16", fast_ov)
+    with pytest.raises(ValueError, match=r"onnxruntime does not serve bf16 on the CPU \(it serves fp16, fp32, int8\)"):
+        served_for("bf16", fast_ov, "onnxruntime")
+    # a report measured on another model.onnx (exported since) is not used: FP32 as exported, bf16 refused
+    shutil.copy(artifacts / "model_int8.onnx", fast_ov / "model.onnx")
+    assert served_for("fp32", fast_ov) == (fast_ov / "model.onnx", CANDIDATES["fp32"])
+    assert "was measured on another model.onnx" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="run `make quantize` first .*bf16 needs it"):
+        served_for("bf16", fast_ov, "openvino")
+    assert served_for("fp32", fast_ov, "openvino")[1] == CANDIDATES["openvino_fp32"]  # f32: exact, no gate needed
 
 
 def test_gpu_repository_configs(artifacts, tmp_path):

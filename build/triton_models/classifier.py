@@ -20,7 +20,7 @@ import stages  # noqa: E402
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.stage = stages.OnnxClassifier.from_config(config, Path(args["model_repository"]) / args["model_version"])
+        self.stage = stages.classifier_from_config(config, Path(args["model_repository"]) / args["model_version"])
         # Triton tensor names come from the rendered config; its outputs are the ONNX outputs in order
         # (logits, and in the classification layout also the probabilities)
         self.in_name = config["input"][0]["name"]

@@ -33,7 +33,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         here = Path(args["model_repository"]) / args["model_version"]
         self.preprocess = stages.Preprocessor.from_config(config, here)
-        self.classifier = stages.OnnxClassifier.from_config(config, here)
+        self.classifier = stages.classifier_from_config(config, here)
         self.top_k = stages.TopK.from_config(config, here)
         self.out_names = [o["name"] for o in config["output"]]  # probabilities, labels, scores
 

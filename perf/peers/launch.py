@@ -47,8 +47,11 @@ PEERS = {
 def write_spec(repo: Path, out: Path) -> Path:
     """What the peers serve, and with which batching: the repository's own model and settings."""
     onnx = served_onnx(repo)
-    meta, settings = read_metadata(onnx), read_manifest(repo)["settings"]
-    spec = {"onnx": str(onnx.resolve()), "preprocess": meta["preprocess"], "classes": meta["classes"],
+    manifest = read_manifest(repo)
+    meta, settings = read_metadata(onnx), manifest["settings"]
+    spec = {"onnx": str(onnx.resolve()), "engine": manifest.get("engine", "onnxruntime"),
+            "inference_precision": manifest.get("inference_precision") or "f32",
+            "preprocess": meta["preprocess"], "classes": meta["classes"],
             "top_k": settings["top_k"], "max_batch_size": settings["max_batch_size"],
             "queue_delay_us": settings["queue_delay_us"], "instances": settings["classifier_instances"],
             "dali_threads": settings["dali_threads"], "intra_op_threads": settings["intra_op_threads"],

@@ -1,12 +1,11 @@
 """What every peer server runs on a batch: the work of Triton's fused model, without Triton.
 
 The very stages the fused model runs (core/stages.py: the header checks, DALI with per-image isolation,
-ONNX Runtime with the serving options, the softmax top-k), with the DALI CPU pipeline built from the
-model's own spec (core/dali_graph.py), the same ONNX file and the same thread settings, on batches up
-to the same size. It imports NumPy, DALI, ONNX Runtime and the project's core/ only, so it runs inside a
-peer's virtualenv; the spec file it reads is written by launch.py from the ONNX metadata and the served
-repository's settings.
-"""
+ONNX Runtime or OpenVINO with the serving options, the softmax top-k), with the DALI CPU pipeline built
+from the model's own spec (core/dali_graph.py), the same ONNX file on the same engine, the same thread
+settings, on batches up to the same size. It imports NumPy, DALI, the engine and the project's core/
+only, so it runs inside a peer's virtualenv; the spec file it reads is written by launch.py from the ONNX
+metadata and the served repository's manifest."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from core.preprocess import DALI_INPUT_NAME, PreprocessSpec, build_dali_pipeline
-from core.stages import OnnxClassifier, Preprocessor, Rejected, TopK
+from core.stages import Preprocessor, Rejected, TopK, make_classifier
 
 
 class PeerModel:
@@ -29,7 +28,8 @@ class PeerModel:
         make_pipeline = partial(build_dali_pipeline, preprocess_spec, batch, "cpu", threads, build=True)
         self.pre = Preprocessor(make_pipeline, DALI_INPUT_NAME, batch, spec["max_image_pixels"],
                                 spec["max_image_bytes"])
-        self.classifier = OnnxClassifier(spec["onnx"], spec["intra_op_threads"])
+        self.classifier = make_classifier(spec.get("engine", "onnxruntime"), spec["onnx"], spec["intra_op_threads"],
+                                          spec.get("inference_precision", "f32"))
         self.top_k = TopK(spec["classes"], min(spec["top_k"], len(spec["classes"])))
 
     def predict(self, images: list[bytes]) -> list[dict[str, Any]]:
