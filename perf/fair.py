@@ -269,7 +269,7 @@ def side_by_side(repo: Path, ckpt: Path, image_dir: Path, out: Path, rounds: int
                 targets.append(Target(f"triton ({layout})", f"http://{other.http_url}", path, "kserve"))
             targets += peer_targets(stack, repo, peers, images[0], out)
             targets.append(Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw"))
-            best, per_round = ceiling_per_round(onnx, image_dir, seconds)
+            best, per_round = ceiling_per_round(onnx, image_dir, seconds, manifest)
             r = compare(targets, images, rounds, seconds, connections, ceiling=per_round)
     finally:
         stop_baseline(baseline)
@@ -294,16 +294,20 @@ def peer_targets(stack: contextlib.ExitStack, repo: Path, peers: tuple[str, ...]
     return targets
 
 
-def ceiling_per_round(onnx: Path, image_dir: Path, seconds: int) -> tuple[int, Callable[[], float]]:
-    """The served model itself in this process: the batch size where it does best (chosen once, untimed), and
-    a measurement of its images/s at that batch over ``seconds``, to be taken at each round's start."""
+def ceiling_per_round(onnx: Path, image_dir: Path, seconds: int, manifest: dict) -> tuple[int, Callable[[], float]]:
+    """The served model itself in this process, on the served engine and precision (``manifest``): the batch
+    size and schedule where it does best (chosen once, untimed), and a measurement of its images/s with those
+    over ``seconds``, to be taken at each round's start."""
     from perf import ceiling
 
-    best = ceiling.measure(onnx, image_dir, min_time=1.0, stages=False)["best_batch"]
+    engine = {"engine": manifest.get("engine", "onnxruntime"),
+              "inference_precision": manifest.get("inference_precision") or "f32"}
+    first = ceiling.measure(onnx, image_dir, min_time=1.0, stages=False, **engine)
+    best, schedule = first["best_batch"], first["best_schedule"]
 
     def per_round() -> float:
-        return ceiling.measure(onnx, image_dir, batches=(best,), min_time=seconds, stages=False)[
-            "ceiling_images_per_s"]
+        return ceiling.measure(onnx, image_dir, batches=(best,), min_time=seconds, stages=False,
+                               schedules=(schedule,), **engine)["ceiling_images_per_s"]
 
     return best, per_round
 

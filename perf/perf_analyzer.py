@@ -38,6 +38,37 @@ from perf.common import (
 )
 from serve.server import TritonServer
 
+# A request-rate point is open-loop: requests leave on schedule whether or not earlier ones have returned.
+# perf_analyzer's default there is synchronous with 4 threads, i.e. at most 4 requests in flight: at ~5 ms a
+# request that caps the offered rate near 800/s whatever the server could do (measured: 1,167 and 1,556
+# offered, 782 achieved, p99 lower than below it). Asynchronous workers keep any number in flight.
+OPEN_LOOP = ("--async", "--max-threads", "8")
+BEHIND = "not able to keep up with the desired load"  # perf_analyzer's warning when it falls behind the schedule
+QUEUE_FULL = "Exceeds maximum queue size"  # Triton's refusal when a model's queue policy limit is reached
+# A rate point is short of what it offered below this fraction of it
+SHORT = 0.95
+
+
+def rate_limits(points: list[dict]) -> list[str]:
+    """Per request-rate point (in offered order): what limited it. "offered": it got the rate it was offered;
+    "server": it fell short and latency rose (the server saturated); "generator": it fell short while latency
+    stayed at the unloaded level or perf_analyzer said it fell behind, so the load generator, not the server,
+    set the figure: such a point is kept out of every headline."""
+    rates = [p for p in points if p["mode"] == "request_rate"]
+    if not rates:
+        return []
+    floor = min(float(p["client"]["p99 latency"]) for p in rates)  # the least loaded point's p99
+    limits = []
+    for p in rates:
+        achieved, p99 = float(p["client"]["Inferences/Second"]), float(p["client"]["p99 latency"])
+        if achieved >= SHORT * p["value"]:
+            limits.append("offered")
+        elif p.get("generator_behind") or p99 < 2 * floor:
+            limits.append("generator")
+        else:
+            limits.append("server")
+    return limits
+
 
 def write_input_data(blobs: list[bytes], path: Path) -> Path:
     """perf_analyzer --input-data JSON: one entry per JPEG, bytes as base64, shape = byte length."""
@@ -55,6 +86,7 @@ class PerfPoint:
     server: dict             # per composing model: stats_delta()
     usage: dict              # server process tree: cores busy, memory
     metrics: dict            # from Triton's Prometheus endpoint over the run: per model and CPU/memory
+    generator_behind: bool = False  # perf_analyzer said it could not keep up with the rate asked of it
 
     @property
     def throughput(self) -> float:
@@ -65,7 +97,8 @@ class PerfPoint:
 
     def to_dict(self) -> dict:
         return {"protocol": self.protocol, "mode": self.mode, "value": self.value, "client": self.client,
-                "server": self.server, "usage": self.usage, "metrics": self.metrics}
+                "server": self.server, "usage": self.usage, "metrics": self.metrics,
+                "generator_behind": self.generator_behind}
 
 
 def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, input_json: Path, out_dir: Path,
@@ -79,7 +112,8 @@ def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, i
     csv_path = out_dir / f"perf_analyzer_{tag}.csv"
     rng = f"{int(value)}:{int(value)}" if mode == "concurrency" else f"{value:g}:{value:g}"
     cmd = [str(perf_analyzer_binary()), "-m", model, "-u", url, "-i", protocol, "--input-data", str(input_json),
-           f"--{mode.replace('_', '-')}-range", rng, "--measurement-interval", str(interval_ms),
+           f"--{mode.replace('_', '-')}-range", rng, *(OPEN_LOOP if mode == "request_rate" else ()),
+           "--measurement-interval", str(interval_ms),
            "--max-trials", "5", "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv",
            *(["--request-count", str(request_count)] if request_count else [])]
     before = model_stats(http_url)
@@ -87,14 +121,14 @@ def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, i
     meter = UsageMeter(server_pid).start() if server_pid else None
     r = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=timeout_s)
     usage = meter.stop() if meter else {}
-    (out_dir / f"perf_analyzer_{tag}.log").write_text(r.stdout + r.stderr)
+    (out_dir / f"perf_analyzer_{tag}.log").write_text("$ " + " ".join(cmd) + "\n" + r.stdout + r.stderr)
     if r.returncode != 0 or not csv_path.exists():
         raise RuntimeError(f"perf_analyzer failed ({' '.join(cmd)}):\n{(r.stdout + r.stderr)[-2000:]}")
     with open(csv_path) as f:
         row = next(csv.DictReader(f))
     server = stats_delta(before, model_stats(http_url))
     metrics = metrics_summary(m_before, scrape_metrics(metrics_url)) if metrics_url else {}
-    return PerfPoint(protocol, mode, value, row, server, usage, metrics)
+    return PerfPoint(protocol, mode, value, row, server, usage, metrics, BEHIND in r.stdout + r.stderr)
 
 
 def write_tensor_input_data(name: str, batch: np.ndarray, path: Path) -> Path:
@@ -159,13 +193,23 @@ def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurre
 
 def sweep(url: str, http_url: str, protocol: str, mode: str, values: list[float], blobs: list[bytes],
           out_dir: Path, server_pid: int | None = None, interval_ms: int = 2000,
-          metrics_url: str | None = None, request_count: int = 0) -> list[PerfPoint]:
+          metrics_url: str | None = None, request_count: int = 0, shed: list[float] | None = None) -> list[PerfPoint]:
+    """One point per value. A request rate past the server's capacity fills its queue and the server sheds
+    load ("Exceeds maximum queue size"): that rate goes into ``shed`` and the sweep stops (higher ones
+    would too); any other perf_analyzer failure raises."""
     out_dir.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data(blobs, out_dir / "perf_analyzer_input.json")
     points = []
     for v in values:
-        p = run_point(url, http_url, protocol, mode, v, input_json, out_dir, server_pid, interval_ms,
-                      metrics_url=metrics_url, request_count=request_count)
+        try:
+            p = run_point(url, http_url, protocol, mode, v, input_json, out_dir, server_pid, interval_ms,
+                          metrics_url=metrics_url, request_count=request_count)
+        except RuntimeError as e:
+            if mode != "request_rate" or QUEUE_FULL not in str(e) or shed is None:
+                raise
+            print(f"perf_analyzer {protocol} {mode}={v:g}: the server shed load (its queue was full)")
+            shed.append(v)
+            break
         print(f"perf_analyzer {protocol} {mode}={v:g}: {p.throughput:.0f} img/s, p50 {p.latency_ms(50):.1f} ms, "
               f"p99 {p.latency_ms(99):.1f} ms")
         points.append(p)

@@ -19,7 +19,7 @@ from build.settings import RepoSettings, read_manifest
 from core import protocol as P
 from perf import report, tune
 from perf.loadtest import run_locust
-from perf.perf_analyzer import run_point, write_input_data
+from perf.perf_analyzer import rate_limits, run_point, write_input_data
 from serve.server import free_ports
 
 COMPOSING = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
@@ -152,6 +152,30 @@ def test_report_quick(repo, tiny_data, tmp_path):
     assert "<table" in page and "## " not in page  # rendered by the Markdown library, not left as text
     assert len(list((out / "perf_analyzer").glob("*.csv"))) == 2 * 2 + 1  # 2 protocols x 2 concurrencies + 1 rate
     assert "## Server-side breakdown" in md.replace("### Server-side", "## Server-side") and "config.pbtxt" in md
+    # the rate sweep is open loop, and says for its point what limited it
+    rate_log = next((out / "perf_analyzer").glob("perf_analyzer_grpc_request_rate_*.log")).read_text()
+    assert "--async --max-threads" in rate_log.splitlines()[0]
+    assert "### Request rate: achieved against offered" in md and "| limited by |" in md
+    assert "## Engines and precisions" in md and results["ceiling"]["best_schedule"] in ("sequential", "overlapped")
+
+
+def _rate_point(offered: float, achieved: float, p99_ms: float, behind: bool = False) -> dict:
+    return {"mode": "request_rate", "value": offered, "generator_behind": behind,
+            "client": {"Inferences/Second": str(achieved), "p99 latency": str(p99_ms * 1000)}}
+
+
+def test_rate_points_say_what_limited_them():
+    # the shape seen in a report: offered 1,167 and 1,556, achieved 782 both times, p99 lower than below them
+    points = [_rate_point(389, 389, 7.0), _rate_point(778, 776, 9.4), _rate_point(1167, 782, 8.9),
+              _rate_point(1556, 782, 8.9)]
+    assert rate_limits(points) == ["offered", "offered", "generator", "generator"]
+    # short of the rate with latency turning: the server saturated
+    points[3] = _rate_point(1556, 1100, 60.0)
+    assert rate_limits(points) == ["offered", "offered", "generator", "server"]
+    # perf_analyzer's own warning that it fell behind is believed whatever the latency
+    points[3] = _rate_point(1556, 1100, 60.0, behind=True)
+    assert rate_limits(points)[3] == "generator"
+    assert rate_limits([]) == [] and rate_limits([{"mode": "concurrency", "value": 4}]) == []
 
 
 def test_jpegs_and_tensors_measured_side_by_side(ensemble_server, onnx_model, val_files, tmp_path):

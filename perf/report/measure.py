@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from build.artifacts import ARTIFACT_NAMES
+from build.artifacts import ARTIFACT_NAMES, CANDIDATES, current_report
 from build.model_config import config_text, read_configs
 from build.render_repo import labels_file
 from build.settings import read_manifest, rendered_onnx
@@ -26,7 +26,8 @@ from serve.server import TritonServer, free_ports
 class Profile:
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     protocols: tuple[str, ...] = ("http", "grpc")
-    rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # of the best measured throughput
+    # of the best measured throughput; past 1.0 the server's latency turns or it sheds load
+    rate_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25)
     interval_ms: int = 3000
     locust_users: int = 16
     locust_seconds: int = 20
@@ -59,15 +60,17 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
     blobs = [b for _, b in sample_images(images)]
     r = describe(repo, images, profile, manifest, ckpt, blobs)
     if "ceiling" in profile.parts:
-        r.update(measure_ceiling(onnx, images, profile))
+        r.update(measure_ceiling(onnx, images, profile, manifest))
     if "compare" in profile.parts:
         r["compare"] = measure_compare(repo, ckpt, images, out, profile)
     if not {"perf", "loadtest"} & set(profile.parts):
         return r
     with TritonServer(repo, None, log_file=out / "tritonserver.log") as server:
-        pa = perf_analyzer_sweeps(server, blobs, out, profile)
+        shed: list[float] = []
+        pa = perf_analyzer_sweeps(server, blobs, out, profile, shed)
         if pa:
             r["perf_analyzer"] = {k: [p.to_dict() for p in v] for k, v in pa.items()}
+            r["rate_shed_at"] = shed[0] if shed else None
         if "loadtest" not in profile.parts:
             return r
         r["locust"] = locust_on_triton(server, images, out, profile, labels, top_k)
@@ -86,18 +89,28 @@ def describe(repo: Path, images: Path, profile: Profile, manifest: dict, ckpt: s
             "payload_mean_bytes": sum(map(len, blobs)) / len(blobs)}
 
 
-def measure_ceiling(onnx: Path, images: Path, profile: Profile) -> dict:
-    """The in-process ceiling of the served ONNX, and of the other precisions built next to it (make
-    quantize), same pipeline, same run: {"ceiling": ..., "precisions": ...}."""
+def measure_ceiling(onnx: Path, images: Path, profile: Profile, manifest: dict) -> dict:
+    """The in-process ceiling of what the repository serves (its engine and precision), and of every other
+    candidate make quantize measured next to it (engine x precision; without its report, each artifact file
+    on ONNX Runtime), same pipeline, same run: {"ceiling": ..., "precisions": ...}."""
     print("ceiling (in-process, no server) ...")
-    r: dict = {"ceiling": ceiling.measure(onnx, images, min_time=profile.ceiling_seconds), "precisions": {}}
-    # the other precisions built next to the served ONNX (make quantize), same pipeline, same run
-    for name, file in ARTIFACT_NAMES.items():
-        path = onnx.parent / file
+    served = {"engine": manifest.get("engine", "onnxruntime"),
+              "inference_precision": manifest.get("inference_precision") or "f32"}
+    r: dict = {"ceiling": ceiling.measure(onnx, images, min_time=profile.ceiling_seconds, **served),
+               "precisions": {}}
+    report = current_report(onnx.parent)
+    names = [n for n in CANDIDATES if n in report["artifacts"] and n not in report["gate_failures"]] if report \
+        else list(ARTIFACT_NAMES)
+    for name in names:
+        c = CANDIDATES[name]
+        path = onnx.parent / ARTIFACT_NAMES[c.artifact]
         if path.is_file():
-            m = ceiling.measure(path, images, min_time=profile.ceiling_seconds)
-            r["precisions"][name] = {"file": file, "images_per_s": m["ceiling_images_per_s"],
-                                     "best_batch": m["best_batch"],
+            m = ceiling.measure(path, images, min_time=profile.ceiling_seconds, engine=c.engine,
+                                inference_precision=c.inference_precision,
+                                schedules=(r["ceiling"]["best_schedule"],))
+            r["precisions"][name] = {"file": path.name, "engine": c.engine, "precision": c.precision,
+                                     "images_per_s": m["ceiling_images_per_s"], "best_batch": m["best_batch"],
+                                     "schedule": m["best_schedule"],
                                      "model_only_images_per_s": m["model_only_images_per_s_at_best_batch"]}
     return r
 
@@ -110,10 +123,11 @@ def measure_compare(repo: Path, ckpt: str, images: Path, out: Path, profile: Pro
                         profile.compare_connections, profile.compare_layouts, profile.compare_peers)
 
 
-def perf_analyzer_sweeps(server: TritonServer, blobs: list[bytes], out: Path, profile: Profile
-                         ) -> dict[str, list[PerfPoint]]:
-    """perf_analyzer's concurrency sweep per protocol, then a gRPC request-rate sweep at fractions of the
-    best throughput measured; none unless the profile's parts include perf."""
+def perf_analyzer_sweeps(server: TritonServer, blobs: list[bytes], out: Path, profile: Profile,
+                         shed: list[float] | None = None) -> dict[str, list[PerfPoint]]:
+    """perf_analyzer's concurrency sweep per protocol, then an open-loop gRPC request-rate sweep at fractions of
+    the best throughput measured, up to past it (the first rate the server shed load at goes into ``shed``);
+    none unless the profile's parts include perf."""
     assert server.proc is not None  # serving
     pid, metrics_url = server.proc.pid, server.metrics_url
     pa: dict[str, list[PerfPoint]] = {}
@@ -127,7 +141,8 @@ def perf_analyzer_sweeps(server: TritonServer, blobs: list[bytes], out: Path, pr
         peak = max(p.throughput for pts in pa.values() for p in pts)
         rates = [max(1.0, round(f * peak)) for f in profile.rate_fractions]
         pa["grpc_rate"] = sweep(server.grpc_url, server.http_url, "grpc", "request_rate", rates, blobs,
-                                out / "perf_analyzer", pid, profile.interval_ms, metrics_url, profile.request_count)
+                                out / "perf_analyzer", pid, profile.interval_ms, metrics_url, profile.request_count,
+                                shed)
     return pa
 
 

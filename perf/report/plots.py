@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from perf.fair import plot as compare_plot
+from perf.perf_analyzer import rate_limits
 
 # a drawn figure: (the matplotlib figure, its file name, its title); None: nothing to draw
 Drawn = tuple[Any, str, str] | None
@@ -87,14 +88,20 @@ def request_rate(plt: Any, r: dict) -> Drawn:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot([p["value"] for p in pts], [float(p["client"]["Inferences/Second"]) for p in pts], "o-",
-            label="achieved")
+    offered = [p["value"] for p in pts]
+    ax.plot(offered, [float(p["client"]["Inferences/Second"]) for p in pts], "o-", label="achieved")
+    ax.plot(offered, offered, ":", color="grey", label="offered")
+    behind = [(p["value"], float(p["client"]["Inferences/Second"]))
+              for p, lim in zip(pts, rate_limits(pts), strict=True) if lim == "generator"]
+    if behind:
+        ax.plot(*zip(*behind, strict=True), "x", color="C1", ms=10, label="limited by the generator")
+    ax.legend(loc="upper left", fontsize=7)
     ax2 = ax.twinx()
     ax2.plot([p["value"] for p in pts], [float(p["client"]["p99 latency"]) / 1000 for p in pts], "s--", color="C3")
     ax.set_xlabel("offered request rate (req/s, gRPC)")
     ax.set_ylabel("images / s (solid)")
     ax2.set_ylabel("p99 latency, ms (dashed)")
-    return fig, "request_rate.png", "Request-rate sweep (perf_analyzer, gRPC)"
+    return fig, "request_rate.png", "Request-rate sweep (perf_analyzer, gRPC, open loop): achieved against offered"
 
 
 def triton_vs_baseline(plt: Any, r: dict) -> Drawn:

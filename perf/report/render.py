@@ -8,6 +8,7 @@ from pathlib import Path
 
 from perf.fair import render_markdown as render_compare
 from perf.harness import verdicts
+from perf.perf_analyzer import rate_limits
 from perf.report.analysis import TARGET_BASELINE_RATIO, TARGET_CEILING_RATIO, computing_models, verdict
 
 
@@ -127,8 +128,18 @@ def locust_section(r: dict) -> list[str]:
 def ceiling_section(r: dict) -> list[str]:
     c = r["ceiling"]
     pre = c["preprocess_images_per_s"]
-    lines = ["## In-process ceiling", "", "| batch | img/s (DALI + ONNX Runtime, no server) |", "| --- | --- |"]
-    lines += [f"| {b} | {v:.0f} |" for b, v in c["images_per_s_by_batch"].items()]
+    engine = f"{c.get('engine', 'onnxruntime')}" + (f" {c['inference_precision']}" if c.get("engine") == "openvino"
+                                                     else "")
+    by_schedule = c.get("images_per_s_by_schedule", {"sequential": c["images_per_s_by_batch"]})
+    lines = ["## In-process ceiling", "",
+             f"DALI + {engine} (what the repository serves), no server, every core. Sequential: decode a batch, "
+             "then infer it; overlapped: a decoding thread keeps batches ready while inference runs. The ceiling "
+             f"is the best of them: {c.get('best_schedule', 'sequential')} at batch {c['best_batch']}, "
+             f"{c['ceiling_images_per_s']:.0f} img/s.", "",
+             "| batch | " + " | ".join(f"{s} img/s" for s in by_schedule) + " |",
+             "| --- | " + " | ".join("---" for _ in by_schedule) + " |"]
+    lines += [f"| {b} | " + " | ".join(f"{by_schedule[s][b]:.0f}" for s in by_schedule) + " |"
+              for b in c["images_per_s_by_batch"]]
     return lines + [
         "", f"Preprocessing alone: DALI on the CPU {pre['dali_cpu_batched']:.0f} img/s (batched) vs Pillow + "
         f"NumPy {pre['pillow_numpy_one_by_one']:.0f} img/s (one by one, as the baseline does); the model alone "
@@ -136,14 +147,18 @@ def ceiling_section(r: dict) -> list[str]:
 
 
 def precisions_section(r: dict) -> list[str]:
-    lines = ["## Precisions", "", f"Served in this run: {r['manifest']['precision']}. Every precision artifact found "
-             "next to it (`make quantize`), measured in-process in this run with the same DALI preprocessing "
-             "(ONNX Runtime on this CPU; TensorRT engines are measured by `make gpu-check` on a GPU):", ""]
+    m = r["manifest"]
+    lines = ["## Engines and precisions", "",
+             f"Served in this run: {m['precision']} on {m.get('engine', 'onnxruntime')}. Every candidate `make "
+             "quantize` scored and passed next to it (engine x precision; without its report, each artifact on "
+             "ONNX Runtime), measured in-process in this run with the same DALI preprocessing on this CPU "
+             "(TensorRT engines are measured by `make gpu-check` on a GPU):", ""]
     if not r.get("precisions"):
         return lines + ["(none measured: the ceiling part was not run)", ""]
-    lines += ["| artifact | file | pipeline img/s (best batch) | model-only img/s |", "| --- | --- | --- | --- |"]
-    lines += [f"| {n} | {x['file']} | {x['images_per_s']:.0f} ({x['best_batch']}) | "
-              f"{x['model_only_images_per_s']:.0f} |"
+    lines += ["| candidate | engine | precision | file | pipeline img/s (best batch) | model-only img/s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {n} | {x.get('engine', 'onnxruntime')} | {x.get('precision', n)} | {x['file']} | "
+              f"{x['images_per_s']:.0f} ({x['best_batch']}) | {x['model_only_images_per_s']:.0f} |"
               for n, x in r["precisions"].items()]
     return lines + [""]
 
@@ -153,6 +168,26 @@ def configs_section(r: dict) -> list[str]:
     for name, text in sorted(r["configs"].items()):
         lines += [f"<details><summary>{name}/config.pbtxt</summary>", "", "```", text.strip(), "```", "",
                   "</details>", ""]
+    return lines
+
+
+def rate_section(r: dict) -> list[str]:
+    """The open-loop request-rate sweep: achieved against offered, and what limited each point."""
+    points = [p for pts in r["perf_analyzer"].values() for p in pts if p["mode"] == "request_rate"]
+    if not points:
+        return []
+    lines = ["", "### Request rate: achieved against offered (gRPC, open loop)", "",
+             "Requests leave on schedule, however many are in flight (perf_analyzer `--async`). A point short of "
+             "its rate while latency stays at the unloaded level (or perf_analyzer fell behind) was limited by "
+             "the load generator, not the server, and is in no headline.", "",
+             "| offered req/s | achieved req/s | achieved / offered | p99 ms | limited by |",
+             "| --- | --- | --- | --- | --- |"]
+    for p, limit in zip(points, rate_limits(points), strict=True):
+        achieved = float(p["client"]["Inferences/Second"])
+        lines.append(f"| {p['value']:g} | {achieved:.0f} | {achieved / p['value']:.2f} | "
+                     f"{float(p['client']['p99 latency']) / 1000:.1f} | {limit} |")
+    if r.get("rate_shed_at"):
+        lines.append(f"| {r['rate_shed_at']:g} | – | – | – | server: it shed load (its queue was full) |")
     return lines
 
 
@@ -170,6 +205,7 @@ def perf_analyzer_section(r: dict) -> list[str]:
                          f"{float(c['p50 latency']) / 1000:.1f} | {float(c['p90 latency']) / 1000:.1f} | "
                          f"{float(c['p99 latency']) / 1000:.1f} | {p['usage'].get('cpu_cores_busy', 0):.2f} | "
                          f"{batches} |")
+    lines += rate_section(r)
     lines += ["", "### Server-side breakdown per model (µs per request; Triton statistics API)", "",
               "| protocol | concurrency | model | queue | compute input | compute infer | compute output | avg batch |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
