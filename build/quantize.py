@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import tempfile
-import time
 from collections.abc import Callable, Collection
 from contextlib import contextmanager
 from functools import partial
@@ -44,7 +43,7 @@ from core.metadata import (
     source_checkpoint,
 )
 from core.preprocess import DaliPreprocessor, PreprocessSpec
-from core.runners import OrtRunner, OvRunner, Runner
+from core.runners import OrtRunner, Runner, isolated, latency, openvino_capabilities, score_openvino
 from core.stages import ENGINES
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
@@ -222,25 +221,6 @@ def stamp(model: onnx.ModelProto, meta: dict, precision: str, extra: dict) -> on
 # scoring
 # ------------------------------------------------------------------------------------------------
 
-def latency(run: Runner, inputs: np.ndarray, batches=(1, 8, 16, 32), min_time: float = 0.5) -> dict:
-    """ms per batch and images/s at each batch size; best = highest images/s."""
-    out = {}
-    for b in batches:
-        x = np.ascontiguousarray(inputs[:b])
-        if len(x) < b:
-            x = np.concatenate([x] * (b // max(1, len(x)) + 1))[:b]
-        run(x)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_time:
-            run(x)
-            n += 1
-        ms = 1000 * (time.perf_counter() - start) / n
-        out[b] = {"ms": ms, "images_per_s": b * 1000 / ms}
-    best = max(out, key=lambda b: out[b]["images_per_s"])
-    return {"batch1_ms": out[1]["ms"], "best_batch": best, "best_images_per_s": out[best]["images_per_s"],
-            "by_batch": out}
-
-
 def accuracy(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
     """top-1 on the labels, top-1 agreement with the PyTorch reference logits, max |logit difference|."""
     return {"top1": float(100 * np.mean(logits.argmax(1) == labels)),
@@ -343,11 +323,6 @@ def convert(onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, o
     return produced, extra
 
 
-def candidate_runner(c: Candidate, blob: bytes) -> Runner:
-    """The candidate's engine at its precision hint, as the served classifier creates it (every core)."""
-    return OrtRunner(blob) if c.engine == "onnxruntime" else OvRunner(blob, inference_precision=c.inference_precision)
-
-
 def candidates_for(produced: Collection[str], engines: Collection[str]) -> dict[str, Candidate]:
     """The CANDIDATES whose artifact was produced, on the engines asked for (ONNX Runtime always: the gate's
     FP32 reference row and the files' own check)."""
@@ -359,32 +334,42 @@ def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, 
           labels: np.ndarray, sample: np.ndarray, engines: Collection[str] = tuple(ENGINES),
           unsupported: dict[str, dict] | None = None) -> dict[str, dict]:
     """Every candidate's accuracy against the labels and the reference (one streamed pass), size and latency.
-    The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself. A
-    candidate whose engine cannot compile its file goes into ``unsupported`` with the engine's error."""
+    The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself.
+
+    ONNX Runtime's candidates run here; OpenVINO's in a process of their own (core.runners.isolated: loaded
+    here it corrupted this process's heap), on the same images, each timed there as ONNX Runtime's are
+    here (every core, same batches). A candidate whose engine cannot compile its file goes into
+    ``unsupported`` with the engine's error, and is never served."""
     unsupported = {} if unsupported is None else unsupported
-    candidates, runners = candidates_for(produced, engines), {}
-    for name, c in candidates.items():
-        try:
-            runners[name] = candidate_runner(c, produced[c.artifact])
-        except RuntimeError as e:  # another engine that cannot compile this file: recorded, never served
-            if c.engine == "onnxruntime":
-                raise
-            unsupported[name] = {"engine": c.engine, "precision": c.precision, "file": ARTIFACT_NAMES[c.artifact],
-                                 "error": " ".join(str(e).split())[-400:].replace("|", "/")}
-            print(f"{name:17s} {c.engine} cannot run {ARTIFACT_NAMES[c.artifact]}: {unsupported[name]['error']}")
-    candidates = {n: c for n, c in candidates.items() if n in runners}
+    candidates = candidates_for(produced, engines)
+    ort = {n: OrtRunner(produced[c.artifact]) for n, c in candidates.items() if c.engine == "onnxruntime"}
+    others = {n: (produced[c.artifact], c.inference_precision) for n, c in candidates.items()
+              if c.engine == "openvino"}
     if ckpt is not None:
         torch_model = model_from_checkpoint(ckpt)
         reference_run: Runner = partial(logits_for_inputs, torch_model)
     else:
-        reference_run = runners["fp32"]
-    logits = stream_logits({"reference": reference_run, **runners}, pre.iter_files(paths))
+        reference_run = ort["fp32"]
+    logits = stream_logits({"reference": reference_run, **ort}, pre.iter_files(paths))
     reference = logits.pop("reference")
+    timed = {name: latency(ort.pop(name), sample) for name in list(ort)}
+    if others:
+        measured = isolated(score_openvino, others, pre.spec.to_dict(), [str(p) for p in paths], sample)
+        for name, m in measured.items():
+            if "error" in m:
+                c = candidates[name]
+                unsupported[name] = {"engine": c.engine, "precision": c.precision, "file": ARTIFACT_NAMES[c.artifact],
+                                     "error": m["error"].replace("|", "/")}
+                print(f"{name:17s} {c.engine} cannot run {ARTIFACT_NAMES[c.artifact]}: {m['error']}")
+            else:
+                logits[name], timed[name] = m["logits"], m["latency"]
     results = {}
     for name, c in candidates.items():
+        if name not in timed:
+            continue
         results[name] = {"engine": c.engine, "precision": c.precision, "file": ARTIFACT_NAMES[c.artifact],
                          **accuracy(logits[name], labels, reference), "size_bytes": len(produced[c.artifact]),
-                         "latency": latency(runners.pop(name), sample)}
+                         "latency": timed[name]}
         r = results[name]
         print(f"{name:17s} top1 {r['top1']:.2f}%  agreement {r['agreement_with_pytorch']:.2f}%  "
               f"max|diff| {r['max_abs_logit_diff']:.3g}  {r['latency']['best_images_per_s']:.0f} img/s "
@@ -401,12 +386,7 @@ def cpu_features() -> dict:
         flags = set(line.split(":", 1)[-1].split())
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
     info: dict = {"flags": [f for f in wanted if f in flags]}
-    try:
-        import openvino as ov
-
-        info["openvino"] = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-    except ImportError:
-        pass
+    info["openvino"] = isolated(openvino_capabilities)  # not loaded here: see score()
     return info
 
 

@@ -27,12 +27,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from core.metadata import read_metadata
 from core.preprocess import DaliPreprocessor, PreprocessSpec, pillow_preprocess
-from core.runners import OrtRunner, OvRunner, Runner
+from core.runners import OrtRunner, OvRunner, Runner, isolated
 from core.stages import ENGINES
 from perf.common import sample_images
 
@@ -139,6 +140,12 @@ def measure(onnx_path: Path, image_dir: Path, batches=(1, 8, 16, 32), threads: i
     model_rate = _rate(lambda: infer(inputs), len(inputs), min_time)
     return {**r, "preprocess_images_per_s": {"dali_cpu_batched": dali_rate, "pillow_numpy_one_by_one": pillow_rate},
             "model_only_images_per_s_at_best_batch": model_rate}
+
+
+def measure_isolated(*args: Any, **kwargs: Any) -> dict:
+    """:func:`measure` in a process of its own (core.runners.isolated): the engines' threads and OpenVINO
+    stay out of the caller, which goes on to start servers and load generators."""
+    return dict(isolated(measure, *args, **kwargs))
 
 
 def get_args_parser() -> argparse.ArgumentParser:

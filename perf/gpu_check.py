@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from build.engine import EngineBuilder, EngineEnvironmentError, PlanStamp, check_environment, check_plan
-from build.quantize import accuracy, latency
+from build.quantize import accuracy
 from build.render_repo import render
 from build.settings import BatchProfile, RepoSettings, add_settings_args, repo_settings
 from clients.client import ImageClassifierClient, Prediction
 from core.atomic_io import atomic_write_bytes
 from core.metadata import read_metadata, source_checkpoint
 from core.preprocess import DALI_INPUT_NAME, DaliPreprocessor, PreprocessSpec, build_dali_pipeline
-from core.runners import TrtRunner
+from core.runners import TrtRunner, latency
 from perf.perf_analyzer import Sources, jpeg_and_tensor_inputs, jpegs_and_tensors
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images

@@ -37,7 +37,7 @@ from clients.client import ImageClassifierClient
 from core import protocol as P
 from core.metadata import read_metadata
 from core.preprocess import DaliPreprocessor, PreprocessSpec
-from core.runners import make_runner
+from core.runners import isolated, logits_of, make_runner
 from core.stages import TopK, ort_session
 from perf import precisions
 from serve.server import TritonServer
@@ -201,10 +201,10 @@ def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_fil
     repo = tmp_path / "repo"
     render(onnx_path, repo, RepoSettings(max_batch_size=MAX_BATCH, top_k=3), served=served)
     meta = read_metadata(onnx_path)
-    run = make_runner(engine, onnx_path.read_bytes(), threads=0,
-                      **({"inference_precision": served.inference_precision} if engine == "openvino" else {}))
+    options = {"inference_precision": served.inference_precision} if engine == "openvino" else {}
     inputs = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(val_files)
-    logits = run(inputs)
+    # OpenVINO in a process of its own, as every measurement runs it (core.runners.isolated)
+    logits = isolated(logits_of, engine, onnx_path.read_bytes(), inputs, threads=0, **options)
     with TritonServer(repo, None) as server, ImageClassifierClient(server.grpc_url, "grpc") as c:
         preds = c.classify_files(val_files, batch_size=MAX_BATCH)
     served_top1 = np.array([meta["classes"].index(p.labels[0]) for p in preds])

@@ -96,7 +96,7 @@ def measure_ceiling(onnx: Path, images: Path, profile: Profile, manifest: dict) 
     print("ceiling (in-process, no server) ...")
     served = {"engine": manifest.get("engine", "onnxruntime"),
               "inference_precision": manifest.get("inference_precision") or "f32"}
-    r: dict = {"ceiling": ceiling.measure(onnx, images, min_time=profile.ceiling_seconds, **served),
+    r: dict = {"ceiling": ceiling.measure_isolated(onnx, images, min_time=profile.ceiling_seconds, **served),
                "precisions": {}}
     report = current_report(onnx.parent)
     names = [n for n in CANDIDATES if n in report["artifacts"] and n not in report["gate_failures"]] if report \
@@ -105,7 +105,7 @@ def measure_ceiling(onnx: Path, images: Path, profile: Profile, manifest: dict) 
         c = CANDIDATES[name]
         path = onnx.parent / ARTIFACT_NAMES[c.artifact]
         if path.is_file():
-            m = ceiling.measure(path, images, min_time=profile.ceiling_seconds, engine=c.engine,
+            m = ceiling.measure_isolated(path, images, min_time=profile.ceiling_seconds, engine=c.engine,
                                 inference_precision=c.inference_precision,
                                 schedules=(r["ceiling"]["best_schedule"],))
             r["precisions"][name] = {"file": path.name, "engine": c.engine, "precision": c.precision,
