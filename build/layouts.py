@@ -112,10 +112,11 @@ PREPROCESS_STEP: Step = (P.PREPROCESS, {P.IMAGE: P.IMAGE}, {P.PIXELS: "pixels"})
 
 def stage_parameters(s: RepoSettings, k: int) -> dict[str, dict[str, Any]]:
     """The Python-backend stages' parameters, by model (the fused model takes all of them)."""
+    metrics = {"served_metrics": s.served_metrics, "served_metrics_interval_ms": s.served_metrics_interval_ms}
     return {P.PREPROCESS: {"dali_pipeline": MODEL_DALI, "dali_num_threads": s.dali_threads,
-                           "max_image_pixels": s.max_image_pixels, "max_image_bytes": s.max_image_bytes},
-            P.CLASSIFIER: {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads},
-            P.POSTPROCESS: {"top_k": k}}
+                           "max_image_pixels": s.max_image_pixels, "max_image_bytes": s.max_image_bytes, **metrics},
+            P.CLASSIFIER: {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads, **metrics},
+            P.POSTPROCESS: {"top_k": k, **metrics}}
 
 
 def _embedded_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
@@ -160,7 +161,7 @@ def _gpu_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     warm.inputs[onnx_in].zero_data = True
 
     post = python_model(P.POSTPROCESS, s, [tensor(P.LOGITS, FP32, [c.num_classes])],
-                        ensemble_outputs(c.num_classes, c.top_k), 1, {"top_k": c.top_k})
+                        ensemble_outputs(c.num_classes, c.top_k), 1, stage_parameters(s, c.top_k)[P.POSTPROCESS])
     return {P.PREPROCESS: pre, P.CLASSIFIER: cls, P.POSTPROCESS: post}
 
 
@@ -208,14 +209,15 @@ STAGE_CODE = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)  # build/triton_models/
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
     Layout("fused", targets=("embedded",), onnx_model=P.ENSEMBLE, pipeline_model=P.ENSEMBLE,
-           labels_dir=f"{P.ENSEMBLE}/1", code={"embedded": {P.ENSEMBLE: ("fused",)}},
+           labels_dir=f"{P.ENSEMBLE}/1", code={"embedded": {P.ENSEMBLE: ("fused", "metrics")}},
            configs=fused_configs, single_model=True),
     Layout("postprocess", targets=TARGETS, onnx_model=P.CLASSIFIER, pipeline_model=P.PREPROCESS,
            labels_dir=f"{P.POSTPROCESS}/1",
-           code={"embedded": {m: (m,) for m in STAGE_CODE}, "gpu": {P.POSTPROCESS: (P.POSTPROCESS,)}},
+           code={"embedded": {m: (m, "metrics") for m in STAGE_CODE},
+                 "gpu": {P.POSTPROCESS: (P.POSTPROCESS, "metrics")}},
            configs=postprocess_configs),
     Layout("classification", targets=TARGETS, onnx_model=P.CLASSIFIER, pipeline_model=P.PREPROCESS,
-           labels_dir=P.CLASSIFIER, code={"embedded": {m: (m,) for m in (P.PREPROCESS, P.CLASSIFIER)}},
+           labels_dir=P.CLASSIFIER, code={"embedded": {m: (m, "metrics") for m in (P.PREPROCESS, P.CLASSIFIER)}},
            configs=classification_configs, needs_probabilities=True),
 )}
 DEFAULT_LAYOUT = {"embedded": "fused", "gpu": "classification"}

@@ -49,6 +49,12 @@ class RepoSettings:
     max_queue_size: int = _setting(
         64, "requests each composing model queues before answering UNAVAILABLE / 503 (0 = unbounded)")
     queue_timeout_ms: int = _setting(5000, "a request queued longer is answered UNAVAILABLE / 503 (0 = no timeout)")
+    served_metrics: int = _setting(
+        1, "the Python models export their own Prometheus metrics (confidence, entropy, classes, inputs; 0 = off)")
+    response_cache_mb: int = _setting(
+        0, "Triton's response cache for repeated requests (the same image bytes again): its size in MiB (0 = off)")
+    served_metrics_interval_ms: int = _setting(
+        1000, "how often those metrics are handed to Triton (0 = after every batch, which costs throughput)")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ training (core/preprocess.py: the decode policy).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +30,30 @@ SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class Rejected(ValueError):
-    """The image's own fault (too large, not JPEG/PNG, undecodable): answered INVALID_ARG with this message."""
+    """The image's own fault (too large, not JPEG/PNG, undecodable): answered INVALID_ARG with this message.
+    ``reason``: one of REFUSALS, for the refusal counters of the served metrics."""
+
+    def __init__(self, message: str, reason: str = "invalid"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# Why an image is refused, as the served metrics count it (image_classifier_refusals_total{reason=...})
+REFUSALS = ("empty", "too_many_bytes", "too_many_pixels", "not_jpeg_or_png", "truncated", "corrupt",
+            "unsupported", "undecodable", "invalid")
 
 
 def check_bytes(num_bytes: int, max_bytes: int) -> None:
     """The decode policy's limit on encoded bytes: checked first, before anything is parsed."""
     if num_bytes > max_bytes:
-        raise Rejected(f"image is {num_bytes} bytes, over the limit of {max_bytes} bytes")
+        raise Rejected(f"image is {num_bytes} bytes, over the limit of {max_bytes} bytes", "too_many_bytes")
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
     """The decode policy's limit on pixels, from the header: checked before decoding."""
     if width * height > max_pixels:
-        raise Rejected(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels")
+        raise Rejected(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels",
+                       "too_many_pixels")
 
 
 def check_limits(num_bytes: int, width: int, height: int, max_pixels: int, max_bytes: int) -> None:
@@ -55,12 +67,12 @@ def jpeg_extent(data: bytes) -> tuple[int, int, int]:
     marker. Walks the marker segments and the entropy-coded data (cheap: bytes.find), so a file cut
     short is caught here with a clear message, and trailing bytes are located, not guessed at."""
     n, pos, size = len(data), 2, None
-    truncated = Rejected(f"truncated JPEG: {n} bytes and no end-of-image marker")
+    truncated = Rejected(f"truncated JPEG: {n} bytes and no end-of-image marker", "truncated")
     while True:
         if pos >= n:
             raise truncated
         if data[pos] != 0xFF:
-            raise Rejected(f"corrupt JPEG: expected a marker at byte {pos}")
+            raise Rejected(f"corrupt JPEG: expected a marker at byte {pos}", "corrupt")
         while pos < n and data[pos] == 0xFF:  # fill bytes
             pos += 1
         if pos >= n:
@@ -68,7 +80,7 @@ def jpeg_extent(data: bytes) -> tuple[int, int, int]:
         marker, pos = data[pos], pos + 1
         if marker == 0xD9:  # end of image
             if size is None:
-                raise Rejected("corrupt JPEG: no frame header before the end-of-image marker")
+                raise Rejected("corrupt JPEG: no frame header before the end-of-image marker", "corrupt")
             return size[0], size[1], pos
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             continue
@@ -79,12 +91,13 @@ def jpeg_extent(data: bytes) -> tuple[int, int, int]:
             raise truncated
         if marker in SOF_MARKERS and end - pos >= 7:
             if data[pos + 2] != 8:  # DALI (and Pillow, which training decodes with) read 8-bit samples only
-                raise Rejected(f"unsupported JPEG: {data[pos + 2]}-bit samples (8-bit JPEGs are served)")
+                raise Rejected(f"unsupported JPEG: {data[pos + 2]}-bit samples (8-bit JPEGs are served)",
+                               "unsupported")
             size = (int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 3:pos + 5], "big"))
         pos = end
         if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
             if size is None:
-                raise Rejected("corrupt JPEG: scan data before a frame header")
+                raise Rejected("corrupt JPEG: scan data before a frame header", "corrupt")
             while True:
                 j = data.find(b"\xff", pos)
                 if j < 0 or j + 1 >= n:
@@ -104,16 +117,16 @@ def png_extent(data: bytes) -> tuple[int, int, int]:
     n, pos, size = len(data), 8, None
     while True:
         if pos + 8 > n:
-            raise Rejected(f"truncated PNG: {n} bytes and no IEND chunk")
+            raise Rejected(f"truncated PNG: {n} bytes and no IEND chunk", "truncated")
         length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
         if kind == b"IHDR" and length >= 8 and pos + 16 <= n:
             size = (int.from_bytes(data[pos + 8:pos + 12], "big"), int.from_bytes(data[pos + 12:pos + 16], "big"))
         pos += 12 + length
         if kind == b"IEND":
             if pos > n:
-                raise Rejected(f"truncated PNG: {n} bytes, IEND cut short")
+                raise Rejected(f"truncated PNG: {n} bytes, IEND cut short", "truncated")
             if size is None:
-                raise Rejected("corrupt PNG: no IHDR chunk")
+                raise Rejected("corrupt PNG: no IHDR chunk", "corrupt")
             return size[0], size[1], pos
 
 
@@ -129,23 +142,46 @@ def image_bytes(row: np.ndarray) -> bytes:
     such (stripped, it would look like an empty input)."""
     data = strip_padding(row)
     if not data and row.size:
-        raise Rejected(f"no image bytes (the row is all zero padding: {row.size} zero bytes)")
+        raise Rejected(f"no image bytes (the row is all zero padding: {row.size} zero bytes)", "empty")
     return data
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image's header says: its format, size and encoded bytes (the served input metrics)."""
+
+    kind: str  # JPEG or PNG
+    width: int
+    height: int
+    num_bytes: int
+
+
+@dataclass
+class Observed:
+    """What the last batch showed the served metrics: each accepted image, and each refusal's reason."""
+
+    inputs: list[ImageInfo] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
 
 
 def check_image(data: bytes, max_pixels: int, max_bytes: int) -> bytes:
     """The encoded image without trailing bytes, ready for DALI; raises Rejected saying why not."""
+    return inspect_image(data, max_pixels, max_bytes)[0]
+
+
+def inspect_image(data: bytes, max_pixels: int, max_bytes: int) -> tuple[bytes, ImageInfo]:
+    """:func:`check_image`, and what the header said."""
     if not data:
-        raise Rejected("empty input: 0 bytes")
+        raise Rejected("empty input: 0 bytes", "empty")
     check_bytes(len(data), max_bytes)
     kind = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
     if kind is None:
-        raise Rejected(f"not a JPEG or PNG image (starts with {data[:8].hex(' ')})")
+        raise Rejected(f"not a JPEG or PNG image (starts with {data[:8].hex(' ')})", "not_jpeg_or_png")
     width, height, end = (jpeg_extent if kind == "JPEG" else png_extent)(data)
     check_pixels(width, height, max_pixels)
     if width == 0 or height == 0:
-        raise Rejected(f"corrupt {kind}: {width}x{height} pixels")
-    return data[:end]
+        raise Rejected(f"corrupt {kind}: {width}x{height} pixels", "corrupt")
+    return data[:end], ImageInfo(kind, width, height, end)
 
 
 def is_decode_failure(err: Exception) -> bool:
@@ -194,6 +230,7 @@ class Preprocessor:
         self.make_pipeline, self.in_name, self.max_batch = make_pipeline, in_name, max(1, max_batch)
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
         self.pipe = self.make_pipeline()
+        self.observed = Observed()  # the last decode()'s images and refusals
 
     @classmethod
     def from_config(cls, config: dict[str, Any], here: Path) -> Preprocessor:
@@ -243,7 +280,7 @@ class Preprocessor:
                 if not is_decode_failure(e):
                     raise
                 results.append(Rejected(f"could not decode the image data, corrupt or unsupported encoding "
-                                        f"({dali_reason(e)})"))
+                                        f"({dali_reason(e)})", "undecodable"))
         return results
 
     def decode(self, per_request: Sequence[np.ndarray]) -> list[np.ndarray | Rejected]:
@@ -251,17 +288,23 @@ class Preprocessor:
         each bad image by its index. Raises on a failure that is not the images' fault."""
         slots_per_request: list[list[int | Rejected]] = []
         good: list[bytes] = []
+        infos: list[ImageInfo] = []
         for rows in per_request:  # gather every image of every request, refusing bad ones up front
             rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
             slots: list[int | Rejected] = []
             for row in rows:
                 try:
-                    good.append(check_image(image_bytes(row), self.max_pixels, self.max_bytes))
+                    data, info = inspect_image(image_bytes(row), self.max_pixels, self.max_bytes)
+                    good.append(data)
+                    infos.append(info)
                     slots.append(len(good) - 1)
                 except Rejected as e:
                     slots.append(e)
             slots_per_request.append(slots)
         results = self._run_isolating(good) if good else []
+        self.observed = Observed([i for i, r in zip(infos, results, strict=True) if not isinstance(r, Rejected)],
+                                 [s.reason for slots in slots_per_request for s in slots if isinstance(s, Rejected)]
+                                 + [r.reason for r in results if isinstance(r, Rejected)])
         out: list[np.ndarray | Rejected] = []
         for slots in slots_per_request:
             resolved = [results[s] if isinstance(s, int) else s for s in slots]
@@ -362,6 +405,14 @@ def classifier_from_config(config: dict[str, Any], here: Path) -> Any:
     params = parameters(config)
     return make_classifier(params.get("engine", "onnxruntime"), here / params.get("onnx_file", "model.onnx"),
                            int(params.get("intra_op_threads", "1")), params.get("inference_precision", "f32"))
+
+
+def prediction_summary(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of probabilities: (top-1 confidence, entropy normalized by log(classes) to [0, 1], top-1 class):
+    what the served metrics histogram and count."""
+    p = probs.astype(np.float64, copy=False)
+    entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1) / np.log(max(2, p.shape[1]))
+    return p.max(axis=1), np.clip(entropy, 0.0, 1.0), p.argmax(axis=1)
 
 
 class TopK:

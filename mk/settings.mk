@@ -18,6 +18,10 @@ QUEUE_TIMEOUT_MS ?=
 # inputs refused before decoding (the embedded target's preprocess model)
 MAX_IMAGE_PIXELS ?=
 MAX_IMAGE_BYTES ?=
+# the Python models' own Prometheus metrics (confidence, entropy, class mix, inputs, refusals): 1 on, 0 off
+SERVED_METRICS ?=
+# Triton's response cache for repeated images, in MiB (0 = off)
+RESPONSE_CACHE_MB ?=
 RESET_SETTINGS ?=
 SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
   $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
@@ -25,4 +29,5 @@ SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRE
   $(if $(DALI_THREADS),--dali-threads $(DALI_THREADS)) $(if $(ORT_THREADS),--intra-op-threads $(ORT_THREADS)) \
   $(if $(MAX_IMAGE_PIXELS),--max-image-pixels $(MAX_IMAGE_PIXELS)) $(if $(MAX_IMAGE_BYTES),--max-image-bytes $(MAX_IMAGE_BYTES)) \
   $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_MS),--queue-timeout-ms $(QUEUE_TIMEOUT_MS)) \
+  $(if $(SERVED_METRICS),--served-metrics $(SERVED_METRICS)) $(if $(RESPONSE_CACHE_MB),--response-cache-mb $(RESPONSE_CACHE_MB)) \
   $(if $(RESET_SETTINGS),--reset-settings)

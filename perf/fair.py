@@ -28,8 +28,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -274,7 +274,7 @@ def side_by_side(repo: Path, ckpt: Path, image_dir: Path, out: Path, rounds: int
     finally:
         stop_baseline(baseline)
     r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(repo), ceiling_batch=best,
-             settings=manifest["settings"])
+             ceiling_engine=manifest.get("engine", "onnxruntime"), settings=manifest["settings"])
     return r
 
 
@@ -302,14 +302,68 @@ def ceiling_per_round(onnx: Path, image_dir: Path, seconds: int, manifest: dict)
 
     engine = {"engine": manifest.get("engine", "onnxruntime"),
               "inference_precision": manifest.get("inference_precision") or "f32"}
-    first = ceiling.measure(onnx, image_dir, min_time=1.0, stages=False, **engine)
+    first = ceiling.measure_isolated(onnx, image_dir, min_time=1.0, stages=False, **engine)
     best, schedule = first["best_batch"], first["best_schedule"]
 
     def per_round() -> float:
-        return ceiling.measure(onnx, image_dir, batches=(best,), min_time=seconds, stages=False,
-                               schedules=(schedule,), **engine)["ceiling_images_per_s"]
+        return ceiling.measure_isolated(onnx, image_dir, batches=(best,), min_time=seconds, stages=False,
+                                        schedules=(schedule,), **engine)["ceiling_images_per_s"]
 
     return best, per_round
+
+
+Variant = tuple[str, dict, dict]  # a server of variants(): its name, the settings it changes, TritonServer options
+
+
+def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant], rounds: int = 3,
+             seconds: int = 10, connections: int = 16,
+             after: Callable[[dict], dict] | None = None) -> dict:
+    """The repository's model, layout and settings served once per ``(name, settings changed, server options)``,
+    all at once, and measured by :func:`compare` (the first against each other); ``after``: given the running
+    servers by name, its result is added to the report (e.g. what each server counted)."""
+    from build.render_repo import render
+    from build.settings import read_manifest, rendered_onnx, settings_from_manifest
+    from serve.server import TritonServer
+
+    manifest = read_manifest(repo)
+    onnx, settings = rendered_onnx(repo), settings_from_manifest(manifest)
+    images = [b for _, b in sample_images(image_dir, 64)]
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        targets, running = [], {}
+        for i, (name, changes, options) in enumerate(servers):
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="variant-")))
+            render(onnx, tmp, replace(settings, **changes), layout=manifest["layout"])
+            running[name] = stack.enter_context(TritonServer(tmp, None, log_file=out / f"tritonserver-{i}.log",
+                                                             **options))
+            targets.append(Target(name, f"http://{running[name].http_url}", f"/v2/models/{P.ENSEMBLE}/infer",
+                                  "kserve"))
+        r = compare(targets, images, rounds, seconds, connections)
+        if after is not None:
+            r.update(after(running))
+    r.update(repo=str(repo), layout=manifest["layout"], settings=manifest["settings"])
+    return r
+
+
+def variants_main(description: str, out: Path, measure: Callable[[argparse.Namespace], dict],
+                  markdown: Callable[[dict], str] = render_markdown) -> None:
+    """The command line of a :func:`variants` measurement: --repo, --images, rounds, seconds, connections, --out;
+    writes report.json and report.md to --out and prints the Markdown."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--out", type=Path, default=out)
+    a = p.parse_args()
+    try:
+        result = measure(a)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    (a.out / "report.json").write_text(json.dumps(result, indent=2))
+    (a.out / "report.md").write_text(markdown(result))
+    print(markdown(result))
 
 
 def stop_baseline(baseline: subprocess.Popen) -> None:

@@ -260,7 +260,7 @@ def test_kubernetes_survives_slow_starts_and_scales_on_triton():
 
 def _promql_metrics(expr: str) -> set[str]:
 
-    return set(re.findall(r"\b(nv_[a-z_]+)\b", expr))
+    return set(re.findall(r"\b((?:nv|image_classifier)_[a-z0-9_]+)\b", expr))
 
 
 def test_dashboard_and_autoscaler_read_metrics_triton_exports(server, val_files):
@@ -273,14 +273,15 @@ def test_dashboard_and_autoscaler_read_metrics_triton_exports(server, val_files)
         assert c.classify_files(val_files[:2])[0].ok  # so every per-model counter has a sample
     with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
         exported = r.read().decode()
-    names = set(re.findall(r"^(nv_[a-z_]+)", exported, re.M))
+    names = set(re.findall(r"^((?:nv|image_classifier)_[a-z0-9_]+)", exported, re.M))
     models = set(re.findall(r'model="([^"]+)"', exported))
     dashboard = json.loads((ROOT / "docker" / "observability" / "grafana" / "dashboards" / "triton.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     exprs += [r[k] for r in yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])["rules"]
               for k in ("seriesQuery", "metricsQuery")]
     used = set().union(*map(_promql_metrics, exprs))
-    assert {"nv_inference_queue_duration_us", "nv_inference_request_failure", "nv_gpu_utilization"} <= used
+    assert {"nv_inference_queue_duration_us", "nv_inference_request_failure", "nv_gpu_utilization",
+            "image_classifier_top1_confidence_bucket", "image_classifier_predictions_total"} <= used
     assert sorted(m for m in used - names if not m.startswith("nv_gpu_")) == []
     named = {m for e in exprs for m in re.findall(r'model="([^"]+)"', e)}
     assert named and named <= models

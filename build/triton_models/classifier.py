@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
+import metrics  # noqa: E402
 import stages  # noqa: E402
 
 
@@ -26,10 +27,22 @@ class TritonPythonModel:
         self.in_name = config["input"][0]["name"]
         self.out_names = [o["name"] for o in config["output"]]
         self.input_dtype = pb_utils.triton_string_to_numpy(config["input"][0]["data_type"])
+        # the classification layout answers with these probabilities (no postprocess model): the answers'
+        # metrics are taken here
+        answers = len(self.out_names) > 1 and metrics.enabled(config)
+        here = Path(args["model_repository"]) / args["model_version"]
+        classes = (here.parent / "labels.txt").read_text().splitlines() if answers else []
+        self.metrics = metrics.ServedMetrics(args, config, classes=classes) if answers else None
 
     def execute(self, requests):
         arrays = [pb_utils.get_input_tensor_by_name(r, self.in_name).as_numpy() for r in requests]
         batch = np.concatenate(arrays).astype(self.input_dtype, copy=False)
         results = self.stage(batch, len(self.out_names))
+        if self.metrics is not None:
+            self.metrics.observe_predictions(stages.prediction_summary(results[1]))
         return [pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in zip(self.out_names, values, strict=True)])
                 for values in stages.split_rows(results, [len(a) for a in arrays])]
+
+    def finalize(self):
+        if self.metrics is not None:
+            self.metrics.close()

@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
+import metrics  # noqa: E402
 import stages  # noqa: E402
 
 
@@ -36,6 +37,8 @@ class TritonPythonModel:
         self.classifier = stages.classifier_from_config(config, here)
         self.top_k = stages.TopK.from_config(config, here)
         self.out_names = [o["name"] for o in config["output"]]  # probabilities, labels, scores
+        self.metrics = (metrics.ServedMetrics(args, config, stages.REFUSALS, self.top_k.classes)
+                        if metrics.enabled(config) else None)
 
     def execute(self, requests):
         try:
@@ -48,9 +51,17 @@ class TritonPythonModel:
             values = self.top_k(self.classifier(np.concatenate(good))[0]) if good else None
         except Exception as e:
             return failed("classifier", e, requests)
+        if self.metrics is not None:
+            self.metrics.observe_inputs(self.preprocess.observed)
+            if values is not None:
+                self.metrics.observe_predictions(stages.prediction_summary(values[0]))
         answers = iter(stages.split_rows(values, [len(d) for d in good]) if good else [])
         return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(d), pb_utils.TritonError.INVALID_ARG))
                 if isinstance(d, stages.Rejected) else
                 pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in zip(self.out_names, next(answers),
                                                                                      strict=True)])
                 for d in decoded]
+
+    def finalize(self):
+        if self.metrics is not None:
+            self.metrics.close()

@@ -18,6 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
+import metrics  # noqa: E402
 import stages  # noqa: E402
 
 
@@ -32,6 +33,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.stage = stages.Preprocessor.from_config(config, Path(args["model_repository"]) / args["model_version"])
+        self.metrics = metrics.ServedMetrics(args, config, stages.REFUSALS) if metrics.enabled(config) else None
         out = config["output"][0]  # tensor names come from the rendered config
         self.out_name, self.out_dtype = out["name"], pb_utils.triton_string_to_numpy(out["data_type"])
 
@@ -42,7 +44,13 @@ class TritonPythonModel:
         except Exception as e:
             error = internal_error("preprocess", e)
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        if self.metrics is not None:
+            self.metrics.observe_inputs(self.stage.observed)
         return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(d), pb_utils.TritonError.INVALID_ARG))
                 if isinstance(d, stages.Rejected) else
                 pb_utils.InferenceResponse([pb_utils.Tensor(self.out_name, d.astype(self.out_dtype, copy=False))])
                 for d in decoded]
+
+    def finalize(self):
+        if self.metrics is not None:
+            self.metrics.close()

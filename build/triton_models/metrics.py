@@ -1,0 +1,178 @@
+"""The served model's own Prometheus metrics, next to Triton's on its /metrics endpoint.
+
+Triton's custom-metrics API for the Python backend (``pb_utils.MetricFamily``). Copied beside the models
+that see images or predictions; what is measured comes from the Triton-free stages (core/stages.py:
+``Preprocessor.observed``, ``prediction_summary``).
+
+    image_classifier_top1_confidence_bucket{le}  the top-1 probability of each answer (a histogram)
+    image_classifier_entropy_bucket{le}          each answer's entropy over log(classes), 0..1
+    image_classifier_input_bytes_bucket{le}      encoded size of each accepted image
+    image_classifier_input_pixels_bucket{le}     decoded size (width x height, from the header)
+    image_classifier_predictions_total{class}    answers by predicted class
+    image_classifier_inputs_total{format}        accepted images by format (JPEG, PNG)
+    image_classifier_refusals_total{reason}      refused images by reason (stages.REFUSALS)
+
+Each histogram is a Prometheus histogram in its text form (cumulative ``_bucket`` series with ``le``,
+``_sum`` and ``_count``; ``histogram_quantile`` reads it), made of counters. Why not the API's own
+HISTOGRAM kind: every ``observe`` is one message from the stub to the backend process, and one per image
+and histogram cost the demo model 24% of its throughput (docs/monitoring.md). Here a batch only adds to
+counts in this process, and a thread hands the changes to Triton every ``served_metrics_interval_ms``
+(default 1000; 0 = at the end of every batch), so the figures are at most that late. Every metric carries
+the model's name and version.
+"""
+
+import threading
+from collections import Counter
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+ENTROPY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BYTES_BUCKETS = tuple(2.0 ** k for k in range(10, 26, 2))   # 1 KiB .. 16 MiB
+PIXELS_BUCKETS = tuple(4.0 ** k for k in range(6, 13))      # 64x64 .. 4096x4096
+
+
+def enabled(config):
+    """Whether the rendered config asks for the served metrics (served_metrics = 1, the default)."""
+    return _parameter(config, "served_metrics", "1") != "0"
+
+
+def _parameter(config, name, default):
+    return config.get("parameters", {}).get(name, {}).get("string_value", default)
+
+
+class Histogram:
+    """Counts per bucket, sum and count, added to in this process; ``flush`` hands what changed to Triton."""
+
+    def __init__(self, name, description, labels, buckets):
+        kind = pb_utils.MetricFamily.COUNTER
+        self.families = [pb_utils.MetricFamily(name=f"{name}_{part}", description=f"{description} ({part})",
+                                               kind=kind) for part in ("bucket", "sum", "count")]
+        bucket, total, count = self.families
+        self.edges = np.array([*buckets, np.inf])
+        self.buckets = [bucket.Metric(labels={**labels, "le": _le(b)}) for b in self.edges]
+        self.sum, self.count = total.Metric(labels=labels), count.Metric(labels=labels)
+        self.pending = np.zeros(len(self.edges)), 0.0, 0
+
+    def add(self, values):
+        values = np.asarray(values, dtype=np.float64)
+        if values.size:  # cumulative, as Prometheus histograms are: bucket le=x counts every value <= x
+            counts, total, n = self.pending
+            self.pending = (counts + (values[:, None] <= self.edges).sum(axis=0), total + values.sum(),
+                            n + values.size)
+
+    def take(self):
+        """What was added since the last take, and start again from nothing (under the caller's lock)."""
+        taken, self.pending = self.pending, (np.zeros(len(self.edges)), 0.0, 0)
+        return taken
+
+    def send(self, taken):
+        counts, total, n = taken
+        if n:
+            for metric, c in zip(self.buckets, counts.tolist(), strict=True):
+                if c:
+                    metric.increment(c)
+            self.sum.increment(total)
+            self.count.increment(n)
+
+
+def _le(bound):
+    return "+Inf" if np.isinf(bound) else f"{bound:g}"
+
+
+class Counts:
+    """A counter family by one label, added to here and flushed like :class:`Histogram`."""
+
+    def __init__(self, name, description, labels, label, values):
+        self.family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+        self.metrics = {v: self.family.Metric(labels={**labels, label: v}) for v in values}
+        self.pending = Counter()
+
+    def add(self, values):
+        self.pending.update(values)
+
+    def take(self):
+        taken, self.pending = self.pending, Counter()
+        return taken
+
+    def send(self, taken):
+        for value, n in taken.items():
+            self.metrics[value].increment(n)
+
+
+class ServedMetrics:
+    """One model's metrics: what arrives (``inputs``), what it answers (``predictions``), or both; flushed
+    to Triton by a thread every ``served_metrics_interval_ms``, and when the model is unloaded."""
+
+    def __init__(self, args, config, refusal_reasons=None, classes=None):
+        """``refusal_reasons`` (stages.REFUSALS): the model sees the images; ``classes``: it answers."""
+        labels = {"model": args["model_name"], "version": str(args["model_version"])}
+        self.metrics = []
+        if refusal_reasons is not None:
+            self.size = Histogram("image_classifier_input_bytes", "Encoded size of each accepted image, bytes",
+                                  labels, BYTES_BUCKETS)
+            self.pixels = Histogram("image_classifier_input_pixels", "Decoded size of each accepted image, "
+                                    "width x height", labels, PIXELS_BUCKETS)
+            self.formats = Counts("image_classifier_inputs_total", "Accepted images by format", labels, "format",
+                                  ("JPEG", "PNG"))
+            self.refusals = Counts("image_classifier_refusals_total", "Refused images by reason", labels, "reason",
+                                   refusal_reasons)
+            self.metrics += [self.size, self.pixels, self.formats, self.refusals]
+        if classes is not None:
+            self.confidence = Histogram("image_classifier_top1_confidence", "Top-1 probability of each answer",
+                                        labels, CONFIDENCE_BUCKETS)
+            self.entropy = Histogram("image_classifier_entropy", "Entropy of each answer over log(number of "
+                                     "classes)", labels, ENTROPY_BUCKETS)
+            self.classes = list(classes)
+            self.predictions = Counts("image_classifier_predictions_total", "Answers by predicted class", labels,
+                                      "class", self.classes)
+            self.metrics += [self.confidence, self.entropy, self.predictions]
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.interval = int(_parameter(config, "served_metrics_interval_ms", "1000")) / 1000
+        self.thread = None
+        if self.interval > 0:
+            self.thread = threading.Thread(target=self._run, name="served-metrics", daemon=True)
+            self.thread.start()
+
+    def observe_inputs(self, observed):
+        """``observed``: stages.Preprocessor.observed after a batch."""
+        with self.lock:
+            self.size.add([i.num_bytes for i in observed.inputs])
+            self.pixels.add([i.width * i.height for i in observed.inputs])
+            self.formats.add(i.kind for i in observed.inputs)
+            self.refusals.add(observed.refusals)
+        self._maybe_flush()
+
+    def observe_predictions(self, summary):
+        """``summary``: stages.prediction_summary of the batch's probabilities."""
+        top1, entropy, predicted = summary
+        with self.lock:
+            self.confidence.add(top1)
+            self.entropy.add(entropy)
+            self.predictions.add(self.classes[i] for i in predicted.tolist())
+        self._maybe_flush()
+
+    def _maybe_flush(self):
+        if self.thread is None:
+            self.flush()
+
+    def flush(self):
+        with self.lock:  # a batch's additions are taken whole; the messages to Triton go outside the lock
+            taken = [m.take() for m in self.metrics]
+        for m, t in zip(self.metrics, taken, strict=True):
+            m.send(t)
+
+    def _run(self):
+        while not self.stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception as e:  # never take the model down for its metrics
+                pb_utils.Logger.log_error(f"served metrics: {type(e).__name__}: {e}")
+
+    def close(self):
+        """Stop the thread and hand over what is left (the model's finalize)."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(5)
+        self.flush()

@@ -1,0 +1,129 @@
+"""The served model's own Prometheus metrics, read from the real server's /metrics endpoint.
+
+What the client saw is counted independently (its answers, its top-1 scores, the sizes of the files it
+sent, the refusals it got) and compared with what the server exported over the same requests."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_server import BAD_IMAGES, raw_infer
+from tritonclient.utils import InferenceServerException
+
+from build.render_repo import render
+from build.settings import RepoSettings
+from clients.client import ImageClassifierClient
+from core import protocol as P
+from core.stages import REFUSALS, prediction_summary
+from perf.common import scrape_metrics
+from serve.server import TritonServer
+
+PREFIX = "image_classifier_"
+
+
+def metric(scraped: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s series whose labels include ``labels``."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in scraped.items()
+               if k.split("{", 1)[0] == name and all(w in k for w in want))
+
+
+def delta(before: dict[str, float], after: dict[str, float], name: str, **labels: str) -> float:
+    return metric(after, name, **labels) - metric(before, name, **labels)
+
+
+def settled(server, before: dict[str, float], name: str, expected: float, **labels: str) -> dict[str, float]:
+    """The metrics once ``name`` has grown by ``expected`` since ``before``: the models hand their figures to
+    Triton every served_metrics_interval_ms (1 s by default), so they arrive a little after the answers."""
+    deadline = time.monotonic() + 30
+    while True:
+        after = scrape_metrics(server.metrics_url)
+        if delta(before, after, name, **labels) >= expected or time.monotonic() > deadline:
+            return after
+        time.sleep(0.2)
+
+
+def _classify(server, files: list[Path], bad: dict[str, bytes], probabilities: bool = False,
+              answers_model: str = P.ENSEMBLE):
+    before = scrape_metrics(server.metrics_url)
+    with ImageClassifierClient(server.http_url, with_probabilities=probabilities) as c:
+        preds = c.classify_files(files, batch_size=4)
+    for name, data in bad.items():  # one request each, refused
+        with pytest.raises(InferenceServerException, match=BAD_IMAGES[name][1]):
+            raw_infer(server, [data])
+    settled(server, before, PREFIX + "predictions_total", len(files), model=answers_model)
+    time.sleep(1.5)  # and one more interval: nothing else may arrive late
+    return preds, before, scrape_metrics(server.metrics_url)
+
+
+@pytest.mark.parametrize("layout", ["fused", "postprocess"])
+def test_served_metrics_count_what_the_clients_saw(layout, server, ensemble_server, val_files):
+    served = server if layout == "fused" else ensemble_server
+    inputs_model, answers_model = (P.ENSEMBLE, P.ENSEMBLE) if layout == "fused" else (P.PREPROCESS, P.POSTPROCESS)
+    files = val_files[:24]
+    bad = {n: BAD_IMAGES[n][0] for n in ("truncated_jpeg", "not_an_image", "corrupt_jpeg", "empty")}
+    preds, before, after = _classify(served, files, bad, answers_model=answers_model)
+
+    # inputs: every accepted image, its format, encoded bytes and pixels as the files have them
+    assert delta(before, after, PREFIX + "inputs_total", model=inputs_model, format="JPEG") == len(files)
+    assert delta(before, after, PREFIX + "input_bytes_count", model=inputs_model) == len(files)
+    assert delta(before, after, PREFIX + "input_bytes_sum", model=inputs_model) == sum(f.stat().st_size
+                                                                                          for f in files)
+    pixels = sum(math.prod(Image.open(f).size) for f in files)
+    assert delta(before, after, PREFIX + "input_pixels_sum", model=inputs_model) == pixels
+    # refusals, each under its own reason
+    expected = Counter({"truncated_jpeg": "truncated", "not_an_image": "not_jpeg_or_png",
+                        "corrupt_jpeg": "undecodable", "empty": "empty"}[n] for n in bad)
+    for reason in REFUSALS:
+        assert delta(before, after, PREFIX + "refusals_total", model=inputs_model, reason=reason) == \
+            expected[reason], reason
+
+    # answers: the class mix, and confidence from the very scores the client got
+    classes = Counter(p.labels[0] for p in preds)
+    for label in {p.labels[0] for p in preds} | {"00_circle"}:
+        assert delta(before, after, PREFIX + "predictions_total", model=answers_model, **{"class": label}) == \
+            classes[label], label
+    assert delta(before, after, PREFIX + "top1_confidence_count", model=answers_model) == len(files)
+    assert delta(before, after, PREFIX + "top1_confidence_sum", model=answers_model) == \
+        pytest.approx(sum(p.scores[0] for p in preds), rel=1e-4)
+    # a histogram: the buckets are cumulative and the +Inf bucket holds every answer
+    buckets = {k: v for k, v in after.items() if k.startswith(PREFIX + "top1_confidence_bucket")
+               and f'model="{answers_model}"' in k}
+    assert buckets and metric(after, PREFIX + "top1_confidence_bucket", model=answers_model, le="+Inf") == \
+        metric(after, PREFIX + "top1_confidence_count", model=answers_model)
+    assert not [k for k in after if k.startswith(PREFIX) and 'model="' + P.CLASSIFIER + '"' in k]
+
+
+def test_entropy_is_the_answers_own(server, val_files):
+    preds, before, after = _classify(server, val_files[:12], {}, probabilities=True)
+    probs = np.array([p.probabilities for p in preds], dtype=np.float32)
+    _, entropy, _ = prediction_summary(probs)
+    assert delta(before, after, PREFIX + "entropy_count", model=P.ENSEMBLE) == len(preds)
+    assert delta(before, after, PREFIX + "entropy_sum", model=P.ENSEMBLE) == pytest.approx(entropy.sum(), abs=1e-4)
+    assert entropy.min() >= 0 and entropy.max() <= 1
+
+
+def test_classification_layout_and_metrics_off(onnx_model, val_files, tmp_path):
+    """The classification layout answers from the classifier model, which then exports the answers'
+    metrics; SERVED_METRICS=0 exports none."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    render(onnx_model, on, RepoSettings(max_batch_size=8, classifier_instances=1, preprocess_instances=1),
+           layout="classification")
+    render(onnx_model, off, RepoSettings(max_batch_size=8, classifier_instances=1, served_metrics=0))
+    with TritonServer(on, None, log_file=tmp_path / "on.log") as s:
+        preds, before, after = _classify(s, val_files[:8], {"not_an_image": BAD_IMAGES["not_an_image"][0]},
+                                         answers_model=P.CLASSIFIER)
+        assert delta(before, after, PREFIX + "predictions_total", model=P.CLASSIFIER) == len(preds)
+        assert delta(before, after, PREFIX + "refusals_total", model=P.PREPROCESS, reason="not_jpeg_or_png") == 1
+    with TritonServer(off, None, log_file=tmp_path / "off.log") as s:
+        with ImageClassifierClient(s.http_url) as c:
+            c.classify_files(val_files[:4])
+        after = scrape_metrics(s.metrics_url)
+        assert not [k for k in after if k.startswith(PREFIX)]
+        assert metric(after, "nv_inference_request_success", model=P.ENSEMBLE) >= 1  # Triton's own are still there
