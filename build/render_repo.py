@@ -207,6 +207,8 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
     if target == "gpu":
         check_float32_io(onnx_path, tuple(export[k] for k in ("input", "output", "probabilities") if k in export))
     configs = lay.build_configs(ConfigInputs(spec, len(classes), settings, target, export))
+    if settings.response_cache_mb > 0:  # answers to requests seen before come from the server's cache
+        configs[P.ENSEMBLE].response_cache.enable = True
     if served is not None:
         params = configs[lay.onnx_model].parameters
         params["onnx_sha256"].string_value = onnx_sha

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NoReturn
 
+from build.settings import MANIFEST, read_manifest
 from clients import admin
 from serve import die_with_parent, object_store, stop_on_signals
 from serve.watchdog import StubWatchdog
@@ -62,6 +63,13 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+
+def repository_cache_bytes(repo: Path | str) -> int:
+    """The response cache a local repository asks for (its build.json's response_cache_mb), in bytes."""
+    if isinstance(repo, str) or not (Path(repo) / MANIFEST).is_file():
+        return 0
+    return int(read_manifest(Path(repo))["settings"].get("response_cache_mb", 0)) * 2 ** 20
 
 
 def pytriton_dir() -> Path:
@@ -131,12 +139,14 @@ class TritonServer:
 
     def __init__(self, repo: Path, ports: Ports | None = Ports(), log_file: Path | None = None, echo: bool = False,
                  extra_args: tuple[str, ...] = (), binary: Path | None = None, host: str = LOOPBACK,
-                 admin_key: str | None = None, model_control: str = "none", watch_stubs: bool = True):
+                 admin_key: str | None = None, model_control: str = "none", watch_stubs: bool = True,
+                 cache_bytes: int | None = None):
         """``binary``: a tritonserver with its own backends (the NGC container's); default: the pip wheel's.
         ``model_control``: "none" (the repository as loaded at start) or "explicit" (every model loaded at
         start; then loaded and unloaded through the repository API: live updates, and a draining stop).
         ``watch_stubs``: a Python-backend stub that dies is reported and, with explicit model control, its
-        model reloaded (serve.watchdog; Triton 2.51 does neither)."""
+        model reloaded (serve.watchdog; Triton 2.51 does neither). ``cache_bytes``: the size of Triton's
+        local response cache; None: the repository's ``response_cache_mb`` setting (its build.json)."""
         if model_control not in ("none", "explicit"):
             raise ValueError(f"model_control must be 'none' or 'explicit', got {model_control!r}")
         self.model_control = model_control
@@ -153,6 +163,7 @@ class TritonServer:
         self._reader: threading.Thread | None = None
         self.watch_stubs = watch_stubs
         self.watchdog: StubWatchdog | None = None
+        self.cache_bytes = repository_cache_bytes(self.repo) if cache_bytes is None else cache_bytes
 
     @property
     def process(self) -> subprocess.Popen:
@@ -186,12 +197,15 @@ class TritonServer:
             backends = [f"--backend-directory={backend_directory()}"]
         restricted = admin.server_args(self.admin_key) if self.admin_key else []
         control = ["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else []
+        cache = [f"--cache-config=local,size={self.cache_bytes}"] if self.cache_bytes > 0 else []
+        if cache and not self.binary:  # the wheel's local cache library (a full install has it in its default place)
+            cache.append(f"--cache-directory={pytriton_dir() / 'tritonserver' / 'caches'}")
         return [str(binary), f"--model-repository={self.repo}", *backends,
                 f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
                 f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-port={self.ports.metrics}", "--exit-on-error=true", "--strict-readiness=true",
                 "--disable-auto-complete-config", "--log-verbose=0", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-                *control, *restricted, *self.extra_args]
+                *control, *cache, *restricted, *self.extra_args]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
