@@ -97,7 +97,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint metrics-cost cache-check workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -293,6 +293,23 @@ report: artifacts $(if $(COMPARE_PEERS),peers)
 # data set against training from scratch, equal epochs, several seeds: .cache/transfer/results.md
 TRANSFER_SOURCE ?= animals
 TRANSFER_TARGET ?= digits
+# the served metrics' cost: the repository's model with them on and off, side by side (perf/metrics_cost.py)
+metrics-cost: venv
+	$(PY) -m perf.metrics_cost --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
+	  --connections $(COMPARE_CONNECTIONS)
+
+# Triton's response cache on a workload with repeats: hit rate and throughput against it off (perf/cache.py)
+cache-check: venv
+	$(PY) -m perf.cache --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
+	  --connections $(COMPARE_CONNECTIONS)
+
+# the demo and 224-px workloads on real photographs, each on its fastest engine, side by side with the
+# baseline and the ceiling (perf/workloads.py; trains, exports and quantizes the 224-px models first)
+WORKLOADS   ?= demo-synthetic demo-photos resnet50-photos mobilenet-photos
+workloads: artifacts $(if $(COMPARE_PEERS),peers)
+	$(PY) -m perf.workloads --workloads $(WORKLOADS) --ckpt $(CKPT) --data $(DATA) --rounds $(COMPARE_ROUNDS) \
+	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --peers "$(COMPARE_PEERS)"
+
 transfer: venv
 	$(PY) -m perf.transfer --source $(TRANSFER_SOURCE) --target $(TRANSFER_TARGET) --work .cache/transfer
 

