@@ -335,8 +335,8 @@ class OnnxClassifier:
     """A batch in, the ONNX outputs in order out (logits, then the export's softmax probabilities where it
     has them), on ONNX Runtime."""
 
-    def __init__(self, path: Path | str | bytes, intra_op_threads: int = 1, allow_spinning: bool = False):
-        self.session = ort_session(path, intra_op_threads, allow_spinning)
+    def __init__(self, path: Path | str | bytes, intra_op_threads: int = 1):
+        self.session = ort_session(path, intra_op_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 

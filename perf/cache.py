@@ -12,7 +12,6 @@ costs when images never repeat). Each server's hit rate is read from Triton's ow
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from core import protocol as P
@@ -55,9 +54,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _main(a: argparse.Namespace) -> dict:
-    return measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.connections)
-
-
 if __name__ == "__main__":
-    variants_main("Triton's response cache: hit rate and throughput against it off", REPORTS / "cache", _main, markdown)
+    variants_main("Triton's response cache: hit rate and throughput against it off", REPORTS / "cache", measure,
+                  markdown)

@@ -33,7 +33,7 @@ import numpy as np
 
 from core.metadata import read_metadata
 from core.preprocess import DaliPreprocessor, PreprocessSpec, pillow_preprocess
-from core.runners import OrtRunner, OvRunner, Runner, isolated
+from core.runners import Runner, isolated, make_runner
 from core.stages import ENGINES
 from perf.common import sample_images
 
@@ -99,9 +99,8 @@ def engine_runner(onnx_path: Path | str, engine: str, inference_precision: str =
     process can do, not the served setting)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {tuple(ENGINES)}, got {engine!r}")
-    if engine == "onnxruntime":
-        return OrtRunner(onnx_path, threads=0, allow_spinning=True)
-    return OvRunner(onnx_path, threads=0, inference_precision=inference_precision)
+    options = {"allow_spinning": True} if engine == "onnxruntime" else {"inference_precision": inference_precision}
+    return make_runner(engine, onnx_path, threads=0, **options)
 
 
 def measure(onnx_path: Path, image_dir: Path, batches=(1, 8, 16, 32), threads: int = 0,

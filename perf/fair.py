@@ -345,10 +345,10 @@ def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant],
     return r
 
 
-def variants_main(description: str, out: Path, measure: Callable[[argparse.Namespace], dict],
+def variants_main(description: str, out: Path, measure: Callable[[Path, Path, Path, int, int, int], dict],
                   markdown: Callable[[dict], str] = render_markdown) -> None:
-    """The command line of a :func:`variants` measurement: --repo, --images, rounds, seconds, connections, --out;
-    writes report.json and report.md to --out and prints the Markdown."""
+    """The command line of a :func:`variants` measurement, ``measure(repo, images, out, rounds, seconds,
+    connections)``; writes report.json and report.md to --out and prints the Markdown."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
     p.add_argument("--images", type=Path, required=True)
@@ -358,7 +358,7 @@ def variants_main(description: str, out: Path, measure: Callable[[argparse.Names
     p.add_argument("--out", type=Path, default=out)
     a = p.parse_args()
     try:
-        result = measure(a)
+        result = measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.connections)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     (a.out / "report.json").write_text(json.dumps(result, indent=2))

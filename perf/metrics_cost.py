@@ -10,7 +10,6 @@ and per round the ratio with metrics to without, with its spread.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from perf.common import REPORTS
@@ -24,9 +23,5 @@ def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: in
     return variants(repo, image_dir, out, SERVERS, rounds, seconds, connections)
 
 
-def _main(a: argparse.Namespace) -> dict:
-    return measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.connections)
-
-
 if __name__ == "__main__":
-    variants_main("Throughput and latency with the served metrics on and off", REPORTS / "metrics_cost", _main)
+    variants_main("Throughput and latency with the served metrics on and off", REPORTS / "metrics_cost", measure)
