@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import nvidia.dali
 from nvidia.dali import fn, types
 
 
@@ -39,18 +40,48 @@ def dali_graph(encoded: Any, spec: Any, device: str) -> Any:
     images: Any = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu",
                                     output_type=COLOR_TYPES[spec.color], jpeg_fancy_upsampling=True)
     if spec.resize_policy == "shorter_center_crop":
-        images = fn.resize(images, resize_shorter=spec.resize_size, interp_type=interp, antialias=True)
-        crop: tuple[int, int] | None = (spec.crop_size, spec.crop_size)
+        (new_h, new_w), (top, left) = library_geometry(encoded, spec.resize_size, spec.crop_size)
+        images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.DALIDataType.FLOAT),
+                           resize_y=fn.cast(new_h, dtype=types.DALIDataType.FLOAT), interp_type=interp,
+                           antialias=True)
+        images = fn.slice(images, start=fn.stack(top, left), shape=[spec.crop_size, spec.crop_size],
+                          axis_names="HW")
     else:  # stretch
         images = fn.resize(
             images, resize_x=spec.crop_size, resize_y=spec.crop_size, interp_type=interp, antialias=True
         )
-        crop = None
     return fn.crop_mirror_normalize(
         images,
-        crop=crop,
         mean=[255.0 * m for m in spec.mean],
         std=[255.0 * s for s in spec.std],
         dtype=types.DALIDataType.FLOAT,
         output_layout=spec.layout,
     )
+
+
+def library_geometry(encoded: Any, resize: int, crop: int) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """The resized (height, width) and the centre crop's (top, left) of each image, as torchvision's
+    ``Resize(resize)`` + ``CenterCrop(crop)`` (and timm's eval transform, built from them) compute them.
+
+    DALI's own ``resize_shorter`` rounds the long side and its crop rounds the centre half up; the
+    libraries truncate the long side (``int(resize * long / short)``) and round the offset half to even
+    (Python's ``round``). Either is one pixel off the other on many photos, tens of levels at the edges,
+    so the graph computes the libraries' numbers from each image's shape (read from its header, with its
+    EXIF orientation, on the CPU: argument inputs must be CPU data on either device).
+    core/preprocess.py ``library_geometry`` is the same arithmetic in Python, for Pillow."""
+    # DALI 2 moved the orientation-aware peek out of ``experimental``; 1.42 (the 24.10 image's) has it there
+    peek = fn.peek_image_shape if int(nvidia.dali.__version__.split(".")[0]) >= 2 else fn.experimental.peek_image_shape
+    shape = peek(encoded, dtype=types.DALIDataType.INT32)
+    h, w = shape[0], shape[1]
+    portrait = h > w  # the bools of a comparison act as 0/1 in DALI's arithmetic
+    landscape = 1 - portrait
+    new_h = portrait * (resize * h // w) + landscape * resize
+    new_w = landscape * (resize * w // h) + portrait * resize
+    return (new_h, new_w), (_half_even_centre(new_h - crop), _half_even_centre(new_w - crop))
+
+
+def _half_even_centre(excess: Any) -> Any:
+    """round(excess / 2) with ties to even: ``k`` for an even excess ``2k``, else the even one of k, k+1."""
+    k = excess // 2
+    odd = excess - 2 * k
+    return k + odd * (k - 2 * (k // 2))

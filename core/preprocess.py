@@ -165,6 +165,17 @@ def pillow_filter(interpolation: str) -> int:
             "cubic": Image.Resampling.BICUBIC}[interpolation]
 
 
+def library_geometry(height: int, width: int, resize: int, crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((height, width) after the shorter side is resized to ``resize``, (top, left) of the centre ``crop``),
+    as torchvision's ``Resize`` + ``CenterCrop`` compute them: the long side truncated, the offset rounded
+    half to even. The DALI graph computes the same in its own operators (core/dali_graph.py)."""
+    if height > width:
+        new_h, new_w = int(resize * height / width), resize
+    else:
+        new_h, new_w = resize, int(resize * width / height)
+    return (new_h, new_w), (int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0)))
+
+
 def to_model_input(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """An RGB image, HWC float32 in 0..1, as the model takes it: channel order, mean/std, layout."""
     x = rgb[..., ::-1] if spec.color == "BGR" else rgb
@@ -180,12 +191,8 @@ def pillow_preprocess(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     if spec.resize_policy == "stretch":
         img = img.resize((spec.crop_size, spec.crop_size), resample)
     else:
-        w, h = img.size
-        scale = spec.resize_size / min(w, h)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
-        w, h = img.size
-        # DALI centres a crop at round((size - crop) / 2), halves rounded up
-        left, top = (w - spec.crop_size + 1) // 2, (h - spec.crop_size + 1) // 2
+        (new_h, new_w), (top, left) = library_geometry(img.height, img.width, spec.resize_size, spec.crop_size)
+        img = img.resize((new_w, new_h), resample)
         img = img.crop((left, top, left + spec.crop_size, top + spec.crop_size))
     return to_model_input(np.asarray(img, np.float32) / 255.0, spec)
 

@@ -90,3 +90,31 @@ def test_training_transform_resamples_with_the_specs_interpolation(photos):
 def test_a_value_no_consumer_applies_is_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"{field} must be one of"):
         PreprocessSpec.from_dict({**PreprocessSpec.for_size(SIZE).to_dict(), field: value})
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "cubic"])
+def test_served_pixels_are_the_libraries_eval_transform(interpolation):
+    """With a library model's spec (224 of 256, as torchvision's and timm's eval transforms), the DALI graph
+    serves what torchvision's Resize + CenterCrop compute in Pillow, to within the resampling kernels'
+    rounding, on real photos of landscape, portrait and square shapes whose resized long side and crop
+    offset fall on every rounding case (truncated, not rounded; offsets rounded half to even)."""
+    import torch
+    from torchvision import transforms as T
+
+    spec = PreprocessSpec(crop_size=224, resize_size=256, interpolation=interpolation)
+    mode = {"linear": T.InterpolationMode.BILINEAR, "cubic": T.InterpolationMode.BICUBIC}[interpolation]
+    library = T.Compose([T.Resize(256, mode), T.CenterCrop(224), T.PILToTensor()])
+    astronaut, chelsea = skdata.astronaut(), skdata.chelsea()
+    pictures = [astronaut, chelsea, chelsea.transpose(1, 0, 2), skdata.coffee()]
+    pictures += [astronaut[:300, :w] for w in (301, 303, 305, 307, 311)]  # long sides 256..265 at 256
+    encoded = []
+    for rgb in pictures:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(rgb)).save(buf, "PNG")  # lossless: the geometry is what differs
+        encoded.append(buf.getvalue())
+    levels = np.array(spec.std, np.float32).reshape(3, 1, 1) * 255
+    mean = np.array(spec.mean, np.float32).reshape(3, 1, 1) * 255
+    for data, dali in zip(encoded, served(spec, encoded), strict=True):
+        ref = library(decode_image(data)).to(torch.float32).numpy()
+        diff = np.abs(dali * levels + mean - ref)
+        assert diff.max() <= 8 and diff.mean() < 0.3, (Image.open(io.BytesIO(data)).size, diff.max(), diff.mean())
