@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from core.atomic_io import atomic_write_bytes
 from core.metadata import (
     INPUT_NAME,
     METADATA_KEY,
+    OUTPUT_NAME,
     has_checkpoint,
     parameter_count,
     read_metadata,
@@ -44,7 +46,7 @@ from core.metadata import (
 )
 from core.preprocess import DaliPreprocessor, PreprocessSpec
 from core.runners import OrtRunner, Runner, isolated, latency, openvino_capabilities, score_openvino
-from core.stages import ENGINES
+from core.stages import ENGINES, ort_session
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
@@ -100,11 +102,12 @@ def calibration_batch(meta: dict, data: Path, n: int, out_dir: Path) -> np.ndarr
 # conversions: fp32 ONNX path + calibration batch -> ModelProto
 # ------------------------------------------------------------------------------------------------
 
-def to_fp16(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
+def to_fp16(onnx_path: Path, calib: np.ndarray, method: str, keep: Sequence[str] = ()) -> onnx.ModelProto:
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
     # FP32 I/O: the Triton configs and clients stay the same for every precision
-    return convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True)
+    return convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
+                                      nodes_to_exclude=[re.escape(n) + "$" for n in keep] or None)
 
 
 @contextmanager
@@ -139,13 +142,15 @@ def onnxruntime_quantization_restored():
             r.update(content)
 
 
-def to_int8_modelopt(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
+def to_int8_modelopt(onnx_path: Path, calib: np.ndarray, method: str, keep: Sequence[str] = ()) -> onnx.ModelProto:
+    """``keep``: nodes left in FP32 (ModelOpt matches its exclusions as patterns: the names are escaped)."""
     from modelopt.onnx.quantization import quantize
 
     with tempfile.TemporaryDirectory() as tmp, onnxruntime_quantization_restored():
         out = Path(tmp) / "int8.onnx"
         quantize(onnx_path=str(onnx_path), quantize_mode="int8", calibration_data=calib, calibration_method=method,
-                 calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(out), log_level="WARNING")
+                 calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=str(out), log_level="WARNING",
+                 nodes_to_exclude=[re.escape(n) + "$" for n in keep] or None)
         return onnx.load(str(out))
 
 
@@ -165,14 +170,9 @@ def float_outputs(onnx_path: Path) -> tuple[list[str], list[str]]:
     return output_ops, on_outputs
 
 
-def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelProto:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+def ort_ranges(onnx_path: Path, calib: np.ndarray, method: str, tmp: Path) -> Path:
+    """ONNX Runtime's calibrated activation ranges for the model, written to a file in ``tmp``."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     class Reader(CalibrationDataReader):
@@ -183,30 +183,136 @@ def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str) -> onnx.ModelPr
             b = next(self.batches, None)
             return None if b is None else {INPUT_NAME: b}
 
-    calibrate_method = CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax
+    ranges = tmp / f"ranges_{method}.json"
+    # quantize_static's entropy calibration histograms 128 bins for 128 quantized bins, so the KL search
+    # can only return the full range (measured: scales identical to max). Calibrate here with 2048 bins,
+    # as TensorRT's entropy calibrator does, and hand quantize_static the ranges.
+    calibrator = create_calibrator(onnx_path, augmented_model_path=str(tmp / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy if method == "entropy"
+                                   else CalibrationMethod.MinMax,
+                                   extra_options={"num_bins": 2048, "num_quantized_bins": 128})
+    calibrator.collect_data(Reader())
+    save_tensors_data(calibrator.compute_data(), ranges)
+    return ranges
+
+
+def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str, keep: Sequence[str] = (),
+                ranges: Path | None = None, only: Sequence[str] = ()) -> onnx.ModelProto:
+    """``keep``: nodes left in FP32 besides those on the outputs (:func:`float_outputs`); ``ranges``: the
+    calibrated ranges (:func:`ort_ranges`), computed here when not given; ``only``: quantize these nodes
+    alone."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     with tempfile.TemporaryDirectory() as tmp:
-        out, ranges = Path(tmp) / "int8_ort.onnx", Path(tmp) / "ranges.json"
-        # quantize_static's entropy calibration histograms 128 bins for 128 quantized bins, so the KL search
-        # can only return the full range (measured: scales identical to max). Calibrate here with 2048 bins,
-        # as TensorRT's entropy calibrator does, and hand quantize_static the ranges.
-        calibrator = create_calibrator(onnx_path, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=calibrate_method,
-                                       extra_options={"num_bins": 2048, "num_quantized_bins": 128})
-        calibrator.collect_data(Reader())
-        save_tensors_data(calibrator.compute_data(), ranges)
+        out = Path(tmp) / "int8_ort.onnx"
+        ranges = ranges or ort_ranges(onnx_path, calib, method, Path(tmp))
         output_ops, on_outputs = float_outputs(onnx_path)
         # U8S8 (uint8 activations, int8 weights): ONNX Runtime's fast path on x86. Measured on this
         # project's AVX2 machine: S8S8 QDQ ran at 0.6x FP32, U8S8 QDQ at 1.4x FP32 (resnet_tiny, 64 px).
         quantize_static(str(onnx_path), str(out), None, calibration_cache_path=ranges, quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=calibrate_method, nodes_to_exclude=on_outputs,
+                        calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax,
+                        nodes_to_exclude=on_outputs + list(keep), nodes_to_quantize=list(only) or None,
                         extra_options={"OpTypesToExcludeOutputQuantization": output_ops})
         return onnx.load(str(out))
 
 
-CONVERSIONS: dict[str, Callable[[Path, np.ndarray, str], onnx.ModelProto]] = {
+CONVERSIONS: dict[str, Callable[[Path, np.ndarray, str, Sequence[str]], onnx.ModelProto]] = {
     "fp16": to_fp16, "int8_ort": to_int8_ort, "int8": to_int8_modelopt,
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# INT8 recovery: what the field tries before it gives up on an INT8 artifact that fails the gate
+# ------------------------------------------------------------------------------------------------
+#
+# Weights are already per channel in both quantizers (ModelOpt's default, per_channel=True for ONNX
+# Runtime). When an INT8 artifact still fails the gate, the build tries, in order: the other calibration
+# method, then keeping the layers that cost most accuracy in INT8 in FP32 (1, 2, 4, ... of them, at most
+# MAX_KEPT_FRACTION of the quantized ones), and stops at the first that passes. The cap is generous
+# because speed is judged anyway: a file with many layers in FP32 passes the gate but is served only if it
+# is measured faster than the other candidates. The ranking is the field's
+# layer-wise sensitivity analysis, measured once with ONNX Runtime's quantizer: the model with one layer
+# alone quantized (the same calibrated ranges each time, so no recalibration), its logits on calibration
+# images against FP32's; the layer whose INT8 alone costs the logits' signal-to-noise ratio most ranks
+# first. One layer quantized at a time, not one left in FP32 at a time: with several layers each enough
+# to ruin the logits, leaving any one of them in FP32 changes nothing, and that ranking is flat. Per-tensor
+# statistics (ONNX Runtime's qdq_loss_debug) were tried first and missed an outlier channel, which leaves
+# a tensor's overall ratio high while nearly all its other channels round to zero.
+MAX_KEPT_FRACTION = 0.5
+SENSITIVITY_IMAGES = 32  # calibration images the ranking runs
+
+
+def logits_sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    """20 log10(|x| / |x - y|) over the whole batch of logits, in dB."""
+    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
+
+    return float(compute_signal_to_quantization_noice_ratio(reference, other))
+
+
+def quantized_nodes(qdq: bytes) -> list[str]:
+    """The nodes of a Q/DQ graph (named as in the FP32 graph) that read an activation or weight through a
+    DequantizeLinear."""
+    graph = onnx.load_from_string(qdq).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and any(i in dequantized for i in n.input)]
+
+
+def sensitivity(onnx_path: Path, calib: np.ndarray, method: str) -> list[tuple[str, float]]:
+    """The layers ONNX Runtime quantizes, most sensitive first, each with the logits' SQNR (dB) when it alone
+    is quantized."""
+    sample = calib[:SENSITIVITY_IMAGES]
+    fp32 = ort_session(Path(onnx_path).read_bytes(), intra_op_threads=0)
+    reference = fp32.run([OUTPUT_NAME], {INPUT_NAME: sample})[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        ranges = ort_ranges(Path(onnx_path), calib, method, Path(tmp))
+
+        def sqnr(only: Sequence[str]) -> float:
+            qdq = to_int8_ort(Path(onnx_path), calib, method, (), ranges, only).SerializeToString()
+            logits = ort_session(qdq, intra_op_threads=0).run([OUTPUT_NAME], {INPUT_NAME: sample})[0]
+            return logits_sqnr_db(reference, logits)
+
+        every = quantized_nodes(to_int8_ort(Path(onnx_path), calib, method, (), ranges).SerializeToString())
+        ranked = [(name, sqnr([name])) for name in every]
+    return sorted(ranked, key=lambda r: r[1])
+
+
+def recovery_plan(calib_method: str, ranked: list[tuple[str, float]]) -> list[tuple[str, list[str]]]:
+    """The tries, in order: (calibration method, nodes kept in FP32)."""
+    other = next(m for m in CALIB_METHODS if m != calib_method)
+    plan: list[tuple[str, list[str]]] = [(other, [])]
+    limit, k = max(1, int(MAX_KEPT_FRACTION * len(ranked))), 1
+    while k <= limit:
+        plan.append((calib_method, [name for name, _ in ranked[:k]]))
+        k *= 2
+    return plan
+
+
+def recover_int8(name: str, onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, out_dir: Path,
+                 produced: dict[str, bytes], results: dict[str, dict], extra: dict, rescore: Callable,
+                 max_top1_drop: float) -> dict:
+    """Retry a failing INT8 artifact by :func:`recovery_plan` until its ONNX Runtime candidate passes the gate.
+    On success ``produced`` and ``results`` hold the recovered artifact; returns what was tried."""
+    base = results["fp32"]["top1"]
+    ranked = sensitivity(Path(onnx_path), calib, calib_method)
+    tries = [{"calibration": calib_method, "kept_fp32": [], "top1": results[name]["top1"], "passed": False}]
+    for method, keep in recovery_plan(calib_method, ranked):
+        model = CONVERSIONS[name](Path(onnx_path), calib, method, keep)
+        onnx.checker.check_model(model)
+        blob = stamp(model, rebase_metadata(meta, Path(onnx_path).parent, out_dir), "int8",
+                     {**extra, "calibration_method": method, "kept_fp32": keep}).SerializeToString()
+        scored = rescore({name: blob})
+        passed = scored[name]["top1"] >= base - max_top1_drop
+        tries.append({"calibration": method, "kept_fp32": keep, "top1": scored[name]["top1"], "passed": passed})
+        print(f"{name}: recovery with {method} calibration, {len(keep)} node(s) in FP32: top-1 "
+              f"{scored[name]['top1']:.2f}% ({'passes' if passed else 'fails'} the gate)")
+        if passed:
+            produced[name] = blob
+            results.update(scored)
+            break
+    return {"tries": tries, "recovered": tries[-1]["passed"],
+            "sensitivity_db": {n: round(db, 1) for n, db in ranked[:12]}}
 
 
 def stamp(model: onnx.ModelProto, meta: dict, precision: str, extra: dict) -> onnx.ModelProto:
@@ -285,6 +391,14 @@ def markdown(report: dict) -> str:
               f"{ENGINE_MARGIN_TEXT} faster): {serving}.", "", cpu_text(report.get("cpu", {})), "",
               "Latencies are measured on this machine's CPU as served (one thread per core, in this process); "
               "TensorRT engines are measured by `make gpu-check`."]
+    if report.get("int8_recovery"):
+        lines += ["", "## INT8 recovery", "",
+                  "Weights are per channel in both INT8 files. A file that failed the gate was retried with the "
+                  "other calibration method, then with its most sensitive layers kept in FP32:", "",
+                  "| file | calibration | layers kept in FP32 | top-1 % | gate |", "| --- | --- | --- | --- | --- |"]
+        for name, r in report["int8_recovery"].items():
+            lines += [f"| {ARTIFACT_NAMES[name]} | {t['calibration']} | {', '.join(t['kept_fp32']) or 'none'} | "
+                      f"{t['top1']:.2f} | {'pass' if t['passed'] else 'FAIL'} |" for t in r["tries"]]
     if report.get("pruned"):  # rows added by `make prune` (perf.pruned) for this same FP32 model
         lines += pruned_lines(report["pruned"])
     return "\n".join(lines) + "\n"
@@ -315,7 +429,7 @@ def convert(onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, o
     extra = {"derived_from_sha256": hashlib.sha256(fp32_bytes).hexdigest(), "calibration_images": len(calib),
              "calibration_method": calib_method}
     for name in [n for n in CONVERSIONS if n in precisions]:
-        model = CONVERSIONS[name](Path(onnx_path), calib, calib_method)
+        model = CONVERSIONS[name](Path(onnx_path), calib, calib_method, ())
         onnx.checker.check_model(model)
         produced[name] = stamp(model, rebase_metadata(meta, Path(onnx_path).parent, out_dir),
                                "int8" if name.startswith("int8") else name, extra).SerializeToString()
@@ -332,9 +446,11 @@ def candidates_for(produced: Collection[str], engines: Collection[str]) -> dict[
 
 def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, paths: list[Path],
           labels: np.ndarray, sample: np.ndarray, engines: Collection[str] = tuple(ENGINES),
-          unsupported: dict[str, dict] | None = None) -> dict[str, dict]:
+          unsupported: dict[str, dict] | None = None, reference: dict[str, np.ndarray] | None = None
+          ) -> dict[str, dict]:
     """Every candidate's accuracy against the labels and the reference (one streamed pass), size and latency.
     The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself.
+    ``reference``: its logits are kept there under "logits" and reused when already there (a rescore).
 
     ONNX Runtime's candidates run here; OpenVINO's in a process of their own (core.runners.isolated: loaded
     here it corrupted this process's heap), on the same images, each timed there as ONNX Runtime's are
@@ -345,13 +461,15 @@ def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, 
     ort = {n: OrtRunner(produced[c.artifact]) for n, c in candidates.items() if c.engine == "onnxruntime"}
     others = {n: (produced[c.artifact], c.inference_precision) for n, c in candidates.items()
               if c.engine == "openvino"}
-    if ckpt is not None:
-        torch_model = model_from_checkpoint(ckpt)
-        reference_run: Runner = partial(logits_for_inputs, torch_model)
-    else:
-        reference_run = ort["fp32"]
-    logits = stream_logits({"reference": reference_run, **ort}, pre.iter_files(paths))
-    reference = logits.pop("reference")
+    reference = {} if reference is None else reference
+    runs: dict[str, Runner] = dict(ort)
+    if "logits" not in reference:
+        runs["reference"] = (partial(logits_for_inputs, model_from_checkpoint(ckpt)) if ckpt is not None
+                             else ort["fp32"])
+    logits = stream_logits(runs, pre.iter_files(paths))
+    if "reference" in logits:
+        reference["logits"] = logits.pop("reference")
+    reference_logits = reference["logits"]
     timed = {name: latency(ort.pop(name), sample) for name in list(ort)}
     if others:
         measured = isolated(score_openvino, others, pre.spec.to_dict(), [str(p) for p in paths], sample)
@@ -368,7 +486,7 @@ def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, 
         if name not in timed:
             continue
         results[name] = {"engine": c.engine, "precision": c.precision, "file": ARTIFACT_NAMES[c.artifact],
-                         **accuracy(logits[name], labels, reference), "size_bytes": len(produced[c.artifact]),
+                         **accuracy(logits[name], labels, reference_logits), "size_bytes": len(produced[c.artifact]),
                          "latency": timed[name]}
         r = results[name]
         print(f"{name:17s} top1 {r['top1']:.2f}%  agreement {r['agreement_with_pytorch']:.2f}%  "
@@ -450,11 +568,14 @@ def write_report(report: dict, out_dir: Path, fp32_sha256: str) -> None:
 
 
 def gate_error(results: dict[str, dict], failures: list[str], calib_method: str, calib_images: int,
-               max_top1_drop: float) -> AccuracyGateError:
-    """The error that fails the build: each failing artifact against FP32, and what to try for INT8."""
-    other = [m for m in CALIB_METHODS if m != calib_method][0]
-    hint = (f"; for INT8 try the other calibration method (CALIB_METHOD={other}) or more calibration images "
-            f"(CALIB_SIZE, now {calib_images})" if any(n.startswith("int8") for n in failures) else "")
+               max_top1_drop: float, recovery: dict | None = None) -> AccuracyGateError:
+    """The error that fails the build: each failing artifact against FP32, what recovery tried, and what is
+    left to try for INT8."""
+    tried = "; ".join(f"{name} recovery tried {len(r['tries']) - 1} ways (other calibration, up to "
+                      f"{max(len(t['kept_fp32']) for t in r['tries'])} layers in FP32; build_report.md)"
+                      for name, r in (recovery or {}).items() if not r["recovered"])
+    hint = (f"; for INT8 try more calibration images (CALIB_SIZE, now {calib_images})"
+            if any(n.startswith("int8") for n in failures) else "") + (f"; {tried}" if tried else "")
     scores = ", ".join(f"{n} top-1 {results[n]['top1']:.2f}% vs FP32 {results['fp32']['top1']:.2f}%" for n in failures)
     return AccuracyGateError(f"accuracy gate failed: {scores} (allowed drop {max_top1_drop} points); not written"
                              + hint)
@@ -476,7 +597,14 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
 
     produced, extra = convert(onnx_path, meta, calib, calib_method, out_dir, precisions)
     unsupported: dict[str, dict] = {}
-    results = score(produced, ckpt, pre, paths, labels, sample, engines, unsupported)
+    reference: dict[str, np.ndarray] = {}
+    results = score(produced, ckpt, pre, paths, labels, sample, engines, unsupported, reference)
+    failures = gate(results, max_top1_drop)
+    rescore = partial(score, ckpt=ckpt, pre=pre, paths=paths, labels=labels, sample=sample, engines=engines,
+                      unsupported=unsupported, reference=reference)
+    recovery = {name: recover_int8(name, onnx_path, meta, calib, calib_method, out_dir, produced, results, extra,
+                                   rescore, max_top1_drop)
+                for name in ("int8_ort", "int8") if name in failures}
     failures = gate(results, max_top1_drop)
     embedded, reason = embedded_int8(results, failures)
     passing = [n for n in results if n not in failures]
@@ -487,12 +615,13 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
               "fastest_passing": max(passing, key=lambda n: images_per_s(results[n])),
               "reference": "PyTorch" if ckpt is not None else "the imported FP32 ONNX",
               "model": {"arch": meta["arch"], "parameters": parameter_count(onnx_path)},
-              "fp32_sha256": extra["derived_from_sha256"], "cpu": cpu_features(), "unsupported": unsupported}
+              "fp32_sha256": extra["derived_from_sha256"], "cpu": cpu_features(), "unsupported": unsupported,
+              "int8_recovery": recovery}
     report["serving"] = serving(report)
     write_artifacts(produced, failures, out_dir)
     write_report(report, out_dir, extra["derived_from_sha256"])
     if failures:
-        raise gate_error(results, failures, calib_method, len(calib), max_top1_drop)
+        raise gate_error(results, failures, calib_method, len(calib), max_top1_drop, recovery)
     return report
 
 
