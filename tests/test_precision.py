@@ -163,7 +163,8 @@ def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_d
     with pytest.raises(ValueError, match="calibration method must be one of max, entropy, got 'minmax'"):
         quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_method="minmax")
     # a negative allowance demands beating FP32 by a point: every converted artifact must fail (INT8 after
-    # its recovery tries), and an INT8 failure says what was tried and which knob is left; an artifact left by an earlier, passing build is removed
+    # its recovery tries), and an INT8 failure says what was tried and which knob is left; an artifact
+    # left by an earlier, passing build is removed
     (tmp_path / "model_fp16.onnx").write_bytes(b"an earlier build's artifact")
     with pytest.raises(quantize.AccuracyGateError, match=r"fp16 top-1 .* vs FP32 .*int8_ort top-1 .*"
                                                          r"more calibration images \(CALIB_SIZE, now 8\); "
