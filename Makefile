@@ -305,7 +305,7 @@ cache-check: venv
 
 # the demo and 224-px workloads on real photographs, each on its fastest engine, side by side with the
 # baseline and the ceiling (perf/workloads.py; trains, exports and quantizes the 224-px models first)
-WORKLOADS   ?= demo-synthetic demo-photos resnet50-photos mobilenet-photos
+WORKLOADS   ?= demo-synthetic demo-photos resnet50-photos mobilenet-photos convnext-photos vit-photos
 workloads: artifacts $(if $(COMPARE_PEERS),peers)
 	$(PY) -m perf.workloads --workloads $(WORKLOADS) --ckpt $(CKPT) --data $(DATA) --rounds $(COMPARE_ROUNDS) \
 	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --peers "$(COMPARE_PEERS)"

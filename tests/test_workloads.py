@@ -37,6 +37,7 @@ def test_a_workload_is_trained_quantized_served_on_its_fastest_engine_and_compar
         report = json.loads((tmp_path / "work" / name / "build_report.json").read_text())
         chosen = CANDIDATES[report["serving"]["auto"]]
         assert (x["engine"], x["precision"]) == (chosen.engine, chosen.precision)
+        assert x["served_candidate"] == report["serving"]["auto"]
         assert x["compare"]["ceiling_engine"] == chosen.engine  # the ceiling runs what is served
         summary = x["compare"]["summary"]
         assert {"baseline", "in-process ceiling"} <= set(summary)
@@ -44,3 +45,9 @@ def test_a_workload_is_trained_quantized_served_on_its_fastest_engine_and_compar
     assert r["workloads"][tiny.name]["workload"]["img_size"] == 32
     md = workloads.markdown(r)
     assert "| tiny-photos | resnet_tiny @ 32 |" in md and "(≥ 0.85:" in md and "(≥ 0.9:" in md
+    # the architecture table: the trained model only (the demo has no build of its own here), from its report
+    table = workloads.architectures_markdown(r).splitlines()
+    report = json.loads((tmp_path / "work" / tiny.name / "build_report.json").read_text())
+    assert len(table) == 3 and table[2].startswith("| resnet_tiny @ 32 | ")
+    fp32, int8 = report["artifacts"]["fp32"]["top1"], report["artifacts"]["int8_ort"]["top1"]
+    assert f"| {fp32:.1f}% |" in table[2] and f"| {fp32 - int8:.1f} / " in table[2]
