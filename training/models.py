@@ -165,11 +165,59 @@ def resize_layers(model: ModelT, channels: Channels) -> ModelT:
     return model
 
 
-def build_model(arch: str, channels: Channels | None = None, **arch_args: Any) -> nn.Module:
+# A pruned library network (training.prune) is rebuilt as the library's network, then reshaped: every module
+# whose tensors or plain attributes (in_channels, normalized_shape, head_dim, ...) pruning changed gets
+# them back from the checkpoint. Torch-Pruning's own tp.state_dict does the same by pickling every module's
+# __dict__ (hooks and all); this keeps the checkpoint a plain dict of numbers and shapes.
+Structure = dict[str, dict[str, dict[str, Any]]]
+PLAIN = (int, float, bool, str, tuple)
+
+
+def pruned_structure(model: nn.Module, nominal: nn.Module) -> Structure:
+    """Per module of ``model`` that differs from ``nominal`` (the same architecture, unpruned): the plain
+    attributes that changed and the shapes of the tensors that did."""
+    reference = dict(nominal.named_modules())
+    out: Structure = {}
+    for name, m in model.named_modules():
+        ref = reference[name]
+        attrs = {k: v for k, v in vars(m).items()
+                 if not k.startswith("_") and isinstance(v, PLAIN) and vars(ref).get(k) != v}
+        shapes = {k: list(t.shape) for k, t in [*m._parameters.items(), *m._buffers.items()]
+                  if t is not None and tuple(t.shape) != tuple(getattr(ref, k).shape)}
+        if attrs or shapes:
+            out[name] = {"attrs": attrs, "shapes": shapes}
+    return out
+
+
+def apply_structure(model: ModelT, structure: Structure) -> ModelT:
+    """Reshape ``model`` (freshly built, unpruned) to a recorded :func:`pruned_structure`; the weights are
+    then loaded from the checkpoint."""
+    modules = dict(model.named_modules())
+    for name, s in structure.items():
+        if name not in modules:
+            raise ValueError(f"structure: the network has no module {name!r} (another architecture or version?)")
+        m = modules[name]
+        for k, v in s["attrs"].items():
+            setattr(m, k, v)
+        for k, shape in s["shapes"].items():
+            if k in m._parameters and m._parameters[k] is not None:
+                m._parameters[k] = nn.Parameter(torch.empty(shape), requires_grad=m._parameters[k].requires_grad)
+            elif k in m._buffers and m._buffers[k] is not None:
+                m._buffers[k] = torch.empty(shape, dtype=m._buffers[k].dtype)
+            else:
+                raise ValueError(f"structure: module {name!r} has no tensor {k!r}")
+    return model
+
+
+def build_model(arch: str, channels: Channels | None = None, structure: Structure | None = None,
+                **arch_args: Any) -> nn.Module:
     """A fresh network: a built-in one by name, or a library's (``torchvision:<name>``, ``timm:<name>``:
-    training/sources.py) with the checkpoint's arguments; ``channels``: a pruned network's layer widths."""
+    training/sources.py) with the checkpoint's arguments; a pruned network's layer widths (``channels``, the
+    built-in networks) or :func:`pruned_structure` (``structure``, the libraries')."""
     check_arch(arch)
     model = sources.create(arch, **arch_args) if sources.SEPARATOR in arch else ARCHS[arch](**arch_args)
+    if structure:
+        model = apply_structure(model, structure)
     return resize_layers(model, channels) if channels else model
 
 

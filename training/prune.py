@@ -12,8 +12,10 @@
    <out>/finetune/ for inspection.
 
 The pruned checkpoint is an ordinary one: its architecture is ``arch`` plus ``arch_args["channels"]``
-(the layer widths pruning changed, training.models), so export, quantization and serving take it
-unchanged. <out>/prune_report.json records parameters, FLOPs, top-1 and agreement with the unpruned
+(the layer widths pruning changed, training.models) for the built-in networks, or
+``arch_args["structure"]`` (every module pruning changed: its plain attributes and tensor shapes) for a
+torchvision or timm network, so export, quantization and serving take it unchanged.
+<out>/prune_report.json records parameters, FLOPs, top-1 and agreement with the unpruned
 model; `make prune` adds the served comparison (perf.pruned).
 
 Why Torch-Pruning and not ModelOpt's FastNAS prune (both tried on this code): Torch-Pruning stops at
@@ -43,7 +45,7 @@ from training import train
 from training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, spec_from_checkpoint
 from training.data import drop_bad_images, list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
-from training.models import ARCHS, Channels, build_model, changed_widths
+from training.models import build_model, changed_widths, pruned_structure
 from training.sources import SEPARATOR
 from training.sparsity import SPARSE_IN_MULTIPLE, SPARSITY_PATTERNS, eligible, two_four_violations
 
@@ -65,6 +67,12 @@ def count_flops_params(model: nn.Module, img_size: int) -> tuple[int, int]:
     return int(2 * macs), int(params)
 
 
+def attention_layers(model: nn.Module) -> list[Any]:
+    """timm's attention layers (a ``qkv`` projection split into ``num_heads`` heads of ``head_dim``)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear)
+            and isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "head_dim", None), int)]
+
+
 def prune_to_target(model: nn.Module, img_size: int, num_classes: int, target_flops: float | None = 0.5,
                     target_params: float | None = None, round_to: int | None = 8, steps: int = 100) -> nn.Module:
     """Remove channels in ``steps`` equal steps (up to 90% of each layer's) until the FLOPs and/or parameter
@@ -79,8 +87,13 @@ def prune_to_target(model: nn.Module, img_size: int, num_classes: int, target_fl
     flops0, params0 = count_flops_params(model, img_size)
     example = torch.zeros(1, 3, img_size, img_size)
     keep = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    attention = attention_layers(model)
+    # attention keeps its number of heads and loses width inside each head (Torch-Pruning's own recipe for
+    # timm's ViTs): its qkv projection is pruned head by head, then each layer's head_dim follows
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  pruning_ratio=0.9, iterative_steps=steps, ignored_layers=keep, round_to=round_to)
+                                  pruning_ratio=0.9, iterative_steps=steps, ignored_layers=keep, round_to=round_to,
+                                  num_heads={a.qkv: a.num_heads for a in attention}, prune_head_dims=True,
+                                  prune_num_heads=False)
 
     def fractions() -> tuple[float, float]:
         flops, params = count_flops_params(model, img_size)
@@ -94,6 +107,10 @@ def prune_to_target(model: nn.Module, img_size: int, num_classes: int, target_fl
         if reached(f):
             break
         pruner.step()
+        for a in attention:
+            a.head_dim = a.qkv.out_features // (3 * a.num_heads)
+            if hasattr(a, "attn_dim"):  # timm >= 1.0.20 reshapes the heads' output by it
+                a.attn_dim = a.num_heads * a.head_dim
         f = fractions()
     if not reached(f):
         raise ValueError(f"pruning 90% of every layer's channels leaves {f[0]:.2f} of the FLOPs and "
@@ -115,20 +132,37 @@ def finetune_args(ckpt: dict, ckpt_path: Path, init_path: Path, data: Path, out:
                               "--lr", str(lr if lr is not None else original_lr / 10), *extra])
 
 
+PRUNED_SHAPE_ARGS = ("channels", "structure")  # the arch_args a pruned network's shape is recorded in
+
+
 def prune_copy(args: argparse.Namespace, ckpt: dict[str, Any], spec: PreprocessSpec,
-               unpruned: nn.Module) -> tuple[nn.Module, dict[str, Any], Channels]:
+               unpruned: nn.Module) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Step 1: a pruned copy of the checkpoint's network, the record of how it was pruned (the checkpoint's
-    ``pruning``) and the layer widths pruning changed (so that build_model rebuilds it)."""
-    nominal = build_model(ckpt["arch"], **{k: v for k, v in ckpt["arch_args"].items() if k != "channels"})
+    ``pruning``) and the architecture arguments that rebuild it: the built-in networks' changed layer widths
+    (``channels``), a library network's changed modules (``structure``, training.models.pruned_structure),
+    checked here by rebuilding it."""
+    base_args = {k: v for k, v in ckpt["arch_args"].items() if k not in PRUNED_SHAPE_ARGS}
+    nominal = build_model(ckpt["arch"], **base_args)
     flops0, params0 = count_flops_params(unpruned, spec.crop_size)
     round_to = args.round_to or None
     if args.sparsity == "2:4":  # so that every pruned layer can carry a 2:4 mask (training.sparsity.eligible)
         round_to = math.lcm(round_to or 1, SPARSE_IN_MULTIPLE)
-    pruned = prune_to_target(model_from_checkpoint(ckpt), spec.crop_size, len(ckpt["classes"]),
-                             args.target_flops or None, args.target_params, round_to)
+    try:
+        pruned = prune_to_target(model_from_checkpoint(ckpt), spec.crop_size, len(ckpt["classes"]),
+                                 args.target_flops or None, args.target_params, round_to)
+    except RuntimeError as e:  # a layer Torch-Pruning's dependency graph does not follow: shapes break
+        raise ValueError(f"Torch-Pruning cannot prune {ckpt['arch']}: {e}") from e
     flops, params = count_flops_params(pruned, spec.crop_size)
     import torch_pruning as tp
 
+    if SEPARATOR in ckpt["arch"]:
+        if ckpt["arch_args"].get("channels"):
+            raise ValueError(f"{args.ckpt}: a library network pruned by width lists is not rebuildable")
+        arch_args = {**base_args, "structure": {**ckpt["arch_args"].get("structure", {}),
+                                                **pruned_structure(pruned, nominal)}}
+    else:
+        arch_args = {**ckpt["arch_args"], "channels": changed_widths(pruned, nominal)}
+    check_rebuilds(ckpt["arch"], arch_args, pruned, spec.crop_size)
     pruning = {"library": f"torch-pruning {tp.__version__}", "importance": "group L2 magnitude",
                "round_to": round_to, "target_flops": args.target_flops, "target_params": args.target_params,
                "source": str(args.ckpt), "source_sha256": file_sha256(args.ckpt),
@@ -136,10 +170,23 @@ def prune_copy(args: argparse.Namespace, ckpt: dict[str, Any], spec: PreprocessS
                "flops_fraction": flops / flops0, "params_fraction": params / params0}
     print(f"pruned {ckpt['arch']}: FLOPs {flops0 / 1e6:.1f}M -> {flops / 1e6:.1f}M ({flops / flops0:.2f}), "
           f"parameters {params0 / 1e3:.0f}K -> {params / 1e3:.0f}K ({params / params0:.2f})")
-    return pruned, pruning, changed_widths(pruned, nominal)
+    return pruned, pruning, arch_args
 
 
-def write_pruned_init(ckpt: dict[str, Any], pruned: nn.Module, pruning: dict[str, Any], channels: Channels,
+def check_rebuilds(arch: str, arch_args: dict[str, Any], pruned: nn.Module, img_size: int) -> None:
+    """The recorded arguments rebuild the pruned network: same tensors, same logits; else a clear error."""
+    rebuilt = build_model(arch, **arch_args).eval()
+    try:
+        rebuilt.load_state_dict(pruned.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"the pruned {arch} cannot be rebuilt from its recorded shape: {e}") from e
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.allclose(rebuilt(x), pruned.eval()(x), atol=1e-4, rtol=1e-4):
+            raise ValueError(f"the pruned {arch} rebuilt from its recorded shape computes something else")
+
+
+def write_pruned_init(ckpt: dict[str, Any], pruned: nn.Module, pruning: dict[str, Any], arch_args: dict[str, Any],
                       stage: Path) -> Path:
     """The pruned network as an ordinary checkpoint (the fine-tuning run's --init), in a fresh ``stage``."""
     if stage.exists():
@@ -147,7 +194,7 @@ def write_pruned_init(ckpt: dict[str, Any], pruned: nn.Module, pruning: dict[str
     init_path = stage / "pruned_init.pt"
     init = {k: v for k, v in ckpt.items() if k not in ("train_state", "optimizer", "lr_scheduler")}
     init.update(model={k: v.detach().clone() for k, v in pruned.state_dict().items()}, pruning=pruning,
-                arch_args={**ckpt["arch_args"], "channels": channels})
+                arch_args=arch_args)
     save_checkpoint(init, init_path)
     return init_path
 
@@ -215,19 +262,14 @@ def publish(args: argparse.Namespace, report: dict[str, Any], stage: Path) -> No
 
 def main(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(args.ckpt)
-    if SEPARATOR in ckpt["arch"]:
-        # the pruned widths are rebuilt by training.models.resize_layers, which knows the built-in networks'
-        # convolutions, batch norms and linear layers, not a library's layer norms, attention or SE blocks
-        raise ValueError(f"{args.ckpt} is a {ckpt['arch']}: make prune supports the built-in networks "
-                         f"({', '.join(sorted(ARCHS))}) only, not torchvision or timm architectures yet")
     if ckpt.get("pruning"):
         print(f"note: {args.ckpt} is already pruned; pruning it again")
     spec = spec_from_checkpoint(ckpt)
     unpruned = model_from_checkpoint(ckpt)
-    # 1. prune a copy; record the new widths so build_model rebuilds it
-    pruned, pruning, channels = prune_copy(args, ckpt, spec, unpruned)
+    # 1. prune a copy; record its new shape so build_model rebuilds it
+    pruned, pruning, arch_args = prune_copy(args, ckpt, spec, unpruned)
     stage = args.out / "finetune"
-    init_path = write_pruned_init(ckpt, pruned, pruning, channels, stage)
+    init_path = write_pruned_init(ckpt, pruned, pruning, arch_args, stage)
     # 2. recover accuracy: distillation from the unpruned model
     targs = recover(args, ckpt, init_path, stage)
     # 3. the gate, on val through the serving preprocess
