@@ -118,3 +118,15 @@ def test_served_pixels_are_the_libraries_eval_transform(interpolation):
         ref = library(decode_image(data)).to(torch.float32).numpy()
         diff = np.abs(dali * levels + mean - ref)
         assert diff.max() <= 8 and diff.mean() < 0.3, (Image.open(io.BytesIO(data)).size, diff.max(), diff.mean())
+
+
+def test_library_fidelity_measures_agreement_with_the_library_transform(checkpoint, tiny_data):
+    """perf.library_fidelity --checkpoint: the network's top-1 through the served graph and through
+    torchvision's transform, per interpolation mode, with the pixel differences behind it."""
+    from perf.library_fidelity import agreement, agreement_markdown
+
+    rows = agreement(str(checkpoint), str(tiny_data / "val"))
+    assert [r["interpolation"] for r in rows] == ["linear", "cubic"]
+    assert all(r["images"] == len(list((tiny_data / "val").rglob("*.jpg"))) for r in rows)
+    assert all(r["agreement"] >= 0.98 and r["max_levels"] <= 8 for r in rows), rows
+    assert "| linear (trained) |" in agreement_markdown(rows)
