@@ -17,6 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 FACTS = json.loads((DOCKER / "base-image.json").read_text())
+IMAGE = dict(line.split("=", 1) for line in (DOCKER / "k8s" / "image.env").read_text().splitlines()
+             if line and not line.startswith("#"))["IMAGE"]
 
 
 def commands_run_in_the_image() -> list[str]:
@@ -25,8 +27,9 @@ def commands_run_in_the_image() -> list[str]:
     out = subprocess.run(["make", "-n", "-C", str(DOCKER), "engine", "gpu-check", "test-gpu"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     lines = out.replace("\\\n", " ").splitlines()
-    runs = [line.split(" image-inference-triton:", 1)[1].split(" ", 1)[1] for line in lines
-            if line.startswith("docker run ")]
+    image = f" {IMAGE} "
+    runs = [line.split(image, 1)[1] for line in lines if line.startswith("docker run ")]
+    assert runs and all(image in line for line in lines if line.startswith("docker run "))
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["triton"]["command"]
     dockerfile = [line.split(" ", 1)[1] for line in (DOCKER / "Dockerfile").read_text().splitlines()
                   if line.startswith(("RUN ", "CMD "))]

@@ -233,7 +233,8 @@ def _yaml_docs(path: Path) -> list[dict]:
 
 
 def _one(kind: str) -> dict:
-    return next(d for p in sorted((ROOT / "docker" / "k8s").glob("*.yaml")) for d in _yaml_docs(p) if d["kind"] == kind)
+    return next(d for p in sorted((ROOT / "docker" / "k8s").glob("*.yaml")) for d in _yaml_docs(p)
+                if d.get("kind") == kind)
 
 
 def test_kubernetes_survives_slow_starts_and_scales_on_triton():
@@ -245,12 +246,35 @@ def test_kubernetes_survives_slow_starts_and_scales_on_triton():
     startup = pod["startupProbe"]
     assert startup["httpGet"]["path"] == "/v2/health/ready"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # TensorRT engines can take minutes
-    tag = pod["image"].rsplit(":", 1)[1]
-    assert tag != "latest" and pod["imagePullPolicy"] == "IfNotPresent"
-    # one image tag: what docker/Makefile builds, compose runs and Kubernetes deploys
-    makefile_image = re.search(r"^IMAGE \?= (\S+)$", (ROOT / "docker" / "Makefile").read_text(), re.M).group(1)
-    compose_image = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["triton"]["image"]
-    assert pod["image"] == makefile_image == compose_image
+    assert pod["imagePullPolicy"] == "IfNotPresent"
+    # one image, written once with its registry (k8s/image.env): what docker/Makefile builds and pushes,
+    # compose runs (--env-file) and kustomize writes into the Deployment
+    k8s = ROOT / "docker" / "k8s"
+    env = dict(line.split("=", 1) for line in (k8s / "image.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    image = env["IMAGE"]
+    registry, _, rest = image.partition("/")
+    assert rest and ("." in registry or ":" in registry or registry == "localhost"), \
+        f"{image}: without a registry host every node looks it up on Docker Hub"
+    assert image.rsplit(":", 1)[1] != "latest"
+    makefile = (ROOT / "docker" / "Makefile").read_text()
+    assert "include k8s/image.env" in makefile and not re.search(r"^IMAGE\s*[:?]?=", makefile, re.M)
+    expanded = subprocess.run(["make", "-n", "-C", str(ROOT / "docker"), "push"], capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+    assert f"docker push {image}" in expanded
+    compose = (ROOT / "docker" / "compose.yaml").read_text()
+    assert yaml.safe_load(compose)["services"]["triton"]["image"].startswith("${IMAGE:?")
+    assert "--env-file k8s/image.env" in makefile
+    kustomization = yaml.safe_load((k8s / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in k8s.glob("*.yaml")
+                                                        if p.name != "kustomization.yaml")
+    generator = next(g for g in kustomization["configMapGenerator"] if g["envs"] == ["image.env"])
+    (replacement,) = kustomization["replacements"]
+    assert replacement["source"] == {"kind": "ConfigMap", "name": generator["name"], "fieldPath": "data.IMAGE"}
+    (target,) = replacement["targets"]
+    deployment = _one("Deployment")
+    assert target["select"] == {"kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert target["fieldPaths"] == [f"spec.template.spec.containers.[name={pod['name']}].image"]
 
     hpa_metrics = _one("HorizontalPodAutoscaler")["spec"]["metrics"]
     assert [m["type"] for m in hpa_metrics] == ["Pods"]

@@ -437,7 +437,7 @@ def test_graph_cleanup_removes_identities_and_folds_constants():
 
 def test_kubernetes_manifests_validate(tmp_path):
     validate = str(Path(sys.executable).parent / "kubernetes-validate")
-    manifests = sorted((ROOT / "docker" / "k8s").glob("*.yaml"))
+    manifests = sorted(p for p in (ROOT / "docker" / "k8s").glob("*.yaml") if p.name != "kustomization.yaml")
     r = subprocess.run([validate, "--strict", *map(str, manifests)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     # and the validator does catch a wrong field: replicas as a string in a copy of the Deployment
