@@ -126,3 +126,25 @@ def served_for(precision: str, artifacts: Path, engine: str | None = None) -> tu
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `make {'onnx' if name == 'fp32' else 'quantize'}` first")
     return path, CANDIDATES[name]
+
+
+# The classifier's largest batch follows the served candidate's measured cost: the smallest batch
+# make quantize measured within BATCH_THROUGHPUT_SHARE of that candidate's best throughput. A bigger batch
+# gains nothing and only lengthens each one: with 16 requests in flight and max batch 32, an idle
+# instance takes all 16 at once, and a 224-px ResNet-50 on one core answers them after ~300 ms
+# (p99 332 ms measured), where a cheap 64-px model keeps 32.
+BATCH_THROUGHPUT_SHARE = 0.95
+
+
+def fitted_max_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] | None:
+    """(max batch size, why) from the current build report's latencies of ``candidate``, or None without them."""
+    report = current_report(artifacts)
+    name = next((n for n, c in CANDIDATES.items() if c == candidate), None)
+    row = (report or {}).get("artifacts", {}).get(name or "", {})
+    by_batch = {int(b): m["images_per_s"] for b, m in row.get("latency", {}).get("by_batch", {}).items()}
+    if not by_batch:
+        return None
+    best = max(by_batch.values())
+    batch = min(b for b, r in by_batch.items() if r >= BATCH_THROUGHPUT_SHARE * best)
+    return batch, (f"{name}'s measured cost: {by_batch[batch]:.0f} img/s at batch {batch}, best "
+                   f"{best:.0f} (make quantize, {Path(artifacts) / REPORT})")

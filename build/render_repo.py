@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,15 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build import layouts
-from build.artifacts import CANDIDATES, FILE_PRECISIONS, PRECISIONS, Candidate, artifact_for, served_for
+from build.artifacts import (
+    CANDIDATES,
+    FILE_PRECISIONS,
+    PRECISIONS,
+    Candidate,
+    artifact_for,
+    fitted_max_batch,
+    served_for,
+)
 from build.layouts import MODEL_DALI, PIPELINE_FILE, ConfigInputs, Layout
 from build.model_config import config_text
 from build.settings import MANIFEST, RepoSettings, add_settings_args, read_manifest, repo_settings
@@ -284,7 +292,20 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
                 print(f"layout from {Path(args.out) / MANIFEST}: {layout} (--layout, or RESET_SETTINGS=1 for the "
                       f"default, {layouts.DEFAULT_LAYOUT[args.target]})")
     onnx_path, served = served_choice(args)
+    from_manifest = (Path(args.out) / MANIFEST).is_file() and not args.reset_settings
+    if args.onnx is None and served is not None and args.max_batch_size is None and not from_manifest:
+        settings = fit_to_cost(settings, args.artifacts, served)
     return render(onnx_path, args.out, settings, args.target, args.plan, layout, served)
+
+
+def fit_to_cost(settings: RepoSettings, artifacts: Path, served: Candidate) -> RepoSettings:
+    """The settings with the largest batch the served model's measured cost calls for (build.artifacts
+    fitted_max_batch), when make quantize measured it; else unchanged."""
+    fit = fitted_max_batch(artifacts, served)
+    if fit is None or fit[0] == settings.max_batch_size:
+        return settings
+    print(f"max_batch_size {fit[0]} (not {settings.max_batch_size}) from {fit[1]}; MAX_BATCH= to choose")
+    return replace(settings, max_batch_size=fit[0])
 
 
 if __name__ == "__main__":

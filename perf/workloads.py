@@ -36,7 +36,7 @@ from pathlib import Path
 from build import quantize
 from build.artifacts import CANDIDATES, REPORT, served_for
 from build.export_onnx import export
-from build.render_repo import render
+from build.render_repo import fit_to_cost, render
 from build.settings import RepoSettings
 from perf.fair import side_by_side
 from training import train
@@ -93,7 +93,7 @@ def prepare(w: Workload, work: Path, demo_ckpt: Path, demo_data: Path, epochs: i
         except quantize.AccuracyGateError as e:
             print(f"{w.name}: {e}")
     path, served = served_for(precision, out)
-    render(path, repo, RepoSettings(), served=served)
+    render(path, repo, fit_to_cost(RepoSettings(), out, served), served=served)  # as `make repo` renders it
     return repo, ckpt, images, next(n for n, c in CANDIDATES.items() if c == served)
 
 

@@ -516,3 +516,35 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     readers = {reader for _, reader in chains}
     assert all(n.input[0] not in dq for n in served.graph.node if n.name in readers)
     assert "INT8 recovery" in (tmp_path / "build_report.md").read_text()
+
+
+def test_repository_batch_follows_the_models_measured_cost(artifacts, tmp_path, capsys):
+    """`make repo` sets the classifier's largest batch to the smallest one make quantize measured within 95%
+    of the served candidate's best throughput (a costly model: 8 of these, not 32), unless MAX_BATCH is
+    given or the repository keeps its own (tuned) settings; a cheap model keeps 32."""
+    from build import render_repo
+
+    work = tmp_path / "artifacts"
+    work.mkdir()
+    shutil.copy(artifacts / "model.onnx", work / "model.onnx")
+    report = json.loads((artifacts / REPORT).read_text())
+
+    def measured(images_per_s: dict[int, float]) -> None:
+        for row in report["artifacts"].values():
+            row["latency"]["by_batch"] = {str(b): {"ms": 1000 * b / r, "images_per_s": r}
+                                          for b, r in images_per_s.items()}
+        (work / REPORT).write_text(json.dumps(report))
+
+    def rendered(*flags: str) -> int:
+        render_repo.main(render_repo.get_args_parser().parse_args(
+            ["--artifacts", str(work), "--out", str(tmp_path / "repo"), *flags]))
+        return read_manifest(tmp_path / "repo")["settings"]["max_batch_size"]
+
+    measured({1: 90, 8: 520, 16: 540, 32: 530})  # a 224-px model: nothing gained past 8
+    assert rendered() == 8 and "max_batch_size 8 (not 32)" in capsys.readouterr().out
+    measured({1: 90, 8: 400, 16: 510, 32: 530})  # 400 < 0.95 x 530 <= 510
+    assert rendered("--reset-settings") == 16
+    assert rendered("--max-batch-size", "32") == 32  # MAX_BATCH wins
+    assert rendered() == 32  # a re-render keeps the repository's settings (make tune's, say)
+    measured({1: 900, 8: 3000, 16: 4500, 32: 6000})  # a cheap model
+    assert rendered("--reset-settings") == 32

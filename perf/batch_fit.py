@@ -1,0 +1,40 @@
+"""The classifier's largest batch, fitted to the model's cost, against the old fixed default: side by side.
+
+    python -m perf.batch_fit --repo .cache/workloads/resnet50-photos/repo --images .cache/workloads/data/photos/val
+
+The repository's model and settings served twice under the same load generator (wrk, perf/fair.py),
+alternating rounds: with max_batch_size 32 (the default before it followed the model) and with the batch
+`make repo` fits to the served candidate's cost from make quantize's latencies (build.artifacts
+fitted_max_batch). Throughput and p99 of each, with their spread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from build.artifacts import ARTIFACT_NAMES, CANDIDATES, fitted_max_batch
+from build.settings import RepoSettings, read_manifest, rendered_onnx
+from perf.common import REPORTS
+from perf.fair import Variant, variants, variants_main
+
+FIXED = RepoSettings().max_batch_size  # the built-in default, which every model got before
+
+
+def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: int = 10,
+            connections: int = 16) -> dict:
+    manifest, onnx = read_manifest(repo), rendered_onnx(repo)
+    served = next((c for c in CANDIDATES.values() if c.engine == manifest["engine"] and ARTIFACT_NAMES[c.artifact]
+                   == onnx.name and c.inference_precision == manifest["inference_precision"]), None)
+    fit = fitted_max_batch(onnx.parent, served) if served is not None else None
+    if fit is None:
+        raise ValueError(f"{repo}: no make quantize latencies for its served model to fit the batch to")
+    servers: tuple[Variant, ...] = ((f"max batch {FIXED} (fixed)", {"max_batch_size": FIXED}, {}),
+                                    (f"max batch {fit[0]} (fitted)", {"max_batch_size": fit[0]}, {}))
+    r = variants(repo, image_dir, out, servers, rounds, seconds, connections)
+    r["fitted"] = {"max_batch_size": fit[0], "why": fit[1]}
+    return r
+
+
+if __name__ == "__main__":
+    variants_main("The largest batch fitted to the model's cost against a fixed 32, side by side",
+                  REPORTS / "batch_fit", measure)
