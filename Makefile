@@ -97,7 +97,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint metrics-cost cache-check workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint metrics-cost cache-check batch-fit workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -301,6 +301,11 @@ metrics-cost: venv
 # Triton's response cache on a workload with repeats: hit rate and throughput against it off (perf/cache.py)
 cache-check: venv
 	$(PY) -m perf.cache --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
+	  --connections $(COMPARE_CONNECTIONS)
+
+# the classifier's largest batch fitted to the model's cost (make repo) against a fixed 32, side by side
+batch-fit: venv
+	$(PY) -m perf.batch_fit --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
 	  --connections $(COMPARE_CONNECTIONS)
 
 # the demo and 224-px workloads on real photographs, each on its fastest engine, side by side with the
