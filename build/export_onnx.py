@@ -30,9 +30,11 @@ from core.metadata import (
     SCHEMA_VERSION,
     file_sha256,
     library_versions,
+    read_metadata,
 )
 from core.preprocess import DaliPreprocessor
 from core.runners import OrtRunner
+from core.stages import answer_distribution
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from training.data import list_images
 from training.evaluate import logits_for_inputs
@@ -135,6 +137,17 @@ def check_cleanup(model_bytes: bytes, proto: onnx.ModelProto, inputs: np.ndarray
     return cleanup_diff
 
 
+def with_reference(model_bytes: bytes, probs: np.ndarray, split: str) -> bytes:
+    """The model with its answers on ``split`` in its metadata (export.reference: core.stages.answer_distribution),
+    the reference the served model's drift score compares live answers with."""
+    model = onnx.load_from_string(model_bytes)
+    meta = read_metadata(model)
+    meta["export"]["reference"] = {"split": split, **answer_distribution(probs)}
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        METADATA_KEY: json.dumps(meta)})
+    return model.SerializeToString()
+
+
 def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance: float = 1e-3,
            max_images: int = 256) -> dict:
     ckpt = load_checkpoint(ckpt_path)
@@ -149,6 +162,7 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
     cleanup_diff = check_cleanup(model_bytes, proto, inputs, tolerance)
     report = validate(model_bytes, model, inputs, tolerance)
     report.update(counts, cleanup_max_abs_diff=cleanup_diff)
+    model_bytes = with_reference(model_bytes, ort_outputs(model_bytes, inputs)[1], split)
     atomic_write_bytes(out, lambda tmp: tmp.write_bytes(model_bytes))
     print(f"exported {out}: {report['images']} {split} images, max |logit diff| {report['max_abs_logit_diff']:.2e} "
           f"(tolerance {tolerance:g}), top-1 agreement {100 * report['top1_agreement']:.2f}%")

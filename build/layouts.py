@@ -14,6 +14,7 @@ One :class:`Layout` per way of serving, read by rendering (build.render_repo), l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ class ConfigInputs:
     num_classes: int
     settings: RepoSettings
     target: str
-    export: dict[str, str]  # the ONNX tensor names: input, output (logits), probabilities (if exported)
+    export: dict[str, Any]  # the ONNX tensor names: input, output (logits), probabilities (if exported); reference
 
     @property
     def top_k(self) -> int:
@@ -110,17 +111,20 @@ class Layout:
 PREPROCESS_STEP: Step = (P.PREPROCESS, {P.IMAGE: P.IMAGE}, {P.PIXELS: "pixels"})  # IMAGE -> ensemble "pixels"
 
 
-def stage_parameters(s: RepoSettings, k: int) -> dict[str, dict[str, Any]]:
-    """The Python-backend stages' parameters, by model (the fused model takes all of them)."""
+def stage_parameters(s: RepoSettings, c: ConfigInputs) -> dict[str, dict[str, Any]]:
+    """The Python-backend stages' parameters, by model (the fused model takes all of them). The drift
+    reference is the exported model's answers on its val split (build.export_onnx), when it has one."""
     metrics = {"served_metrics": s.served_metrics, "served_metrics_interval_ms": s.served_metrics_interval_ms}
+    reference = c.export.get("reference")
+    drift = {"drift_window": s.drift_window, "drift_reference": json.dumps(reference)} if reference else {}
     return {P.PREPROCESS: {"dali_pipeline": MODEL_DALI, "dali_num_threads": s.dali_threads,
                            "max_image_pixels": s.max_image_pixels, "max_image_bytes": s.max_image_bytes, **metrics},
-            P.CLASSIFIER: {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads, **metrics},
-            P.POSTPROCESS: {"top_k": k, **metrics}}
+            P.CLASSIFIER: {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads, **metrics, **drift},
+            P.POSTPROCESS: {"top_k": c.top_k, **metrics, **drift}}
 
 
 def _embedded_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
-    s, params = c.settings, stage_parameters(c.settings, c.top_k)
+    s, params = c.settings, stage_parameters(c.settings, c)
     pixels = tensor(P.PIXELS, FP32, list(c.spec.input_shape))
     logits = tensor(P.LOGITS, FP32, [c.num_classes])
     return {
@@ -161,7 +165,7 @@ def _gpu_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     warm.inputs[onnx_in].zero_data = True
 
     post = python_model(P.POSTPROCESS, s, [tensor(P.LOGITS, FP32, [c.num_classes])],
-                        ensemble_outputs(c.num_classes, c.top_k), 1, stage_parameters(s, c.top_k)[P.POSTPROCESS])
+                        ensemble_outputs(c.num_classes, c.top_k), 1, stage_parameters(s, c)[P.POSTPROCESS])
     return {P.PREPROCESS: pre, P.CLASSIFIER: cls, P.POSTPROCESS: post}
 
 
@@ -199,7 +203,7 @@ def fused_configs(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     """One Python model named like the ensemble, with the ensemble's inputs and outputs: the three stages
     on one dynamic batch, with the parameters each stage's model would have."""
     s = c.settings
-    params = {k: v for stage in stage_parameters(s, c.top_k).values() for k, v in stage.items()}
+    params = {k: v for stage in stage_parameters(s, c).values() for k, v in stage.items()}
     model = python_model(P.ENSEMBLE, s, [image_input()], ensemble_outputs(c.num_classes, c.top_k),
                          s.classifier_instances, params)
     return {P.ENSEMBLE: model}

@@ -55,6 +55,8 @@ class RepoSettings:
         0, "Triton's response cache for repeated requests (the same image bytes again): its size in MiB (0 = off)")
     served_metrics_interval_ms: int = _setting(
         1000, "how often those metrics are handed to Triton (0 = after every batch, which costs throughput)")
+    drift_window: int = _setting(
+        500, "answers the drift score compares with the val split's (image_classifier_drift_psi; 0 = off)")
 
 
 @dataclass(frozen=True)

@@ -434,3 +434,66 @@ class TopK:
         probs = z / z.sum(axis=1, keepdims=True)
         top = np.argsort(-probs, axis=1, kind="stable")[:, : self.k]
         return probs, self.labels[top], np.take_along_axis(probs, top, axis=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Drift: the live answers against the model's own answers on its val split
+# --------------------------------------------------------------------------------------------------------
+#
+# Two signals, each a distribution over fixed bins: the top-1 confidence (CONFIDENCE_BUCKETS, the served
+# histogram's, plus the bin above the last) and the class mix. The reference is the exported model's answers
+# on its val split (build.export_onnx stores it in the metadata contract, make repo in the served config);
+# the live side is the last DRIFT_WINDOW answers. The score is the population stability index, PSI =
+# sum (live - ref) * ln(live / ref): the field's usual drift score for binned distributions, symmetric,
+# with a conventional reading (under 0.1 stable, over 0.25 a real shift: DRIFT_ALERT_PSI, the alert rule's
+# threshold) that does not depend on the window's size the way a chi-square test's p-value does, which at
+# hundreds of answers flags differences too small to matter. KS would need every raw value of the reference.
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+DRIFT_ALERT_PSI = 0.25
+PSI_FLOOR = 1e-3  # an empty bin counts as this fraction: ln(0) has no value
+
+
+def confidence_bins(top1: np.ndarray) -> np.ndarray:
+    """Each answer's confidence bin: 0 for <= 0.1, ..., len(CONFIDENCE_BUCKETS) above the last edge."""
+    return np.searchsorted(np.array(CONFIDENCE_BUCKETS), np.asarray(top1, np.float64), side="left")
+
+
+def answer_distribution(probs: np.ndarray) -> dict[str, Any]:
+    """The reference of a set of answers (rows of probabilities): fractions per confidence bin and per class."""
+    top1, _, predicted = prediction_summary(probs)
+    n = max(1, len(probs))
+    return {"answers": int(len(probs)),
+            "confidence": (np.bincount(confidence_bins(top1), minlength=len(CONFIDENCE_BUCKETS) + 1) / n).tolist(),
+            "classes": (np.bincount(predicted, minlength=probs.shape[1]) / n).tolist()}
+
+
+def psi(reference: Sequence[float] | np.ndarray, live: Sequence[float] | np.ndarray) -> float:
+    """Population stability index of ``live`` against ``reference`` (fractions over the same bins)."""
+    ref = np.maximum(np.asarray(reference, np.float64), PSI_FLOOR)
+    cur = np.maximum(np.asarray(live, np.float64), PSI_FLOOR)
+    ref, cur = ref / ref.sum(), cur / cur.sum()
+    return float(((cur - ref) * np.log(cur / ref)).sum())
+
+
+class DriftWindow:
+    """The last ``size`` answers' bins, scored against a reference (:func:`answer_distribution`)."""
+
+    def __init__(self, reference: dict[str, Any], size: int):
+        self.reference, self.size = reference, size
+        self.confidence = np.zeros(size, np.int64)
+        self.classes = np.zeros(size, np.int64)
+        self.seen = 0
+
+    def add(self, top1: np.ndarray, predicted: np.ndarray) -> None:
+        for b, c in zip(confidence_bins(top1).tolist(), np.asarray(predicted).tolist(), strict=True):
+            self.confidence[self.seen % self.size], self.classes[self.seen % self.size] = b, c
+            self.seen += 1
+
+    def scores(self) -> dict[str, float] | None:
+        """PSI per signal over the window, once it is full (None before: a few answers say nothing)."""
+        if self.seen < self.size:
+            return None
+        conf = np.bincount(self.confidence, minlength=len(self.reference["confidence"])) / self.size
+        classes = np.bincount(self.classes, minlength=len(self.reference["classes"])) / self.size
+        return {"confidence": psi(self.reference["confidence"], conf),
+                "class_mix": psi(self.reference["classes"], classes)}

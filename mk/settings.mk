@@ -22,6 +22,8 @@ MAX_IMAGE_BYTES ?=
 SERVED_METRICS ?=
 # Triton's response cache for repeated images, in MiB (0 = off)
 RESPONSE_CACHE_MB ?=
+# answers the drift score compares with the val split's answers (0 = off)
+DRIFT_WINDOW ?=
 RESET_SETTINGS ?=
 SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
   $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
@@ -30,4 +32,4 @@ SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRE
   $(if $(MAX_IMAGE_PIXELS),--max-image-pixels $(MAX_IMAGE_PIXELS)) $(if $(MAX_IMAGE_BYTES),--max-image-bytes $(MAX_IMAGE_BYTES)) \
   $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_MS),--queue-timeout-ms $(QUEUE_TIMEOUT_MS)) \
   $(if $(SERVED_METRICS),--served-metrics $(SERVED_METRICS)) $(if $(RESPONSE_CACHE_MB),--response-cache-mb $(RESPONSE_CACHE_MB)) \
-  $(if $(RESET_SETTINGS),--reset-settings)
+  $(if $(DRIFT_WINDOW),--drift-window $(DRIFT_WINDOW)) $(if $(RESET_SETTINGS),--reset-settings)

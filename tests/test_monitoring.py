@@ -5,13 +5,17 @@ sent, the refusals it got) and compared with what the server exported over the s
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from test_server import BAD_IMAGES, raw_infer
 from tritonclient.utils import InferenceServerException
@@ -20,7 +24,8 @@ from build.render_repo import render
 from build.settings import RepoSettings
 from clients.client import ImageClassifierClient
 from core import protocol as P
-from core.stages import REFUSALS, prediction_summary
+from core.metadata import read_metadata
+from core.stages import DRIFT_ALERT_PSI, REFUSALS, prediction_summary
 from perf.common import scrape_metrics
 from serve.server import TritonServer
 
@@ -127,3 +132,58 @@ def test_classification_layout_and_metrics_off(onnx_model, val_files, tmp_path):
         after = scrape_metrics(s.metrics_url)
         assert not [k for k in after if k.startswith(PREFIX)]
         assert metric(after, "nv_inference_request_success", model=P.ENSEMBLE) >= 1  # Triton's own are still there
+
+
+def drift_scores(server) -> dict[str, float]:
+    return {k.split('signal="', 1)[1].split('"', 1)[0]: v for k, v in scrape_metrics(server.metrics_url).items()
+            if k.startswith(PREFIX + "drift_psi{")}
+
+
+def darkened(path: Path, factor: float = 0.25) -> bytes:
+    img = Image.open(path).convert("RGB")
+    buf = io.BytesIO()
+    Image.fromarray((np.asarray(img, np.float32) * factor).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_drift_score_is_silent_on_the_val_split_and_fires_on_shifted_traffic(onnx_model, val_files, tmp_path):
+    """The exported model carries its answers on the val split; the served model scores its last
+    drift_window answers against them (PSI of the confidence and of the class mix). The val split itself
+    stays under the alert threshold; a flood of one class and darkened photos cross it within one window
+    of requests."""
+    window = len(val_files)  # 80: the stated number of requests a shift takes to show
+    reference = read_metadata(onnx_model)["export"]["reference"]
+    assert reference["answers"] == len(val_files) and sum(reference["classes"]) == pytest.approx(1)
+    repo = tmp_path / "repo"
+    render(onnx_model, repo, RepoSettings(max_batch_size=8, classifier_instances=1, preprocess_instances=1,
+                                          drift_window=window, served_metrics_interval_ms=0))
+    classes = read_metadata(onnx_model)["classes"]
+    with TritonServer(repo, None, log_file=tmp_path / "server.log") as s, \
+            ImageClassifierClient(s.http_url) as c:
+        c.classify_files(val_files[:window // 2])
+        assert drift_scores(s) == {}  # half a window says nothing yet
+        c.classify_files(val_files[window // 2:])
+        in_distribution = drift_scores(s)
+        assert set(in_distribution) == {"confidence", "class_mix"}
+        assert max(in_distribution.values()) < DRIFT_ALERT_PSI, in_distribution
+
+        one_class = [p for p in val_files if p.parent.name == classes[0]]
+        c.classify_files((one_class * window)[:window])
+        flood = drift_scores(s)
+        assert flood["class_mix"] > DRIFT_ALERT_PSI, flood
+
+        c.classify_files(val_files)  # back to the val split: silent again
+        assert max(drift_scores(s).values()) < DRIFT_ALERT_PSI
+        dark = [darkened(p) for p in val_files]
+        c.classify(dark, [str(p) for p in val_files])
+        shifted = drift_scores(s)
+        assert max(shifted.values()) > DRIFT_ALERT_PSI, shifted
+    print(f"drift PSI: val split {in_distribution}, one class {flood}, darkened {shifted}")
+    # the alert rule fires on this metric above this very threshold, and the dashboard plots it
+    docker = Path(__file__).resolve().parent.parent / "docker"
+    (rule,) = [r for g in yaml.safe_load((docker / "k8s" / "prometheus-alerts.yml").read_text())["groups"]
+               for r in g["rules"] if r["alert"] == "ImageClassifierDrift"]
+    assert re.fullmatch(r"max by \(model, version, signal\) \(image_classifier_drift_psi\) > ([0-9.]+)",
+                        rule["expr"]).group(1) == str(DRIFT_ALERT_PSI)
+    dashboard = json.loads((docker / "observability" / "grafana" / "dashboards" / "triton.json").read_text())
+    assert any("image_classifier_drift_psi" in t["expr"] for p in dashboard["panels"] for t in p["targets"])

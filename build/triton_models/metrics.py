@@ -11,6 +11,10 @@ that see images or predictions; what is measured comes from the Triton-free stag
     image_classifier_predictions_total{class}    answers by predicted class
     image_classifier_inputs_total{format}        accepted images by format (JPEG, PNG)
     image_classifier_refusals_total{reason}      refused images by reason (stages.REFUSALS)
+    image_classifier_drift_psi{signal}           the last drift_window answers against the model's answers on
+                                                 its val split (stages.DriftWindow: PSI of the confidence and
+                                                 of the class mix; absent until the window is full, and for a
+                                                 model exported without a reference)
 
 Each histogram is a Prometheus histogram in its text form (cumulative ``_bucket`` series with ``le``,
 ``_sum`` and ``_count``; ``histogram_quantile`` reads it), made of counters. Why not the API's own
@@ -21,13 +25,15 @@ counts in this process, and a thread hands the changes to Triton every ``served_
 the model's name and version.
 """
 
+import json
 import threading
 from collections import Counter
 
 import numpy as np
+import stages  # core/stages.py, copied beside every Python model (the model's file puts it on the path)
 import triton_python_backend_utils as pb_utils
 
-CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+CONFIDENCE_BUCKETS = stages.CONFIDENCE_BUCKETS  # the drift score bins the confidence alike
 ENTROPY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BYTES_BUCKETS = tuple(2.0 ** k for k in range(10, 26, 2))   # 1 KiB .. 16 MiB
 PIXELS_BUCKETS = tuple(4.0 ** k for k in range(6, 13))      # 64x64 .. 4096x4096
@@ -101,6 +107,25 @@ class Counts:
             self.metrics[value].increment(n)
 
 
+class Drift:
+    """The drift scores as gauges: set from the window at every flush (scored under the caller's lock)."""
+
+    def __init__(self, labels, window):
+        self.family = pb_utils.MetricFamily(name="image_classifier_drift_psi", description="Population stability "
+                                            "index of the last answers against the val split's (by signal)",
+                                            kind=pb_utils.MetricFamily.GAUGE)
+        self.window, self.labels, self.gauges = window, labels, {}
+
+    def take(self):
+        return self.window.scores()
+
+    def send(self, scores):
+        for signal, value in (scores or {}).items():
+            if signal not in self.gauges:  # created when first scored: no series before the window is full
+                self.gauges[signal] = self.family.Metric(labels={**self.labels, "signal": signal})
+            self.gauges[signal].set(value)
+
+
 class ServedMetrics:
     """One model's metrics: what arrives (``inputs``), what it answers (``predictions``), or both; flushed
     to Triton by a thread every ``served_metrics_interval_ms``, and when the model is unloaded."""
@@ -109,6 +134,7 @@ class ServedMetrics:
         """``refusal_reasons`` (stages.REFUSALS): the model sees the images; ``classes``: it answers."""
         labels = {"model": args["model_name"], "version": str(args["model_version"])}
         self.metrics = []
+        self.drift = None
         if refusal_reasons is not None:
             self.size = Histogram("image_classifier_input_bytes", "Encoded size of each accepted image, bytes",
                                   labels, BYTES_BUCKETS)
@@ -128,6 +154,11 @@ class ServedMetrics:
             self.predictions = Counts("image_classifier_predictions_total", "Answers by predicted class", labels,
                                       "class", self.classes)
             self.metrics += [self.confidence, self.entropy, self.predictions]
+            reference = _parameter(config, "drift_reference", "")
+            window = int(_parameter(config, "drift_window", "0"))
+            if reference and window > 0:
+                self.drift = Drift(labels, stages.DriftWindow(json.loads(reference), window))
+                self.metrics.append(self.drift)
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.interval = int(_parameter(config, "served_metrics_interval_ms", "1000")) / 1000
         self.thread = None
@@ -151,6 +182,8 @@ class ServedMetrics:
             self.confidence.add(top1)
             self.entropy.add(entropy)
             self.predictions.add(self.classes[i] for i in predicted.tolist())
+            if self.drift is not None:
+                self.drift.window.add(top1, predicted)
         self._maybe_flush()
 
     def _maybe_flush(self):
