@@ -97,7 +97,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint metrics-cost cache-check batch-fit workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint metrics-cost cache-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -302,6 +302,13 @@ metrics-cost: venv
 cache-check: venv
 	$(PY) -m perf.cache --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
 	  --connections $(COMPARE_CONNECTIONS)
+
+# the served model's sampled requests (make repo PAYLOAD_PERCENT=... PAYLOAD_DIR=...) as an ImageFolder tree by
+# predicted class, for a person to correct and train on (training/relabel.py)
+SAMPLES     ?= /var/lib/image-inference/payloads/classify
+RELABEL_OUT ?= data/relabel
+relabel: venv
+	$(PY) -m training.relabel --samples $(SAMPLES) --out $(RELABEL_OUT)
 
 # the classifier's largest batch fitted to the model's cost (make repo) against a fixed 32, side by side
 batch-fit: venv

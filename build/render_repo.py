@@ -52,6 +52,7 @@ CORE = Path(__file__).resolve().parent.parent / "core"
 DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
 # The served stages without Triton (core/stages.py), beside every Python-backend model that loads them
 STAGES_FILE = "stages.py"
+SHARED_FILES = (STAGES_FILE, "payloads.py")  # core's Triton-free modules the Python models import
 # The preprocess model's pipeline: a definition DALI serializes itself (build/triton_models/dali.py), the
 # one graph it imports (core/dali_graph.py) and the spec it reads, side by side in its version folder
 GRAPH_FILE, PIPELINE_CONFIG = "dali_graph.py", "preprocess.json"
@@ -148,7 +149,7 @@ def code_files(lay: Layout, target: str) -> dict[Path, bytes]:
         version = Path(model, "1")
         files[version / "model.py"] = (MODEL_CODE / f"{main}.py").read_bytes()
         files.update({version / f"{name}.py": (MODEL_CODE / f"{name}.py").read_bytes() for name in siblings})
-        files[version / STAGES_FILE] = (CORE / STAGES_FILE).read_bytes()
+        files.update({version / name: (CORE / name).read_bytes() for name in SHARED_FILES})
     if not lay.single_model:  # the ensemble's version folder must exist and, in object stores, hold a file
         files[Path(P.ENSEMBLE, "1", ".placeholder")] = b""
     return files

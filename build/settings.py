@@ -57,6 +57,11 @@ class RepoSettings:
         1000, "how often those metrics are handed to Triton (0 = after every batch, which costs throughput)")
     drift_window: int = _setting(
         500, "answers the drift score compares with the val split's (image_classifier_drift_psi; 0 = off)")
+    # payload sampling (core/payloads.py): the fused layout's model records a share of its requests
+    payload_percent: int = _setting(0, "percent of the answered requests recorded for retraining (0 = off)")
+    payload_dir: str = _setting("", "folder the sampled requests are written to (on the server's machine)")
+    payload_max_kb: int = _setting(262144, "the samples' folder is kept under this many KiB (oldest deleted)")
+    payload_images: int = _setting(1, "record the images' bytes too (0 = records only: sha256, size, answers)")
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,8 @@ def add_settings_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None =
         if only is not None and f.name not in only:
             continue
         tuple_field = f.name == "preferred_batch_sizes"
-        g.add_argument("--" + f.name.replace("_", "-"), type=int, nargs="*" if tuple_field else None, default=None,
+        kind = str if isinstance(getattr(defaults, f.name), str) else int
+        g.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs="*" if tuple_field else None, default=None,
                        help=f"{f.metadata['help']} (built-in default {getattr(defaults, f.name)})")
     g.add_argument("--reset-settings", action="store_true",
                    help="ignore the settings the repository was last rendered or tuned with")

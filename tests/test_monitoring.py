@@ -187,3 +187,40 @@ def test_drift_score_is_silent_on_the_val_split_and_fires_on_shifted_traffic(onn
                         rule["expr"]).group(1) == str(DRIFT_ALERT_PSI)
     dashboard = json.loads((docker / "observability" / "grafana" / "dashboards" / "triton.json").read_text())
     assert any("image_classifier_drift_psi" in t["expr"] for p in dashboard["panels"] for t in p["targets"])
+
+
+def test_payload_samples_are_written_bounded_and_relabelled(onnx_model, val_files, tmp_path):
+    """PAYLOAD_PERCENT=100: every answered image is recorded with the answer the client got, named by its
+    sha256; the folder stays under PAYLOAD_MAX_KB, the oldest samples deleted first; `make relabel` turns the
+    samples into an ImageFolder tree by predicted class that training reads."""
+    import hashlib
+
+    from core.payloads import read_samples
+    from training.data import list_images
+    from training.relabel import relabel
+
+    samples = tmp_path / "payloads"
+    room = sum(p.stat().st_size for p in val_files[:24]) + 24 * 400  # about 24 samples of 80 (a record ~400 B)
+    repo = tmp_path / "repo"
+    render(onnx_model, repo, RepoSettings(max_batch_size=8, classifier_instances=1, payload_percent=100,
+                                          payload_dir=str(samples), payload_max_kb=room // 1024))
+    with TritonServer(repo, None, log_file=tmp_path / "server.log") as s, ImageClassifierClient(s.http_url) as c:
+        preds = c.classify_files(val_files, batch_size=4)
+    folder = samples / P.ENSEMBLE  # the server stopped: the model's finalize wrote what was queued
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 1024 * (room // 1024)
+    records = list(read_samples(folder))
+    sent = {hashlib.sha256(p.read_bytes()).hexdigest(): (p, pred) for p, pred in zip(val_files, preds, strict=True)}
+    assert 10 <= len(records) < len(val_files)  # bounded: the oldest were deleted
+    assert hashlib.sha256(val_files[-1].read_bytes()).hexdigest() in {r["sha256"] for r in records}  # the newest kept
+    for r in records:
+        path, pred = sent[r["sha256"]]
+        assert r["labels"] == pred.labels and r["scores"] == pytest.approx(pred.scores, abs=1e-6)
+        assert r["path"].read_bytes() == path.read_bytes() and r["bytes"] == path.stat().st_size
+        assert r["format"] == "JPEG" and r["model"] == P.ENSEMBLE and r["latency_ms"] > 0
+
+    counts = relabel(folder, tmp_path / "relabel")
+    assert sum(counts.values()) == len({r["sha256"] for r in records})
+    relabelled = list_images(tmp_path / "relabel", sorted(counts))
+    assert {(sent[hashlib.sha256(p.read_bytes()).hexdigest()][1].labels[0]) for p, _ in relabelled} == set(counts)
+    assert all(sent[hashlib.sha256(p.read_bytes()).hexdigest()][1].labels[0] == sorted(counts)[i]
+               for p, i in relabelled)

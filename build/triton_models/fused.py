@@ -10,6 +10,7 @@ stays in this process, which measured here serves more images per second on 2 CP
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import triton_python_backend_utils as pb_utils
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
 import metrics  # noqa: E402
+import payloads  # noqa: E402  (core/payloads.py, copied here too)
 import stages  # noqa: E402
 
 
@@ -39,11 +41,14 @@ class TritonPythonModel:
         self.out_names = [o["name"] for o in config["output"]]  # probabilities, labels, scores
         self.metrics = (metrics.ServedMetrics(args, config, stages.REFUSALS, self.top_k.classes)
                         if metrics.enabled(config) else None)
+        self.payloads = sampler(args, config)
 
     def execute(self, requests):
+        start = time.perf_counter()
         try:
             name = self.preprocess.in_name
-            decoded = self.preprocess.decode([pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests])
+            raw = [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
+            decoded = self.preprocess.decode(raw)
         except Exception as e:
             return failed("preprocess", e, requests)
         good = [d for d in decoded if not isinstance(d, stages.Rejected)]
@@ -55,7 +60,11 @@ class TritonPythonModel:
             self.metrics.observe_inputs(self.preprocess.observed)
             if values is not None:
                 self.metrics.observe_predictions(stages.prediction_summary(values[0]))
-        answers = iter(stages.split_rows(values, [len(d) for d in good]) if good else [])
+        per_request = stages.split_rows(values, [len(d) for d in good]) if good else []
+        if self.payloads is not None and good:
+            sample(self.payloads, [r for r, d in zip(raw, decoded, strict=True) if not isinstance(d, stages.Rejected)],
+                   per_request, 1000 * (time.perf_counter() - start))
+        answers = iter(per_request)
         return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(d), pb_utils.TritonError.INVALID_ARG))
                 if isinstance(d, stages.Rejected) else
                 pb_utils.InferenceResponse([pb_utils.Tensor(n, v) for n, v in zip(self.out_names, next(answers),
@@ -65,3 +74,28 @@ class TritonPythonModel:
     def finalize(self):
         if self.metrics is not None:
             self.metrics.close()
+        if self.payloads is not None:
+            self.payloads.close()
+
+
+def sampler(args, config):
+    """The payload sampler the rendered config asks for (payload_percent > 0 and a payload_dir), else None."""
+    params = stages.parameters(config)
+    percent, directory = float(params.get("payload_percent", "0")), params.get("payload_dir", "")
+    if percent <= 0 or not directory:
+        return None
+    return payloads.PayloadSampler(Path(directory) / args["model_name"], percent,
+                                   1024 * int(params.get("payload_max_kb", "262144")),
+                                   params.get("payload_images", "1") != "0", args["model_name"],
+                                   str(args["model_version"]))
+
+
+def sample(sampler_, raw, per_request, latency_ms):
+    """Offer each answered image with its labels and scores to the sampler."""
+    images, answers = [], []
+    for rows, (_, labels, scores) in zip(raw, per_request, strict=True):
+        rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
+        for row, row_labels, row_scores in zip(rows, labels, scores, strict=True):
+            images.append(stages.image_bytes(row))
+            answers.append(([x.decode() if isinstance(x, bytes) else str(x) for x in row_labels], row_scores.tolist()))
+    sampler_.offer(images, answers, latency_ms)

@@ -1,0 +1,115 @@
+"""Payload sampling: a share of the served requests recorded, for retraining and for a person to relabel.
+
+The served model (the fused layout's, which holds both the image bytes and the answer) offers every
+answered request; a fraction of them (``percent``) is queued and written by a thread of its own, off the
+request path: per sample one JSON record (time, model and version, the image's sha256, encoded size and
+format, the top-k labels and scores, the batch's latency) and, if asked, the image bytes beside it, into
+one folder, at most ``max_bytes`` in all (the oldest samples are deleted first). A full queue drops the
+sample rather than wait. ``python -m training.relabel`` turns the samples into an ImageFolder tree by
+predicted class for a person to correct; training reads it as any data set.
+
+Copied beside the served model by ``make repo`` (build/render_repo.py), so it imports only the standard
+library and NumPy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+RECORD = ".json"
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png"}
+QUEUE_SIZE = 256  # samples waiting for the writer; more are dropped (and counted)
+
+
+def image_format(data: bytes) -> str:
+    return "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else "JPEG" if data[:2] == b"\xff\xd8" else "unknown"
+
+
+class PayloadSampler:
+    def __init__(self, directory: Path | str, percent: float, max_bytes: int, keep_images: bool, model: str,
+                 version: str):
+        self.dir, self.percent, self.max_bytes = Path(directory), float(percent), int(max_bytes)
+        self.keep_images, self.model, self.version = keep_images, model, version
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.files = sorted((p for p in self.dir.iterdir() if p.is_file() and not p.name.startswith(".")),
+                            key=lambda p: p.name)
+        self.total = sum(p.stat().st_size for p in self.files)
+        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
+        self.dropped = self.written = 0
+        self.thread = threading.Thread(target=self._run, name="payload-sampler", daemon=True)
+        self.thread.start()
+
+    def offer(self, images: Sequence[bytes], answers: Sequence[tuple[Sequence[str], Sequence[float]]],
+              latency_ms: float) -> None:
+        """A batch's answered images and their (labels, scores); a share of them is queued, never waited on."""
+        for data, (labels, scores) in zip(images, answers, strict=True):
+            if random.random() * 100 >= self.percent:
+                continue
+            try:
+                self.queue.put_nowait({"data": bytes(data), "labels": [str(x) for x in labels],
+                                       "scores": [float(x) for x in scores], "latency_ms": latency_ms,
+                                       "time": time.time()})
+            except queue.Full:
+                self.dropped += 1
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            try:
+                self._write(item)
+            except OSError:  # a full disk or a removed folder costs samples, never the model
+                self.dropped += 1
+
+    def _write(self, item: dict[str, Any]) -> None:
+        data = item.pop("data")
+        sha = hashlib.sha256(data).hexdigest()
+        fmt = image_format(data)
+        stem = f"{time.time_ns():020d}-{sha[:16]}"
+        record = {"time": item["time"], "model": self.model, "version": self.version, "sha256": sha,
+                  "bytes": len(data), "format": fmt, "labels": item["labels"], "scores": item["scores"],
+                  "latency_ms": item["latency_ms"], "image": None}
+        written = []
+        if self.keep_images and fmt in EXTENSIONS:
+            record["image"] = stem + EXTENSIONS[fmt]
+            written.append(self._atomic(self.dir / record["image"], data))
+        written.append(self._atomic(self.dir / (stem + RECORD), json.dumps(record).encode()))
+        self.files += written
+        self.total += sum(p.stat().st_size for p in written)
+        self.written += 1
+        while self.total > self.max_bytes and self.files:  # the oldest first (names start with the time),
+            stem = self.files[0].name.split(".", 1)[0]      # a record and its image together
+            gone = [p for p in self.files if p.name.split(".", 1)[0] == stem]
+            self.files = [p for p in self.files if p not in gone]
+            for p in gone:
+                self.total -= p.stat().st_size if p.exists() else 0
+                p.unlink(missing_ok=True)
+
+    @staticmethod
+    def _atomic(path: Path, data: bytes) -> Path:
+        tmp = path.with_name("." + path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return path
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued, then stop the thread (the model's finalize)."""
+        self.queue.put(None)
+        self.thread.join(timeout_s)
+
+
+def read_samples(directory: Path | str) -> Iterator[dict[str, Any]]:
+    """Every sample's record in ``directory``, oldest first, with ``path`` (its image's, or None)."""
+    for record in sorted(Path(directory).glob("*" + RECORD)):
+        if record.name.startswith("."):
+            continue
+        r = json.loads(record.read_text())
+        image = Path(directory) / r["image"] if r.get("image") else None
+        yield {**r, "path": image if image is not None and image.is_file() else None}
