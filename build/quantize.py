@@ -23,8 +23,9 @@ import argparse
 import hashlib
 import json
 import re
+import shutil
 import tempfile
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -108,6 +109,16 @@ def to_fp16(onnx_path: Path, calib: np.ndarray, method: str, keep: Sequence[str]
     # FP32 I/O: the Triton configs and clients stay the same for every precision
     return convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type="fp16", keep_io_types=True,
                                       nodes_to_exclude=[re.escape(n) + "$" for n in keep] or None)
+
+
+@contextmanager
+def private_copy(onnx_path: Path) -> Iterator[Path]:
+    """A copy of the model for the converters: ModelOpt rewrote a timm ConvNeXt's model.onnx in place (its
+    shared constants duplicated), after which the build report no longer matched the file it was made from."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / Path(onnx_path).name
+        shutil.copyfile(onnx_path, copy)
+        yield copy
 
 
 @contextmanager
@@ -295,10 +306,12 @@ def recover_int8(name: str, onnx_path: Path, meta: dict, calib: np.ndarray, cali
     """Retry a failing INT8 artifact by :func:`recovery_plan` until its ONNX Runtime candidate passes the gate.
     On success ``produced`` and ``results`` hold the recovered artifact; returns what was tried."""
     base = results["fp32"]["top1"]
-    ranked = sensitivity(Path(onnx_path), calib, calib_method)
+    with private_copy(onnx_path) as source:
+        ranked = sensitivity(source, calib, calib_method)
     tries = [{"calibration": calib_method, "kept_fp32": [], "top1": results[name]["top1"], "passed": False}]
     for method, keep in recovery_plan(calib_method, ranked):
-        model = CONVERSIONS[name](Path(onnx_path), calib, method, keep)
+        with private_copy(onnx_path) as source:
+            model = CONVERSIONS[name](source, calib, method, keep)
         onnx.checker.check_model(model)
         blob = stamp(model, rebase_metadata(meta, Path(onnx_path).parent, out_dir), "int8",
                      {**extra, "calibration_method": method, "kept_fp32": keep}).SerializeToString()
@@ -429,7 +442,8 @@ def convert(onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, o
     extra = {"derived_from_sha256": hashlib.sha256(fp32_bytes).hexdigest(), "calibration_images": len(calib),
              "calibration_method": calib_method}
     for name in [n for n in CONVERSIONS if n in precisions]:
-        model = CONVERSIONS[name](Path(onnx_path), calib, calib_method, ())
+        with private_copy(onnx_path) as source:
+            model = CONVERSIONS[name](source, calib, calib_method, ())
         onnx.checker.check_model(model)
         produced[name] = stamp(model, rebase_metadata(meta, Path(onnx_path).parent, out_dir),
                                "int8" if name.startswith("int8") else name, extra).SerializeToString()

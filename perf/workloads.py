@@ -100,10 +100,15 @@ def prepare(w: Workload, work: Path, demo_ckpt: Path, demo_data: Path, epochs: i
 def measure(names: list[str], work: Path, demo_ckpt: Path, demo_data: Path, out: Path, epochs: int = 1,
             precision: str = "auto", rounds: int = 3, seconds: int = 10, connections: int = 16,
             peers: tuple[str, ...] = (), max_top1_drop: float = 100.0) -> dict:
-    results = {}
+    results, failed = {}, {}
     for name in names:
         w = WORKLOADS[name]
-        repo, ckpt, images, candidate = prepare(w, work, demo_ckpt, demo_data, epochs, precision, max_top1_drop)
+        try:
+            repo, ckpt, images, candidate = prepare(w, work, demo_ckpt, demo_data, epochs, precision, max_top1_drop)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:  # one model's failure costs only its row
+            print(f"{name}: not measured: {type(e).__name__}: {e}")
+            failed[name] = f"{type(e).__name__}: {e}"
+            continue
         print(f"{name}: side by side ...")
         t0 = time.perf_counter()
         r = side_by_side(repo, ckpt, images, out / name, rounds, seconds, connections, peers=peers)
@@ -112,7 +117,7 @@ def measure(names: list[str], work: Path, demo_ckpt: Path, demo_data: Path, out:
         results[name] = {"workload": w.__dict__, "engine": manifest["engine"], "precision": manifest["precision"],
                          "compare": r, "seconds": round(time.perf_counter() - t0), "build": report,
                          "served_candidate": candidate}
-    return {"when": time.strftime("%Y-%m-%d %H:%M"), "workloads": results}
+    return {"when": time.strftime("%Y-%m-%d %H:%M"), "workloads": results, "not_measured": failed}
 
 
 def markdown(r: dict) -> str:
@@ -185,6 +190,7 @@ if __name__ == "__main__":
                      a.connections, peers, a.max_top1_drop)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "workloads.json").write_text(json.dumps(result, indent=2))
-    text = markdown(result) + "\n" + architectures_markdown(result)
+    text = markdown(result) + "\n" + architectures_markdown(result) + "".join(
+        f"\nNot measured: {name}: {why}\n" for name, why in result["not_measured"].items())
     (a.out / "workloads.md").write_text(text)
     print(text)
