@@ -113,8 +113,9 @@ def to_fp16(onnx_path: Path, calib: np.ndarray, method: str, keep: Sequence[str]
 
 @contextmanager
 def private_copy(onnx_path: Path) -> Iterator[Path]:
-    """A copy of the model for the converters: ModelOpt rewrote a timm ConvNeXt's model.onnx in place (its
-    shared constants duplicated), after which the build report no longer matched the file it was made from."""
+    """A copy of the model for the converters: ModelOpt's INT8 quantizer runs onnx's infer_shapes_path on the
+    path it is given, which writes the shape-inferred model back over it (a timm ConvNeXt's model.onnx came
+    out changed, and its build report no longer matched the file it was made from)."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / Path(onnx_path).name
         shutil.copyfile(onnx_path, copy)

@@ -548,3 +548,17 @@ def test_repository_batch_follows_the_models_measured_cost(artifacts, tmp_path, 
     assert rendered() == 32  # a re-render keeps the repository's settings (make tune's, say)
     measured({1: 900, 8: 3000, 16: 4500, 32: 6000})  # a cheap model
     assert rendered("--reset-settings") == 32
+
+
+def test_quantize_leaves_the_fp32_model_as_it_was(onnx_model, tiny_data, tmp_path):
+    """ModelOpt's INT8 quantizer runs onnx.shape_inference.infer_shapes_path on the path it is given, which
+    writes the inferred model back over it: a model without value_info (a timm ConvNeXt, or this one with
+    it removed) came out of make quantize changed, and its build report no longer matched it."""
+    model = onnx.load(str(onnx_model))
+    del model.graph.value_info[:]
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    before = (tmp_path / "model.onnx").read_bytes()
+    quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=16, max_top1_drop=100.0,
+                   precisions=("int8",), engines=("onnxruntime",))
+    assert (tmp_path / "model.onnx").read_bytes() == before
+    assert served_for("int8", tmp_path)[0].name == ARTIFACT_NAMES["int8"]  # the report is the file's
