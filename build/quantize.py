@@ -303,12 +303,16 @@ def recovery_plan(calib_method: str, ranked: list[tuple[str, float]]) -> list[tu
 
 def recover_int8(name: str, onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, out_dir: Path,
                  produced: dict[str, bytes], results: dict[str, dict], extra: dict, rescore: Callable,
-                 max_top1_drop: float) -> dict:
+                 max_top1_drop: float, ranking: dict[str, list[tuple[str, float]]] | None = None) -> dict:
     """Retry a failing INT8 artifact by :func:`recovery_plan` until its ONNX Runtime candidate passes the gate.
-    On success ``produced`` and ``results`` hold the recovered artifact; returns what was tried."""
+    On success ``produced`` and ``results`` hold the recovered artifact; returns what was tried. ``ranking``:
+    the sensitivity ranking, computed once for both INT8 files (it is a property of the model's layers)."""
     base = results["fp32"]["top1"]
-    with private_copy(onnx_path) as source:
-        ranked = sensitivity(source, calib, calib_method)
+    ranking = {} if ranking is None else ranking
+    if "ranked" not in ranking:
+        with private_copy(onnx_path) as source:
+            ranking["ranked"] = sensitivity(source, calib, calib_method)
+    ranked = ranking["ranked"]
     tries = [{"calibration": calib_method, "kept_fp32": [], "top1": results[name]["top1"], "passed": False}]
     for method, keep in recovery_plan(calib_method, ranked):
         with private_copy(onnx_path) as source:
@@ -617,8 +621,9 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
     failures = gate(results, max_top1_drop)
     rescore = partial(score, ckpt=ckpt, pre=pre, paths=paths, labels=labels, sample=sample, engines=engines,
                       unsupported=unsupported, reference=reference)
+    ranking: dict[str, list[tuple[str, float]]] = {}
     recovery = {name: recover_int8(name, onnx_path, meta, calib, calib_method, out_dir, produced, results, extra,
-                                   rescore, max_top1_drop)
+                                   rescore, max_top1_drop, ranking)
                 for name in ("int8_ort", "int8") if name in failures}
     failures = gate(results, max_top1_drop)
     embedded, reason = embedded_int8(results, failures)
