@@ -148,3 +148,10 @@ def fitted_max_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] |
     batch = min(b for b, r in by_batch.items() if r >= BATCH_THROUGHPUT_SHARE * best)
     return batch, (f"{name}'s measured cost: {by_batch[batch]:.0f} img/s at batch {batch}, best "
                    f"{best:.0f} (make quantize, {Path(artifacts) / REPORT})")
+
+
+def rendered_candidate(manifest: dict[str, Any], onnx_path: Path) -> Candidate | None:
+    """The candidate an embedded repository serves, from its manifest (build.json) and its ONNX file."""
+    return next((c for c in CANDIDATES.values() if c.engine == manifest.get("engine")
+                 and ARTIFACT_NAMES[c.artifact] == Path(onnx_path).name
+                 and c.inference_precision == manifest.get("inference_precision")), None)

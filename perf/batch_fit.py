@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from build.artifacts import ARTIFACT_NAMES, CANDIDATES, fitted_max_batch
+from build.artifacts import fitted_max_batch, rendered_candidate
 from build.settings import RepoSettings, read_manifest, rendered_onnx
 from perf.common import REPORTS
 from perf.fair import Variant, variants, variants_main
@@ -22,9 +22,8 @@ FIXED = RepoSettings().max_batch_size  # the built-in default, which every model
 
 def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: int = 10,
             connections: int = 16) -> dict:
-    manifest, onnx = read_manifest(repo), rendered_onnx(repo)
-    served = next((c for c in CANDIDATES.values() if c.engine == manifest["engine"] and ARTIFACT_NAMES[c.artifact]
-                   == onnx.name and c.inference_precision == manifest["inference_precision"]), None)
+    onnx = rendered_onnx(repo)
+    served = rendered_candidate(read_manifest(repo), onnx)
     fit = fitted_max_batch(onnx.parent, served) if served is not None else None
     if fit is None:
         raise ValueError(f"{repo}: no make quantize latencies for its served model to fit the batch to")

@@ -321,6 +321,7 @@ def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant],
     """The repository's model, layout and settings served once per ``(name, settings changed, server options)``,
     all at once, and measured by :func:`compare` (the first against each other); ``after``: given the running
     servers by name, its result is added to the report (e.g. what each server counted)."""
+    from build.artifacts import rendered_candidate
     from build.render_repo import render
     from build.settings import read_manifest, rendered_onnx, settings_from_manifest
     from serve.server import TritonServer
@@ -333,7 +334,9 @@ def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant],
         targets, running = [], {}
         for i, (name, changes, options) in enumerate(servers):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="variant-")))
-            render(onnx, tmp, replace(settings, **changes), layout=manifest["layout"])
+            # on the engine and precision the repository serves (OpenVINO's, say), not the file's default
+            render(onnx, tmp, replace(settings, **changes), layout=manifest["layout"],
+                   served=rendered_candidate(manifest, onnx))
             running[name] = stack.enter_context(TritonServer(tmp, None, log_file=out / f"tritonserver-{i}.log",
                                                              **options))
             targets.append(Target(name, f"http://{running[name].http_url}", f"/v2/models/{P.ENSEMBLE}/infer",
