@@ -22,6 +22,7 @@ from core.preprocess import DaliPreprocessor, PreprocessSpec
 from core.runners import OrtRunner
 from serve.server import TritonServer
 from training.data import find_classes
+from training.real_datasets import write_imagefolder
 
 SIZE = 32
 
@@ -44,17 +45,23 @@ def plain_export(model: torch.nn.Module, path: Path, softmax: bool = False, nhwc
 
 
 @pytest.fixture(scope="module")
-def timm_classifier(tiny_data) -> torch.nn.Module:
-    import timm
-
-    torch.manual_seed(5)
-    return timm.create_model("test_convnext", num_classes=len(find_classes(tiny_data / "train"))).eval()
+def digits(tmp_path_factory) -> Path:
+    """A real data set a package ships: scikit-learn's handwritten digits (10 classes, 32 px)."""
+    return write_imagefolder("digits", tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")
-def labels(tiny_data, tmp_path_factory) -> Path:
+def timm_classifier(digits) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(5)
+    return timm.create_model("test_convnext", num_classes=len(find_classes(digits / "train"))).eval()
+
+
+@pytest.fixture(scope="module")
+def labels(digits, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("labels") / "labels.txt"
-    path.write_text("\n".join(find_classes(tiny_data / "train")) + "\n")
+    path.write_text("\n".join(find_classes(digits / "train")) + "\n")
     return path
 
 
@@ -64,11 +71,11 @@ def options(**kw: object) -> argparse.Namespace:
 
 
 @pytest.fixture(scope="module")
-def imported(timm_classifier, labels, tiny_data, tmp_path_factory) -> Path:
+def imported(timm_classifier, labels, digits, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("import")
     src = plain_export(timm_classifier, work / "theirs.onnx")
     out = work / "model.onnx"
-    import_onnx.import_onnx(src, labels, out, options(like="timm:test_convnext", img_size=SIZE, data=tiny_data))
+    import_onnx.import_onnx(src, labels, out, options(like="timm:test_convnext", img_size=SIZE, data=digits))
     return out
 
 
@@ -118,9 +125,9 @@ def test_what_cannot_be_served_is_refused_with_the_reason(timm_classifier, label
     assert not any((tmp_path / n).exists() for n in ("a.onnx", "b.onnx", "c.onnx"))  # nothing half-written
 
 
-def test_the_imported_model_is_quantized_and_served_as_onnx_runtime_computes(imported, tiny_data, val_files,
-                                                                             tmp_path):
-    report = quantize.build(imported, tiny_data, tmp_path, calib_size=16, max_top1_drop=100.0,
+def test_the_imported_model_is_quantized_and_served_as_onnx_runtime_computes(imported, digits, tmp_path):
+    val_files = sorted((digits / "val").rglob("*.jpg"))
+    report = quantize.build(imported, digits, tmp_path, calib_size=16, max_top1_drop=100.0,
                             precisions=("int8_ort",))
     assert report["reference"] == "the imported FP32 ONNX" and report["artifacts"]["fp32"]["max_abs_logit_diff"] == 0
     written = json.loads((tmp_path / "build_report.json").read_text())

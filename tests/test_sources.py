@@ -23,6 +23,7 @@ from training import sources, train
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.evaluate import predict_files
 from training.models import build_model
+from training.real_datasets import write_imagefolder
 
 TIMM_ARCH = "timm:test_convnext"  # timm's own small test network: a real ConvNeXt (LayerNorm, no running stats)
 
@@ -31,6 +32,12 @@ def backbone_and_head(model: torch.nn.Module, arch: str) -> tuple[dict, dict]:
     head = sources.head_parameters(model, arch)
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     return ({k: v for k, v in params.items() if k not in head}, {k: v for k, v in params.items() if k in head})
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """A real data set a package ships: scikit-learn's handwritten digits (10 classes, 32 px)."""
+    return write_imagefolder("digits", tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +50,9 @@ def timm_weights(tmp_path_factory) -> Path:
     return path
 
 
-def fine_tune(tiny_data: Path, weights: Path, out: Path, epochs: int, freeze: int) -> Path:
+def fine_tune(digits: Path, weights: Path, out: Path, epochs: int, freeze: int) -> Path:
     train.main(train.parse_args(
-        ["--data", str(tiny_data), "--out", str(out), "--arch", TIMM_ARCH, "--weights", str(weights),
+        ["--data", str(digits), "--out", str(out), "--arch", TIMM_ARCH, "--weights", str(weights),
          "--img-size", "32", "--epochs", str(epochs), "--freeze-epochs", str(freeze), "--backbone-lr-scale", "0.1",
          "--opt", "adamw", "--lr", "0.003", "--weight-decay", "0.05", "--batch-size", "16", "--workers", "0",
          "--quiet"]))
@@ -53,11 +60,11 @@ def fine_tune(tiny_data: Path, weights: Path, out: Path, epochs: int, freeze: in
 
 
 @pytest.fixture(scope="module")
-def finetuned(tiny_data, timm_weights, tmp_path_factory) -> Path:
-    return fine_tune(tiny_data, timm_weights, tmp_path_factory.mktemp("finetuned"), epochs=3, freeze=1)
+def finetuned(digits, timm_weights, tmp_path_factory) -> Path:
+    return fine_tune(digits, timm_weights, tmp_path_factory.mktemp("finetuned"), epochs=3, freeze=1)
 
 
-def test_the_checkpoint_records_source_weights_and_the_models_own_preprocessing(finetuned, timm_weights, tiny_data):
+def test_the_checkpoint_records_source_weights_and_the_models_own_preprocessing(finetuned, timm_weights, digits):
     import timm
 
     ckpt = load_checkpoint(finetuned)
@@ -76,11 +83,11 @@ def test_the_checkpoint_records_source_weights_and_the_models_own_preprocessing(
     assert ckpt["metrics"]["top1"] > 30
 
 
-def test_frozen_epochs_hold_the_backbone_and_the_new_head_learns(tiny_data, timm_weights, finetuned, tmp_path):
+def test_frozen_epochs_hold_the_backbone_and_the_new_head_learns(digits, timm_weights, finetuned, tmp_path):
     start = build_model(TIMM_ARCH, num_classes=10)
     sources.load_pretrained(start, TIMM_ARCH, str(timm_weights))
     backbone0, head0 = backbone_and_head(start, TIMM_ARCH)
-    frozen = model_from_checkpoint(load_checkpoint(fine_tune(tiny_data, timm_weights, tmp_path, epochs=1, freeze=1)))
+    frozen = model_from_checkpoint(load_checkpoint(fine_tune(digits, timm_weights, tmp_path, epochs=1, freeze=1)))
     backbone1, head1 = backbone_and_head(frozen, TIMM_ARCH)
     assert all(torch.equal(backbone0[k], backbone1[k]) for k in backbone0), "the backbone moved while frozen"
     assert not torch.equal(head0["head.fc.weight"], head1["head.fc.weight"])
@@ -88,11 +95,12 @@ def test_frozen_epochs_hold_the_backbone_and_the_new_head_learns(tiny_data, timm
     assert any(not torch.equal(backbone0[k], later[k]) for k in backbone0), "the backbone never learned"
 
 
-def test_fine_tuned_timm_model_is_served_as_pytorch_computes(finetuned, tiny_data, val_files, tmp_path):
+def test_fine_tuned_timm_model_is_served_as_pytorch_computes(finetuned, digits, tmp_path):
+    val_files = sorted((digits / "val").rglob("*.jpg"))
     """Export (validated against PyTorch), the fused repository, the real server: served top-1 = PyTorch's,
     through the model's own (bicubic) preprocessing in DALI."""
     onnx_path = tmp_path / "model.onnx"
-    export(finetuned, tiny_data, onnx_path)
+    export(finetuned, digits, onnx_path)
     assert read_metadata(onnx_path)["preprocess"]["interpolation"] == "cubic"
     repo = tmp_path / "repo"
     render(onnx_path, repo, RepoSettings(max_batch_size=8, classifier_instances=1))
