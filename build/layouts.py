@@ -117,13 +117,10 @@ def stage_parameters(s: RepoSettings, c: ConfigInputs) -> dict[str, dict[str, An
     metrics = {"served_metrics": s.served_metrics, "served_metrics_interval_ms": s.served_metrics_interval_ms}
     reference = c.export.get("reference")
     drift = {"drift_window": s.drift_window, "drift_reference": json.dumps(reference)} if reference else {}
-    payloads = ({"payload_percent": s.payload_percent, "payload_dir": s.payload_dir,
-                 "payload_max_kb": s.payload_max_kb, "payload_images": s.payload_images}
-                if s.payload_percent > 0 and s.payload_dir else {})
     return {P.PREPROCESS: {"dali_pipeline": MODEL_DALI, "dali_num_threads": s.dali_threads,
                            "max_image_pixels": s.max_image_pixels, "max_image_bytes": s.max_image_bytes, **metrics},
             P.CLASSIFIER: {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads, **metrics, **drift},
-            P.POSTPROCESS: {"top_k": c.top_k, **metrics, **drift, **payloads}}
+            P.POSTPROCESS: {"top_k": c.top_k, **metrics, **drift}}
 
 
 def _embedded_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
@@ -207,6 +204,9 @@ def fused_configs(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     on one dynamic batch, with the parameters each stage's model would have."""
     s = c.settings
     params = {k: v for stage in stage_parameters(s, c).values() for k, v in stage.items()}
+    if s.payload_percent > 0 and s.payload_dir:  # payload sampling: this model holds the bytes and the answer
+        params.update(payload_percent=s.payload_percent, payload_dir=s.payload_dir, payload_max_kb=s.payload_max_kb,
+                      payload_images=s.payload_images)
     model = python_model(P.ENSEMBLE, s, [image_input()], ensemble_outputs(c.num_classes, c.top_k),
                          s.classifier_instances, params)
     return {P.ENSEMBLE: model}

@@ -1,12 +1,13 @@
 """Payload sampling: a share of the served requests recorded, for retraining and for a person to relabel.
 
-The served model (the fused layout's, which holds both the image bytes and the answer) offers every
-answered request; a fraction of them (``percent``) is queued and written by a thread of its own, off the
-request path: per sample one JSON record (time, model and version, the image's sha256, encoded size and
-format, the top-k labels and scores, the batch's latency) and, if asked, the image bytes beside it, into
-one folder, at most ``max_bytes`` in all (the oldest samples are deleted first). A full queue drops the
-sample rather than wait. ``python -m training.relabel`` turns the samples into an ImageFolder tree by
-predicted class for a person to correct; training reads it as any data set.
+The served model (the fused layout's, which holds both the image bytes and the answer) asks which of its
+answered images to record (``percent`` of them, :meth:`PayloadSampler.picks`) and hands over only those;
+they are queued and written by a thread of its own, off the request path: per sample one JSON record
+(time, model and version, the image's sha256, encoded size and format, the top-k labels and scores, the
+batch's latency) and, if asked, the image bytes beside it, into one folder, at most ``max_bytes`` in all
+(the oldest samples are deleted first). A full queue drops the sample rather than wait. ``python -m
+training.relabel`` turns the samples into an ImageFolder tree by predicted class for a person to
+correct; training reads it as any data set.
 
 Copied beside the served model by ``make repo`` (build/render_repo.py), so it imports only the standard
 library and NumPy.
@@ -30,10 +31,6 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png"}
 QUEUE_SIZE = 256  # samples waiting for the writer; more are dropped (and counted)
 
 
-def image_format(data: bytes) -> str:
-    return "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else "JPEG" if data[:2] == b"\xff\xd8" else "unknown"
-
-
 class PayloadSampler:
     def __init__(self, directory: Path | str, percent: float, max_bytes: int, keep_images: bool, model: str,
                  version: str):
@@ -48,14 +45,15 @@ class PayloadSampler:
         self.thread = threading.Thread(target=self._run, name="payload-sampler", daemon=True)
         self.thread.start()
 
-    def offer(self, images: Sequence[bytes], answers: Sequence[tuple[Sequence[str], Sequence[float]]],
-              latency_ms: float) -> None:
-        """A batch's answered images and their (labels, scores); a share of them is queued, never waited on."""
-        for data, (labels, scores) in zip(images, answers, strict=True):
-            if random.random() * 100 >= self.percent:
-                continue
+    def picks(self, n: int) -> list[bool]:
+        """Which of ``n`` answered images to record: decided before the caller gathers anything for them."""
+        return [random.random() * 100 < self.percent for _ in range(n)]
+
+    def offer(self, samples: Sequence[tuple[bytes, str, Sequence[str], Sequence[float]]], latency_ms: float) -> None:
+        """Picked images as (bytes, format, labels, scores): queued for the writer, never waited on."""
+        for data, fmt, labels, scores in samples:
             try:
-                self.queue.put_nowait({"data": bytes(data), "labels": [str(x) for x in labels],
+                self.queue.put_nowait({"data": bytes(data), "format": fmt, "labels": [str(x) for x in labels],
                                        "scores": [float(x) for x in scores], "latency_ms": latency_ms,
                                        "time": time.time()})
             except queue.Full:
@@ -71,7 +69,7 @@ class PayloadSampler:
     def _write(self, item: dict[str, Any]) -> None:
         data = item.pop("data")
         sha = hashlib.sha256(data).hexdigest()
-        fmt = image_format(data)
+        fmt = item["format"]
         stem = f"{time.time_ns():020d}-{sha[:16]}"
         record = {"time": item["time"], "model": self.model, "version": self.version, "sha256": sha,
                   "bytes": len(data), "format": fmt, "labels": item["labels"], "scores": item["scores"],
@@ -99,10 +97,11 @@ class PayloadSampler:
         os.replace(tmp, path)
         return path
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued, then stop the thread (the model's finalize)."""
+    def close(self, timeout_s: float = 10.0) -> str:
+        """Write what is queued, then stop the thread (the model's finalize); what it did, to log."""
         self.queue.put(None)
         self.thread.join(timeout_s)
+        return f"payload samples: {self.written} written to {self.dir}, {self.dropped} dropped"
 
 
 def read_samples(directory: Path | str) -> Iterator[dict[str, Any]]:

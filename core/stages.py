@@ -169,12 +169,17 @@ def check_image(data: bytes, max_pixels: int, max_bytes: int) -> bytes:
     return inspect_image(data, max_pixels, max_bytes)[0]
 
 
+def image_kind(data: bytes) -> str | None:
+    """"JPEG" or "PNG" from the file's signature, else None."""
+    return next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
+
+
 def inspect_image(data: bytes, max_pixels: int, max_bytes: int) -> tuple[bytes, ImageInfo]:
     """:func:`check_image`, and what the header said."""
     if not data:
         raise Rejected("empty input: 0 bytes", "empty")
     check_bytes(len(data), max_bytes)
-    kind = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
+    kind = image_kind(data)
     if kind is None:
         raise Rejected(f"not a JPEG or PNG image (starts with {data[:8].hex(' ')})", "not_jpeg_or_png")
     width, height, end = (jpeg_extent if kind == "JPEG" else png_extent)(data)
@@ -485,9 +490,11 @@ class DriftWindow:
         self.seen = 0
 
     def add(self, top1: np.ndarray, predicted: np.ndarray) -> None:
-        for b, c in zip(confidence_bins(top1).tolist(), np.asarray(predicted).tolist(), strict=True):
-            self.confidence[self.seen % self.size], self.classes[self.seen % self.size] = b, c
-            self.seen += 1
+        bins, classes = confidence_bins(top1)[-self.size:], np.asarray(predicted)[-self.size:]
+        self.seen += len(top1) - len(bins)  # a batch longer than the window: only its last answers stay
+        slots = (self.seen + np.arange(len(bins))) % self.size
+        self.confidence[slots], self.classes[slots] = bins, classes
+        self.seen += len(bins)
 
     def scores(self) -> dict[str, float] | None:
         """PSI per signal over the window, once it is full (None before: a few answers say nothing)."""

@@ -75,7 +75,7 @@ class TritonPythonModel:
         if self.metrics is not None:
             self.metrics.close()
         if self.payloads is not None:
-            self.payloads.close()
+            pb_utils.Logger.log_info(self.payloads.close())
 
 
 def sampler(args, config):
@@ -91,11 +91,15 @@ def sampler(args, config):
 
 
 def sample(sampler_, raw, per_request, latency_ms):
-    """Offer each answered image with its labels and scores to the sampler."""
-    images, answers = [], []
-    for rows, (_, labels, scores) in zip(raw, per_request, strict=True):
-        rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
+    """Hand the sampler the answered images it picks, with their format, labels and scores."""
+    rows_of = [rows.reshape(1, -1) if rows.ndim == 1 else rows for rows in raw]
+    picked = iter(sampler_.picks(sum(len(rows) for rows in rows_of)))
+    chosen = []
+    for rows, (_, labels, scores) in zip(rows_of, per_request, strict=True):
         for row, row_labels, row_scores in zip(rows, labels, scores, strict=True):
-            images.append(stages.image_bytes(row))
-            answers.append(([x.decode() if isinstance(x, bytes) else str(x) for x in row_labels], row_scores.tolist()))
-    sampler_.offer(images, answers, latency_ms)
+            if next(picked):
+                data = stages.image_bytes(row)
+                chosen.append((data, stages.image_kind(data), [x.decode() if isinstance(x, bytes) else str(x)
+                                                               for x in row_labels], row_scores.tolist()))
+    if chosen:
+        sampler_.offer(chosen, latency_ms)
