@@ -81,9 +81,11 @@ def ort_outputs(model_bytes: bytes, inputs: np.ndarray, batch_size: int = 64) ->
     return logits, probs
 
 
-def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarray, tolerance: float) -> dict:
+def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarray,
+             tolerance: float) -> tuple[dict, np.ndarray]:
     """Compare ONNX Runtime with PyTorch on real inputs, at batch 1 and batched; raise beyond tolerance.
-    The softmax output must be the softmax of the logits beside it."""
+    The softmax output must be the softmax of the logits beside it. (The report, ONNX Runtime's
+    probabilities on the inputs.)"""
     ref = logits_for_inputs(torch_model, inputs)
     got, probs = ort_outputs(model_bytes, inputs)
     got_b1 = ort_outputs(model_bytes, inputs[:4], batch_size=1)[0]  # the dynamic batch really is dynamic
@@ -98,7 +100,7 @@ def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarra
     if not np.isfinite(diff) or diff > tolerance:
         raise ValidationError(f"ONNX Runtime and PyTorch disagree: max |logit diff| {diff:.3g} "
                               f"> tolerance {tolerance:g}")
-    return report
+    return report, probs
 
 
 def export_metadata(ckpt: dict, ckpt_path: Path, out: Path) -> dict:
@@ -160,9 +162,9 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
     paths = [p for p, _ in list_images(Path(data) / split, ckpt["classes"])][:max_images]
     inputs = DaliPreprocessor(spec).files(paths)
     cleanup_diff = check_cleanup(model_bytes, proto, inputs, tolerance)
-    report = validate(model_bytes, model, inputs, tolerance)
+    report, probs = validate(model_bytes, model, inputs, tolerance)
     report.update(counts, cleanup_max_abs_diff=cleanup_diff)
-    model_bytes = with_reference(model_bytes, ort_outputs(model_bytes, inputs)[1], split)
+    model_bytes = with_reference(model_bytes, probs, split)
     atomic_write_bytes(out, lambda tmp: tmp.write_bytes(model_bytes))
     print(f"exported {out}: {report['images']} {split} images, max |logit diff| {report['max_abs_logit_diff']:.2e} "
           f"(tolerance {tolerance:g}), top-1 agreement {100 * report['top1_agreement']:.2f}%")
