@@ -29,6 +29,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -182,9 +183,16 @@ def float_outputs(onnx_path: Path) -> tuple[list[str], list[str]]:
     return output_ops, on_outputs
 
 
+def ort_method(method: str) -> Any:
+    """ONNX Runtime's CalibrationMethod for one of CALIB_METHODS."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    return CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax
+
+
 def ort_ranges(onnx_path: Path, calib: np.ndarray, method: str, tmp: Path) -> Path:
     """ONNX Runtime's calibrated activation ranges for the model, written to a file in ``tmp``."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     class Reader(CalibrationDataReader):
@@ -200,8 +208,7 @@ def ort_ranges(onnx_path: Path, calib: np.ndarray, method: str, tmp: Path) -> Pa
     # can only return the full range (measured: scales identical to max). Calibrate here with 2048 bins,
     # as TensorRT's entropy calibrator does, and hand quantize_static the ranges.
     calibrator = create_calibrator(onnx_path, augmented_model_path=str(tmp / "augmented.onnx"),
-                                   calibrate_method=CalibrationMethod.Entropy if method == "entropy"
-                                   else CalibrationMethod.MinMax,
+                                   calibrate_method=ort_method(method),
                                    extra_options={"num_bins": 2048, "num_quantized_bins": 128})
     calibrator.collect_data(Reader())
     save_tensors_data(calibrator.compute_data(), ranges)
@@ -213,7 +220,7 @@ def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str, keep: Sequence[
     """``keep``: nodes left in FP32 besides those on the outputs (:func:`float_outputs`); ``ranges``: the
     calibrated ranges (:func:`ort_ranges`), computed here when not given; ``only``: quantize these nodes
     alone."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "int8_ort.onnx"
@@ -223,7 +230,7 @@ def to_int8_ort(onnx_path: Path, calib: np.ndarray, method: str, keep: Sequence[
         # project's AVX2 machine: S8S8 QDQ ran at 0.6x FP32, U8S8 QDQ at 1.4x FP32 (resnet_tiny, 64 px).
         quantize_static(str(onnx_path), str(out), None, calibration_cache_path=ranges, quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax,
+                        calibrate_method=ort_method(method),
                         nodes_to_exclude=on_outputs + list(keep), nodes_to_quantize=list(only) or None,
                         extra_options={"OpTypesToExcludeOutputQuantization": output_ops})
         return onnx.load(str(out))
@@ -303,16 +310,11 @@ def recovery_plan(calib_method: str, ranked: list[tuple[str, float]]) -> list[tu
 
 def recover_int8(name: str, onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, out_dir: Path,
                  produced: dict[str, bytes], results: dict[str, dict], extra: dict, rescore: Callable,
-                 max_top1_drop: float, ranking: dict[str, list[tuple[str, float]]] | None = None) -> dict:
+                 max_top1_drop: float, ranked: list[tuple[str, float]]) -> dict:
     """Retry a failing INT8 artifact by :func:`recovery_plan` until its ONNX Runtime candidate passes the gate.
-    On success ``produced`` and ``results`` hold the recovered artifact; returns what was tried. ``ranking``:
-    the sensitivity ranking, computed once for both INT8 files (it is a property of the model's layers)."""
+    On success ``produced`` and ``results`` hold the recovered artifact; returns what was tried. ``ranked``:
+    :func:`sensitivity`, computed once for both INT8 files (it is a property of the model's layers)."""
     base = results["fp32"]["top1"]
-    ranking = {} if ranking is None else ranking
-    if "ranked" not in ranking:
-        with private_copy(onnx_path) as source:
-            ranking["ranked"] = sensitivity(source, calib, calib_method)
-    ranked = ranking["ranked"]
     tries = [{"calibration": calib_method, "kept_fp32": [], "top1": results[name]["top1"], "passed": False}]
     for method, keep in recovery_plan(calib_method, ranked):
         with private_copy(onnx_path) as source:
@@ -621,10 +623,13 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
     failures = gate(results, max_top1_drop)
     rescore = partial(score, ckpt=ckpt, pre=pre, paths=paths, labels=labels, sample=sample, engines=engines,
                       unsupported=unsupported, reference=reference)
-    ranking: dict[str, list[tuple[str, float]]] = {}
+    failing = [name for name in ("int8_ort", "int8") if name in failures]
+    ranked: list[tuple[str, float]] = []
+    if failing:
+        with private_copy(onnx_path) as source:
+            ranked = sensitivity(source, calib, calib_method)
     recovery = {name: recover_int8(name, onnx_path, meta, calib, calib_method, out_dir, produced, results, extra,
-                                   rescore, max_top1_drop, ranking)
-                for name in ("int8_ort", "int8") if name in failures}
+                                   rescore, max_top1_drop, ranked) for name in failing}
     failures = gate(results, max_top1_drop)
     embedded, reason = embedded_int8(results, failures)
     passing = [n for n in results if n not in failures]
