@@ -136,10 +136,15 @@ def served_for(precision: str, artifacts: Path, engine: str | None = None) -> tu
 BATCH_THROUGHPUT_SHARE = 0.95
 
 
+def candidate_name(candidate: Candidate) -> str | None:
+    """The CANDIDATES key of ``candidate`` (build reports are keyed by it)."""
+    return next((n for n, c in CANDIDATES.items() if c == candidate), None)
+
+
 def fitted_max_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] | None:
     """(max batch size, why) from the current build report's latencies of ``candidate``, or None without them."""
     report = current_report(artifacts)
-    name = next((n for n, c in CANDIDATES.items() if c == candidate), None)
+    name = candidate_name(candidate)
     row = (report or {}).get("artifacts", {}).get(name or "", {})
     by_batch = {int(b): m["images_per_s"] for b, m in row.get("latency", {}).get("by_batch", {}).items()}
     if not by_batch:

@@ -38,7 +38,7 @@ from build.artifacts import (
 )
 from build.layouts import MODEL_DALI, PIPELINE_FILE, ConfigInputs, Layout
 from build.model_config import config_text
-from build.settings import MANIFEST, RepoSettings, add_settings_args, read_manifest, repo_settings
+from build.settings import MANIFEST, RepoSettings, add_settings_args, keeps_manifest, read_manifest, repo_settings
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes, staged_directory
 from core.metadata import read_metadata
@@ -284,7 +284,7 @@ def served_choice(args: argparse.Namespace) -> tuple[Path, Candidate | None]:
 def main(args: argparse.Namespace) -> dict[str, Path]:
     settings = repo_settings(args, args.out)
     layout = args.layout
-    if layout is None and (Path(args.out) / MANIFEST).is_file() and not args.reset_settings:
+    if layout is None and keeps_manifest(args, args.out):
         # like the settings: a re-render keeps the layout the repository has, for the same target
         previous = read_manifest(args.out)
         if previous.get("target") == args.target and previous.get("layout") in layouts.LAYOUTS:
@@ -293,8 +293,7 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
                 print(f"layout from {Path(args.out) / MANIFEST}: {layout} (--layout, or RESET_SETTINGS=1 for the "
                       f"default, {layouts.DEFAULT_LAYOUT[args.target]})")
     onnx_path, served = served_choice(args)
-    from_manifest = (Path(args.out) / MANIFEST).is_file() and not args.reset_settings
-    if args.onnx is None and served is not None and args.max_batch_size is None and not from_manifest:
+    if args.onnx is None and served is not None and args.max_batch_size is None and not keeps_manifest(args, args.out):
         settings = fit_to_cost(settings, args.artifacts, served)
     return render(onnx_path, args.out, settings, args.target, args.plan, layout, served)
 

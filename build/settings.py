@@ -127,6 +127,12 @@ def add_settings_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None =
                    help="ignore the settings the repository was last rendered or tuned with")
 
 
+def keeps_manifest(args: argparse.Namespace, repo: Path | None) -> bool:
+    """Whether a render keeps what ``repo`` was last rendered (or tuned) with: it has a manifest and
+    --reset-settings was not given."""
+    return repo is not None and (Path(repo) / MANIFEST).is_file() and not getattr(args, "reset_settings", False)
+
+
 def repo_settings(args: argparse.Namespace, repo: Path | None) -> RepoSettings:
     """Explicit flags win, then the settings ``repo`` was last rendered with (e.g. by `make tune`), then defaults.
 
@@ -134,7 +140,7 @@ def repo_settings(args: argparse.Namespace, repo: Path | None) -> RepoSettings:
     of silently resetting it.
     """
     base, source = RepoSettings(), "built-in defaults"
-    if repo is not None and (Path(repo) / MANIFEST).is_file() and not getattr(args, "reset_settings", False):
+    if repo is not None and keeps_manifest(args, repo):
         base, source = settings_from_manifest(read_manifest(repo)), str(Path(repo) / MANIFEST)
     explicit = {f.name: getattr(args, f.name) for f in fields(RepoSettings) if getattr(args, f.name, None) is not None}
     if "preferred_batch_sizes" in explicit:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from build import quantize
-from build.artifacts import CANDIDATES, REPORT, served_for
+from build.artifacts import REPORT, candidate_name, served_for
 from build.export_onnx import export
 from build.render_repo import fit_to_cost, render
 from build.settings import RepoSettings
@@ -94,7 +94,9 @@ def prepare(w: Workload, work: Path, demo_ckpt: Path, demo_data: Path, epochs: i
             print(f"{w.name}: {e}")
     path, served = served_for(precision, out)
     render(path, repo, fit_to_cost(RepoSettings(), out, served), served=served)  # as `make repo` renders it
-    return repo, ckpt, images, next(n for n, c in CANDIDATES.items() if c == served)
+    name = candidate_name(served)
+    assert name is not None  # served_for returns one of CANDIDATES
+    return repo, ckpt, images, name
 
 
 def measure(names: list[str], work: Path, demo_ckpt: Path, demo_data: Path, out: Path, epochs: int = 1,
