@@ -158,8 +158,8 @@ def prune_copy(args: argparse.Namespace, ckpt: dict[str, Any], spec: PreprocessS
     if SEPARATOR in ckpt["arch"]:
         if ckpt["arch_args"].get("channels"):
             raise ValueError(f"{args.ckpt}: a library network pruned by width lists is not rebuildable")
-        arch_args = {**base_args, "structure": {**ckpt["arch_args"].get("structure", {}),
-                                                **pruned_structure(pruned, nominal)}}
+        # against the unpruned network: an earlier pruning's changes are in it too
+        arch_args = {**base_args, "structure": pruned_structure(pruned, nominal)}
     else:
         arch_args = {**ckpt["arch_args"], "channels": changed_widths(pruned, nominal)}
     check_rebuilds(ckpt["arch"], arch_args, pruned, spec.crop_size)
