@@ -78,6 +78,17 @@ include $(dir $(lastword $(MAKEFILE_LIST)))mk/settings.mk
 HOST        ?= 127.0.0.1
 ADMIN_KEY_FILE ?= .cache/admin.key
 export TRITON_ADMIN_KEY_FILE := $(abspath $(ADMIN_KEY_FILE))
+# inference, metadata and statistics need the inference key ($$TRITON_INFERENCE_KEY, else INFERENCE_KEY_FILE):
+# INFERENCE_KEY=auto when HOST is not loopback, on, or off; the clients send it (clients.keys)
+INFERENCE_KEY ?= auto
+INFERENCE_KEY_FILE ?= .cache/inference.key
+export TRITON_INFERENCE_KEY_FILE := $(abspath $(INFERENCE_KEY_FILE))
+# gRPC over TLS: GRPC_TLS_CERT + GRPC_TLS_KEY (PEM; GRPC_TLS_CLIENT_CA: mutual TLS); `make client` checks the
+# server against TLS_ROOT_CERT
+GRPC_TLS_CERT ?=
+GRPC_TLS_KEY ?=
+GRPC_TLS_CLIENT_CA ?=
+TLS_ROOT_CERT ?=
 HTTP_PORT   ?= 8000
 GRPC_PORT   ?= 8001
 METRICS_PORT ?= 8002
@@ -201,11 +212,14 @@ repo: venv
 	  --out $(REPO) $(SETTINGS_ARGS)
 
 serve: venv
-	$(PY) -m serve --repo $(REPO) --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m serve --repo $(REPO) --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+	  --inference-key $(INFERENCE_KEY) $(if $(GRPC_TLS_CERT),--grpc-tls-cert $(GRPC_TLS_CERT) --grpc-tls-key $(GRPC_TLS_KEY)) \
+	  $(if $(GRPC_TLS_CLIENT_CA),--grpc-tls-client-ca $(GRPC_TLS_CLIENT_CA))
 
 client: venv
 	$(PY) -m clients $(IMAGES) --protocol $(PROTOCOL) \
-	  --url localhost:$(if $(filter grpc,$(PROTOCOL)),$(GRPC_PORT),$(HTTP_PORT)) $(CLIENT_ARGS)
+	  --url localhost:$(if $(filter grpc,$(PROTOCOL)),$(GRPC_PORT),$(HTTP_PORT)) $(if $(TLS_ROOT_CERT),--tls-root-cert $(TLS_ROOT_CERT)) \
+	  $(CLIENT_ARGS)
 
 demo: data train onnx repo
 	$(PY) -m serve.demo --repo $(REPO) --images $(DATA)/val \

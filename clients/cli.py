@@ -4,7 +4,8 @@
 
 Exit status: 0 every image answered; 3 some images refused as bad input (each named, the others
 answered); 1 the server is unreachable or failed requests for its own reasons (overload after the
-retries, an internal error, a dropped connection); 2 no such files.
+retries, an internal error, a dropped connection, no inference key); 2 no such files, an unusable key or
+TLS file. The inference key comes from $TRITON_INFERENCE_KEY or its key file (clients.keys).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients.client import DEFAULT_URLS, ImageClassifierClient, Prediction, ServerUnreachable
+from clients.client import DEFAULT_URLS, ImageClassifierClient, Prediction, ServerUnreachable, Tls
+from clients.keys import UnusableKeyError
 from core import protocol as P
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -66,7 +68,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=4,
                    help="re-sends of a request the server refused as overloaded (503)")
+    p.add_argument("--tls", action="store_true", help="gRPC over TLS (the server's certificate checked against "
+                                                     "--tls-root-cert, else the system's CAs)")
+    p.add_argument("--tls-root-cert", type=Path, help="PEM CA that signed the server's certificate (implies --tls)")
+    p.add_argument("--tls-cert", type=Path, help="PEM client certificate chain, for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     return p
+
+
+def tls_options(args: argparse.Namespace) -> Tls | None:
+    if args.tls or args.tls_root_cert or args.tls_cert or args.tls_key:
+        return Tls(args.tls_root_cert, args.tls_cert, args.tls_key)
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,8 +92,13 @@ def main(args: argparse.Namespace) -> int:
         print("error: no images found (looked for .jpg, .jpeg, .png)", file=sys.stderr)
         return 2
     blobs, sources = [f.read_bytes() for f in files], [str(f) for f in files]
-    with ImageClassifierClient(args.url, args.protocol, args.model, timeout_s=args.timeout, top_k=args.top_k,
-                               retries=args.retries) as client:
+    try:  # the inference key (clients.keys) and the TLS files
+        client = ImageClassifierClient(args.url, args.protocol, args.model, timeout_s=args.timeout, top_k=args.top_k,
+                                       retries=args.retries, tls=tls_options(args))
+    except (UnusableKeyError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with client:
         try:
             client.check_ready()
         except ServerUnreachable as e:

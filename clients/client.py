@@ -13,7 +13,9 @@ Retries happen only where a retry can help:
   timeout) is retried after an exponential backoff with jitter, at most ``retries`` times;
 - any other error (INTERNAL, an unreachable server) is the server's, not the images': every image of
   that batch gets it at once.
-Every call has a timeout (``timeout_s``).
+Every call has a timeout (``timeout_s``). Every request carries the inference key when there is one
+(``key``; default: ``$TRITON_INFERENCE_KEY`` or its key file, see clients.keys), and gRPC can go over TLS
+(``tls``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from clients.keys import GRPC_PREFIX, INFERENCE
 from core import protocol as P
 
 DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
@@ -148,13 +151,49 @@ def error_message(e: BaseException) -> str:
     return msg() if callable(msg) else str(e)
 
 
+@dataclass(frozen=True)
+class Tls:
+    """gRPC over TLS from the client's side: the CA that signed the server's certificate (None: the system's
+    roots), and for mutual TLS the client's own certificate chain and private key (PEM files)."""
+    root_cert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def grpc_kwargs(self) -> dict[str, Any]:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs its private key, and the other way round")
+        for path in (self.root_cert, self.cert, self.key):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"TLS file {path} does not exist")
+        return {"ssl": True, "root_certificates": self.root_cert and str(self.root_cert),
+                "private_key": self.key and str(self.key), "certificate_chain": self.cert and str(self.cert)}
+
+
+AUTO = "auto"  # ImageClassifierClient's key: the inference key from the environment or its file, if any
+
+
+def request_error(e: BaseException) -> RequestError:
+    """A failed call as a RequestError; a refusal for want of the inference key says where the key comes from."""
+    message = error_message(e)
+    if f"expecting header '{INFERENCE.header}'" in message or f"'{GRPC_PREFIX}{INFERENCE.header}'" in message:
+        message += (f" (the server needs the inference key: set ${INFERENCE.env}, or copy the server's "
+                    f"{INFERENCE.file().name} to {INFERENCE.file()} or to ${INFERENCE.file_env})")
+    return RequestError(message, error_status(e))
+
+
 class ImageClassifierClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = P.ENSEMBLE,
                  timeout_s: float = 60.0, with_probabilities: bool = False, top_k: int = 5,
-                 retries: int = 4, backoff_s: float = 0.1, max_backoff_s: float = 2.0):
+                 retries: int = 4, backoff_s: float = 0.1, max_backoff_s: float = 2.0,
+                 key: str | None = AUTO, tls: Tls | None = None):
         """``top_k``: labels asked for when the model answers through Triton's classification extension
         (a model with a postprocess step returns the k it was rendered with). ``retries``: attempts after
-        UNAVAILABLE, waiting a random time up to ``backoff_s`` * 2^attempt (capped at ``max_backoff_s``)."""
+        UNAVAILABLE, waiting a random time up to ``backoff_s`` * 2^attempt (capped at ``max_backoff_s``).
+        ``key``: the inference key sent with every request (None: none). ``tls``: gRPC over TLS (Triton's
+        HTTP endpoint has none of its own)."""
+        if tls is not None and protocol != "grpc":
+            raise ValueError("TLS is offered for gRPC only: Triton's HTTP endpoint has no TLS (use --protocol grpc, "
+                             "or a TLS-terminating proxy in front of HTTP)")
         self.protocol, self.model = protocol, model
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s, self.with_probabilities, self.top_k = timeout_s, with_probabilities, top_k
@@ -162,17 +201,25 @@ class ImageClassifierClient:
         self.retried = 0  # requests re-sent after UNAVAILABLE, over this client's life
         self._num_classes: int | None | bool = False  # False: not asked yet (see _classification)
         self._mod, _ = triton_modules(protocol)
+        self._headers = INFERENCE.headers(protocol, INFERENCE.load() if key == AUTO else key)
+        self._tls_kw = tls.grpc_kwargs() if tls else {}
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
-        self._client = self._mod.InferenceServerClient(self.url, **kw)
+        self._client = self._mod.InferenceServerClient(self.url, **kw, **self._tls_kw)
         # gRPC has no client-wide timeout: every call carries its own deadline
-        self._call_kw = {"client_timeout": timeout_s} if protocol == "grpc" else {}
+        self._timeout_kw = {"client_timeout": timeout_s} if protocol == "grpc" else {}
+
+    @property
+    def _call_kw(self) -> dict[str, Any]:
+        """Every call's keyword arguments: its deadline (gRPC) and the key's header, a fresh dict each time
+        (tritonclient's HTTP client adds its own entries to the headers it is given)."""
+        return {**self._timeout_kw, **({"headers": dict(self._headers)} if self._headers else {})}
 
     def _retry_delay(self, e: Exception, attempt: int) -> float:
         """Seconds to wait before re-sending after failed attempt ``attempt`` (0-based), or the RequestError
         raised when no retry can help: only UNAVAILABLE is retried, at most ``retries`` times. The wait is
         random in [0, backoff_s * 2^attempt] capped at max_backoff_s ("full jitter": clients refused
         together do not come back together)."""
-        err = RequestError(error_message(e), error_status(e))
+        err = request_error(e)
         if not err.unavailable or attempt >= self.max_retries:
             raise err from None
         self.retried += 1
@@ -209,10 +256,10 @@ class ImageClassifierClient:
         from Triton's classification extension ("score:index:label" strings)."""
         if self._num_classes is False:
             try:
-                kw = {"as_json": True, **self._call_kw} if self.protocol == "grpc" else {}
+                kw = {"as_json": True, **self._call_kw} if self.protocol == "grpc" else self._call_kw
                 meta = self._client.get_model_metadata(self.model, **kw)
             except Exception as e:
-                raise RequestError(error_message(e), error_status(e)) from None
+                raise request_error(e) from None
             outputs = {o["name"]: o for o in meta["outputs"]}
             self._num_classes = None if P.LABELS in outputs else int(outputs[P.PROBABILITIES]["shape"][-1])
         return self._num_classes
@@ -357,7 +404,7 @@ class ImageClassifierClient:
         mod, aio = triton_modules(self.protocol, aio=True)
         # HTTP: conn_timeout is aiohttp's total timeout per request; gRPC: a deadline per call
         kw = {"conn_timeout": self.timeout_s} if self.protocol == "http" else {}
-        client = aio.InferenceServerClient(self.url, **kw)
+        client = aio.InferenceServerClient(self.url, **kw, **self._tls_kw)
         gate = asyncio.Semaphore(concurrency)
 
         async def one_batch(b: Sequence[bytes], s: Sequence[str]) -> list[Prediction]:

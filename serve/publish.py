@@ -37,6 +37,7 @@ from build import layouts
 from build.settings import MANIFEST, read_manifest
 from clients import admin
 from clients.client import error_message
+from clients.keys import ADMIN, UnusableKeyError
 from core.atomic_io import atomic_write_bytes
 from core.metadata import file_sha256, read_metadata
 from core.preprocess import DaliPreprocessor, PreprocessSpec
@@ -205,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
         print("error: give --onnx FILE to publish, or --rollback", file=sys.stderr)
         return 2
     try:
-        key = admin.load_key()
+        key = ADMIN.load()
         if args.rollback:
             r = rollback(args.repo, args.url or None, args.protocol, key, args.timeout)
             print(f"rolled back: version {r['rolled_back_from']} retired ({r['retired_to']}), "
@@ -215,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
                         timeout_s=args.timeout)
             print(f"published {args.onnx} as {onnx_model_dir(args.repo).name} version {r['version']}" +
                   (f" (val top-1 {r['top1_new']:.2f}%, served {r['top1_served']:.2f}%)" if "top1_new" in r else ""))
-    except (PublishError, admin.AdminKeyError, FileNotFoundError, ValueError) as e:
+    except (PublishError, UnusableKeyError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

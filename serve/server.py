@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import ipaddress
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from typing import IO, NoReturn
 
 from build.settings import MANIFEST, read_manifest
 from clients import admin
+from clients.keys import ADMIN, INFERENCE, UnusableKeyError
 from serve import die_with_parent, object_store, stop_on_signals
 from serve.watchdog import StubWatchdog
 
@@ -128,19 +130,51 @@ def free_ports(n: int = 3) -> list[int]:
             s.close()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the server on this machine (a wildcard or a routable address does not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """gRPC over TLS: the server's certificate chain and private key (PEM); with ``client_ca``, mutual TLS:
+    only clients with a certificate signed by it connect. Triton's HTTP endpoint has no TLS of its own (put a
+    TLS-terminating proxy in front of it)."""
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_args(self) -> list[str]:
+        for what, path in (("certificate", self.cert), ("private key", self.key), ("client CA", self.client_ca)):
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"gRPC TLS {what} {path} does not exist")
+        args = [f"--grpc-server-cert={Path(self.cert).resolve()}", f"--grpc-server-key={Path(self.key).resolve()}"]
+        if self.client_ca is None:
+            return ["--grpc-use-ssl=true", *args]
+        return ["--grpc-use-ssl-mutual=true", *args, f"--grpc-root-cert={Path(self.client_ca).resolve()}"]
+
+
 class TritonServer:
     """The tritonserver process. Use as a context manager, or start()/stop().
 
     It listens on ``host`` only (default loopback: nothing outside this machine reaches it unless asked).
     ``ports=None`` picks free ports, and picks again if another process takes one before Triton binds it.
     ``admin_key``: the model-repository, model-config, logging, trace and shared-memory APIs then need it
-    (clients.admin); None leaves them open, as the measuring harnesses on loopback use it.
+    (clients.admin); None leaves them open, as the measuring harnesses on loopback use it. ``inference_key``:
+    inference, metadata and statistics then need it (clients.keys.INFERENCE); health stays open.
+    ``grpc_tls``: gRPC over TLS (GrpcTls).
     """
 
     def __init__(self, repo: Path, ports: Ports | None = Ports(), log_file: Path | None = None, echo: bool = False,
                  extra_args: tuple[str, ...] = (), binary: Path | None = None, host: str = LOOPBACK,
                  admin_key: str | None = None, model_control: str = "none", watch_stubs: bool = True,
-                 cache_bytes: int | None = None):
+                 cache_bytes: int | None = None, inference_key: str | None = None,
+                 grpc_tls: GrpcTls | None = None):
         """``binary``: a tritonserver with its own backends (the NGC container's); default: the pip wheel's.
         ``model_control``: "none" (the repository as loaded at start) or "explicit" (every model loaded at
         start; then loaded and unloaded through the repository API: live updates, and a draining stop).
@@ -156,6 +190,7 @@ class TritonServer:
         self.auto_ports = ports is None
         self.ports = ports or Ports(*free_ports(3))
         self.binary, self.host, self.admin_key = binary, host, admin_key
+        self.inference_key, self.grpc_tls = inference_key, grpc_tls
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
         self.ready = False  # every model was READY once (start() returned)
@@ -195,7 +230,9 @@ class TritonServer:
         else:
             binary = pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
             backends = [f"--backend-directory={backend_directory()}"]
-        restricted = admin.server_args(self.admin_key) if self.admin_key else []
+        restricted = [*(ADMIN.server_args(self.admin_key) if self.admin_key else []),
+                      *(INFERENCE.server_args(self.inference_key) if self.inference_key else []),
+                      *(self.grpc_tls.server_args() if self.grpc_tls else [])]
         control = ["--model-control-mode=explicit", "--load-model=*"] if self.model_control == "explicit" else []
         cache = [f"--cache-config=local,size={self.cache_bytes}"] if self.cache_bytes > 0 else []
         if cache and not self.binary:  # the wheel's local cache library (a full install has it in its default place)
@@ -402,25 +439,59 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "`python -m serve.publish`, and a stop drains them first; none: fixed at start")
     p.add_argument("--no-admin-key", action="store_true",
                    help="leave the model-repository, model-config, logging, trace and shared-memory APIs open")
+    p.add_argument("--inference-key", choices=("auto", "on", "off"), default="auto",
+                   help="inference, metadata and statistics need the inference key (clients.keys): auto: when "
+                        "--host is not loopback; off: open to anyone who reaches the port (behind a proxy that "
+                        "authenticates)")
+    p.add_argument("--grpc-tls-cert", type=Path, help="PEM certificate chain: gRPC over TLS (with --grpc-tls-key)")
+    p.add_argument("--grpc-tls-key", type=Path, help="PEM private key of --grpc-tls-cert")
+    p.add_argument("--grpc-tls-client-ca", type=Path,
+                   help="PEM CA: mutual TLS, only clients with a certificate it signed connect")
     return p
+
+
+def access(args: argparse.Namespace) -> dict:
+    """TritonServer's admin_key, inference_key and grpc_tls for the command line (keys generated on first use).
+    Raises UnusableKeyError, or ValueError for TLS options that do not go together."""
+    if (args.grpc_tls_cert is None) != (args.grpc_tls_key is None):
+        raise ValueError("gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key")
+    if args.grpc_tls_client_ca is not None and args.grpc_tls_cert is None:
+        raise ValueError("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
+    need_inference_key = args.inference_key == "on" or (args.inference_key == "auto" and not is_loopback(args.host))
+    return {"admin_key": None if args.no_admin_key else ADMIN.load(create=True),
+            "inference_key": INFERENCE.load(create=True) if need_inference_key else None,
+            "grpc_tls": GrpcTls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca)
+            if args.grpc_tls_cert else None}
+
+
+def describe_access(kw: dict, host: str) -> str:
+    """One line on who may use what, for the ready message."""
+    parts = [f"model control and config APIs need the admin key (${ADMIN.env} or {ADMIN.file()})"
+             if kw["admin_key"] else "model control and config APIs are OPEN"]
+    if kw["inference_key"]:
+        parts.append(f"inference needs the inference key (${INFERENCE.env} or {INFERENCE.file()})")
+    elif not is_loopback(host):
+        parts.append(f"WARNING: inference is open to anyone who reaches {host}")
+    if kw["grpc_tls"]:
+        parts.append("gRPC over " + ("mutual TLS" if kw["grpc_tls"].client_ca else "TLS"))
+    return "; ".join(parts)
 
 
 def main(args: argparse.Namespace) -> int:
     stop_on_signals()  # Ctrl-C and `kill` stop the server cleanly
     try:
-        key = None if args.no_admin_key else admin.load_key(create=True)
-    except admin.AdminKeyError as e:
+        kw = access(args)
+    except (UnusableKeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     server = TritonServer(args.repo, Ports(args.http_port, args.grpc_port, args.metrics_port), echo=True,
-                          host=args.host, admin_key=key, model_control=args.model_control)
+                          host=args.host, model_control=args.model_control, **kw)
     try:
         server.start(args.timeout)
         where = "every interface" if server.connect_host != args.host else args.host
-        control = ("model control and config APIs need the admin key "
-                   f"(${admin.KEY_ENV} or {admin.key_file()})" if key else "model control and config APIs are OPEN")
         print(f"\nTriton is ready on {where}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-              f"metrics {server.metrics_url}; {control}  (Ctrl-C stops it)", file=sys.stderr, flush=True)
+              f"metrics {server.metrics_url}; {describe_access(kw, args.host)}  (Ctrl-C stops it)",
+              file=sys.stderr, flush=True)
         return server.process.wait()
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+
+from clients.keys import ADMIN, INFERENCE
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -91,3 +95,39 @@ def test_the_images_test_tools_are_locked():
     locked = {line.split("==")[0].lower() for line in (DOCKER / "requirements-gpu.lock").read_text().splitlines()
               if "==" in line and not line.startswith("#")}
     assert {"pytest", "pytest-timeout"} <= locked  # pyproject.toml's timeout = 600 needs the plugin
+
+
+def run_entrypoint(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A deployment's `sh -c` command here, with what only the image has stood in for: the plan check passes,
+    python3 is this interpreter, and tritonserver prints its arguments instead of starting."""
+    script = script.replace("python3 -m build.engine --verify /models", "true")
+    script = script.replace("python3", sys.executable).replace("exec tritonserver", "exec echo tritonserver")
+    base = {k: v for k, v in os.environ.items() if k not in (ADMIN.env, INFERENCE.env)}
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**base, **env})
+
+
+def test_every_deployment_requires_both_keys():
+    """Compose and Kubernetes run Triton on every interface of the container: it starts only with both keys,
+    and then requires them (the flags clients.keys makes); KServe takes the same flags from the same Secret."""
+    keys = {ADMIN.env: "admin-0123456789", INFERENCE.env: "inference-0123456789"}
+    expected = [*ADMIN.server_args(keys[ADMIN.env]), *INFERENCE.server_args(keys[INFERENCE.env])]
+    triton = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["triton"]
+    (deployment,) = [d for d in yaml.safe_load_all((DOCKER / "k8s" / "deployment.yaml").read_text())]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": "triton-keys"}} in container["envFrom"]
+    assert set(triton["environment"]) == set(keys)
+    # compose escapes $ as $$ in its files
+    for script in (triton["command"][-1].replace("$$", "$"), container["args"][-1]):
+        started = run_entrypoint(script, keys)
+        assert started.returncode == 0, started.stderr
+        words = started.stdout.split()
+        assert words[0] == "tritonserver" and all(flag in words for flag in expected), words
+        for missing in keys:
+            refused = run_entrypoint(script, {k: v for k, v in keys.items() if k != missing})
+            assert refused.returncode != 0 and "tritonserver" not in refused.stdout and missing in refused.stderr
+    isvc = yaml.safe_load((DOCKER / "k8s" / "kserve" / "inferenceservice.yaml").read_text())["spec"]["predictor"]
+    model = isvc["model"]
+    for key in (ADMIN, INFERENCE):  # Kubernetes expands $(VAR) in args from the container's env
+        assert all(flag in model["args"] for flag in key.server_args(f"$({key.env})"))
+        assert {"name": key.env, "valueFrom": {"secretKeyRef": {"name": "triton-keys", "key": key.env}}} in model["env"]

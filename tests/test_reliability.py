@@ -23,51 +23,147 @@ from build.model_config import read_configs
 from build.render_repo import render
 from build.settings import RepoSettings, read_manifest
 from clients import admin
-from clients.client import ImageClassifierClient, error_message, error_status, image_input
+from clients.client import ImageClassifierClient, ServerUnreachable, Tls, error_message, error_status, image_input
+from clients.keys import ADMIN, INFERENCE, UnusableKeyError
 from core import protocol as P
 from core.metadata import read_metadata
-from serve.server import PROJECT_ROOT, TritonServer
+from serve.server import PROJECT_ROOT, GrpcTls, ServerError, TritonServer, access, describe_access, is_loopback
+from serve.server import get_args_parser as server_args_parser
 
 KEY = "test-key-0123456789"
+INFERENCE_KEY = "test-inference-key-9876543210"
 
 
 # ---------------------------------------------------------------------------------------------
-# restricted control: model-repository, model-config, logging, trace, shared-memory need the key
+# restricted access: model-repository, model-config, logging, trace, shared-memory need the admin key;
+# inference, metadata and statistics the inference key; health nothing. gRPC over TLS only.
 # ---------------------------------------------------------------------------------------------
+
+def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA and a server certificate it signs for localhost and 127.0.0.1: (ca.pem, server_dir)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def pem_key(k):
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    alt = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(alt, critical=False).sign(ca_key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(pem_key(key))
+    (folder / "server.key").chmod(0o600)
+    return folder / "ca.pem", folder
+
 
 @pytest.fixture(scope="module")
-def restricted(repo, tmp_path_factory):
-    with TritonServer(repo, None, admin_key=KEY, log_file=tmp_path_factory.mktemp("logs") / "restricted.log") as s:
+def tls_ca(tmp_path_factory) -> Path:
+    ca, _ = make_ca(tmp_path_factory.mktemp("tls"), "served")
+    return ca
+
+
+@pytest.fixture(scope="module")
+def restricted(repo, tls_ca, tmp_path_factory):
+    tls = GrpcTls(tls_ca.parent / "server.pem", tls_ca.parent / "server.key")
+    with TritonServer(repo, None, admin_key=KEY, inference_key=INFERENCE_KEY, grpc_tls=tls,
+                      log_file=tmp_path_factory.mktemp("logs") / "restricted.log") as s:
         yield s
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_control_apis_need_the_key(restricted, repo, protocol):
+def test_control_apis_need_the_key(restricted, repo, tls_ca, protocol):
     url = restricted.http_url if protocol == "http" else restricted.grpc_url
+    tls = Tls(tls_ca) if protocol == "grpc" else None
     refused = "403" if protocol == "http" else "StatusCode.UNAVAILABLE"
-    for key in (None, "wrong-key"):
-        with admin.AdminClient(url, protocol, key, timeout_s=30) as c:
+    for key in (None, "wrong-key", INFERENCE_KEY):  # the inference key does not open the control APIs
+        with admin.AdminClient(url, protocol, key, timeout_s=30, tls=tls) as c:
             with pytest.raises(Exception) as e:
                 c.index()
             assert str(e.value.status()) == refused and "restricted" in e.value.message()
-    with admin.AdminClient(url, protocol, KEY, timeout_s=30) as c:
+    with admin.AdminClient(url, protocol, KEY, timeout_s=30, tls=tls) as c:
         assert {m["name"] for m in c.index()} == set(read_configs(repo))
 
 
-def test_other_restricted_apis_and_open_ones_over_http(restricted, val_files):
+def test_other_restricted_apis_and_the_open_ones_over_http(restricted):
     c = httpclient.InferenceServerClient(restricted.http_url, network_timeout=30)
-    hdr = admin.headers("http", KEY)
-    for call in (lambda h: c.get_model_config(P.ENSEMBLE, headers=h), lambda h: c.get_log_settings(headers=h),
-                 lambda h: c.get_trace_settings(headers=h), lambda h: c.get_system_shared_memory_status(headers=h)):
-        with pytest.raises(Exception, match="restricted"):
-            call(None)
-        call(hdr)  # accepted with the key
-    # inference, health, metadata and statistics stay open
-    assert c.is_server_ready() and c.is_model_ready(P.ENSEMBLE)
-    assert c.get_model_metadata(P.ENSEMBLE)["name"] == P.ENSEMBLE
-    assert c.get_inference_statistics(P.ENSEMBLE)["model_stats"]
-    with ImageClassifierClient(restricted.grpc_url, "grpc", timeout_s=30) as cl:
-        assert cl.classify_files(val_files[:2])[0].ok
+    for key, calls in ((ADMIN, (lambda h: c.get_model_config(P.ENSEMBLE, headers=h),
+                                lambda h: c.get_log_settings(headers=h), lambda h: c.get_trace_settings(headers=h),
+                                lambda h: c.get_system_shared_memory_status(headers=h))),
+                       (INFERENCE, (lambda h: c.get_model_metadata(P.ENSEMBLE, headers=h),
+                                    lambda h: c.get_inference_statistics(P.ENSEMBLE, headers=h)))):
+        value, other = (KEY, INFERENCE_KEY) if key is ADMIN else (INFERENCE_KEY, KEY)
+        other_key = INFERENCE if key is ADMIN else ADMIN
+        for call in calls:
+            for refused in (None, other_key.headers("http", other)):  # no key, or the other API group's key
+                with pytest.raises(Exception, match=f"restricted, expecting header '{key.header}'"):
+                    call(refused)
+            call(key.headers("http", value))  # accepted with its own key
+    # health stays open, for load balancers' and Kubernetes' probes
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(P.ENSEMBLE)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_inference_needs_the_inference_key(restricted, tls_ca, val_files, protocol, monkeypatch):
+    url = restricted.http_url if protocol == "http" else restricted.grpc_url
+    tls = Tls(tls_ca) if protocol == "grpc" else None
+    for key in (None, "wrong-key", KEY):  # the admin key does not open inference either
+        with ImageClassifierClient(url, protocol, timeout_s=30, key=key, tls=tls, retries=0) as c:
+            c.check_ready()  # health is open
+            preds = c.classify_files(val_files[:2])
+            assert all(not p.ok and not p.bad_input and INFERENCE.env in p.error for p in preds), preds
+    # by default the client takes the key from the environment
+    monkeypatch.setenv(INFERENCE.env, INFERENCE_KEY)
+    with ImageClassifierClient(url, protocol, timeout_s=30, tls=tls) as c:
+        preds = c.classify_files(val_files[:4])
+    assert all(p.ok for p in preds) and [p.source for p in preds] == [str(f) for f in val_files[:4]]
+
+
+def test_grpc_speaks_tls_only_and_checks_the_certificate(restricted, tls_ca, tmp_path):
+    other_ca, _ = make_ca(tmp_path / "other", "other")
+    # plain text, and a certificate from a CA the client does not trust, do not connect
+    for tls in (None, Tls(other_ca)):
+        with (ImageClassifierClient(restricted.grpc_url, "grpc", timeout_s=10, key=INFERENCE_KEY, tls=tls) as c,
+              pytest.raises(ServerUnreachable)):
+            c.check_ready()
+    with ImageClassifierClient(restricted.grpc_url, "grpc", timeout_s=30, key=INFERENCE_KEY, tls=Tls(tls_ca)) as c:
+        c.check_ready()
+    with pytest.raises(ValueError, match="gRPC only"):
+        ImageClassifierClient(restricted.http_url, "http", tls=Tls(tls_ca))
+
+
+def test_client_cli_sends_the_inference_key_over_tls(restricted, tls_ca, val_files, tmp_path):
+    keyfile = tmp_path / "inference.key"
+    keyfile.write_text(INFERENCE_KEY + "\n")
+    keyfile.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in (INFERENCE.env, INFERENCE.file_env)}
+
+    def run(e, *extra):
+        return subprocess.run([sys.executable, "-m", "clients", *map(str, val_files[:3]), "--protocol", "grpc",
+                               "--url", restricted.grpc_url, "--json", *extra],
+                              capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120, env=e)
+
+    ok = run({**env, INFERENCE.file_env: str(keyfile)}, "--tls-root-cert", tls_ca)
+    assert ok.returncode == 0 and len(ok.stdout.splitlines()) == 3, ok.stderr
+    no_key = run({**env, INFERENCE.file_env: str(tmp_path / "none.key")}, "--tls-root-cert", tls_ca)
+    assert no_key.returncode == 1 and INFERENCE.env in no_key.stdout, no_key.stdout + no_key.stderr
+    plain = run({**env, INFERENCE.file_env: str(keyfile)})
+    assert plain.returncode == 1 and "cannot reach" in plain.stderr
 
 
 def listening_addresses(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -93,33 +189,82 @@ def test_server_listens_on_loopback_only(restricted):
                 f"port {port} listens on {a}"
 
 
-def test_admin_key_file_is_generated_private_and_reused(tmp_path, monkeypatch):
-    monkeypatch.delenv(admin.KEY_ENV, raising=False)
-    path = tmp_path / "sub" / "admin.key"
-    assert admin.load_key(path=path) is None  # not created unless asked
-    key = admin.load_key(create=True, path=path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(key) >= 32
-    assert admin.load_key(create=True, path=path) == key  # the same key every time
+@pytest.mark.parametrize("key", [ADMIN, INFERENCE], ids=lambda k: k.name)
+def test_key_file_is_generated_private_and_reused(tmp_path, monkeypatch, key):
+    monkeypatch.delenv(key.env, raising=False)
+    path = tmp_path / "sub" / f"{key.name}.key"
+    assert key.load(path=path) is None  # not created unless asked
+    value = key.load(create=True, path=path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(value) >= 32
+    assert key.load(create=True, path=path) == value  # the same key every time
     path.chmod(0o644)
-    with pytest.raises(admin.AdminKeyError, match="readable by others"):
-        admin.load_key(path=path)
-    monkeypatch.setenv(admin.KEY_ENV, "from-env")
-    assert admin.load_key(path=path) == "from-env"
+    with pytest.raises(UnusableKeyError, match="readable by others"):
+        key.load(path=path)
+    monkeypatch.setenv(key.env, "from-env")
+    assert key.load(path=path) == "from-env"
+    monkeypatch.setenv(key.env, "a:b")  # would break the flag's <apis>:<header>=<value> syntax
+    with pytest.raises(UnusableKeyError, match="usable key"):
+        key.load(path=path)
+
+
+@pytest.mark.parametrize("host, mode, required", [("127.0.0.1", "auto", False), ("localhost", "auto", False),
+                                                  ("::1", "auto", False), ("0.0.0.0", "auto", True),
+                                                  ("10.1.2.3", "auto", True), ("triton.example", "auto", True),
+                                                  ("0.0.0.0", "off", False), ("127.0.0.1", "on", True)])
+def test_serve_requires_the_inference_key_beyond_loopback(tmp_path, monkeypatch, host, mode, required):
+    for k in (ADMIN, INFERENCE):
+        monkeypatch.delenv(k.env, raising=False)
+        monkeypatch.setenv(k.file_env, str(tmp_path / f"{k.name}.key"))
+    args = server_args_parser().parse_args(["--host", host, "--inference-key", mode])
+    kw = access(args)
+    assert kw["admin_key"] and kw["grpc_tls"] is None
+    assert (kw["inference_key"] is not None) == required
+    assert (tmp_path / "inference.key").exists() == required  # generated on first use, only when needed
+    if required:
+        flags = TritonServer(PROJECT_ROOT, **kw).command()
+        assert INFERENCE.server_args(kw["inference_key"])[0] in flags
+    line = describe_access(kw, host)
+    assert ("WARNING" in line) == (not required and not is_loopback(host)), line
+
+
+def test_serve_refuses_half_a_tls_setup(tls_ca):
+    p = server_args_parser()
+    for argv in (["--grpc-tls-cert", str(tls_ca)], ["--grpc-tls-client-ca", str(tls_ca)]):
+        with pytest.raises(ValueError, match="--grpc-tls"):
+            access(p.parse_args(["--no-admin-key", *argv]))
+    with pytest.raises(ServerError, match="does not exist"):
+        GrpcTls(tls_ca.parent / "missing.pem", tls_ca.parent / "server.key").server_args()
+    mutual = GrpcTls(tls_ca.parent / "server.pem", tls_ca.parent / "server.key", tls_ca).server_args()
+    assert "--grpc-use-ssl-mutual=true" in mutual and f"--grpc-root-cert={tls_ca.resolve()}" in mutual
+
+
+def test_keys_cli_prints_the_server_flags_or_refuses(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k not in (ADMIN.env, INFERENCE.env)}
+
+    def run(e, *extra):
+        return subprocess.run([sys.executable, "-m", "clients.keys", "flags", *extra], capture_output=True,
+                              text=True, cwd=PROJECT_ROOT, timeout=60, env=e)
+
+    ok = run({**env, ADMIN.env: KEY, INFERENCE.env: INFERENCE_KEY})
+    assert ok.returncode == 0 and ok.stdout.split() == [*ADMIN.server_args(KEY), *INFERENCE.server_args(INFERENCE_KEY)]
+    missing = run({**env, ADMIN.env: KEY})
+    assert missing.returncode == 2 and INFERENCE.env in missing.stderr and not missing.stdout
+    assert run({**env, ADMIN.env: KEY}, "--require", "admin").stdout.split() == ADMIN.server_args(KEY)
 
 
 def test_admin_cli_sends_the_key(restricted, tmp_path):
     keyfile = tmp_path / "admin.key"
     keyfile.write_text(KEY + "\n")
     keyfile.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if k != admin.KEY_ENV}
+    env = {k: v for k, v in os.environ.items() if k != ADMIN.env}
 
     def run(e):
         return subprocess.run([sys.executable, "-m", "clients.admin", "index", "--url", restricted.http_url],
                               capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60, env=e)
 
-    ok = run({**env, admin.KEY_FILE_ENV: str(keyfile)})
+    ok = run({**env, ADMIN.file_env: str(keyfile)})
     assert ok.returncode == 0 and f'"name": "{P.ENSEMBLE}"' in ok.stdout, ok.stderr
-    refused = run({**env, admin.KEY_FILE_ENV: str(tmp_path / "none.key")})
+    refused = run({**env, ADMIN.file_env: str(tmp_path / "none.key")})
     assert refused.returncode == 1 and "restricted" in refused.stderr
 
 
