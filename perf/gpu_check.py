@@ -1,6 +1,9 @@
 """`make gpu-check`: the one check of the GPU path, on a machine with an NVIDIA GPU, in the NGC container.
 
-1. the DALI pipeline on the GPU (mixed/nvJPEG decode) against the CPU pipeline, same definition;
+1. the DALI pipeline on the GPU (mixed/nvJPEG decode) against the CPU pipeline, same definition; and the
+   pixels the served preprocess model returns (the server's own DALI backend, its decoder and settings),
+   queried through Triton, against the CPU pipeline, on photo variants (4:2:0, 4:2:2 and 4:4:4 chroma,
+   progressive, EXIF orientations, PNGs: training.photo_variants);
 2. FP16 and INT8 TensorRT engines from the ONNX artifacts (build.engine), each stamped;
 3. each engine scored like the ONNX artifacts in the build report (build.quantize): top-1 on the val
    split, top-1 agreement and max logit difference against PyTorch, latency at batch 1 and the best
@@ -20,6 +23,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +33,17 @@ from build.engine import EngineBuilder, EngineEnvironmentError, PlanStamp, check
 from build.quantize import accuracy
 from build.render_repo import render
 from build.settings import BatchProfile, RepoSettings, add_settings_args, repo_settings
-from clients.client import ImageClassifierClient, Prediction
+from clients.client import ImageClassifierClient, Prediction, image_input, triton_modules
+from core import protocol as P
 from core.atomic_io import atomic_write_bytes
 from core.metadata import read_metadata, source_checkpoint
-from core.preprocess import DALI_INPUT_NAME, DaliPreprocessor, PreprocessSpec, build_dali_pipeline
+from core.preprocess import DALI_INPUT_NAME, DaliPreprocessor, PreprocessSpec, build_dali_pipeline, decode_image
 from core.runners import TrtRunner, latency
 from perf.perf_analyzer import Sources, jpeg_and_tensor_inputs, jpegs_and_tensors
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_files, stream_logits
+from training.photo_variants import variants
 
 CONTAINER_TRITON = Path("/opt/tritonserver/bin/tritonserver")
 
@@ -61,6 +67,64 @@ def dali_gpu_vs_cpu(spec: PreprocessSpec, files: list[Path], batch: int = 32) ->
     return {"images": len(blobs), "max_abs_diff": float(np.abs(gpu - cpu).max()),
             "mean_abs_diff": float(np.abs(gpu - cpu).mean()),
             "padding_changes_output": bool(not np.array_equal(gpu, padded))}
+
+
+# the served preprocess model's pixels may differ from the CPU pipeline's by decoder rounding (nvJPEG's chroma
+# upsampling, the hardware decoder's IDCT), not by a picture: at most this many 8-bit levels on average
+MAX_SERVED_MEAN_LEVELS = 1.0
+
+
+def decoder_photos(files: Sequence[Path], n: int = 2) -> dict[str, bytes]:
+    """Every encoding variant (training.photo_variants) of the first ``n`` images, by "stem/variant"."""
+    out = {}
+    for f in files[:n]:
+        upright = decode_image(f.read_bytes())
+        out.update({f"{f.stem}/{name}": data for name, data in variants(upright, large=False).items()})
+    return out
+
+
+def served_pixels(url: str, protocol: str, blobs: Sequence[bytes], model: str = P.PREPROCESS,
+                  timeout_s: float = 60.0) -> list[np.ndarray]:
+    """The pixels ``model`` (the repository's preprocess model) returns for each encoded image, one request
+    each, through the running server: what its decoder, resize and normalize compute."""
+    mod, _ = triton_modules(protocol)
+    kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
+    call_kw = {"client_timeout": timeout_s} if protocol == "grpc" else {}
+    client = mod.InferenceServerClient(url, **kw)
+    try:
+        return [client.infer(model, [image_input(mod, [b])], outputs=[mod.InferRequestedOutput(P.PIXELS)],
+                             **call_kw).as_numpy(P.PIXELS)[0] for b in blobs]
+    finally:
+        client.close()
+
+
+def served_preprocess_vs_cpu(url: str, protocol: str, spec: PreprocessSpec, photos: dict[str, bytes]) -> dict:
+    """The served preprocess model against the CPU pipeline on ``photos``, per photo: the largest and the
+    mean difference in 8-bit levels (the normalized difference times std times 255, per channel)."""
+    served = served_pixels(url, protocol, list(photos.values()))
+    cpu = DaliPreprocessor(spec, batch_size=1)(list(photos.values()))
+    axis = 0 if spec.layout == "CHW" else -1
+    shape = [1, 1, 1]
+    shape[axis] = 3
+    scale = np.asarray(spec.std, np.float64).reshape(shape) * 255.0
+    rows: dict[str, dict[str, float]] = {}
+    for (name, _), s, c in zip(photos.items(), served, cpu, strict=True):
+        if s.shape != c.shape:  # another crop size or layout than the spec's: nothing compares
+            rows[name] = {"max_levels": float("inf"), "mean_levels": float("inf")}
+            continue
+        levels = np.abs(s.astype(np.float64) - c.astype(np.float64)) * scale
+        rows[name] = {"max_levels": float(levels.max()), "mean_levels": float(levels.mean())}
+    worst = max(rows, key=lambda k: rows[k]["mean_levels"])
+    return {"images": len(rows), "photos": rows, "worst": worst,
+            "max_levels": max(r["max_levels"] for r in rows.values()),
+            "worst_mean_levels": rows[worst]["mean_levels"]}
+
+
+def served_decoder_problems(check: dict, limit: float = MAX_SERVED_MEAN_LEVELS) -> list[str]:
+    """The photos whose served pixels are further from the CPU pipeline's than decoder rounding explains."""
+    return [f"served preprocess differs from the CPU pipeline on {name}: mean {r['mean_levels']:.2f} levels "
+            f"(max {r['max_levels']:.1f}; allowed mean {limit})"
+            for name, r in check["photos"].items() if not r["mean_levels"] <= limit]
 
 
 @dataclass(frozen=True)
@@ -110,6 +174,7 @@ class CheckRun:
     fp32_top1: float
     binary: Path  # the tritonserver that serves every engine
     perf_inputs: Sources  # the same perf_analyzer payload for every engine
+    photos: dict[str, bytes]  # the encoding variants the served preprocess model is checked on
 
 
 def start_run(args: argparse.Namespace, ref: Reference, out: Path, tensorrt_version: str, cc: str,
@@ -117,7 +182,10 @@ def start_run(args: argparse.Namespace, ref: Reference, out: Path, tensorrt_vers
     binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
     blobs = [p.read_bytes() for p in ref.val[:args.perf_images]]  # the same payload for every engine
     perf_inputs = jpeg_and_tensor_inputs(ref.meta["export"]["input"], blobs, ref.pre(blobs), out / "perf_inputs")
-    return CheckRun(args, ref, out, tensorrt_version, cc, fp32_top1, binary, perf_inputs)
+    photo_files = sorted(f for f in args.photos.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png")) \
+        if args.photos else ref.val
+    return CheckRun(args, ref, out, tensorrt_version, cc, fp32_top1, binary, perf_inputs,
+                    decoder_photos(photo_files, args.decoder_photos))
 
 
 def build_engine(run: CheckRun, precision: str) -> tuple[Path, Path, PlanStamp]:
@@ -141,9 +209,11 @@ def score_engine(plan: Path, precision: str, ref: Reference) -> dict:
             "latency": latency(engine, ref.sample, batches=sorted({1, ref.profile.opt, ref.profile.max}))}
 
 
-def serve_engine(run: CheckRun, onnx_path: Path, plan: Path, precision: str) -> tuple[list[Prediction], list[dict]]:
-    """The GPU repository for the plan, served: every val image classified over gRPC, then the served
-    throughput from JPEG bytes and from tensors. Returns (predictions, throughput rows)."""
+def serve_engine(run: CheckRun, onnx_path: Path, plan: Path,
+                 precision: str) -> tuple[list[Prediction], list[dict], dict]:
+    """The GPU repository for the plan, served: every val image classified over gRPC, the served preprocess
+    model's pixels against the CPU pipeline, then the served throughput from JPEG bytes and from tensors.
+    Returns (predictions, throughput rows, the preprocess check)."""
     from serve.server import TritonServer
 
     ref, out = run.ref, run.out
@@ -152,26 +222,29 @@ def serve_engine(run: CheckRun, onnx_path: Path, plan: Path, precision: str) -> 
     with TritonServer(repo, None, log_file=out / f"tritonserver_{precision}.log", binary=run.binary) as s:
         with ImageClassifierClient(s.grpc_url, "grpc") as c:
             preds = c.classify_files(ref.val, batch_size=ref.settings.max_batch_size)
+        decoder = served_preprocess_vs_cpu(s.grpc_url, "grpc", ref.spec, run.photos)
         if s.proc is None:
             raise RuntimeError("tritonserver is not running")
         throughput = jpegs_and_tensors(s.grpc_url, s.http_url, "grpc", run.perf_inputs, run.args.concurrency,
                                        out / f"perf_{precision}", s.proc.pid)
-    return preds, throughput
+    return preds, throughput, decoder
 
 
 def check_engine(run: CheckRun, precision: str) -> dict:
     """Build, score and serve one engine: its entry in the report."""
     onnx_path, plan, stamp = build_engine(run, precision)
     scored = score_engine(plan, precision, run.ref)
-    preds, throughput = serve_engine(run, onnx_path, plan, precision)
+    preds, throughput, decoder = serve_engine(run, onnx_path, plan, precision)
     served = np.array([run.ref.meta["classes"].index(p.labels[0]) if p.ok else -1 for p in preds])
     entry = {"stamp": stamp.__dict__, "images": len(run.ref.val), "engine": scored,
              "gate": "pass" if scored["top1"] >= run.fp32_top1 - run.args.max_top1_drop else "FAIL",
              "served_agreement_with_pytorch": float(100 * np.mean(served == run.ref.predictions)),
-             "errors": sum(not p.ok for p in preds), "throughput": throughput}
+             "errors": sum(not p.ok for p in preds), "throughput": throughput,
+             "served_preprocess_vs_cpu": decoder}
     print(f"{precision}: engine top-1 {scored['top1']:.2f}% (PyTorch FP32 {run.fp32_top1:.2f}%, gate {entry['gate']}), "
           f"{scored['latency']['best_images_per_s']:.0f} img/s at batch {scored['latency']['best_batch']}; "
-          f"served agreement with PyTorch {entry['served_agreement_with_pytorch']:.2f}%")
+          f"served agreement with PyTorch {entry['served_agreement_with_pytorch']:.2f}%; served preprocess vs CPU: "
+          f"worst mean {decoder['worst_mean_levels']:.2f} levels ({decoder['worst']}), max {decoder['max_levels']:.1f}")
     return entry
 
 
@@ -201,6 +274,11 @@ def markdown(report: dict, val_images: int) -> str:
              "img/s at best | gate | served via Triton: agreement % | errors |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [engine_row(k, v) for k, v in report["engines"].items()]
+    lines += ["", "The served preprocess model (the server's DALI backend, queried through Triton) against the CPU "
+              "pipeline, in 8-bit levels, per photo variant:", "",
+              "| engine's server | photo | mean levels | max levels |", "| --- | --- | --- | --- |"]
+    lines += [f"| {k} | {name} | {r['mean_levels']:.2f} | {r['max_levels']:.1f} |"
+              for k, v in report["engines"].items() for name, r in v["served_preprocess_vs_cpu"]["photos"].items()]
     lines += ["", "Engine latencies include host<->device copies (TensorRT Python API, one stream).", "",
               "Served throughput (perf_analyzer over gRPC, alternating per concurrency): `jpeg` = JPEG bytes "
               "through the ensemble (DALI decode + resize on the GPU, TensorRT), `tensors` = pre-decoded inputs "
@@ -250,6 +328,7 @@ def verdict(report: dict, min_served_agreement: float) -> list[str]:
                             f"below {min_served_agreement}%")
         if e["errors"]:
             problems.append(f"{name}: {e['errors']} request(s) failed")
+        problems += [f"{name}: {p}" for p in served_decoder_problems(e["served_preprocess_vs_cpu"])]
     return problems
 
 
@@ -264,6 +343,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="perf_analyzer concurrencies for the served throughput table")
     p.add_argument("--perf-images", type=int, default=64, help="val images perf_analyzer cycles through")
+    p.add_argument("--photos", type=Path, help="photos whose encoding variants check the served decoder "
+                                               "(default: the val split; give real photos, e.g. data/photos/val)")
+    p.add_argument("--decoder-photos", type=int, default=3, help="how many of them")
     p.add_argument("--min-served-agreement", type=float, default=99.0,
                    help="percent of val images the served engine must classify as PyTorch does; on a small split "
                    "one image is 100/N points, so allow at least that")

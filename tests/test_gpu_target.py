@@ -473,3 +473,44 @@ def test_the_timing_cache_file_is_keyed_by_gpu_and_tensorrt(tmp_path):
     assert builder.cache_path() == tmp_path / "trt_timing-trt10.5.0.18-sm90.cache"
     builder.cc = "8.0"
     assert builder.cache_path() != tmp_path / "trt_timing-trt10.5.0.18-sm90.cache"
+
+
+def test_the_served_preprocess_model_is_checked_against_the_cpu_pipeline(ensemble_server, onnx_model, tmp_path):
+    """`make gpu-check` queries the served preprocess model through Triton (on the GPU target: the DALI
+    backend's own DALI and nvJPEG) and compares its pixels with the CPU pipeline on every encoding variant of
+    real photos. Here the served preprocess model is the embedded target's (the same DALI on the CPU), so the
+    two agree exactly; a server computing other pixels is caught."""
+    import dataclasses
+
+    import skimage.data
+    from PIL import Image
+
+    from core.metadata import read_metadata
+    from core.preprocess import PreprocessSpec
+    from perf.gpu_check import decoder_photos, served_decoder_problems, served_preprocess_vs_cpu
+
+    files = []
+    for name in ("chelsea", "coffee"):  # real photographs shipped by scikit-image
+        files.append(tmp_path / f"{name}.jpg")
+        Image.fromarray(getattr(skimage.data, name)()).save(files[-1], quality=92)
+    photos = decoder_photos(files, n=2)
+    assert {"jpeg_420", "jpeg_422", "jpeg_444", "progressive_jpeg", "progressive_jpeg_444", "exif_orientation_6",
+            "exif_orientation_8", "png_16bit"} <= {k.split("/")[1] for k in photos}
+    spec = PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])
+    for protocol, url in (("grpc", ensemble_server.grpc_url), ("http", ensemble_server.http_url)):
+        check = served_preprocess_vs_cpu(url, protocol, spec, photos)
+        assert check["images"] == len(photos) and served_decoder_problems(check) == [], check
+        assert check["max_levels"] < 0.01, check
+    # the CPU side with another resize policy stands for a server that computes other pixels
+    stretched = served_preprocess_vs_cpu(ensemble_server.grpc_url, "grpc",
+                                         dataclasses.replace(spec, resize_policy="stretch"), photos)
+    assert len(served_decoder_problems(stretched)) == len(photos)
+    # and the check's verdict fails on it (the rest of the engine's entry passing)
+    from perf.gpu_check import verdict
+    entry = {"gate": "pass", "engine": {"top1": 90.0}, "served_agreement_with_pytorch": 100.0, "images": 8,
+             "errors": 0, "served_preprocess_vs_cpu": stretched}
+    report = {"dali_gpu_vs_cpu": {"padding_changes_output": False}, "max_top1_drop": 1.0, "pytorch_fp32_top1": 90.0,
+              "engines": {"fp16": entry}}
+    problems = verdict(report, 99.0)
+    assert len(problems) == len(photos) and all(p.startswith("fp16: served preprocess differs") for p in problems)
+    assert verdict({**report, "engines": {"fp16": {**entry, "served_preprocess_vs_cpu": check}}}, 99.0) == []

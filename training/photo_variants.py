@@ -58,6 +58,11 @@ def variants(upright: Image.Image, large: bool = True) -> dict[str, bytes]:
     out["grayscale_jpeg"] = _encode(upright.convert("L"), quality=95)
     out["cmyk_jpeg"] = _encode(upright.convert("CMYK"), quality=95)
     out["progressive_jpeg"] = _encode(upright, quality=95, progressive=True)
+    # chroma subsampling: phones write 4:2:0, editors and "maximum quality" exports 4:4:4, some cameras 4:2:2;
+    # the GPU decoder (nvJPEG) upsamples chroma with code of its own
+    for name, subsampling in (("jpeg_420", 2), ("jpeg_422", 1), ("jpeg_444", 0)):
+        out[name] = _encode(upright, quality=90, subsampling=subsampling)
+    out["progressive_jpeg_444"] = _encode(upright, quality=90, subsampling=0, progressive=True)
     rgba = np.dstack([np.asarray(upright), np.full(upright.size[::-1], 128, np.uint8)])
     rgba[: rgba.shape[0] // 2, :, 3] = 0  # half transparent, half translucent: the stored colour still counts
     out["png_alpha"] = _encode(Image.fromarray(rgba, "RGBA"), "PNG")
