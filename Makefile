@@ -108,7 +108,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint metrics-cost cache-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint metrics-cost cache-check flood-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -323,6 +323,13 @@ SAMPLES     ?= /var/lib/image-inference/payloads/classify
 RELABEL_OUT ?= data/relabel
 relabel: venv
 	$(PY) -m training.relabel --samples $(SAMPLES) --out $(RELABEL_OUT)
+
+# goodput under a flood (256 connections resending at once after a 503) against capacity, with the queue
+# held by time (the default) and the old count of 64 (perf/flood.py)
+FLOOD_CONNECTIONS ?= 256
+flood-check: venv
+	$(PY) -m perf.flood --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
+	  --connections $(COMPARE_CONNECTIONS) --flood-connections $(FLOOD_CONNECTIONS)
 
 # the classifier's largest batch fitted to the model's cost (make repo) against a fixed 32, side by side
 batch-fit: venv

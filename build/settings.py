@@ -44,10 +44,13 @@ class RepoSettings:
     max_image_bytes: int = _setting(
         MAX_IMAGE_BYTES, "embedded target: larger encoded images are refused before decoding")
     # overload: each composing model queues at most this many requests; beyond it, and for a request
-    # that waited longer than the timeout, Triton answers UNAVAILABLE (HTTP 503) at once instead of
-    # letting latency grow without bound (0 = unbounded / no timeout)
+    # that waited longer than the timeout, Triton answers UNAVAILABLE (HTTP 503) instead of letting latency
+    # grow without bound (0 = unbounded / no timeout). The timeout is what bounds latency; the count only
+    # bounds memory, and is large: with a small one (64 before) every connection beyond it was refused at
+    # once and resent at once, and refusing took the cores the work needed (perf/flood.py measures it)
     max_queue_size: int = _setting(
-        64, "requests each composing model queues before answering UNAVAILABLE / 503 (0 = unbounded)")
+        1024, "requests each composing model queues before answering UNAVAILABLE / 503 (0 = unbounded); "
+              "keep it above the client connections you expect")
     queue_timeout_ms: int = _setting(5000, "a request queued longer is answered UNAVAILABLE / 503 (0 = no timeout)")
     served_metrics: int = _setting(
         1, "the Python models export their own Prometheus metrics (confidence, entropy, classes, inputs; 0 = off)")

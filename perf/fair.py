@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -315,12 +315,10 @@ def ceiling_per_round(onnx: Path, image_dir: Path, seconds: int, manifest: dict)
 Variant = tuple[str, dict, dict]  # a server of variants(): its name, the settings it changes, TritonServer options
 
 
-def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant], rounds: int = 3,
-             seconds: int = 10, connections: int = 16,
-             after: Callable[[dict], dict] | None = None) -> dict:
+@contextlib.contextmanager
+def variant_servers(repo: Path, out: Path, servers: Sequence[Variant]) -> Iterator[tuple[list[Target], dict]]:
     """The repository's model, layout and settings served once per ``(name, settings changed, server options)``,
-    all at once, and measured by :func:`compare` (the first against each other); ``after``: given the running
-    servers by name, its result is added to the report (e.g. what each server counted)."""
+    all at once, each in a throw-away folder: (their wrk targets, the running servers by name)."""
     from build.artifacts import rendered_candidate
     from build.render_repo import render
     from build.settings import read_manifest, rendered_onnx, settings_from_manifest
@@ -328,7 +326,6 @@ def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant],
 
     manifest = read_manifest(repo)
     onnx, settings = rendered_onnx(repo), settings_from_manifest(manifest)
-    images = [b for _, b in sample_images(image_dir, 64)]
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         targets, running = [], {}
@@ -341,6 +338,20 @@ def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant],
                                                              **options))
             targets.append(Target(name, f"http://{running[name].http_url}", f"/v2/models/{P.ENSEMBLE}/infer",
                                   "kserve"))
+        yield targets, running
+
+
+def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant], rounds: int = 3,
+             seconds: int = 10, connections: int = 16,
+             after: Callable[[dict], dict] | None = None) -> dict:
+    """The servers of :func:`variant_servers`, measured by :func:`compare` (the first against each other);
+    ``after``: given the running servers by name, its result is added to the report (e.g. what each server
+    counted)."""
+    from build.settings import read_manifest
+
+    manifest = read_manifest(repo)
+    images = [b for _, b in sample_images(image_dir, 64)]
+    with variant_servers(repo, out, servers) as (targets, running):
         r = compare(targets, images, rounds, seconds, connections)
         if after is not None:
             r.update(after(running))

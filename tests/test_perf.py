@@ -261,3 +261,20 @@ def test_browser_check_sees_a_figure_that_does_not_load(tmp_path):
     seen = check(tmp_path / "page.html", tmp_path / "page.png", height=800)
     assert (seen["images"], seen["loaded"], seen["tables"]) == (2, 1, 1)
     assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flood_measures_goodput_of_both_queues(repo, tiny_data, tmp_path):
+    """make flood-check's quick form: both queues served, the capacity and the flood measured by wrk. What is
+    asserted does not depend on speed: beyond what the old queue and the instances hold, the old queue refuses
+    and the queue held by time refuses nothing (no request waits its 5 s here)."""
+    from perf import flood
+
+    r = flood.measure(repo, tiny_data / "val", tmp_path, rounds=1, seconds=1, connections=4, flood_connections=256)
+    old, held = (r["summary"][name] for name, _, _ in flood.servers())
+    settings = read_manifest(repo)["settings"]
+    assert flood.OLD_QUEUE + settings["classifier_instances"] * settings["max_batch_size"] < 256
+    assert old["flood_refused_per_s"]["median"] > 0 and held["flood_refused_per_s"]["median"] == 0
+    for s in (old, held):
+        assert s["capacity_per_s"]["median"] > 0 and s["flood_good_per_s"]["median"] > 0 and s["other_errors"] == 0
+    md = flood.markdown(r)
+    assert all(f"| {name} |" in md for name in r["summary"]) and md.count("target 0.8") == 2

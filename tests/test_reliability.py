@@ -291,7 +291,7 @@ async def flood(url: str, blobs: list[bytes], requests: int, in_flight: int) -> 
     """``requests`` batches, ``in_flight`` at a time, no retries: outcome -> messages."""
     import tritonclient.http.aio as aio
 
-    client = aio.InferenceServerClient(url, conn_timeout=60)
+    client = aio.InferenceServerClient(url, conn_timeout=60, conn_limit=in_flight)
     gate, out = asyncio.Semaphore(in_flight), {"ok": [], "rejected": [], "other": []}
 
     async def one():
@@ -321,6 +321,18 @@ def test_overload_is_rejected_with_503_and_the_server_keeps_serving(small_queue,
     with ImageClassifierClient(small_queue.grpc_url, "grpc", timeout_s=30, retries=0) as c:
         after = c.classify_files(val_files[:8])
     assert [p.labels for p in after] == [p.labels for p in before]
+
+
+def test_a_burst_beyond_the_old_queue_is_queued_not_refused(server, val_files):
+    """The default queue is held by time (QUEUE_TIMEOUT_MS), not by a small count: 400 requests sent at once,
+    more than the models execute and the old 64-request queue held together, are all answered. (Refused at
+    once, such clients resend at once, and the refusals take the cores the work needs: perf/flood.py.)"""
+    settings = read_manifest(server.repo)["settings"]
+    in_execution = settings["classifier_instances"] * settings["max_batch_size"]
+    burst = 400
+    assert burst > in_execution + 64 and settings["max_queue_size"] >= burst
+    out = asyncio.run(flood(server.http_url, [val_files[0].read_bytes()], requests=burst, in_flight=burst))
+    assert out["rejected"] == [] and out["other"] == [] and len(out["ok"]) == burst
 
 
 def test_client_backs_off_and_retries_after_503(small_queue, val_files):
