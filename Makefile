@@ -108,7 +108,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint metrics-cost cache-check flood-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint metrics-cost cache-check flood-check shadow-cost batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -245,8 +245,22 @@ precisions: artifacts
 
 # live updates (the server started by `make serve`, explicit model control): ONNX becomes the classifier's
 # next version once it passes the checks and the accuracy gate on DATA's val split; rollback retires it
+# SHADOW=1: the candidate first serves beside the current version on live traffic (mirrored, never answering
+# clients) and is promoted only if it agrees (serve/shadow.py): SHADOW_REQUESTS images, SHADOW_AGREEMENT %,
+# its p99 within SHADOW_P99_MARGIN, SHADOW_PERCENT of the answered batches mirrored
+SHADOW ?=
+SHADOW_REQUESTS ?= 500
+SHADOW_AGREEMENT ?= 99
+SHADOW_P99_MARGIN ?= 0.25
+SHADOW_PERCENT ?= 100
 publish: venv
+ifneq ($(SHADOW),)
+	$(PY) -m serve.shadow --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) \
+	  --metrics-url http://$(HOST):$(METRICS_PORT)/metrics --min-requests $(SHADOW_REQUESTS) \
+	  --min-agreement $(SHADOW_AGREEMENT) --p99-margin $(SHADOW_P99_MARGIN) --percent $(SHADOW_PERCENT) $(GATE_ARGS)
+else
 	$(PY) -m serve.publish --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) $(GATE_ARGS)
+endif
 
 rollback: venv
 	$(PY) -m serve.publish --rollback --repo $(REPO) --url $(HOST):$(HTTP_PORT)
@@ -330,6 +344,11 @@ FLOOD_CONNECTIONS ?= 256
 flood-check: venv
 	$(PY) -m perf.flood --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
 	  --connections $(COMPARE_CONNECTIONS) --flood-connections $(FLOOD_CONNECTIONS)
+
+# what shadowing costs the clients: the mirror off and on (SHADOW_PERCENT), side by side (perf/shadow_cost.py)
+shadow-cost: venv
+	$(PY) -m perf.shadow_cost --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
+	  --connections $(COMPARE_CONNECTIONS) --percent $(SHADOW_PERCENT)
 
 # the classifier's largest batch fitted to the model's cost (make repo) against a fixed 32, side by side
 batch-fit: venv

@@ -52,7 +52,7 @@ CORE = Path(__file__).resolve().parent.parent / "core"
 DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
 # The served stages without Triton (core/stages.py), beside every Python-backend model that loads them
 STAGES_FILE = "stages.py"
-SHARED_FILES = (STAGES_FILE, "payloads.py")  # core's Triton-free modules the Python models import
+SHARED_FILES = (STAGES_FILE, "payloads.py", "shadow.py")  # core's Triton-free modules the Python models import
 # The preprocess model's pipeline: a definition DALI serializes itself (build/triton_models/dali.py), the
 # one graph it imports (core/dali_graph.py) and the spec it reads, side by side in its version folder
 GRAPH_FILE, PIPELINE_CONFIG = "dali_graph.py", "preprocess.json"

@@ -62,11 +62,13 @@ class AdminClient:
     def load(self, model: str) -> None:
         self._client.load_model(model, headers=self.headers, **self._kw)
 
-    def reload(self, model: str) -> None:
+    def reload(self, model: str, parameters: dict[str, str] | None = None) -> None:
         """New instances of ``model`` even though nothing changed (e.g. after its Python stub died): loaded
-        with its current configuration plus a fresh RELOAD_PARAMETER."""
+        with its current configuration plus a fresh RELOAD_PARAMETER, and ``parameters`` set (the
+        repository's file is not changed: a plain load() goes back to it)."""
         cfg = self.config(model)
-        cfg.setdefault("parameters", {})[RELOAD_PARAMETER] = {"string_value": str(time.time_ns())}
+        values = {**(parameters or {}), RELOAD_PARAMETER: str(time.time_ns())}
+        cfg.setdefault("parameters", {}).update({k: {"string_value": v} for k, v in values.items()})
         self._client.load_model(model, headers=self.headers, config=json.dumps(cfg), **self._kw)
 
     def unload(self, model: str) -> None:

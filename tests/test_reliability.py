@@ -14,9 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from conftest import worse_model
 
 from build import layouts
 from build.model_config import read_configs
@@ -413,20 +413,6 @@ def test_fuzzed_requests_are_answered_and_the_server_survives(server, val_files)
 # ---------------------------------------------------------------------------------------------
 # live model updates: publish and roll back under load, refuse broken versions
 # ---------------------------------------------------------------------------------------------
-
-def worse_model(onnx_path: Path, out: Path, num_classes: int) -> Path:
-    """The same model with its classifier's rows rolled by one: every prediction moves to the next class."""
-    import onnx
-    from onnx import numpy_helper
-
-    m = onnx.load(str(onnx_path))
-    for init in m.graph.initializer:
-        a = numpy_helper.to_array(init)
-        if a.ndim in (1, 2) and a.shape[0] == num_classes:
-            init.CopyFrom(numpy_helper.from_array(np.roll(a, 1, axis=0), init.name))
-    onnx.save(m, str(out))
-    return out
-
 
 def version_states(url: str, model: str) -> dict[str, str]:
     with admin.AdminClient(url, "http", KEY, timeout_s=30) as c:

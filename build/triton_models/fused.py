@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
 import metrics  # noqa: E402
 import payloads  # noqa: E402  (core/payloads.py, copied here too)
+import shadow  # noqa: E402  (core/shadow.py, copied here too)
 import stages  # noqa: E402
 
 
@@ -42,6 +43,7 @@ class TritonPythonModel:
         self.metrics = (metrics.ServedMetrics(args, config, stages.REFUSALS, self.top_k.classes)
                         if metrics.enabled(config) else None)
         self.payloads = sampler(args, config)
+        self.shadow = mirror(args, config, self.preprocess.in_name, self.out_names[1])
 
     def execute(self, requests):
         start = time.perf_counter()
@@ -61,9 +63,13 @@ class TritonPythonModel:
             if values is not None:
                 self.metrics.observe_predictions(stages.prediction_summary(values[0]))
         per_request = stages.split_rows(values, [len(d) for d in good]) if good else []
+        accepted = [r for r, d in zip(raw, decoded, strict=True) if not isinstance(d, stages.Rejected)]
         if self.payloads is not None and good:
-            sample(self.payloads, [r for r, d in zip(raw, decoded, strict=True) if not isinstance(d, stages.Rejected)],
-                   per_request, 1000 * (time.perf_counter() - start))
+            sample(self.payloads, accepted, per_request, 1000 * (time.perf_counter() - start))
+        if self.shadow is not None and good:  # the answered rows and their top-1, for the candidate
+            rows = [row for r in accepted for row in (r.reshape(1, -1) if r.ndim == 1 else r)]
+            self.shadow.offer(rows, [label_text(row_labels[0]) for _, labels, _ in per_request
+                                     for row_labels in labels])
         answers = iter(per_request)
         return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(d), pb_utils.TritonError.INVALID_ARG))
                 if isinstance(d, stages.Rejected) else
@@ -76,6 +82,33 @@ class TritonPythonModel:
             self.metrics.close()
         if self.payloads is not None:
             pb_utils.Logger.log_info(self.payloads.close())
+        if self.shadow is not None:
+            self.shadow.close()
+
+
+def label_text(label):
+    return label.decode() if isinstance(label, bytes) else str(label)
+
+
+def mirror(args, config, in_name, labels_name):
+    """The shadow mirror the config asks for (a shadow_model parameter, set by `python -m serve.shadow` when it
+    reloads this model), else None: answered batches go to that model too, through BLS, off the request path."""
+    params = stages.parameters(config)
+    target = params.get("shadow_model", "")
+    if not target:
+        return None
+
+    def send(batch):
+        request = pb_utils.InferenceRequest(model_name=target, requested_output_names=[labels_name],
+                                            inputs=[pb_utils.Tensor(in_name, batch)])
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(response.error().message())
+        labels = pb_utils.get_output_tensor_by_name(response, labels_name).as_numpy()
+        return [label_text(row[0]) for row in labels]
+
+    return shadow.ShadowMirror(send, params["shadow_dir"], args["model_instance_name"],
+                               float(params.get("shadow_percent", "100")))
 
 
 def sampler(args, config):

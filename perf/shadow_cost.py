@@ -1,0 +1,98 @@
+"""What shadowing costs the clients: throughput and latency with the mirror off and on, side by side.
+
+    python -m perf.shadow_cost --repo model_repository --images data/synthetic/val     # make shadow-cost
+
+One server (explicit model control) serves the repository's fused model and, beside it, the same model as
+the candidate (serve.shadow's ``<model>_shadow``). Each round wrk measures the clients with the mirror off,
+then on (the served model reloaded with or without it, as serve.shadow does), in an order rotated from
+round to round; median [range] over the rounds, and the per-round ratios. On a machine whose cores the
+served model already fills, mirroring every batch doubles the model work: that is what --percent is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from clients import admin
+from core import protocol as P
+from perf.common import REPORTS, sample_images
+from perf.fair import Target, check_bodies, run_wrk, spread, write_bodies
+from serve.publish import served_onnx
+from serve.server import TritonServer
+from serve.shadow import SUFFIX, stage_candidate
+
+
+def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: int = 10, connections: int = 16,
+            percent: float = 100.0) -> dict:
+    images = [b for _, b in sample_images(image_dir, 64)]
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {"mirror off": [], f"mirror on ({percent:g}%)": []}
+    with tempfile.TemporaryDirectory(prefix="shadow-cost-") as tmp:
+        live, records, bodies = Path(tmp) / "repo", Path(tmp) / "records", Path(tmp) / "bodies"
+        shutil.copytree(repo, live, ignore=shutil.ignore_patterns("__pycache__"))
+        name = P.ENSEMBLE + SUFFIX
+        stage_candidate(served_onnx(live), live, name)  # the same model: all work, no disagreement
+        count = write_bodies(images, "kserve", bodies)
+        with TritonServer(live, None, model_control="explicit", log_file=out / "tritonserver.log") as s, \
+                admin.AdminClient(s.http_url, "http", None, timeout_s=300) as c:
+            target = Target("triton", f"http://{s.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve")
+            check_bodies(target, bodies, count)
+            settings = {"mirror off": {"shadow_model": ""},
+                        f"mirror on ({percent:g}%)": {"shadow_model": name, "shadow_dir": str(records),
+                                                      "shadow_percent": str(percent)}}
+            names = list(settings)
+            for r in range(rounds):
+                for label in names[r % 2:] + names[:r % 2]:
+                    c.reload(P.ENSEMBLE, settings[label])
+                    run_wrk(target, bodies, count, 2, connections, 2)  # untimed: the new instances warm up
+                    runs[label].append(run_wrk(target, bodies, count, seconds, connections, 2))
+    off, on = names
+    return {"when": time.strftime("%Y-%m-%d %H:%M"), "repo": str(repo), "rounds": rounds, "seconds": seconds,
+            "connections": connections, "percent": percent, "images": len(images),
+            "summary": {k: {"images_per_s": spread([x["per_s"] for x in v]),
+                            "p50_ms": spread([x["p50_us"] / 1e3 for x in v]),
+                            "p99_ms": spread([x["p99_us"] / 1e3 for x in v]),
+                            "errors": sum(x["errors"] for x in v)} for k, v in runs.items()},
+            "throughput_ratio_on_off": spread([b["per_s"] / a["per_s"] for a, b in zip(runs[off], runs[on],
+                                                                                         strict=True)]),
+            "p99_ratio_on_off": spread([b["p99_us"] / a["p99_us"] for a, b in zip(runs[off], runs[on], strict=True)])}
+
+
+def markdown(r: dict) -> str:
+    def f(x: dict, d: int = 1) -> str:
+        return f"{x['median']:.{d}f} [{x['min']:.{d}f}–{x['max']:.{d}f}]"
+
+    lines = ["# What shadowing costs the clients", "",
+             f"Measured {r['when']} on {r['repo']} with wrk ({r['connections']} connections, the same {r['images']} "
+             f"JPEGs), {r['rounds']} rounds of {r['seconds']} s, mirror off and on in a rotated order.", "",
+             "| mirror | images/s | p50 ms | p99 ms | errors |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {k} | {f(s['images_per_s'], 0)} | {f(s['p50_ms'])} | {f(s['p99_ms'])} | {s['errors']} |"
+              for k, s in r["summary"].items()]
+    lines += ["", f"Per round, on/off: throughput {f(r['throughput_ratio_on_off'], 2)}, "
+                  f"p99 {f(r['p99_ratio_on_off'], 2)}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--percent", type=float, default=100.0)
+    p.add_argument("--out", type=Path, default=REPORTS / "shadow_cost")
+    a = p.parse_args()
+    r = measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.connections, a.percent)
+    (a.out / "report.json").write_text(json.dumps(r, indent=2))
+    (a.out / "report.md").write_text(markdown(r))
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()
