@@ -108,7 +108,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint metrics-cost cache-check flood-check shadow-cost batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -344,6 +344,11 @@ FLOOD_CONNECTIONS ?= 256
 flood-check: venv
 	$(PY) -m perf.flood --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
 	  --connections $(COMPARE_CONNECTIONS) --flood-connections $(FLOOD_CONNECTIONS)
+
+# the monitoring end to end on the real server: metrics, drift on shifted sets, payload samples, shadow promotion
+# and refusal under load, the cache, the dashboards' and alert rules' metrics (perf/monitor_check.py)
+monitor-check: venv
+	$(PY) -m perf.monitor_check --repo $(REPO) --data $(DATA)
 
 # what shadowing costs the clients: the mirror off and on (SHADOW_PERCENT), side by side (perf/shadow_cost.py)
 shadow-cost: venv

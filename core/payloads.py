@@ -29,6 +29,9 @@ from typing import Any
 RECORD = ".json"
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png"}
 QUEUE_SIZE = 256  # samples waiting for the writer; more are dropped (and counted)
+# each instance re-reads the folder at most this often, so the bound holds across a model's instances to
+# within what the others write in that time
+RESCAN_S = 1.0
 
 
 class PayloadSampler:
@@ -37,9 +40,10 @@ class PayloadSampler:
         self.dir, self.percent, self.max_bytes = Path(directory), float(percent), int(max_bytes)
         self.keep_images, self.model, self.version = keep_images, model, version
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.files = sorted((p for p in self.dir.iterdir() if p.is_file() and not p.name.startswith(".")),
-                            key=lambda p: p.name)
-        self.total = sum(p.stat().st_size for p in self.files)
+        self.files: list[Path] = []
+        self.sizes: dict[Path, int] = {}
+        self.total, self.scanned = 0, 0.0
+        self._scan()
         self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(QUEUE_SIZE)
         self.dropped = self.written = 0
         self.thread = threading.Thread(target=self._run, name="payload-sampler", daemon=True)
@@ -79,16 +83,34 @@ class PayloadSampler:
             record["image"] = stem + EXTENSIONS[fmt]
             written.append(self._atomic(self.dir / record["image"], data))
         written.append(self._atomic(self.dir / (stem + RECORD), json.dumps(record).encode()))
-        self.files += written
-        self.total += sum(p.stat().st_size for p in written)
+        for p in written:
+            self.files.append(p)
+            self.sizes[p] = p.stat().st_size
+            self.total += self.sizes[p]
         self.written += 1
+        if time.monotonic() - self.scanned > RESCAN_S:
+            self._scan()  # what the model's other instances wrote and deleted meanwhile
         while self.total > self.max_bytes and self.files:  # the oldest first (names start with the time),
             stem = self.files[0].name.split(".", 1)[0]      # a record and its image together
             gone = [p for p in self.files if p.name.split(".", 1)[0] == stem]
             self.files = [p for p in self.files if p not in gone]
             for p in gone:
-                self.total -= p.stat().st_size if p.exists() else 0
+                self.total -= self.sizes.pop(p, 0)
                 p.unlink(missing_ok=True)
+
+    def _scan(self) -> None:
+        """The folder as it is now. Every instance of the model writes into it and deletes from it, so a file
+        listed may be gone before it is measured (a model loading while another instance serves: a reload)."""
+        sizes = {}
+        for p in self.dir.iterdir():
+            if p.name.startswith("."):
+                continue
+            try:
+                sizes[p] = p.stat().st_size
+            except FileNotFoundError:
+                continue
+        self.files, self.sizes = sorted(sizes, key=lambda p: p.name), sizes
+        self.total, self.scanned = sum(sizes.values()), time.monotonic()
 
     @staticmethod
     def _atomic(path: Path, data: bytes) -> Path:
@@ -105,10 +127,11 @@ class PayloadSampler:
 
 
 def read_samples(directory: Path | str) -> Iterator[dict[str, Any]]:
-    """Every sample's record in ``directory``, oldest first, with ``path`` (its image's, or None)."""
-    for record in sorted(Path(directory).glob("*" + RECORD)):
+    """Every sample's record under ``directory`` (the model's folder: one subfolder per instance), oldest
+    first, with ``path`` (its image's, or None)."""
+    for record in sorted(Path(directory).rglob("*" + RECORD), key=lambda p: p.name):
         if record.name.startswith("."):
             continue
         r = json.loads(record.read_text())
-        image = Path(directory) / r["image"] if r.get("image") else None
+        image = record.parent / r["image"] if r.get("image") else None
         yield {**r, "path": image if image is not None and image.is_file() else None}

@@ -207,7 +207,7 @@ def test_payload_samples_are_written_bounded_and_relabelled(onnx_model, val_file
     with TritonServer(repo, None, log_file=tmp_path / "server.log") as s, ImageClassifierClient(s.http_url) as c:
         preds = c.classify_files(val_files, batch_size=4)
     folder = samples / P.ENSEMBLE  # the server stopped: the model's finalize wrote what was queued
-    assert sum(f.stat().st_size for f in folder.iterdir()) <= 1024 * (room // 1024)
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 1024 * (room // 1024)
     records = list(read_samples(folder))
     sent = {hashlib.sha256(p.read_bytes()).hexdigest(): (p, pred) for p, pred in zip(val_files, preds, strict=True)}
     assert 10 <= len(records) < len(val_files)  # bounded: the oldest were deleted
@@ -224,3 +224,20 @@ def test_payload_samples_are_written_bounded_and_relabelled(onnx_model, val_file
     assert {(sent[hashlib.sha256(p.read_bytes()).hexdigest()][1].labels[0]) for p, _ in relabelled} == set(counts)
     assert all(sent[hashlib.sha256(p.read_bytes()).hexdigest()][1].labels[0] == sorted(counts)[i]
                for p, i in relabelled)
+
+
+def test_monitor_check_end_to_end(repo, tiny_data, tmp_path):
+    """make monitor-check's short form on the session's model: every check of the report passes; a flood of
+    one class and darkened images cross the alert threshold, each from a silent window of val answers."""
+    from perf import monitor_check
+
+    r = monitor_check.check(repo, tiny_data, tmp_path, window=80, min_requests=80, cache_seconds=1)
+    assert r["problems"] == [], r["problems"]
+    sets = r["drift"]["sets"]
+    assert all(x["silent_before"] for x in sets.values()), sets
+    assert sets["one class only"]["images_to_alert"] and sets["darkened (x0.25)"]["images_to_alert"], sets
+    assert r["shadow"]["same model"]["decision"] == "promoted"
+    assert r["shadow"]["classifier rows rolled"]["decision"] == "withdrawn"
+    assert r["payloads"]["records"] > 0 and r["payloads"]["bounded"] and r["cache"]["hit_rate"] > 0
+    md = monitor_check.markdown(r)
+    assert "every check passed" in md and "| one class only |" in md

@@ -117,8 +117,11 @@ def sampler(args, config):
     percent, directory = float(params.get("payload_percent", "0")), params.get("payload_dir", "")
     if percent <= 0 or not directory:
         return None
-    return payloads.PayloadSampler(Path(directory) / args["model_name"], percent,
-                                   1024 * int(params.get("payload_max_kb", "262144")),
+    # one folder per instance, each with its share of the bound: an instance deletes only what it wrote, so the
+    # bound holds for the model as a whole (the folders are read together: payloads.read_samples)
+    instances = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+    return payloads.PayloadSampler(Path(directory) / args["model_name"] / args["model_instance_name"], percent,
+                                   1024 * int(params.get("payload_max_kb", "262144")) // instances,
                                    params.get("payload_images", "1") != "0", args["model_name"],
                                    str(args["model_version"]))
 
