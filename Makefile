@@ -365,7 +365,8 @@ batch-fit: venv
 WORKLOADS   ?= demo-synthetic demo-photos resnet50-photos mobilenet-photos convnext-photos vit-photos
 workloads: artifacts $(if $(COMPARE_PEERS),peers)
 	$(PY) -m perf.workloads --workloads $(WORKLOADS) --ckpt $(CKPT) --data $(DATA) --rounds $(COMPARE_ROUNDS) \
-	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --peers "$(COMPARE_PEERS)"
+	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --peers "$(COMPARE_PEERS)" \
+	  --p99-budget-ms $(P99_BUDGET_MS)
 
 transfer: venv
 	$(PY) -m perf.transfer --source $(TRANSFER_SOURCE) --target $(TRANSFER_TARGET) --work .cache/transfer

@@ -260,6 +260,12 @@ CONVERSIONS: dict[str, Callable[[Path, np.ndarray, str, Sequence[str]], onnx.Mod
 # a tensor's overall ratio high while nearly all its other channels round to zero.
 MAX_KEPT_FRACTION = 0.5
 SENSITIVITY_IMAGES = 32  # calibration images the ranking runs
+# Not ranked (they stay quantized in every recovery try): ops that only
+# move data. In Q/DQ form they pass their input's scale through, so quantizing one alone rounds the same
+# tensor its producer's or consumer's ranking already rounds; ranking them repeated that cost. A ViT-S/16
+# has 429 quantized nodes, 173 of them these (each single-node quantization about 2 s here).
+DATA_MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Shape", "Gather",
+                               "Concat", "Flatten", "Split", "Expand", "Identity"})
 
 
 def logits_sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
@@ -269,18 +275,18 @@ def logits_sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
     return float(compute_signal_to_quantization_noice_ratio(reference, other))
 
 
-def quantized_nodes(qdq: bytes) -> list[str]:
+def quantized_nodes(qdq: bytes, skip: frozenset[str] = frozenset()) -> list[str]:
     """The nodes of a Q/DQ graph (named as in the FP32 graph) that read an activation or weight through a
-    DequantizeLinear."""
+    DequantizeLinear, but for those whose op type is in ``skip``."""
     graph = onnx.load_from_string(qdq).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+    return [n.name for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear", *skip)
             and any(i in dequantized for i in n.input)]
 
 
 def sensitivity(onnx_path: Path, calib: np.ndarray, method: str) -> list[tuple[str, float]]:
-    """The layers ONNX Runtime quantizes, most sensitive first, each with the logits' SQNR (dB) when it alone
-    is quantized."""
+    """The layers ONNX Runtime quantizes (but for DATA_MOVEMENT_OPS), most sensitive first, each with the
+    logits' SQNR (dB) when it alone is quantized."""
     sample = calib[:SENSITIVITY_IMAGES]
     fp32 = ort_session(Path(onnx_path).read_bytes(), intra_op_threads=0)
     reference = fp32.run([OUTPUT_NAME], {INPUT_NAME: sample})[0]
@@ -292,7 +298,8 @@ def sensitivity(onnx_path: Path, calib: np.ndarray, method: str) -> list[tuple[s
             logits = ort_session(qdq, intra_op_threads=0).run([OUTPUT_NAME], {INPUT_NAME: sample})[0]
             return logits_sqnr_db(reference, logits)
 
-        every = quantized_nodes(to_int8_ort(Path(onnx_path), calib, method, (), ranges).SerializeToString())
+        every = quantized_nodes(to_int8_ort(Path(onnx_path), calib, method, (), ranges).SerializeToString(),
+                                DATA_MOVEMENT_OPS)
         ranked = [(name, sqnr([name])) for name in every]
     return sorted(ranked, key=lambda r: r[1])
 

@@ -110,6 +110,28 @@ def run_wrk(target: Target, bodies: Path, count: int, seconds: int, connections:
     return out
 
 
+def latency_sweep(target: Target, images: list[bytes], concurrencies: Sequence[int], seconds: int = 5,
+                  threads: int = 2) -> list[dict]:
+    """p50/p99 and throughput of ``target`` at each number of connections, one wrk run each, ascending (a
+    closed loop: each connection sends its next request when the answer arrives)."""
+    with tempfile.TemporaryDirectory(prefix="sweep-bodies-") as tmp:
+        count = write_bodies(images, target.kind, Path(tmp))
+        check_bodies(target, Path(tmp), count)
+        run_wrk(target, Path(tmp), count, 2, min(concurrencies), min(threads, min(concurrencies)))  # untimed warm-up
+        rows = []
+        for c in sorted(concurrencies):
+            r = run_wrk(target, Path(tmp), count, seconds, c, min(threads, c))
+            rows.append({"concurrency": c, "images_per_s": r["per_s"], "p50_ms": r["p50_us"] / 1e3,
+                         "p99_ms": r["p99_us"] / 1e3, "errors": r["errors"]})
+    return rows
+
+
+def within_budget(rows: list[dict], p99_budget_ms: float) -> dict | None:
+    """The highest concurrency whose p99 is within the budget (and answered every request), or None."""
+    ok = [r for r in rows if r["p99_ms"] <= p99_budget_ms and r["errors"] == 0]
+    return max(ok, key=lambda r: r["concurrency"]) if ok else None
+
+
 def spread(xs: list[float]) -> dict:
     return {"median": round(float(np.median(xs)), 2), "min": round(min(xs), 2), "max": round(max(xs), 2)}
 

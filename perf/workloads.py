@@ -38,13 +38,15 @@ from build.artifacts import REPORT, candidate_name, served_for
 from build.export_onnx import export
 from build.render_repo import fit_to_cost, render
 from build.settings import RepoSettings
-from perf.fair import side_by_side
+from perf.common import sample_images
+from perf.fair import Target, latency_sweep, side_by_side, within_budget
 from training import train
 from training.real_datasets import write_imagefolder
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 # the targets of the performance issue for the served path against the in-process ceiling
 TARGET_CEILING = {"demo": 0.85, "224": 0.9}
+SWEEP = (1, 2, 4, 8, 16, 32)  # connections of the p99-against-concurrency sweep (Triton alone)
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,24 @@ def prepare(w: Workload, work: Path, demo_ckpt: Path, demo_data: Path, epochs: i
     return repo, ckpt, images, name
 
 
+def sweep(repo: Path, image_dir: Path, out: Path, concurrencies: tuple[int, ...], seconds: int,
+          p99_budget_ms: float) -> dict:
+    """Triton alone on the workload's repository: p99 against concurrency, and the highest within the budget."""
+    from core import protocol as P
+    from serve.server import TritonServer
+
+    images = [b for _, b in sample_images(image_dir, 64)]
+    with TritonServer(repo, None, log_file=out / "tritonserver-sweep.log") as s:
+        rows = latency_sweep(Target("triton", f"http://{s.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve"),
+                             images, concurrencies, seconds)
+    best = within_budget(rows, p99_budget_ms)
+    return {"rows": rows, "p99_budget_ms": p99_budget_ms, "highest_within_budget": best and best["concurrency"]}
+
+
 def measure(names: list[str], work: Path, demo_ckpt: Path, demo_data: Path, out: Path, epochs: int = 1,
             precision: str = "auto", rounds: int = 3, seconds: int = 10, connections: int = 16,
-            peers: tuple[str, ...] = (), max_top1_drop: float = 100.0) -> dict:
+            peers: tuple[str, ...] = (), max_top1_drop: float = 100.0, concurrencies: tuple[int, ...] = SWEEP,
+            p99_budget_ms: float = 50.0) -> dict:
     results, failed = {}, {}
     for name in names:
         w = WORKLOADS[name]
@@ -114,10 +131,12 @@ def measure(names: list[str], work: Path, demo_ckpt: Path, demo_data: Path, out:
         print(f"{name}: side by side ...")
         t0 = time.perf_counter()
         r = side_by_side(repo, ckpt, images, out / name, rounds, seconds, connections, peers=peers)
+        latency = sweep(repo, images, out / name, concurrencies, max(1, seconds // 2), p99_budget_ms)
         manifest = json.loads((repo / "build.json").read_text())
         report = json.loads((work / name / REPORT).read_text()) if w.arch is not None else None
         results[name] = {"workload": w.__dict__, "engine": manifest["engine"], "precision": manifest["precision"],
-                         "compare": r, "seconds": round(time.perf_counter() - t0), "build": report,
+                         "compare": r, "latency": latency, "seconds": round(time.perf_counter() - t0),
+                         "build": report,
                          "served_candidate": candidate}
     return {"when": time.strftime("%Y-%m-%d %H:%M"), "workloads": results, "not_measured": failed}
 
@@ -140,6 +159,25 @@ def markdown(r: dict) -> str:
                      f"{cell(s[triton]['p99_ms'])} | {cell(s['baseline']['images_per_s'])} | "
                      f"{cell(s['in-process ceiling']['images_per_s'])} | {cell(ceiling)} (≥ {target}: {met}) | "
                      f"{cell(ratios[f'{triton} / baseline'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def latency_markdown(r: dict) -> str:
+    """p99 against concurrency per workload (Triton alone), and the highest concurrency within the budget."""
+    rows = [x for x in r["workloads"].values() if "latency" in x]
+    if not rows:
+        return ""
+    cs = [p["concurrency"] for p in rows[0]["latency"]["rows"]]
+    budget = rows[0]["latency"]["p99_budget_ms"]
+    lines = ["| workload | " + " | ".join(f"p99 ms at {c}" for c in cs) + f" | highest within {budget:g} ms |",
+             "| --- | " + " | ".join("---:" for _ in cs) + " | ---: |"]
+    for name, x in r["workloads"].items():
+        if "latency" not in x:
+            continue
+        best = x["latency"]["highest_within_budget"]
+        lines.append(f"| {name} | " + " | ".join(f"{p['p99_ms']:.1f} ({p['images_per_s']:.0f}/s)"
+                                                  for p in x["latency"]["rows"])
+                     + f" | {best if best is not None else 'none'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +219,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--peers", default="", help="comma-separated peers to measure too (ray, bentoml)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(SWEEP),
+                   help="connections of the p99-against-concurrency sweep")
+    p.add_argument("--p99-budget-ms", type=float, default=50.0)
     p.add_argument("--out", type=Path, default=REPORTS / "workloads")
     return p
 
@@ -189,10 +230,10 @@ if __name__ == "__main__":
     a = get_args_parser().parse_args()
     peers = tuple(x for x in a.peers.split(",") if x)
     result = measure(a.workloads, a.work, a.ckpt, a.data, a.out, a.epochs, a.precision, a.rounds, a.seconds,
-                     a.connections, peers, a.max_top1_drop)
+                     a.connections, peers, a.max_top1_drop, tuple(a.concurrency), a.p99_budget_ms)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "workloads.json").write_text(json.dumps(result, indent=2))
-    text = markdown(result) + "\n" + architectures_markdown(result) + "".join(
+    text = markdown(result) + "\n" + latency_markdown(result) + "\n" + architectures_markdown(result) + "".join(
         f"\nNot measured: {name}: {why}\n" for name, why in result["not_measured"].items())
     (a.out / "workloads.md").write_text(text)
     print(text)

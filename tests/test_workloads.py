@@ -31,7 +31,7 @@ def test_a_workload_is_trained_quantized_served_on_its_fastest_engine_and_compar
     tiny = workloads.Workload("tiny-photos", "resnet_tiny", 32, "photos")
     monkeypatch.setitem(workloads.WORKLOADS, tiny.name, tiny)
     r = workloads.measure(["demo-synthetic", tiny.name], tmp_path / "work", checkpoint, tiny_data, tmp_path / "out",
-                          rounds=1, seconds=1, connections=4)
+                          rounds=1, seconds=1, connections=4, concurrencies=(1, 4), p99_budget_ms=1e6)
     for name in ("demo-synthetic", tiny.name):
         x = r["workloads"][name]
         report = json.loads((tmp_path / "work" / name / "build_report.json").read_text())
@@ -43,6 +43,11 @@ def test_a_workload_is_trained_quantized_served_on_its_fastest_engine_and_compar
         assert {"baseline", "in-process ceiling"} <= set(summary)
         assert all(s["images_per_s"]["median"] > 0 for s in summary.values())
     assert r["workloads"][tiny.name]["workload"]["img_size"] == 32
+    for x in r["workloads"].values():  # p99 against concurrency, Triton alone; every point within a huge budget
+        assert [p["concurrency"] for p in x["latency"]["rows"]] == [1, 4]
+        assert all(p["images_per_s"] > 0 and p["p99_ms"] > 0 and p["errors"] == 0 for p in x["latency"]["rows"])
+        assert x["latency"]["highest_within_budget"] == 4
+    assert "| tiny-photos | " in workloads.latency_markdown(r) and "highest within" in workloads.latency_markdown(r)
     md = workloads.markdown(r)
     assert "| tiny-photos | resnet_tiny @ 32 |" in md and "(≥ 0.85:" in md and "(≥ 0.9:" in md
     # the architecture table: the trained model only (the demo has no build of its own here), from its report
@@ -51,3 +56,12 @@ def test_a_workload_is_trained_quantized_served_on_its_fastest_engine_and_compar
     assert len(table) == 3 and table[2].startswith("| resnet_tiny @ 32 | ")
     fp32, int8 = report["artifacts"]["fp32"]["top1"], report["artifacts"]["int8_ort"]["top1"]
     assert f"| {fp32:.1f}% |" in table[2] and f"| {fp32 - int8:.1f} / " in table[2]
+
+
+def test_the_highest_concurrency_within_the_budget():
+    from perf.fair import within_budget
+
+    rows = [{"concurrency": c, "p99_ms": p, "errors": e} for c, p, e in
+            ((1, 5.0, 0), (2, 8.0, 0), (4, 30.0, 0), (8, 45.0, 3), (16, 90.0, 0))]
+    assert within_budget(rows, 50.0)["concurrency"] == 4  # 8 is within 50 ms but failed requests
+    assert within_budget(rows, 8.0)["concurrency"] == 2 and within_budget(rows, 1.0) is None
