@@ -315,7 +315,7 @@ tune: artifacts
 report: artifacts $(if $(COMPARE_PEERS),peers)
 	$(PY) -m perf.report --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) --users $(USERS) --duration $(DURATION) \
 	  --layouts "$(COMPARE_LAYOUTS)" --peers "$(COMPARE_PEERS)" --compare-rounds $(COMPARE_ROUNDS) \
-	  --compare-seconds $(COMPARE_SECONDS)
+	  --compare-seconds $(COMPARE_SECONDS) --workloads "$(REPORT_WORKLOADS)" --ckpt $(CKPT) --data $(DATA)
 
 # transfer, measured offline: this project's own pretrained network (TRANSFER_SOURCE) fine-tuned on another real
 # data set against training from scratch, equal epochs, several seeds: .cache/transfer/results.md
@@ -363,6 +363,8 @@ batch-fit: venv
 # the demo and 224-px workloads on real photographs, each on its fastest engine, side by side with the
 # baseline and the ceiling (perf/workloads.py; trains, exports and quantizes the 224-px models first)
 WORKLOADS   ?= demo-synthetic demo-photos resnet50-photos mobilenet-photos convnext-photos vit-photos
+# make report REPORT_WORKLOADS=all (or a comma list) measures the workloads in the report's own run
+REPORT_WORKLOADS ?=
 workloads: artifacts $(if $(COMPARE_PEERS),peers)
 	$(PY) -m perf.workloads --workloads $(WORKLOADS) --ckpt $(CKPT) --data $(DATA) --rounds $(COMPARE_ROUNDS) \
 	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --peers "$(COMPARE_PEERS)" \

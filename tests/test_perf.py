@@ -129,9 +129,13 @@ def test_tuner_choice_rule():
     assert tune.choose(rows, 10) == ({"throughput": 600, "p99_ms": 20}, False)
 
 
-def test_report_quick(repo, tiny_data, tmp_path):
+def test_report_quick(repo, tiny_data, checkpoint, tmp_path):
     profile = replace(report.QUICK, concurrency=(1, 2), locust_users=2, locust_seconds=2, request_count=60)
-    out = report.run(repo, tiny_data / "val", tmp_path, profile)  # checks the page in headless Chromium too
+    # with a workload measured in the same run (make report REPORT_WORKLOADS=...)
+    workload_args = {"work": tmp_path / "work", "demo_ckpt": checkpoint, "demo_data": tiny_data, "rounds": 1,
+                     "seconds": 1, "connections": 4, "concurrencies": (1, 2)}
+    out = report.run(repo, tiny_data / "val", tmp_path, profile, workloads=("demo-synthetic",),
+                     workload_args=workload_args)  # checks the page in headless Chromium too
     md = (out / "report.md").read_text()
     head = md.splitlines()[:8]
     assert any("Triton vs naive baseline" in ln and "×" in ln for ln in head)
@@ -157,6 +161,8 @@ def test_report_quick(repo, tiny_data, tmp_path):
     assert "--async --max-threads" in rate_log.splitlines()[0]
     assert "### Request rate: achieved against offered" in md and "| limited by |" in md
     assert "## Engines and precisions" in md and results["ceiling"]["best_schedule"] in ("sequential", "overlapped")
+    assert "## Workloads" in md and "| demo-synthetic | resnet_tiny (demo) @ 64 |" in md and "p99 ms at 2" in md
+    assert set(results["workloads"]["workloads"]) == {"demo-synthetic"}
 
 
 def _rate_point(offered: float, achieved: float, p99_ms: float, behind: bool = False) -> dict:

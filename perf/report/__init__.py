@@ -32,11 +32,18 @@ __all__ = ["FULL", "QUICK", "Profile", "main", "run", "start_baseline"]
 
 
 def run(repo: Path, images: Path, out_root: Path = REPORTS, profile: Profile = FULL,
-        tuning_json: Path | None = None, browser: bool = True) -> Path:
+        tuning_json: Path | None = None, browser: bool = True, workloads: tuple[str, ...] = (),
+        workload_args: dict | None = None) -> Path:
+    """``workloads``: also measure these (perf/workloads.py) in this run, with ``workload_args`` (its
+    measure()'s keyword arguments: work, demo_ckpt, demo_data, rounds, seconds, connections, ...)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = out_root / stamp
     out.mkdir(parents=True, exist_ok=True)
     r = measure_all(repo, images, out, profile)
+    if workloads:
+        from perf import workloads as w
+
+        r["workloads"] = w.measure(list(workloads), out=out / "workloads", **(workload_args or {}))
     r["timestamp"], r["out"] = stamp, str(out)
     tuning = json.loads(tuning_json.read_text()) if tuning_json and tuning_json.exists() else None
     h = headline(r)
@@ -73,6 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-rounds", type=int, help="compare: rounds (default 3)")
     p.add_argument("--compare-seconds", type=int, help="compare: seconds per server and round (default 10)")
     p.add_argument("--no-browser", action="store_true", help="do not check the page in headless Chromium")
+    p.add_argument("--workloads", default="", help="also measure these workloads in this run (perf/workloads.py; "
+                   "comma-separated, e.g. demo-photos,resnet50-photos; 'all': every one)")
+    p.add_argument("--ckpt", type=Path, default=Path("artifacts/best.pt"), help="workloads: the demo checkpoint")
+    p.add_argument("--data", type=Path, default=Path("data/synthetic"), help="workloads: the demo data set")
     p.add_argument("--concurrency", type=int, nargs="*", help="perf_analyzer concurrencies (default 1 2 4 8 16 32)")
     p.add_argument("--users", type=int, help="locust users (default 16)")
     p.add_argument("--duration", type=int, help="locust seconds per run (default 20)")
@@ -99,4 +110,13 @@ def main(a: argparse.Namespace) -> Path:
         overrides["locust_users"] = a.users
     if a.duration:
         overrides["locust_seconds"] = a.duration
-    return run(a.repo, a.images, a.out, Profile(**{**asdict(profile), **overrides}), a.tuning, not a.no_browser)
+    profile = Profile(**{**asdict(profile), **overrides})
+    from perf.workloads import WORKLOADS
+
+    names = tuple(WORKLOADS) if a.workloads == "all" else tuple(x for x in a.workloads.split(",") if x)
+    if unknown := set(names) - set(WORKLOADS):
+        raise SystemExit(f"error: unknown --workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
+    workload_args = {"work": Path(".cache/workloads"), "demo_ckpt": a.ckpt, "demo_data": a.data,
+                     "rounds": profile.compare_rounds, "seconds": profile.compare_seconds,
+                     "peers": profile.compare_peers}
+    return run(a.repo, a.images, a.out, profile, a.tuning, not a.no_browser, names, workload_args)

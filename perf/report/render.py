@@ -25,6 +25,7 @@ def markdown(r: dict, h: dict, made: list[tuple[str, str]], tuning: dict | None)
     if "ceiling" in r:
         lines += ceiling_section(r)
     lines += precisions_section(r)
+    lines += workloads_section(r)
     lines += tuning_section(tuning)
     lines += configs_section(r)
     return "\n".join(lines)
@@ -229,6 +230,22 @@ def perf_analyzer_section(r: dict) -> list[str]:
             lines.append(f"| {p['protocol']} | {p['mode']} | {p['value']:g} | "
                          f"{'n/a' if util is None else f'{100 * util:.0f}%'} | "
                          f"{m.get('cpu_memory_used_mib', 0):.0f} | {batches} |")
+    return lines + [""]
+
+
+def workloads_section(r: dict) -> list[str]:
+    """The workloads measured in this run (perf/workloads.py): side by side, p99 against concurrency, and the
+    architecture table."""
+    if "workloads" not in r:
+        return []
+    from perf import workloads
+
+    w = r["workloads"]
+    lines = ["## Workloads", "", f"Measured in this run ({w['when']}) by perf/workloads.py: each on its fastest "
+             "engine, Triton side by side with the baseline and the ceiling (wrk, alternating rounds), then Triton "
+             "alone against concurrency.", "", *workloads.markdown(w).splitlines(), "",
+             *workloads.latency_markdown(w).splitlines(), "", *workloads.architectures_markdown(w).splitlines(), ""]
+    lines += [f"Not measured: {name}: {why}" for name, why in w["not_measured"].items()]
     return lines + [""]
 
 
