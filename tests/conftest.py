@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from build.export_onnx import export
@@ -80,13 +79,6 @@ def val_files(tiny_data) -> list[Path]:
 
 def worse_model(onnx_path: Path, out: Path, num_classes: int) -> Path:
     """The same model with its classifier's rows rolled by one: every prediction moves to the next class."""
-    import onnx
-    from onnx import numpy_helper
+    from perf.monitor_check import rolled_classifier
 
-    m = onnx.load(str(onnx_path))
-    for init in m.graph.initializer:
-        a = numpy_helper.to_array(init)
-        if a.ndim in (1, 2) and a.shape[0] == num_classes:
-            init.CopyFrom(numpy_helper.from_array(np.roll(a, 1, axis=0), init.name))
-    onnx.save(m, str(out))
-    return out
+    return rolled_classifier(onnx_path, out, num_classes)
