@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -381,10 +382,13 @@ def variants(repo: Path, image_dir: Path, out: Path, servers: Sequence[Variant],
     return r
 
 
-def variants_main(description: str, out: Path, measure: Callable[[Path, Path, Path, int, int, int], dict],
-                  markdown: Callable[[dict], str] = render_markdown) -> None:
-    """The command line of a :func:`variants` measurement, ``measure(repo, images, out, rounds, seconds,
-    connections)``; writes report.json and report.md to --out and prints the Markdown."""
+def variants_main(description: str, out: Path, measure: Callable[..., dict],
+                  markdown: Callable[[dict], str] = render_markdown,
+                  options: dict[str, dict[str, Any]] | None = None) -> None:
+    """The command line of a side-by-side measurement, ``measure(repo, images, out, rounds, seconds,
+    connections, **options)``: ``options`` maps each extra flag to its add_argument keywords, and its value
+    is passed by the flag's name (``--flood-connections`` as ``flood_connections``). Writes report.json and
+    report.md to --out and prints the Markdown."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
     p.add_argument("--images", type=Path, required=True)
@@ -392,11 +396,16 @@ def variants_main(description: str, out: Path, measure: Callable[[Path, Path, Pa
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--out", type=Path, default=out)
+    for flag, kw in (options or {}).items():
+        p.add_argument(flag, **kw)
     a = p.parse_args()
+    names = [flag.lstrip("-").replace("-", "_") for flag in options or {}]
+    extra = {name: getattr(a, name) for name in names}
     try:
-        result = measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.connections)
+        result = measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.connections, **extra)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
+    a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "report.json").write_text(json.dumps(result, indent=2))
     (a.out / "report.md").write_text(markdown(result))
     print(markdown(result))

@@ -16,15 +16,13 @@ N / QUEUE_TIMEOUT_MS refusals a second, and the batches grow with the queue.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 from build.settings import RepoSettings, read_manifest
 from perf.common import REPORTS, sample_images
-from perf.fair import Variant, check_bodies, run_wrk, spread, variant_servers, write_bodies
+from perf.fair import Variant, check_bodies, run_wrk, spread, variant_servers, variants_main, write_bodies
 
 OLD_QUEUE = 64  # the default max_queue_size before the queue was held by time
 TARGET_GOODPUT = 0.8
@@ -107,24 +105,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repo", type=Path, default=Path("model_repository"))
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=int, default=10)
-    p.add_argument("--connections", type=int, default=16, help="connections of the capacity runs")
-    p.add_argument("--flood-connections", type=int, default=256)
-    p.add_argument("--out", type=Path, default=REPORTS / "flood")
-    a = p.parse_args()
-    try:
-        r = measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.connections, a.flood_connections)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
-    (a.out / "report.json").write_text(json.dumps(r, indent=2))
-    (a.out / "report.md").write_text(markdown(r))
-    print(markdown(r))
-
-
 if __name__ == "__main__":
-    main()
+    variants_main(__doc__.splitlines()[0], REPORTS / "flood", measure, markdown,
+                  {"--flood-connections": {"type": int, "default": 256}})

@@ -11,8 +11,6 @@ served model already fills, mirroring every batch doubles the model work: that i
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 from clients import admin
 from core import protocol as P
 from perf.common import REPORTS, sample_images
-from perf.fair import Target, check_bodies, run_wrk, spread, write_bodies
+from perf.fair import Target, check_bodies, run_wrk, spread, variants_main, write_bodies
 from serve.publish import served_onnx
 from serve.server import TritonServer
 from serve.shadow import SUFFIX, stage_candidate
@@ -78,21 +76,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repo", type=Path, default=Path("model_repository"))
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=int, default=10)
-    p.add_argument("--connections", type=int, default=16)
-    p.add_argument("--percent", type=float, default=100.0)
-    p.add_argument("--out", type=Path, default=REPORTS / "shadow_cost")
-    a = p.parse_args()
-    r = measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.connections, a.percent)
-    (a.out / "report.json").write_text(json.dumps(r, indent=2))
-    (a.out / "report.md").write_text(markdown(r))
-    print(markdown(r))
-
-
 if __name__ == "__main__":
-    main()
+    variants_main(__doc__.splitlines()[0], REPORTS / "shadow_cost", measure, markdown,
+                  {"--percent": {"type": float, "default": 100.0, "help": "share of answered batches mirrored"}})
