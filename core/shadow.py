@@ -108,8 +108,11 @@ class ShadowMirror:
             return
         self._written = now
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.summary()))
-        os.replace(tmp, self.path)  # the reader sees the old summary or the new one, never half of one
+        try:
+            tmp.write_text(json.dumps(self.summary()))
+            os.replace(tmp, self.path)  # the reader sees the old summary or the new one, never half of one
+        except OSError:  # the reader has decided and removed the folder: nobody reads these counts any more
+            pass
 
     def close(self, timeout_s: float = 10.0) -> dict:
         """Mirror what is queued (for at most ``timeout_s``), write the final counts, return them."""

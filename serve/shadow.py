@@ -169,7 +169,7 @@ def shadow(onnx_path: Path, repo: Path, url: str, metrics_url: str, data: Path |
                     print(f"note: unloading '{name}': {error_message(e)}", file=sys.stderr)
                 if candidate_dir is not None:
                     shutil.rmtree(candidate_dir, ignore_errors=True)
-    shutil.rmtree(records, ignore_errors=True)  # the report holds the counts the decision was made on
+                shutil.rmtree(records, ignore_errors=True)  # the report holds the counts the decision was made on
     compared = counts["mirrored"]
     latency = sorted(counts.pop("latency_ms"))
     return {"onnx": str(onnx_path), "repo": str(repo), "model": served, "candidate": name, "percent": percent,

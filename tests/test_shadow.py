@@ -119,3 +119,15 @@ def test_the_mirror_never_blocks_and_counts_what_it_drops(tmp_path):
     assert s["agreed"] == s["mirrored"] // 2 and s["disagreements"] == [["b", "a", s["mirrored"] // 2]]
     assert json.loads((tmp_path / "inst0.json").read_text())["mirrored"] == s["mirrored"]
     assert read_summaries(tmp_path)["mirrored"] == s["mirrored"]
+
+
+def test_the_mirror_survives_its_folder_being_removed(tmp_path):
+    """serve.shadow removes the counts' folder once it has decided; instances still closing must not fail."""
+    import shutil as sh
+
+    folder = tmp_path / "records"
+    m = ShadowMirror(lambda batch: ["a"] * len(batch), folder, "inst0", flush_s=0)
+    m.offer([np.frombuffer(b"\xff\xd8a", np.uint8)], ["a"])
+    sh.rmtree(folder)
+    m.offer([np.frombuffer(b"\xff\xd8a", np.uint8)], ["a"])
+    assert m.close()["mirrored"] == 2 and not folder.exists()
