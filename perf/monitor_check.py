@@ -133,7 +133,7 @@ def rolled_classifier(onnx_path: Path, out: Path, num_classes: int) -> Path:
 
 
 def shadows(server: TritonServer, repo: Path, onnx_path: Path, val: list[Path], tmp: Path,
-            min_requests: int) -> dict:
+            min_requests: int, p99_margin: float) -> dict:
     """A promotion and a refusal under continuous load: their decisions and figures, and the client calls."""
     from serve.shadow import shadow
 
@@ -143,7 +143,7 @@ def shadows(server: TritonServer, repo: Path, onnx_path: Path, val: list[Path], 
     for name, candidate in (("same model", onnx_path), ("classifier rows rolled", worse)):
         with background_load(server, batches, workers=4) as calls:
             r = shadow(candidate, repo, server.http_url, server.metrics_url, key=KEY, min_requests=min_requests,
-                       timeout_s=300)
+                       p99_margin=p99_margin, timeout_s=300)
         c = counts(calls)
         out[name] = {"decision": r["decision"], "why": r["why"], "agreement_percent": r["agreement_percent"],
                      "compared": r["mirrored"], "disagreements": r["disagreements"][:5],
@@ -169,7 +169,10 @@ def exported_names(metrics_url: str) -> set[str]:
 
 
 def check(repo: Path, data: Path, out: Path, window: int = 500, min_requests: int = 300,
-          cache_seconds: int = 3, payload_kb: int = 256) -> dict:
+          cache_seconds: int = 3, payload_kb: int = 256, p99_margin: float | None = None) -> dict:
+    """``p99_margin``: the shadow promotion's (serve.shadow's default when None)."""
+    from serve.shadow import DEFAULT_P99_MARGIN
+
     onnx_path = rendered_onnx(repo)
     meta = read_metadata(onnx_path)
     val = [p for p, _ in list_images(Path(data) / "val", meta["classes"])][:window]
@@ -197,7 +200,8 @@ def check(repo: Path, data: Path, out: Path, window: int = 500, min_requests: in
             used = {m for m in queried_metrics() if not m.startswith("nv_gpu_")}
             report["dashboards_and_alerts"] = {"queried": sorted(used), "missing": sorted(used - names)}
             report["payloads"] = payloads(samples, 1024 * payload_kb)
-            report["shadow"] = shadows(s, live, onnx_path, val, tmp, min_requests)
+            report["shadow"] = shadows(s, live, onnx_path, val, tmp, min_requests,
+                                       DEFAULT_P99_MARGIN if p99_margin is None else p99_margin)
     from perf import cache
 
     c = cache.measure(repo, Path(data) / "val", out / "cache", rounds=1, seconds=cache_seconds)
