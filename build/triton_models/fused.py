@@ -63,7 +63,9 @@ class TritonPythonModel:
             if values is not None:
                 self.metrics.observe_predictions(stages.prediction_summary(values[0]))
         per_request = stages.split_rows(values, [len(d) for d in good]) if good else []
-        accepted = [r for r, d in zip(raw, decoded, strict=True) if not isinstance(d, stages.Rejected)]
+        # the accepted requests' rows, gathered only for the side paths that want them (not on every batch)
+        accepted = ([r for r, d in zip(raw, decoded, strict=True) if not isinstance(d, stages.Rejected)]
+                    if good and (self.payloads is not None or self.shadow is not None) else [])
         if self.payloads is not None and good:
             sample(self.payloads, accepted, per_request, 1000 * (time.perf_counter() - start))
         if self.shadow is not None and good:  # the answered rows and their top-1, for the candidate
