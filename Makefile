@@ -108,7 +108,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
@@ -325,6 +325,11 @@ TRANSFER_TARGET ?= digits
 metrics-cost: venv
 	$(PY) -m perf.metrics_cost --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
 	  --connections $(COMPARE_CONNECTIONS)
+
+# the client library's served metrics (the GPU target's: clients/metrics.py), on and off (perf/client_metrics_cost.py)
+client-metrics-cost: venv
+	$(PY) -m perf.client_metrics_cost --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) \
+	  --seconds $(COMPARE_SECONDS)
 
 # Triton's response cache on a workload with repeats: hit rate and throughput against it off (perf/cache.py)
 cache-check: venv

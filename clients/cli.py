@@ -19,6 +19,7 @@ from pathlib import Path
 
 from clients.client import DEFAULT_URLS, ImageClassifierClient, Prediction, ServerUnreachable, Tls
 from clients.keys import UnusableKeyError
+from clients.metrics import ClientMetrics
 from core import protocol as P
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -73,6 +74,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-root-cert", type=Path, help="PEM CA that signed the server's certificate (implies --tls)")
     p.add_argument("--tls-cert", type=Path, help="PEM client certificate chain, for mutual TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--metrics-file", type=Path,
+                   help="write the served metrics of these answers here, in Prometheus' text format (for "
+                        "node_exporter's textfile collector; clients/metrics.py)")
+    p.add_argument("--drift-reference", type=Path,
+                   help="with --metrics-file: the exported model.onnx (or a reference JSON) to score drift against")
     return p
 
 
@@ -83,6 +89,9 @@ def tls_options(args: argparse.Namespace) -> Tls | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.drift_reference and not args.metrics_file:
+        print("error: --drift-reference scores the answers' drift for --metrics-file: give that too", file=sys.stderr)
+        return 2
     try:
         files = expand(args.paths)
     except FileNotFoundError as e:
@@ -92,10 +101,11 @@ def main(args: argparse.Namespace) -> int:
         print("error: no images found (looked for .jpg, .jpeg, .png)", file=sys.stderr)
         return 2
     blobs, sources = [f.read_bytes() for f in files], [str(f) for f in files]
-    try:  # the inference key (clients.keys) and the TLS files
+    try:  # the inference key (clients.keys), the TLS files and the drift reference
+        metrics = ClientMetrics.from_reference(args.drift_reference) if args.metrics_file else None
         client = ImageClassifierClient(args.url, args.protocol, args.model, timeout_s=args.timeout, top_k=args.top_k,
-                                       retries=args.retries, tls=tls_options(args))
-    except (UnusableKeyError, ValueError, FileNotFoundError) as e:
+                                       retries=args.retries, tls=tls_options(args), metrics=metrics)
+    except (UnusableKeyError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with client:
@@ -115,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
             preds = client.classify(blobs, sources, args.batch_size, progress)
         if bar:
             bar.close()
+    if metrics is not None:
+        metrics.write_textfile(args.metrics_file)
     if args.json:
         for p in preds:
             d = p.to_dict()

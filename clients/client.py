@@ -27,12 +27,15 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clients.keys import GRPC_PREFIX, INFERENCE
 from core import protocol as P
+
+if TYPE_CHECKING:
+    from clients.metrics import ClientMetrics
 
 DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
 
@@ -185,18 +188,21 @@ class ImageClassifierClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = P.ENSEMBLE,
                  timeout_s: float = 60.0, with_probabilities: bool = False, top_k: int = 5,
                  retries: int = 4, backoff_s: float = 0.1, max_backoff_s: float = 2.0,
-                 key: str | None = AUTO, tls: Tls | None = None):
+                 key: str | None = AUTO, tls: Tls | None = None, metrics: ClientMetrics | None = None):
         """``top_k``: labels asked for when the model answers through Triton's classification extension
         (a model with a postprocess step returns the k it was rendered with). ``retries``: attempts after
         UNAVAILABLE, waiting a random time up to ``backoff_s`` * 2^attempt (capped at ``max_backoff_s``).
         ``key``: the inference key sent with every request (None: none). ``tls``: gRPC over TLS (Triton's
-        HTTP endpoint has none of its own)."""
+        HTTP endpoint has none of its own). ``metrics``: the served metrics of every answer, counted here
+        (clients/metrics.py; the answers then carry every class's probability)."""
         if tls is not None and protocol != "grpc":
             raise ValueError("TLS is offered for gRPC only: Triton's HTTP endpoint has no TLS (use --protocol grpc, "
                              "or a TLS-terminating proxy in front of HTTP)")
         self.protocol, self.model = protocol, model
         self.url = url or DEFAULT_URLS[protocol]
-        self.timeout_s, self.with_probabilities, self.top_k = timeout_s, with_probabilities, top_k
+        self.timeout_s, self.top_k, self.metrics = timeout_s, top_k, metrics
+        self.with_probabilities = with_probabilities or metrics is not None  # the entropy needs every class
+        self._version = ""  # the model's newest version, from its metadata (the metrics' label)
         self.max_retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.retried = 0  # requests re-sent after UNAVAILABLE, over this client's life
         self._num_classes: int | None | bool = False  # False: not asked yet (see _classification)
@@ -261,6 +267,7 @@ class ImageClassifierClient:
             except Exception as e:
                 raise request_error(e) from None
             outputs = {o["name"]: o for o in meta["outputs"]}
+            self._version = max(meta.get("versions") or [""], key=lambda v: int(v) if v.isdigit() else -1)
             self._num_classes = None if P.LABELS in outputs else int(outputs[P.PROBABILITIES]["shape"][-1])
         return self._num_classes
 
@@ -327,6 +334,8 @@ class ImageClassifierClient:
                 preds = yield from self._isolate(mod, blobs, sources)
             else:
                 preds = _failed(sources, e)
+        if self.metrics is not None:
+            self.metrics.observe(self.model, self._version, blobs, preds)
         if progress:
             progress(len(blobs))
         return preds
@@ -378,8 +387,11 @@ class ImageClassifierClient:
     # -- sync -------------------------------------------------------------------------------------
     def infer(self, blobs: Sequence[bytes], sources: Sequence[str] | None = None) -> list[Prediction]:
         """One request for the whole batch (re-sent after UNAVAILABLE, with backoff); raises RequestError
-        if the server rejects it."""
-        return self._run(self._request(self._mod, blobs, sources))
+        if the server rejects it (the metrics count the answers; classify's isolation counts refusals)."""
+        preds = self._run(self._request(self._mod, blobs, sources))
+        if self.metrics is not None:
+            self.metrics.observe(self.model, self._version, blobs, preds)
+        return preds
 
     def classify(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int = 8,
                  progress: Callable[[int], None] | None = None) -> list[Prediction]:

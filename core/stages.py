@@ -17,6 +17,7 @@ training (core/preprocess.py: the decode policy).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
+FORMATS = tuple(name for _, name in SIGNATURES)
 # JPEG start-of-frame markers (they carry the image size): C0-CF except DHT (C4), JPG (C8), DAC (CC)
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -454,6 +456,40 @@ class TopK:
 # threshold) that does not depend on the window's size the way a chi-square test's p-value does, which at
 # hundreds of answers flags differences too small to matter. KS would need every raw value of the reference.
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+# the other served histograms' bucket edges (build/triton_models/metrics.py on the server, clients/metrics.py
+# on the client: one set, so the two sides' series add up and read alike)
+ENTROPY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BYTES_BUCKETS = tuple(2.0 ** k for k in range(10, 26, 2))   # 1 KiB .. 16 MiB
+PIXELS_BUCKETS = tuple(4.0 ** k for k in range(6, 13))      # 64x64 .. 4096x4096
+def prometheus_float(value: float) -> str:
+    """A histogram bucket's bound as Prometheus' own clients write it (Go's float format: 0.05, 4096.0,
+    1.048576e+06, +Inf), so the served models' series and the client library's (clients/metrics.py, with
+    prometheus_client) are the very same series. Written here rather than imported from prometheus_client
+    (its utils.floatToGoString, which the tests compare it with): the served models run in the container's
+    Python, whose locked packages (docker/requirements-gpu.lock) do not include it."""
+    value = float(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    text = repr(value)
+    dot = text.find(".")
+    if value > 0 and dot > 6:  # Go writes an exponent from 1e21 down to 7 digits before the point
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
+
+
+# the served metrics' names and help, by what they measure (both sides export these, and the dashboards query them)
+METRICS = {
+    "bytes": ("image_classifier_input_bytes", "Encoded size of each accepted image, bytes"),
+    "pixels": ("image_classifier_input_pixels", "Decoded size of each accepted image, width x height"),
+    "formats": ("image_classifier_inputs_total", "Accepted images by format"),
+    "refusals": ("image_classifier_refusals_total", "Refused images by reason"),
+    "confidence": ("image_classifier_top1_confidence", "Top-1 probability of each answer"),
+    "entropy": ("image_classifier_entropy", "Entropy of each answer over log(number of classes)"),
+    "predictions": ("image_classifier_predictions_total", "Answers by predicted class"),
+    "drift": ("image_classifier_drift_psi", "Population stability index of the last answers against the val "
+              "split's (by signal)"),
+}
 DRIFT_ALERT_PSI = 0.25
 PSI_FLOOR = 1e-3  # an empty bin counts as this fraction: ln(0) has no value
 

@@ -243,3 +243,108 @@ def test_monitor_check_end_to_end(repo, tiny_data, tmp_path):
     assert r["payloads"]["records"] > 0 and r["payloads"]["bounded"] and r["cache"]["hit_rate"] > 0
     md = monitor_check.markdown(r)
     assert "every check passed" in md and "| one class only |" in md
+
+
+def _without(labels: str, *names: str) -> str:
+    """A series' labels with ``names`` left out (the model label differs: the client names the ensemble)."""
+    return ",".join(kv for kv in labels.strip("{}").split(",") if kv and kv.split("=", 1)[0] not in names)
+
+
+def test_client_metrics_equal_the_servers_on_the_gpu_default_layout(onnx_model, val_files, tmp_path):
+    """The classification layout (the GPU target's default) served here, where its Python stages export the
+    served metrics: the client library's own figures (clients/metrics.py, scraped from its exporter) over the
+    same requests equal the server's, series by series: inputs, formats, sizes, refusals by reason, confidence,
+    entropy, classes and the drift score of a full window."""
+    from clients.metrics import ClientMetrics
+
+    files = val_files[:40]
+    bad = [BAD_IMAGES[n][0] for n in ("truncated_jpeg", "not_an_image", "corrupt_jpeg", "jpeg_bad_precision")]
+    repo = tmp_path / "repo"
+    render(onnx_model, repo, RepoSettings(max_batch_size=8, classifier_instances=1, preprocess_instances=1,
+                                          drift_window=len(files), served_metrics_interval_ms=0),
+           layout="classification")
+    metrics = ClientMetrics(read_metadata(onnx_model)["export"]["reference"], window=len(files))
+    port = metrics.start_http_server(0, "127.0.0.1")
+    try:
+        with TritonServer(repo, None, log_file=tmp_path / "server.log") as s:
+            before = scrape_metrics(s.metrics_url)
+            blobs = [f.read_bytes() for f in files]
+            with ImageClassifierClient(s.http_url, metrics=metrics) as c:
+                # each bad image in a request of its own: an image in a batch the server refused is decoded (and
+                # counted) there twice, then alone when the client resends it; once here (clients/metrics.py)
+                preds = c.classify(blobs[:20], [f"image{i}" for i in range(20)], batch_size=6)
+                preds += [p for b in bad for p in c.classify([b], ["bad"], batch_size=1)]
+                preds += c.classify(blobs[20:], [f"image{i}" for i in range(20, len(blobs))], batch_size=6)
+            assert sum(p.ok for p in preds) == len(files) and sum(p.bad_input for p in preds) == len(bad)
+            after = settled(s, before, PREFIX + "predictions_total", len(files), model=P.CLASSIFIER)
+            client = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        metrics.close()
+    series = [k for k in client if k.startswith(PREFIX) and not k.split("{", 1)[0].endswith("_created")]
+    names = {k.split("{", 1)[0] for k in series}
+    assert names == {PREFIX + n for n in (
+        "input_bytes_bucket", "input_bytes_sum", "input_bytes_count", "input_pixels_bucket", "input_pixels_sum",
+        "input_pixels_count", "inputs_total", "refusals_total", "top1_confidence_bucket", "top1_confidence_sum",
+        "top1_confidence_count", "entropy_bucket", "entropy_sum", "entropy_count", "predictions_total",
+        "drift_psi")}
+    assert all(f'model="{P.ENSEMBLE}"' in k and 'version="1"' in k for k in series)
+    server_side = {}
+    for k, v in after.items():
+        name, _, labels = k.partition("{")
+        if name.startswith(PREFIX):
+            server_side[(name, _without(labels, "model", "version"))] = v - before.get(k, 0.0) \
+                if name != PREFIX + "drift_psi" else v
+    for k in series:
+        name, _, labels = k.partition("{")
+        want = server_side.get((name, _without(labels, "model", "version")), 0.0)
+        # the classification extension sends each score as text: the sums agree to its printed digits
+        assert client[k] == pytest.approx(want, rel=1e-4, abs=1e-4), k
+    refused = {k: v for k, v in client.items() if k.startswith(PREFIX + "refusals_total")}
+    assert sorted(k.split('reason="', 1)[1].split('"')[0] for k, v in refused.items() for _ in range(int(v))) == \
+        sorted(["truncated", "not_jpeg_or_png", "undecodable", "unsupported"])
+
+
+def test_bucket_bounds_are_written_as_prometheus_client_writes_them():
+    """The served models format their bucket bounds themselves (the container has no prometheus_client);
+    the client library's come from prometheus_client: the two must be the same strings, or the two sides'
+    series are different series."""
+    from prometheus_client.utils import floatToGoString
+
+    from core import stages
+
+    bounds = [*stages.CONFIDENCE_BUCKETS, *stages.ENTROPY_BUCKETS, *stages.BYTES_BUCKETS, *stages.PIXELS_BUCKETS,
+              math.inf, 1.0, 2.0 ** 40, 1e-7]
+    assert [stages.prometheus_float(b) for b in bounds] == [floatToGoString(b) for b in bounds]
+
+
+def test_client_metrics_cost_counts_every_answer_once(repo, tiny_data, tmp_path):
+    """make client-metrics-cost, briefly: both sides measured, and the metrics on counted each answer once."""
+    from perf.client_metrics_cost import markdown, measure
+
+    r = measure(repo, tiny_data / "val", tmp_path, rounds=1, seconds=1, clients=2)
+    assert r["answered_with_metrics"] > 0 and r["counted"] == r["answered_with_metrics"]
+    assert all(row["images_per_s"]["median"] > 0 for row in r["rows"].values())
+    assert r["observe_us_per_image"] > 0 and "metrics off" in markdown(r)
+
+
+def test_cli_writes_the_served_metrics_for_the_textfile_collector(server, onnx_model, val_files, tmp_path, capsys):
+    """`python -m clients ... --metrics-file`: a batch job's answers as a Prometheus text file (node_exporter's
+    textfile collector), its drift scored against the exported model's reference."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from clients import cli
+
+    files = val_files[:12]
+    out = tmp_path / "classify.prom"
+    args = [*map(str, files), "--url", server.http_url, "--no-progress", "--metrics-file", str(out),
+            "--drift-reference", str(onnx_model)]
+    assert cli.main(cli.get_args_parser().parse_args(args)) == 0
+    samples = [s for fam in text_string_to_metric_families(out.read_text()) for s in fam.samples]
+
+    def total(name: str) -> float:
+        return sum(s.value for s in samples if s.name == PREFIX + name)
+
+    assert total("predictions_total") == len(files)  # the server's model answered them: by class, summed
+    assert total("input_bytes_sum") == sum(f.stat().st_size for f in files)
+    assert cli.main(cli.get_args_parser().parse_args([str(files[0]), "--drift-reference", str(onnx_model)])) == 2
+    assert "--metrics-file" in capsys.readouterr().err

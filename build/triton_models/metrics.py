@@ -33,10 +33,10 @@ import numpy as np
 import stages  # core/stages.py, copied beside every Python model (the model's file puts it on the path)
 import triton_python_backend_utils as pb_utils
 
-CONFIDENCE_BUCKETS = stages.CONFIDENCE_BUCKETS  # the drift score bins the confidence alike
-ENTROPY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-BYTES_BUCKETS = tuple(2.0 ** k for k in range(10, 26, 2))   # 1 KiB .. 16 MiB
-PIXELS_BUCKETS = tuple(4.0 ** k for k in range(6, 13))      # 64x64 .. 4096x4096
+# the buckets are the client's too (clients/metrics.py); the drift score bins the confidence alike
+CONFIDENCE_BUCKETS, ENTROPY_BUCKETS = stages.CONFIDENCE_BUCKETS, stages.ENTROPY_BUCKETS
+BYTES_BUCKETS, PIXELS_BUCKETS = stages.BYTES_BUCKETS, stages.PIXELS_BUCKETS
+M = stages.METRICS
 
 
 def enabled(config):
@@ -84,7 +84,7 @@ class Histogram:
 
 
 def _le(bound):
-    return "+Inf" if np.isinf(bound) else f"{bound:g}"
+    return stages.prometheus_float(bound)
 
 
 class Counts:
@@ -111,9 +111,8 @@ class Drift:
     """The drift scores as gauges: set from the window at every flush (scored under the caller's lock)."""
 
     def __init__(self, labels, window):
-        self.family = pb_utils.MetricFamily(name="image_classifier_drift_psi", description="Population stability "
-                                            "index of the last answers against the val split's (by signal)",
-                                            kind=pb_utils.MetricFamily.GAUGE)
+        name, description = stages.METRICS["drift"]
+        self.family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
         self.window, self.labels, self.gauges = window, labels, {}
 
     def take(self):
@@ -136,23 +135,16 @@ class ServedMetrics:
         self.metrics = []
         self.drift = None
         if refusal_reasons is not None:
-            self.size = Histogram("image_classifier_input_bytes", "Encoded size of each accepted image, bytes",
-                                  labels, BYTES_BUCKETS)
-            self.pixels = Histogram("image_classifier_input_pixels", "Decoded size of each accepted image, "
-                                    "width x height", labels, PIXELS_BUCKETS)
-            self.formats = Counts("image_classifier_inputs_total", "Accepted images by format", labels, "format",
-                                  ("JPEG", "PNG"))
-            self.refusals = Counts("image_classifier_refusals_total", "Refused images by reason", labels, "reason",
-                                   refusal_reasons)
+            self.size = Histogram(*M["bytes"], labels, BYTES_BUCKETS)
+            self.pixels = Histogram(*M["pixels"], labels, PIXELS_BUCKETS)
+            self.formats = Counts(*M["formats"], labels, "format", stages.FORMATS)
+            self.refusals = Counts(*M["refusals"], labels, "reason", refusal_reasons)
             self.metrics += [self.size, self.pixels, self.formats, self.refusals]
         if classes is not None:
-            self.confidence = Histogram("image_classifier_top1_confidence", "Top-1 probability of each answer",
-                                        labels, CONFIDENCE_BUCKETS)
-            self.entropy = Histogram("image_classifier_entropy", "Entropy of each answer over log(number of "
-                                     "classes)", labels, ENTROPY_BUCKETS)
+            self.confidence = Histogram(*M["confidence"], labels, CONFIDENCE_BUCKETS)
+            self.entropy = Histogram(*M["entropy"], labels, ENTROPY_BUCKETS)
             self.classes = list(classes)
-            self.predictions = Counts("image_classifier_predictions_total", "Answers by predicted class", labels,
-                                      "class", self.classes)
+            self.predictions = Counts(*M["predictions"], labels, "class", self.classes)
             self.metrics += [self.confidence, self.entropy, self.predictions]
             reference = _parameter(config, "drift_reference", "")
             window = int(_parameter(config, "drift_window", "0"))
