@@ -155,6 +155,35 @@ def fitted_max_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] |
                    f"{best:.0f} (make quantize, {Path(artifacts) / REPORT})")
 
 
+# The classifier's instances follow the cost too (the embedded target: one single-threaded instance per core,
+# or one more). Measured side by side (perf/instances.py, wrk at 16 connections, 2 cores): for MobileNetV3-Large
+# (about 3.5 ms of one core per image) and ResNet-50 (about 10 ms) at 224 px, one instance per core served as
+# much as three, or more, at a 11-14% lower p99: a third instance only time-slices the cores and lengthens
+# every batch. For the 64-px demo model (about 0.3 ms) one per core let Triton 2.51's batcher stall
+# (docs/performance.md, "Throughput": a missed release of a busy instance, then a 500 ms sleep) in 3 of 6
+# rounds, one more in none. Below LIGHT_MS_PER_IMAGE a model gets that one more. One thread each: one instance
+# with every core lost half the throughput, its cores idle while it decodes.
+LIGHT_MS_PER_IMAGE = 1.0
+
+
+def fitted_instances(artifacts: Path, candidate: Candidate, cores: int) -> tuple[int, str] | None:
+    """(classifier instances, why) for ``cores`` serving cores from the current build report's best throughput
+    of ``candidate`` (measured on every core of the building machine), or None without it."""
+    report = current_report(artifacts)
+    name = candidate_name(candidate)
+    by_batch = (report or {}).get("artifacts", {}).get(name or "", {}).get("latency", {}).get("by_batch", {})
+    if not by_batch:
+        return None
+    best = max(m["images_per_s"] for m in by_batch.values())
+    measured_cores = int((report or {}).get("cpu", {}).get("cores") or cores)
+    ms = 1000 * measured_cores / best  # of one core, per image
+    light = ms < LIGHT_MS_PER_IMAGE
+    instances = cores + 1 if light else cores
+    return instances, (f"{name}'s measured cost: {ms:.2f} ms of one core per image, "
+                       f"{'under' if light else 'over'} {LIGHT_MS_PER_IMAGE} ms: "
+                       f"{'one more instance than' if light else 'one instance per'} core ({cores})")
+
+
 def rendered_candidate(manifest: dict[str, Any], onnx_path: Path) -> Candidate | None:
     """The candidate an embedded repository serves, from its manifest (build.json) and its ONNX file."""
     return next((c for c in CANDIDATES.values() if c.engine == manifest.get("engine")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -531,7 +532,7 @@ def cpu_features() -> dict:
         line = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
         flags = set(line.split(":", 1)[-1].split())
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    info: dict = {"flags": [f for f in wanted if f in flags]}
+    info: dict = {"flags": [f for f in wanted if f in flags], "cores": os.cpu_count() or 1}  # what the timings used
     info["openvino"] = isolated(openvino_capabilities)  # not loaded here: see score()
     return info
 

@@ -33,6 +33,7 @@ from build.artifacts import (
     PRECISIONS,
     Candidate,
     artifact_for,
+    fitted_instances,
     fitted_max_batch,
     served_for,
 )
@@ -293,19 +294,25 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
                 print(f"layout from {Path(args.out) / MANIFEST}: {layout} (--layout, or RESET_SETTINGS=1 for the "
                       f"default, {layouts.DEFAULT_LAYOUT[args.target]})")
     onnx_path, served = served_choice(args)
-    if args.onnx is None and served is not None and args.max_batch_size is None and not keeps_manifest(args, args.out):
-        settings = fit_to_cost(settings, args.artifacts, served)
+    if args.onnx is None and served is not None and not keeps_manifest(args, args.out):
+        given = frozenset(f for f in ("max_batch_size", "classifier_instances") if getattr(args, f, None) is not None)
+        settings = fit_to_cost(settings, args.artifacts, served, keep=given)
     return render(onnx_path, args.out, settings, args.target, args.plan, layout, served)
 
 
-def fit_to_cost(settings: RepoSettings, artifacts: Path, served: Candidate) -> RepoSettings:
-    """The settings with the largest batch the served model's measured cost calls for (build.artifacts
-    fitted_max_batch), when make quantize measured it; else unchanged."""
-    fit = fitted_max_batch(artifacts, served)
-    if fit is None or fit[0] == settings.max_batch_size:
-        return settings
-    print(f"max_batch_size {fit[0]} (not {settings.max_batch_size}) from {fit[1]}; MAX_BATCH= to choose")
-    return replace(settings, max_batch_size=fit[0])
+def fit_to_cost(settings: RepoSettings, artifacts: Path, served: Candidate, keep: frozenset[str] = frozenset(),
+                cores: int | None = None) -> RepoSettings:
+    """The settings with the largest batch and the classifier instances the served model's measured cost calls
+    for (build.artifacts fitted_max_batch, fitted_instances), where make quantize measured it and the field is
+    not in ``keep`` (given explicitly); else unchanged. ``cores``: the serving machine's (default: this one's)."""
+    fits = {"max_batch_size": (fitted_max_batch(artifacts, served), "MAX_BATCH"),
+            "classifier_instances": (fitted_instances(artifacts, served, cores or os.cpu_count() or 1), "INSTANCES")}
+    changes: dict[str, Any] = {}
+    for field_name, (fit, variable) in fits.items():
+        if fit is not None and field_name not in keep and fit[0] != getattr(settings, field_name):
+            print(f"{field_name} {fit[0]} (not {getattr(settings, field_name)}) from {fit[1]}; {variable}= to choose")
+            changes[field_name] = fit[0]
+    return replace(settings, **changes)
 
 
 if __name__ == "__main__":

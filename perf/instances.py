@@ -3,7 +3,8 @@
     python -m perf.instances --repo .cache/workloads/resnet50-photos/repo --images .cache/workloads/data/photos/val
 
 The repository's model and settings served three ways at once under one load generator (wrk, perf/fair.py,
-alternating rounds): the classifier's instances x engine threads each, on this machine's cores. Several
+alternating rounds): the classifier's instances x engine threads each, on this machine's cores (one more
+instance than cores, one per core, one with every core; and the repository's own split if it is none of them). Several
 single-threaded instances overlap one batch's decoding with another's inference; one instance with a
 thread per core finishes each batch sooner. Throughput and p99 of each, with their spread.
 """
@@ -13,27 +14,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from build.settings import read_manifest
 from perf.common import REPORTS
 from perf.fair import Variant, variants, variants_main
 
 
-def splits(cores: int | None = None) -> tuple[Variant, ...]:
-    """(instances, threads) splits of the cores: the default (3 x 1), one instance per core, one with them all."""
+def splits(cores: int | None = None, rendered: tuple[int, int] | None = None) -> tuple[Variant, ...]:
+    """(instances, threads) splits of the cores: one instance more than the cores (what a light model gets:
+    build.artifacts fitted_instances), one per core (a costly model's), one with every core; ``rendered``:
+    the repository's own split, marked (and added when it is none of these)."""
     cores = cores or os.cpu_count() or 1
-    out = [("3 instances x 1 thread (default)", 3, 1), (f"{cores} instances x 1 thread", cores, 1),
-           (f"1 instance x {cores} threads", 1, cores)]
-    seen: set[tuple[int, int]] = set()
+    out = [(cores + 1, 1), (cores, 1), (1, cores)]
+    if rendered is not None and rendered not in out:
+        out.insert(0, rendered)
     result: list[Variant] = []
-    for name, n, t in out:
-        if (n, t) not in seen:
-            seen.add((n, t))
-            result.append((name, {"classifier_instances": n, "intra_op_threads": t}, {}))
+    for n, t in dict.fromkeys(out):
+        name = f"{n} instance{'s' if n > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
+        name += " (the repository's)" if (n, t) == rendered else ""
+        result.append((name, {"classifier_instances": n, "intra_op_threads": t}, {}))
     return tuple(result)
 
 
 def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: int = 10,
             connections: int = 16) -> dict:
-    return variants(repo, image_dir, out, splits(), rounds, seconds, connections)
+    s = read_manifest(repo)["settings"]
+    return variants(repo, image_dir, out, splits(rendered=(s["classifier_instances"], s["intra_op_threads"])),
+                    rounds, seconds, connections)
 
 
 if __name__ == "__main__":

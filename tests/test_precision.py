@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -518,16 +519,19 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     assert "INT8 recovery" in (tmp_path / "build_report.md").read_text()
 
 
-def test_repository_batch_follows_the_models_measured_cost(artifacts, tmp_path, capsys):
+def test_repository_batch_and_instances_follow_the_models_measured_cost(artifacts, tmp_path, capsys):
     """`make repo` sets the classifier's largest batch to the smallest one make quantize measured within 95%
-    of the served candidate's best throughput (a costly model: 8 of these, not 32), unless MAX_BATCH is
-    given or the repository keeps its own (tuned) settings; a cheap model keeps 32."""
+    of the served candidate's best throughput (a costly model: 8 of these, not 32), and its instances to one
+    per core for a model that costs over LIGHT_MS_PER_IMAGE of a core per image, one more below it, unless
+    MAX_BATCH / INSTANCES is given or the repository keeps its own (tuned) settings; a cheap model keeps 32."""
     from build import render_repo
 
     work = tmp_path / "artifacts"
     work.mkdir()
     shutil.copy(artifacts / "model.onnx", work / "model.onnx")
     report = json.loads((artifacts / REPORT).read_text())
+    report["cpu"]["cores"] = 2  # the throughputs below were measured on 2 cores
+    cores = os.cpu_count() or 1
 
     def measured(images_per_s: dict[int, float]) -> None:
         for row in report["artifacts"].values():
@@ -535,19 +539,22 @@ def test_repository_batch_follows_the_models_measured_cost(artifacts, tmp_path, 
                                           for b, r in images_per_s.items()}
         (work / REPORT).write_text(json.dumps(report))
 
-    def rendered(*flags: str) -> int:
+    def rendered(*flags: str, field: str = "max_batch_size") -> int:
         render_repo.main(render_repo.get_args_parser().parse_args(
             ["--artifacts", str(work), "--out", str(tmp_path / "repo"), *flags]))
-        return read_manifest(tmp_path / "repo")["settings"]["max_batch_size"]
+        return read_manifest(tmp_path / "repo")["settings"][field]
 
     measured({1: 90, 8: 520, 16: 540, 32: 530})  # a 224-px model: nothing gained past 8
     assert rendered() == 8 and "max_batch_size 8 (not 32)" in capsys.readouterr().out
+    assert rendered("--reset-settings", field="classifier_instances") == cores  # 3.7 ms of a core per image
+    assert rendered("--reset-settings", "--classifier-instances", "5", field="classifier_instances") == 5
     measured({1: 90, 8: 400, 16: 510, 32: 530})  # 400 < 0.95 x 530 <= 510
     assert rendered("--reset-settings") == 16
     assert rendered("--max-batch-size", "32") == 32  # MAX_BATCH wins
     assert rendered() == 32  # a re-render keeps the repository's settings (make tune's, say)
     measured({1: 900, 8: 3000, 16: 4500, 32: 6000})  # a cheap model
     assert rendered("--reset-settings") == 32
+    assert rendered("--reset-settings", field="classifier_instances") == cores + 1  # 0.33 ms
 
 
 def test_quantize_leaves_the_fp32_model_as_it_was(onnx_model, tiny_data, tmp_path):
