@@ -195,6 +195,18 @@ def write_repository(out: Path, files: dict[Path, bytes], configs: dict[str, mc.
                     shutil.rmtree(stale)
 
 
+def check_payload_settings(s: RepoSettings, configs: dict[str, mc.ModelConfig], layout: str) -> None:
+    """Payload sampling asked for is rendered, or refused with why (never silently dropped)."""
+    if s.payload_upload and not (s.payload_dir and s.payload_percent > 0):
+        raise ValueError("PAYLOAD_UPLOAD ships the samples that PAYLOAD_DIR stages: give PAYLOAD_DIR and "
+                         "PAYLOAD_PERCENT too")
+    if s.payload_percent > 0 and not s.payload_dir:
+        raise ValueError("PAYLOAD_PERCENT needs PAYLOAD_DIR: the folder the samples are written to")
+    if s.payload_percent > 0 and not any("payload_dir" in c.parameters for c in configs.values()):
+        raise ValueError(f"payload sampling needs the fused layout (its one model holds both the image bytes and "
+                         f"the answer); the {layout} layout has no such model")
+
+
 def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, target: str = "embedded",
            plan: Path | None = None, layout: str | None = None, served: Candidate | None = None) -> dict[str, Path]:
     """Write the repository: everything is computed in memory first, then the repository is replaced as a whole.
@@ -217,6 +229,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
     if target == "gpu":
         check_float32_io(onnx_path, tuple(export[k] for k in ("input", "output", "probabilities") if k in export))
     configs = lay.build_configs(ConfigInputs(spec, len(classes), settings, target, export))
+    check_payload_settings(settings, configs, lay.name)
     if settings.response_cache_mb > 0:  # answers to requests seen before come from the server's cache
         configs[P.ENSEMBLE].response_cache.enable = True
     if served is not None:

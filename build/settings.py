@@ -65,6 +65,9 @@ class RepoSettings:
     payload_dir: str = _setting("", "folder the sampled requests are written to (on the server's machine)")
     payload_max_kb: int = _setting(262144, "the samples' folder is kept under this many KiB (oldest deleted)")
     payload_images: int = _setting(1, "record the images' bytes too (0 = records only: sha256, size, answers)")
+    payload_upload: str = _setting(
+        "", "an s3://[host:port/]bucket/prefix the server ships the samples to (serve/payload_shipper.py); "
+            "payload_dir then only stages them")
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,13 @@ SERVED_METRICS ?=
 RESPONSE_CACHE_MB ?=
 # answers the drift score compares with the val split's answers (0 = off)
 DRIFT_WINDOW ?=
-# payload sampling (the fused layout): percent of requests, folder, its bound in KiB, images kept (1) or not (0)
+# payload sampling (the fused layout): percent of requests, folder, its bound in KiB, images kept (1) or not (0),
+# and an s3:// prefix the server ships the samples to (the folder then stages them)
 PAYLOAD_PERCENT ?=
 PAYLOAD_DIR ?=
 PAYLOAD_MAX_KB ?=
 PAYLOAD_IMAGES ?=
+PAYLOAD_UPLOAD ?=
 RESET_SETTINGS ?=
 SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
   $(if $(QUEUE_DELAY_US),--queue-delay-us $(QUEUE_DELAY_US)) $(if $(TOP_K),--top-k $(TOP_K)) \
@@ -39,4 +41,5 @@ SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRE
   $(if $(SERVED_METRICS),--served-metrics $(SERVED_METRICS)) $(if $(RESPONSE_CACHE_MB),--response-cache-mb $(RESPONSE_CACHE_MB)) \
   $(if $(DRIFT_WINDOW),--drift-window $(DRIFT_WINDOW)) $(if $(PAYLOAD_PERCENT),--payload-percent $(PAYLOAD_PERCENT)) \
   $(if $(PAYLOAD_DIR),--payload-dir $(PAYLOAD_DIR)) $(if $(PAYLOAD_MAX_KB),--payload-max-kb $(PAYLOAD_MAX_KB)) \
-  $(if $(PAYLOAD_IMAGES),--payload-images $(PAYLOAD_IMAGES)) $(if $(RESET_SETTINGS),--reset-settings)
+  $(if $(PAYLOAD_IMAGES),--payload-images $(PAYLOAD_IMAGES)) $(if $(PAYLOAD_UPLOAD),--payload-upload $(PAYLOAD_UPLOAD)) \
+  $(if $(RESET_SETTINGS),--reset-settings)

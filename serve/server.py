@@ -33,6 +33,7 @@ from build.settings import MANIFEST, read_manifest
 from clients import admin
 from clients.keys import ADMIN, INFERENCE, UnusableKeyError
 from serve import die_with_parent, object_store, stop_on_signals
+from serve.payload_shipper import PayloadShipper
 from serve.watchdog import StubWatchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +73,15 @@ def repository_cache_bytes(repo: Path | str) -> int:
     if isinstance(repo, str) or not (Path(repo) / MANIFEST).is_file():
         return 0
     return int(read_manifest(Path(repo))["settings"].get("response_cache_mb", 0)) * 2 ** 20
+
+
+def repository_payload_upload(repo: Path | str) -> tuple[Path, str] | None:
+    """(the staging folder, the s3:// prefix) where a local repository's samples are shipped (its build.json's
+    payload_dir and payload_upload: serve/payload_shipper.py), or None."""
+    if isinstance(repo, str) or not (Path(repo) / MANIFEST).is_file():
+        return None
+    s = read_manifest(Path(repo))["settings"]
+    return (Path(s["payload_dir"]), s["payload_upload"]) if s.get("payload_upload") else None
 
 
 def pytriton_dir() -> Path:
@@ -199,6 +209,8 @@ class TritonServer:
         self.watch_stubs = watch_stubs
         self.watchdog: StubWatchdog | None = None
         self.cache_bytes = repository_cache_bytes(self.repo) if cache_bytes is None else cache_bytes
+        self.payload_upload = repository_payload_upload(self.repo)
+        self.shipper: PayloadShipper | None = None
 
     @property
     def process(self) -> subprocess.Popen:
@@ -290,6 +302,8 @@ class TritonServer:
                 self._start_once(timeout)
                 if self.watchdog:
                     self.watchdog.arm()
+                if self.payload_upload is not None:  # the samples' way to the object store, beside Triton
+                    self.shipper = PayloadShipper(*self.payload_upload).start()
                 return self
             except PortInUseError:
                 self.stop()
@@ -414,6 +428,9 @@ class TritonServer:
                 self.proc.wait()
         if self._reader:
             self._reader.join(timeout=5)
+        if self.shipper is not None:  # after Triton: its models have written their last samples
+            shipper, self.shipper = self.shipper, None
+            self._note(shipper.close())
 
     def __enter__(self) -> TritonServer:
         return self.start()

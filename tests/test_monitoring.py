@@ -348,3 +348,46 @@ def test_cli_writes_the_served_metrics_for_the_textfile_collector(server, onnx_m
     assert total("input_bytes_sum") == sum(f.stat().st_size for f in files)
     assert cli.main(cli.get_args_parser().parse_args([str(files[0]), "--drift-reference", str(onnx_model)])) == 2
     assert "--metrics-file" in capsys.readouterr().err
+
+
+def test_payload_samples_are_shipped_to_an_object_store(onnx_model, val_files, tmp_path):
+    """PAYLOAD_UPLOAD=s3://...: the server's launcher ships the samples the model stages locally to the store
+    (moto's S3 server here), image and record, and deletes them locally; the store's copy, downloaded, is what
+    read_samples and relabel read. A PAYLOAD_UPLOAD without a staging folder, or payload sampling on a layout
+    without the fused model, is refused at render time."""
+    import hashlib
+
+    from core.payloads import read_samples
+    from serve import object_store
+    from serve.object_store import LocalS3
+    from serve.payload_shipper import download
+
+    staging = tmp_path / "staging"
+    files = val_files[:12]
+    with LocalS3(log_file=tmp_path / "moto.log") as s3:
+        url = s3.url("samples", "classify")
+        repo = tmp_path / "repo"
+        render(onnx_model, repo, RepoSettings(max_batch_size=8, classifier_instances=1, payload_percent=100,
+                                              payload_dir=str(staging), payload_upload=url))
+        with TritonServer(repo, None, log_file=tmp_path / "server.log") as s, \
+                ImageClassifierClient(s.http_url) as c:
+            preds = c.classify_files(files, batch_size=4)
+            deadline = time.monotonic() + 30  # shipped while serving, not only at the stop
+            while not object_store.client(url).list_objects_v2(Bucket="samples").get("KeyCount") and \
+                    time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert object_store.client(url).list_objects_v2(Bucket="samples").get("KeyCount")
+        assert not [p for p in staging.rglob("*") if p.is_file() and not p.name.startswith(".")]  # all shipped
+        assert download(url, tmp_path / "downloaded") == 2 * len(files)  # an image and a record each
+    records = list(read_samples(tmp_path / "downloaded"))
+    sent = {hashlib.sha256(p.read_bytes()).hexdigest(): (p, pred) for p, pred in zip(files, preds, strict=True)}
+    assert sorted(r["sha256"] for r in records) == sorted(sent)
+    for r in records:
+        path, pred = sent[r["sha256"]]
+        assert r["path"].read_bytes() == path.read_bytes() and r["labels"] == pred.labels
+
+    with pytest.raises(ValueError, match="PAYLOAD_DIR"):
+        render(onnx_model, tmp_path / "bad", RepoSettings(payload_upload=url))
+    with pytest.raises(ValueError, match="fused layout"):
+        render(onnx_model, tmp_path / "bad", RepoSettings(payload_percent=10, payload_dir=str(staging)),
+               layout="postprocess")
