@@ -65,3 +65,33 @@ def test_the_highest_concurrency_within_the_budget():
             ((1, 5.0, 0), (2, 8.0, 0), (4, 30.0, 0), (8, 45.0, 3), (16, 90.0, 0))]
     assert within_budget(rows, 50.0)["concurrency"] == 4  # 8 is within 50 ms but failed requests
     assert within_budget(rows, 8.0)["concurrency"] == 2 and within_budget(rows, 1.0) is None
+
+
+def _side_by_side(triton: float, peer: float, ceiling: float, triton_p99: float, baseline_p99: float) -> dict:
+    def one(v: float) -> dict:
+        return {"median": v, "min": v, "max": v}
+
+    summary = {"triton (fused)": {"images_per_s": one(triton), "p99_ms": one(triton_p99)},
+               "bentoml": {"images_per_s": one(peer), "p99_ms": one(1.0)},
+               "baseline": {"images_per_s": one(10.0), "p99_ms": one(baseline_p99)},
+               "in-process ceiling": {"images_per_s": one(ceiling)}}
+    ratios = {"triton (fused) / bentoml": one(triton / peer), "triton (fused) / baseline": one(triton / 10.0),
+              "triton (fused) / in-process ceiling": one(triton / ceiling)}
+    return {"workload": {"arch": "resnet50", "img_size": 224, "name": "w", "images": "photos"},
+            "engine": "openvino", "precision": "int8", "compare": {"summary": summary, "throughput_ratios": ratios}}
+
+
+def test_each_target_is_met_or_missed_by_how_much_and_why():
+    """The report's verdicts from a run's figures: Triton against the ceiling (0.9 on 224 px), the best peer
+    (1.5x) and the baseline's p99; a miss says where the time goes."""
+    engine_bound = workloads.targets(_side_by_side(150, 135, 160, 200, 900), cores=2)
+    assert engine_bound["ceiling"][2] == "met" and engine_bound["p99"][2] == "met"
+    assert engine_bound["peer"][3] == "missed by 26%"  # 150 / 135 = 1.11 against 1.5
+    assert any("reaches 0.84 of the ceiling" in w and "no server can be 1.5x" in w for w in engine_bound["why"])
+    overhead = workloads.targets(_side_by_side(400, 100, 1000, 50, 40), cores=2)
+    assert overhead["ceiling"][2] == "missed by 56%" and overhead["peer"][3] == "met"  # 0.4 against 0.9; 4x
+    assert overhead["p99"][2] == "missed: 50 ms against 40"
+    # 2 cores: 5.00 ms of a core per image served, 2.00 in the ceiling
+    assert any("5.00 ms of a core per image against the ceiling's 2.00 ms: 3.00 ms" in w for w in overhead["why"])
+    md = workloads.markdown({"workloads": {"w": _side_by_side(400, 100, 1000, 50, 40)}}, cores=2)
+    assert "| bentoml img/s |" in md and "(bentoml; ≥ 1.5: met)" in md and "- w: the served path spends" in md
