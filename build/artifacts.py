@@ -157,7 +157,7 @@ def fitted_max_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] |
 
 # The classifier's instances follow the cost too (the embedded target: one single-threaded instance per core,
 # or one more). Measured side by side (perf/instances.py, wrk at 16 connections, 2 cores): for MobileNetV3-Large
-# (about 3.5 ms of one core per image) and ResNet-50 (about 10 ms) at 224 px, one instance per core served as
+# (about 3.5 ms of one core per image) and ResNet-50 (about 7.5 ms) at 224 px, one instance per core served as
 # much as three, or more, at a 11-14% lower p99: a third instance only time-slices the cores and lengthens
 # every batch. For the 64-px demo model (about 0.3 ms) one per core let Triton 2.51's batcher stall
 # (docs/performance.md, "Throughput": a missed release of a busy instance, then a 500 ms sleep) in 3 of 6

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from build.artifacts import rendered_candidate
 from build.render_repo import render
 from build.settings import read_manifest, rendered_onnx, settings_from_manifest
 from clients.client import ImageClassifierClient
@@ -100,7 +101,8 @@ def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: in
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list[dict]] = {"metrics on": [], "metrics off": []}
     with tempfile.TemporaryDirectory(prefix="client-metrics-") as tmp:
-        render(onnx, Path(tmp), replace(settings, served_metrics=0), layout="classification")
+        render(onnx, Path(tmp), replace(settings, served_metrics=0), layout="classification",
+               served=rendered_candidate(manifest, onnx))  # the repository's own engine and precision
         with TritonServer(Path(tmp), None, log_file=out / "tritonserver.log") as s:
             metrics = ClientMetrics(reference)
             load(s.http_url, images, 2, clients, None)  # warm-up, not counted
