@@ -86,8 +86,14 @@ def val_labels(val: list[Path], classes: list[str]) -> list[tuple[Path, int]]:
 
 
 def drift_psi(metrics_url: str) -> dict[str, float]:
-    return {k.split('signal="', 1)[1].split('"', 1)[0]: v for k, v in scrape_metrics(metrics_url).items()
-            if k.startswith("image_classifier_drift_psi{")}
+    """The drift score per signal: the highest of the model's instances (each scores its own window), as the
+    alert rule takes it."""
+    out: dict[str, float] = {}
+    for k, v in scrape_metrics(metrics_url).items():
+        if k.startswith("image_classifier_drift_psi{"):
+            signal = k.split('signal="', 1)[1].split('"', 1)[0]
+            out[signal] = max(v, out.get(signal, v))
+    return out
 
 
 def drift(server: TritonServer, val: list[Path], sets: dict[str, list[bytes]]) -> dict:

@@ -135,8 +135,9 @@ def test_classification_layout_and_metrics_off(onnx_model, val_files, tmp_path):
 
 
 def drift_scores(server) -> dict[str, float]:
-    return {k.split('signal="', 1)[1].split('"', 1)[0]: v for k, v in scrape_metrics(server.metrics_url).items()
-            if k.startswith(PREFIX + "drift_psi{")}
+    from perf.monitor_check import drift_psi
+
+    return drift_psi(server.metrics_url)
 
 
 def darkened(path: Path, factor: float = 0.25) -> bytes:
@@ -165,6 +166,9 @@ def test_drift_score_is_silent_on_the_val_split_and_fires_on_shifted_traffic(onn
         c.classify_files(val_files[window // 2:])
         in_distribution = drift_scores(s)
         assert set(in_distribution) == {"confidence", "class_mix"}
+        # each instance scores its own window, as its own series (shared, they would overwrite each other)
+        series = [k for k in scrape_metrics(s.metrics_url) if k.startswith(PREFIX + "drift_psi{")]
+        assert len(series) == 2 and all('model_instance="' + P.ENSEMBLE + '_0' in k for k in series), series
         assert max(in_distribution.values()) < DRIFT_ALERT_PSI, in_distribution
 
         one_class = [p for p in val_files if p.parent.name == classes[0]]
@@ -292,8 +296,8 @@ def test_client_metrics_equal_the_servers_on_the_gpu_default_layout(onnx_model, 
     for k, v in after.items():
         name, _, labels = k.partition("{")
         if name.startswith(PREFIX):
-            server_side[(name, _without(labels, "model", "version"))] = v - before.get(k, 0.0) \
-                if name != PREFIX + "drift_psi" else v
+            server_side[(name, _without(labels, "model", "version", "model_instance"))] = \
+                v - before.get(k, 0.0) if name != PREFIX + "drift_psi" else v
     for k in series:
         name, _, labels = k.partition("{")
         want = server_side.get((name, _without(labels, "model", "version")), 0.0)

@@ -11,10 +11,10 @@ that see images or predictions; what is measured comes from the Triton-free stag
     image_classifier_predictions_total{class}    answers by predicted class
     image_classifier_inputs_total{format}        accepted images by format (JPEG, PNG)
     image_classifier_refusals_total{reason}      refused images by reason (stages.REFUSALS)
-    image_classifier_drift_psi{signal}           the last drift_window answers against the model's answers on
-                                                 its val split (stages.DriftWindow: PSI of the confidence and
-                                                 of the class mix; absent until the window is full, and for a
-                                                 model exported without a reference)
+    image_classifier_drift_psi{signal, model_instance}  the last drift_window answers of that instance against
+                                                 the model's answers on its val split (stages.DriftWindow: PSI
+                                                 of the confidence and of the class mix; absent until the
+                                                 window is full, and for a model exported without a reference)
 
 Each histogram is a Prometheus histogram in its text form (cumulative ``_bucket`` series with ``le``,
 ``_sum`` and ``_count``; ``histogram_quantile`` reads it), made of counters. Why not the API's own
@@ -149,7 +149,10 @@ class ServedMetrics:
             reference = _parameter(config, "drift_reference", "")
             window = int(_parameter(config, "drift_window", "0"))
             if reference and window > 0:
-                self.drift = Drift(labels, stages.DriftWindow(json.loads(reference), window))
+                # one window per instance, each its own series (the alert and the panel take the max): on one
+                # shared series the instances' scores would overwrite each other, the last flush winning
+                instance = {"model_instance": str(args.get("model_instance_name", ""))}
+                self.drift = Drift({**labels, **instance}, stages.DriftWindow(json.loads(reference), window))
                 self.metrics.append(self.drift)
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.interval = int(_parameter(config, "served_metrics_interval_ms", "1000")) / 1000
