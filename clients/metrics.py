@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 M = stages.METRICS
 LABELS = ("model", "version")
+UNLIMITED = np.iinfo(np.int64).max  # the header is read for its figures here, not to refuse anything
+OTHER_FORMAT = "other"  # an answered image whose header is neither JPEG nor PNG (its pixels are not counted)
 
 
 def load_reference(path: Path | str) -> dict[str, Any]:
@@ -109,7 +111,12 @@ class ClientMetrics:
         if not answered:
             return
         for b, _ in answered:
-            info = stages.inspect_image(b, np.iinfo(np.int64).max, np.iinfo(np.int64).max)[1]
+            try:
+                info = stages.inspect_image(b, UNLIMITED, UNLIMITED)[1]
+            except stages.Rejected:  # answered, yet no JPEG or PNG header we read: the GPU target's DALI decodes
+                self.size.labels(*labels).observe(len(b))  # more formats (WebP, BMP, TIFF) than the embedded one
+                self.formats.labels(*labels, OTHER_FORMAT).inc()
+                continue
             self.size.labels(*labels).observe(info.num_bytes)
             self.pixels.labels(*labels).observe(info.width * info.height)
             self.formats.labels(*labels, info.kind).inc()

@@ -395,3 +395,26 @@ def test_payload_samples_are_shipped_to_an_object_store(onnx_model, val_files, t
     with pytest.raises(ValueError, match="fused layout"):
         render(onnx_model, tmp_path / "bad", RepoSettings(payload_percent=10, payload_dir=str(staging)),
                layout="postprocess")
+
+
+def test_client_metrics_count_an_answered_image_of_another_format():
+    """The GPU target's DALI decodes more than JPEG and PNG: an answered WebP is counted (bytes, format
+    'other', its answer), not a reason for the client's metrics to fail the call."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from clients.client import Prediction
+    from clients.metrics import OTHER_FORMAT, ClientMetrics
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "WEBP")
+    webp = buf.getvalue()
+    metrics = ClientMetrics()
+    metrics.observe(P.ENSEMBLE, "1", [webp], [Prediction("a.webp", ["red", "blue"], [0.9, 0.1], [0.9, 0.1])])
+    samples = {(s.name, s.labels.get("format") or s.labels.get("class")): s.value
+               for fam in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+               for s in fam.samples}
+    assert samples[(PREFIX + "inputs_total", OTHER_FORMAT)] == 1
+    assert samples[(PREFIX + "input_bytes_sum", None)] == len(webp)
+    assert samples.get((PREFIX + "input_pixels_count", None), 0) == 0  # no header read: no pixels
+    assert samples[(PREFIX + "predictions_total", "red")] == 1
