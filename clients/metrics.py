@@ -33,7 +33,7 @@ import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, write_to_textfile
@@ -42,8 +42,17 @@ from core import stages
 from core.metadata import read_metadata
 from core.preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
-if TYPE_CHECKING:
-    from clients.client import Prediction
+
+class Answer(Protocol):
+    """What observe reads of an answer (clients.client.Prediction; not imported: the client imports this)."""
+
+    labels: list[str]
+    probabilities: list[float] | None
+    bad_input: bool
+
+    @property
+    def ok(self) -> bool: ...
+
 
 M = stages.METRICS
 LABELS = ("model", "version")
@@ -100,7 +109,7 @@ class ClientMetrics:
     def from_reference(cls, path: Path | str | None, window: int = 500) -> ClientMetrics:
         return cls(load_reference(path) if path is not None else None, window)
 
-    def observe(self, model: str, version: str, blobs: Sequence[bytes], predictions: Sequence[Prediction]) -> None:
+    def observe(self, model: str, version: str, blobs: Sequence[bytes], predictions: Sequence[Answer]) -> None:
         """One answered batch: ``predictions[i]`` is the answer (or the error) for ``blobs[i]``; an answer
         carries every class's probability (the client asks for them when it has metrics)."""
         labels = (model, version)
