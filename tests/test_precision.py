@@ -450,12 +450,12 @@ def test_kubernetes_manifests_validate(tmp_path):
     assert r.returncode != 0 and "replicas" in r.stdout + r.stderr
 
 
-def outlier_channels(onnx_model: Path, out: Path, inputs: np.ndarray,
-                     factor: float = 1000.0) -> list[tuple[str, str]]:
-    """A copy of the model with the same function and an outlier channel in every residual branch, the
-    activation shape transformers are known for: in each Conv -> Relu -> Conv chain the channel most active
-    on ``inputs`` is multiplied by ``factor`` and the next conv's weights for it divided by it (ReLU commutes
-    with a positive scale). Returns each chain's (conv writing the outlier, conv reading it)."""
+def outlier_channels(onnx_model: Path, out: Path, inputs: np.ndarray, factor: float = 1000.0,
+                     channels: int = 3) -> list[tuple[str, str]]:
+    """A copy of the model with the same function and outlier channels in every residual branch, the
+    activation shape transformers are known for: in each Conv -> Relu -> Conv chain the ``channels`` most
+    active on ``inputs`` are multiplied by ``factor`` and the next conv's weights for them divided by it (ReLU
+    commutes with a positive scale). Returns each chain's (conv writing the outliers, conv reading them)."""
     model = onnx.load(str(onnx_model))
     inits = {i.name: i for i in model.graph.initializer}
     consumers: dict[str, list] = {}
@@ -481,18 +481,21 @@ def outlier_channels(onnx_model: Path, out: Path, inputs: np.ndarray,
         inits[name].CopyFrom(onnx.numpy_helper.from_array(a, name))
 
     for (conv, _, nxt), activation in zip(chains, activations, strict=True):
-        channel = int(activation.mean(axis=(0, 2, 3)).argmax())  # a live channel: a dead one scales to nothing
-        scale(conv.input[1], (channel,), factor)
-        scale(conv.input[2], (channel,), factor)
-        scale(nxt.input[1], (slice(None), channel), 1 / factor)
+        # the most active channels (a dead one scales to nothing), several: with one outlier channel per branch,
+        # entropy calibration's clipping cost one CI run's model so little that it passed the gate
+        for channel in np.argsort(-activation.mean(axis=(0, 2, 3)))[:channels].tolist():
+            scale(conv.input[1], (channel,), factor)
+            scale(conv.input[2], (channel,), factor)
+            scale(nxt.input[1], (slice(None), channel), 1 / factor)
     onnx.save(model, str(out))
     return [(conv.name, nxt.name) for conv, _, nxt in chains]
 
 
 def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_fp32(onnx_model, tiny_data,
-                                                                                     val_files, tmp_path):
+                                                                                     val_files, tmp_path,
+                                                                                     monkeypatch):
     """Outlier channels leave FP32 as it was and ruin per-tensor INT8: the first ONNX Runtime INT8 file fails
-    the gate, and so does the other calibration method; the build ranks the layers by what INT8 costs the
+    the gate; the build ranks the layers by what INT8 costs the
     logits (each of the convs writing or reading an outlier, quantized alone, ruins them), keeps those in
     FP32, passes, writes that file, and reports every try."""
     x = DaliPreprocessor(PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])).files(val_files[:16])
@@ -500,12 +503,18 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     sensitive = {name for chain in chains for name in chain}
     a, b = (logits_of("onnxruntime", p.read_bytes(), x) for p in (onnx_model, tmp_path / "model.onnx"))
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)  # the same function in FP32
+    # the plan tries the other calibration method first; on some trained models entropy calibration's clipping
+    # already passes this gate (one CI run), which would end recovery before any layer is kept: here it is
+    # left out, and its place in the plan is checked on the plan itself
+    plan = quantize.recovery_plan
+    assert plan("max", [("a", 1.0)])[0] == ("entropy", [])
+    monkeypatch.setattr(quantize, "recovery_plan", lambda method, ranked: plan(method, ranked)[1:])
     report = quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=32, max_top1_drop=2.5,
                             precisions=("int8_ort",), engines=("onnxruntime",))
     recovery = report["int8_recovery"]["int8_ort"]
-    first, other_method, last = recovery["tries"][0], recovery["tries"][1], recovery["tries"][-1]
+    first, last = recovery["tries"][0], recovery["tries"][-1]
     base = report["artifacts"]["fp32"]["top1"]
-    assert first["top1"] < base - 10 and not first["passed"] and not other_method["passed"], recovery
+    assert first["top1"] < base - 10 and not first["passed"], recovery
     assert set(list(recovery["sensitivity_db"])[:len(sensitive)]) == sensitive, recovery["sensitivity_db"]
     assert recovery["recovered"] and last["passed"] and sensitive <= set(last["kept_fp32"]), recovery
     assert report["artifacts"]["int8_ort"]["top1"] >= base - 2.5 and "int8_ort" not in report["gate_failures"]
