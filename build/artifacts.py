@@ -141,12 +141,18 @@ def candidate_name(candidate: Candidate) -> str | None:
     return next((n for n, c in CANDIDATES.items() if c == candidate), None)
 
 
+def measured_throughput(artifacts: Path, candidate: Candidate) -> tuple[str | None, dict, dict[int, float]]:
+    """(its CANDIDATES name, the current build report or {}, images/s by batch size) of ``candidate``: what
+    make quantize timed, on every core of the building machine ({} by batch when it was not timed)."""
+    report = current_report(artifacts) or {}
+    name = candidate_name(candidate)
+    row = report.get("artifacts", {}).get(name or "", {})
+    return name, report, {int(b): m["images_per_s"] for b, m in row.get("latency", {}).get("by_batch", {}).items()}
+
+
 def fitted_max_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] | None:
     """(max batch size, why) from the current build report's latencies of ``candidate``, or None without them."""
-    report = current_report(artifacts)
-    name = candidate_name(candidate)
-    row = (report or {}).get("artifacts", {}).get(name or "", {})
-    by_batch = {int(b): m["images_per_s"] for b, m in row.get("latency", {}).get("by_batch", {}).items()}
+    name, _, by_batch = measured_throughput(artifacts, candidate)
     if not by_batch:
         return None
     best = max(by_batch.values())
@@ -169,13 +175,11 @@ LIGHT_MS_PER_IMAGE = 1.0
 def fitted_instances(artifacts: Path, candidate: Candidate, cores: int) -> tuple[int, str] | None:
     """(classifier instances, why) for ``cores`` serving cores from the current build report's best throughput
     of ``candidate`` (measured on every core of the building machine), or None without it."""
-    report = current_report(artifacts)
-    name = candidate_name(candidate)
-    by_batch = (report or {}).get("artifacts", {}).get(name or "", {}).get("latency", {}).get("by_batch", {})
+    name, report, by_batch = measured_throughput(artifacts, candidate)
     if not by_batch:
         return None
-    best = max(m["images_per_s"] for m in by_batch.values())
-    measured_cores = int((report or {}).get("cpu", {}).get("cores") or cores)
+    best = max(by_batch.values())
+    measured_cores = int(report.get("cpu", {}).get("cores") or cores)
     ms = 1000 * measured_cores / best  # of one core, per image
     light = ms < LIGHT_MS_PER_IMAGE
     instances = cores + 1 if light else cores

@@ -151,6 +151,11 @@ def _missed(value: float, target: float) -> str:
     return "met" if value >= target else f"missed by {100 * (1 - value / target):.0f}%"
 
 
+def _peers(summary: dict) -> list[str]:
+    """The peer servers of a side-by-side summary: neither Triton (any layout), the baseline nor the ceiling."""
+    return [k for k in summary if not k.startswith("triton") and k not in ("baseline", "in-process ceiling")]
+
+
 def targets(x: dict, cores: int) -> dict:
     """One workload's targets, each met or missed by how much, and for a miss where the time goes (computed
     from the same run's figures)."""
@@ -167,7 +172,7 @@ def targets(x: dict, cores: int) -> dict:
         why.append(f"the served path spends {served_ms:.2f} ms of a core per image against the ceiling's "
                    f"{engine_ms:.2f} ms: {served_ms - engine_ms:.2f} ms per request in HTTP parsing, the Python "
                    f"stub's request handling and the batcher, which the in-process loop does not pay")
-    peers = [k for k in s if k not in (triton, "baseline", "in-process ceiling") and not k.startswith("triton")]
+    peers = _peers(s)
     if peers:
         best = max(peers, key=lambda k: s[k]["images_per_s"]["median"])
         vs = ratios[f"{triton} / {best}"]
@@ -188,8 +193,7 @@ def markdown(r: dict, cores: int | None = None) -> str:
     """Each workload with its engine, Triton, the peers, the baseline and the ceiling (medians [range] over the
     rounds), the targets met or missed by how much, and below the table where the time goes for each miss."""
     cores = cores or os.cpu_count() or 1
-    peers = sorted({k for x in r["workloads"].values() for k in x["compare"]["summary"]
-                    if not k.startswith("triton") and k not in ("baseline", "in-process ceiling")})
+    peers = sorted({k for x in r["workloads"].values() for k in _peers(x["compare"]["summary"])})
     lines = ["| workload | model | served | Triton img/s | p99 ms | " + "".join(f"{p} img/s | " for p in peers)
              + "baseline img/s (p99 ms) | ceiling img/s | Triton / ceiling (target) | Triton / best peer (target) | "
                "Triton / baseline | p99 under the baseline's |",
