@@ -96,6 +96,12 @@ def repository_files(repo: Path) -> dict[str, Path]:
     return out
 
 
+def ensure_bucket(s3, bucket: str) -> None:
+    """Create ``bucket`` unless the store has it."""
+    if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+        s3.create_bucket(Bucket=bucket)
+
+
 def upload(repo: Path, url: str) -> list[str]:
     """Make ``url`` hold exactly ``repo``'s files (the bucket is created if missing, keys under the prefix
     that the repository no longer has are deleted); returns the keys written."""
@@ -103,9 +109,7 @@ def upload(repo: Path, url: str) -> list[str]:
     files = repository_files(repo)
     if not any(k.endswith("config.pbtxt") for k in files):
         raise ValueError(f"{repo} holds no model (no */config.pbtxt): run `make repo` first")
-    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-    if u.bucket not in existing:
-        s3.create_bucket(Bucket=u.bucket)
+    ensure_bucket(s3, u.bucket)
     base = f"{u.prefix}/" if u.prefix else ""
     written = []
     for rel, path in files.items():

@@ -40,9 +40,7 @@ class PayloadShipper:
         self._thread: threading.Thread | None = None
 
     def start(self) -> PayloadShipper:
-        buckets = {b["Name"] for b in self.s3.list_buckets().get("Buckets", [])}
-        if self.target.bucket not in buckets:
-            self.s3.create_bucket(Bucket=self.target.bucket)
+        object_store.ensure_bucket(self.s3, self.target.bucket)
         self._thread = threading.Thread(target=self._run, name="payload-shipper", daemon=True)
         self._thread.start()
         return self
