@@ -24,11 +24,13 @@ def test_model_analyzer_searches_and_its_winner_is_written_back(onnx_model, tiny
                 concurrency=(2, 2))
     assert (before["classifier_instances"], before["max_batch_size"]) == (3, 4)
     rows = s["results"]
-    assert rows and all(r["throughput"] > 0 and r["p99_ms"] > 0 for r in rows)
+    assert rows
+    assert all(r["throughput"] > 0 and r["p99_ms"] > 0 for r in rows)
     assert any((r["instances"], r["max_batch_size"], r["concurrency"]) == (2, 8, 2) for r in rows)
     asked = [r for r in rows if r["concurrency"] == 2 and r["satisfies_constraints"] and r["p99_ms"] <= 10_000]
     best = s["best"]
-    assert s["budget_met"] and best == max(asked, key=lambda r: r["throughput"])
+    assert s["budget_met"]
+    assert best == max(asked, key=lambda r: r["throughput"])
     # written back: the repository rendered again, with the winner's instances and max batch, nothing else changed
     after = read_manifest(live)["settings"]
     assert live.stat().st_ino != inode

@@ -40,10 +40,13 @@ def test_synthetic_is_deterministic_and_varied(tmp_path):
     c = synthetic.generate(tmp_path / "c", num_classes=10, train_per_class=3, val_per_class=2, seed=8)
     assert tree_digest(a) == tree_digest(b)
     assert tree_digest(a) != tree_digest(c)
-    assert len(find_classes(a / "train")) == 10 and len(tree_digest(a)) == 50
+    assert len(find_classes(a / "train")) == 10
+    assert len(tree_digest(a)) == 50
     sizes = [Image.open(p).size for p in a.rglob("*.jpg")]
     aspects = [w / h for w, h in sizes]
-    assert len(set(sizes)) > 10 and min(aspects) < 0.9 and max(aspects) > 1.1
+    assert len(set(sizes)) > 10
+    assert min(aspects) < 0.9
+    assert max(aspects) > 1.1
 
 
 def test_data_errors_are_clear(tmp_path):
@@ -61,14 +64,20 @@ def test_data_errors_are_clear(tmp_path):
 def test_checkpoint_carries_its_metadata(checkpoint, tiny_data):
     ckpt = load_checkpoint(checkpoint)
     assert ckpt["classes"] == find_classes(tiny_data / "train")
-    assert ckpt["arch"] == "resnet_tiny" and ckpt["arch_args"] == {"num_classes": 10}
+    assert ckpt["arch"] == "resnet_tiny"
+    assert ckpt["arch_args"] == {"num_classes": 10}
     spec = spec_from_checkpoint(ckpt)
-    assert spec.crop_size == 32 and spec.resize_size >= 32 and spec.resize_policy == "shorter_center_crop"
-    assert 0 <= ckpt["metrics"]["top1"] <= 100 and "top5" in ckpt["metrics"]
+    assert spec.crop_size == 32
+    assert spec.resize_size >= 32
+    assert spec.resize_policy == "shorter_center_crop"
+    assert 0 <= ckpt["metrics"]["top1"] <= 100
+    assert "top5" in ckpt["metrics"]
     prov = ckpt["provenance"]
-    assert prov["data_sha256"] == dataset_fingerprint(tiny_data) and prov["seed"] == 0
+    assert prov["data_sha256"] == dataset_fingerprint(tiny_data)
+    assert prov["seed"] == 0
     assert {"torch", "numpy", "nvidia-dali"} <= set(prov["versions"])
-    assert ckpt["args"]["epochs"] == 12 and ckpt["args"]["batch_size"] == 16
+    assert ckpt["args"]["epochs"] == 12
+    assert ckpt["args"]["batch_size"] == 16
 
 
 def test_eval_reproduces_the_recorded_metric(checkpoint, tiny_data):
@@ -80,10 +89,12 @@ def test_eval_reproduces_the_recorded_metric(checkpoint, tiny_data):
 def test_onnx_has_dynamic_batch_and_metadata(onnx_model, checkpoint):
     model = onnx.load(str(onnx_model))
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+    assert dims[0].dim_param
+    assert [d.dim_value for d in dims[1:]] == [3, 32, 32]
     meta = metadata.read_metadata(model)
     ckpt = load_checkpoint(checkpoint)
-    assert meta["classes"] == ckpt["classes"] and meta["preprocess"] == ckpt["preprocess"]
+    assert meta["classes"] == ckpt["classes"]
+    assert meta["preprocess"] == ckpt["preprocess"]
     assert meta["source"]["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
@@ -159,14 +170,16 @@ def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo,
     """The default layout's one model answers to the ensemble's name with the ensemble's tensors, carries
     each stage model's parameters, and runs the very stage files the ensemble's models run."""
     fused, ens = read_configs(repo), read_configs(ensemble_repo)
-    assert set(fused) == {P.ENSEMBLE} and fused[P.ENSEMBLE].backend == "python"
+    assert set(fused) == {P.ENSEMBLE}
+    assert fused[P.ENSEMBLE].backend == "python"
 
     def tensors(ts):
         return [(t.name, t.data_type, list(t.dims)) for t in ts]
 
     assert tensors(fused[P.ENSEMBLE].input) == tensors(ens[P.ENSEMBLE].input)
     assert tensors(fused[P.ENSEMBLE].output) == tensors(ens[P.ENSEMBLE].output)
-    assert fused[P.ENSEMBLE].input[0].allow_ragged_batch and fused[P.ENSEMBLE].HasField("dynamic_batching")
+    assert fused[P.ENSEMBLE].input[0].allow_ragged_batch
+    assert fused[P.ENSEMBLE].HasField("dynamic_batching")
     params = {k: v.string_value for k, v in fused[P.ENSEMBLE].parameters.items()}
     for name in layouts.STAGE_CODE:
         assert {k: v.string_value for k, v in ens[name].parameters.items()}.items() <= params.items(), name
@@ -175,7 +188,8 @@ def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo,
     version = repo / P.ENSEMBLE / "1"
     assert (version / "model.onnx").read_bytes() == onnx_model.read_bytes()
     assert (version / "labels.txt").read_text().splitlines() == metadata.read_metadata(onnx_model)["classes"]
-    assert (version / "model.dali").is_file() and not (version / ".placeholder").exists()
+    assert (version / "model.dali").is_file()
+    assert not (version / ".placeholder").exists()
 
 
 def test_rerender_switches_layouts_without_leftovers(onnx_model, tmp_path):
@@ -208,11 +222,13 @@ def test_rerender_keeps_the_repository_settings(onnx_model, tmp_path):
              "--layout", "postprocess")
     configs = rerender("--top-k", "2")  # a later re-render changes one thing and keeps the rest, layout included
     cls = configs[P.CLASSIFIER]
-    assert cls.max_batch_size == 8 and cls.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cls.max_batch_size == 8
+    assert cls.dynamic_batching.max_queue_delay_microseconds == 500
     assert list(cls.dynamic_batching.preferred_batch_size) == [2, 4]
     assert configs[P.POSTPROCESS].parameters["top_k"].string_value == "2"
     configs = rerender("--reset-settings")  # the defaults, the default layout's included
-    assert set(configs) == {P.ENSEMBLE} and read_manifest(out)["layout"] == "fused"
+    assert set(configs) == {P.ENSEMBLE}
+    assert read_manifest(out)["layout"] == "fused"
     model = configs[P.ENSEMBLE]
     assert model.max_batch_size == RepoSettings().max_batch_size
     assert model.dynamic_batching.max_queue_delay_microseconds == RepoSettings().queue_delay_us
@@ -265,4 +281,5 @@ def test_preprocess_spec_validation():
     with pytest.raises(ValueError, match="crop_size <= resize_size"):
         PreprocessSpec(crop_size=64, resize_size=32)
     spec = PreprocessSpec.for_size(224)
-    assert spec.resize_size == 256 and PreprocessSpec.from_dict(spec.to_dict()) == spec
+    assert spec.resize_size == 256
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec

@@ -64,7 +64,8 @@ def test_channel_order_and_layout_are_applied_everywhere(photos):
     training transform alike (mean/std equal per channel, so only the order differs)."""
     rgb = PreprocessSpec.for_size(SIZE, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     bgr, hwc = replace(rgb, color="BGR"), replace(rgb, layout="HWC")
-    assert hwc.input_shape == (SIZE, SIZE, 3) and rgb.input_shape == (3, SIZE, SIZE)
+    assert hwc.input_shape == (SIZE, SIZE, 3)
+    assert rgb.input_shape == (3, SIZE, SIZE)
     for run in (lambda s: served(s, photos), lambda s: np.stack([pillow_preprocess(b, s) for b in photos])):
         x = run(rgb)
         np.testing.assert_allclose(run(bgr), x[:, ::-1], atol=1e-6)

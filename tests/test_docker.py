@@ -33,7 +33,8 @@ def commands_run_in_the_image() -> list[str]:
     lines = out.replace("\\\n", " ").splitlines()
     image = f" {IMAGE} "
     runs = [line.split(image, 1)[1] for line in lines if line.startswith("docker run ")]
-    assert runs and all(image in line for line in lines if line.startswith("docker run "))
+    assert runs
+    assert all(image in line for line in lines if line.startswith("docker run "))
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["triton"]["command"]
     dockerfile = [line.split(" ", 1)[1] for line in (DOCKER / "Dockerfile").read_text().splitlines()
                   if line.startswith(("RUN ", "CMD "))]
@@ -60,7 +61,9 @@ def test_docker_engine_passes_the_settings_and_sparsity():
     words = shlex.split(line)
     assert words[words.index("--max-batch-size") + 1] == "64"
     assert words[words.index("--preferred-batch-sizes") + 1:words.index("--preferred-batch-sizes") + 3] == ["8", "16"]
-    assert "--sparsity" in words and "model_int8.onnx" in line and "--repo" in words
+    assert "--sparsity" in words
+    assert "model_int8.onnx" in line
+    assert "--repo" in words
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
@@ -125,7 +128,9 @@ def test_every_deployment_requires_both_keys():
         assert words[0] == "tritonserver" and all(flag in words for flag in expected), words
         for missing in keys:
             refused = run_entrypoint(script, {k: v for k, v in keys.items() if k != missing})
-            assert refused.returncode != 0 and "tritonserver" not in refused.stdout and missing in refused.stderr
+            assert refused.returncode != 0
+            assert "tritonserver" not in refused.stdout
+            assert missing in refused.stderr
     isvc = yaml.safe_load((DOCKER / "k8s" / "kserve" / "inferenceservice.yaml").read_text())["spec"]["predictor"]
     model = isvc["model"]
     for key in (ADMIN, INFERENCE):  # Kubernetes expands $(VAR) in args from the container's env

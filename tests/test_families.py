@@ -50,7 +50,8 @@ def test_a_family_goes_through_the_chain(family, digits, tmp_path):
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["arch"] == arch
     report = export(tmp_path / "best.pt", data, tmp_path / "model.onnx")  # raises beyond the tolerance
-    assert report["top1_agreement"] == 1.0 and read_metadata(tmp_path / "model.onnx")["arch"] == arch
+    assert report["top1_agreement"] == 1.0
+    assert read_metadata(tmp_path / "model.onnx")["arch"] == arch
 
     # FP16 and INT8 with the gate wide open: this test is about the chain, the report states each drop;
     # the FP32 file is left as it was (ModelOpt once rewrote a ConvNeXt's in place)
@@ -60,9 +61,11 @@ def test_a_family_goes_through_the_chain(family, digits, tmp_path):
     # every file on ONNX Runtime and on OpenVINO, or the engine's reason why not (never served)
     assert set(build["artifacts"]) | set(build["unsupported"]) == set(CANDIDATES)
     assert not set(build["serving"].values()) & set(build["unsupported"])
-    assert build["model"]["arch"] == arch and build["model"]["parameters"] > 0
+    assert build["model"]["arch"] == arch
+    assert build["model"]["parameters"] > 0
     md = (tmp_path / "build_report.md").read_text()
-    assert arch in md and all(f"| {name} |" in md for name in build["artifacts"])
+    assert arch in md
+    assert all(f"| {name} |" in md for name in build["artifacts"])
 
     repo = tmp_path / "repo"
     render(tmp_path / "model.onnx", repo, RepoSettings(max_batch_size=8, classifier_instances=1))
@@ -75,7 +78,8 @@ def test_a_family_goes_through_the_chain(family, digits, tmp_path):
     gpu = tmp_path / "repo_gpu"
     render(tmp_path / "model_fp16.onnx", gpu, RepoSettings(max_batch_size=8), target="gpu")
     configs = read_configs(gpu)
-    assert configs[P.CLASSIFIER].platform == "tensorrt_plan" and configs[P.PREPROCESS].backend == "dali"
+    assert configs[P.CLASSIFIER].platform == "tensorrt_plan"
+    assert configs[P.PREPROCESS].backend == "dali"
 
     # pruned to half the FLOPs (the gate open: one epoch of recovery, this test is about the chain); the
     # checkpoint rebuilds the library's network reshaped, and exports validated against PyTorch
@@ -84,7 +88,8 @@ def test_a_family_goes_through_the_chain(family, digits, tmp_path):
          "--target-flops", "0.5", "--epochs", "1", "--max-top1-drop", "100", "--train-args", "--workers", "0"]))
     assert pruned["flops_fraction"] <= 0.5
     pruned_ckpt = load_checkpoint(tmp_path / "pruned" / "best.pt")
-    assert pruned_ckpt["arch"] == arch and pruned_ckpt["arch_args"]["structure"]
+    assert pruned_ckpt["arch"] == arch
+    assert pruned_ckpt["arch_args"]["structure"]
     rebuilt = model_from_checkpoint(pruned_ckpt)
     flops, params = prune.count_flops_params(rebuilt, 32)
     assert params == pruned["pruned"]["params"] < pruned["unpruned"]["params"]

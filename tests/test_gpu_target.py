@@ -90,7 +90,8 @@ def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
     assert sorted(p.name for p in version.iterdir()) == sorted([PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG])
     assert (version / GRAPH_FILE).read_bytes() == (CORE / GRAPH_FILE).read_bytes()  # the one graph definition
     config = read_configs(repo)[P.PREPROCESS]
-    assert config.backend == "dali" and config.default_model_filename == PIPELINE_FILE
+    assert config.backend == "dali"
+    assert config.default_model_filename == PIPELINE_FILE
     assert config.parameters["num_threads"].string_value == "3"
 
     # what the backend does on load, with only DALI importable (autoserialize drops PYTHONPATH); the
@@ -98,12 +99,15 @@ def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
     # device at load anyway)
     files = {p.name: p.read_bytes() for p in version.iterdir()}
     spec = json.loads(files[PIPELINE_CONFIG])
-    assert spec["device"] == "gpu" and spec["device_id"] == 0 and spec["max_batch_size"] == 16
+    assert spec["device"] == "gpu"
+    assert spec["device_id"] == 0
+    assert spec["max_batch_size"] == 16
     files[PIPELINE_CONFIG] = json.dumps({**spec, "device_id": None}).encode()
     ops = dali_operators(autoserialize(files))
     assert ops["ExternalSource"]["device"] == "cpu"
     # nvJPEG upsamples 4:2:0 chroma like libjpeg-turbo only when asked: without it the devices disagree
-    assert ops["decoders__Image"]["device"] == "mixed" and ops["decoders__Image"]["jpeg_fancy_upsampling"] is True
+    assert ops["decoders__Image"]["device"] == "mixed"
+    assert ops["decoders__Image"]["jpeg_fancy_upsampling"] is True
     assert ops["Resize"]["device"] == ops["CropMirrorNormalize"]["device"] == "gpu"
 
 
@@ -258,7 +262,8 @@ def test_kubernetes_survives_slow_starts_and_scales_on_triton():
         f"{image}: without a registry host every node looks it up on Docker Hub"
     assert image.rsplit(":", 1)[1] != "latest"
     makefile = (ROOT / "docker" / "Makefile").read_text()
-    assert "include k8s/image.env" in makefile and not re.search(r"^IMAGE\s*[:?]?=", makefile, re.M)
+    assert "include k8s/image.env" in makefile
+    assert not re.search(r"^IMAGE\s*[:?]?=", makefile, re.M)
     expanded = subprocess.run(["make", "-n", "-C", str(ROOT / "docker"), "push"], capture_output=True, text=True,
                               timeout=60, check=True).stdout
     assert f"docker push {image}" in expanded
@@ -313,7 +318,8 @@ def test_dashboard_and_autoscaler_read_metrics_triton_exports(server, val_files)
     # few): tests/test_monitoring.py reads it, the alert rule and the panel from a server with a short window
     assert sorted(m for m in used - names if not m.startswith("nv_gpu_") and m != "image_classifier_drift_psi") == []
     named = {m for e in exprs for m in re.findall(r'model="([^"]+)"', e)}
-    assert named and named <= models
+    assert named
+    assert named <= models
 
 
 def _kserve_schema() -> dict:
@@ -348,7 +354,8 @@ def test_kserve_inferenceservice_validates_against_its_crd():
 
     schema = _kserve_schema()
     (isvc,) = _yaml_docs(ROOT / "docker" / "k8s" / "kserve" / "inferenceservice.yaml")
-    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert isvc["kind"] == "InferenceService"
     jsonschema.validate(isvc, schema)
     assert _unknown_fields(isvc, schema) == []
     assert isvc["spec"]["predictor"]["model"]["modelFormat"]["name"] == "triton"
@@ -392,8 +399,10 @@ def test_gpu_repository_has_no_python_model(onnx_model, tmp_path):
     render(onnx_model, repo, RepoSettings(max_batch_size=8), target="gpu")
     configs = read_configs(repo)
     check_ensemble(configs)
-    assert sorted(configs) == sorted([P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER]) and not (repo / P.POSTPROCESS).exists()
-    assert [c.backend for c in configs.values() if c.backend] == ["dali"] and not list(repo.rglob("model.py"))
+    assert sorted(configs) == sorted([P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER])
+    assert not (repo / P.POSTPROCESS).exists()
+    assert [c.backend for c in configs.values() if c.backend] == ["dali"]
+    assert not list(repo.rglob("model.py"))
     probs = next(o for o in configs[P.CLASSIFIER].output if o.name == "probabilities")
     assert probs.label_filename == "labels.txt"
     assert (repo / P.CLASSIFIER / "labels.txt").read_text().splitlines() == read_metadata(onnx_model)["classes"]
@@ -426,7 +435,8 @@ def test_classification_layout_serves_what_the_postprocess_layout_serves(onnx_mo
         with ImageClassifierClient(s.grpc_url, "grpc", top_k=2) as c:
             mixed = c.classify([files[0].read_bytes(), b"\xff\xd8\xff\xe0 not a jpeg", files[1].read_bytes()],
                                ["good0", "bad", "good1"], batch_size=3)
-        assert [p.ok for p in mixed] == [True, False, True] and len(mixed[0].labels) == 2
+        assert [p.ok for p in mixed] == [True, False, True]
+        assert len(mixed[0].labels) == 2
         assert "JPEG" in mixed[1].error
         r = subprocess.run([sys.executable, "-m", "clients", str(files[0]), "--url", s.http_url, "--top-k", "2",
                             "--json", "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -459,10 +469,13 @@ def test_a_timing_cache_from_another_gpu_or_tensorrt_is_dropped_with_a_note(tmp_
     notes: list[str] = []
     config = RecordingConfig(accepts={b""})
     assert apply_timing_cache(config, foreign, notes.append) == ("cache", b"")
-    assert config.created == [foreign.read_bytes(), b""] and all(not ignore for _, ignore in config.set)
-    assert len(notes) == 1 and "another GPU or TensorRT" in notes[0]
+    assert config.created == [foreign.read_bytes(), b""]
+    assert all(not ignore for _, ignore in config.set)
+    assert len(notes) == 1
+    assert "another GPU or TensorRT" in notes[0]
     ours = RecordingConfig(accepts={foreign.read_bytes()})
-    assert apply_timing_cache(ours, foreign, notes.append) == ("cache", foreign.read_bytes()) and len(notes) == 1
+    assert apply_timing_cache(ours, foreign, notes.append) == ("cache", foreign.read_bytes())
+    assert len(notes) == 1
 
 
 def test_the_timing_cache_file_is_keyed_by_gpu_and_tensorrt(tmp_path):
@@ -512,5 +525,6 @@ def test_the_served_preprocess_model_is_checked_against_the_cpu_pipeline(ensembl
     report = {"dali_gpu_vs_cpu": {"padding_changes_output": False}, "max_top1_drop": 1.0, "pytorch_fp32_top1": 90.0,
               "engines": {"fp16": entry}}
     problems = verdict(report, 99.0)
-    assert len(problems) == len(photos) and all(p.startswith("fp16: served preprocess differs") for p in problems)
+    assert len(problems) == len(photos)
+    assert all(p.startswith("fp16: served preprocess differs") for p in problems)
     assert verdict({**report, "engines": {"fp16": {**entry, "served_preprocess_vs_cpu": check}}}, 99.0) == []

@@ -82,13 +82,15 @@ def imported(timm_classifier, labels, digits, tmp_path_factory) -> Path:
 def test_import_checks_fixes_and_records_the_model(imported, timm_classifier, labels):
     meta = read_metadata(imported)
     src = Path(meta["source"]["imported"])
-    assert meta["arch"] == "imported" and meta["source"]["imported_sha256"] == file_sha256(src)
+    assert meta["arch"] == "imported"
+    assert meta["source"]["imported_sha256"] == file_sha256(src)
     assert meta["classes"] == labels.read_text().split()
     assert meta["source"]["fixes"]["dynamic_batch"] is True
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     assert (spec.interpolation, spec.mean) == ("cubic", (0.5, 0.5, 0.5))  # timm's test_convnext eval transform
     graph = onnx.load(str(imported)).graph
-    assert [o.name for o in graph.output] == ["logits", "probabilities"] and graph.input[0].name == "input"
+    assert [o.name for o in graph.output] == ["logits", "probabilities"]
+    assert graph.input[0].name == "input"
     x = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
     logits, probs = OrtRunner(imported).run(x, outputs=2)  # batch 3: the batch is dynamic now
     with torch.inference_mode():
@@ -129,13 +131,16 @@ def test_the_imported_model_is_quantized_and_served_as_onnx_runtime_computes(imp
     val_files = sorted((digits / "val").rglob("*.jpg"))
     report = quantize.build(imported, digits, tmp_path, calib_size=16, max_top1_drop=100.0,
                             precisions=("int8_ort",))
-    assert report["reference"] == "the imported FP32 ONNX" and report["artifacts"]["fp32"]["max_abs_logit_diff"] == 0
+    assert report["reference"] == "the imported FP32 ONNX"
+    assert report["artifacts"]["fp32"]["max_abs_logit_diff"] == 0
     written = json.loads((tmp_path / "build_report.json").read_text())
     assert written["artifacts"]["int8_ort"]["top1"] >= 0
     # a file another engine cannot compile (OpenVINO 2026.4 fails on some Q/DQ transformer blocks) is recorded
     # with the engine's own error and never served
     for name, u in written["unsupported"].items():
-        assert u["engine"] == "openvino" and u["error"] and name not in written["serving"].values()
+        assert u["engine"] == "openvino"
+        assert u["error"]
+        assert name not in written["serving"].values()
     meta = read_metadata(imported)
     reference = np.concatenate([OrtRunner(imported)(x) for x in
                                 DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).iter_files(val_files)])

@@ -25,8 +25,10 @@ def test_a_new_layout_is_one_registry_entry(onnx_model, tmp_path, monkeypatch):
     manifest = read_manifest(repo)
     assert manifest["layout"] == "mirror"
     assert set(read_configs(repo)) == {*base.python_models(), "classify"}
-    assert labels_file(repo) == repo / base.labels_dir / layouts.LABELS_FILE and labels_file(repo).is_file()
-    assert onnx_model_dir(repo) == repo / base.onnx_model and (repo / base.onnx_model / "1" / "model.onnx").is_file()
+    assert labels_file(repo) == repo / base.labels_dir / layouts.LABELS_FILE
+    assert labels_file(repo).is_file()
+    assert onnx_model_dir(repo) == repo / base.onnx_model
+    assert (repo / base.onnx_model / "1" / "model.onnx").is_file()
     assert computing_models({"manifest": manifest}) == base.python_models()
     assert tune.default_grid("mirror") == tune.DEFAULT_GRID
     assert tune.default_grid("fused") != tune.DEFAULT_GRID  # a single-model layout varies its one model only

@@ -100,7 +100,8 @@ def test_served_metrics_count_what_the_clients_saw(layout, server, ensemble_serv
     # a histogram: the buckets are cumulative and the +Inf bucket holds every answer
     buckets = {k: v for k, v in after.items() if k.startswith(PREFIX + "top1_confidence_bucket")
                and f'model="{answers_model}"' in k}
-    assert buckets and metric(after, PREFIX + "top1_confidence_bucket", model=answers_model, le="+Inf") == \
+    assert buckets
+    assert metric(after, PREFIX + "top1_confidence_bucket", model=answers_model, le="+Inf") == \
         metric(after, PREFIX + "top1_confidence_count", model=answers_model)
     assert not [k for k in after if k.startswith(PREFIX) and 'model="' + P.CLASSIFIER + '"' in k]
 
@@ -111,7 +112,8 @@ def test_entropy_is_the_answers_own(server, val_files):
     _, entropy, _ = prediction_summary(probs)
     assert delta(before, after, PREFIX + "entropy_count", model=P.ENSEMBLE) == len(preds)
     assert delta(before, after, PREFIX + "entropy_sum", model=P.ENSEMBLE) == pytest.approx(entropy.sum(), abs=1e-4)
-    assert entropy.min() >= 0 and entropy.max() <= 1
+    assert entropy.min() >= 0
+    assert entropy.max() <= 1
 
 
 def test_classification_layout_and_metrics_off(onnx_model, val_files, tmp_path):
@@ -154,7 +156,8 @@ def test_drift_score_is_silent_on_the_val_split_and_fires_on_shifted_traffic(onn
     of requests."""
     window = len(val_files)  # 80: the stated number of requests a shift takes to show
     reference = read_metadata(onnx_model)["export"]["reference"]
-    assert reference["answers"] == len(val_files) and sum(reference["classes"]) == pytest.approx(1)
+    assert reference["answers"] == len(val_files)
+    assert sum(reference["classes"]) == pytest.approx(1)
     repo = tmp_path / "repo"
     render(onnx_model, repo, RepoSettings(max_batch_size=8, classifier_instances=1, preprocess_instances=1,
                                           drift_window=window, served_metrics_interval_ms=0))
@@ -218,9 +221,13 @@ def test_payload_samples_are_written_bounded_and_relabelled(onnx_model, val_file
     assert hashlib.sha256(val_files[-1].read_bytes()).hexdigest() in {r["sha256"] for r in records}  # the newest kept
     for r in records:
         path, pred = sent[r["sha256"]]
-        assert r["labels"] == pred.labels and r["scores"] == pytest.approx(pred.scores, abs=1e-6)
-        assert r["path"].read_bytes() == path.read_bytes() and r["bytes"] == path.stat().st_size
-        assert r["format"] == "JPEG" and r["model"] == P.ENSEMBLE and r["latency_ms"] > 0
+        assert r["labels"] == pred.labels
+        assert r["scores"] == pytest.approx(pred.scores, abs=1e-6)
+        assert r["path"].read_bytes() == path.read_bytes()
+        assert r["bytes"] == path.stat().st_size
+        assert r["format"] == "JPEG"
+        assert r["model"] == P.ENSEMBLE
+        assert r["latency_ms"] > 0
 
     counts = relabel(folder, tmp_path / "relabel")
     assert sum(counts.values()) == len({r["sha256"] for r in records})
@@ -244,9 +251,12 @@ def test_monitor_check_end_to_end(repo, tiny_data, tmp_path):
     assert sets["one class only"]["images_to_alert"] and sets["darkened (x0.25)"]["images_to_alert"], sets
     assert r["shadow"]["same model"]["decision"] == "promoted"
     assert r["shadow"]["classifier rows rolled"]["decision"] == "withdrawn"
-    assert r["payloads"]["records"] > 0 and r["payloads"]["bounded"] and r["cache"]["hit_rate"] > 0
+    assert r["payloads"]["records"] > 0
+    assert r["payloads"]["bounded"]
+    assert r["cache"]["hit_rate"] > 0
     md = monitor_check.markdown(r)
-    assert "every check passed" in md and "| one class only |" in md
+    assert "every check passed" in md
+    assert "| one class only |" in md
 
 
 def _without(labels: str, *names: str) -> str:
@@ -279,7 +289,8 @@ def test_client_metrics_equal_the_servers_on_the_gpu_default_layout(onnx_model, 
                 preds = c.classify(blobs[:20], [f"image{i}" for i in range(20)], batch_size=6)
                 preds += [p for b in bad for p in c.classify([b], ["bad"], batch_size=1)]
                 preds += c.classify(blobs[20:], [f"image{i}" for i in range(20, len(blobs))], batch_size=6)
-            assert sum(p.ok for p in preds) == len(files) and sum(p.bad_input for p in preds) == len(bad)
+            assert sum(p.ok for p in preds) == len(files)
+            assert sum(p.bad_input for p in preds) == len(bad)
             after = settled(s, before, PREFIX + "predictions_total", len(files), model=P.CLASSIFIER)
             client = scrape_metrics(f"http://127.0.0.1:{port}/metrics")
     finally:
@@ -326,9 +337,11 @@ def test_client_metrics_cost_counts_every_answer_once(repo, tiny_data, tmp_path)
     from perf.client_metrics_cost import markdown, measure
 
     r = measure(repo, tiny_data / "val", tmp_path, rounds=1, seconds=1, clients=2)
-    assert r["answered_with_metrics"] > 0 and r["counted"] == r["answered_with_metrics"]
+    assert r["answered_with_metrics"] > 0
+    assert r["counted"] == r["answered_with_metrics"]
     assert all(row["images_per_s"]["median"] > 0 for row in r["rows"].values())
-    assert r["observe_us_per_image"] > 0 and "metrics off" in markdown(r)
+    assert r["observe_us_per_image"] > 0
+    assert "metrics off" in markdown(r)
 
 
 def test_cli_writes_the_served_metrics_for_the_textfile_collector(server, onnx_model, val_files, tmp_path, capsys):
@@ -388,7 +401,8 @@ def test_payload_samples_are_shipped_to_an_object_store(onnx_model, val_files, t
     assert sorted(r["sha256"] for r in records) == sorted(sent)
     for r in records:
         path, pred = sent[r["sha256"]]
-        assert r["path"].read_bytes() == path.read_bytes() and r["labels"] == pred.labels
+        assert r["path"].read_bytes() == path.read_bytes()
+        assert r["labels"] == pred.labels
 
     with pytest.raises(ValueError, match="PAYLOAD_DIR"):
         render(onnx_model, tmp_path / "bad", RepoSettings(payload_upload=url))

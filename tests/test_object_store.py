@@ -51,7 +51,8 @@ def test_serve_a_repository_from_s3(ensemble_repo, server, val_files, tmp_path):
         url = s3.url("models", "tiny/classify")
         keys = upload(repo, url)
         # the ensemble's version folder exists in the store only through its placeholder
-        assert "tiny/classify/classify/1/.placeholder" in keys and "tiny/classify/classifier/1/model.onnx" in keys
+        assert "tiny/classify/classify/1/.placeholder" in keys
+        assert "tiny/classify/classifier/1/model.onnx" in keys
         # uploading again replaces what the prefix held: a key the repository no longer has goes
         client(url).put_object(Bucket="models", Key="tiny/classify/stale/config.pbtxt", Body=b"")
         assert upload(repo, url) == keys

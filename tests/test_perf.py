@@ -32,7 +32,8 @@ def test_perf_analyzer_point_with_server_breakdown(ensemble_server, val_files, t
     url = server.http_url if protocol == "http" else server.grpc_url
     point = run_point(url, server.http_url, protocol, "concurrency", 4, data, tmp_path, server.proc.pid,
                       interval_ms=500, metrics_url=server.metrics_url, request_count=60)
-    assert point.throughput > 0 and 0 < point.latency_ms(50) <= point.latency_ms(99)
+    assert point.throughput > 0
+    assert 0 < point.latency_ms(50) <= point.latency_ms(99)
     with open(tmp_path / f"perf_analyzer_{protocol}_concurrency_4.csv") as f:
         row = next(csv.DictReader(f))
     assert {"Server Queue", "Server Compute Infer", "p99 latency"} <= set(row)
@@ -43,7 +44,8 @@ def test_perf_analyzer_point_with_server_breakdown(ensemble_server, val_files, t
         assert 1 <= point.server[m]["avg_batch"] <= MAX_BATCH
         assert point.server[m]["compute_infer_us"] > 0
         assert point.metrics["models"][m]["requests"] == reqs[m]  # Prometheus agrees with the statistics API
-    assert point.usage["cpu_cores_busy"] > 0 and point.usage["rss_mib"] > 50
+    assert point.usage["cpu_cores_busy"] > 0
+    assert point.usage["rss_mib"] > 50
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,8 @@ def test_baseline_serves_the_checkpoint(baseline_url, val_files, checkpoint):
     classes = load_checkpoint(checkpoint)["classes"]
     req = urllib.request.Request(f"{baseline_url}/predict", data=val_files[0].read_bytes())
     answer = json.loads(urllib.request.urlopen(req, timeout=10).read())
-    assert len(answer["labels"]) == 5 and set(answer["labels"]) <= set(classes)
+    assert len(answer["labels"]) == 5
+    assert set(answer["labels"]) <= set(classes)
     assert answer["scores"] == sorted(answer["scores"], reverse=True)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(urllib.request.Request(f"{baseline_url}/predict", data=b"not an image"), timeout=10)
@@ -90,7 +93,8 @@ def test_locust_runs_and_checks_answers(server, baseline_url, tiny_data, repo, t
     labels = labels_file(repo)
     res = run_locust(user, host, 3, 3, tmp_path, tiny_data / "val", labels, top_k, server.grpc_url)
     assert res["requests"] > 0 and res["failures"] == 0, res["failure_kinds"]
-    assert res["rps"] > 0 and res["p50_ms"] <= res["p99_ms"]
+    assert res["rps"] > 0
+    assert res["p50_ms"] <= res["p99_ms"]
     assert Path(res["html"]).read_text().lstrip().lower().startswith("<!doctype html")
 
 
@@ -98,7 +102,8 @@ def test_locust_counts_wrong_answers_as_failures(server, tiny_data, repo, tmp_pa
     """The check is real: expecting a different top-k makes every answer a failure."""
     res = run_locust("TritonHttpUser", f"http://{server.http_url}", 2, 2, tmp_path, tiny_data / "val",
                      labels_file(repo), top_k=2)
-    assert res["requests"] > 0 and res["failures"] == res["requests"]
+    assert res["requests"] > 0
+    assert res["failures"] == res["requests"]
     assert "LABELS shape [1, 3]" in res["failure_kinds"][0]["error"]
 
 
@@ -110,7 +115,8 @@ def test_tuner_chooses_within_budget_and_writes_back(onnx_model, tiny_data, tmp_
                         request_count=60,  # fixed counts: a busy machine cannot fail to stabilize
                         layout="classification",  # measured and written back in the repository's own layout
                         rounds=2)
-    assert len(summary["results"]) == 2 and summary["budget_met"]
+    assert len(summary["results"]) == 2
+    assert summary["budget_met"]
     for x in summary["results"]:  # ranked by the median of its rounds, each round kept
         assert len(x["rounds"]) == 2
         assert x["throughput"] == pytest.approx(float(np.median([p["throughput"] for p in x["rounds"]])))
@@ -142,8 +148,10 @@ def test_report_quick(repo, tiny_data, checkpoint, tmp_path):
     assert any("Triton vs in-process ceiling" in ln and "×" in ln for ln in head)
     results = json.loads((out / "results.json").read_text())
     h = results["headline"]
-    assert h["triton_rps"] > 0 and h["baseline_rps"] > 0
-    assert f"{h['baseline_ratio']:.2f}×" in md and f"{h['ceiling_ratio']:.2f}×" in md
+    assert h["triton_rps"] > 0
+    assert h["baseline_rps"] > 0
+    assert f"{h['baseline_ratio']:.2f}×" in md
+    assert f"{h['ceiling_ratio']:.2f}×" in md
     pngs = ("throughput_vs_concurrency.png", "latency_vs_concurrency.png", "triton_vs_baseline_vs_ceiling.png",
             "dali_vs_pillow.png", "request_rate.png", "compare.png")
     page = (out / "report.html").read_text()
@@ -153,15 +161,21 @@ def test_report_quick(repo, tiny_data, checkpoint, tmp_path):
     # every server under one generator, with the targets checked, in the page's headline
     assert any("Side by side (wrk" in ln and "best" not in ln and "baseline" in ln for ln in head)
     assert set(results["compare"]["summary"]) == {"triton (fused)", "baseline", "in-process ceiling"}
-    assert "<table" in page and "## " not in page  # rendered by the Markdown library, not left as text
+    assert "<table" in page
+    assert "## " not in page
     assert len(list((out / "perf_analyzer").glob("*.csv"))) == 2 * 2 + 1  # 2 protocols x 2 concurrencies + 1 rate
-    assert "## Server-side breakdown" in md.replace("### Server-side", "## Server-side") and "config.pbtxt" in md
+    assert "## Server-side breakdown" in md.replace("### Server-side", "## Server-side")
+    assert "config.pbtxt" in md
     # the rate sweep is open loop, and says for its point what limited it
     rate_log = next((out / "perf_analyzer").glob("perf_analyzer_grpc_request_rate_*.log")).read_text()
     assert "--async --max-threads" in rate_log.splitlines()[0]
-    assert "### Request rate: achieved against offered" in md and "| limited by |" in md
-    assert "## Engines and precisions" in md and results["ceiling"]["best_schedule"] in ("sequential", "overlapped")
-    assert "## Workloads" in md and "| demo-synthetic | resnet_tiny (demo) @ 64 |" in md and "p99 ms at 2" in md
+    assert "### Request rate: achieved against offered" in md
+    assert "| limited by |" in md
+    assert "## Engines and precisions" in md
+    assert results["ceiling"]["best_schedule"] in ("sequential", "overlapped")
+    assert "## Workloads" in md
+    assert "| demo-synthetic | resnet_tiny (demo) @ 64 |" in md
+    assert "p99 ms at 2" in md
     assert set(results["workloads"]["workloads"]) == {"demo-synthetic"}
 
 
@@ -181,7 +195,8 @@ def test_rate_points_say_what_limited_them():
     # perf_analyzer's own warning that it fell behind is believed whatever the latency
     points[3] = _rate_point(1556, 1100, 60.0, behind=True)
     assert rate_limits(points)[3] == "generator"
-    assert rate_limits([]) == [] and rate_limits([{"mode": "concurrency", "value": 4}]) == []
+    assert rate_limits([]) == []
+    assert rate_limits([{"mode": "concurrency", "value": 4}]) == []
 
 
 def test_jpegs_and_tensors_measured_side_by_side(ensemble_server, onnx_model, val_files, tmp_path):
@@ -221,11 +236,13 @@ def test_side_by_side_with_one_generator(server, baseline_url, val_files, tmp_pa
         s = r["summary"][name]
         assert s["errors"] == 0 and s["requests"] > 0, s
         assert s["images_per_s"]["min"] <= s["images_per_s"]["median"] <= s["images_per_s"]["max"]
-        assert len(r["runs"][name]) == 2 and all(x["generator_cores"] >= 0 for x in r["runs"][name])
+        assert len(r["runs"][name]) == 2
+        assert all(x["generator_cores"] >= 0 for x in r["runs"][name])
     ratio = r["throughput_ratios"]["triton / baseline"]["median"]
     per_run = [a["per_s"] / b["per_s"] for a, b in zip(r["runs"]["triton"], r["runs"]["baseline"], strict=True)]
     assert abs(ratio - np.median(per_run)) < 0.01
-    assert "| triton |" in render_markdown(r) and plot(r, tmp_path / "c.png").stat().st_size > 5000
+    assert "| triton |" in render_markdown(r)
+    assert plot(r, tmp_path / "c.png").stat().st_size > 5000
     # a request the server refuses is caught before anything is measured
     with pytest.raises(RuntimeError, match="answered request body 0 with 400"):
         compare([Target("triton", f"http://{server.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve")],
@@ -279,8 +296,12 @@ def test_flood_measures_goodput_of_both_queues(repo, tiny_data, tmp_path):
     old, held = (r["summary"][name] for name, _, _ in flood.servers())
     settings = read_manifest(repo)["settings"]
     assert flood.OLD_QUEUE + settings["classifier_instances"] * settings["max_batch_size"] < 256
-    assert old["flood_refused_per_s"]["median"] > 0 and held["flood_refused_per_s"]["median"] == 0
+    assert old["flood_refused_per_s"]["median"] > 0
+    assert held["flood_refused_per_s"]["median"] == 0
     for s in (old, held):
-        assert s["capacity_per_s"]["median"] > 0 and s["flood_good_per_s"]["median"] > 0 and s["other_errors"] == 0
+        assert s["capacity_per_s"]["median"] > 0
+        assert s["flood_good_per_s"]["median"] > 0
+        assert s["other_errors"] == 0
     md = flood.markdown(r)
-    assert all(f"| {name} |" in md for name in r["summary"]) and md.count("target 0.8") == 2
+    assert all(f"| {name} |" in md for name in r["summary"])
+    assert md.count("target 0.8") == 2

@@ -71,12 +71,16 @@ def artifacts(onnx_model, tiny_data, tmp_path_factory) -> Path:
 def test_build_report_and_artifacts(artifacts):
     report = json.loads((artifacts / REPORT).read_text())
     # every artifact on ONNX Runtime, and on OpenVINO at f32, at bf16 and from both Q/DQ files
-    assert set(report["artifacts"]) == set(CANDIDATES) and not report["gate_failures"]
+    assert set(report["artifacts"]) == set(CANDIDATES)
+    assert not report["gate_failures"]
     for name, r in report["artifacts"].items():
         path = artifacts / r["file"]
         assert (r["engine"], r["precision"]) == (CANDIDATES[name].engine, CANDIDATES[name].precision)
-        assert r["size_bytes"] == path.stat().st_size and r["file"] == ARTIFACT_NAMES[CANDIDATES[name].artifact]
-        assert 0 <= r["top1"] <= 100 and r["latency"]["best_images_per_s"] > 0 and r["latency"]["batch1_ms"] > 0
+        assert r["size_bytes"] == path.stat().st_size
+        assert r["file"] == ARTIFACT_NAMES[CANDIDATES[name].artifact]
+        assert 0 <= r["top1"] <= 100
+        assert r["latency"]["best_images_per_s"] > 0
+        assert r["latency"]["batch1_ms"] > 0
         assert read_metadata(path)["export"]["precision"] == ("int8" if name.endswith(("int8", "int8_ort")) else
                                                               CANDIDATES[name].artifact)
     # OpenVINO's own default on a bf16 CPU is bf16: the f32 candidate must really compute in f32 (as ONNX
@@ -106,17 +110,21 @@ def test_build_report_and_artifacts(artifacts):
         assert softmax.op_type == "Softmax" and producers[softmax.input[0]].op_type not in ("DequantizeLinear",), name
     calib = np.load(artifacts / "calib" / "calib.npy")
     sources = (artifacts / "calib" / "calib_sources.txt").read_text().splitlines()
-    assert calib.shape[0] == len(sources) == 32 and calib.shape[1:] == (3, 32, 32)
+    assert calib.shape[0] == len(sources) == 32
+    assert calib.shape[1:] == (3, 32, 32)
     md = (artifacts / "build_report.md").read_text()
-    assert "| fp16 | onnxruntime | fp16 |" in md and "| openvino_bf16 | openvino | bf16 | model.onnx |" in md
-    assert f"auto → **{report['serving']['auto']}**" in md and "CPU features:" in md
+    assert "| fp16 | onnxruntime | fp16 |" in md
+    assert "| openvino_bf16 | openvino | bf16 | model.onnx |" in md
+    assert f"auto → **{report['serving']['auto']}**" in md
+    assert "CPU features:" in md
 
 
 def test_calibration_batch_is_reproducible_from_its_source_list(onnx_model, tiny_data, tmp_path):
     meta = read_metadata(onnx_model)
     first = quantize.calibration_batch(meta, tiny_data, 12, tmp_path / "a")
     again = quantize.calibration_batch(meta, tiny_data, 12, tmp_path / "b")
-    assert np.array_equal(first, again) and np.array_equal(first, np.load(tmp_path / "a" / "calib" / "calib.npy"))
+    assert np.array_equal(first, again)
+    assert np.array_equal(first, np.load(tmp_path / "a" / "calib" / "calib.npy"))
     lines = (tmp_path / "a" / "calib" / "calib_sources.txt").read_text().splitlines()
     files = [tiny_data / ln.split("  ", 1)[1] for ln in lines]
     assert len(set(f.parent for f in files)) == 10  # spread over every class, not the first few
@@ -156,7 +164,8 @@ def test_calibration_method_entropy_clips_the_ranges(artifacts, tiny_data, tmp_p
     inits = {i.name: i for i in ort_int8.graph.initializer}
     zero_points = [inits[n.input[2]] for n in ort_int8.graph.node
                    if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
-    assert zero_points and all(z.data_type == TensorProto.UINT8 for z in zero_points)
+    assert zero_points
+    assert all(z.data_type == TensorProto.UINT8 for z in zero_points)
 
 
 def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_data, tmp_path, capsys):
@@ -172,7 +181,8 @@ def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_d
                                                          r"int8_ort recovery tried \d+ ways \(other calibration"):
         quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=8, max_top1_drop=-1.0,
                        precisions=("fp16", "int8_ort"))
-    assert not (tmp_path / "model_fp16.onnx").exists() and not (tmp_path / "model_int8_ort.onnx").exists()
+    assert not (tmp_path / "model_fp16.onnx").exists()
+    assert not (tmp_path / "model_int8_ort.onnx").exists()
     # every candidate is gated, OpenVINO's too (their files are the ONNX Runtime ones: removed above)
     assert json.loads((tmp_path / REPORT).read_text())["gate_failures"] == [
         "fp16", "int8_ort", "openvino_fp32", "openvino_bf16", "openvino_int8_ort"]
@@ -271,14 +281,19 @@ def test_gpu_repository_configs(artifacts, tmp_path):
     configs = read_configs(repo)
     check_ensemble(configs)
     pre, cls, post = configs[P.PREPROCESS], configs[P.CLASSIFIER], configs[P.POSTPROCESS]
-    assert pre.backend == "dali" and pre.input[0].allow_ragged_batch
-    assert cls.platform == "tensorrt_plan" and [t.name for t in cls.input] == ["input"]
+    assert pre.backend == "dali"
+    assert pre.input[0].allow_ragged_batch
+    assert cls.platform == "tensorrt_plan"
+    assert [t.name for t in cls.input] == ["input"]
     assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in (*pre.instance_group, *cls.instance_group))
     assert list(cls.dynamic_batching.preferred_batch_size) == [4, 8, 16]
-    assert cls.model_warmup[0].batch_size == 8 and cls.model_warmup[0].inputs["input"].zero_data
-    assert post.backend == "python" and (repo / P.POSTPROCESS / "1" / "model.py").exists()
+    assert cls.model_warmup[0].batch_size == 8
+    assert cls.model_warmup[0].inputs["input"].zero_data
+    assert post.backend == "python"
+    assert (repo / P.POSTPROCESS / "1" / "model.py").exists()
     # the DALI backend serializes dali.py itself (its decoder: tests/test_gpu_target.py)
-    assert (repo / P.PREPROCESS / "1" / "dali.py").exists() and not (repo / P.PREPROCESS / "1" / "model.dali").exists()
+    assert (repo / P.PREPROCESS / "1" / "dali.py").exists()
+    assert not (repo / P.PREPROCESS / "1" / "model.dali").exists()
     assert not (repo / P.PREPROCESS / "1" / "model.py").exists()
 
 
@@ -363,15 +378,21 @@ def test_make_engine_stops_cleanly_without_gpu(artifacts):
     r = subprocess.run([sys.executable, "-m", "build.engine", "--onnx", str(artifacts / "model_fp16.onnx"),
                         "--precision", "fp16", "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "missing an NVIDIA GPU" in r.stderr and "make -C docker engine" in r.stderr
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "missing an NVIDIA GPU" in r.stderr
+    assert "make -C docker engine" in r.stderr
     assert not out.exists()
     r = subprocess.run([sys.executable, "-m", "build.engine", "--verify", str(artifacts)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and "missing an NVIDIA GPU" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2
+    assert "missing an NVIDIA GPU" in r.stderr
+    assert "Traceback" not in r.stderr
     r = subprocess.run(["make", "-s", "gpu-check", f"ARTIFACTS={artifacts}"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
-    assert r.returncode != 0 and "cannot build a TensorRT engine here" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0
+    assert "cannot build a TensorRT engine here" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_dali_decoder_ignores_zero_padding(onnx_model, val_files):
@@ -429,7 +450,8 @@ def test_graph_cleanup_removes_identities_and_folds_constants():
     onnx.helper.set_model_props(model, {"platform": "{}"})
     cleaned, counts = clean(model)
     assert counts == {"nodes_before": 4, "nodes_after": 1, "identities_removed": 1}
-    assert [n.op_type for n in cleaned.graph.node] == ["Add"] and cleaned.metadata_props[0].key == "platform"
+    assert [n.op_type for n in cleaned.graph.node] == ["Add"]
+    assert cleaned.metadata_props[0].key == "platform"
     data = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
     before = ort_session(model.SerializeToString(), 0).run(None, {"x": data})[0]
     after = ort_session(cleaned.SerializeToString(), 0).run(None, {"x": data})[0]
@@ -447,7 +469,8 @@ def test_kubernetes_manifests_validate(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump(docs[0]))
     r = subprocess.run([validate, "--strict", str(broken)], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "replicas" in r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "replicas" in r.stdout + r.stderr
 
 
 def outlier_channels(onnx_model: Path, out: Path, inputs: np.ndarray, factor: float = 1000.0,
@@ -517,7 +540,8 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     assert first["top1"] < base - 10 and not first["passed"], recovery
     assert set(list(recovery["sensitivity_db"])[:len(sensitive)]) == sensitive, recovery["sensitivity_db"]
     assert recovery["recovered"] and last["passed"] and sensitive <= set(last["kept_fp32"]), recovery
-    assert report["artifacts"]["int8_ort"]["top1"] >= base - 2.5 and "int8_ort" not in report["gate_failures"]
+    assert report["artifacts"]["int8_ort"]["top1"] >= base - 2.5
+    assert "int8_ort" not in report["gate_failures"]
     path = tmp_path / ARTIFACT_NAMES["int8_ort"]
     assert read_metadata(path)["export"]["kept_fp32"] == last["kept_fp32"]
     # each conv reading an outlier reads it in float: no DequantizeLinear in front of it
@@ -554,7 +578,8 @@ def test_repository_batch_and_instances_follow_the_models_measured_cost(artifact
         return read_manifest(tmp_path / "repo")["settings"][field]
 
     measured({1: 90, 8: 520, 16: 540, 32: 530})  # a 224-px model: nothing gained past 8
-    assert rendered() == 8 and "max_batch_size 8 (not 32)" in capsys.readouterr().out
+    assert rendered() == 8
+    assert "max_batch_size 8 (not 32)" in capsys.readouterr().out
     assert rendered("--reset-settings", field="classifier_instances") == cores  # 3.7 ms of a core per image
     assert rendered("--reset-settings", "--classifier-instances", "5", field="classifier_instances") == 5
     measured({1: 90, 8: 400, 16: 510, 32: 530})  # 400 < 0.95 x 530 <= 510

@@ -47,7 +47,8 @@ def pruned(digits, tmp_path_factory):
 
 def test_pruning_halves_the_flops_and_distillation_recovers_the_accuracy(digits, pruned):
     report, out = pruned
-    assert report["flops_fraction"] <= 0.5 and report["pruned"]["params"] < report["unpruned"]["params"]
+    assert report["flops_fraction"] <= 0.5
+    assert report["pruned"]["params"] < report["unpruned"]["params"]
     top1 = report["top1"]
     assert top1["unpruned"] >= 95, top1
     # pruning alone loses most of the accuracy; the fine-tuning brings it back to within the gate
@@ -89,7 +90,8 @@ def test_failed_gate_writes_no_pruned_checkpoint(digits, tmp_path):
         run_prune(data, ckpt, tmp_path, "--target-flops", "0.1", "--epochs", "1", "--lr", "1e-5")
     assert not stale.exists()
     report = json.loads((tmp_path / prune.REPORT).read_text())
-    assert report["gate"] == "fail" and report["flops_fraction"] <= 0.1
+    assert report["gate"] == "fail"
+    assert report["flops_fraction"] <= 0.1
 
 
 def test_unreachable_target_is_refused(digits, tmp_path):
@@ -101,7 +103,8 @@ def test_unreachable_target_is_refused(digits, tmp_path):
 def test_two_four_sparsity_survives_fine_tuning_and_export(digits, tmp_path):
     data, ckpt = digits
     report = run_prune(data, ckpt, tmp_path, "--sparsity", "2:4", "--epochs", "2", "--max-top1-drop", "100")
-    assert report["two_four"]["violations"] == 0 and report["round_to"] % 16 == 0
+    assert report["two_four"]["violations"] == 0
+    assert report["round_to"] % 16 == 0
     # what TensorRT will see: the exported ONNX's convolution weights, 2 of every 4 input channels zero
     export(tmp_path / "best.pt", data, tmp_path / "model.onnx")
     model = onnx.load(tmp_path / "model.onnx")
@@ -133,7 +136,8 @@ def test_served_side_by_side(digits, pruned, tmp_path):
     ratio = r["artifacts"][out.name]["served_vs_unpruned"]["tensors"]
     assert ratio["min"] <= ratio["median"] <= ratio["max"]
     md = (out / "prune_report.md").read_text()
-    assert f"| {out.name} |" in md and "vs unpruned" in md
+    assert f"| {out.name} |" in md
+    assert "vs unpruned" in md
     # an unpruned ONNX of another checkpoint is refused: the comparison would be meaningless
     other = tmp_path / "other"
     train.main(train.parse_args(["--data", str(data), "--out", str(other), "--quiet", "--epochs", "1",

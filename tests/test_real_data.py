@@ -8,7 +8,8 @@ from perf import real_data
 
 def test_default_recipe_reaches_98_percent_served_on_real_digits(tmp_path):
     r = real_data.run("digits", tmp_path)
-    assert r["val_images"] == 359 and r["classes"] == 10
+    assert r["val_images"] == 359
+    assert r["classes"] == 10
     assert r["served_val_top1"] >= 98.0, r
     # the server's answers are the checkpoint's: at most one val image apart
     assert abs(r["served_val_top1"] - r["checkpoint_val_top1"]) <= 100.0 / r["val_images"] + 1e-9, r

@@ -95,7 +95,8 @@ def test_control_apis_need_the_key(restricted, repo, tls_ca, protocol):
         with admin.AdminClient(url, protocol, key, timeout_s=30, tls=tls) as c:
             with pytest.raises(Exception) as e:
                 c.index()
-            assert str(e.value.status()) == refused and "restricted" in e.value.message()
+            assert str(e.value.status()) == refused
+            assert "restricted" in e.value.message()
     with admin.AdminClient(url, protocol, KEY, timeout_s=30, tls=tls) as c:
         assert {m["name"] for m in c.index()} == set(read_configs(repo))
 
@@ -115,7 +116,9 @@ def test_other_restricted_apis_and_the_open_ones_over_http(restricted):
                     call(refused)
             call(key.headers("http", value))  # accepted with its own key
     # health stays open, for load balancers' and Kubernetes' probes
-    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(P.ENSEMBLE)
+    assert c.is_server_live()
+    assert c.is_server_ready()
+    assert c.is_model_ready(P.ENSEMBLE)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -131,7 +134,8 @@ def test_inference_needs_the_inference_key(restricted, tls_ca, val_files, protoc
     monkeypatch.setenv(INFERENCE.env, INFERENCE_KEY)
     with ImageClassifierClient(url, protocol, timeout_s=30, tls=tls) as c:
         preds = c.classify_files(val_files[:4])
-    assert all(p.ok for p in preds) and [p.source for p in preds] == [str(f) for f in val_files[:4]]
+    assert all(p.ok for p in preds)
+    assert [p.source for p in preds] == [str(f) for f in val_files[:4]]
 
 
 def test_grpc_speaks_tls_only_and_checks_the_certificate(restricted, tls_ca, tmp_path):
@@ -163,7 +167,8 @@ def test_client_cli_sends_the_inference_key_over_tls(restricted, tls_ca, val_fil
     no_key = run({**env, INFERENCE.file_env: str(tmp_path / "none.key")}, "--tls-root-cert", tls_ca)
     assert no_key.returncode == 1 and INFERENCE.env in no_key.stdout, no_key.stdout + no_key.stderr
     plain = run({**env, INFERENCE.file_env: str(keyfile)})
-    assert plain.returncode == 1 and "cannot reach" in plain.stderr
+    assert plain.returncode == 1
+    assert "cannot reach" in plain.stderr
 
 
 def listening_addresses(port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -195,7 +200,8 @@ def test_key_file_is_generated_private_and_reused(tmp_path, monkeypatch, key):
     path = tmp_path / "sub" / f"{key.name}.key"
     assert key.load(path=path) is None  # not created unless asked
     value = key.load(create=True, path=path)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(value) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(value) >= 32
     assert key.load(create=True, path=path) == value  # the same key every time
     path.chmod(0o644)
     with pytest.raises(UnusableKeyError, match="readable by others"):
@@ -217,7 +223,8 @@ def test_serve_requires_the_inference_key_beyond_loopback(tmp_path, monkeypatch,
         monkeypatch.setenv(k.file_env, str(tmp_path / f"{k.name}.key"))
     args = server_args_parser().parse_args(["--host", host, "--inference-key", mode])
     kw = access(args)
-    assert kw["admin_key"] and kw["grpc_tls"] is None
+    assert kw["admin_key"]
+    assert kw["grpc_tls"] is None
     assert (kw["inference_key"] is not None) == required
     assert (tmp_path / "inference.key").exists() == required  # generated on first use, only when needed
     if required:
@@ -235,7 +242,8 @@ def test_serve_refuses_half_a_tls_setup(tls_ca):
     with pytest.raises(ServerError, match="does not exist"):
         GrpcTls(tls_ca.parent / "missing.pem", tls_ca.parent / "server.key").server_args()
     mutual = GrpcTls(tls_ca.parent / "server.pem", tls_ca.parent / "server.key", tls_ca).server_args()
-    assert "--grpc-use-ssl-mutual=true" in mutual and f"--grpc-root-cert={tls_ca.resolve()}" in mutual
+    assert "--grpc-use-ssl-mutual=true" in mutual
+    assert f"--grpc-root-cert={tls_ca.resolve()}" in mutual
 
 
 def test_keys_cli_prints_the_server_flags_or_refuses(monkeypatch):
@@ -246,9 +254,12 @@ def test_keys_cli_prints_the_server_flags_or_refuses(monkeypatch):
                               text=True, cwd=PROJECT_ROOT, timeout=60, env=e)
 
     ok = run({**env, ADMIN.env: KEY, INFERENCE.env: INFERENCE_KEY})
-    assert ok.returncode == 0 and ok.stdout.split() == [*ADMIN.server_args(KEY), *INFERENCE.server_args(INFERENCE_KEY)]
+    assert ok.returncode == 0
+    assert ok.stdout.split() == [*ADMIN.server_args(KEY), *INFERENCE.server_args(INFERENCE_KEY)]
     missing = run({**env, ADMIN.env: KEY})
-    assert missing.returncode == 2 and INFERENCE.env in missing.stderr and not missing.stdout
+    assert missing.returncode == 2
+    assert INFERENCE.env in missing.stderr
+    assert not missing.stdout
     assert run({**env, ADMIN.env: KEY}, "--require", "admin").stdout.split() == ADMIN.server_args(KEY)
 
 
@@ -265,7 +276,8 @@ def test_admin_cli_sends_the_key(restricted, tmp_path):
     ok = run({**env, ADMIN.file_env: str(keyfile)})
     assert ok.returncode == 0 and f'"name": "{P.ENSEMBLE}"' in ok.stdout, ok.stderr
     refused = run({**env, ADMIN.file_env: str(tmp_path / "none.key")})
-    assert refused.returncode == 1 and "restricted" in refused.stderr
+    assert refused.returncode == 1
+    assert "restricted" in refused.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +329,8 @@ def test_overload_is_rejected_with_503_and_the_server_keeps_serving(small_queue,
     out = asyncio.run(flood(small_queue.http_url, [f.read_bytes() for f in val_files[:8]], requests=64, in_flight=32))
     assert out["other"] == []  # every answer is either a result or a clean overload refusal
     assert out["rejected"], "32 batches in flight against queues of 2 were never refused"
-    assert out["ok"] and set(out["ok"]) == {before[0].labels[0]}  # the accepted ones are answered correctly
+    assert out["ok"]
+    assert set(out["ok"]) == {before[0].labels[0]}
     with ImageClassifierClient(small_queue.grpc_url, "grpc", timeout_s=30, retries=0) as c:
         after = c.classify_files(val_files[:8])
     assert [p.labels for p in after] == [p.labels for p in before]
@@ -330,9 +343,12 @@ def test_a_burst_beyond_the_old_queue_is_queued_not_refused(server, val_files):
     settings = read_manifest(server.repo)["settings"]
     in_execution = settings["classifier_instances"] * settings["max_batch_size"]
     burst = 400
-    assert burst > in_execution + 64 and settings["max_queue_size"] >= burst
+    assert burst > in_execution + 64
+    assert settings["max_queue_size"] >= burst
     out = asyncio.run(flood(server.http_url, [val_files[0].read_bytes()], requests=burst, in_flight=burst))
-    assert out["rejected"] == [] and out["other"] == [] and len(out["ok"]) == burst
+    assert out["rejected"] == []
+    assert out["other"] == []
+    assert len(out["ok"]) == burst
 
 
 def test_client_backs_off_and_retries_after_503(small_queue, val_files):
@@ -364,7 +380,8 @@ def test_client_backs_off_and_retries_after_503(small_queue, val_files):
                 got.append(c.classify_files(val_files[:4], batch_size=4))  # one request of 4 images
             finally:
                 t.join(timeout=120)
-    assert counts(flood_calls)["overloaded"] > 0 and counts(flood_calls)["error"] == 0
+    assert counts(flood_calls)["overloaded"] > 0
+    assert counts(flood_calls)["error"] == 0
     for preds in got:
         assert all(p.ok for p in preds), [p.error for p in preds if not p.ok]
         assert [p.labels for p in preds] == expected
@@ -392,10 +409,12 @@ def test_stop_under_load_drains_and_loses_no_accepted_request(repo, val_files, t
 
     r = shutdown_under_load(repo, [f.read_bytes() for f in val_files[:16]], workers=6, load_s=1.5,
                             log_file=tmp_path / "server.log")
-    assert r["ok"] > 0 and r["answered_of_those"] == r["sent_before_stop"]
+    assert r["ok"] > 0
+    assert r["answered_of_those"] == r["sent_before_stop"]
     assert r["lost"] == 0, r["examples"]  # nothing cut mid-flight, no errors
     assert r["refused"] >= 1  # requests after the stop began were refused, each client once
-    assert r["exit_s"] <= EXIT_TIMEOUT_S and r["returncode"] == 0
+    assert r["exit_s"] <= EXIT_TIMEOUT_S
+    assert r["returncode"] == 0
 
 
 def test_fuzzed_requests_are_answered_and_the_server_survives(server, val_files):
@@ -403,9 +422,11 @@ def test_fuzzed_requests_are_answered_and_the_server_survives(server, val_files)
 
     r = fuzz(server, [f.read_bytes() for f in val_files[:16]], n=300, seed=1, check_every=50)
     assert r["failures"] == [], r["failures"][:5]
-    assert r["stubs_same"] and r["server_alive"]
+    assert r["stubs_same"]
+    assert r["server_alive"]
     statuses = {s for kinds in r["by_kind"].values() for s in kinds}
-    assert "400" in statuses and "0" not in statuses
+    assert "400" in statuses
+    assert "0" not in statuses
     assert set(r["by_kind"]) == {"random_bytes", "mutated_image", "truncated_image", "huge_dimensions", "wrong_dtype",
                                  "wrong_shape", "wrong_input", "malformed_header", "oversized"}
 
@@ -441,7 +462,8 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, on
         batches = [[f.read_bytes() for f in val_files[i:i + 4]] for i in range(0, 16, 4)]
         with background_load(s, batches, workers=4) as calls:
             r = publish(onnx_model, live, tiny_data, s.http_url, key=KEY)
-            assert r["version"] == 2 and r["top1_new"] == r["top1_served"]
+            assert r["version"] == 2
+            assert r["top1_new"] == r["top1_served"]
             assert classifier_states(s.http_url).get("2") == "READY"
             assert classifier_states(s.http_url).get("1") != "READY"  # latest-1 policy: the old one went
             # refused before the server sees them: a worse model, a corrupt file
@@ -455,9 +477,11 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, on
             # refused by the server itself: the version is moved aside, the served one stays
             with pytest.raises(PublishError, match="did not load version 3"):
                 publish(corrupt, live, None, s.http_url, key=KEY, check=False)
-            assert versions(model_dir) == [1, 2] and classifier_states(s.http_url).get("2") == "READY"
+            assert versions(model_dir) == [1, 2]
+            assert classifier_states(s.http_url).get("2") == "READY"
             r = rollback(live, s.http_url, key=KEY)
-            assert r["version"] == 1 and classifier_states(s.http_url).get("1") == "READY"
+            assert r["version"] == 1
+            assert classifier_states(s.http_url).get("1") == "READY"
             assert versions(model_dir) == [1]
     c = counts(calls)
     assert c["ok"] > 0 and c["ok"] == len(calls), (c, examples(calls, ("refused", "cut", "error", "overloaded")))

@@ -133,7 +133,8 @@ def test_bad_image_http_400(server, case, val_files, reference):
     with pytest.raises(InferenceServerException) as e:
         raw_infer(server, [data])
     assert e.value.status() == "400", e.value
-    assert expected in e.value.message() and "image 0 of 1" in e.value.message()
+    assert expected in e.value.message()
+    assert "image 0 of 1" in e.value.message()
     assert_good_request_answered(server, val_files, reference)
 
 
@@ -182,7 +183,8 @@ def test_missing_input_http_400(server, val_files, reference):
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 400
     body = json.loads(e.value.read())
-    assert P.IMAGE in body["error"] and "input" in body["error"].lower()
+    assert P.IMAGE in body["error"]
+    assert "input" in body["error"].lower()
     assert_good_request_answered(server, val_files, reference)
 
 
@@ -248,14 +250,19 @@ def test_cli_table_glob_and_bad_file(server, tiny_data, tmp_path, val_files):
     bad.write_bytes(BAD_IMAGES["truncated_jpeg"][0])
     r = run_cli(str(tiny_data / "val" / "00_*" / "*.jpg"), str(bad), "--url", server.http_url)
     assert r.returncode == 3  # some images failed
-    assert "broken.jpg" in r.stdout and "image 0 of 1: truncated JPEG" in r.stdout
+    assert "broken.jpg" in r.stdout
+    assert "image 0 of 1: truncated JPEG" in r.stdout
     assert r.stdout.count("00_circle_") >= 2
-    assert "1 of" in r.stderr and "images failed" in r.stderr
+    assert "1 of" in r.stderr
+    assert "images failed" in r.stderr
 
 
 def test_cli_unreachable_and_missing_files(tiny_data):
     (port,) = free_ports(1)
     r = run_cli(str(tiny_data / "val"), "--url", f"localhost:{port}")
-    assert r.returncode == 1 and "cannot reach Triton" in r.stderr and "make serve" in r.stderr
+    assert r.returncode == 1
+    assert "cannot reach Triton" in r.stderr
+    assert "make serve" in r.stderr
     r = run_cli("/no/such/dir")
-    assert r.returncode == 2 and "no such file or directory: /no/such/dir" in r.stderr
+    assert r.returncode == 2
+    assert "no such file or directory: /no/such/dir" in r.stderr

@@ -53,17 +53,23 @@ def test_a_candidate_that_agrees_is_promoted_under_load(live, onnx_model, val_fi
                    p99_margin=10.0, timeout_s=120)
         time.sleep(1)  # the promoted version answers under the same load
     assert r["decision"] == "promoted", r["why"]
-    assert r["mirrored"] >= MIN_REQUESTS and r["agreed"] == r["mirrored"] and r["errors"] == 0
-    assert r["agreement_percent"] == 100.0 and r["disagreements"] == []
+    assert r["mirrored"] >= MIN_REQUESTS
+    assert r["agreed"] == r["mirrored"]
+    assert r["errors"] == 0
+    assert r["agreement_percent"] == 100.0
+    assert r["disagreements"] == []
     assert all(v is not None and v > 0 for v in r["p99_compute_ms"].values()), r["p99_compute_ms"]
-    assert versions(onnx_model_dir(repo)) == [1, 2] and r["version"] == 2
+    assert versions(onnx_model_dir(repo)) == [1, 2]
+    assert r["version"] == 2
     c = counts(calls)
     assert c["ok"] > 0 and c["ok"] == len(calls), (c, examples(calls, ("refused", "cut", "error", "overloaded")))
     # the candidate is gone and the served model no longer mirrors
-    assert not (repo / (P.ENSEMBLE + SUFFIX)).exists() and P.ENSEMBLE + SUFFIX not in loaded(server)
+    assert not (repo / (P.ENSEMBLE + SUFFIX)).exists()
+    assert P.ENSEMBLE + SUFFIX not in loaded(server)
     assert served_parameters(server).get("shadow_model", {}).get("string_value", "") == ""  # the mirror is off
     md = markdown(r)
-    assert md.startswith("# Shadow rollout: promoted") and f"| {r['mirrored']} | {r['agreed']} |" in md
+    assert md.startswith("# Shadow rollout: promoted")
+    assert f"| {r['mirrored']} | {r['agreed']} |" in md
 
 
 def test_a_candidate_that_disagrees_is_withdrawn_with_its_disagreements(live, onnx_model, val_files, tmp_path):
@@ -75,17 +81,20 @@ def test_a_candidate_that_disagrees_is_withdrawn_with_its_disagreements(live, on
         r = shadow(candidate, repo, server.http_url, server.metrics_url, key=KEY, min_requests=MIN_REQUESTS,
                    timeout_s=120)
     assert r["decision"] == "withdrawn" and "agreement" in r["why"], r["why"]
-    assert r["mirrored"] >= MIN_REQUESTS and r["agreement_percent"] < 10
+    assert r["mirrored"] >= MIN_REQUESTS
+    assert r["agreement_percent"] < 10
     pairs = {(a, b) for a, b, _ in r["disagreements"]}
     assert pairs and all(classes[(classes.index(a) + 1) % len(classes)] == b for a, b in pairs), pairs
     assert sum(n for _, _, n in r["disagreements"]) == r["mirrored"] - r["agreed"]
     assert versions(onnx_model_dir(repo)) == [1]  # nothing published
     c = counts(calls)
     assert c["ok"] > 0 and c["ok"] == len(calls), (c, examples(calls, ("refused", "cut", "error", "overloaded")))
-    assert not (repo / (P.ENSEMBLE + SUFFIX)).exists() and P.ENSEMBLE + SUFFIX not in loaded(server)
+    assert not (repo / (P.ENSEMBLE + SUFFIX)).exists()
+    assert P.ENSEMBLE + SUFFIX not in loaded(server)
     assert served_parameters(server).get("shadow_model", {}).get("string_value", "") == ""  # the mirror is off
     md = markdown(r)
-    assert "withdrawn" in md and "Disagreements by class pair" in md
+    assert "withdrawn" in md
+    assert "Disagreements by class pair" in md
 
 
 def test_the_decision_rule():
@@ -115,8 +124,10 @@ def test_the_mirror_never_blocks_and_counts_what_it_drops(tmp_path):
     assert time.perf_counter() - start < 1.0  # never waits for the candidate
     release.set()
     s = m.close()
-    assert s["dropped_batches"] > 0 and s["mirrored"] + 2 * s["dropped_batches"] == 400
-    assert s["agreed"] == s["mirrored"] // 2 and s["disagreements"] == [["b", "a", s["mirrored"] // 2]]
+    assert s["dropped_batches"] > 0
+    assert s["mirrored"] + 2 * s["dropped_batches"] == 400
+    assert s["agreed"] == s["mirrored"] // 2
+    assert s["disagreements"] == [["b", "a", s["mirrored"] // 2]]
     assert json.loads((tmp_path / "inst0.json").read_text())["mirrored"] == s["mirrored"]
     assert read_summaries(tmp_path)["mirrored"] == s["mirrored"]
 
@@ -130,4 +141,5 @@ def test_the_mirror_survives_its_folder_being_removed(tmp_path):
     m.offer([np.frombuffer(b"\xff\xd8a", np.uint8)], ["a"])
     sh.rmtree(folder)
     m.offer([np.frombuffer(b"\xff\xd8a", np.uint8)], ["a"])
-    assert m.close()["mirrored"] == 2 and not folder.exists()
+    assert m.close()["mirrored"] == 2
+    assert not folder.exists()

@@ -68,18 +68,24 @@ def test_the_checkpoint_records_source_weights_and_the_models_own_preprocessing(
     import timm
 
     ckpt = load_checkpoint(finetuned)
-    assert ckpt["arch"] == TIMM_ARCH and ckpt["arch_args"] == {"num_classes": 10}
+    assert ckpt["arch"] == TIMM_ARCH
+    assert ckpt["arch_args"] == {"num_classes": 10}
     pre = ckpt["pretrained"]
-    assert pre["weights_sha256"] == file_sha256(timm_weights) and pre["source"] == "timm"
+    assert pre["weights_sha256"] == file_sha256(timm_weights)
+    assert pre["source"] == "timm"
     assert pre["head_reinitialised"] == ["head.fc.bias", "head.fc.weight"]
     cfg = timm.models.get_pretrained_cfg("test_convnext")  # bicubic, crop_pct 0.95, mean/std 0.5
     spec = ckpt["preprocess"]
-    assert spec["interpolation"] == "cubic" and cfg.interpolation == "bicubic"
-    assert spec["crop_size"] == 32 and spec["resize_size"] == math.floor(32 / cfg.crop_pct)
-    assert tuple(spec["mean"]) == tuple(cfg.mean) and tuple(spec["std"]) == tuple(cfg.std)
+    assert spec["interpolation"] == "cubic"
+    assert cfg.interpolation == "bicubic"
+    assert spec["crop_size"] == 32
+    assert spec["resize_size"] == math.floor(32 / cfg.crop_pct)
+    assert tuple(spec["mean"]) == tuple(cfg.mean)
+    assert tuple(spec["std"]) == tuple(cfg.std)
     # rebuilt from the checkpoint alone, and it learned the data set (10 classes; chance is 10%)
     model = model_from_checkpoint(ckpt)
-    assert type(model).__name__ == "ConvNeXt" and model.get_classifier().out_features == 10
+    assert type(model).__name__ == "ConvNeXt"
+    assert model.get_classifier().out_features == 10
     assert ckpt["metrics"]["top1"] > 30
 
 
@@ -154,7 +160,8 @@ def test_a_checkpoint_of_this_project_is_pretrained_weights_for_another_data_set
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt["arch"], **ckpt["arch_args"])
     record = sources.load_pretrained(model, ckpt["arch"], str(checkpoint))
-    assert record["head_reinitialised"] == ["fc.bias", "fc.weight"] and record["source"] == "builtin"
+    assert record["head_reinitialised"] == ["fc.bias", "fc.weight"]
+    assert record["source"] == "builtin"
     mine = model.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in ckpt["model"].items() if not k.startswith("fc."))
     assert not torch.equal(mine["fc.weight"], ckpt["model"]["fc.weight"])
@@ -167,9 +174,11 @@ def test_layer_wise_decay_follows_timms_layers(tmp_path):
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
     head = {id(p) for n, p in model.named_parameters() if n in sources.head_parameters(model, TIMM_ARCH)}
     head_groups = [g for g in groups if any(id(p) in head for p in g["params"])]  # weights, biases (no decay)
-    assert head_groups and all(g["lr"] == pytest.approx(0.01) and not g["backbone"] for g in head_groups)
+    assert head_groups
+    assert all(g["lr"] == pytest.approx(0.01) and not g["backbone"] for g in head_groups)
     lrs = sorted({round(g["lr"], 12) for g in groups})
-    assert len(lrs) > 3 and lrs[0] < 0.01 * 0.5 ** 3  # deeper below the head, slower
+    assert len(lrs) > 3
+    assert lrs[0] < 0.01 * 0.5 ** 3
     with pytest.raises(ValueError, match="timm architectures only"):
         train.make_optimizer(build_model("torchvision:mobilenet_v3_small", num_classes=3),
                              train.parse_args(["--data", str(tmp_path), "--arch", "torchvision:mobilenet_v3_small",

@@ -124,7 +124,8 @@ def test_early_stopping_and_dropout(tiny_data, tmp_path):
     assert len(top1) == best_epoch + 2 < 10, f"ran {len(top1)} epochs, best at {best_epoch}, patience 2"
     assert f"early stop after epoch {len(top1)}: val top-1 has not improved for 2 epoch(s)" in r.stdout
     ckpt = load_checkpoint(out / "best.pt")
-    assert ckpt["arch_args"]["dropout"] == 0.3 and ckpt["best_epoch"] == best_epoch
+    assert ckpt["arch_args"]["dropout"] == 0.3
+    assert ckpt["best_epoch"] == best_epoch
     model = build_model(ckpt["arch"], **ckpt["arch_args"])
     model.load_state_dict(ckpt["model"])
     x = torch.randn(4, 3, 32, 32)
@@ -201,7 +202,8 @@ def test_distilled_student_trains_and_exports(checkpoint, tiny_data, tmp_path):
     assert math.isfinite(metrics["train_loss"])
     student = load_checkpoint(out / "best.pt")
     teacher = load_checkpoint(checkpoint)
-    assert student["distillation"]["teacher_sha256"] and student["distillation"]["alpha"] == 0.7
+    assert student["distillation"]["teacher_sha256"]
+    assert student["distillation"]["alpha"] == 0.7
     assert sum(v.numel() for v in student["model"].values()) < sum(v.numel() for v in teacher["model"].values()) / 4
     report = export(out / "best.pt", tiny_data, tmp_path / "student.onnx", max_images=16)
     assert report["top1_agreement"] == 1.0
@@ -238,11 +240,15 @@ def test_config_file_and_command_line_override(tmp_path, tiny_data):
 def test_recipe_pieces():
     model = build_model("resnet_tiny", num_classes=3)
     decay, no_decay = train.param_groups(model, 1e-4, 0.0)
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) > 0
     args = train.parse_args(["--data", "x", "--epochs", "10", "--warmup-epochs", "2"])
     f = [train.lr_factor(s, 5, args) for s in range(50)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[49] < 0.01
+    assert f[0] == pytest.approx(0.1)
+    assert f[9] == pytest.approx(1.0)
+    assert f[49] < 0.01
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))  # cosine decays monotonically after warm-up
     args = train.parse_args(["--data", "x", "--lr-scheduler", "step", "--lr-step-size", "3", "--warmup-epochs", "0"])
     assert [train.lr_factor(s * 5, 5, args) for s in (0, 2, 3, 6)] == pytest.approx([1, 1, 0.1, 0.01])
@@ -273,7 +279,8 @@ def test_bad_image_scan_is_cached_by_the_files_listing(tiny_data, tmp_path, monk
     assert drop_bad_images(samples, "fail") == samples
     decoded = []
     monkeypatch.setattr(data, "image_problem", lambda p: decoded.append(p))
-    assert drop_bad_images(samples, "fail") == samples and decoded == []  # the verdict came from the cache
+    assert drop_bad_images(samples, "fail") == samples
+    assert decoded == []
     monkeypatch.undo()
     monkeypatch.setenv("IMAGE_PLATFORM_CACHE", str(tmp_path / "cache"))
     samples[1][0].write_bytes(samples[1][0].read_bytes()[:200])  # a file changes: it is scanned again
@@ -286,7 +293,8 @@ def test_cli_reports_bad_data_without_traceback(tmp_path):
     (tmp_path / "val" / "only").mkdir(parents=True)
     r = subprocess.run([sys.executable, "-m", "training.train", "--data", str(tmp_path)], env=ENV, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
     assert "has 1 class folder(s); a classifier needs at least 2" in r.stderr
 
 
@@ -294,9 +302,11 @@ def test_eval_report_with_confusion_matrix(checkpoint, tiny_data, tmp_path):
     report = eval_main(eval_args().parse_args(
         ["--ckpt", str(checkpoint), "--data", str(tiny_data), "--out", str(tmp_path)]))
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["top1"] == report["top1"] and set(saved["per_class_top1"]) == set(saved["classes"])
+    assert saved["top1"] == report["top1"]
+    assert set(saved["per_class_top1"]) == set(saved["classes"])
     cm = torch.tensor(saved["confusion_matrix"])
-    assert cm.sum() == saved["images"] and float(cm.trace() / cm.sum() * 100) == pytest.approx(saved["top1"])
+    assert cm.sum() == saved["images"]
+    assert float(cm.trace() / cm.sum() * 100) == pytest.approx(saved["top1"])
     assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (tmp_path / "confusion.csv").read_text().splitlines()
     assert [[int(v) for v in r.split(",")[1:]] for r in rows[1:]] == saved["confusion_matrix"]
@@ -315,7 +325,8 @@ def test_confusions_stay_readable_with_1000_classes(tmp_path):
                                                                        ("c999", "c0", 4)]
     plot_confusion(cm, classes, tmp_path / "confusion.png", "1000 classes")
     with Image.open(tmp_path / "confusion.png") as img:
-        assert img.width <= 1200 and img.height <= 1200  # a 1000x1000 matrix plot would be ~55,000 px wide
+        assert img.width <= 1200
+        assert img.height <= 1200
 
 
 @pytest.mark.parametrize("arch,params", [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)])

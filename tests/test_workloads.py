@@ -20,7 +20,9 @@ def test_photos_are_real_photographs_at_imagenet_size(tmp_path):
     assert sorted(p.name for p in (root / "val").iterdir()) == sorted(PHOTOGRAPHS)
     for f in files[::17]:
         with Image.open(f) as im:
-            assert im.format == "JPEG" and im.size == PHOTO_SIZE and im.mode == "RGB"
+            assert im.format == "JPEG"
+            assert im.size == PHOTO_SIZE
+            assert im.mode == "RGB"
     sizes = [f.stat().st_size for f in files]
     assert 30_000 < sum(sizes) / len(sizes) < 200_000  # photographs, not flat synthetic shapes (~5 KB)
     assert len({hashlib.sha256(f.read_bytes()).hexdigest() for f in files}) == len(files)  # every crop its own
@@ -47,15 +49,20 @@ def test_a_workload_is_trained_quantized_served_on_its_fastest_engine_and_compar
         assert [p["concurrency"] for p in x["latency"]["rows"]] == [1, 4]
         assert all(p["images_per_s"] > 0 and p["p99_ms"] > 0 and p["errors"] == 0 for p in x["latency"]["rows"])
         assert x["latency"]["highest_within_budget"] == 4
-    assert "| tiny-photos | " in workloads.latency_markdown(r) and "highest within" in workloads.latency_markdown(r)
+    assert "| tiny-photos | " in workloads.latency_markdown(r)
+    assert "highest within" in workloads.latency_markdown(r)
     md = workloads.markdown(r)
-    assert "| tiny-photos | resnet_tiny @ 32 |" in md and "(≥ 0.85:" in md and "(≥ 0.9:" in md
+    assert "| tiny-photos | resnet_tiny @ 32 |" in md
+    assert "(≥ 0.85:" in md
+    assert "(≥ 0.9:" in md
     # the architecture table: the trained model only (the demo has no build of its own here), from its report
     table = workloads.architectures_markdown(r).splitlines()
     report = json.loads((tmp_path / "work" / tiny.name / "build_report.json").read_text())
-    assert len(table) == 3 and table[2].startswith("| resnet_tiny @ 32 | ")
+    assert len(table) == 3
+    assert table[2].startswith("| resnet_tiny @ 32 | ")
     fp32, int8 = report["artifacts"]["fp32"]["top1"], report["artifacts"]["int8_ort"]["top1"]
-    assert f"| {fp32:.1f}% |" in table[2] and f"| {fp32 - int8:.1f} / " in table[2]
+    assert f"| {fp32:.1f}% |" in table[2]
+    assert f"| {fp32 - int8:.1f} / " in table[2]
 
 
 def test_the_highest_concurrency_within_the_budget():
@@ -64,7 +71,8 @@ def test_the_highest_concurrency_within_the_budget():
     rows = [{"concurrency": c, "p99_ms": p, "errors": e} for c, p, e in
             ((1, 5.0, 0), (2, 8.0, 0), (4, 30.0, 0), (8, 45.0, 3), (16, 90.0, 0))]
     assert within_budget(rows, 50.0)["concurrency"] == 4  # 8 is within 50 ms but failed requests
-    assert within_budget(rows, 8.0)["concurrency"] == 2 and within_budget(rows, 1.0) is None
+    assert within_budget(rows, 8.0)["concurrency"] == 2
+    assert within_budget(rows, 1.0) is None
 
 
 def _side_by_side(triton: float, peer: float, ceiling: float, triton_p99: float, baseline_p99: float) -> dict:
@@ -85,13 +93,17 @@ def test_each_target_is_met_or_missed_by_how_much_and_why():
     """The report's verdicts from a run's figures: Triton against the ceiling (0.9 on 224 px), the best peer
     (1.5x) and the baseline's p99; a miss says where the time goes."""
     engine_bound = workloads.targets(_side_by_side(150, 135, 160, 200, 900), cores=2)
-    assert engine_bound["ceiling"][2] == "met" and engine_bound["p99"][2] == "met"
+    assert engine_bound["ceiling"][2] == "met"
+    assert engine_bound["p99"][2] == "met"
     assert engine_bound["peer"][3] == "missed by 26%"  # 150 / 135 = 1.11 against 1.5
     assert any("reaches 0.84 of the ceiling" in w and "no server can be 1.5x" in w for w in engine_bound["why"])
     overhead = workloads.targets(_side_by_side(400, 100, 1000, 50, 40), cores=2)
-    assert overhead["ceiling"][2] == "missed by 56%" and overhead["peer"][3] == "met"  # 0.4 against 0.9; 4x
+    assert overhead["ceiling"][2] == "missed by 56%"
+    assert overhead["peer"][3] == "met"
     assert overhead["p99"][2] == "missed: 50 ms against 40"
     # 2 cores: 5.00 ms of a core per image served, 2.00 in the ceiling
     assert any("5.00 ms of a core per image against the ceiling's 2.00 ms: 3.00 ms" in w for w in overhead["why"])
     md = workloads.markdown({"workloads": {"w": _side_by_side(400, 100, 1000, 50, 40)}}, cores=2)
-    assert "| bentoml img/s |" in md and "(bentoml; ≥ 1.5: met)" in md and "- w: the served path spends" in md
+    assert "| bentoml img/s |" in md
+    assert "(bentoml; ≥ 1.5: met)" in md
+    assert "- w: the served path spends" in md
