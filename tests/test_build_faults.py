@@ -135,6 +135,7 @@ def test_build_step_on_a_full_disk_fails_clearly_and_keeps_the_previous_artifact
     before = snapshot(watched)
     # small files (configs, labels) fit; the model (tens of KiB) does not
     r = run_step(args, fsize_limit=16 * 1024)
-    assert r.returncode not in (0, -signal.SIGKILL) and "File too large" in r.stderr, r.stderr[-2000:]
+    assert r.returncode not in (0, -signal.SIGKILL), r.stderr[-2000:]
+    assert "File too large" in r.stderr, r.stderr[-2000:]
     assert snapshot(watched) == before
     assert leftovers(tmp_path) == []

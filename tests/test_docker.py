@@ -125,7 +125,8 @@ def test_every_deployment_requires_both_keys():
         started = run_entrypoint(script, keys)
         assert started.returncode == 0, started.stderr
         words = started.stdout.split()
-        assert words[0] == "tritonserver" and all(flag in words for flag in expected), words
+        assert words[0] == "tritonserver", words
+        assert all(flag in words for flag in expected), words
         for missing in keys:
             refused = run_entrypoint(script, {k: v for k, v in keys.items() if k != missing})
             assert refused.returncode != 0

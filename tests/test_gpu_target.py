@@ -258,8 +258,9 @@ def test_kubernetes_survives_slow_starts_and_scales_on_triton():
                if line and not line.startswith("#"))
     image = env["IMAGE"]
     registry, _, rest = image.partition("/")
-    assert rest and ("." in registry or ":" in registry or registry == "localhost"), \
-        f"{image}: without a registry host every node looks it up on Docker Hub"
+    no_host = f"{image}: without a registry host every node looks it up on Docker Hub"
+    assert rest, no_host
+    assert "." in registry or ":" in registry or registry == "localhost", no_host
     assert image.rsplit(":", 1)[1] != "latest"
     makefile = (ROOT / "docker" / "Makefile").read_text()
     assert "include k8s/image.env" in makefile
@@ -428,7 +429,8 @@ def test_classification_layout_serves_what_the_postprocess_layout_serves(onnx_mo
                 got = c.classify_files(files, batch_size=5)
                 asynchronous = c.classify_async([f.read_bytes() for f in files], [str(f) for f in files], batch_size=4)
             for a, b in zip(got, reference, strict=True):
-                assert a.ok and a.labels == b.labels[:3], (protocol, a, b)
+                assert a.ok, (protocol, a, b)
+                assert a.labels == b.labels[:3], (protocol, a, b)
                 np.testing.assert_allclose(a.scores, b.scores[:3], atol=2e-6)  # printed with 6 decimals
                 np.testing.assert_allclose(a.probabilities, b.probabilities, atol=2e-6)
             assert [p.labels for p in asynchronous] == [p.labels for p in got]
@@ -512,7 +514,8 @@ def test_the_served_preprocess_model_is_checked_against_the_cpu_pipeline(ensembl
     spec = PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])
     for protocol, url in (("grpc", ensemble_server.grpc_url), ("http", ensemble_server.http_url)):
         check = served_preprocess_vs_cpu(url, protocol, spec, photos)
-        assert check["images"] == len(photos) and served_decoder_problems(check) == [], check
+        assert check["images"] == len(photos), check
+        assert served_decoder_problems(check) == [], check
         assert check["max_levels"] < 0.01, check
     # the CPU side with another resize policy stands for a server that computes other pixels
     stretched = served_preprocess_vs_cpu(ensemble_server.grpc_url, "grpc",

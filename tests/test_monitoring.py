@@ -171,7 +171,8 @@ def test_drift_score_is_silent_on_the_val_split_and_fires_on_shifted_traffic(onn
         assert set(in_distribution) == {"confidence", "class_mix"}
         # each instance scores its own window, as its own series (shared, they would overwrite each other)
         series = [k for k in scrape_metrics(s.metrics_url) if k.startswith(PREFIX + "drift_psi{")]
-        assert len(series) == 2 and all('model_instance="' + P.ENSEMBLE + '_0' in k for k in series), series
+        assert len(series) == 2, series
+        assert all('model_instance="' + P.ENSEMBLE + '_0' in k for k in series), series
         assert max(in_distribution.values()) < DRIFT_ALERT_PSI, in_distribution
 
         one_class = [p for p in val_files if p.parent.name == classes[0]]
@@ -248,7 +249,8 @@ def test_monitor_check_end_to_end(repo, tiny_data, tmp_path):
     assert r["problems"] == [], r["problems"]
     sets = r["drift"]["sets"]
     assert all(x["silent_before"] for x in sets.values()), sets
-    assert sets["one class only"]["images_to_alert"] and sets["darkened (x0.25)"]["images_to_alert"], sets
+    assert sets["one class only"]["images_to_alert"], sets
+    assert sets["darkened (x0.25)"]["images_to_alert"], sets
     assert r["shadow"]["same model"]["decision"] == "promoted"
     assert r["shadow"]["classifier rows rolled"]["decision"] == "withdrawn"
     assert r["payloads"]["records"] > 0

@@ -66,7 +66,8 @@ def test_peers_measured_side_by_side_with_triton(peers, server, val_files, tmp_p
                 warmup_s=1)
     for t in targets:
         s = r["summary"][t.name]
-        assert s["errors"] == 0 and s["requests"] > 0, (t.name, s)
+        assert s["errors"] == 0, (t.name, s)
+        assert s["requests"] > 0, (t.name, s)
     md = render_markdown(r)
     assert "| ray serve |" in md
     assert "| bentoml |" in md

@@ -39,7 +39,8 @@ def test_perf_analyzer_point_with_server_breakdown(ensemble_server, val_files, t
     assert {"Server Queue", "Server Compute Infer", "p99 latency"} <= set(row)
     # every composing model of the ensemble saw every request, batched by the dynamic batcher
     reqs = {m: point.server[m]["requests"] for m in (P.ENSEMBLE, *COMPOSING)}
-    assert len(set(reqs.values())) == 1 and reqs[P.ENSEMBLE] > 0, reqs
+    assert len(set(reqs.values())) == 1, reqs
+    assert reqs[P.ENSEMBLE] > 0, reqs
     for m in COMPOSING:
         assert 1 <= point.server[m]["avg_batch"] <= MAX_BATCH
         assert point.server[m]["compute_infer_us"] > 0
@@ -92,7 +93,8 @@ def test_locust_runs_and_checks_answers(server, baseline_url, tiny_data, repo, t
     top_k = 5 if user == "BaselineUser" else read_manifest(repo)["settings"]["top_k"]
     labels = labels_file(repo)
     res = run_locust(user, host, 3, 3, tmp_path, tiny_data / "val", labels, top_k, server.grpc_url)
-    assert res["requests"] > 0 and res["failures"] == 0, res["failure_kinds"]
+    assert res["requests"] > 0, res["failure_kinds"]
+    assert res["failures"] == 0, res["failure_kinds"]
     assert res["rps"] > 0
     assert res["p50_ms"] <= res["p99_ms"]
     assert Path(res["html"]).read_text().lstrip().lower().startswith("<!doctype html")
@@ -234,7 +236,8 @@ def test_side_by_side_with_one_generator(server, baseline_url, val_files, tmp_pa
     assert r["order"] == [["triton", "baseline"], ["baseline", "triton"]]
     for name in ("triton", "baseline"):
         s = r["summary"][name]
-        assert s["errors"] == 0 and s["requests"] > 0, s
+        assert s["errors"] == 0, s
+        assert s["requests"] > 0, s
         assert s["images_per_s"]["min"] <= s["images_per_s"]["median"] <= s["images_per_s"]["max"]
         assert len(r["runs"][name]) == 2
         assert all(x["generator_cores"] >= 0 for x in r["runs"][name])

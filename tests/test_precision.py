@@ -107,7 +107,8 @@ def test_build_report_and_artifacts(artifacts):
         for out in model.graph.output:
             assert producers[out.name].op_type not in ("DequantizeLinear", "QuantizeLinear"), (name, out.name)
         softmax = producers["probabilities"]
-        assert softmax.op_type == "Softmax" and producers[softmax.input[0]].op_type not in ("DequantizeLinear",), name
+        assert softmax.op_type == "Softmax", name
+        assert producers[softmax.input[0]].op_type not in ("DequantizeLinear",), name
     calib = np.load(artifacts / "calib" / "calib.npy")
     sources = (artifacts / "calib" / "calib_sources.txt").read_text().splitlines()
     assert calib.shape[0] == len(sources) == 32
@@ -157,8 +158,8 @@ def test_calibration_method_entropy_clips_the_ranges(artifacts, tiny_data, tmp_p
         shared = set(entropy) & set(maxed)
         assert shared, name
         # same 32 images: max calibration covers the full range, entropy clips outliers, so scales are >=
-        assert (all(maxed[t] >= entropy[t] * 0.999 for t in shared)
-                and any(maxed[t] > entropy[t] * 1.01 for t in shared)), name
+        assert all(maxed[t] >= entropy[t] * 0.999 for t in shared), name
+        assert any(maxed[t] > entropy[t] * 1.01 for t in shared), name
     # the CPU INT8 uses uint8 activations (ONNX Runtime's fast x86 path; int8 activations ran slower than FP32)
     ort_int8 = onnx.load(str(artifacts / ARTIFACT_NAMES["int8_ort"]))
     inits = {i.name: i for i in ort_int8.graph.initializer}
@@ -416,7 +417,8 @@ def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
     assert diff["images"] == min(16, len(val_files))
     # nvJPEG and libjpeg-turbo round differently; normalized, one 8-bit level is about 0.017: on average the
     # two devices agree within 3 levels (a wrong channel order, scale or crop is far beyond that)
-    assert diff["mean_abs_diff"] < 0.05 and diff["max_abs_diff"] < 0.5, diff
+    assert diff["mean_abs_diff"] < 0.05, diff
+    assert diff["max_abs_diff"] < 0.5, diff
     assert not diff["padding_changes_output"]  # the DALI backend gets zero-padded rows, nothing strips them
 
 
@@ -537,9 +539,12 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     recovery = report["int8_recovery"]["int8_ort"]
     first, last = recovery["tries"][0], recovery["tries"][-1]
     base = report["artifacts"]["fp32"]["top1"]
-    assert first["top1"] < base - 10 and not first["passed"], recovery
+    assert first["top1"] < base - 10, recovery
+    assert not first["passed"], recovery
     assert set(list(recovery["sensitivity_db"])[:len(sensitive)]) == sensitive, recovery["sensitivity_db"]
-    assert recovery["recovered"] and last["passed"] and sensitive <= set(last["kept_fp32"]), recovery
+    assert recovery["recovered"], recovery
+    assert last["passed"], recovery
+    assert sensitive <= set(last["kept_fp32"]), recovery
     assert report["artifacts"]["int8_ort"]["top1"] >= base - 2.5
     assert "int8_ort" not in report["gate_failures"]
     path = tmp_path / ARTIFACT_NAMES["int8_ort"]

@@ -72,7 +72,8 @@ def test_own_binary_needs_no_pytriton(repo, tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
                        env={k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH",)})
-    assert r.returncode == 0 and "ready" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ready" in r.stdout, r.stdout + r.stderr
 
 
 def test_port_taken_between_choosing_and_binding_is_chosen_again(repo, monkeypatch):
