@@ -3,17 +3,17 @@
     python -m build.export_onnx --ckpt artifacts/best.pt --data data/synthetic --out artifacts/model.onnx
 
 The checkpoint's metadata (classes, preprocess spec, arch, metrics) is embedded in the ONNX file's
-metadata_props under ``"platform"``, with the checkpoint's sha256, so later stages read the ONNX
-alone. The file is written only after validation passes: on failure nothing is left behind.
+metadata_props (core.metadata: METADATA_KEY, an ArtifactMetadata), with the checkpoint's sha256, so later
+stages read the ONNX alone. The file is written only after validation passes: on failure nothing is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,9 @@ from core.metadata import (
     METADATA_KEY,
     OUTPUT_NAME,
     PROBABILITIES_NAME,
-    SCHEMA_VERSION,
+    ArtifactMetadata,
+    CheckpointSource,
+    ExportInfo,
     file_sha256,
     library_versions,
     read_metadata,
@@ -103,20 +105,18 @@ def validate(model_bytes: bytes, torch_model: torch.nn.Module, inputs: np.ndarra
     return report, probs
 
 
-def export_metadata(ckpt: dict, ckpt_path: Path, out: Path) -> dict:
+def export_metadata(ckpt: dict, ckpt_path: Path, out: Path) -> ArtifactMetadata:
     """The metadata contract embedded in the ONNX: the checkpoint's metadata, its source and the export's."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "arch": ckpt["arch"], "arch_args": ckpt["arch_args"], "classes": ckpt["classes"],
-        "pretrained": ckpt.get("pretrained"),
-        "preprocess": ckpt["preprocess"], "metrics": ckpt.get("metrics", {}),
-        "source": {"checkpoint": os.path.relpath(Path(ckpt_path).resolve(), Path(out).resolve().parent),
-                   "checkpoint_sha256": file_sha256(ckpt_path),
-                   "training_provenance": ckpt.get("provenance", {})},
-        "export": {"opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME, "probabilities": PROBABILITIES_NAME,
-                   "precision": "fp32",
-                   "versions": {**library_versions(), "onnx": onnx.__version__}},
-    }
+    return ArtifactMetadata(
+        arch=ckpt["arch"], arch_args=ckpt["arch_args"], classes=tuple(ckpt["classes"]),
+        pretrained=ckpt.get("pretrained"),
+        preprocess=spec_from_checkpoint(ckpt), metrics=ckpt.get("metrics", {}),
+        source=CheckpointSource(checkpoint=os.path.relpath(Path(ckpt_path).resolve(), Path(out).resolve().parent),
+                                checkpoint_sha256=file_sha256(ckpt_path),
+                                training_provenance=ckpt.get("provenance", {})),
+        export=ExportInfo(opset=OPSET, input=INPUT_NAME, output=OUTPUT_NAME, probabilities=PROBABILITIES_NAME,
+                          precision="fp32", versions={**library_versions(), "onnx": onnx.__version__}),
+    )
 
 
 def cleaned_graph(proto: onnx.ModelProto) -> tuple[bytes, dict]:
@@ -144,9 +144,9 @@ def with_reference(model_bytes: bytes, probs: np.ndarray, split: str) -> bytes:
     the reference the served model's drift score compares live answers with."""
     model = onnx.load_from_string(model_bytes)
     meta = read_metadata(model)
-    meta["export"]["reference"] = {"split": split, **answer_distribution(probs)}
+    meta = replace(meta, export=replace(meta.export, reference={"split": split, **answer_distribution(probs)}))
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        METADATA_KEY: json.dumps(meta)})
+                                        METADATA_KEY: meta.to_json()})
     return model.SerializeToString()
 
 
@@ -156,7 +156,7 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
     model = model_from_checkpoint(ckpt)
     spec = spec_from_checkpoint(ckpt)
     proto = to_onnx(model, spec.input_shape)
-    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(export_metadata(ckpt, ckpt_path, out))})
+    onnx.helper.set_model_props(proto, {METADATA_KEY: export_metadata(ckpt, ckpt_path, out).to_json()})
     model_bytes, counts = cleaned_graph(proto)
 
     paths = [p for p, _ in list_images(Path(data) / split, ckpt["classes"])][:max_images]

@@ -33,7 +33,9 @@ from core.metadata import (
     METADATA_KEY,
     OUTPUT_NAME,
     PROBABILITIES_NAME,
-    SCHEMA_VERSION,
+    ArtifactMetadata,
+    ExportInfo,
+    ImportedSource,
     file_sha256,
     library_versions,
 )
@@ -161,14 +163,15 @@ def import_onnx(src: Path, labels_file: Path, out: Path, args: argparse.Namespac
     original = OrtRunner(model.SerializeToString())
     softmax = outputs_probabilities(original, spec.input_shape)
     rewired, fixes = rewire(graph, model.ir_version, len(labels), softmax)
-    meta = {"schema_version": SCHEMA_VERSION, "arch": IMPORTED_ARCH, "arch_args": {}, "classes": labels,
-            "preprocess": spec.to_dict(), "metrics": {},
-            "source": {"checkpoint": None, "imported": str(Path(src).resolve()), "imported_sha256": file_sha256(src),
-                       "labels_sha256": file_sha256(labels_file), "preprocessing_like": args.like, "fixes": fixes},
-            "export": {"opset": max(o.version for o in rewired.opset_import if o.domain in ("", "ai.onnx")),
-                       "input": INPUT_NAME, "output": OUTPUT_NAME, "probabilities": PROBABILITIES_NAME,
-                       "precision": "fp32", "versions": {**library_versions(), "onnx": onnx.__version__}}}
-    onnx.helper.set_model_props(rewired, {METADATA_KEY: json.dumps(meta)})
+    meta = ArtifactMetadata(
+        arch=IMPORTED_ARCH, arch_args={}, classes=tuple(labels), preprocess=spec, metrics={},
+        source=ImportedSource(imported=str(Path(src).resolve()), imported_sha256=file_sha256(src),
+                              labels_sha256=file_sha256(labels_file), preprocessing_like=args.like, fixes=fixes),
+        export=ExportInfo(opset=max(o.version for o in rewired.opset_import if o.domain in ("", "ai.onnx")),
+                          input=INPUT_NAME, output=OUTPUT_NAME, probabilities=PROBABILITIES_NAME,
+                          precision="fp32", versions={**library_versions(), "onnx": onnx.__version__}),
+        records_pretrained=False)  # an import records no fine-tuning: the key is left out
+    onnx.helper.set_model_props(rewired, {METADATA_KEY: meta.to_json()})
     model_bytes = rewired.SerializeToString()
     diff = check_runs(original, model_bytes, spec.input_shape, softmax)
     report = {"fixes": fixes, "max_abs_diff_vs_original": diff, "classes": len(labels), "input": spec.input_shape}

@@ -35,6 +35,7 @@ from build.model_config import (
 )
 from build.settings import BatchProfile, RepoSettings
 from core import protocol as P
+from core.metadata import ExportInfo
 from core.preprocess import PreprocessSpec
 
 TARGETS = ("embedded", "gpu")
@@ -51,7 +52,7 @@ class ConfigInputs:
     num_classes: int
     settings: RepoSettings
     target: str
-    export: dict[str, Any]  # the ONNX tensor names: input, output (logits), probabilities (if exported); reference
+    export: ExportInfo  # the ONNX tensor names: input, output (logits), probabilities (if exported); reference
 
     @property
     def top_k(self) -> int:
@@ -62,7 +63,10 @@ class ConfigInputs:
         the ONNX (and so the TensorRT plan's) names on the GPU target."""
         if self.target == "embedded":
             return P.PIXELS, {"output": P.LOGITS, "probabilities": P.PROBABILITIES}[output]
-        return self.export["input"], self.export[output]
+        name = {"output": self.export.output, "probabilities": self.export.probabilities}[output]
+        if name is None:
+            raise ValueError("the ONNX file has no softmax output (exported before it was added)")
+        return self.export.input, name
 
 
 @dataclass(frozen=True)
@@ -86,14 +90,14 @@ class Layout:
     def labels_file(self, repo: Path = Path()) -> Path:
         return Path(repo) / self.labels_dir / LABELS_FILE
 
-    def check(self, target: str, export: dict[str, Any], source: Path) -> None:
+    def check(self, target: str, export: ExportInfo, source: Path) -> None:
         """Refuse what this layout cannot serve, saying why."""
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if target not in self.targets:
             raise ValueError(f"the {self.name} layout is for the {' and '.join(self.targets)} target"
                              f"{'s' if len(self.targets) > 1 else ''} only, not {target}")
-        if self.needs_probabilities and "probabilities" not in export:
+        if self.needs_probabilities and export.probabilities is None:
             raise ValueError(f"{source} has no softmax output (exported before it was added): export it again "
                              f"with `make onnx` (and `make quantize`) to render the {self.name} layout")
 
@@ -115,7 +119,7 @@ def stage_parameters(s: RepoSettings, c: ConfigInputs) -> dict[str, dict[str, An
     """The Python-backend stages' parameters, by model (the fused model takes all of them). The drift
     reference is the exported model's answers on its val split (build.export_onnx), when it has one."""
     metrics = {"served_metrics": s.served_metrics, "served_metrics_interval_ms": s.served_metrics_interval_ms}
-    reference = c.export.get("reference")
+    reference = c.export.reference
     drift = {"drift_window": s.drift_window, "drift_reference": json.dumps(reference)} if reference else {}
     return {P.PREPROCESS: {"dali_pipeline": MODEL_DALI, "dali_num_threads": s.dali_threads,
                            "max_image_pixels": s.max_image_pixels, "max_image_bytes": s.max_image_bytes, **metrics},
@@ -143,7 +147,7 @@ def _gpu_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     s, gpu = c.settings, mc.ModelInstanceGroup.KIND_GPU
     opt = BatchProfile.of(s).opt
     preferred = sorted({b for b in (*s.preferred_batch_sizes, opt, s.max_batch_size) if b <= s.max_batch_size})
-    onnx_in, onnx_out = c.export["input"], c.export["output"]
+    onnx_in, onnx_out = c.export.input, c.export.output
 
     # no model.dali: the backend serializes dali.py with its own DALI (see build/triton_models/dali.py)
     pre = mc.ModelConfig(name=P.PREPROCESS, backend="dali", max_batch_size=s.max_batch_size,

@@ -65,7 +65,7 @@ def load_reference(path: Path | str) -> dict[str, Any]:
     answers on its val split there) or from a JSON file holding just that."""
     path = Path(path)
     if path.suffix == ".onnx":
-        reference = read_metadata(path).get("export", {}).get("reference")
+        reference = read_metadata(path).export.reference
         if reference is None:
             raise ValueError(f"{path} carries no drift reference (it was not exported by `make onnx`)")
         return dict(reference)

@@ -39,8 +39,8 @@ from clients import admin
 from clients.client import error_message
 from clients.keys import ADMIN, UnusableKeyError
 from core.atomic_io import atomic_write_bytes
-from core.metadata import file_sha256, read_metadata
-from core.preprocess import DaliPreprocessor, PreprocessSpec
+from core.metadata import ArtifactMetadata, file_sha256, read_metadata
+from core.preprocess import DaliPreprocessor
 from core.runners import OrtRunner, Runner
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, stream_logits, topk_accuracy
@@ -70,26 +70,27 @@ def served_onnx(repo: Path) -> Path:
     return model_dir / str(vs[-1]) / MODEL_FILE
 
 
-def check_compatible(new: dict, served: dict) -> None:
+def check_compatible(new: ArtifactMetadata, served: ArtifactMetadata) -> None:
     """The rest of the ensemble (preprocess, labels, tensor names) stays as rendered: the new model must
     expect the same input and produce the same classes."""
-    for key, what in (("classes", "class names"), ("preprocess", "preprocessing")):
-        if new[key] != served[key]:
+    for differs, what in ((new.classes != served.classes, "class names"),
+                          (new.preprocess != served.preprocess, "preprocessing")):
+        if differs:
             raise PublishError(f"the new model's {what} differ from the served model's: a live update only swaps "
                                "the classifier; render the repository again (`make repo`) and restart the server")
     for key in ("input", "output", "probabilities"):
-        if new.get("export", {}).get(key) != served.get("export", {}).get(key):
-            raise PublishError(f"the new model's ONNX {key} tensor is {new.get('export', {}).get(key)!r}, the served "
-                               f"one's {served.get('export', {}).get(key)!r}: export it with the same `make onnx`")
+        if getattr(new.export, key) != getattr(served.export, key):
+            raise PublishError(f"the new model's ONNX {key} tensor is {getattr(new.export, key)!r}, the served "
+                               f"one's {getattr(served.export, key)!r}: export it with the same `make onnx`")
 
 
-def top1(runners: dict[str, Runner], meta: dict, data: Path) -> dict[str, float]:
+def top1(runners: dict[str, Runner], meta: ArtifactMetadata, data: Path) -> dict[str, float]:
     """val top-1 of each model, through the serving preprocess (one decode per batch for all)."""
-    val = list_images(Path(data) / "val", meta["classes"])
+    val = list_images(Path(data) / "val", meta.classes)
     if not val:
         raise PublishError(f"no val images under {data}/val for the accuracy check")
     labels = np.array([y for _, y in val])
-    pre = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"]), batch_size=32)
+    pre = DaliPreprocessor(meta.preprocess, batch_size=32)
     logits = stream_logits(runners, pre.iter_files([p for p, _ in val]))
     return {name: topk_accuracy(lg, labels, (1,))["top1"] for name, lg in logits.items()}
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def list_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+def list_images(split_dir: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
     """(path, class index) for every image under split_dir/<class>/, sorted for determinism."""
     samples = []
     for idx, name in enumerate(classes):
