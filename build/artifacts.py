@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from core.stages import ENGINES
+from core import engines
+from core.engines import FILE_PRECISIONS, Engine, InferencePrecision, Precision, Target
 
 ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx",
                   "int8_ort": "model_int8_ort.onnx"}
+# each artifact file's own precision (FILE_PRECISIONS, core/engines.py: the GPU target's choices)
+ARTIFACT_PRECISIONS = {"fp32": Precision.FP32, "fp16": Precision.FP16, "int8": Precision.INT8,
+                       "int8_ort": Precision.INT8}
 REPORT = "build_report.json"  # build.quantize's report: every candidate's scores and the embedded INT8 choice
-FILE_PRECISIONS = ("fp32", "fp16", "int8")  # the precisions an artifact file has (the GPU target's choices)
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # what the CPU target serves; PRECISION=auto: the fastest passing
 # An engine other than ONNX Runtime (the default) is chosen for a precision only when make quantize measured
 # it this much faster: equal engines (both run f32 kernels) would otherwise swap on the timing noise.
 ENGINE_MARGIN = 1.05
@@ -25,36 +29,66 @@ ENGINE_MARGIN = 1.05
 class Candidate:
     """One way the CPU target can serve the model: an artifact file on an engine at a precision."""
 
-    engine: str                       # core.stages.ENGINES
+    engine: str                       # an embedded-target engine of core/engines.py
     artifact: str                     # a key of ARTIFACT_NAMES
     precision: str                    # the PRECISION it serves
-    inference_precision: str = "f32"  # the engine's precision hint (OpenVINO: f32 or bf16)
+    inference_precision: str = InferencePrecision.F32  # the engine's precision hint (OpenVINO: f32 or bf16)
 
 
-# Every candidate make quantize scores, gates and times. The ONNX Runtime ones keep their artifact's name
-# (the report's rows from before OpenVINO). OpenVINO is not given the FP16 file: its CPU plugin has no FP16
-# arithmetic on this CPU family (it would compute it in f32 or bf16), so it adds nothing to the bf16 hint.
-CANDIDATES: dict[str, Candidate] = {
-    "fp32": Candidate("onnxruntime", "fp32", "fp32"),
-    "fp16": Candidate("onnxruntime", "fp16", "fp16"),
-    "int8": Candidate("onnxruntime", "int8", "int8"),
-    "int8_ort": Candidate("onnxruntime", "int8_ort", "int8"),
-    "openvino_fp32": Candidate("openvino", "fp32", "fp32"),
-    "openvino_bf16": Candidate("openvino", "fp32", "bf16", "bf16"),
-    "openvino_int8": Candidate("openvino", "int8", "int8"),
-    "openvino_int8_ort": Candidate("openvino", "int8_ort", "int8"),
-}
+def engine_candidates(engine: Engine) -> dict[str, Candidate]:
+    """The ways ``engine`` serves the artifacts, by name: each file of a precision it takes, computed as the
+    file says (named by the artifact), and the FP32 file at each of its lower precision hints (named by the
+    hint). The default engine's names are the artifacts' own (the report's rows from before OpenVINO), the
+    others' are prefixed with the engine's name."""
+    prefix = "" if engine.default else f"{engine.name}_"
+    out: dict[str, Candidate] = {}
+    for artifact, precision in ARTIFACT_PRECISIONS.items():
+        if precision not in engine.file_precisions:
+            continue
+        for hint in engine.inference_precisions:
+            if hint == InferencePrecision.F32:
+                out[f"{prefix}{artifact}"] = Candidate(engine.name, artifact, precision)
+            elif precision == Precision.FP32:
+                out[f"{prefix}{hint}"] = Candidate(engine.name, artifact, Precision(hint), hint)
+    return out
 
 
-def artifact_for(precision: str, artifacts: Path, target: str = "embedded") -> Path:
+@lru_cache(maxsize=8)
+def _candidates(registered: tuple[Engine, ...]) -> dict[str, Candidate]:
+    return {name: c for engine in registered for name, c in engine_candidates(engine).items()}
+
+
+class Candidates(Mapping[str, Candidate]):
+    """Every candidate make quantize scores, gates and times: those of each engine of the embedded target, in
+    the registry's order (core/engines.py), read from it at each look-up, so that a registered engine is one."""
+
+    def _table(self) -> dict[str, Candidate]:
+        return _candidates(engines.engines(Target.EMBEDDED))
+
+    def __getitem__(self, name: str) -> Candidate:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+CANDIDATES: Mapping[str, Candidate] = Candidates()
+# what the CPU target serves; PRECISION=auto: the fastest passing
+PRECISIONS = tuple(p for p in Precision if any(c.precision == p for c in CANDIDATES.values()))
+
+
+def artifact_for(precision: str, artifacts: Path, target: str = Target.EMBEDDED) -> Path:
     """The ONNX file a target serves for a precision on ONNX Runtime. Embedded INT8: the build report's CPU
     choice; the GPU target builds its engine from the ModelOpt Q/DQ file (its path is returned whether or not
     it exists yet)."""
     if precision not in FILE_PRECISIONS:
         raise ValueError(f"PRECISION must be one of {', '.join(FILE_PRECISIONS)} here, got {precision!r}")
-    if target != "embedded":
+    if target != Target.EMBEDDED:
         return Path(artifacts) / ARTIFACT_NAMES[precision]
-    if precision in ("fp32", "fp16"):
+    if precision in (Precision.FP32, Precision.FP16):
         path = Path(artifacts) / ARTIFACT_NAMES[precision]
     else:
         report_path = Path(artifacts) / REPORT
@@ -65,7 +99,8 @@ def artifact_for(precision: str, artifacts: Path, target: str = "embedded") -> P
             raise ValueError("no INT8 artifact passed the accuracy gate (see build_report.md)")
         path = Path(artifacts) / ARTIFACT_NAMES[choice]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `make {'onnx' if precision == 'fp32' else 'quantize'}` first")
+        make = "onnx" if precision == Precision.FP32 else "quantize"
+        raise FileNotFoundError(f"{path} not found: run `make {make}` first")
     return path
 
 
@@ -89,8 +124,9 @@ def _images_per_s(report: dict[str, Any], name: str) -> float:
 def fastest(report: dict[str, Any], names: list[str]) -> str:
     """The fastest of ``names`` in the report; ONNX Runtime unless another engine beats it by ENGINE_MARGIN."""
     best = max(names, key=lambda n: _images_per_s(report, n))
-    on_ort = [n for n in names if CANDIDATES[n].engine == "onnxruntime"]
-    if on_ort and CANDIDATES[best].engine != "onnxruntime":
+    default = engines.default_for(Target.EMBEDDED).name
+    on_ort = [n for n in names if CANDIDATES[n].engine == default]
+    if on_ort and CANDIDATES[best].engine != default:
         ort_best = max(on_ort, key=lambda n: _images_per_s(report, n))
         if _images_per_s(report, best) < ENGINE_MARGIN * _images_per_s(report, ort_best):
             return ort_best
@@ -103,15 +139,16 @@ def served_for(precision: str, artifacts: Path, engine: str | None = None) -> tu
     FP16 are served as exported (ONNX Runtime, or OpenVINO at f32); bf16, INT8 and auto need the report."""
     if precision not in (*PRECISIONS, "auto"):
         raise ValueError(f"PRECISION must be one of {', '.join(PRECISIONS)} or auto, got {precision!r}")
-    if engine is not None and engine not in ENGINES:
-        raise ValueError(f"ENGINE must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine is not None and engine not in engines.names(Target.EMBEDDED):
+        raise ValueError(f"ENGINE must be one of {', '.join(engines.names(Target.EMBEDDED))}, got {engine!r}")
     report = current_report(artifacts)
     matching = [n for n, c in CANDIDATES.items() if precision in ("auto", c.precision) and engine in (None, c.engine)]
     if not matching:
         serves = sorted({c.precision for c in CANDIDATES.values() if c.engine == engine})
         raise ValueError(f"{engine} does not serve {precision} on the CPU (it serves {', '.join(serves)})")
     if report is None:
-        exact = [n for n in matching if precision in ("fp32", "fp16") and CANDIDATES[n].inference_precision == "f32"]
+        exact = [n for n in matching if precision in (Precision.FP32, Precision.FP16)
+                 and CANDIDATES[n].inference_precision == InferencePrecision.F32]
         if not exact:
             raise FileNotFoundError(f"{Path(artifacts) / REPORT} for this model not found: run `make quantize` first "
                                     f"(it scores, gates and times every engine x precision; {precision} needs it)")
@@ -162,7 +199,7 @@ def fitted_max_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] |
 
 
 # The classifier's instances follow the cost too (the embedded target: one single-threaded instance per core,
-# or one more). Measured side by side (perf/instances.py, wrk at 16 connections, 2 cores): for MobileNetV3-Large
+# or one more). Measured side by side (perf/ab/instances.py, wrk at 16 connections, 2 cores): for MobileNetV3-Large
 # (about 3.5 ms of one core per image) and ResNet-50 (about 7.5 ms) at 224 px, one instance per core served as
 # much as three, or more, at a 11-14% lower p99: a third instance only time-slices the cores and lengthens
 # every batch. For the 64-px demo model (about 0.3 ms) one per core let Triton 2.51's batcher stall

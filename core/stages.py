@@ -2,8 +2,9 @@
 
 What the Python-backend models run (build/triton_models/: preprocess, classifier, postprocess, and the
 fused model that runs all three on one batch), copied beside each of them by ``make repo``; the peer
-servers of ``make compare`` run the very same classes (perf/peers/pipeline.py). It therefore imports
-nothing of the project and only NumPy at import time (DALI, ONNX Runtime, OpenVINO where they are used): the
+servers of ``make compare`` run the very same classes (perf/reference/peers/pipeline.py). It therefore imports
+nothing of the project but the engine registry (core/engines.py, copied beside it too, imported as
+``engines`` there) and only NumPy at import time (DALI, ONNX Runtime, OpenVINO where they are used): the
 GPU target's postprocess model loads it in a Python backend that has neither.
 
 Bad images never take the server or other requests down: every image's header is read first (format,
@@ -24,6 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:  # the project's core/engines.py; in a rendered repository, engines.py copied beside this file
+    from core import engines
+except ModuleNotFoundError:
+    import engines  # type: ignore[no-redef]
+
+# the served classifiers' own factories, where they were (core/engines.py holds them with their records)
+INFERENCE_PRECISIONS = engines.INFERENCE_PRECISIONS
+OnnxClassifier, OpenVinoClassifier = engines.OnnxClassifier, engines.OpenVinoClassifier
+ort_session, ov_compiled = engines.ort_session, engines.ov_compiled
 
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
 FORMATS = tuple(name for _, name in SIGNATURES)
@@ -321,97 +332,21 @@ class Preprocessor:
         return out
 
 
-def ort_session(model: Path | str | bytes, intra_op_threads: int = 1, allow_spinning: bool = False) -> Any:
-    """An ONNX Runtime CPU session with the serving options: what the served classifier, the peers and every
-    measurement (runners) create.
-
-    ``intra_op_threads`` 0 = ORT's default, one per core. ORT's idle intra-op threads spin-wait by default:
-    on a shared CPU that burns the cores the preprocessing and the server need (measured here: 1.14 cores
-    spinning, 0.45 doing the work), so spinning is off unless asked for."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-class OnnxClassifier:
-    """A batch in, the ONNX outputs in order out (logits, then the export's softmax probabilities where it
-    has them), on ONNX Runtime."""
-
-    def __init__(self, path: Path | str | bytes, intra_op_threads: int = 1):
-        self.session = ort_session(path, intra_op_threads)
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, batch: np.ndarray, outputs: int = 1) -> list[np.ndarray]:
-        """The first ``outputs`` ONNX outputs for ``batch``."""
-        return list(self.session.run(self.output_names[:outputs], {self.input_name: batch}))
-
-
-# OpenVINO's CPU precision hints: f32 computes as ONNX Runtime does; bf16 runs on AMX / AVX-512 BF16 units
-# (where the CPU has none, OpenVINO computes in f32 instead). OpenVINO's own default on such a CPU is bf16,
-# so the hint is always set: the accuracy gate scores exactly what serves.
-INFERENCE_PRECISIONS = ("f32", "bf16")
-
-
-def ov_compiled(model: Path | str | bytes, threads: int = 1, inference_precision: str = "f32") -> Any:
-    """An OpenVINO CPU compiled model with the serving options: what the served classifier and every
-    measurement (runners) create. ``threads`` 0 = OpenVINO's default, one per core.
-
-    One stream (a Triton instance is one execution at a time; instances scale out) and no core pinning:
-    the instances are separate processes, and pinned each would pin its threads to the same first cores."""
-    import openvino as ov
-
-    if inference_precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"OpenVINO inference precision must be one of {INFERENCE_PRECISIONS}, "
-                         f"got {inference_precision!r}")
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY",
-                              "NUM_STREAMS": "1", "ENABLE_CPU_PINNING": False}
-    if threads > 0:
-        config["INFERENCE_NUM_THREADS"] = threads
-    core = ov.Core()
-    source = model if isinstance(model, bytes) else str(model)  # ONNX read directly, bytes or a path
-    return core.compile_model(core.read_model(source), "CPU", config)
-
-
-class OpenVinoClassifier:
-    """The same as :class:`OnnxClassifier`, on OpenVINO's CPU plugin (the ONNX file read as it is)."""
-
-    def __init__(self, path: Path | str | bytes, intra_op_threads: int = 1, inference_precision: str = "f32"):
-        self.compiled = ov_compiled(path, intra_op_threads, inference_precision)
-        self.request = self.compiled.create_infer_request()
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
-
-    def __call__(self, batch: np.ndarray, outputs: int = 1) -> list[np.ndarray]:
-        self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
-        # the request's output buffers are reused by the next call: copied out
-        return [np.array(self.request.get_output_tensor(i).data) for i in range(outputs)]
-
-
-# The CPU engines a served classifier runs on, by the `engine` parameter of its rendered config
-ENGINES: dict[str, Callable[..., Any]] = {"onnxruntime": OnnxClassifier, "openvino": OpenVinoClassifier}
-
-
-def make_classifier(engine: str, path: Path | str | bytes, threads: int = 1, inference_precision: str = "f32") -> Any:
-    """A classifier on ``engine``; ONNX Runtime has one precision (the file's), OpenVINO takes a hint."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {tuple(ENGINES)}, got {engine!r}")
-    if engine == "onnxruntime":
-        if inference_precision != "f32":
-            raise ValueError(f"ONNX Runtime computes in the ONNX file's own precision, not {inference_precision}")
-        return OnnxClassifier(path, threads)
-    return OpenVinoClassifier(path, threads, inference_precision)
+def make_classifier(engine: str, path: Path | str | bytes, threads: int = 1,
+                    inference_precision: str = engines.InferencePrecision.F32) -> Any:
+    """A classifier on ``engine`` (an embedded-target engine of core/engines.py); ONNX Runtime has one precision
+    (the file's), OpenVINO takes a hint."""
+    classifier = engines.get(engine, engines.Target.EMBEDDED).classifier
+    assert classifier is not None  # every engine of the embedded target has one (engines.Engine)
+    return classifier(path, threads, inference_precision)
 
 
 def classifier_from_config(config: dict[str, Any], here: Path) -> Any:
     """The classifier a rendered config asks for (an older config without an engine: ONNX Runtime)."""
     params = parameters(config)
-    return make_classifier(params.get("engine", "onnxruntime"), here / params.get("onnx_file", "model.onnx"),
-                           int(params.get("intra_op_threads", "1")), params.get("inference_precision", "f32"))
+    return make_classifier(params.get("engine", engines.default_for(engines.Target.EMBEDDED).name),
+                           here / params.get("onnx_file", "model.onnx"), int(params.get("intra_op_threads", "1")),
+                           params.get("inference_precision", engines.InferencePrecision.F32))
 
 
 def prediction_summary(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
