@@ -1,6 +1,6 @@
 """Shadow rollout: a candidate served beside the current model on live traffic, then promoted or withdrawn.
 
-    python -m serve.shadow --onnx artifacts/model.onnx --repo model_repository --data data/synthetic
+    python -m serve.rollout --onnx artifacts/model.onnx --repo model_repository --data data/synthetic
     make publish SHADOW=1 ONNX=artifacts/model.onnx                  # the same, with the Makefile's settings
 
 1. The candidate is checked as `make publish` checks it (it loads, it fits the served model, its val

@@ -254,7 +254,7 @@ class TritonServer:
                 f"--http-port={self.ports.http}", f"--grpc-port={self.ports.grpc}",
                 f"--metrics-port={self.ports.metrics}", "--exit-on-error=true", "--strict-readiness=true",
                 "--disable-auto-complete-config", "--log-verbose=0", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-                # latency quantiles per model (nv_inference_*_summary_us): serve.shadow compares a candidate's p99
+                # latency quantiles per model (nv_inference_*_summary_us): serve.rollout compares a candidate's p99
                 "--metrics-config=summary_latencies=true",
                 *control, *cache, *restricted, *self.extra_args]
 
