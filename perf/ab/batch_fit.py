@@ -1,8 +1,8 @@
 """The classifier's largest batch, fitted to the model's cost, against the old fixed default: side by side.
 
-    python -m perf.batch_fit --repo .cache/workloads/resnet50-photos/repo --images .cache/workloads/data/photos/val
+    python -m perf.ab batch-fit --repo .cache/workloads/resnet50-photos/repo --images .cache/workloads/data/photos/val
 
-The repository's model and settings served twice under the same load generator (wrk, perf/fair.py),
+The repository's model and settings served twice under the same load generator (wrk, perf/load/wrk.py),
 alternating rounds: with max_batch_size 32 (the default before it followed the model) and with the batch
 `make repo` fits to the served candidate's cost from make quantize's latencies (build.artifacts
 fitted_max_batch). Throughput and p99 of each, with their spread.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from build.artifacts import fitted_max_batch, rendered_candidate
 from build.settings import RepoSettings, read_manifest, rendered_onnx
-from perf.common import REPORTS
-from perf.fair import Variant, variants, variants_main
+from perf.ab.variants import Variant, command, variants
+from perf.paths import REPORTS
 
 FIXED = RepoSettings().max_batch_size  # the built-in default, which every model got before
 
@@ -34,6 +34,5 @@ def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: in
     return r
 
 
-if __name__ == "__main__":
-    variants_main("The largest batch fitted to the model's cost against a fixed 32, side by side",
-                  REPORTS / "batch_fit", measure)
+get_args_parser, main = command("The largest batch fitted to the model's cost against a fixed 32, side by side",
+                                 REPORTS / "batch_fit", measure)

@@ -1,10 +1,10 @@
 """Triton's response cache on a workload with repeats: hit rate and throughput against the cache off.
 
-    python -m perf.cache --repo model_repository --images data/synthetic/val
+    python -m perf.ab cache --repo model_repository --images data/synthetic/val
     make cache-check
 
 The repository's model and settings rendered with the response cache on, served three ways side by side
-under the same load generator (wrk, perf/fair.py), alternating rounds: the cache off; on and large enough
+under the same load generator (wrk, perf/load/wrk.py), alternating rounds: the cache off; on and large enough
 for the workload (the same 64 images again and again: after the first pass every request hits); and on
 but holding fewer entries than the workload cycles through, so that every lookup misses (what the cache
 costs when images never repeat). Each server's hit rate is read from Triton's own cache metrics.
@@ -15,8 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from core import protocol as P
-from perf.common import REPORTS, scrape_metrics
-from perf.fair import Variant, render_markdown, variants, variants_main
+from perf.ab.variants import Variant, command, variants
+from perf.load.stats import scrape_metrics
+from perf.paths import REPORTS
+from perf.reference.compare_report import render_markdown
 
 # (name, settings changed, server options): off; on with room for every answer; on with room for a few (LRU
 # over a cycle longer than the cache: every lookup misses). An answer is a few hundred bytes.
@@ -54,6 +56,5 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":
-    variants_main("Triton's response cache: hit rate and throughput against it off", REPORTS / "cache", measure,
-                  markdown)
+get_args_parser, main = command("Triton's response cache: hit rate and throughput against it off", REPORTS / "cache",
+                                 measure, markdown)

@@ -1,6 +1,6 @@
 """What the client library's served metrics cost (clients/metrics.py): the same clients with them on and off.
 
-    python -m perf.client_metrics_cost --repo model_repository --images data/synthetic/val
+    python -m perf.ab client-metrics-cost --repo model_repository --images data/synthetic/val
     make client-metrics-cost
 
 The GPU target's default layout has no Python model, so its served metrics come from the client library
@@ -32,8 +32,9 @@ from build.settings import read_manifest, rendered_onnx, settings_from_manifest
 from clients.client import ImageClassifierClient
 from clients.metrics import ClientMetrics, load_reference
 from core import stages
-from perf.common import REPORTS, sample_images
-from perf.fair import spread
+from perf.load.bodies import sample_images
+from perf.load.stats import spread
+from perf.paths import REPORTS
 from serve.server import TritonServer
 
 
@@ -148,10 +149,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-if __name__ == "__main__":
-    a = get_args_parser().parse_args()
+def main(a: argparse.Namespace) -> dict:
     result = measure(a.repo, a.images, a.out, a.rounds, a.seconds, a.clients)
     (a.out / "client_metrics_cost.json").write_text(json.dumps(result, indent=2))
     text = markdown(result)
     (a.out / "client_metrics_cost.md").write_text(text)
     print(text)
+    return result

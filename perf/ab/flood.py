@@ -1,6 +1,6 @@
 """Goodput under a flood: the answers that do work when far more clients send than the server can serve.
 
-    python -m perf.flood --repo model_repository --images data/synthetic/val      # make flood-check
+    python -m perf.ab flood --repo model_repository --images data/synthetic/val      # make flood-check
 
 A flood here is wrk with many connections (256 by default), each sending its next request the moment an
 answer arrives, a 503 included: the clients of the field that retry at once. Each server is measured at
@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 
 from build.settings import RepoSettings, read_manifest
-from perf.common import REPORTS, sample_images
-from perf.fair import Variant, check_bodies, run_wrk, spread, variant_servers, variants_main, write_bodies
+from perf.ab.variants import Variant, command, variant_servers
+from perf.load.bodies import sample_images
+from perf.load.stats import spread
+from perf.load.wrk import check_bodies, run_wrk, write_bodies
+from perf.paths import REPORTS
 
 OLD_QUEUE = 64  # the default max_queue_size before the queue was held by time
 TARGET_GOODPUT = 0.8
@@ -105,6 +108,5 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    variants_main(__doc__.splitlines()[0], REPORTS / "flood", measure, markdown,
-                  {"--flood-connections": {"type": int, "default": 256}})
+get_args_parser, main = command(__doc__.splitlines()[0], REPORTS / "flood", measure, markdown,
+                                 {"--flood-connections": {"type": int, "default": 256}})

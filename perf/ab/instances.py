@@ -1,8 +1,8 @@
 """Instances and threads of the served model, side by side: how the cores are split among batches.
 
-    python -m perf.instances --repo .cache/workloads/resnet50-photos/repo --images .cache/workloads/data/photos/val
+    python -m perf.ab instances --repo .cache/workloads/resnet50-photos/repo --images .cache/workloads/data/photos/val
 
-The repository's model and settings served three ways at once under one load generator (wrk, perf/fair.py,
+The repository's model and settings served three ways at once under one load generator (wrk, perf/load/wrk.py,
 alternating rounds): the classifier's instances x engine threads each, on this machine's cores (one more
 instance than cores, one per core, one with every core; and the repository's own split if it is none of them). Several
 single-threaded instances overlap one batch's decoding with another's inference; one instance with a
@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from build.settings import read_manifest
-from perf.common import REPORTS
-from perf.fair import Variant, variants, variants_main
+from perf.ab.variants import Variant, command, variants
+from perf.paths import REPORTS
 
 
 def splits(cores: int | None = None, rendered: tuple[int, int] | None = None) -> tuple[Variant, ...]:
@@ -42,5 +42,4 @@ def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: in
                     rounds, seconds, connections)
 
 
-if __name__ == "__main__":
-    variants_main("The served model's instances x threads, side by side", REPORTS / "instances", measure)
+get_args_parser, main = command("The served model's instances x threads, side by side", REPORTS / "instances", measure)

@@ -6,7 +6,7 @@ started on it and perf_analyzer measures it at one concurrency. Rounds alternate
 int8, ...) so that the drift of a shared machine hits every precision alike; each round's throughput is
 divided by FP32's in the same round. Writes precisions.json and precisions.md.
 
-    python -m perf.precisions --repo model_repository --artifacts artifacts --precisions fp32 int8
+    python -m perf.ab precisions --repo model_repository --artifacts artifacts --precisions fp32 int8
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from pathlib import Path
 from build.artifacts import artifact_for
 from build.settings import read_manifest, settings_from_manifest
 from core.atomic_io import atomic_write_bytes
-from perf.common import REPORTS, machine_info, sample_images
-from perf.perf_analyzer import measure_rendered, write_input_data
+from perf.load.bodies import sample_images
+from perf.load.perf_analyzer import measure_rendered, write_input_data
+from perf.load.stats import machine_info
+from perf.paths import REPORTS
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -98,6 +100,3 @@ def main(a: argparse.Namespace) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
 
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

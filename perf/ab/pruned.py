@@ -1,6 +1,6 @@
 """A pruned model against its unpruned original: size, FLOPs, accuracy and served throughput side by side.
 
-    python -m perf.pruned --unpruned artifacts/model.onnx --pruned artifacts/pruned --repo model_repository
+    python -m perf.ab pruned --unpruned artifacts/model.onnx --pruned artifacts/pruned --repo model_repository
 
 Reads what `make prune` made in --pruned (best.pt and prune_report.json from training.prune, model.onnx
 exported from that best.pt) and checks that both ONNX files come from the checkpoints the pruning
@@ -26,10 +26,11 @@ from build.quantize import markdown as build_markdown
 from build.settings import read_manifest, settings_from_manifest
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes
-from core.metadata import file_sha256, read_metadata, source_checkpoint
-from core.preprocess import DaliPreprocessor, PreprocessSpec
-from perf.common import machine_info, sample_images
-from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors, rendered_server
+from core.metadata import CheckpointSource, file_sha256, read_metadata, source_checkpoint
+from core.preprocess import DaliPreprocessor
+from perf.load.bodies import sample_images
+from perf.load.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors, rendered_server
+from perf.load.stats import machine_info
 from training.prune import REPORT
 
 SOURCES = ("jpeg", "tensors")
@@ -44,7 +45,8 @@ def check_lineage(unpruned_onnx: Path, pruned_dir: Path, prune_report: dict) -> 
                                 f"(make onnx CKPT={pruned_dir}/best.pt ONNX={pruned_onnx})")
     if source_checkpoint(pruned_onnx).resolve() != (pruned_dir / "best.pt").resolve():
         raise ValueError(f"{pruned_onnx} was not exported from {pruned_dir / 'best.pt'}")
-    if read_metadata(unpruned_onnx)["source"]["checkpoint_sha256"] != prune_report["source_sha256"]:
+    source = read_metadata(unpruned_onnx).source
+    if not isinstance(source, CheckpointSource) or source.checkpoint_sha256 != prune_report["source_sha256"]:
         raise ValueError(f"{unpruned_onnx} was not exported from the checkpoint that was pruned "
                          f"({prune_report['source']}): export it again or prune again")
     return pruned_onnx
@@ -69,7 +71,7 @@ def compare(unpruned_onnx: Path, pruned_dir: Path, repo: Path, images: Path, rou
     settings = settings_from_manifest(manifest)
     meta = read_metadata(onnx["unpruned"])
     blobs = [b for _, b in sample_images(images)]
-    pixels = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"]))(blobs)
+    pixels = DaliPreprocessor(meta.preprocess)(blobs)
     inputs = jpeg_and_tensor_inputs(P.PIXELS, blobs, pixels, pruned_dir / "served")
 
     rows = []
@@ -185,6 +187,3 @@ def main(a: argparse.Namespace) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
 
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

@@ -1,10 +1,10 @@
 """What shadowing costs the clients: throughput and latency with the mirror off and on, side by side.
 
-    python -m perf.shadow_cost --repo model_repository --images data/synthetic/val     # make shadow-cost
+    python -m perf.ab shadow-cost --repo model_repository --images data/synthetic/val     # make shadow-cost
 
 One server (explicit model control) serves the repository's fused model and, beside it, the same model as
-the candidate (serve.shadow's ``<model>_shadow``). Each round wrk measures the clients with the mirror off,
-then on (the served model reloaded with or without it, as serve.shadow does), in an order rotated from
+the candidate (serve.rollout's ``<model>_shadow``). Each round wrk measures the clients with the mirror off,
+then on (the served model reloaded with or without it, as serve.rollout does), in an order rotated from
 round to round; median [range] over the rounds, and the per-round ratios. On a machine whose cores the
 served model already fills, mirroring every batch doubles the model work: that is what --percent is for.
 """
@@ -18,11 +18,14 @@ from pathlib import Path
 
 from clients import admin
 from core import protocol as P
-from perf.common import REPORTS, sample_images
-from perf.fair import Target, check_bodies, run_wrk, spread, variants_main, write_bodies
+from perf.ab.variants import command
+from perf.load.bodies import sample_images
+from perf.load.stats import spread
+from perf.load.wrk import Target, check_bodies, run_wrk, write_bodies
+from perf.paths import REPORTS
 from serve.publish import served_onnx
+from serve.rollout import SUFFIX, stage_candidate
 from serve.server import TritonServer
-from serve.shadow import SUFFIX, stage_candidate
 
 
 def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: int = 10, connections: int = 16,
@@ -76,6 +79,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    variants_main(__doc__.splitlines()[0], REPORTS / "shadow_cost", measure, markdown,
-                  {"--percent": {"type": float, "default": 100.0, "help": "share of answered batches mirrored"}})
+get_args_parser, main = command(__doc__.splitlines()[0], REPORTS / "shadow_cost", measure, markdown,
+                                 {"--percent": {"type": float, "default": 100.0,
+                                                "help": "share of answered batches mirrored"}})

@@ -36,10 +36,10 @@ from build.settings import BatchProfile, RepoSettings, add_settings_args, repo_s
 from clients.client import ImageClassifierClient, Prediction, image_input, triton_modules
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes
-from core.metadata import read_metadata, source_checkpoint
+from core.metadata import ArtifactMetadata, read_metadata, source_checkpoint
 from core.preprocess import DALI_INPUT_NAME, DaliPreprocessor, PreprocessSpec, build_dali_pipeline, decode_image
 from core.runners import TrtRunner, latency
-from perf.perf_analyzer import Sources, jpeg_and_tensor_inputs, jpegs_and_tensors
+from perf.load.perf_analyzer import Sources, jpeg_and_tensor_inputs, jpegs_and_tensors
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_files, stream_logits
@@ -132,7 +132,7 @@ class Reference:
     """What every engine is checked against: the val split, its preprocess, the batching settings and
     PyTorch FP32 on the same images."""
 
-    meta: dict
+    meta: ArtifactMetadata
     spec: PreprocessSpec
     val: list[Path]
     labels: np.ndarray
@@ -150,8 +150,8 @@ class Reference:
 def load_reference(args: argparse.Namespace) -> Reference:
     """The val split, streamed through the serving preprocess, and PyTorch FP32's logits over it."""
     meta = read_metadata(args.artifacts / "model.onnx")
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    items = list_images(args.data / "val", meta["classes"])
+    spec = meta.preprocess
+    items = list_images(args.data / "val", meta.classes)
     val, labels = [p for p, _ in items], np.array([y for _, y in items])
     settings = repo_settings(args, args.repo)
     profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
@@ -181,7 +181,7 @@ def start_run(args: argparse.Namespace, ref: Reference, out: Path, tensorrt_vers
               fp32_top1: float) -> CheckRun:
     binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
     blobs = [p.read_bytes() for p in ref.val[:args.perf_images]]  # the same payload for every engine
-    perf_inputs = jpeg_and_tensor_inputs(ref.meta["export"]["input"], blobs, ref.pre(blobs), out / "perf_inputs")
+    perf_inputs = jpeg_and_tensor_inputs(ref.meta.export.input, blobs, ref.pre(blobs), out / "perf_inputs")
     photo_files = sorted(f for f in args.photos.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png")) \
         if args.photos else ref.val
     return CheckRun(args, ref, out, tensorrt_version, cc, fp32_top1, binary, perf_inputs,
@@ -235,7 +235,7 @@ def check_engine(run: CheckRun, precision: str) -> dict:
     onnx_path, plan, stamp = build_engine(run, precision)
     scored = score_engine(plan, precision, run.ref)
     preds, throughput, decoder = serve_engine(run, onnx_path, plan, precision)
-    served = np.array([run.ref.meta["classes"].index(p.labels[0]) if p.ok else -1 for p in preds])
+    served = np.array([run.ref.meta.classes.index(p.labels[0]) if p.ok else -1 for p in preds])
     entry = {"stamp": stamp.__dict__, "images": len(run.ref.val), "engine": scored,
              "gate": "pass" if scored["top1"] >= run.fp32_top1 - run.args.max_top1_drop else "FAIL",
              "served_agreement_with_pytorch": float(100 * np.mean(served == run.ref.predictions)),

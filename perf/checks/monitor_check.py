@@ -1,6 +1,6 @@
 """`make monitor-check`: the monitoring of a served model, checked end to end on the real server.
 
-    python -m perf.monitor_check --repo model_repository --data data/synthetic
+    python -m perf.checks.monitor_check --repo model_repository --data data/synthetic
 
 From the repository's served model, rendered into a throw-away fused repository with payload sampling on
 (bounded), a drift window the size of the val split and the figures handed to Triton after every batch,
@@ -15,7 +15,7 @@ served by the real tritonserver with explicit model control:
 3. the payload samples were written and stayed within their bound;
 4. a shadow promotion (the same model) and a shadow refusal (its classifier rows rolled by one) under
    continuous client load, with the client requests that failed (none allowed);
-5. the response cache's hit rate and speed-up (perf/cache.py, short rounds);
+5. the response cache's hit rate and speed-up (perf/ab/cache.py, short rounds);
 6. every metric the Grafana dashboard, the alert rules and the autoscaler's adapter query is exported
    (GPU metrics aside).
 
@@ -43,13 +43,13 @@ from clients.client import ImageClassifierClient
 from core.atomic_io import atomic_write_bytes
 from core.metadata import read_metadata
 from core.stages import DRIFT_ALERT_PSI
-from perf.common import REPORTS, scrape_metrics
-from perf.reliability import background_load, counts
+from perf.checks.reliability import background_load, counts
+from perf.load.stats import scrape_metrics
+from perf.paths import PROJECT_ROOT, REPORTS
 from serve.server import TritonServer
 from training.data import list_images
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKER = ROOT / "docker"
+DOCKER = PROJECT_ROOT / "docker"
 SERVED_SERIES = ("image_classifier_top1_confidence_bucket", "image_classifier_entropy_bucket",
                  "image_classifier_predictions_total", "image_classifier_inputs_total",
                  "image_classifier_input_bytes_bucket", "image_classifier_input_pixels_bucket",
@@ -141,10 +141,10 @@ def rolled_classifier(onnx_path: Path, out: Path, num_classes: int) -> Path:
 def shadows(server: TritonServer, repo: Path, onnx_path: Path, val: list[Path], tmp: Path,
             min_requests: int, p99_margin: float) -> dict:
     """A promotion and a refusal under continuous load: their decisions and figures, and the client calls."""
-    from serve.shadow import shadow
+    from serve.rollout import shadow
 
     batches = [[p.read_bytes() for p in val[i:i + 4]] for i in range(0, min(16, len(val)), 4)]
-    worse = rolled_classifier(onnx_path, tmp / "rolled.onnx", len(read_metadata(onnx_path)["classes"]))
+    worse = rolled_classifier(onnx_path, tmp / "rolled.onnx", len(read_metadata(onnx_path).classes))
     out = {}
     for name, candidate in (("same model", onnx_path), ("classifier rows rolled", worse)):
         with background_load(server, batches, workers=4) as calls:
@@ -176,15 +176,15 @@ def exported_names(metrics_url: str) -> set[str]:
 
 def check(repo: Path, data: Path, out: Path, window: int = 500, min_requests: int = 300,
           cache_seconds: int = 3, payload_kb: int = 256, p99_margin: float | None = None) -> dict:
-    """``p99_margin``: the shadow promotion's (serve.shadow's default when None)."""
-    from serve.shadow import DEFAULT_P99_MARGIN
+    """``p99_margin``: the shadow promotion's (serve.rollout's default when None)."""
+    from serve.rollout import DEFAULT_P99_MARGIN
 
     onnx_path = rendered_onnx(repo)
     meta = read_metadata(onnx_path)
-    val = [p for p, _ in list_images(Path(data) / "val", meta["classes"])][:window]
+    val = [p for p, _ in list_images(Path(data) / "val", meta.classes)][:window]
     if not val:
         raise FileNotFoundError(f"no val images under {data}/val")
-    if "reference" not in meta.get("export", {}):
+    if meta.export.reference is None:
         raise ValueError(f"{onnx_path} carries no drift reference (its answers on the val split): it was exported "
                          "before drift monitoring; export it again with `make onnx` and render with `make repo`")
     started = time.time()
@@ -200,7 +200,7 @@ def check(repo: Path, data: Path, out: Path, window: int = 500, min_requests: in
                                 preprocess_instances=1)
         render(onnx_path, live, settings, layout="fused")
         with TritonServer(live, None, model_control="explicit", admin_key=KEY, log_file=out / "tritonserver.log") as s:
-            report["drift"] = drift(s, val, shifted_sets(val, meta["classes"], 2 * len(val)))
+            report["drift"] = drift(s, val, shifted_sets(val, list(meta.classes), 2 * len(val)))
             names = exported_names(s.metrics_url)
             report["metrics"] = {m: m in names for m in SERVED_SERIES}
             used = {m for m in queried_metrics() if not m.startswith("nv_gpu_")}
@@ -208,7 +208,7 @@ def check(repo: Path, data: Path, out: Path, window: int = 500, min_requests: in
             report["payloads"] = payloads(samples, 1024 * payload_kb)
             report["shadow"] = shadows(s, live, onnx_path, val, tmp, min_requests,
                                        DEFAULT_P99_MARGIN if p99_margin is None else p99_margin)
-    from perf import cache
+    from perf.ab import cache
 
     c = cache.measure(repo, Path(data) / "val", out / "cache", rounds=1, seconds=cache_seconds)
     off, hit = list(c["summary"])[:2]
@@ -268,7 +268,7 @@ def markdown(r: dict) -> str:
                      f"{x['client_requests']} | {x['client_failed']} |")
     c, q = r["cache"], r["dashboards_and_alerts"]
     lines += ["", "## Response cache", "", f"hit rate {100 * (c['hit_rate'] or 0):.1f}%, speed-up {c['speed_up']:.1f}x "
-              "(perf/cache.py, one short round)", "", "## Dashboards, alert rules, autoscaler", "",
+              "(perf/ab/cache.py, one short round)", "", "## Dashboards, alert rules, autoscaler", "",
               f"{len(q['queried'])} metrics queried (GPU metrics aside); not exported: "
               f"{', '.join(q['missing']) or 'none'}", "", "## Verdict", ""]
     unseen = [name for name, x in d["sets"].items() if x["images_to_alert"] is None]

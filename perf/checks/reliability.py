@@ -1,6 +1,6 @@
 """Reliability measured on the real tritonserver: overload, graceful shutdown, fuzzing, live updates, faults.
 
-    python -m perf.reliability --repo model_repository --images data/synthetic/val     # make reliability
+    python -m perf.checks.reliability --repo model_repository --images data/synthetic/val     # make reliability
 
 Each part is a function returning its figures, so the tests run the same code with small numbers
 (tests/test_reliability.py) and `make reliability` runs it with the real ones and writes
@@ -34,8 +34,8 @@ import numpy as np
 
 from clients.client import error_message, error_status, image_input, triton_modules
 from core import protocol as P
-from perf.common import REPORTS, sample_images
-from perf.harness import image_request, kserve_request
+from perf.load.bodies import image_request, kserve_request, sample_images
+from perf.paths import REPORTS
 from serve.server import EXIT_TIMEOUT_S, TritonServer
 from serve.watchdog import StubExit, children
 

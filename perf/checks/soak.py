@@ -1,8 +1,8 @@
 """Soak: a steady load for a long time, watching for leaks and drift.
 
-    python -m perf.soak --repo model_repository --images data/synthetic/val --duration 600   # make soak
+    python -m perf.checks.soak --repo model_repository --images data/synthetic/val --duration 600   # make soak
 
-Closed-loop clients (HTTP and gRPC in turn, perf.reliability's workers) keep sending for ``duration``
+Closed-loop clients (HTTP and gRPC in turn, perf.checks.reliability's workers) keep sending for ``duration``
 seconds while a sampler reads, every second, the resident memory and open file descriptors of
 tritonserver and its Python-backend stubs (/proc). Afterwards:
 
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from perf.common import REPORTS, sample_images
-from perf.reliability import OUTCOMES, background_load, counts, examples, to_batches
+from perf.checks.reliability import OUTCOMES, background_load, counts, examples, to_batches
+from perf.load.bodies import sample_images
+from perf.paths import REPORTS
 from serve.server import TritonServer
 from serve.watchdog import children
 

@@ -1,6 +1,6 @@
 """The served pixels against the libraries' own eval transforms, on real photos.
 
-    python -m perf.library_fidelity [--size 224]
+    python -m perf.experiments.library_fidelity [--size 224]
 
 For a torchvision or timm model, the checkpoint's preprocessing is the library's eval transform
 (training/sources.py: crop fraction, interpolation, mean/std), which the DALI graph serves. This
@@ -8,7 +8,7 @@ measures how close DALI comes to the library's own transform (torchvision's ``We
 timm's ``create_transform``, both Pillow) on scikit-image's photos of several aspect ratios: the
 largest and the mean absolute difference per image, in 8-bit levels, per interpolation mode.
 
-    python -m perf.library_fidelity --checkpoint CKPT --images DIR
+    python -m perf.experiments.library_fidelity --checkpoint CKPT --images DIR
 
 With a trained checkpoint: the network's top-1 on every image of DIR (an ImageFolder tree, or files)
 through the served DALI graph and through torchvision's eval transform (Pillow's ``Resize`` +
@@ -87,11 +87,10 @@ def agreement(checkpoint: str, images: str) -> list[dict[str, Any]]:
     import torch
     from torchvision import transforms as T
 
-    from core.preprocess import PreprocessSpec
-    from training.checkpoint import load_checkpoint, model_from_checkpoint
+    from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    model, spec = model_from_checkpoint(ckpt), PreprocessSpec.from_dict(ckpt["preprocess"])
+    model, spec = model_from_checkpoint(ckpt), spec_from_checkpoint(ckpt)
     if spec.resize_policy != "shorter_center_crop" or spec.color != "RGB" or spec.layout != "CHW":
         raise ValueError(f"the library transform is the shorter-side resize and centre crop to RGB CHW, not {spec}")
     files = sorted(p for p in Path(images).rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))

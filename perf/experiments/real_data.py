@@ -1,6 +1,6 @@
 """The default recipe on real data sets it has never seen, scored where it counts: served by Triton.
 
-    python -m perf.real_data --datasets digits mnist5k animals faces --work .cache/real_data
+    python -m perf.experiments.real_data --datasets digits mnist5k animals faces --work .cache/real_data
     make benchmark-data
 
 For each data set of training.real_datasets: write it as ImageFolder JPEGs, train with the default

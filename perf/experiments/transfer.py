@@ -1,6 +1,6 @@
 """Transfer, measured offline: pretrained by this project on one real data set, fine-tuned on another.
 
-    python -m perf.transfer --source animals --target digits --epochs 3 --seeds 0 1 2
+    python -m perf.experiments.transfer --source animals --target digits --epochs 3 --seeds 0 1 2
     make transfer
 
 No weights can be downloaded here, so the "pretrained" network is this project's own: the default recipe

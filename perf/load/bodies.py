@@ -1,25 +1,26 @@
-"""What the load harnesses share, below all of them: the request body each server takes, issue 12's
-targets and their verdicts, and the naive baseline server.
+"""What a load sends: real JPEGs from an ImageFolder split, and one encoded image as each server takes it
+(a KServe v2 binary-tensor request for Triton, the raw bytes, a multipart file upload).
 
-perf/fair.py (every server under one generator), perf/report (the whole report), perf/peers/launch.py
-(the peers' readiness probe) and perf/reliability.py (the fuzzer) import from here; this module imports
-none of them.
+The wrk driver (wrk.py), the peers' readiness probe (perf/reference/peers/launch.py) and the fuzzer
+(perf/checks/reliability.py) build their requests here.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from core import protocol as P
 
-# ------------------------------------------------------------------------------------------------
-# request bodies: one encoded image as each server takes it
-# ------------------------------------------------------------------------------------------------
+
+def sample_images(image_dir: Path, limit: int = 64) -> list[tuple[str, bytes]]:
+    """Real JPEGs for the load: ``limit`` files spread over the classes of an ImageFolder split."""
+    files = sorted(p for p in Path(image_dir).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise FileNotFoundError(f"no JPEGs under {image_dir}")
+    step = max(1, len(files) // limit)
+    return [(str(p), p.read_bytes()) for p in files[::step][:limit]]
+
 
 MULTIPART_BOUNDARY = "fair-harness-boundary-7d1c"
 
@@ -50,64 +51,3 @@ def request_body(blob: bytes, kind: str) -> tuple[bytes, dict[str, str]]:
         return head + blob + f"\r\n--{MULTIPART_BOUNDARY}--\r\n".encode(), \
             {"Content-Type": f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"}
     raise ValueError(f"kind must be 'kserve', 'raw' or 'multipart', got {kind!r}")
-
-
-# ------------------------------------------------------------------------------------------------
-# issue 12's targets, checked by `make compare` and `make report`
-# ------------------------------------------------------------------------------------------------
-
-TARGETS = {"baseline": 6.0, "peer": 1.5, "ceiling": 0.8}  # Triton's throughput over each, at least
-PEER_NAMES = ("ray serve", "bentoml")
-
-
-def verdicts(r: dict) -> list[str]:
-    """Each target met or missed, by how much, from the medians of the per-round ratios and the p99s."""
-    first, s, ratios = r["targets"][0]["name"], r["summary"], r["throughput_ratios"]
-    out = []
-
-    def check(what: str, other: str, target: float, p99: bool) -> None:
-        ratio = ratios[f"{first} / {other}"]["median"]
-        line = f"{first} / {what}: {ratio:.2f}× (target ≥ {target:g}×: " + \
-            ("met" if ratio >= target else f"missed by {100 * (1 - ratio / target):.0f}%") + ")"
-        if p99:
-            mine, theirs = s[first]["p99_ms"]["median"], s[other]["p99_ms"]["median"]
-            line += f"; p99 {mine:g} ms vs {theirs:g} ms ({'lower' if mine < theirs else 'NOT lower'})"
-        out.append(line)
-
-    if "baseline" in s:
-        check("baseline", "baseline", TARGETS["baseline"], True)
-    peers = [n for n in PEER_NAMES if n in s]
-    if peers:
-        best = max(peers, key=lambda n: s[n]["images_per_s"]["median"])
-        check(f"best peer ({best})", best, TARGETS["peer"], True)
-    if "in-process ceiling" in s:
-        check("in-process ceiling", "in-process ceiling", TARGETS["ceiling"], False)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# the naive baseline server
-# ------------------------------------------------------------------------------------------------
-
-def start_baseline(ckpt: str, port: int, log_path: Path) -> subprocess.Popen:
-    """The naive baseline server, its output to ``log_path``: Flask logs every request to stderr, and an
-    unread pipe fills after about 950 requests and stalls the server (a stalled baseline reads as slow)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "perf.baseline", "--ckpt", ckpt, "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"baseline server exited: {log_path.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                return proc
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"baseline server did not come up within 120 s (log: {log_path})")
-    except BaseException:  # Ctrl-C included: never leave the child behind
-        proc.kill()
-        proc.wait(10)
-        raise

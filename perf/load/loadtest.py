@@ -1,6 +1,6 @@
 """Headless locust runs: fixed users, spawn rate and duration; CSV and locust's HTML report kept.
 
-    python -m perf.loadtest --user TritonHttpUser --host http://localhost:8000 --users 16 --duration 20
+    python -m perf.load.loadtest --user TritonHttpUser --host http://localhost:8000 --users 16 --duration 20
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from perf.common import PROJECT_ROOT, UsageMeter
+from perf.load.stats import UsageMeter
+from perf.paths import PROJECT_ROOT
 
-LOCUSTFILE = PROJECT_ROOT / "perf" / "locustfile.py"
+LOCUSTFILE = PROJECT_ROOT / "perf" / "load" / "locustfile.py"
 USERS = ("TritonHttpUser", "TritonGrpcUser", "BaselineUser")
 
 

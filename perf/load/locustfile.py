@@ -2,7 +2,7 @@
 over gRPC, and the naive baseline. Every answer is checked (label count and label set); a wrong
 answer counts as a failure.
 
-Configured by environment (perf/loadtest.py sets it):
+Configured by environment (perf/load/loadtest.py sets it):
   LOAD_IMAGES   ImageFolder split with the JPEGs to send (round-robin)
   LOAD_LABELS   file with the class names, one per line (the answers must come from this set)
   LOAD_GRPC     host:port of Triton's gRPC endpoint (TritonGrpcUser)
@@ -21,7 +21,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 
 from core import protocol as P
-from perf.common import sample_images
+from perf.load.bodies import sample_images
 
 IMAGES = [b for _, b in sample_images(Path(os.environ.get("LOAD_IMAGES", "data/synthetic/val")), 64)]
 LABELS = set(Path(os.environ["LOAD_LABELS"]).read_text().split()) if os.environ.get("LOAD_LABELS") else None

@@ -5,7 +5,7 @@ perf_analyzer run whose CSV is kept, and Triton's statistics are read before and
 point carries the server-side breakdown (queue, compute input/infer/output, average batch) of every
 composing model of the ensemble, plus CPU and memory of the server process tree.
 
-    python -m perf.perf_analyzer --url localhost:8000 --protocol http --concurrency 1 4 16 --images data/synthetic/val
+    python -m perf.load.perf_analyzer --url localhost:8000 --concurrency 1 4 16 --images data/synthetic/val   # HTTP
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import argparse
 import base64
 import csv
 import json
+import os
+import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,17 +29,32 @@ import numpy as np
 from build.render_repo import render
 from build.settings import RepoSettings, read_manifest
 from core import protocol as P
-from perf.common import (
-    UsageMeter,
-    metrics_summary,
-    model_stats,
-    perf_analyzer_binary,
-    perf_analyzer_env,
-    sample_images,
-    scrape_metrics,
-    stats_delta,
-)
+from perf.load.bodies import sample_images
+from perf.load.stats import UsageMeter, metrics_summary, model_stats, scrape_metrics, stats_delta
 from serve.server import TritonServer
+
+
+def perf_analyzer_binary() -> Path:
+    """The perf_analyzer that tritonclient[all]==2.51.0 installs next to this Python."""
+    exe = Path(sys.executable).parent / "perf_analyzer"
+    if not exe.exists():
+        found = shutil.which("perf_analyzer")
+        if not found:
+            raise FileNotFoundError("perf_analyzer not found: it ships with tritonclient[all]==2.51.0 "
+                                    "(run `make venv`)")
+        exe = Path(found)
+    return exe
+
+
+def perf_analyzer_env() -> dict[str, str]:
+    """perf_analyzer links libcudart.so.12 even without a GPU: take it from nvidia-cuda-runtime-cu12."""
+    import nvidia.cuda_runtime
+
+    lib = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LD_LIBRARY_PATH")]))
+    return env
+
 
 # A request-rate point is open-loop: requests leave on schedule whether or not earlier ones have returned.
 # perf_analyzer's default there is synchronous with 4 threads, i.e. at most 4 requests in flight: at ~5 ms a

@@ -1,4 +1,4 @@
--- wrk script (perf/fair.py): POST pre-built request bodies in turn, then print the figures as one JSON line.
+-- wrk script (perf/load/wrk.py): POST pre-built request bodies in turn, then print the figures as one JSON line.
 --   wrk -s post_bodies.lua <url> -- <dir> <count> <path>
 -- <dir>/NNNNN.bin is a body; <dir>/NNNNN.hdr its request headers, one "Name: value" per line (the
 -- Content-Type, and for a KServe v2 binary-tensor request its Inference-Header-Content-Length).

@@ -1,4 +1,5 @@
-"""Shared pieces of the load-testing harnesses: payloads, tool locations, server-side statistics."""
+"""The statistics of a measurement: a figure's spread over rounds, the server's own (its statistics API and
+Prometheus metrics), the CPU and memory of its process tree, and the machine it ran on."""
 
 from __future__ import annotations
 
@@ -7,45 +8,16 @@ import json
 import os
 import platform
 import re
-import shutil
-import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-REPORTS = PROJECT_ROOT / "perf" / "reports"
+import numpy as np
 
 
-def sample_images(image_dir: Path, limit: int = 64) -> list[tuple[str, bytes]]:
-    """Real JPEGs for the load: ``limit`` files spread over the classes of an ImageFolder split."""
-    files = sorted(p for p in Path(image_dir).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
-    if not files:
-        raise FileNotFoundError(f"no JPEGs under {image_dir}")
-    step = max(1, len(files) // limit)
-    return [(str(p), p.read_bytes()) for p in files[::step][:limit]]
-
-
-def perf_analyzer_binary() -> Path:
-    """The perf_analyzer that tritonclient[all]==2.51.0 installs next to this Python."""
-    exe = Path(sys.executable).parent / "perf_analyzer"
-    if not exe.exists():
-        found = shutil.which("perf_analyzer")
-        if not found:
-            raise FileNotFoundError("perf_analyzer not found: it ships with tritonclient[all]==2.51.0 "
-                                    "(run `make venv`)")
-        exe = Path(found)
-    return exe
-
-
-def perf_analyzer_env() -> dict[str, str]:
-    """perf_analyzer links libcudart.so.12 even without a GPU: take it from nvidia-cuda-runtime-cu12."""
-    import nvidia.cuda_runtime
-
-    lib = Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib"
-    env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LD_LIBRARY_PATH")]))
-    return env
+def spread(xs: list[float]) -> dict:
+    """A figure over rounds: its median and range."""
+    return {"median": round(float(np.median(xs)), 2), "min": round(min(xs), 2), "max": round(max(xs), 2)}
 
 
 # ------------------------------------------------------------------------------------------------

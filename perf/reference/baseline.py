@@ -2,7 +2,7 @@
 
 Serves the same checkpoint as Triton does, so the load tools can measure both on the same JPEGs.
 
-    python -m perf.baseline --ckpt artifacts/best.pt --port 8080
+    python -m perf.reference.baseline --ckpt artifacts/best.pt --port 8080
     curl --data-binary @cat.jpg localhost:8080/predict
 """
 

@@ -13,7 +13,7 @@ The most images per second this machine can push through the pipeline, which the
 but not beat. Also measures each stage alone, and the same preprocessing done the naive way (Pillow +
 NumPy, one image at a time) for the DALI-vs-Pillow plot.
 
-    python -m perf.ceiling --onnx artifacts/model.onnx --images data/synthetic/val [--engine openvino]
+    python -m perf.reference.ceiling --onnx artifacts/model.onnx --images data/synthetic/val [--engine openvino]
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from core import engines
+from core.engines import InferencePrecision, Target
 from core.metadata import read_metadata
-from core.preprocess import DaliPreprocessor, PreprocessSpec, pillow_preprocess
-from core.runners import Runner, isolated, make_runner
-from core.stages import ENGINES
-from perf.common import sample_images
+from core.preprocess import DaliPreprocessor, pillow_preprocess
+from core.runners import Runner, isolated
+from perf.load.bodies import sample_images
 
 SCHEDULES = ("sequential", "overlapped")
 
@@ -94,13 +95,11 @@ def overlapped_rate(decode: Callable[[Sequence[bytes]], np.ndarray], infer: Call
             worker.join(0.1)
 
 
-def engine_runner(onnx_path: Path | str, engine: str, inference_precision: str = "f32") -> Runner:
+def engine_runner(onnx_path: Path | str, engine: str, inference_precision: str = InferencePrecision.F32) -> Runner:
     """The engine on every core; ONNX Runtime's idle threads spinning, as it does by default (the best this
     process can do, not the served setting)."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {tuple(ENGINES)}, got {engine!r}")
-    options = {"allow_spinning": True} if engine == "onnxruntime" else {"inference_precision": inference_precision}
-    return make_runner(engine, onnx_path, threads=0, **options)
+    record = engines.get(engine, Target.EMBEDDED)  # its fastest options (ONNX Runtime: spinning), its hint
+    return record.measuring(onnx_path, inference_precision, threads=0, **record.fastest_options)
 
 
 def measure(onnx_path: Path, image_dir: Path, batches=(1, 8, 16, 32), threads: int = 0,
@@ -110,7 +109,7 @@ def measure(onnx_path: Path, image_dir: Path, batches=(1, 8, 16, 32), threads: i
     stage alone. ``threads``: DALI's (0 = one per core)."""
     if unknown := set(schedules) - set(SCHEDULES):
         raise ValueError(f"schedules must be among {SCHEDULES}, got {sorted(unknown)}")
-    spec = PreprocessSpec.from_dict(read_metadata(onnx_path)["preprocess"])
+    spec = read_metadata(onnx_path).preprocess
     blobs = [b for _, b in sample_images(image_dir, n_images)]
     infer = engine_runner(onnx_path, engine, inference_precision)
     dali = DaliPreprocessor(spec, batch_size=max(batches), num_threads=threads or os.cpu_count() or 1)
@@ -151,7 +150,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="In-process ceiling: DALI + the served engine, no server")
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--engine", choices=tuple(ENGINES), default="onnxruntime")
+    p.add_argument("--engine", choices=engines.names(Target.EMBEDDED),
+                   default=str(engines.default_for(Target.EMBEDDED).name))
     p.add_argument("--inference-precision", choices=("f32", "bf16"), default="f32", help="OpenVINO's hint")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement")
     return p

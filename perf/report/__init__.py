@@ -19,8 +19,8 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-from perf.common import REPORTS
-from perf.harness import start_baseline
+from perf.paths import REPORTS
+from perf.reference.baseline_process import start_baseline
 from perf.report.analysis import headline
 from perf.report.measure import FULL, QUICK, Profile, measure_all
 from perf.report.plots import plots
@@ -34,14 +34,14 @@ __all__ = ["FULL", "QUICK", "Profile", "main", "run", "start_baseline"]
 def run(repo: Path, images: Path, out_root: Path = REPORTS, profile: Profile = FULL,
         tuning_json: Path | None = None, browser: bool = True, workloads: tuple[str, ...] = (),
         workload_args: dict | None = None) -> Path:
-    """``workloads``: also measure these (perf/workloads.py) in this run, with ``workload_args`` (its
+    """``workloads``: also measure these (perf/report/workloads.py) in this run, with ``workload_args`` (its
     measure()'s keyword arguments: work, demo_ckpt, demo_data, rounds, seconds, connections, ...)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = out_root / stamp
     out.mkdir(parents=True, exist_ok=True)
     r = measure_all(repo, images, out, profile)
     if workloads:
-        from perf import workloads as w
+        from perf.report import workloads as w
 
         r["workloads"] = w.measure(list(workloads), out=out / "workloads", **(workload_args or {}))
     r["timestamp"], r["out"] = stamp, str(out)
@@ -74,14 +74,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="include this batching sweep (written by `make tune`) if it exists")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke profile instead of the full sweep")
     p.add_argument("--parts", default=",".join(PARTS), help="comma list of ceiling (in-process), perf "
-                   "(perf_analyzer), loadtest (locust + baseline), compare (every server under wrk: perf/fair.py)")
+                   "(perf_analyzer), loadtest (locust + baseline), compare (every server under wrk: "
+                   "perf/reference/compare.py)")
     p.add_argument("--layouts", help="compare: other layouts of the same model (default postprocess; '' none)")
     p.add_argument("--peers", help="compare: peer servers (default ray,bentoml; '' none; `make peers` installs them)")
     p.add_argument("--compare-rounds", type=int, help="compare: rounds (default 3)")
     p.add_argument("--compare-seconds", type=int, help="compare: seconds per server and round (default 10)")
     p.add_argument("--no-browser", action="store_true", help="do not check the page in headless Chromium")
-    p.add_argument("--workloads", default="", help="also measure these workloads in this run (perf/workloads.py; "
-                   "comma-separated, e.g. demo-photos,resnet50-photos; 'all': every one)")
+    p.add_argument("--workloads", default="", help="also measure these workloads in this run "
+                   "(perf/report/workloads.py; comma-separated, e.g. demo-photos,resnet50-photos; 'all': every one)")
     p.add_argument("--ckpt", type=Path, default=Path("artifacts/best.pt"), help="workloads: the demo checkpoint")
     p.add_argument("--data", type=Path, default=Path("data/synthetic"), help="workloads: the demo data set")
     p.add_argument("--concurrency", type=int, nargs="*", help="perf_analyzer concurrencies (default 1 2 4 8 16 32)")
@@ -111,7 +112,7 @@ def main(a: argparse.Namespace) -> Path:
     if a.duration:
         overrides["locust_seconds"] = a.duration
     profile = Profile(**{**asdict(profile), **overrides})
-    from perf.workloads import WORKLOADS
+    from perf.report.workloads import WORKLOADS
 
     names = tuple(WORKLOADS) if a.workloads == "all" else tuple(x for x in a.workloads.split(",") if x)
     if unknown := set(names) - set(WORKLOADS):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from build import layouts
-from perf.harness import TARGETS
+from perf.reference.targets import TARGETS
 
 # issue 12's targets, the same ones `make compare` checks
 TARGET_BASELINE_RATIO = TARGETS["baseline"]

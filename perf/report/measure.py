@@ -1,5 +1,5 @@
 """Measuring for the report: the in-process ceiling, perf_analyzer sweeps and locust runs on the real
-server, the naive baseline under the same locust load, and the side-by-side comparison (perf/fair.py:
+server, the naive baseline under the same locust load, and the side-by-side comparison (perf/reference/compare.py:
 Triton, its other layouts, the peers and the baseline under one generator). Returns one dict of figures.
 """
 
@@ -13,12 +13,13 @@ from build.model_config import config_text, read_configs
 from build.render_repo import labels_file
 from build.settings import read_manifest, rendered_onnx
 from core.metadata import parameter_count, read_metadata, source_checkpoint
-from perf import ceiling
-from perf.common import machine_info, sample_images
-from perf.fair import side_by_side
-from perf.harness import start_baseline
-from perf.loadtest import run_locust
-from perf.perf_analyzer import PerfPoint, sweep
+from perf.load.bodies import sample_images
+from perf.load.loadtest import run_locust
+from perf.load.perf_analyzer import PerfPoint, sweep
+from perf.load.stats import machine_info
+from perf.reference import ceiling
+from perf.reference.baseline_process import start_baseline
+from perf.reference.compare import side_by_side
 from serve.server import TritonServer, free_ports
 
 
@@ -33,7 +34,7 @@ class Profile:
     locust_seconds: int = 20
     ceiling_seconds: float = 3.0
     parts: tuple[str, ...] = ("ceiling", "perf", "loadtest", "compare")  # what to measure
-    # compare: perf/fair.py, every server under one generator (wrk) in alternating rounds
+    # compare: perf/reference/compare.py, every server under one generator (wrk) in alternating rounds
     compare_rounds: int = 3
     compare_seconds: int = 10
     compare_connections: int = 16
@@ -81,8 +82,8 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
 def describe(repo: Path, images: Path, profile: Profile, manifest: dict, ckpt: str, blobs: list[bytes]) -> dict:
     """What is measured: the machine, the repository (its manifest and configurations) and the payload."""
     meta = read_metadata(manifest["onnx"])
-    arch = {"arch": meta["arch"], "parameters": parameter_count(Path(manifest["onnx"])),
-            "weights": (meta.get("pretrained") or {}).get("weights")}
+    arch = {"arch": meta.arch, "parameters": parameter_count(Path(manifest["onnx"])),
+            "weights": meta.pretrained_weights}
     return {"machine": machine_info(), "manifest": manifest, "profile": asdict(profile), "model": arch,
             "configs": {name: config_text(cfg) for name, cfg in read_configs(repo).items()},
             "checkpoint": ckpt, "images": str(images), "payload_images": len(blobs),
@@ -116,7 +117,8 @@ def measure_ceiling(onnx: Path, images: Path, profile: Profile, manifest: dict) 
 
 
 def measure_compare(repo: Path, ckpt: str, images: Path, out: Path, profile: Profile) -> dict:
-    """Every server under one generator (perf/fair.py): Triton, its other layouts, the peers, the baseline."""
+    """Every server under one generator (perf/reference/compare.py): Triton, its other layouts, the peers, the
+    baseline."""
     print("side by side (wrk): Triton, " + ", ".join((*profile.compare_layouts, *profile.compare_peers, "baseline"))
           + " ...")
     return side_by_side(repo, Path(ckpt), images, out / "compare", profile.compare_rounds, profile.compare_seconds,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from perf.fair import plot as compare_plot
-from perf.perf_analyzer import rate_limits
+from perf.load.perf_analyzer import rate_limits
+from perf.reference.compare_report import plot as compare_plot
 
 # a drawn figure: (the matplotlib figure, its file name, its title); None: nothing to draw
 Drawn = tuple[Any, str, str] | None

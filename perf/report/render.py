@@ -6,9 +6,9 @@ from __future__ import annotations
 from datetime import UTC
 from pathlib import Path
 
-from perf.fair import render_markdown as render_compare
-from perf.harness import verdicts
-from perf.perf_analyzer import rate_limits
+from perf.load.perf_analyzer import rate_limits
+from perf.reference.compare_report import render_markdown as render_compare
+from perf.reference.targets import verdicts
 from perf.report.analysis import TARGET_BASELINE_RATIO, TARGET_CEILING_RATIO, computing_models, verdict
 
 
@@ -234,14 +234,14 @@ def perf_analyzer_section(r: dict) -> list[str]:
 
 
 def workloads_section(r: dict) -> list[str]:
-    """The workloads measured in this run (perf/workloads.py): side by side, p99 against concurrency, and the
+    """The workloads measured in this run (perf/report/workloads.py): side by side, p99 against concurrency, and the
     architecture table."""
     if "workloads" not in r:
         return []
-    from perf import workloads
+    from perf.report import workloads
 
     w = r["workloads"]
-    lines = ["## Workloads", "", f"Measured in this run ({w['when']}) by perf/workloads.py: each on its fastest "
+    lines = ["## Workloads", "", f"Measured in this run ({w['when']}) by perf/report/workloads.py: each on its fastest "
              "engine, Triton side by side with the baseline and the ceiling (wrk, alternating rounds), then Triton "
              "alone against concurrency.", "", *workloads.markdown(w).splitlines(), "",
              *workloads.latency_markdown(w).splitlines(), "", *workloads.architectures_markdown(w).splitlines(), ""]

@@ -1,6 +1,6 @@
 """The work users bring, side by side: 224-px models on real photos, next to the demo model.
 
-    python -m perf.workloads --work .cache/workloads
+    python -m perf.report.workloads --work .cache/workloads
     make workloads
 
 Each workload is a model and a set of JPEGs:
@@ -19,7 +19,7 @@ parameters, top-1 on the photos' val split in FP32 and as served, the drop of ev
 the layers INT8 recovery kept in FP32), the engine served and its throughput. Each one is exported,
 quantized with every engine x precision scored and gated (``make quantize``), and served at
 ``--precision`` (auto: the fastest candidate that passed). Then, per workload, side by side under one
-load generator (wrk, alternating rounds: perf/fair.py): Triton, the naive baseline on the same
+load generator (wrk, alternating rounds: perf/load/rounds.py): Triton, the naive baseline on the same
 checkpoint, the peers if asked, and the in-process ceiling on the served engine, measured at each
 round's start. The table gives throughput, p99, Triton / ceiling and Triton / baseline with their
 spreads, and the engine each workload served.
@@ -39,12 +39,13 @@ from build.artifacts import REPORT, candidate_name, served_for
 from build.export_onnx import export
 from build.render_repo import fit_to_cost, render
 from build.settings import RepoSettings
-from perf.common import sample_images
-from perf.fair import Target, latency_sweep, side_by_side, within_budget
+from perf.load.bodies import sample_images
+from perf.load.wrk import Target, latency_sweep, within_budget
+from perf.paths import REPORTS
+from perf.reference.compare import side_by_side
 from training import train
 from training.real_datasets import write_imagefolder
 
-REPORTS = Path(__file__).resolve().parent / "reports"
 # the targets of the performance issue for the served path against the in-process ceiling
 TARGET_CEILING = {"demo": 0.85, "224": 0.9}
 PEER_TARGET = 1.5  # Triton against the best peer on each workload, at lower p99

@@ -1,6 +1,6 @@
 """Triton Model Analyzer on the served repository: its search, its winner written back.
 
-    python -m perf.analyze --repo model_repository --images data/synthetic/val   # make analyze
+    python -m perf.tuning.analyze --repo model_repository --images data/synthetic/val   # make analyze
 
 Model Analyzer 1.58 (PyPI `triton-model-analyzer`, in its own virtualenv `.venv-analyzer`: `make
 analyzer`) launches the wheel's tritonserver itself (local launch mode) with the backend directory and
@@ -36,9 +36,10 @@ from build import layouts
 from build.render_repo import render
 from build.settings import read_manifest, rendered_onnx, settings_from_manifest
 from core import protocol as P
-from perf import tune
-from perf.common import PROJECT_ROOT, REPORTS, sample_images
-from perf.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
+from perf.load.bodies import sample_images
+from perf.load.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
+from perf.paths import PROJECT_ROOT, REPORTS
+from perf.tuning import tune
 from serve.server import TritonServer
 
 VENV = PROJECT_ROOT / ".venv-analyzer"

@@ -7,7 +7,7 @@ winner: configurations are ranked by their median throughput, with their p99 med
 budget, and each one's spread is kept. The winner is written back to the model repository
 (re-rendered with those settings) and the sweep to JSON.
 
-    python -m perf.tune --onnx artifacts/model.onnx --repo model_repository --p99-budget-ms 50
+    python -m perf.tuning.tune --onnx artifacts/model.onnx --repo model_repository --p99-budget-ms 50
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 from build import layouts
 from build.render_repo import render
 from build.settings import RepoSettings, read_manifest, rendered_onnx, settings_from_manifest
-from perf.common import sample_images
-from perf.perf_analyzer import measure_rendered, write_input_data
+from perf.load.bodies import sample_images
+from perf.load.perf_analyzer import measure_rendered, write_input_data
 
 DEFAULT_GRID = {
     "queue_delay_us": [0, 200, 2000],
@@ -47,7 +47,7 @@ def configurations(base: RepoSettings, grid: dict) -> list[RepoSettings]:
 
 def choose(results: list[dict], p99_budget_ms: float, eligible=lambda r: True) -> tuple[dict, bool]:
     """Best (median) throughput within the budget among the ``eligible`` results; if none meets it, the
-    lowest p99 of all (and False). Model Analyzer's winner is chosen by the same rule (perf/analyze.py)."""
+    lowest p99 of all (and False). Model Analyzer's winner is chosen by the same rule (perf/tuning/analyze.py)."""
     within = [r for r in results if eligible(r) and r["p99_ms"] <= p99_budget_ms]
     if within:
         return max(within, key=lambda r: r["throughput"]), True

@@ -1,6 +1,6 @@
 """BentoML peer: the pipeline of pipeline.py behind a BentoML service with adaptive batching.
 
-    .venv-bentoml/bin/python -m perf.peers.bento_service --spec spec.json --port 8700
+    .venv-bentoml/bin/python -m perf.reference.peers.bento_service --spec spec.json --port 8700
 
 POST the encoded image as a multipart file field ``images`` to /predict (how a BentoML client sends
 files); the answer is a JSON list with one {"labels": [...], "scores": [...]} (or {"error": ...}). The
@@ -27,7 +27,7 @@ SPEC = json.loads(Path(os.environ[SPEC_ENV]).read_text()) if SPEC_ENV in os.envi
 @bentoml.service(workers=SPEC["instances"] if SPEC else 1, traffic={"timeout": 60})
 class Classifier:
     def __init__(self):
-        from perf.peers.pipeline import PeerModel
+        from perf.reference.peers.pipeline import PeerModel
 
         self.model = PeerModel(Path(os.environ[SPEC_ENV]))
 
@@ -42,13 +42,13 @@ def main(a: argparse.Namespace) -> None:
     """Serve with the spec in the environment (the service class reads it when BentoML imports this module)."""
     os.environ[SPEC_ENV] = str(Path(a.spec).resolve())
     bentoml_cli = Path(sys.executable).parent / "bentoml"
-    os.execv(str(bentoml_cli), [str(bentoml_cli), "serve", "perf.peers.bento_service:Classifier", "--host", a.host,
-                                "--port", str(a.port)])
+    os.execv(str(bentoml_cli), [str(bentoml_cli), "serve", "perf.reference.peers.bento_service:Classifier",
+                                "--host", a.host, "--port", str(a.port)])
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="BentoML peer (adaptive batching) of the served model")
-    p.add_argument("--spec", required=True, help="written by perf.peers.launch")
+    p.add_argument("--spec", required=True, help="written by perf.reference.peers.launch")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8700)
     return p

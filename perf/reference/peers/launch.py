@@ -24,8 +24,8 @@ from pathlib import Path
 
 from build.settings import read_manifest
 from core.metadata import read_metadata
-from perf.common import PROJECT_ROOT
-from perf.harness import request_body
+from perf.load.bodies import request_body
+from perf.paths import PROJECT_ROOT
 from serve.publish import served_onnx
 
 
@@ -34,13 +34,13 @@ class Peer:
     name: str
     venv: str            # its virtualenv, relative to the project (`make peers` makes it)
     command: tuple       # run with that virtualenv's python, plus --spec FILE --port N
-    kind: str            # how a request carries the image (perf.harness.request_body): "raw" or "multipart"
+    kind: str            # how a request carries the image (perf.load.bodies.request_body): "raw" or "multipart"
     path: str = "/predict"
 
 
 PEERS = {
-    "ray": Peer("ray serve", ".venv-ray", ("-m", "perf.peers.ray_serve"), "raw"),
-    "bentoml": Peer("bentoml", ".venv-bentoml", ("-m", "perf.peers.bento_service"), "multipart"),
+    "ray": Peer("ray serve", ".venv-ray", ("-m", "perf.reference.peers.ray_serve"), "raw"),
+    "bentoml": Peer("bentoml", ".venv-bentoml", ("-m", "perf.reference.peers.bento_service"), "multipart"),
 }
 
 
@@ -51,7 +51,7 @@ def write_spec(repo: Path, out: Path) -> Path:
     meta, settings = read_metadata(onnx), manifest["settings"]
     spec = {"onnx": str(onnx.resolve()), "engine": manifest.get("engine", "onnxruntime"),
             "inference_precision": manifest.get("inference_precision") or "f32",
-            "preprocess": meta["preprocess"], "classes": meta["classes"],
+            "preprocess": meta.preprocess.to_dict(), "classes": list(meta.classes),
             "top_k": settings["top_k"], "max_batch_size": settings["max_batch_size"],
             "queue_delay_us": settings["queue_delay_us"], "instances": settings["classifier_instances"],
             "dali_threads": settings["dali_threads"], "intra_op_threads": settings["intra_op_threads"],

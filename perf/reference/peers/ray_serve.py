@@ -1,6 +1,6 @@
 """Ray Serve peer: the pipeline of pipeline.py behind a Ray Serve deployment with @serve.batch.
 
-    .venv-ray/bin/python -m perf.peers.ray_serve --spec spec.json --port 8600
+    .venv-ray/bin/python -m perf.reference.peers.ray_serve --spec spec.json --port 8600
 
 POST the encoded image as the body to /predict; the answer is JSON {"labels": [...], "scores": [...]}
 (400 with {"error": ...} for an image that does not decode). Requests are batched by @serve.batch up to
@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 @serve.deployment
 class Classifier:
     def __init__(self, spec_file: str, max_batch: int, wait_s: float):
-        from perf.peers.pipeline import PeerModel
+        from perf.reference.peers.pipeline import PeerModel
 
         self.model = PeerModel(Path(spec_file))
         self.classify.set_max_batch_size(max_batch)
@@ -62,7 +62,7 @@ def main(a: argparse.Namespace) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Ray Serve peer (serve.batch) of the served model")
-    p.add_argument("--spec", required=True, help="written by perf.peers.launch")
+    p.add_argument("--spec", required=True, help="written by perf.reference.peers.launch")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8600)
     p.add_argument("--cpus", type=int, default=2, help="CPUs Ray schedules on (the replicas ask for none)")
