@@ -105,19 +105,22 @@ P99_BUDGET_MS ?= 50
 PRECISIONS  ?= fp32 int8
 PRECISION_CONCURRENCY ?= 16
 BASELINE_PORT ?= 8080
-# the default recipe on real data sets that packages ship (perf/real_data.py)
+# the default recipe on real data sets that packages ship (perf/experiments/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint ab metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help test-fast venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help:
 	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
 	@echo "make test   - run the test suite against the real tritonserver"
+	@echo "make test-fast - only the tests that need no trained model and no server (seconds)"
 	@echo "stages: venv data train distill prune eval onnx quantize repo serve client; variables: see docs/"
 	@echo "make lint   - ruff and mypy (pyproject.toml), as CI runs them before the tests"
 	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
 	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
 	@echo "              precisions (fp32 vs int8 served side by side), compare (Triton vs baseline, one generator: wrk)"
+	@echo "A/B measurements: make ab WHAT=<name> (make ab alone lists them: metrics-cost, cache, flood, precisions, ...);"
+	@echo "              aliases: metrics-cost client-metrics-cost shadow-cost cache-check flood-check batch-fit precisions"
 	@echo "reliability: make reliability (overload, fuzzing, shutdown, live update, killed stubs); soak DURATION=600;"
 	@echo "             publish / rollback (live model updates); s3-server, s3-upload, then serve REPO=s3://..."
 	@echo "benchmark-data - the default recipe trained and served on real data sets that packages ship"
@@ -137,9 +140,9 @@ $(VENV)/.installed: requirements.txt requirements-data.txt
 	touch $@
 
 # the peer servers `make compare` and `make report` measure beside Triton, each in its own virtualenv
-# (their pins clash with the project's): perf/peers/
+# (their pins clash with the project's): perf/reference/peers/
 peers: .venv-ray/.installed .venv-bentoml/.installed
-# Triton Model Analyzer, also in its own virtualenv (perf/analyze.py)
+# Triton Model Analyzer, also in its own virtualenv (perf/tuning/analyze.py)
 analyzer: .venv-analyzer/.installed
 .venv-%/.installed: requirements-%.txt
 	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
@@ -173,8 +176,7 @@ prune: artifacts
 	$(PY) -m training.prune --ckpt $(CKPT) --data $(DATA) --out $(PRUNE_OUT) --target-flops $(PRUNE_FLOPS) \
 	  $(if $(PRUNE_PARAMS),--target-params $(PRUNE_PARAMS)) --epochs $(PRUNE_EPOCHS) --sparsity $(SPARSITY) $(GATE_ARGS)
 	$(PY) -m build.export_onnx --ckpt $(PRUNE_OUT)/best.pt --data $(DATA) --out $(PRUNE_OUT)/model.onnx --tolerance $(TOLERANCE)
-	$(PY) -m perf.pruned --unpruned $(ONNX) --pruned $(PRUNE_OUT) --repo $(REPO) --images $(IMAGES) \
-	  --rounds $(PRUNE_ROUNDS) --concurrency $(PRECISION_CONCURRENCY)
+	$(MAKE) --no-print-directory ab WHAT=pruned
 
 eval: venv
 	$(PY) -m training.evaluate --ckpt $(CKPT) --data $(DATA) --split $(SPLIT) --out $(EVAL_OUT)
@@ -202,7 +204,7 @@ engine: venv
 	  $(if $(filter 2:4,$(SPARSITY)),--sparsity)
 
 gpu-check: venv
-	$(PY) -m perf.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(GATE_ARGS) $(SETTINGS_ARGS)
+	$(PY) -m perf.checks.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(GATE_ARGS) $(SETTINGS_ARGS)
 
 # PRECISION and ENGINE pick what serves (ONNX=file overrides the file); TARGET=gpu renders the GPU repository
 repo: venv
@@ -236,17 +238,16 @@ loadtest: artifacts
 	$(PY) -m perf.report --parts loadtest --repo $(REPO) --images $(IMAGES) --users $(USERS) --duration $(DURATION)
 
 baseline: venv
-	$(PY) -m perf.baseline --ckpt $(CKPT) --port $(BASELINE_PORT)
+	$(PY) -m perf.reference.baseline --ckpt $(CKPT) --port $(BASELINE_PORT)
 
 precisions: artifacts
 	@test -f $(ARTIFACTS)/build_report.json || $(MAKE) quantize
-	$(PY) -m perf.precisions --repo $(REPO) --artifacts $(ARTIFACTS) --images $(IMAGES) \
-	  --precisions $(PRECISIONS) --concurrency $(PRECISION_CONCURRENCY)
+	$(MAKE) --no-print-directory ab WHAT=precisions
 
 # live updates (the server started by `make serve`, explicit model control): ONNX becomes the classifier's
 # next version once it passes the checks and the accuracy gate on DATA's val split; rollback retires it
 # SHADOW=1: the candidate first serves beside the current version on live traffic (mirrored, never answering
-# clients) and is promoted only if it agrees (serve/shadow.py): SHADOW_REQUESTS images, SHADOW_AGREEMENT %,
+# clients) and is promoted only if it agrees (serve/rollout.py): SHADOW_REQUESTS images, SHADOW_AGREEMENT %,
 # its p99 within SHADOW_P99_MARGIN, SHADOW_PERCENT of the answered batches mirrored
 SHADOW ?=
 SHADOW_REQUESTS ?= 500
@@ -255,7 +256,7 @@ SHADOW_P99_MARGIN ?= 0.25
 SHADOW_PERCENT ?= 100
 publish: venv
 ifneq ($(SHADOW),)
-	$(PY) -m serve.shadow --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) \
+	$(PY) -m serve.rollout --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) \
 	  --metrics-url http://$(HOST):$(METRICS_PORT)/metrics --min-requests $(SHADOW_REQUESTS) \
 	  --min-agreement $(SHADOW_AGREEMENT) --p99-margin $(SHADOW_P99_MARGIN) --percent $(SHADOW_PERCENT) $(GATE_ARGS)
 else
@@ -280,13 +281,13 @@ s3-upload: venv
 # overload, fuzzing, graceful shutdown, live updates and killed stubs on the real server: perf/reports/reliability/
 FUZZ_CASES ?= 2000
 reliability: artifacts
-	$(PY) -m perf.reliability --repo $(REPO) --images $(IMAGES) --data $(DATA) --fuzz-cases $(FUZZ_CASES)
+	$(PY) -m perf.checks.reliability --repo $(REPO) --images $(IMAGES) --data $(DATA) --fuzz-cases $(FUZZ_CASES)
 
 # a steady load for DURATION seconds (default 600 here): errors, memory and descriptor trends, latency per window
 SOAK_WORKERS ?= 4
 SOAK_WINDOW ?= 60
 soak: artifacts
-	$(PY) -m perf.soak --repo $(REPO) --images $(IMAGES) --workers $(SOAK_WORKERS) --window $(SOAK_WINDOW) \
+	$(PY) -m perf.checks.soak --repo $(REPO) --images $(IMAGES) --workers $(SOAK_WORKERS) --window $(SOAK_WINDOW) \
 	  --duration $(if $(filter command line environment,$(origin DURATION)),$(DURATION),600)
 
 # Triton (the repository and COMPARE_LAYOUTS, other layouts of the same model) and the naive baseline side by side,
@@ -297,18 +298,18 @@ COMPARE_CONNECTIONS ?= 16
 COMPARE_LAYOUTS ?= postprocess
 COMPARE_PEERS ?= ray,bentoml
 compare: artifacts $(if $(COMPARE_PEERS),peers)
-	$(PY) -m perf.fair --repo $(REPO) --ckpt $(CKPT) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) \
+	$(PY) -m perf.reference.compare --repo $(REPO) --ckpt $(CKPT) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) \
 	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --layouts "$(COMPARE_LAYOUTS)" \
 	  --peers "$(COMPARE_PEERS)"
 
 # Triton Model Analyzer's quick search (instances, max batch size, concurrency) on the fused model; the
 # winner within P99_BUDGET_MS is written back: perf/reports/analyze/
 analyze: artifacts analyzer
-	$(PY) -m perf.analyze --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)
+	$(PY) -m perf.tuning.analyze --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)
 
 TUNE_ROUNDS ?= 3
 tune: artifacts
-	$(PY) -m perf.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS) --rounds $(TUNE_ROUNDS)
+	$(PY) -m perf.tuning.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS) --rounds $(TUNE_ROUNDS)
 
 # everything in one run: ceiling, perf_analyzer, locust, and every server side by side under wrk (the
 # COMPARE_* variables); the page is then checked in headless Chromium (a screenshot, report.png, beside it)
@@ -321,20 +322,38 @@ report: artifacts $(if $(COMPARE_PEERS),peers)
 # data set against training from scratch, equal epochs, several seeds: .cache/transfer/results.md
 TRANSFER_SOURCE ?= animals
 TRANSFER_TARGET ?= digits
-# the served metrics' cost: the repository's model with them on and off, side by side (perf/metrics_cost.py)
-metrics-cost: venv
-	$(PY) -m perf.metrics_cost --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
-	  --connections $(COMPARE_CONNECTIONS)
+# the A/B measurements (perf/ab/: one registry, one entry point): `make ab WHAT=<name>`, `make ab` lists them;
+# AB_ARGS_<name> are each one's arguments (AB_ARGS adds more); the targets below are aliases of `make ab WHAT=...`
+WHAT        ?=
+AB_ARGS     ?=
+AB_SIDE_BY_SIDE = --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
+  --connections $(COMPARE_CONNECTIONS)
+AB_ARGS_metrics-cost = $(AB_SIDE_BY_SIDE)
+AB_ARGS_client-metrics-cost = --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS)
+AB_ARGS_cache = $(AB_SIDE_BY_SIDE)
+AB_ARGS_flood = $(AB_SIDE_BY_SIDE) --flood-connections $(FLOOD_CONNECTIONS)
+AB_ARGS_shadow-cost = $(AB_SIDE_BY_SIDE) --percent $(SHADOW_PERCENT)
+AB_ARGS_batch-fit = $(AB_SIDE_BY_SIDE)
+AB_ARGS_instances = $(AB_SIDE_BY_SIDE)
+AB_ARGS_precisions = --repo $(REPO) --artifacts $(ARTIFACTS) --images $(IMAGES) --precisions $(PRECISIONS) \
+  --concurrency $(PRECISION_CONCURRENCY)
+AB_ARGS_pruned = --unpruned $(ONNX) --pruned $(PRUNE_OUT) --repo $(REPO) --images $(IMAGES) --rounds $(PRUNE_ROUNDS) \
+  --concurrency $(PRECISION_CONCURRENCY)
+ab: venv
+	$(PY) -m perf.ab $(or $(WHAT),list) $(AB_ARGS_$(WHAT)) $(AB_ARGS)
 
-# the client library's served metrics (the GPU target's: clients/metrics.py), on and off (perf/client_metrics_cost.py)
-client-metrics-cost: venv
-	$(PY) -m perf.client_metrics_cost --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) \
-	  --seconds $(COMPARE_SECONDS)
+# the served metrics' cost: the repository's model with them on and off, side by side (perf/ab/metrics_cost.py)
+metrics-cost:
+	$(MAKE) --no-print-directory ab WHAT=metrics-cost
 
-# Triton's response cache on a workload with repeats: hit rate and throughput against it off (perf/cache.py)
-cache-check: venv
-	$(PY) -m perf.cache --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
-	  --connections $(COMPARE_CONNECTIONS)
+# the client library's served metrics (the GPU target's: clients/metrics.py), on and off
+# (perf/ab/client_metrics_cost.py)
+client-metrics-cost:
+	$(MAKE) --no-print-directory ab WHAT=client-metrics-cost
+
+# Triton's response cache on a workload with repeats: hit rate and throughput against it off (perf/ab/cache.py)
+cache-check:
+	$(MAKE) --no-print-directory ab WHAT=cache
 
 # the served model's sampled requests (make repo PAYLOAD_PERCENT=... PAYLOAD_DIR=...) as an ImageFolder tree by
 # predicted class, for a person to correct and train on (training/relabel.py)
@@ -344,42 +363,40 @@ relabel: venv
 	$(PY) -m training.relabel --samples $(SAMPLES) --out $(RELABEL_OUT)
 
 # goodput under a flood (256 connections resending at once after a 503) against capacity, with the queue
-# held by time (the default) and the old count of 64 (perf/flood.py)
+# held by time (the default) and the old count of 64 (perf/ab/flood.py)
 FLOOD_CONNECTIONS ?= 256
-flood-check: venv
-	$(PY) -m perf.flood --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
-	  --connections $(COMPARE_CONNECTIONS) --flood-connections $(FLOOD_CONNECTIONS)
+flood-check:
+	$(MAKE) --no-print-directory ab WHAT=flood
 
 # the monitoring end to end on the real server: metrics, drift on shifted sets, payload samples, shadow promotion
-# and refusal under load, the cache, the dashboards' and alert rules' metrics (perf/monitor_check.py)
+# and refusal under load, the cache, the dashboards' and alert rules' metrics (perf/checks/monitor_check.py)
 monitor-check: venv
-	$(PY) -m perf.monitor_check --repo $(REPO) --data $(DATA)
+	$(PY) -m perf.checks.monitor_check --repo $(REPO) --data $(DATA)
 
-# what shadowing costs the clients: the mirror off and on (SHADOW_PERCENT), side by side (perf/shadow_cost.py)
-shadow-cost: venv
-	$(PY) -m perf.shadow_cost --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
-	  --connections $(COMPARE_CONNECTIONS) --percent $(SHADOW_PERCENT)
+# what shadowing costs the clients: the mirror off and on (SHADOW_PERCENT), side by side (perf/ab/shadow_cost.py)
+shadow-cost:
+	$(MAKE) --no-print-directory ab WHAT=shadow-cost
 
 # the classifier's largest batch fitted to the model's cost (make repo) against a fixed 32, side by side
-batch-fit: venv
-	$(PY) -m perf.batch_fit --repo $(REPO) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) --seconds $(COMPARE_SECONDS) \
-	  --connections $(COMPARE_CONNECTIONS)
+# (perf/ab/batch_fit.py)
+batch-fit:
+	$(MAKE) --no-print-directory ab WHAT=batch-fit
 
 # the demo and 224-px workloads on real photographs, each on its fastest engine, side by side with the
-# baseline and the ceiling (perf/workloads.py; trains, exports and quantizes the 224-px models first)
+# baseline and the ceiling (perf/report/workloads.py; trains, exports and quantizes the 224-px models first)
 WORKLOADS   ?= demo-synthetic demo-photos resnet50-photos mobilenet-photos convnext-photos vit-photos
 # make report REPORT_WORKLOADS=all (or a comma list) measures the workloads in the report's own run
 REPORT_WORKLOADS ?=
 workloads: artifacts $(if $(COMPARE_PEERS),peers)
-	$(PY) -m perf.workloads --workloads $(WORKLOADS) --ckpt $(CKPT) --data $(DATA) --rounds $(COMPARE_ROUNDS) \
+	$(PY) -m perf.report.workloads --workloads $(WORKLOADS) --ckpt $(CKPT) --data $(DATA) --rounds $(COMPARE_ROUNDS) \
 	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --peers "$(COMPARE_PEERS)" \
 	  --p99-budget-ms $(P99_BUDGET_MS)
 
 transfer: venv
-	$(PY) -m perf.transfer --source $(TRANSFER_SOURCE) --target $(TRANSFER_TARGET) --work .cache/transfer
+	$(PY) -m perf.experiments.transfer --source $(TRANSFER_SOURCE) --target $(TRANSFER_TARGET) --work .cache/transfer
 
 benchmark-data: venv
-	$(PY) -m perf.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")
+	$(PY) -m perf.experiments.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")
 
 # lint and types (configured in pyproject.toml); .ci/run runs this before the tests
 lint: venv
@@ -388,6 +405,10 @@ lint: venv
 
 test: venv peers analyzer
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# the tests that need no trained model and no server (tests/conftest.py marks the others): seconds, not minutes
+test-fast: venv
+	$(PY) -m pytest tests -m "not model and not server and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(ARTIFACTS) $(SYNTHETIC) .cache .pytest_cache

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,20 +37,22 @@ import numpy as np
 import onnx
 
 from build.artifacts import ARTIFACT_NAMES, CANDIDATES, ENGINE_MARGIN, PRECISIONS, REPORT, Candidate, fastest
+from core import engines as registry
 from core.atomic_io import atomic_write_bytes
+from core.engines import EngineName, Target, ort_session
 from core.metadata import (
     INPUT_NAME,
     METADATA_KEY,
     OUTPUT_NAME,
+    ArtifactMetadata,
     has_checkpoint,
     parameter_count,
     read_metadata,
     rebase_metadata,
     source_checkpoint,
 )
-from core.preprocess import DaliPreprocessor, PreprocessSpec
-from core.runners import OrtRunner, Runner, isolated, latency, openvino_capabilities, score_openvino
-from core.stages import ENGINES, ort_session
+from core.preprocess import DaliPreprocessor
+from core.runners import Runner, isolated, latency, openvino_capabilities, score_isolated
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
@@ -86,14 +89,14 @@ def write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
 
 
-def calibration_batch(meta: dict, data: Path, n: int, out_dir: Path) -> np.ndarray:
+def calibration_batch(meta: ArtifactMetadata, data: Path, n: int, out_dir: Path) -> np.ndarray:
     """N training images, spread evenly over the sorted train set, through the serving preprocess."""
-    samples = list_images(Path(data) / "train", meta["classes"])
+    samples = list_images(Path(data) / "train", meta.classes)
     if n <= 0:
         raise ValueError(f"--calib-size must be positive, got {n}")
     idx = np.linspace(0, len(samples) - 1, num=min(n, len(samples))).round().astype(int)
     paths = [samples[i][0] for i in sorted(set(idx.tolist()))]
-    batch = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(paths)
+    batch = DaliPreprocessor(meta.preprocess).files(paths)
     calib_dir = out_dir / "calib"
     atomic_write_bytes(calib_dir / "calib.npy", lambda tmp: save_npy(tmp, batch))
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(data)}" for p in paths]
@@ -316,8 +319,8 @@ def recovery_plan(calib_method: str, ranked: list[tuple[str, float]]) -> list[tu
     return plan
 
 
-def recover_int8(name: str, onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, out_dir: Path,
-                 produced: dict[str, bytes], results: dict[str, dict], extra: dict, rescore: Callable,
+def recover_int8(name: str, onnx_path: Path, meta: ArtifactMetadata, calib: np.ndarray, calib_method: str,
+                 out_dir: Path, produced: dict[str, bytes], results: dict[str, dict], extra: dict, rescore: Callable,
                  max_top1_drop: float, ranked: list[tuple[str, float]]) -> dict:
     """Retry a failing INT8 artifact by :func:`recovery_plan` until its ONNX Runtime candidate passes the gate.
     On success ``produced`` and ``results`` hold the recovered artifact; returns what was tried. ``ranked``:
@@ -343,11 +346,10 @@ def recover_int8(name: str, onnx_path: Path, meta: dict, calib: np.ndarray, cali
             "sensitivity_db": {n: round(db, 1) for n, db in ranked[:12]}}
 
 
-def stamp(model: onnx.ModelProto, meta: dict, precision: str, extra: dict) -> onnx.ModelProto:
+def stamp(model: onnx.ModelProto, meta: ArtifactMetadata, precision: str, extra: dict) -> onnx.ModelProto:
     """Carry the metadata contract into the new artifact, recording what it was made from."""
-    m = json.loads(json.dumps(meta))
-    m["export"] = {**m.get("export", {}), "precision": precision, **extra}
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(m)})
+    m = replace(meta, export=meta.export.updated(precision=precision, **extra))
+    onnx.helper.set_model_props(model, {METADATA_KEY: m.to_json()})
     return model
 
 
@@ -370,14 +372,14 @@ def gate(results: dict[str, dict], max_drop: float) -> list[str]:
 
 def artifact_row(name: str, r: dict, failed: bool) -> str:
     lat = r["latency"]
-    return (f"| {name} | {r.get('engine', 'onnxruntime')} | {r.get('precision', name)} | {r['file']} | "
+    return (f"| {name} | {r.get('engine', EngineName.ONNXRUNTIME)} | {r.get('precision', name)} | {r['file']} | "
             f"{r['size_bytes'] / 2 ** 20:.2f} MiB | {r['top1']:.2f} | "
             f"{r['agreement_with_pytorch']:.2f} | {r['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | "
             f"{lat['best_batch']} | {lat['best_images_per_s']:.0f} | {'FAIL' if failed else 'pass'} |")
 
 
 def pruned_lines(pruned: dict) -> list[str]:
-    """The rows `make prune` (perf.pruned) added for this same FP32 model."""
+    """The rows `make prune` (perf.ab.pruned) added for this same FP32 model."""
     lines = ["", "## Pruned", "",
              "Served by the real server side by side with the unpruned model, perf_analyzer at one "
              "concurrency, alternating rounds; ratio = pruned / unpruned in the same round, median (min–max).", "",
@@ -427,20 +429,19 @@ def markdown(report: dict) -> str:
         for name, r in report["int8_recovery"].items():
             lines += [f"| {ARTIFACT_NAMES[name]} | {t['calibration']} | {', '.join(t['kept_fp32']) or 'none'} | "
                       f"{t['top1']:.2f} | {'pass' if t['passed'] else 'FAIL'} |" for t in r["tries"]]
-    if report.get("pruned"):  # rows added by `make prune` (perf.pruned) for this same FP32 model
+    if report.get("pruned"):  # rows added by `make prune` (perf.ab.pruned) for this same FP32 model
         lines += pruned_lines(report["pruned"])
     return "\n".join(lines) + "\n"
 
 
 def load_val(
-    meta: dict, data: Path, max_top1_drop: float
+    meta: ArtifactMetadata, data: Path, max_top1_drop: float
 ) -> tuple[list[Path], np.ndarray, DaliPreprocessor, np.ndarray]:
     """(val paths, labels, the streaming preprocess, a first batch for the latencies); warn when one image
     is worth more top-1 than the gate allows."""
-    val = list_images(Path(data) / "val", meta["classes"])
+    val = list_images(Path(data) / "val", meta.classes)
     paths, labels = [p for p, _ in val], np.array([y for _, y in val])
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    pre = DaliPreprocessor(spec, batch_size=32)  # the val split is streamed: any size fits in memory
+    pre = DaliPreprocessor(meta.preprocess, batch_size=32)  # the val split is streamed: any size fits in memory
     sample = next(pre.iter_files(paths[:32]))
     if val and 100 / len(val) > max_top1_drop:
         print(f"warning: the val split has {len(val)} images, so one image is {100 / len(val):.2f} points of top-1, "
@@ -448,7 +449,7 @@ def load_val(
     return paths, labels, pre, sample
 
 
-def convert(onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, out_dir: Path,
+def convert(onnx_path: Path, meta: ArtifactMetadata, calib: np.ndarray, calib_method: str, out_dir: Path,
             precisions: Collection[str]) -> tuple[dict[str, bytes], dict]:
     """The FP32 bytes and every requested conversion (checked and stamped, in CONVERSIONS order), with the
     provenance stamped into each: (name -> serialized model, provenance)."""
@@ -466,42 +467,46 @@ def convert(onnx_path: Path, meta: dict, calib: np.ndarray, calib_method: str, o
     return produced, extra
 
 
-def candidates_for(produced: Collection[str], engines: Collection[str]) -> dict[str, Candidate]:
-    """The CANDIDATES whose artifact was produced, on the engines asked for (ONNX Runtime always: the gate's
-    FP32 reference row and the files' own check)."""
+def candidates_for(produced: Collection[str], engines: Collection[str] | None = None) -> dict[str, Candidate]:
+    """The CANDIDATES whose artifact was produced, on the engines asked for (None: every engine of the
+    embedded target; its default, ONNX Runtime, always: the gate's FP32 reference row and the files' own
+    check)."""
+    default = registry.default_for(Target.EMBEDDED).name
     return {n: c for n, c in CANDIDATES.items() if c.artifact in produced and
-            (c.engine == "onnxruntime" or c.engine in engines)}
+            (c.engine == default or engines is None or c.engine in engines)}
 
 
 def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, paths: list[Path],
-          labels: np.ndarray, sample: np.ndarray, engines: Collection[str] = tuple(ENGINES),
+          labels: np.ndarray, sample: np.ndarray, engines: Collection[str] | None = None,
           unsupported: dict[str, dict] | None = None, reference: dict[str, np.ndarray] | None = None
           ) -> dict[str, dict]:
     """Every candidate's accuracy against the labels and the reference (one streamed pass), size and latency.
     The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself.
     ``reference``: its logits are kept there under "logits" and reused when already there (a rescore).
 
-    ONNX Runtime's candidates run here; OpenVINO's in a process of their own (core.runners.isolated: loaded
-    here it corrupted this process's heap), on the same images, each timed there as ONNX Runtime's are
-    here (every core, same batches). A candidate whose engine cannot compile its file goes into
-    ``unsupported`` with the engine's error, and is never served."""
+    Each candidate runs on its engine's scoring runner (core/engines.py). ONNX Runtime's candidates run here;
+    those of an engine whose record says ``isolated`` (OpenVINO) in a process of their own
+    (core.runners.isolated: loaded here it corrupted this process's heap), on the same images, each timed
+    there as ONNX Runtime's are here (every core, same batches). A candidate whose engine cannot compile its
+    file goes into ``unsupported`` with the engine's error, and is never served."""
     unsupported = {} if unsupported is None else unsupported
     candidates = candidates_for(produced, engines)
-    ort = {n: OrtRunner(produced[c.artifact]) for n, c in candidates.items() if c.engine == "onnxruntime"}
-    others = {n: (produced[c.artifact], c.inference_precision) for n, c in candidates.items()
-              if c.engine == "openvino"}
+    here = {n: registry.get(c.engine).measuring(produced[c.artifact], c.inference_precision)
+            for n, c in candidates.items() if not registry.get(c.engine).isolated}
+    others = {n: (c.engine, produced[c.artifact], c.inference_precision) for n, c in candidates.items()
+              if registry.get(c.engine).isolated}
     reference = {} if reference is None else reference
-    runs: dict[str, Runner] = dict(ort)
+    runs: dict[str, Runner] = dict(here)
     if "logits" not in reference:
         runs["reference"] = (partial(logits_for_inputs, model_from_checkpoint(ckpt)) if ckpt is not None
-                             else ort["fp32"])
+                             else here["fp32"])
     logits = stream_logits(runs, pre.iter_files(paths))
     if "reference" in logits:
         reference["logits"] = logits.pop("reference")
     reference_logits = reference["logits"]
-    timed = {name: latency(ort.pop(name), sample) for name in list(ort)}
+    timed = {name: latency(here.pop(name), sample) for name in list(here)}
     if others:
-        measured = isolated(score_openvino, others, pre.spec.to_dict(), [str(p) for p in paths], sample)
+        measured = isolated(score_isolated, others, pre.spec.to_dict(), [str(p) for p in paths], sample)
         for name, m in measured.items():
             if "error" in m:
                 c = candidates[name]
@@ -558,7 +563,7 @@ def images_per_s(result: dict) -> float:
 def serving(report: dict) -> dict[str, str]:
     """By PRECISION (and auto): the candidate `make repo` serves, the fastest that passes the gate."""
     passing = [n for n in report["artifacts"] if n not in report["gate_failures"]]
-    by_precision = {p: [n for n in passing if CANDIDATES[n].precision == p] for p in PRECISIONS}
+    by_precision = {str(p): [n for n in passing if CANDIDATES[n].precision == p] for p in PRECISIONS}
     choice = {p: fastest(report, names) for p, names in by_precision.items() if names}
     return {**choice, "auto": fastest(report, passing)} if passing else choice
 
@@ -613,7 +618,7 @@ def gate_error(results: dict[str, dict], failures: list[str], calib_method: str,
 def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_CALIB_SIZE,
           calib_method: str = DEFAULT_CALIB_METHOD, max_top1_drop: float = DEFAULT_MAX_TOP1_DROP,
           precisions: Collection[str] = ("fp16", "int8", "int8_ort"),
-          engines: Collection[str] = tuple(ENGINES)) -> dict:
+          engines: Collection[str] | None = None) -> dict:
     """Calibrate, convert, score every candidate (artifact x engine) on the val split, gate, write what passed
     and the report."""
     if calib_method not in CALIB_METHODS:
@@ -647,7 +652,7 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
               "embedded_int8_reason": reason,
               "fastest_passing": max(passing, key=lambda n: images_per_s(results[n])),
               "reference": "PyTorch" if ckpt is not None else "the imported FP32 ONNX",
-              "model": {"arch": meta["arch"], "parameters": parameter_count(onnx_path)},
+              "model": {"arch": meta.arch, "parameters": parameter_count(onnx_path)},
               "fp32_sha256": extra["derived_from_sha256"], "cpu": cpu_features(), "unsupported": unsupported,
               "int8_recovery": recovery}
     report["serving"] = serving(report)
@@ -673,7 +678,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="allowed top-1 drop below FP32, in points")
     p.add_argument("--precisions", nargs="*", default=list(CONVERSIONS), choices=list(CONVERSIONS))
     # (run in CONVERSIONS order whatever the order given)
-    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES),
+    p.add_argument("--engines", nargs="+", default=list(registry.names(Target.EMBEDDED)),
+                   choices=list(registry.names(Target.EMBEDDED)),
                    help="the CPU engines each artifact is scored and timed on (ONNX Runtime always)")
     return p
 

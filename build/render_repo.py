@@ -29,7 +29,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build import layouts
 from build.artifacts import (
     CANDIDATES,
-    FILE_PRECISIONS,
     PRECISIONS,
     Candidate,
     artifact_for,
@@ -40,11 +39,12 @@ from build.artifacts import (
 from build.layouts import MODEL_DALI, PIPELINE_FILE, ConfigInputs, Layout
 from build.model_config import config_text
 from build.settings import MANIFEST, RepoSettings, add_settings_args, keeps_manifest, read_manifest, repo_settings
+from core import engines
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes, staged_directory
-from core.metadata import read_metadata
+from core.engines import InferencePrecision, Precision, Target
+from core.metadata import ArtifactMetadata, read_metadata
 from core.preprocess import DALI_INPUT_NAME, PreprocessSpec
-from core.stages import ENGINES
 
 # The committed Python-backend model code; each file becomes <model>/1/model.py of a rendered repository,
 # which is generated output only (model_repository/ holds nothing committed but its README)
@@ -53,7 +53,8 @@ CORE = Path(__file__).resolve().parent.parent / "core"
 DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
 # The served stages without Triton (core/stages.py), beside every Python-backend model that loads them
 STAGES_FILE = "stages.py"
-SHARED_FILES = (STAGES_FILE, "payloads.py", "shadow.py")  # core's Triton-free modules the Python models import
+# core's Triton-free modules the Python models import (engines.py: the engine registry stages.py reads)
+SHARED_FILES = (STAGES_FILE, "engines.py", "payloads.py", "shadow.py")
 # The preprocess model's pipeline: a definition DALI serializes itself (build/triton_models/dali.py), the
 # one graph it imports (core/dali_graph.py) and the spec it reads, side by side in its version folder
 GRAPH_FILE, PIPELINE_CONFIG = "dali_graph.py", "preprocess.json"
@@ -132,7 +133,7 @@ def model_files(lay: Layout, target: str, onnx_path: Path, onnx_bytes: bytes, se
                 plan: Path | None, out: Path) -> dict[Path, bytes]:
     """What runs the classifier: the ONNX itself (embedded), else the TensorRT plan built from it."""
     onnx_sha = hashlib.sha256(onnx_bytes).hexdigest()
-    if target == "embedded":
+    if target == Target.EMBEDDED:
         return {Path(lay.onnx_model, "1", "model.onnx"): onnx_bytes}
     if plan is None:
         print(f"note: no TensorRT plan given: {out}/{P.CLASSIFIER}/1/model.plan is missing until you build one "
@@ -157,7 +158,7 @@ def code_files(lay: Layout, target: str) -> dict[Path, bytes]:
 
 
 def manifest(lay: Layout, target: str, onnx_path: Path, onnx_sha: str, plan: Path | None, out: Path,
-             meta: dict[str, Any], spec: PreprocessSpec, settings: RepoSettings, served: Candidate | None) -> bytes:
+             meta: ArtifactMetadata, spec: PreprocessSpec, settings: RepoSettings, served: Candidate | None) -> bytes:
     """What this repository was rendered from and with: read back by the tuner and the reports."""
     def rel(p: Path) -> str:
         return os.path.relpath(Path(p).resolve(), Path(out).resolve())
@@ -165,10 +166,10 @@ def manifest(lay: Layout, target: str, onnx_path: Path, onnx_sha: str, plan: Pat
     return json.dumps({
         "target": target, "layout": lay.name, "onnx": rel(onnx_path), "onnx_sha256": onnx_sha,
         "plan": rel(plan) if plan else None,
-        "precision": served.precision if served else meta.get("export", {}).get("precision", "fp32"),
-        "engine": served.engine if served else "tensorrt",
+        "precision": served.precision if served else meta.export.precision,
+        "engine": served.engine if served else engines.default_for(Target.GPU).name,
         "inference_precision": served.inference_precision if served else None,
-        "settings": asdict(settings), "classes": len(meta["classes"]), "input_shape": list(spec.input_shape)},
+        "settings": asdict(settings), "classes": len(meta.classes), "input_shape": list(spec.input_shape)},
         indent=2).encode()
 
 
@@ -179,7 +180,7 @@ def write_repository(out: Path, files: dict[Path, bytes], configs: dict[str, mc.
     with staged_directory(out) as stage:
         for rel, data in files.items():
             atomic_write_bytes(stage / rel, partial(Path.write_bytes, data=data))
-        if target == "gpu":  # a serialized pipeline left by an earlier render would be loaded instead of dali.py
+        if target == Target.GPU:  # a serialized pipeline left by an earlier render would be loaded instead of dali.py
             (stage / P.PREPROCESS / "1" / MODEL_DALI).unlink(missing_ok=True)
         all_models = {m for lay in layouts.LAYOUTS.values() for t in lay.code.values() for m in t} | {P.ENSEMBLE}
         for folder in stage.iterdir():  # models of another layout, left by an earlier render
@@ -207,7 +208,7 @@ def check_payload_settings(s: RepoSettings, configs: dict[str, mc.ModelConfig], 
                          f"the answer); the {layout} layout has no such model")
 
 
-def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, target: str = "embedded",
+def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, target: str = Target.EMBEDDED,
            plan: Path | None = None, layout: str | None = None, served: Candidate | None = None) -> dict[str, Path]:
     """Write the repository: everything is computed in memory first, then the repository is replaced as a whole.
 
@@ -217,17 +218,17 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
     """
     settings = settings or RepoSettings()
     meta = read_metadata(Path(onnx_path))
-    spec, classes, export = PreprocessSpec.from_dict(meta["preprocess"]), meta["classes"], meta.get("export", {})
+    spec, classes, export = meta.preprocess, meta.classes, meta.export
     onnx_bytes = Path(onnx_path).read_bytes()
     onnx_sha = hashlib.sha256(onnx_bytes).hexdigest()
     lay = layouts.get(layout) if layout else layouts.default_for(target)
     lay.check(target, export, Path(onnx_path))
-    if target == "embedded" and served is None:
-        precision = export.get("precision", "fp32")
-        served = CANDIDATES[precision] if precision in CANDIDATES else CANDIDATES["fp32"]
-    served = served if target == "embedded" else None
-    if target == "gpu":
-        check_float32_io(onnx_path, tuple(export[k] for k in ("input", "output", "probabilities") if k in export))
+    if target == Target.EMBEDDED and served is None:
+        precision = export.precision
+        served = CANDIDATES[precision] if precision in CANDIDATES else CANDIDATES[Precision.FP32]
+    served = served if target == Target.EMBEDDED else None
+    if target == Target.GPU:
+        check_float32_io(onnx_path, export.tensor_names)
     configs = lay.build_configs(ConfigInputs(spec, len(classes), settings, target, export))
     check_payload_settings(settings, configs, lay.name)
     if settings.response_cache_mb > 0:  # answers to requests seen before come from the server's cache
@@ -239,10 +240,10 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
         params["inference_precision"].string_value = served.inference_precision
 
     files = model_files(lay, target, Path(onnx_path), onnx_bytes, settings, plan, Path(out))
-    pipeline = pipeline_files(spec, settings, "gpu" if target == "gpu" else "cpu")
+    pipeline = pipeline_files(spec, settings, "gpu" if target == Target.GPU else "cpu")
     pre_dir = Path(lay.pipeline_model, "1")
     files.update({pre_dir / name: data for name, data in pipeline.items()})
-    if target == "embedded":  # our Python model deserializes it; serialized by this DALI, which runs it
+    if target == Target.EMBEDDED:  # our Python model deserializes it; serialized by this DALI, which runs it
         files[pre_dir / MODEL_DALI] = autoserialize(pipeline)
     files[lay.labels_file()] = ("\n".join(classes) + "\n").encode()
     files.update(code_files(lay, target))
@@ -261,12 +262,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="ONNX exported by build.export_onnx / build.quantize "
                    "(default: the --precision artifact in --artifacts)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    p.add_argument("--precision", choices=(*PRECISIONS, "auto"), default="fp32",
+    p.add_argument("--precision", choices=(*map(str, PRECISIONS), "auto"), default=str(Precision.FP32),
                    help="embedded: the fastest engine for it that passed make quantize's gate (bf16 and int8 need "
                         "its report; auto: the fastest passing candidate of any precision); gpu: fp32, fp16, int8")
-    p.add_argument("--engine", choices=tuple(ENGINES),
+    p.add_argument("--engine", choices=engines.names(Target.EMBEDDED),
                    help="embedded: the CPU engine (default: the fastest measured by make quantize, else onnxruntime)")
-    p.add_argument("--target", choices=layouts.TARGETS, default="embedded")
+    p.add_argument("--target", choices=layouts.TARGETS, default=str(Target.EMBEDDED))
     p.add_argument("--plan", type=Path, help="gpu target: the TensorRT plan built from the same ONNX")
     defaults = ", ".join(f"{name} for {target}" for target, name in layouts.DEFAULT_LAYOUT.items())
     p.add_argument("--layout", choices=tuple(layouts.LAYOUTS),
@@ -279,20 +280,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def served_choice(args: argparse.Namespace) -> tuple[Path, Candidate | None]:
     """(the ONNX file, how the embedded target serves it) from --onnx / --artifacts, --precision, --engine."""
-    if args.target == "gpu":
-        if args.engine or args.precision not in FILE_PRECISIONS:
-            raise ValueError(f"the GPU target serves TensorRT at {', '.join(FILE_PRECISIONS)}: ENGINE and "
+    if args.target == Target.GPU:
+        gpu = engines.default_for(Target.GPU)
+        if args.engine or args.precision not in gpu.file_precisions:
+            raise ValueError(f"the GPU target serves {gpu.title} at {', '.join(gpu.file_precisions)}: ENGINE and "
                              f"PRECISION={args.precision} are for the embedded target")
         return args.onnx or artifact_for(args.precision, args.artifacts, args.target), None
     if args.onnx is None:
         return served_for(args.precision, args.artifacts, args.engine)
-    if not (args.engine or args.precision == "bf16"):
+    if not (args.engine or args.precision == Precision.BF16):
         return args.onnx, None  # as exported, on ONNX Runtime
-    if args.precision == "bf16" and args.engine == "onnxruntime":
-        raise ValueError("ONNX Runtime has no bf16 on the CPU: PRECISION=bf16 is served by ENGINE=openvino")
-    exported = read_metadata(args.onnx).get("export", {}).get("precision", "fp32")
-    hint = "bf16" if args.precision == "bf16" else "f32"
-    return args.onnx, Candidate(args.engine or "openvino", exported, "bf16" if hint == "bf16" else exported, hint)
+    hint = InferencePrecision.BF16 if args.precision == Precision.BF16 else InferencePrecision.F32
+    bf16 = engines.with_hint(InferencePrecision.BF16)  # the engine that computes an FP32 file in bf16
+    engine = engines.get(args.engine, Target.EMBEDDED) if args.engine else bf16
+    if engine is None or hint not in engine.inference_precisions:
+        raise ValueError(f"{engine.title if engine else 'no engine'} has no bf16 on the CPU: PRECISION=bf16 is "
+                         f"served by ENGINE={bf16.name if bf16 else None}")
+    exported = read_metadata(args.onnx).export.precision
+    return args.onnx, Candidate(engine.name, exported, Precision.BF16 if hint == InferencePrecision.BF16 else exported,
+                                hint)
 
 
 def main(args: argparse.Namespace) -> dict[str, Path]:

@@ -47,7 +47,7 @@ class RepoSettings:
     # that waited longer than the timeout, Triton answers UNAVAILABLE (HTTP 503) instead of letting latency
     # grow without bound (0 = unbounded / no timeout). The timeout is what bounds latency; the count only
     # bounds memory, and is large: with a small one (64 before) every connection beyond it was refused at
-    # once and resent at once, and refusing took the cores the work needed (perf/flood.py measures it)
+    # once and resent at once, and refusing took the cores the work needed (perf/ab/flood.py measures it)
     max_queue_size: int = _setting(
         1024, "requests each composing model queues before answering UNAVAILABLE / 503 (0 = unbounded); "
               "keep it above the client connections you expect")

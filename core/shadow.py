@@ -7,7 +7,7 @@ candidate (``target``, a model loaded beside it in the same server) through Trit
 the candidate's top-1 with the served one. Clients are answered before any of this happens and never
 see the candidate; a full queue drops the batch (counted) rather than wait. The counts are written, at
 most every ``flush_s`` and at close, to ``<directory>/<instance>.json`` (one file per model instance,
-replaced atomically), which `python -m serve.shadow` reads to promote or withdraw the candidate.
+replaced atomically), which `python -m serve.rollout` reads to promote or withdraw the candidate.
 
 Copied beside the served model by ``make repo`` (build/render_repo.py), so it imports only the standard
 library and NumPy; the BLS call is passed in (``send``), so this runs without Triton too.

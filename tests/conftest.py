@@ -15,7 +15,19 @@ from serve.server import TritonServer
 from training import synthetic, train
 
 TINY = dict(num_classes=10, train_per_class=16, val_per_class=8, seed=3)
+# The session fixtures that make a test slow: it needs the trained model, or a real server. A test whose
+# fixtures include one of them is marked by it (pytest_collection_modifyitems), so that `make test-fast`
+# (-m "not model and not server") runs the rest in seconds; a test that trains or starts a server in its
+# own body says so with an explicit @pytest.mark.model / @pytest.mark.server.
+NEEDS = {"checkpoint": "model", "server": "server", "ensemble_server": "server"}
 MAX_BATCH = 8  # small, so that "batch larger than max_batch_size" is cheap to send
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in NEEDS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +91,6 @@ def val_files(tiny_data) -> list[Path]:
 
 def worse_model(onnx_path: Path, out: Path, num_classes: int) -> Path:
     """The same model with its classifier's rows rolled by one: every prediction moves to the next class."""
-    from perf.monitor_check import rolled_classifier
+    from perf.checks.monitor_check import rolled_classifier
 
     return rolled_classifier(onnx_path, out, num_classes)

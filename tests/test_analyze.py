@@ -10,7 +10,7 @@ from build.model_config import read_configs
 from build.render_repo import render
 from build.settings import RepoSettings, read_manifest
 from core import protocol as P
-from perf.analyze import analyze
+from perf.tuning.analyze import analyze
 
 
 def test_model_analyzer_searches_and_its_winner_is_written_back(onnx_model, tiny_data, tmp_path):

@@ -93,7 +93,7 @@ def upward(edges: dict[str, set[str]]) -> list[str]:
 
 def test_the_graph_sees_build_and_every_stage():
     edges = graph()
-    assert {"build.render_repo", "build.layouts", "core.stages", "perf.fair", "serve.publish"} <= set(edges)
+    assert {"build.render_repo", "build.layouts", "core.stages", "perf.load.wrk", "serve.publish"} <= set(edges)
     assert "build.settings" in edges["build.render_repo"]
     assert "core.metadata" in edges["build.render_repo"]
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,22 +94,22 @@ def test_onnx_has_dynamic_batch_and_metadata(onnx_model, checkpoint):
     assert [d.dim_value for d in dims[1:]] == [3, 32, 32]
     meta = metadata.read_metadata(model)
     ckpt = load_checkpoint(checkpoint)
-    assert meta["classes"] == ckpt["classes"]
-    assert meta["preprocess"] == ckpt["preprocess"]
-    assert meta["source"]["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert list(meta.classes) == ckpt["classes"]
+    assert meta.preprocess.to_dict() == ckpt["preprocess"]
+    assert meta.source.checkpoint_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
 
 def test_metadata_contract_is_versioned_relative_and_verified(checkpoint, onnx_model, tmp_path):
     meta = metadata.read_metadata(onnx_model)
-    assert meta["schema_version"] == metadata.SCHEMA_VERSION
-    assert not Path(meta["source"]["checkpoint"]).is_absolute()
+    assert meta.schema_version == metadata.SCHEMA_VERSION
+    assert not Path(meta.source.checkpoint).is_absolute()
     # the artifacts move together (another machine, a container's /workspace): still found and verified
     moved = tmp_path / "elsewhere" / "artifacts"
     moved.mkdir(parents=True)
     shutil.copy(checkpoint, moved / "best.pt")
     model = onnx.load(str(onnx_model))
-    meta["source"]["checkpoint"] = "best.pt"
-    onnx.helper.set_model_props(model, {metadata.METADATA_KEY: json.dumps(meta)})
+    meta = replace(meta, source=replace(meta.source, checkpoint="best.pt"))
+    onnx.helper.set_model_props(model, {metadata.METADATA_KEY: meta.to_json()})
     onnx.save(model, str(moved / "model.onnx"))
     assert metadata.source_checkpoint(moved / "model.onnx") == moved / "best.pt"
     # a retrained checkpoint in its place is not taken as the reference of the older ONNX
@@ -118,8 +119,9 @@ def test_metadata_contract_is_versioned_relative_and_verified(checkpoint, onnx_m
     with pytest.raises(ValueError, match="is not the checkpoint .* was exported from .* export again"):
         metadata.source_checkpoint(moved / "model.onnx")
     # metadata of another schema version, or the unversioned key of old exports, is refused by name
-    for props, message in (({metadata.METADATA_KEY: json.dumps({**meta, "schema_version": 99})}, "schema version 99"),
-                           ({"platform": json.dumps(meta)}, "unversioned 'platform' metadata")):
+    for props, message in (({metadata.METADATA_KEY: json.dumps({**meta.to_dict(), "schema_version": 99})},
+                            "schema version 99"),
+                           ({"platform": meta.to_json()}, "unversioned 'platform' metadata")):
         del model.metadata_props[:]
         onnx.helper.set_model_props(model, props)
         with pytest.raises(ValueError, match=message):
@@ -156,13 +158,13 @@ def test_rendered_configs_parse_and_wire_up(ensemble_repo, onnx_model):
     assert set(configs) == {P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS}
     check_ensemble(configs)
     meta = metadata.read_metadata(onnx_model)
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    spec = meta.preprocess
     assert list(configs[P.PREPROCESS].output[0].dims) == list(spec.input_shape)
-    assert list(configs[P.CLASSIFIER].output[0].dims) == [len(meta["classes"])]
+    assert list(configs[P.CLASSIFIER].output[0].dims) == [len(meta.classes)]
     assert all(c.max_batch_size == MAX_BATCH for c in configs.values())
     assert configs[P.PREPROCESS].input[0].allow_ragged_batch
     assert configs[P.CLASSIFIER].dynamic_batching.max_queue_delay_microseconds > 0
-    assert (repo / P.POSTPROCESS / "1" / "labels.txt").read_text().splitlines() == meta["classes"]
+    assert (repo / P.POSTPROCESS / "1" / "labels.txt").read_text().splitlines() == list(meta.classes)
     assert (repo / P.CLASSIFIER / "1" / "model.onnx").read_bytes() == onnx_model.read_bytes()
 
 
@@ -187,7 +189,7 @@ def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo,
                 == (ensemble_repo / name / "1" / "stages.py").read_bytes())
     version = repo / P.ENSEMBLE / "1"
     assert (version / "model.onnx").read_bytes() == onnx_model.read_bytes()
-    assert (version / "labels.txt").read_text().splitlines() == metadata.read_metadata(onnx_model)["classes"]
+    assert (version / "labels.txt").read_text().splitlines() == list(metadata.read_metadata(onnx_model).classes)
     assert (version / "model.dali").is_file()
     assert not (version / ".placeholder").exists()
 
@@ -245,7 +247,9 @@ FP32, FP64 = mc.TYPE_FP32, mc.TYPE_FP64
     ("missing_model", "ensemble step 1 (classifier): no config for model 'classifier'")])
 def test_wiring_check_catches_mistakes(breakage, message):
     configs = layouts.postprocess_configs(
-        layouts.ConfigInputs(PreprocessSpec.for_size(32), 10, RepoSettings(), "embedded", {}))
+        layouts.ConfigInputs(PreprocessSpec.for_size(32), 10, RepoSettings(), "embedded",
+                             metadata.ExportInfo(opset=18, input="input", output="logits", precision="fp32",
+                                                 versions={})))
     check_ensemble(configs)
     if breakage == "dims":
         configs[P.CLASSIFIER].input[0].dims[1] = 31
@@ -263,7 +267,7 @@ def test_serialized_dali_pipeline_equals_eval_transform(repo, onnx_model, val_fi
     """The pipeline Triton runs gives bit-identical inputs to the one training evaluated with."""
     from nvidia.dali import Pipeline
 
-    spec = PreprocessSpec.from_dict(metadata.read_metadata(onnx_model)["preprocess"])
+    spec = metadata.read_metadata(onnx_model).preprocess
     served = repo / layouts.get(read_manifest(repo)["layout"]).pipeline_model / "1" / "model.dali"
     pipe = Pipeline.deserialize(serialized_pipeline=served.read_bytes(),
                                 batch_size=MAX_BATCH, num_threads=1, device_id=None, prefetch_queue_depth=1,

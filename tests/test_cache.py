@@ -7,7 +7,7 @@ from build.render_repo import render
 from build.settings import RepoSettings
 from clients.client import ImageClassifierClient
 from core import protocol as P
-from perf.cache import hit_rate
+from perf.ab.cache import hit_rate
 from serve.server import TritonServer
 
 

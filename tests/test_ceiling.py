@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from perf import ceiling
+from perf.reference import ceiling
 
 
 def _stage(seconds: float):

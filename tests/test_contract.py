@@ -123,9 +123,9 @@ def test_served_pixels_are_the_libraries_eval_transform(interpolation):
 
 
 def test_library_fidelity_measures_agreement_with_the_library_transform(checkpoint, tiny_data):
-    """perf.library_fidelity --checkpoint: the network's top-1 through the served graph and through
+    """perf.experiments.library_fidelity --checkpoint: the network's top-1 through the served graph and through
     torchvision's transform, per interpolation mode, with the pixel differences behind it."""
-    from perf.library_fidelity import agreement, agreement_markdown
+    from perf.experiments.library_fidelity import agreement, agreement_markdown
 
     rows = agreement(str(checkpoint), str(tiny_data / "val"))
     assert [r["interpolation"] for r in rows] == ["linear", "cubic"]

@@ -51,7 +51,7 @@ def test_a_family_goes_through_the_chain(family, digits, tmp_path):
     assert ckpt["arch"] == arch
     report = export(tmp_path / "best.pt", data, tmp_path / "model.onnx")  # raises beyond the tolerance
     assert report["top1_agreement"] == 1.0
-    assert read_metadata(tmp_path / "model.onnx")["arch"] == arch
+    assert read_metadata(tmp_path / "model.onnx").arch == arch
 
     # FP16 and INT8 with the gate wide open: this test is about the chain, the report states each drop;
     # the FP32 file is left as it was (ModelOpt once rewrote a ConvNeXt's in place)

@@ -160,7 +160,8 @@ def test_container_installs_what_the_gpu_path_imports():
     probe = ("import sys, json\n"
              "from importlib.metadata import packages_distributions\n"
              "before = set(sys.modules)\n"
-             "import modelopt.onnx.quantization, modelopt.onnx.autocast, build.quantize, build.engine, perf.gpu_check\n"
+             "import modelopt.onnx.quantization, modelopt.onnx.autocast, build.quantize, build.engine, "
+             "perf.checks.gpu_check\n"
              "mods = {m.split('.')[0] for m in set(sys.modules) - before}\n"
              "dists = packages_distributions()\n"
              "print(json.dumps(sorted([m, sorted(dists[m])] for m in mods if m in dists)))\n")
@@ -406,7 +407,7 @@ def test_gpu_repository_has_no_python_model(onnx_model, tmp_path):
     assert not list(repo.rglob("model.py"))
     probs = next(o for o in configs[P.CLASSIFIER].output if o.name == "probabilities")
     assert probs.label_filename == "labels.txt"
-    assert (repo / P.CLASSIFIER / "labels.txt").read_text().splitlines() == read_metadata(onnx_model)["classes"]
+    assert (repo / P.CLASSIFIER / "labels.txt").read_text().splitlines() == list(read_metadata(onnx_model).classes)
     assert [o.name for o in configs[P.ENSEMBLE].output] == [P.PROBABILITIES]
 
 
@@ -501,8 +502,7 @@ def test_the_served_preprocess_model_is_checked_against_the_cpu_pipeline(ensembl
     from PIL import Image
 
     from core.metadata import read_metadata
-    from core.preprocess import PreprocessSpec
-    from perf.gpu_check import decoder_photos, served_decoder_problems, served_preprocess_vs_cpu
+    from perf.checks.gpu_check import decoder_photos, served_decoder_problems, served_preprocess_vs_cpu
 
     files = []
     for name in ("chelsea", "coffee"):  # real photographs shipped by scikit-image
@@ -511,7 +511,7 @@ def test_the_served_preprocess_model_is_checked_against_the_cpu_pipeline(ensembl
     photos = decoder_photos(files, n=2)
     assert {"jpeg_420", "jpeg_422", "jpeg_444", "progressive_jpeg", "progressive_jpeg_444", "exif_orientation_6",
             "exif_orientation_8", "png_16bit"} <= {k.split("/")[1] for k in photos}
-    spec = PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])
+    spec = read_metadata(onnx_model).preprocess
     for protocol, url in (("grpc", ensemble_server.grpc_url), ("http", ensemble_server.http_url)):
         check = served_preprocess_vs_cpu(url, protocol, spec, photos)
         assert check["images"] == len(photos), check
@@ -522,7 +522,7 @@ def test_the_served_preprocess_model_is_checked_against_the_cpu_pipeline(ensembl
                                          dataclasses.replace(spec, resize_policy="stretch"), photos)
     assert len(served_decoder_problems(stretched)) == len(photos)
     # and the check's verdict fails on it (the rest of the engine's entry passing)
-    from perf.gpu_check import verdict
+    from perf.checks.gpu_check import verdict
     entry = {"gate": "pass", "engine": {"top1": 90.0}, "served_agreement_with_pytorch": 100.0, "images": 8,
              "errors": 0, "served_preprocess_vs_cpu": stretched}
     report = {"dali_gpu_vs_cpu": {"padding_changes_output": False}, "max_top1_drop": 1.0, "pytorch_fp32_top1": 90.0,

@@ -18,7 +18,7 @@ from build.render_repo import render
 from build.settings import RepoSettings
 from clients.client import ImageClassifierClient
 from core.metadata import file_sha256, read_metadata, source_checkpoint
-from core.preprocess import DaliPreprocessor, PreprocessSpec
+from core.preprocess import DaliPreprocessor
 from core.runners import OrtRunner
 from serve.server import TritonServer
 from training.data import find_classes
@@ -81,12 +81,12 @@ def imported(timm_classifier, labels, digits, tmp_path_factory) -> Path:
 
 def test_import_checks_fixes_and_records_the_model(imported, timm_classifier, labels):
     meta = read_metadata(imported)
-    src = Path(meta["source"]["imported"])
-    assert meta["arch"] == "imported"
-    assert meta["source"]["imported_sha256"] == file_sha256(src)
-    assert meta["classes"] == labels.read_text().split()
-    assert meta["source"]["fixes"]["dynamic_batch"] is True
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    src = Path(meta.source.imported)
+    assert meta.arch == "imported"
+    assert meta.source.imported_sha256 == file_sha256(src)
+    assert list(meta.classes) == labels.read_text().split()
+    assert meta.source.fixes["dynamic_batch"] is True
+    spec = meta.preprocess
     assert (spec.interpolation, spec.mean) == ("cubic", (0.5, 0.5, 0.5))  # timm's test_convnext eval transform
     graph = onnx.load(str(imported)).graph
     assert [o.name for o in graph.output] == ["logits", "probabilities"]
@@ -104,7 +104,7 @@ def test_a_softmax_output_becomes_logits_again(timm_classifier, labels, tmp_path
     src = plain_export(timm_classifier, tmp_path / "probs.onnx", softmax=True)
     out = tmp_path / "model.onnx"
     import_onnx.import_onnx(src, labels, out, options(like="timm:test_convnext", img_size=SIZE))
-    assert read_metadata(out)["source"]["fixes"]["softmax_turned_to_logits"] is True
+    assert read_metadata(out).source.fixes["softmax_turned_to_logits"] is True
     x = np.random.default_rng(1).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     logits, probs = OrtRunner(out).run(x, outputs=2)
     with torch.inference_mode():
@@ -143,10 +143,10 @@ def test_the_imported_model_is_quantized_and_served_as_onnx_runtime_computes(imp
         assert name not in written["serving"].values()
     meta = read_metadata(imported)
     reference = np.concatenate([OrtRunner(imported)(x) for x in
-                                DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).iter_files(val_files)])
+                                DaliPreprocessor(meta.preprocess).iter_files(val_files)])
     repo = tmp_path / "repo"
     render(imported, repo, RepoSettings(max_batch_size=8, classifier_instances=1))
     with TritonServer(repo, None, log_file=tmp_path / "server.log") as server, \
             ImageClassifierClient(server.http_url, timeout_s=60) as client:
         served = client.classify_files(val_files)
-    assert [p.labels[0] for p in served] == [meta["classes"][i] for i in reference.argmax(1)]
+    assert [p.labels[0] for p in served] == [meta.classes[i] for i in reference.argmax(1)]

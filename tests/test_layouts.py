@@ -10,8 +10,8 @@ from build import layouts
 from build.model_config import read_configs
 from build.render_repo import labels_file, render
 from build.settings import RepoSettings, read_manifest
-from perf import tune
 from perf.report.analysis import computing_models
+from perf.tuning import tune
 from serve.publish import onnx_model_dir
 
 

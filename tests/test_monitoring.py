@@ -26,7 +26,7 @@ from clients.client import ImageClassifierClient
 from core import protocol as P
 from core.metadata import read_metadata
 from core.stages import DRIFT_ALERT_PSI, REFUSALS, prediction_summary
-from perf.common import scrape_metrics
+from perf.load.stats import scrape_metrics
 from serve.server import TritonServer
 
 PREFIX = "image_classifier_"
@@ -137,7 +137,7 @@ def test_classification_layout_and_metrics_off(onnx_model, val_files, tmp_path):
 
 
 def drift_scores(server) -> dict[str, float]:
-    from perf.monitor_check import drift_psi
+    from perf.checks.monitor_check import drift_psi
 
     return drift_psi(server.metrics_url)
 
@@ -155,13 +155,13 @@ def test_drift_score_is_silent_on_the_val_split_and_fires_on_shifted_traffic(onn
     stays under the alert threshold; a flood of one class and darkened photos cross it within one window
     of requests."""
     window = len(val_files)  # 80: the stated number of requests a shift takes to show
-    reference = read_metadata(onnx_model)["export"]["reference"]
+    reference = read_metadata(onnx_model).export.reference
     assert reference["answers"] == len(val_files)
     assert sum(reference["classes"]) == pytest.approx(1)
     repo = tmp_path / "repo"
     render(onnx_model, repo, RepoSettings(max_batch_size=8, classifier_instances=1, preprocess_instances=1,
                                           drift_window=window, served_metrics_interval_ms=0))
-    classes = read_metadata(onnx_model)["classes"]
+    classes = read_metadata(onnx_model).classes
     with TritonServer(repo, None, log_file=tmp_path / "server.log") as s, \
             ImageClassifierClient(s.http_url) as c:
         c.classify_files(val_files[:window // 2])
@@ -241,7 +241,7 @@ def test_payload_samples_are_written_bounded_and_relabelled(onnx_model, val_file
 def test_monitor_check_end_to_end(repo, tiny_data, tmp_path):
     """make monitor-check's short form on the session's model: every check of the report passes; a flood of
     one class and darkened images cross the alert threshold, each from a silent window of val answers."""
-    from perf import monitor_check
+    from perf.checks import monitor_check
 
     # the p99 rule is tested on its own (tests/test_shadow.py): on two shared cores a 25% timing margin between
     # two servings of the same model is noise, and failed this test once
@@ -279,7 +279,7 @@ def test_client_metrics_equal_the_servers_on_the_gpu_default_layout(onnx_model, 
     render(onnx_model, repo, RepoSettings(max_batch_size=8, classifier_instances=1, preprocess_instances=1,
                                           drift_window=len(files), served_metrics_interval_ms=0),
            layout="classification")
-    metrics = ClientMetrics(read_metadata(onnx_model)["export"]["reference"], window=len(files))
+    metrics = ClientMetrics(read_metadata(onnx_model).export.reference, window=len(files))
     port = metrics.start_http_server(0, "127.0.0.1")
     try:
         with TritonServer(repo, None, log_file=tmp_path / "server.log") as s:
@@ -336,7 +336,7 @@ def test_bucket_bounds_are_written_as_prometheus_client_writes_them():
 
 def test_client_metrics_cost_counts_every_answer_once(repo, tiny_data, tmp_path):
     """make client-metrics-cost, briefly: both sides measured, and the metrics on counted each answer once."""
-    from perf.client_metrics_cost import markdown, measure
+    from perf.ab.client_metrics_cost import markdown, measure
 
     r = measure(repo, tiny_data / "val", tmp_path, rounds=1, seconds=1, clients=2)
     assert r["answered_with_metrics"] > 0

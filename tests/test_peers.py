@@ -15,9 +15,11 @@ import pytest
 
 from clients.client import ImageClassifierClient
 from core import protocol as P
-from perf.fair import Target, compare, render_markdown
-from perf.harness import request_body
-from perf.peers import launch
+from perf.load.bodies import request_body
+from perf.load.rounds import compare
+from perf.load.wrk import Target
+from perf.reference.compare_report import render_markdown
+from perf.reference.peers import launch
 from serve.server import free_ports
 
 

@@ -17,9 +17,10 @@ from conftest import MAX_BATCH
 from build.render_repo import labels_file
 from build.settings import RepoSettings, read_manifest
 from core import protocol as P
-from perf import report, tune
-from perf.loadtest import run_locust
-from perf.perf_analyzer import rate_limits, run_point, write_input_data
+from perf import report
+from perf.load.loadtest import run_locust
+from perf.load.perf_analyzer import rate_limits, run_point, write_input_data
+from perf.tuning import tune
 from serve.server import free_ports
 
 COMPOSING = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)
@@ -207,12 +208,12 @@ def test_jpegs_and_tensors_measured_side_by_side(ensemble_server, onnx_model, va
     request counts so a busy machine cannot make it fail to stabilize."""
     server = ensemble_server
     from core.metadata import read_metadata
-    from core.preprocess import DaliPreprocessor, PreprocessSpec
-    from perf.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
+    from core.preprocess import DaliPreprocessor
+    from perf.load.perf_analyzer import jpeg_and_tensor_inputs, jpegs_and_tensors
 
     blobs = [f.read_bytes() for f in val_files[:8]]
-    pixels = DaliPreprocessor(PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"]))(blobs)
-    from perf.common import model_stats, stats_delta
+    pixels = DaliPreprocessor(read_metadata(onnx_model).preprocess)(blobs)
+    from perf.load.stats import model_stats, stats_delta
 
     before = model_stats(server.http_url)
     inputs = jpeg_and_tensor_inputs(P.PIXELS, blobs, pixels, tmp_path)
@@ -227,7 +228,9 @@ def test_jpegs_and_tensors_measured_side_by_side(ensemble_server, onnx_model, va
 def test_side_by_side_with_one_generator(server, baseline_url, val_files, tmp_path):
     """wrk drives Triton (KServe binary tensors) and the baseline (raw JPEGs) with the same images, in
     alternating rounds; every figure comes with its range and the generator's CPU."""
-    from perf.fair import Target, compare, plot, render_markdown
+    from perf.load.rounds import compare
+    from perf.load.wrk import Target
+    from perf.reference.compare_report import plot, render_markdown
 
     targets = [Target("triton", f"http://{server.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve"),
                Target("baseline", baseline_url, "/predict", "raw")]
@@ -293,7 +296,7 @@ def test_flood_measures_goodput_of_both_queues(repo, tiny_data, tmp_path):
     """make flood-check's quick form: both queues served, the capacity and the flood measured by wrk. What is
     asserted does not depend on speed: beyond what the old queue and the instances hold, the old queue refuses
     and the queue held by time refuses nothing (no request waits its 5 s here)."""
-    from perf import flood
+    from perf.ab import flood
 
     r = flood.measure(repo, tiny_data / "val", tmp_path, rounds=1, seconds=1, connections=4, flood_connections=256)
     old, held = (r["summary"][name] for name, _, _ in flood.servers())

@@ -37,10 +37,10 @@ from build.settings import BatchProfile, RepoSettings, read_manifest, repo_setti
 from clients.client import ImageClassifierClient
 from core import protocol as P
 from core.metadata import read_metadata
-from core.preprocess import DaliPreprocessor, PreprocessSpec
+from core.preprocess import DaliPreprocessor
 from core.runners import isolated, logits_of, make_runner
 from core.stages import TopK, ort_session
-from perf import precisions
+from perf.ab import precisions
 from serve.server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def test_build_report_and_artifacts(artifacts):
         assert 0 <= r["top1"] <= 100
         assert r["latency"]["best_images_per_s"] > 0
         assert r["latency"]["batch1_ms"] > 0
-        assert read_metadata(path)["export"]["precision"] == ("int8" if name.endswith(("int8", "int8_ort")) else
+        assert read_metadata(path).export.precision == ("int8" if name.endswith(("int8", "int8_ort")) else
                                                               CANDIDATES[name].artifact)
     # OpenVINO's own default on a bf16 CPU is bf16: the f32 candidate must really compute in f32 (as ONNX
     # Runtime's FP32 does), and the bf16 one in bf16 where the CPU has the units
@@ -132,7 +132,7 @@ def test_calibration_batch_is_reproducible_from_its_source_list(onnx_model, tiny
     assert all(hashlib.sha256(f.read_bytes()).hexdigest() == ln.split("  ", 1)[0]
                for f, ln in zip(files, lines, strict=True))
     # the listed files, preprocessed as served, are exactly the saved batch
-    assert np.array_equal(DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(files), first)
+    assert np.array_equal(DaliPreprocessor(meta.preprocess).files(files), first)
 
 
 def _activation_scales(model: onnx.ModelProto) -> dict[str, float]:
@@ -215,16 +215,16 @@ def test_embedded_repository_serves_each_precision(artifacts, tiny_data, val_fil
     render(onnx_path, repo, RepoSettings(max_batch_size=MAX_BATCH, top_k=3), served=served)
     meta = read_metadata(onnx_path)
     options = {"inference_precision": served.inference_precision} if engine == "openvino" else {}
-    inputs = DaliPreprocessor(PreprocessSpec.from_dict(meta["preprocess"])).files(val_files)
+    inputs = DaliPreprocessor(meta.preprocess).files(val_files)
     # OpenVINO in a process of its own, as every measurement runs it (core.runners.isolated)
     logits = isolated(logits_of, engine, onnx_path.read_bytes(), inputs, threads=0, **options)
     with TritonServer(repo, None) as server, ImageClassifierClient(server.grpc_url, "grpc") as c:
         preds = c.classify_files(val_files, batch_size=MAX_BATCH)
-    served_top1 = np.array([meta["classes"].index(p.labels[0]) for p in preds])
+    served_top1 = np.array([meta.classes.index(p.labels[0]) for p in preds])
     assert np.mean(served_top1 == logits.argmax(1)) >= 0.995  # the artifact's own answers on its engine
     if engine != "onnxruntime":  # its numbers, not ONNX Runtime's on the same file
         def top_score(x):
-            return TopK(meta["classes"], 1)(x)[2][:, 0]
+            return TopK(meta.classes, 1)(x)[2][:, 0]
 
         served_scores = np.array([p.scores[0] for p in preds])
         ort = make_runner("onnxruntime", onnx_path.read_bytes(), threads=0)(inputs)
@@ -400,7 +400,7 @@ def test_dali_decoder_ignores_zero_padding(onnx_model, val_files):
     """Clients zero-pad the rows of a multi-image request; the GPU target's DALI backend decodes them as
     they are (no Python strip), so the decoder must stop at the image's end. Checked here on the CPU
     decoder; test_dali_gpu_pipeline_matches_cpu checks nvJPEG."""
-    spec = PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])
+    spec = read_metadata(onnx_model).preprocess
     blobs = [f.read_bytes() for f in val_files[:4]]
     pre = DaliPreprocessor(spec, batch_size=4)
     assert np.array_equal(pre(blobs), pre([b + b"\x00" * 700 for b in blobs]))
@@ -410,9 +410,9 @@ def test_dali_decoder_ignores_zero_padding(onnx_model, val_files):
 @pytest.mark.skipif(NO_CUDA_GPU is not None, reason=f"DALI GPU pipeline not runnable: {NO_CUDA_GPU}")
 def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
     """One definition, two devices: nvJPEG + GPU resize/normalize against the CPU pipeline, same images."""
-    from perf.gpu_check import dali_gpu_vs_cpu
+    from perf.checks.gpu_check import dali_gpu_vs_cpu
 
-    spec = PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])
+    spec = read_metadata(onnx_model).preprocess
     diff = dali_gpu_vs_cpu(spec, val_files, batch=16)
     assert diff["images"] == min(16, len(val_files))
     # nvJPEG and libjpeg-turbo round differently; normalized, one 8-bit level is about 0.017: on average the
@@ -425,7 +425,7 @@ def test_dali_gpu_pipeline_matches_cpu(onnx_model, val_files):
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_GPU is not None, reason=f"GPU path not runnable here: {NO_GPU}")
 def test_gpu_check(artifacts, tiny_data):
-    from perf import gpu_check
+    from perf.checks import gpu_check
 
     # 80 val images: one image is 1.25 points, so the 1-point gate and 99% agreement would fail on a single
     # flipped image (FP16/INT8 vs FP32 may flip one); allow two, as the artifacts fixture does
@@ -523,7 +523,7 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     the gate; the build ranks the layers by what INT8 costs the
     logits (each of the convs writing or reading an outlier, quantized alone, ruins them), keeps those in
     FP32, passes, writes that file, and reports every try."""
-    x = DaliPreprocessor(PreprocessSpec.from_dict(read_metadata(onnx_model)["preprocess"])).files(val_files[:16])
+    x = DaliPreprocessor(read_metadata(onnx_model).preprocess).files(val_files[:16])
     chains = outlier_channels(onnx_model, tmp_path / "model.onnx", x)
     sensitive = {name for chain in chains for name in chain}
     a, b = (logits_of("onnxruntime", p.read_bytes(), x) for p in (onnx_model, tmp_path / "model.onnx"))
@@ -548,7 +548,7 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     assert report["artifacts"]["int8_ort"]["top1"] >= base - 2.5
     assert "int8_ort" not in report["gate_failures"]
     path = tmp_path / ARTIFACT_NAMES["int8_ort"]
-    assert read_metadata(path)["export"]["kept_fp32"] == last["kept_fp32"]
+    assert list(read_metadata(path).export.kept_fp32) == last["kept_fp32"]
     # each conv reading an outlier reads it in float: no DequantizeLinear in front of it
     served = onnx.load(str(path))
     dq = {o for n in served.graph.node if n.op_type == "DequantizeLinear" for o in n.output}

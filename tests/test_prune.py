@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 
 from build.export_onnx import export
-from perf import pruned as perf_pruned
+from perf.ab import pruned as perf_pruned
 from training import prune, train
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.models import build_model, layer_widths

@@ -3,7 +3,7 @@ written as ImageFolder JPEGs, trained with no flags but --data/--out, and scored
 
 from __future__ import annotations
 
-from perf import real_data
+from perf.experiments import real_data
 
 
 def test_default_recipe_reaches_98_percent_served_on_real_digits(tmp_path):

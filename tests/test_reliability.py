@@ -342,7 +342,7 @@ def test_overload_is_rejected_with_503_and_the_server_keeps_serving(small_queue,
 def test_a_burst_beyond_the_old_queue_is_queued_not_refused(server, val_files):
     """The default queue is held by time (QUEUE_TIMEOUT_MS), not by a small count: 400 requests sent at once,
     more than the models execute and the old 64-request queue held together, are all answered. (Refused at
-    once, such clients resend at once, and the refusals take the cores the work needs: perf/flood.py.)"""
+    once, such clients resend at once, and the refusals take the cores the work needs: perf/ab/flood.py.)"""
     settings = read_manifest(server.repo)["settings"]
     in_execution = settings["classifier_instances"] * settings["max_batch_size"]
     burst = 400
@@ -358,7 +358,7 @@ def test_client_backs_off_and_retries_after_503(small_queue, val_files):
     """Each round: 32 clients keep the queues (2 deep) full for FLOOD_S; our client sends a request half a
     second in, so it is refused (the queue is full whenever it arrives, but for a slot that just freed),
     backs off and gets its answer once the flood is over. Over three rounds it must have retried."""
-    from perf.reliability import counts, worker
+    from perf.checks.reliability import counts, worker
 
     FLOOD_S = 3.0
     flood_batches = [[f.read_bytes() for f in val_files[i:i + 8]] for i in range(0, 16, 8)]
@@ -403,11 +403,11 @@ def test_queue_policy_is_rendered_for_every_model_that_queues(onnx_model, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
-# graceful shutdown and fuzzing (perf/reliability.py: the same code `make reliability` runs bigger)
+# graceful shutdown and fuzzing (perf/checks/reliability.py: the same code `make reliability` runs bigger)
 # ---------------------------------------------------------------------------------------------
 
 def test_stop_under_load_drains_and_loses_no_accepted_request(repo, val_files, tmp_path):
-    from perf.reliability import shutdown_under_load
+    from perf.checks.reliability import shutdown_under_load
     from serve.server import EXIT_TIMEOUT_S
 
     r = shutdown_under_load(repo, [f.read_bytes() for f in val_files[:16]], workers=6, load_s=1.5,
@@ -421,7 +421,7 @@ def test_stop_under_load_drains_and_loses_no_accepted_request(repo, val_files, t
 
 
 def test_fuzzed_requests_are_answered_and_the_server_survives(server, val_files):
-    from perf.reliability import fuzz
+    from perf.checks.reliability import fuzz
 
     r = fuzz(server, [f.read_bytes() for f in val_files[:16]], n=300, seed=1, check_every=50)
     assert r["failures"] == [], r["failures"][:5]
@@ -449,7 +449,7 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, on
     """The new version goes to the model that runs the ONNX: the fused model itself, or the ensemble's classifier."""
     import shutil
 
-    from perf.reliability import background_load, counts, examples
+    from perf.checks.reliability import background_load, counts, examples
     from serve.publish import PublishError, onnx_model_dir, publish, rollback, versions
 
     live = tmp_path / "repo"
@@ -460,7 +460,7 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, on
     def classifier_states(url):
         return version_states(url, model_dir.name)
 
-    num_classes = len(read_metadata(onnx_model)["classes"])
+    num_classes = len(read_metadata(onnx_model).classes)
     with TritonServer(live, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:
         batches = [[f.read_bytes() for f in val_files[i:i + 4]] for i in range(0, 16, 4)]
         with background_load(s, batches, workers=4) as calls:
@@ -500,7 +500,7 @@ def test_publish_and_rollback_under_load_fail_no_request(repo, ensemble_repo, on
 def test_killed_python_stub_is_detected_and_its_model_reloaded(repo, ensemble_repo, val_files, tmp_path, layout):
     """Triton 2.51 alone answers 500 "Stub process ... is not healthy" for good once a stub died (watch_stubs=False:
     the same test then fails with reloaded_s None); the watchdog reloads the model."""
-    from perf.reliability import stub_faults
+    from perf.checks.reliability import stub_faults
 
     repo = repo if layout == "fused" else ensemble_repo
     with TritonServer(repo, None, model_control="explicit", admin_key=KEY, log_file=tmp_path / "server.log") as s:

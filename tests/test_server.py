@@ -100,7 +100,7 @@ BAD_IMAGES = {
     "corrupt_jpeg": (corrupt_jpeg(), "could not decode the image data"),
     "smashed_jpeg": (smashed_jpeg(), "corrupt JPEG: expected a marker at byte"),
     "truncated_jpeg": (jpeg_bytes()[:700], "truncated JPEG"),
-    # found by fuzzing (perf/reliability.py, seed 0, case 1673): DALI failed with "Invalid sample_type: -1",
+    # found by fuzzing (perf/checks/reliability.py, seed 0, case 1673): DALI failed with "Invalid sample_type: -1",
     # which is no decode error, so the server answered 500
     "jpeg_bad_precision": (jpeg_with_precision(155), "unsupported JPEG: 155-bit samples"),
     "empty": (b"", "empty input"),

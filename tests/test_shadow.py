@@ -17,10 +17,10 @@ from clients import admin
 from core import protocol as P
 from core.metadata import read_metadata
 from core.shadow import ShadowMirror, read_summaries
-from perf.reliability import background_load, counts, examples
+from perf.checks.reliability import background_load, counts, examples
 from serve.publish import onnx_model_dir, versions
+from serve.rollout import SUFFIX, decide, markdown, shadow
 from serve.server import TritonServer
-from serve.shadow import SUFFIX, decide, markdown, shadow
 
 KEY = "shadow-test-key-0123456789"
 MIN_REQUESTS = 120
@@ -75,7 +75,7 @@ def test_a_candidate_that_agrees_is_promoted_under_load(live, onnx_model, val_fi
 
 def test_a_candidate_that_disagrees_is_withdrawn_with_its_disagreements(live, onnx_model, val_files, tmp_path):
     server, repo = live
-    classes = read_metadata(onnx_model)["classes"]
+    classes = read_metadata(onnx_model).classes
     candidate = worse_model(onnx_model, tmp_path / "worse.onnx", len(classes))  # every answer one class on
     batches = [[f.read_bytes() for f in val_files[i:i + 4]] for i in range(0, 16, 4)]
     with background_load(server, batches, workers=4) as calls:
@@ -137,7 +137,7 @@ def test_the_mirror_never_blocks_and_counts_what_it_drops(tmp_path):
 
 
 def test_the_mirror_survives_its_folder_being_removed(tmp_path):
-    """serve.shadow removes the counts' folder once it has decided; instances still closing must not fail."""
+    """serve.rollout removes the counts' folder once it has decided; instances still closing must not fail."""
     import shutil as sh
 
     folder = tmp_path / "records"

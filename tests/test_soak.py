@@ -1,4 +1,4 @@
-"""Soak against the real tritonserver: the 30-second CI variant of `make soak` (perf/soak.py), and the same
+"""Soak against the real tritonserver: the 30-second CI variant of `make soak` (perf/checks/soak.py), and the same
 checks catching a model that leaks memory and descriptors."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import shutil
 from build.render_repo import render
 from build.settings import RepoSettings
 from core import protocol as P
-from perf.soak import plot, soak
+from perf.checks.soak import plot, soak
 from serve.server import TritonServer
 
 # appended to a copy of the served model's model.py: 256 KiB of touched memory and a descriptor per batch, kept

@@ -107,7 +107,7 @@ def test_fine_tuned_timm_model_is_served_as_pytorch_computes(finetuned, digits, 
     through the model's own (bicubic) preprocessing in DALI."""
     onnx_path = tmp_path / "model.onnx"
     export(finetuned, digits, onnx_path)
-    assert read_metadata(onnx_path)["preprocess"]["interpolation"] == "cubic"
+    assert read_metadata(onnx_path).preprocess.interpolation == "cubic"
     repo = tmp_path / "repo"
     render(onnx_path, repo, RepoSettings(max_batch_size=8, classifier_instances=1))
     reference = predict_files(load_checkpoint(finetuned), val_files).argmax(1)

@@ -9,7 +9,7 @@ import json
 from PIL import Image
 
 from build.artifacts import CANDIDATES
-from perf import workloads
+from perf.report import workloads
 from training.real_datasets import CROPS_PER_PHOTO, PHOTO_SIZE, PHOTOGRAPHS, write_imagefolder
 
 
@@ -66,7 +66,7 @@ def test_a_workload_is_trained_quantized_served_on_its_fastest_engine_and_compar
 
 
 def test_the_highest_concurrency_within_the_budget():
-    from perf.fair import within_budget
+    from perf.load.wrk import within_budget
 
     rows = [{"concurrency": c, "p99_ms": p, "errors": e} for c, p, e in
             ((1, 5.0, 0), (2, 8.0, 0), (4, 30.0, 0), (8, 45.0, 3), (16, 90.0, 0))]

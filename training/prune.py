@@ -16,7 +16,7 @@ The pruned checkpoint is an ordinary one: its architecture is ``arch`` plus ``ar
 ``arch_args["structure"]`` (every module pruning changed: its plain attributes and tensor shapes) for a
 torchvision or timm network, so export, quantization and serving take it unchanged.
 <out>/prune_report.json records parameters, FLOPs, top-1 and agreement with the unpruned
-model; `make prune` adds the served comparison (perf.pruned).
+model; `make prune` adds the served comparison (perf.ab.pruned).
 
 Why Torch-Pruning and not ModelOpt's FastNAS prune (both tried on this code): Torch-Pruning stops at
 the asked FLOPs in small steps, has no search to tune and no extra dependencies; ModelOpt 0.47's

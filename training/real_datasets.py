@@ -1,6 +1,6 @@
 """Real image data sets that installable packages ship, written as ImageFolder JPEGs.
 
-The benchmark of the default recipe (``make benchmark-data``, perf/real_data.py) trains on these:
+The benchmark of the default recipe (``make benchmark-data``, perf/experiments/real_data.py) trains on these:
 data the project never generated, read from files the way a user's own data set would be.
 
     python -m training.real_datasets --name digits --out data/real/digits
@@ -13,7 +13,7 @@ data the project never generated, read from files the way a user's own data set 
 | faces   | scikit-image ``lfw_subset``     | 200    | 2       | 25x25 gray (face/non-face) |
 | photos  | scikit-image's photographs      | 168    | 7       | 500x375 color crops        |
 
-``photos`` is the ImageNet-like workload of the performance report (perf/workloads.py): random crops
+``photos`` is the ImageNet-like workload of the performance report (perf/report/workloads.py): random crops
 (45-90% of the shorter side, 4:3, some mirrored) of seven colour photographs scikit-image ships
 (astronaut, coffee, chelsea, rocket, hubble_deep_field, immunohistochemistry, retina), one class per
 photograph, resized to ImageNet's typical 500x375 and saved as JPEG (about 60-110 KB each).

@@ -574,7 +574,7 @@ def add_data_args(g: argparse._ArgumentGroup) -> None:
                    help="an unreadable/truncated/non-JPEG-PNG image stops training (fail) or is left out (skip)")
     # Defaults that suit data sets nobody has looked at: a flip changes the class of digits, text and
     # arrows, and crops below ~half the image cut off what small centred objects are made of (measured
-    # on the real data sets of perf/real_data.py). Photo recipes turn both up (configs/).
+    # on the real data sets of perf/experiments/real_data.py). Photo recipes turn both up (configs/).
     g.add_argument("--crop-scale-min", type=float, default=0.6, help="random resized crop: smallest area fraction")
     g.add_argument("--hflip", type=float, default=0.0, help="horizontal flip probability (0.5 suits most photos)")
     g.add_argument("--color-jitter", type=float, default=0.2, help="brightness/contrast/saturation jitter strength")

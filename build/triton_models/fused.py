@@ -93,7 +93,7 @@ def label_text(label):
 
 
 def mirror(args, config, in_name, labels_name):
-    """The shadow mirror the config asks for (a shadow_model parameter, set by `python -m serve.shadow` when it
+    """The shadow mirror the config asks for (a shadow_model parameter, set by `python -m serve.rollout` when it
     reloads this model), else None: answered batches go to that model too, through BLS, off the request path."""
     params = stages.parameters(config)
     target = params.get("shadow_model", "")
