@@ -408,7 +408,7 @@ test: venv peers analyzer
 
 # the tests that need no trained model and no server (tests/conftest.py marks the others): seconds, not minutes
 test-fast: venv
-	$(PY) -m pytest tests -m "not model and not server and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not model and not server and not slow and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(ARTIFACTS) $(SYNTHETIC) .cache .pytest_cache

@@ -11,12 +11,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from core import engines
-from core.engines import FILE_PRECISIONS, Engine, InferencePrecision, Precision, Target
+from served import engines
+from served.engines import FILE_PRECISIONS, Engine, InferencePrecision, Precision, Target
 
 ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx",
                   "int8_ort": "model_int8_ort.onnx"}
-# each artifact file's own precision (FILE_PRECISIONS, core/engines.py: the GPU target's choices)
+# each artifact file's own precision (FILE_PRECISIONS, served/engines.py: the GPU target's choices)
 ARTIFACT_PRECISIONS = {"fp32": Precision.FP32, "fp16": Precision.FP16, "int8": Precision.INT8,
                        "int8_ort": Precision.INT8}
 REPORT = "build_report.json"  # build.quantize's report: every candidate's scores and the embedded INT8 choice
@@ -29,7 +29,7 @@ ENGINE_MARGIN = 1.05
 class Candidate:
     """One way the CPU target can serve the model: an artifact file on an engine at a precision."""
 
-    engine: str                       # an embedded-target engine of core/engines.py
+    engine: str                       # an embedded-target engine of served/engines.py
     artifact: str                     # a key of ARTIFACT_NAMES
     precision: str                    # the PRECISION it serves
     inference_precision: str = InferencePrecision.F32  # the engine's precision hint (OpenVINO: f32 or bf16)
@@ -60,7 +60,7 @@ def _candidates(registered: tuple[Engine, ...]) -> dict[str, Candidate]:
 
 class Candidates(Mapping[str, Candidate]):
     """Every candidate make quantize scores, gates and times: those of each engine of the embedded target, in
-    the registry's order (core/engines.py), read from it at each look-up, so that a registered engine is one."""
+    the registry's order (served/engines.py), read from it at each look-up, so that a registered engine is one."""
 
     def _table(self) -> dict[str, Candidate]:
         return _candidates(engines.engines(Target.EMBEDDED))

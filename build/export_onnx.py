@@ -36,7 +36,7 @@ from core.metadata import (
 )
 from core.preprocess import DaliPreprocessor
 from core.runners import OrtRunner
-from core.stages import answer_distribution
+from served.stages import answer_distribution
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
 from training.data import list_images
 from training.evaluate import logits_for_inputs
@@ -140,7 +140,7 @@ def check_cleanup(model_bytes: bytes, proto: onnx.ModelProto, inputs: np.ndarray
 
 
 def with_reference(model_bytes: bytes, probs: np.ndarray, split: str) -> bytes:
-    """The model with its answers on ``split`` in its metadata (export.reference: core.stages.answer_distribution),
+    """The model with its answers on ``split`` in its metadata (export.reference: served.stages.answer_distribution),
     the reference the served model's drift score compares live answers with."""
     model = onnx.load_from_string(model_bytes)
     meta = read_metadata(model)

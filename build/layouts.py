@@ -2,7 +2,7 @@
 
 One :class:`Layout` per way of serving, read by rendering (build.render_repo), live publishing
 (serve.publish), the tuner, Model Analyzer and the report (perf/). Adding a layout is one entry in
-:data:`LAYOUTS` (its configs and which models run which code) plus its model file in build/triton_models/.
+:data:`LAYOUTS` (its configs and which models run which code) plus its model file in served/models/.
 
 - ``fused`` (embedded default): one Python model named like the ensemble runs the three stages on each
   dynamic batch; the batch never leaves the process.
@@ -40,7 +40,7 @@ from core.preprocess import PreprocessSpec
 
 TARGETS = ("embedded", "gpu")
 LABELS_FILE = "labels.txt"
-PIPELINE_FILE = "dali.py"  # the preprocess model's pipeline definition (build/triton_models/dali.py)
+PIPELINE_FILE = "dali.py"  # the preprocess model's pipeline definition (served/models/dali.py)
 MODEL_DALI = "model.dali"  # its serialization, made by `make repo` for the embedded target
 
 
@@ -76,9 +76,9 @@ class Layout:
     onnx_model: str           # the model whose version folders hold model.onnx (what `make publish` versions)
     pipeline_model: str       # the model whose version folder holds the DALI pipeline
     labels_dir: str           # the folder, relative to the repository, that holds labels.txt
-    # per target: the Python-backend models and the files in their version folder, model.py's source
-    # first, then the stage files it loads beside it (all from build/triton_models/)
-    code: dict[str, dict[str, tuple[str, ...]]]
+    # per target: the Python-backend models, each with the file of served/models/ that is its model.py (the
+    # served package goes beside it, build.render_repo)
+    code: dict[str, dict[str, str]]
     configs: Callable[[ConfigInputs], dict[str, mc.ModelConfig]]
     single_model: bool = False        # one model serves the whole chain (no ensemble to profile or wire)
     needs_probabilities: bool = False  # reads the export's softmax output
@@ -149,7 +149,7 @@ def _gpu_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     preferred = sorted({b for b in (*s.preferred_batch_sizes, opt, s.max_batch_size) if b <= s.max_batch_size})
     onnx_in, onnx_out = c.export.input, c.export.output
 
-    # no model.dali: the backend serializes dali.py with its own DALI (see build/triton_models/dali.py)
+    # no model.dali: the backend serializes dali.py with its own DALI (see served/models/dali.py)
     pre = mc.ModelConfig(name=P.PREPROCESS, backend="dali", max_batch_size=s.max_batch_size,
                          default_model_filename=PIPELINE_FILE)
     pre.parameters["num_threads"].string_value = str(s.dali_threads)
@@ -216,19 +216,18 @@ def fused_configs(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     return {P.ENSEMBLE: model}
 
 
-STAGE_CODE = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)  # build/triton_models/<stage>.py, one per stage model
+STAGE_CODE = (P.PREPROCESS, P.CLASSIFIER, P.POSTPROCESS)  # served/models/<stage>.py, one per stage model
 
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
     Layout("fused", targets=("embedded",), onnx_model=P.ENSEMBLE, pipeline_model=P.ENSEMBLE,
-           labels_dir=f"{P.ENSEMBLE}/1", code={"embedded": {P.ENSEMBLE: ("fused", "metrics")}},
+           labels_dir=f"{P.ENSEMBLE}/1", code={"embedded": {P.ENSEMBLE: "fused"}},
            configs=fused_configs, single_model=True),
     Layout("postprocess", targets=TARGETS, onnx_model=P.CLASSIFIER, pipeline_model=P.PREPROCESS,
            labels_dir=f"{P.POSTPROCESS}/1",
-           code={"embedded": {m: (m, "metrics") for m in STAGE_CODE},
-                 "gpu": {P.POSTPROCESS: (P.POSTPROCESS, "metrics")}},
+           code={"embedded": {m: m for m in STAGE_CODE}, "gpu": {P.POSTPROCESS: P.POSTPROCESS}},
            configs=postprocess_configs),
     Layout("classification", targets=TARGETS, onnx_model=P.CLASSIFIER, pipeline_model=P.PREPROCESS,
-           labels_dir=P.CLASSIFIER, code={"embedded": {m: (m, "metrics") for m in (P.PREPROCESS, P.CLASSIFIER)}},
+           labels_dir=P.CLASSIFIER, code={"embedded": {m: m for m in (P.PREPROCESS, P.CLASSIFIER)}},
            configs=classification_configs, needs_probabilities=True),
 )}
 DEFAULT_LAYOUT = {"embedded": "fused", "gpu": "classification"}

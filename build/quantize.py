@@ -37,9 +37,7 @@ import numpy as np
 import onnx
 
 from build.artifacts import ARTIFACT_NAMES, CANDIDATES, ENGINE_MARGIN, PRECISIONS, REPORT, Candidate, fastest
-from core import engines as registry
 from core.atomic_io import atomic_write_bytes
-from core.engines import EngineName, Target, ort_session
 from core.metadata import (
     INPUT_NAME,
     METADATA_KEY,
@@ -53,6 +51,8 @@ from core.metadata import (
 )
 from core.preprocess import DaliPreprocessor
 from core.runners import Runner, isolated, latency, openvino_capabilities, score_isolated
+from served import engines as registry
+from served.engines import EngineName, Target, ort_session
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
@@ -484,7 +484,7 @@ def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, 
     The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself.
     ``reference``: its logits are kept there under "logits" and reused when already there (a rescore).
 
-    Each candidate runs on its engine's scoring runner (core/engines.py). ONNX Runtime's candidates run here;
+    Each candidate runs on its engine's scoring runner (served/engines.py). ONNX Runtime's candidates run here;
     those of an engine whose record says ``isolated`` (OpenVINO) in a process of their own
     (core.runners.isolated: loaded here it corrupted this process's heap), on the same images, each timed
     there as ONNX Runtime's are here (every core, same batches). A candidate whose engine cannot compile its

@@ -4,7 +4,7 @@
 
 The layout (build/layouts.py) decides how the chain is cut into models and builds their configs; this
 module adds the files each model needs (the ONNX or the TensorRT plan, the DALI pipeline, the labels,
-the Python-backend code with the shared stages of core/stages.py beside it), records what the repository
+the Python-backend code with the served package beside it), records what the repository
 was rendered from (build.json), and replaces the repository as a whole. Preprocessing parameters,
 classes and shapes come from the ONNX metadata.
 """
@@ -39,25 +39,25 @@ from build.artifacts import (
 from build.layouts import MODEL_DALI, PIPELINE_FILE, ConfigInputs, Layout
 from build.model_config import config_text
 from build.settings import MANIFEST, RepoSettings, add_settings_args, keeps_manifest, read_manifest, repo_settings
-from core import engines
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes, staged_directory
-from core.engines import InferencePrecision, Precision, Target
 from core.metadata import ArtifactMetadata, read_metadata
 from core.preprocess import DALI_INPUT_NAME, PreprocessSpec
+from served import engines
+from served.engines import InferencePrecision, Precision, Target
 
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPO = ROOT / "model_repository"
+# The code that runs inside Triton (served/): copied as one unit, the folder served/ with its modules, into the
+# version folder of every Python-backend model and of the DALI pipeline, whose files import it as ``served``
+PACKAGE = "served"
+SERVED = ROOT / PACKAGE
 # The committed Python-backend model code; each file becomes <model>/1/model.py of a rendered repository,
 # which is generated output only (model_repository/ holds nothing committed but its README)
-MODEL_CODE = Path(__file__).resolve().parent / "triton_models"
-CORE = Path(__file__).resolve().parent.parent / "core"
-DEFAULT_REPO = Path(__file__).resolve().parent.parent / "model_repository"
-# The served stages without Triton (core/stages.py), beside every Python-backend model that loads them
-STAGES_FILE = "stages.py"
-# core's Triton-free modules the Python models import (engines.py: the engine registry stages.py reads)
-SHARED_FILES = (STAGES_FILE, "engines.py", "payloads.py", "shadow.py")
-# The preprocess model's pipeline: a definition DALI serializes itself (build/triton_models/dali.py), the
-# one graph it imports (core/dali_graph.py) and the spec it reads, side by side in its version folder
-GRAPH_FILE, PIPELINE_CONFIG = "dali_graph.py", "preprocess.json"
+MODEL_CODE = SERVED / "models"
+# The preprocess model's pipeline: a definition DALI serializes itself (served/models/dali.py), the
+# one graph it imports (served/dali_graph.py, in the package) and the spec it reads, in its version folder
+GRAPH_FILE, PIPELINE_CONFIG = f"{PACKAGE}/dali_graph.py", "preprocess.json"
 # What Triton's DALI backend runs when a model has no serialized pipeline (dali_backend r24.10,
 # src/model_provider/model_provider.h): load the file by path, serialize its one @autoserialize pipeline.
 AUTOSERIALIZE = """import importlib.util, sys
@@ -76,11 +76,18 @@ def labels_file(repo: Path, layout: str | None = None) -> Path:
     return lay.labels_file(repo)
 
 
+def package_files() -> dict[str, bytes]:
+    """The served package as one unit, by path relative to a version folder (served/__init__.py, ...): its
+    modules, not the model entry files of served/models/ (each is copied as its model's model.py)."""
+    return {f"{PACKAGE}/{p.name}": p.read_bytes() for p in sorted(SERVED.glob("*.py"))}
+
+
 def pipeline_files(spec: PreprocessSpec, s: RepoSettings, device: str) -> dict[str, bytes]:
-    """preprocess/1/'s pipeline definition: dali.py, the graph it imports, and the spec it reads."""
+    """preprocess/1/'s pipeline definition: dali.py, the package holding the graph it imports, and the spec
+    it reads."""
     config = {"spec": spec.to_dict(), "device": device, "device_id": 0 if device == "gpu" else None,
               "input_name": DALI_INPUT_NAME, "max_batch_size": s.max_batch_size, "num_threads": s.dali_threads}
-    return {PIPELINE_FILE: (MODEL_CODE / PIPELINE_FILE).read_bytes(), GRAPH_FILE: (CORE / GRAPH_FILE).read_bytes(),
+    return {PIPELINE_FILE: (MODEL_CODE / PIPELINE_FILE).read_bytes(), **package_files(),
             PIPELINE_CONFIG: json.dumps(config, indent=2).encode()}
 
 
@@ -89,6 +96,7 @@ def autoserialize(pipeline: dict[str, bytes], python: str = sys.executable) -> b
     fresh interpreter without the project on its path (so dali.py proves self-contained)."""
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in pipeline.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
             (Path(tmp) / name).write_bytes(data)
         out = Path(tmp) / "model.dali"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -145,13 +153,12 @@ def model_files(lay: Layout, target: str, onnx_path: Path, onnx_bytes: bytes, se
 
 
 def code_files(lay: Layout, target: str) -> dict[Path, bytes]:
-    """Each Python-backend model's model.py, the stage files it loads, and the shared stages (core/stages.py)."""
+    """Each Python-backend model's model.py (its file of served/models/) and the served package beside it."""
     files: dict[Path, bytes] = {}
-    for model, (main, *siblings) in lay.code.get(target, {}).items():
+    for model, main in lay.code.get(target, {}).items():
         version = Path(model, "1")
         files[version / "model.py"] = (MODEL_CODE / f"{main}.py").read_bytes()
-        files.update({version / f"{name}.py": (MODEL_CODE / f"{name}.py").read_bytes() for name in siblings})
-        files.update({version / name: (CORE / name).read_bytes() for name in SHARED_FILES})
+        files.update({version / name: data for name, data in package_files().items()})
     if not lay.single_model:  # the ensemble's version folder must exist and, in object stores, hold a file
         files[Path(P.ENSEMBLE, "1", ".placeholder")] = b""
     return files
@@ -187,13 +194,16 @@ def write_repository(out: Path, files: dict[Path, bytes], configs: dict[str, mc.
             ours = folder.name in all_models or (folder / "config.pbtxt").is_file()
             if folder.is_dir() and ours and folder.name not in configs:
                 shutil.rmtree(folder)
+        folders = {parent for rel in files for parent in rel.parents}  # those holding a file of this render
         for name in configs:  # files another layout left in a model folder of this one (its version 1 included)
             folder, version = stage / name, stage / name / "1"
-            for stale in [*folder.iterdir(), *(version.iterdir() if version.is_dir() else ())]:
+            for stale in [*folder.iterdir(), *(sorted(version.rglob("*")) if version.is_dir() else ())]:
+                if not stale.exists():  # in a folder removed before it
+                    continue
                 if stale.is_file() and stale.relative_to(stage) not in files:
                     stale.unlink()
-                elif stale.is_dir() and stale.parent == version:  # e.g. __pycache__
-                    shutil.rmtree(stale)
+                elif stale.is_dir() and version in stale.parents and stale.relative_to(stage) not in folders:
+                    shutil.rmtree(stale)  # e.g. __pycache__, served/__pycache__
 
 
 def check_payload_settings(s: RepoSettings, configs: dict[str, mc.ModelConfig], layout: str) -> None:

@@ -60,7 +60,7 @@ class RepoSettings:
         1000, "how often those metrics are handed to Triton (0 = after every batch, which costs throughput)")
     drift_window: int = _setting(
         500, "answers the drift score compares with the val split's (image_classifier_drift_psi; 0 = off)")
-    # payload sampling (core/payloads.py): the fused layout's model records a share of its requests
+    # payload sampling (served/payloads.py): the fused layout's model records a share of its requests
     payload_percent: int = _setting(0, "percent of the answered requests recorded for retraining (0 = off)")
     payload_dir: str = _setting("", "folder the sampled requests are written to (on the server's machine)")
     payload_max_kb: int = _setting(262144, "the samples' folder is kept under this many KiB (oldest deleted)")

@@ -7,11 +7,11 @@
     with ImageClassifierClient("gpu-host:8001", protocol="grpc", metrics=metrics) as c:
         c.classify_files(paths)
 
-The embedded target's Python models export these figures next to Triton's own (build/triton_models/
+The embedded target's Python models export these figures next to Triton's own (served/models/
 metrics.py). The GPU target's default layout (``classification``: DALI backend -> TensorRT, the top k from
 Triton's classification extension) has no Python model, and adding one would be a Python hop for every
 request. So the client library computes them, from what it sent and what came back: the same series, names,
-buckets and labels (core/stages.py METRICS, the *_BUCKETS; labels model and version), so the dashboards and
+buckets and labels (served/stages.py METRICS, the *_BUCKETS; labels model and version), so the dashboards and
 the drift alert read either side. What it costs: no server work at all; on the client, a header parse per
 image and one ``prediction_summary`` per answered batch, and the answers carry every class's probability
 (the entropy needs them all: on the classification layout that is ``class_count`` = the number of classes,
@@ -20,7 +20,7 @@ one "score:index:label" string each). ``make client-metrics-cost`` measures it.
 What differs from the server's side, by construction:
 - only requests sent through this library are counted, once per client process (scrape each client, or
   write the text file for node_exporter's textfile collector: ``write_textfile``);
-- a refusal's reason is the header check's (core/stages.py inspect_image with the decode policy's default
+- a refusal's reason is the header check's (served/stages.py inspect_image with the decode policy's default
   limits) for an image the server refused; one whose header is fine counts as "undecodable";
 - the drift window is this client's last ``window`` answers;
 - the server counts the inputs it decoded: a good image in a batch refused for another image's fault is
@@ -38,9 +38,9 @@ from typing import Any, Protocol
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server, write_to_textfile
 
-from core import stages
 from core.metadata import read_metadata
 from core.preprocess import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from served import stages
 
 
 class Answer(Protocol):

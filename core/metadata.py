@@ -134,7 +134,7 @@ class ExportInfo:
     precision: str  # fp32 | fp16 | int8
     versions: Mapping[str, str]  # the libraries that wrote it
     probabilities: str | None = None  # the softmax output; None: exported before it was added
-    # the exported model's answers on its val split (core.stages.answer_distribution): the drift reference
+    # the exported model's answers on its val split (served.stages.answer_distribution): the drift reference
     reference: Mapping[str, Any] | None = None
     derived_from_sha256: str | None = None  # a converted file: the FP32 ONNX's sha256
     calibration_images: int | None = None

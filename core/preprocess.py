@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from core import protocol
-from core.stages import Rejected, check_limits
+from served.stages import Rejected, check_limits
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -113,7 +113,7 @@ class PreprocessSpec:
 #   * bytes after a JPEG's end-of-image marker (motion photos) are ignored;
 #   * more than MAX_IMAGE_PIXELS pixels or MAX_IMAGE_BYTES bytes is refused before decoding.
 
-# Refused inputs raise the served stages' own exception, with the same messages (core/stages.py).
+# Refused inputs raise the served stages' own exception, with the same messages (served/stages.py).
 ImageRejected = Rejected
 
 
@@ -168,7 +168,7 @@ def pillow_filter(interpolation: str) -> int:
 def library_geometry(height: int, width: int, resize: int, crop: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """((height, width) after the shorter side is resized to ``resize``, (top, left) of the centre ``crop``),
     as torchvision's ``Resize`` + ``CenterCrop`` compute them: the long side truncated, the offset rounded
-    half to even. The DALI graph computes the same in its own operators (core/dali_graph.py)."""
+    half to even. The DALI graph computes the same in its own operators (served/dali_graph.py)."""
     if height > width:
         new_h, new_w = int(resize * height / width), resize
     else:
@@ -198,8 +198,8 @@ def pillow_preprocess(data: bytes, spec: PreprocessSpec) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# DALI: one graph, two devices (the graph itself is core/dali_graph.py, which the GPU server's
-# DALI backend also imports: see build/triton_models/dali.py)
+# DALI: one graph, two devices (the graph itself is served/dali_graph.py, which the GPU server's
+# DALI backend also imports: see served/models/dali.py)
 # --------------------------------------------------------------------------------------------
 
 def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cpu", num_threads: int = 2,
@@ -208,7 +208,7 @@ def build_dali_pipeline(spec: PreprocessSpec, batch_size: int, device: str = "cp
     built, ready to run."""
     from nvidia.dali import pipeline_def
 
-    from core.dali_graph import preprocess_graph
+    from served.dali_graph import preprocess_graph
 
     @pipeline_def(
         batch_size=batch_size,

@@ -3,12 +3,12 @@
 Every measurement runs what serves: export validation, quantization scoring and its latencies, live
 publishing's accuracy gate, the in-process ceiling and the GPU check take their runner from here, and
 the ONNX Runtime runner creates its session with the served classifier's own factory
-(:func:`core.engines.ort_session`: threads as configured, idle threads not spinning).
+(:func:`served.engines.ort_session`: threads as configured, idle threads not spinning).
 
     run = make_runner("onnxruntime", "artifacts/model.onnx", threads=0)
     logits = run(batch)            # float32 [N, num_classes]
 
-The runners are the engine registry's (core/engines.py: each engine's record names its runner, and whether
+The runners are the engine registry's (served/engines.py: each engine's record names its runner, and whether
 measurements run it in a process of its own): adding a runtime is one class with ``__call__(batch) ->
 logits`` and one record there. Heavy libraries (ONNX Runtime, OpenVINO, TensorRT, torch) are imported by the
 runner that needs them.
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from core import engines
-from core.engines import OrtRunner, OvRunner, Runner, TorchRunner, TrtRunner
+from served import engines
+from served.engines import OrtRunner, OvRunner, Runner, TorchRunner, TrtRunner
 
 __all__ = ["OrtRunner", "OvRunner", "Runner", "TorchRunner", "TrtRunner", "isolated", "latency", "logits_of",
            "make_runner", "openvino_capabilities", "score_isolated"]
@@ -70,7 +70,7 @@ def score_isolated(models: dict[str, tuple[str, bytes, str]], spec: dict, paths:
                    min_time: float = 0.5) -> dict[str, dict]:
     """For each ``name: (engine, ONNX bytes, precision hint)``: its logits over the images at ``paths``
     (preprocessed here by ``spec``, streamed one batch at a time) and its latency on ``sample``, or the error
-    the engine (OpenVINO: an isolated one of core/engines.py) raised compiling it. Meant to run :func:`isolated`."""
+    the engine (OpenVINO: an isolated one of served/engines.py) raised compiling it. Meant to run :func:`isolated`."""
     from core.preprocess import DaliPreprocessor, PreprocessSpec
 
     out: dict[str, dict] = {}

@@ -2,7 +2,7 @@
 
     python -m serve.payload_shipper download s3://127.0.0.1:9000/samples/classify samples/   # for make relabel
 
-The served model records its samples into a local folder (core/payloads.py, ``payload_dir``), bounded in
+The served model records its samples into a local folder (served/payloads.py, ``payload_dir``), bounded in
 size. Why not straight to S3 from the model: the served models run in the Python backend's stub, whose
 interpreter cannot load Python's ``_ssl`` (``undefined symbol: _PyModule_Add`` with the pip wheel's stub), so
 boto3 cannot run there; and an upload on the request path would cost every sampled request a network call.
@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from core.payloads import RECORD
 from serve import object_store
+from served.payloads import RECORD
 
 INTERVAL_S = 2.0
 
@@ -55,7 +55,7 @@ class PayloadShipper:
             return 0
         shipped = 0
         for record in sorted(self.dir.rglob("*" + RECORD), key=lambda p: p.name):
-            if record.name.startswith("."):  # a file being written (core.payloads writes .name.tmp, then renames)
+            if record.name.startswith("."):  # a file being written (served.payloads writes .name.tmp, then renames)
                 continue
             try:
                 image_name = json.loads(record.read_text()).get("image")
@@ -91,7 +91,7 @@ class PayloadShipper:
 
 def download(url: str, dest: Path | str) -> int:
     """Every object under ``url`` into ``dest`` (its keys as paths under the prefix): the samples, ready for
-    ``make relabel`` (training.relabel) and core.payloads.read_samples. The number of files."""
+    ``make relabel`` (training.relabel) and served.payloads.read_samples. The number of files."""
     target, s3 = object_store.parse(url), object_store.client(url)
     base = f"{target.prefix}/" if target.prefix else ""
     n = 0

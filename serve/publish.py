@@ -151,7 +151,7 @@ def publish(onnx_path: Path, repo: Path, data: Path | None = None, url: str | No
     # the version folder holds the Python-backend code too (model.py): taken from the served version
     shutil.copytree(served_onnx(repo).parent, staging, ignore=shutil.ignore_patterns(MODEL_FILE, "__pycache__"))
     shutil.copyfile(onnx_path, staging / MODEL_FILE)
-    for f in staging.iterdir():
+    for f in sorted(p for p in staging.rglob("*") if p.is_file()):  # the served package's files too
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.rename(staging, model_dir / str(version))  # atomic: Triton sees the whole version or none

@@ -10,7 +10,7 @@
 3. The served model is reloaded with the mirror on (its repository files unchanged; Triton loads the new
    instances beside the old ones and swaps, so it keeps answering): a share (``--percent``, all by default)
    of the batches it answers are sent to the candidate by a thread of its own, after the clients have
-   their answers, and the top-1 answers compared (core/shadow.py).
+   their answers, and the top-1 answers compared (served/shadow.py).
 4. Once ``--min-requests`` images are compared: the candidate is promoted (published as the served model's
    next version, as `make publish` does) when its top-1 agreement with the served model is at least
    ``--min-agreement`` % and its p99 compute time per batch (Triton's own latency summaries, for the
@@ -44,8 +44,8 @@ from clients import admin
 from clients.client import error_message
 from clients.keys import ADMIN, UnusableKeyError
 from core.atomic_io import atomic_write_bytes
-from core.shadow import read_summaries
 from serve.publish import MODEL_FILE, PublishError, onnx_model_dir, precheck, publish, served_onnx
+from served.shadow import read_summaries
 from training.evaluate import DEFAULT_MAX_TOP1_DROP
 
 SUFFIX = "_shadow"

@@ -4,6 +4,7 @@ same model in the ensemble layout, with its own server for the tests that need o
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,11 @@ from training import synthetic, train
 TINY = dict(num_classes=10, train_per_class=16, val_per_class=8, seed=3)
 # The session fixtures that make a test slow: it needs the trained model, or a real server. A test whose
 # fixtures include one of them is marked by it (pytest_collection_modifyitems), so that `make test-fast`
-# (-m "not model and not server") runs the rest in seconds; a test that trains or starts a server in its
-# own body says so with an explicit @pytest.mark.model / @pytest.mark.server.
-NEEDS = {"checkpoint": "model", "server": "server", "ensemble_server": "server"}
+# (-m "not model and not server and not slow") runs the rest in seconds; a test that trains in its own body
+# says so with an explicit @pytest.mark.model; one that starts TritonServer in its own body is marked server.
+NEEDS = {"checkpoint": "model", "server": "server", "ensemble_server": "server",
+         # the modules' own trained models
+         "uninterrupted": "model", "finetuned": "model", "imported": "model", "pruned": "model"}
 MAX_BATCH = 8  # small, so that "batch larger than max_batch_size" is cheap to send
 
 
@@ -28,6 +31,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for fixture, marker in NEEDS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+        function = getattr(item, "function", None)
+        if function is not None and "TritonServer(" in inspect.getsource(function):
+            item.add_marker("server")
 
 
 @pytest.fixture(scope="session")

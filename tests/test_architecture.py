@@ -1,6 +1,8 @@
 """The import graph keeps its shape: no cycle between modules, no import from a lower stage folder into a
-higher one (build/ included), the shared contract (core/) imports no stage, and the client library
-imports without torch or DALI. Every import counts, also those inside functions."""
+higher one (build/ included), the shared contract (core/) imports no stage, the code that runs inside
+Triton (served/) imports nothing of the project but itself and nothing outside the engines' and Triton's
+packages, and the client library imports without torch or DALI. Every import counts, also those inside
+functions."""
 
 from __future__ import annotations
 
@@ -12,13 +14,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # what each stage folder may import, besides itself; lowest first
 ALLOWED = {
-    "core": set(),
-    "clients": {"core"},
-    "training": {"core"},
-    "build": {"core", "training"},
-    "serve": {"core", "clients", "training", "build"},
-    "perf": {"core", "clients", "training", "build", "serve"},
+    "served": set(),
+    "core": {"served"},
+    "clients": {"served", "core"},
+    "training": {"served", "core"},
+    "build": {"served", "core", "training"},
+    "serve": {"served", "core", "clients", "training", "build"},
+    "perf": {"served", "core", "clients", "training", "build", "serve"},
 }
+# what the served package (copied alone into the rendered repository, loaded by Triton's Python backend and
+# DALI) may import besides the standard library and itself: NumPy, the engines (torch: runners, imported
+# lazily) and what Triton's Python backend provides
+SERVED_MAY_IMPORT = {"numpy", "nvidia", "onnxruntime", "openvino", "tensorrt", "torch",
+                     "triton_python_backend_utils", "served"}
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
@@ -49,6 +57,28 @@ def imports(path: Path, known: dict[str, Path]) -> set[str]:
 def graph(root: Path = ROOT) -> dict[str, set[str]]:
     known = modules(root)
     return {name: imports(path, known) - {name} for name, path in known.items()}
+
+
+def foreign_imports(package: Path) -> list[str]:
+    """Every import of the package's files (also inside functions) outside the standard library and
+    SERVED_MAY_IMPORT, as "file imports name"; a relative import is the package's own. ``nvidia`` only as
+    nvidia.dali."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                ok = (top in sys.stdlib_module_names or top in SERVED_MAY_IMPORT) and (
+                    top != "nvidia" or name == "nvidia.dali" or name.startswith("nvidia.dali."))
+                if not ok:
+                    found.append(f"{path.relative_to(package.parent)} imports {name}")
+    return found
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -93,7 +123,7 @@ def upward(edges: dict[str, set[str]]) -> list[str]:
 
 def test_the_graph_sees_build_and_every_stage():
     edges = graph()
-    assert {"build.render_repo", "build.layouts", "core.stages", "perf.load.wrk", "serve.publish"} <= set(edges)
+    assert {"build.render_repo", "build.layouts", "served.stages", "perf.load.wrk", "serve.publish"} <= set(edges)
     assert "build.settings" in edges["build.render_repo"]
     assert "core.metadata" in edges["build.render_repo"]
 
@@ -117,6 +147,26 @@ def test_the_checks_catch_what_they_guard_against(tmp_path):
     edges = graph(tmp_path)
     assert cycles(edges) == [["core.a", "core.b"]]
     assert upward(edges) == ["build.c imports perf.d"]
+
+
+def test_the_served_package_imports_only_the_standard_library_numpy_and_the_engines():
+    assert (ROOT / "served" / "models" / "fused.py").is_file()
+    assert foreign_imports(ROOT / "served") == []
+
+
+def test_the_served_import_check_catches_a_foreign_import(tmp_path):
+    """Imports of the project, of a package the served copy lacks, or of another nvidia package, also inside a
+    function, are found; the standard library, the allowed packages and the package itself are not."""
+    (tmp_path / "served" / "models").mkdir(parents=True)
+    (tmp_path / "served" / "ok.py").write_text(
+        "import json, os.path\nimport numpy as np\nfrom nvidia.dali import fn\nfrom served import engines\n"
+        "from . import stages\nimport triton_python_backend_utils as pb_utils\n"
+        "def f():\n    import onnxruntime, openvino, tensorrt, torch\n")
+    (tmp_path / "served" / "bad.py").write_text("from core import protocol\ndef f():\n    import PIL.Image\n")
+    (tmp_path / "served" / "models" / "m.py").write_text("import build.layouts\nfrom nvidia import cuda\n")
+    assert foreign_imports(tmp_path / "served") == [
+        "served/bad.py imports core", "served/bad.py imports PIL.Image",
+        "served/models/m.py imports build.layouts", "served/models/m.py imports nvidia"]
 
 
 def test_clients_import_without_torch_or_dali():

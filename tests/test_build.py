@@ -185,8 +185,8 @@ def test_fused_model_has_the_ensembles_interface_and_stages(repo, ensemble_repo,
     params = {k: v.string_value for k, v in fused[P.ENSEMBLE].parameters.items()}
     for name in layouts.STAGE_CODE:
         assert {k: v.string_value for k, v in ens[name].parameters.items()}.items() <= params.items(), name
-        assert ((repo / P.ENSEMBLE / "1" / "stages.py").read_bytes()
-                == (ensemble_repo / name / "1" / "stages.py").read_bytes())
+        assert ((repo / P.ENSEMBLE / "1" / "served" / "stages.py").read_bytes()
+                == (ensemble_repo / name / "1" / "served" / "stages.py").read_bytes())
     version = repo / P.ENSEMBLE / "1"
     assert (version / "model.onnx").read_bytes() == onnx_model.read_bytes()
     assert (version / "labels.txt").read_text().splitlines() == list(metadata.read_metadata(onnx_model).classes)

@@ -89,7 +89,7 @@ def test_the_build_context_holds_the_source_and_nothing_else():
                  "model_repository_gpu/classifier/1/model.plan", "perf/reports/report.html", ".git/HEAD",
                  "core/__pycache__/stages.cpython-311.pyc"):
         assert ignored(path, patterns), f"{path} would go into the image"
-    for path in ("core/stages.py", "build/engine.py", "build/triton_models/dali.py", "docker/requirements-gpu.lock",
+    for path in ("served/stages.py", "build/engine.py", "served/models/dali.py", "docker/requirements-gpu.lock",
                  "model_repository/README.md", "tests/test_docker.py", "Makefile", "mk/settings.mk"):
         assert not ignored(path, patterns), f"{path} is left out of the image"
 

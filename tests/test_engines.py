@@ -1,11 +1,10 @@
-"""The engine registry (core/engines.py): a new engine is one record, and the typed vocabulary reads as the strings
+"""The engine registry (served/engines.py): a new engine is one record, and the typed vocabulary reads as the strings
 it replaced. Fast: a four-weight ONNX graph, no trained model, no server."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from argparse import Namespace
@@ -19,10 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from build import quantize, render_repo
 from build.artifacts import ARTIFACT_NAMES, CANDIDATES, REPORT, Candidate, fastest, rendered_candidate, served_for
-from core import engines, stages
-from core.engines import EngineName, InferencePrecision, Precision, Target
 from core.runners import logits_of, make_runner
 from perf.reference import ceiling
+from served import engines, stages
+from served.engines import EngineName, InferencePrecision, Precision, Target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +55,7 @@ def test_a_new_engine_is_one_registry_entry(fake_engine, tmp_path):
         {"fakeort_fp32", "fakeort_fp16", "fakeort_int8", "fakeort_int8_ort"}
     assert quantize.candidates_for({"fp32", "int8"}, ("fakeort",)).keys() == {"fp32", "int8", "fakeort_fp32",
                                                                              "fakeort_int8"}
-    # served (core/stages.py) and measured (core/runners.py) by name
+    # served (served/stages.py) and measured (core/runners.py) by name
     served = stages.make_classifier("fakeort", model, 1, "f32")
     np.testing.assert_allclose(served(x)[0], expected)
     config = {"parameters": {"engine": {"string_value": "fakeort"}, "onnx_file": {"string_value": "m.onnx"}}}
@@ -127,13 +126,15 @@ def test_the_vocabulary_is_written_as_the_strings_it_replaced():
 
 
 def test_the_served_copy_imports_on_its_own(tmp_path):
-    """Copied beside a Python-backend model as make repo copies them, stages.py finds engines.py without the
-    project (a Python with the project's packages, not its folder, on the path)."""
-    for name in render_repo.SHARED_FILES:
-        shutil.copy(ROOT / "core" / name, tmp_path / name)
+    """Copied beside a Python-backend model as make repo copies it (the package, as one unit), served.stages
+    finds served.engines without the project (a Python with the project's packages, not its folder, on the path)."""
+    for name, data in render_repo.package_files().items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
     onnx.save(onnx.load_from_string(tiny_onnx()), str(tmp_path / "model.onnx"))
-    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import stages; "
-            "assert 'core' not in sys.modules; "
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); from served import stages; "
+            "assert stages.__file__.startswith(sys.argv[1]), stages.__file__; "
+            "assert not {'core', 'build'} & set(sys.modules); "
             "c = stages.classifier_from_config({'parameters': {}}, __import__('pathlib').Path(sys.argv[1])); "
             "print(type(c).__name__, c(np.ones((1, 3), np.float32))[0].tolist())")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,

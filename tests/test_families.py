@@ -27,6 +27,8 @@ from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.evaluate import predict_files
 from training.real_datasets import write_imagefolder
 
+pytestmark = [pytest.mark.model, pytest.mark.server]  # trains and serves its own models
+
 FAMILIES = {
     "depthwise": "torchvision:mobilenet_v3_small",
     "modern-cnn": "timm:test_convnext",

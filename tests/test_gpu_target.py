@@ -27,7 +27,7 @@ from build import layouts
 from build.engine import EngineEnvironmentError, server_tensorrt_version, verify_repository
 from build.layouts import PIPELINE_FILE
 from build.model_config import check_ensemble, read_configs
-from build.render_repo import CORE, GRAPH_FILE, PIPELINE_CONFIG, autoserialize, render
+from build.render_repo import GRAPH_FILE, PACKAGE, PIPELINE_CONFIG, autoserialize, package_files, render
 from build.settings import BatchProfile, RepoSettings, read_manifest
 from clients.client import ImageClassifierClient
 from core import protocol as P
@@ -87,8 +87,8 @@ def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
     (repo / P.PREPROCESS / "1" / "model.dali").write_bytes(b"serialized by another DALI")
     render(onnx_model, repo, RepoSettings(max_batch_size=16, dali_threads=3), target="gpu")
     version = repo / P.PREPROCESS / "1"
-    assert sorted(p.name for p in version.iterdir()) == sorted([PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG])
-    assert (version / GRAPH_FILE).read_bytes() == (CORE / GRAPH_FILE).read_bytes()  # the one graph definition
+    assert sorted(p.name for p in version.iterdir()) == sorted([PIPELINE_FILE, PACKAGE, PIPELINE_CONFIG])
+    assert (version / GRAPH_FILE).read_bytes() == (ROOT / GRAPH_FILE).read_bytes()  # the one graph definition
     config = read_configs(repo)[P.PREPROCESS]
     assert config.backend == "dali"
     assert config.default_model_filename == PIPELINE_FILE
@@ -97,7 +97,7 @@ def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
     # what the backend does on load, with only DALI importable (autoserialize drops PYTHONPATH); the
     # spec's device_id is 0, which needs CUDA to serialize here, so None stands in (the server sets the
     # device at load anyway)
-    files = {p.name: p.read_bytes() for p in version.iterdir()}
+    files = {str(p.relative_to(version)): p.read_bytes() for p in version.rglob("*") if p.is_file()}
     spec = json.loads(files[PIPELINE_CONFIG])
     assert spec["device"] == "gpu"
     assert spec["device_id"] == 0
@@ -114,8 +114,8 @@ def test_gpu_pipeline_is_left_to_the_servers_own_dali(onnx_model, tmp_path):
 def test_embedded_pipeline_is_serialized_from_the_same_definition(repo):
     """The embedded server deserializes model.dali, made from the very dali.py the GPU server serializes."""
     version = repo / layouts.get(read_manifest(repo)["layout"]).pipeline_model / "1"
-    files = {name: (version / name).read_bytes() for name in (PIPELINE_FILE, GRAPH_FILE, PIPELINE_CONFIG)}
-    assert files[GRAPH_FILE] == (CORE / GRAPH_FILE).read_bytes()
+    files = {name: (version / name).read_bytes() for name in (PIPELINE_FILE, *package_files(), PIPELINE_CONFIG)}
+    assert files[GRAPH_FILE] == (ROOT / GRAPH_FILE).read_bytes()
     assert json.loads(files[PIPELINE_CONFIG])["device"] == "cpu"
     served = dali_operators((version / "model.dali").read_bytes())
     assert served == dali_operators(autoserialize(files))
@@ -351,6 +351,7 @@ def _unknown_fields(doc, schema, where="") -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_kserve_inferenceservice_validates_against_its_crd():
 
 

@@ -127,6 +127,7 @@ def test_what_cannot_be_served_is_refused_with_the_reason(timm_classifier, label
     assert not any((tmp_path / n).exists() for n in ("a.onnx", "b.onnx", "c.onnx"))  # nothing half-written
 
 
+@pytest.mark.server
 def test_the_imported_model_is_quantized_and_served_as_onnx_runtime_computes(imported, digits, tmp_path):
     val_files = sorted((digits / "val").rglob("*.jpg"))
     report = quantize.build(imported, digits, tmp_path, calib_size=16, max_top1_drop=100.0,

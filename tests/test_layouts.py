@@ -41,7 +41,7 @@ def test_every_layout_renders_the_files_its_entry_names(onnx_model, tmp_path, na
     for model in lay.python_models():
         version = tmp_path / model / "1"
         assert (version / "model.py").is_file(), model
-        assert (version / "stages.py").is_file(), model
+        assert (version / "served" / "stages.py").is_file(), model
     assert (tmp_path / lay.pipeline_model / "1" / "model.dali").is_file()
     assert (tmp_path / lay.onnx_model / "1" / "model.onnx").is_file()
 

@@ -138,7 +138,7 @@ def test_writers_write_what_the_dict_writers_wrote(tmp_path):
     replaced (the dict expressions below are that code, verbatim)."""
     from build import export_onnx, quantize
     from core.metadata import file_sha256, library_versions
-    from core.stages import answer_distribution
+    from served.stages import answer_distribution
 
     ckpt_path, out = tmp_path / "ckpt" / "best.pt", tmp_path / "artifacts" / "model.onnx"
     ckpt_path.parent.mkdir()

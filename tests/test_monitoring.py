@@ -25,9 +25,9 @@ from build.settings import RepoSettings
 from clients.client import ImageClassifierClient
 from core import protocol as P
 from core.metadata import read_metadata
-from core.stages import DRIFT_ALERT_PSI, REFUSALS, prediction_summary
 from perf.load.stats import scrape_metrics
 from serve.server import TritonServer
+from served.stages import DRIFT_ALERT_PSI, REFUSALS, prediction_summary
 
 PREFIX = "image_classifier_"
 
@@ -203,7 +203,7 @@ def test_payload_samples_are_written_bounded_and_relabelled(onnx_model, val_file
     samples into an ImageFolder tree by predicted class that training reads."""
     import hashlib
 
-    from core.payloads import read_samples
+    from served.payloads import read_samples
     from training.data import list_images
     from training.relabel import relabel
 
@@ -327,7 +327,7 @@ def test_bucket_bounds_are_written_as_prometheus_client_writes_them():
     series are different series."""
     from prometheus_client.utils import floatToGoString
 
-    from core import stages
+    from served import stages
 
     bounds = [*stages.CONFIDENCE_BUCKETS, *stages.ENTROPY_BUCKETS, *stages.BYTES_BUCKETS, *stages.PIXELS_BUCKETS,
               math.inf, 1.0, 2.0 ** 40, 1e-7]
@@ -376,10 +376,10 @@ def test_payload_samples_are_shipped_to_an_object_store(onnx_model, val_files, t
     without the fused model, is refused at render time."""
     import hashlib
 
-    from core.payloads import read_samples
     from serve import object_store
     from serve.object_store import LocalS3
     from serve.payload_shipper import download
+    from served.payloads import read_samples
 
     staging = tmp_path / "staging"
     files = val_files[:12]

@@ -56,7 +56,7 @@ def test_peers_answer_as_triton_does(peers, server, val_files):
         assert [a["labels"] for _, a in answers] == [p.labels for p in expected], name
         np.testing.assert_allclose([a["scores"] for _, a in answers], [p.scores for p in expected], atol=1e-5)
         status, bad = ask(launch.PEERS[name], url, b"not an image")
-        # the peers run Triton's own stages (core/stages.py): the same refusal, with the same words
+        # the peers run Triton's own stages (served/stages.py): the same refusal, with the same words
         assert "not a JPEG or PNG image" in bad["error"], (name, status, bad)
 
 

@@ -39,9 +39,9 @@ from core import protocol as P
 from core.metadata import read_metadata
 from core.preprocess import DaliPreprocessor
 from core.runners import isolated, logits_of, make_runner
-from core.stages import TopK, ort_session
 from perf.ab import precisions
 from serve.server import TritonServer
+from served.stages import TopK, ort_session
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -20,6 +20,8 @@ from training.models import build_model, layer_widths
 from training.real_datasets import write_imagefolder
 from training.sparsity import eligible, two_four_violations
 
+pytestmark = [pytest.mark.model]  # prunes and fine-tunes models of its own
+
 FAST = ["--workers", "0"]  # the fine-tuning run's data loading in-process (CI's two cores)
 
 
@@ -118,6 +120,7 @@ def test_two_four_sparsity_survives_fine_tuning_and_export(digits, tmp_path):
         assert np.mean(w == 0) >= 0.5
 
 
+@pytest.mark.server
 def test_served_side_by_side(digits, pruned, tmp_path):
     data, ckpt = digits
     report, out = pruned

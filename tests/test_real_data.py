@@ -3,7 +3,11 @@ written as ImageFolder JPEGs, trained with no flags but --data/--out, and scored
 
 from __future__ import annotations
 
+import pytest
+
 from perf.experiments import real_data
+
+pytestmark = [pytest.mark.model, pytest.mark.server]  # trains and serves its own models
 
 
 def test_default_recipe_reaches_98_percent_served_on_real_digits(tmp_path):

@@ -16,11 +16,11 @@ from conftest import worse_model
 from clients import admin
 from core import protocol as P
 from core.metadata import read_metadata
-from core.shadow import ShadowMirror, read_summaries
 from perf.checks.reliability import background_load, counts, examples
 from serve.publish import onnx_model_dir, versions
 from serve.rollout import SUFFIX, decide, markdown, shadow
 from serve.server import TritonServer
+from served.shadow import ShadowMirror, read_summaries
 
 KEY = "shadow-test-key-0123456789"
 MIN_REQUESTS = 120

@@ -101,6 +101,7 @@ def test_frozen_epochs_hold_the_backbone_and_the_new_head_learns(digits, timm_we
     assert any(not torch.equal(backbone0[k], later[k]) for k in backbone0), "the backbone never learned"
 
 
+@pytest.mark.server
 def test_fine_tuned_timm_model_is_served_as_pytorch_computes(finetuned, digits, tmp_path):
     val_files = sorted((digits / "val").rglob("*.jpg"))
     """Export (validated against PyTorch), the fused repository, the real server: served top-1 = PyTorch's,

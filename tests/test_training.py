@@ -113,6 +113,7 @@ def test_augmentation_changes_every_epoch_with_persistent_workers(tiny_data):
         assert torch.equal(a, b)
 
 
+@pytest.mark.model
 def test_early_stopping_and_dropout(tiny_data, tmp_path):
     out = tmp_path / "run"
     # lr 0: val top-1 only drifts (BatchNorm statistics, EMA), so it soon stalls for 2 epochs
@@ -135,6 +136,7 @@ def test_early_stopping_and_dropout(tiny_data, tmp_path):
     assert torch.equal(model(x), model(x))  # and gone in the served graph
 
 
+@pytest.mark.model
 def test_ddp_two_processes_match_single_process_effective_batch(tiny_data, tmp_path):
     common = ["--data", str(tiny_data), "--img-size", "32", "--epochs", "2", "--workers", "0", "--quiet",
               "--warmup-epochs", "0", "--lr", "0.05"]

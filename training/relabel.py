@@ -1,4 +1,4 @@
-"""Sampled requests (core/payloads.py) as an ImageFolder tree by predicted class, for a person to correct.
+"""Sampled requests (served/payloads.py) as an ImageFolder tree by predicted class, for a person to correct.
 
     python -m training.relabel --samples /var/lib/payloads/classify --out data/relabel
     make relabel SAMPLES=... RELABEL_OUT=...
@@ -17,7 +17,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from core.payloads import read_samples
+from served.payloads import read_samples
 
 
 def relabel(samples: Path, out: Path) -> Counter[str]:

@@ -31,11 +31,11 @@ from build.render_repo import render
 from build.settings import read_manifest, rendered_onnx, settings_from_manifest
 from clients.client import ImageClassifierClient
 from clients.metrics import ClientMetrics, load_reference
-from core import stages
 from perf.load.bodies import sample_images
 from perf.load.stats import spread
 from perf.paths import REPORTS
 from serve.server import TritonServer
+from served import stages
 
 
 def load(url: str, images: list[bytes], seconds: float, clients: int, metrics: ClientMetrics | None) -> dict:

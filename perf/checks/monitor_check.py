@@ -42,11 +42,11 @@ from build.settings import RepoSettings, read_manifest, rendered_onnx
 from clients.client import ImageClassifierClient
 from core.atomic_io import atomic_write_bytes
 from core.metadata import read_metadata
-from core.stages import DRIFT_ALERT_PSI
 from perf.checks.reliability import background_load, counts
 from perf.load.stats import scrape_metrics
 from perf.paths import PROJECT_ROOT, REPORTS
 from serve.server import TritonServer
+from served.stages import DRIFT_ALERT_PSI
 from training.data import list_images
 
 DOCKER = PROJECT_ROOT / "docker"

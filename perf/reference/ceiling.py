@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from core import engines
-from core.engines import InferencePrecision, Target
 from core.metadata import read_metadata
 from core.preprocess import DaliPreprocessor, pillow_preprocess
 from core.runners import Runner, isolated
 from perf.load.bodies import sample_images
+from served import engines
+from served.engines import InferencePrecision, Target
 
 SCHEDULES = ("sequential", "overlapped")
 

@@ -1,10 +1,10 @@
 """What every peer server runs on a batch: the work of Triton's fused model, without Triton.
 
-The very stages the fused model runs (core/stages.py: the header checks, DALI with per-image isolation,
+The very stages the fused model runs (served/stages.py: the header checks, DALI with per-image isolation,
 ONNX Runtime or OpenVINO with the serving options, the softmax top-k), with the DALI CPU pipeline built
-from the model's own spec (core/dali_graph.py), the same ONNX file on the same engine, the same thread
-settings, on batches up to the same size. It imports NumPy, DALI, the engine and the project's core/
-only, so it runs inside a peer's virtualenv; the spec file it reads is written by launch.py from the ONNX
+from the model's own spec (served/dali_graph.py), the same ONNX file on the same engine, the same thread
+settings, on batches up to the same size. It imports NumPy, DALI, the engine and the project's core/ and
+served/ only, so it runs inside a peer's virtualenv; the spec file it reads is written by launch.py from the ONNX
 metadata and the served repository's manifest."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from core.preprocess import DALI_INPUT_NAME, PreprocessSpec, build_dali_pipeline
-from core.stages import Preprocessor, Rejected, TopK, make_classifier
+from served.stages import Preprocessor, Rejected, TopK, make_classifier
 
 
 class PeerModel:

@@ -1,7 +1,7 @@
 """The served model's own Prometheus metrics, next to Triton's on its /metrics endpoint.
 
-Triton's custom-metrics API for the Python backend (``pb_utils.MetricFamily``). Copied beside the models
-that see images or predictions; what is measured comes from the Triton-free stages (core/stages.py:
+Triton's custom-metrics API for the Python backend (``pb_utils.MetricFamily``). In the package copied beside
+the models that see images or predictions; what is measured comes from the Triton-free stages (served/stages.py:
 ``Preprocessor.observed``, ``prediction_summary``).
 
     image_classifier_top1_confidence_bucket{le}  the top-1 probability of each answer (a histogram)
@@ -30,8 +30,9 @@ import threading
 from collections import Counter
 
 import numpy as np
-import stages  # core/stages.py, copied beside every Python model (the model's file puts it on the path)
 import triton_python_backend_utils as pb_utils
+
+from served import stages  # the package, copied beside every Python model (the model's file puts it on the path)
 
 # the buckets are the client's too (clients/metrics.py); the drift score bins the confidence alike
 CONFIDENCE_BUCKETS, ENTROPY_BUCKETS = stages.CONFIDENCE_BUCKETS, stages.ENTROPY_BUCKETS

@@ -1,7 +1,7 @@
 """Triton Python-backend model: logits -> softmax probabilities and the top-k labels and scores.
 
 Shared by both targets (after ONNX Runtime here, after the TensorRT plan on the GPU target); the stage
-is ``stages.TopK`` (core/stages.py). Labels come from ``labels.txt`` next to this file, written from
+is ``stages.TopK`` (served/stages.py). Labels come from ``labels.txt`` next to this file, written from
 the model's own metadata.
 """
 
@@ -13,9 +13,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
-import metrics  # noqa: E402
-import stages  # noqa: E402
+sys.path.insert(0, str(HERE))  # the served package, copied beside this file (<model>/1/served/) by `make repo`
+from served import metrics, stages  # noqa: E402
 
 
 class TritonPythonModel:

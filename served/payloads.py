@@ -9,7 +9,8 @@ batch's latency) and, if asked, the image bytes beside it, into one folder, at m
 training.relabel`` turns the samples into an ImageFolder tree by predicted class for a person to
 correct; training reads it as any data set.
 
-Copied beside the served model by ``make repo`` (build/render_repo.py), so it imports only the standard
+Copied with the served package beside the served model by ``make repo`` (build/render_repo.py), so it
+imports only the standard
 library and NumPy.
 """
 

@@ -1,10 +1,10 @@
 """The served stages without Triton: image checks, DALI with per-image isolation, ONNX Runtime or OpenVINO, top-k.
 
-What the Python-backend models run (build/triton_models/: preprocess, classifier, postprocess, and the
-fused model that runs all three on one batch), copied beside each of them by ``make repo``; the peer
-servers of ``make compare`` run the very same classes (perf/reference/peers/pipeline.py). It therefore imports
-nothing of the project but the engine registry (core/engines.py, copied beside it too, imported as
-``engines`` there) and only NumPy at import time (DALI, ONNX Runtime, OpenVINO where they are used): the
+What the Python-backend models run (served/models/: preprocess, classifier, postprocess, and the
+fused model that runs all three on one batch), copied with the served package beside each of them by
+``make repo``; the peer servers of ``make compare`` run the very same classes (perf/reference/peers/pipeline.py).
+It therefore imports nothing but its own package (the engine registry, served/engines.py) and only NumPy
+at import time (DALI, ONNX Runtime, OpenVINO where they are used): the
 GPU target's postprocess model loads it in a Python backend that has neither.
 
 Bad images never take the server or other requests down: every image's header is read first (format,
@@ -26,12 +26,9 @@ from typing import Any
 
 import numpy as np
 
-try:  # the project's core/engines.py; in a rendered repository, engines.py copied beside this file
-    from core import engines
-except ModuleNotFoundError:
-    import engines  # type: ignore[no-redef]
+from served import engines  # in a rendered repository, the package copied beside model.py
 
-# the served classifiers' own factories, where they were (core/engines.py holds them with their records)
+# the served classifiers' own factories, where they were (served/engines.py holds them with their records)
 INFERENCE_PRECISIONS = engines.INFERENCE_PRECISIONS
 OnnxClassifier, OpenVinoClassifier = engines.OnnxClassifier, engines.OpenVinoClassifier
 ort_session, ov_compiled = engines.ort_session, engines.ov_compiled
@@ -334,7 +331,7 @@ class Preprocessor:
 
 def make_classifier(engine: str, path: Path | str | bytes, threads: int = 1,
                     inference_precision: str = engines.InferencePrecision.F32) -> Any:
-    """A classifier on ``engine`` (an embedded-target engine of core/engines.py); ONNX Runtime has one precision
+    """A classifier on ``engine`` (an embedded-target engine of served/engines.py); ONNX Runtime has one precision
     (the file's), OpenVINO takes a hint."""
     classifier = engines.get(engine, engines.Target.EMBEDDED).classifier
     assert classifier is not None  # every engine of the embedded target has one (engines.Engine)
@@ -391,7 +388,7 @@ class TopK:
 # threshold) that does not depend on the window's size the way a chi-square test's p-value does, which at
 # hundreds of answers flags differences too small to matter. KS would need every raw value of the reference.
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-# the other served histograms' bucket edges (build/triton_models/metrics.py on the server, clients/metrics.py
+# the other served histograms' bucket edges (served/metrics.py on the server, clients/metrics.py
 # on the client: one set, so the two sides' series add up and read alike)
 ENTROPY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BYTES_BUCKETS = tuple(2.0 ** k for k in range(10, 26, 2))   # 1 KiB .. 16 MiB

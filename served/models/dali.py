@@ -6,9 +6,10 @@ always serialized by the DALI version that will run it; a pipeline serialized by
 carry arguments an older one rejects. ``make repo`` serializes the embedded target's ``model.dali``
 from this same file, with the same command.
 
-Beside this file: ``dali_graph.py`` (a copy of core/dali_graph.py, the one graph definition) and
-``preprocess.json`` (the checkpoint's preprocessing spec, the device, the batch size), both written
-by ``make repo``. Nothing else is importable here: the backend's Python has only DALI on its path.
+Beside this file: the ``served`` package (a copy of the project's, holding served/dali_graph.py, the one
+graph definition) and ``preprocess.json`` (the checkpoint's preprocessing spec, the device, the batch
+size), both written by ``make repo``. Nothing else is importable here: the backend's Python has only
+DALI on its path.
 """
 
 import json
@@ -21,7 +22,7 @@ from nvidia.dali.plugin.triton import autoserialize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the backend runs this file by path, from the server's working directory
-from dali_graph import preprocess_graph  # noqa: E402
+from served.dali_graph import preprocess_graph  # noqa: E402
 
 with open(os.path.join(HERE, "preprocess.json")) as f:
     CONFIG = json.load(f)

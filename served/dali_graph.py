@@ -2,8 +2,8 @@
 
 The one definition every consumer runs: training's evaluation, ONNX validation and quantization
 (core/preprocess.py builds CPU pipelines from it), the embedded server (its pipeline is
-serialized from it) and the GPU server, whose DALI backend imports this very file, copied beside
-``dali.py`` in the model repository, and serializes it with the server's own DALI. It therefore
+serialized from it) and the GPU server, whose DALI backend imports this very file, copied with the
+served package beside ``dali.py`` in the model repository, and serializes it with the server's own DALI. It therefore
 imports nothing but DALI, reads the spec by attribute (a PreprocessSpec, or the rendered JSON as a
 namespace), and uses only operator arguments that DALI 1.42 (the NGC 24.10 container's) already has.
 """

@@ -1,7 +1,7 @@
 """The inference engines, as one registry: one record per engine says what it is, what it serves and how it runs.
 
     engine = get("openvino")
-    classify = engine.classifier("model.onnx", 1, "bf16")        # what the served model runs (core.stages)
+    classify = engine.classifier("model.onnx", 1, "bf16")        # what the served model runs (served.stages)
     run = engine.measuring("model.onnx", "bf16", threads=0)     # what every measurement runs (core.runners)
 
 A record (:class:`Engine`) carries the engine's name (the ``engine`` parameter of a rendered config, build.json's
@@ -18,8 +18,8 @@ The precisions and targets are one typed vocabulary (:class:`Precision`, :class:
 :class:`Target`, :class:`EngineName`): string enums, equal to the strings they replace and written as them
 (JSON, configs, messages), so build reports and rendered repositories stay as they were.
 
-This module is served: ``make repo`` copies it beside core/stages.py into every Python-backend model, which
-imports it as the top-level module ``engines``. It therefore imports nothing of the project, only NumPy at
+This module is served: ``make repo`` copies it with the served package into every Python-backend model, whose
+served.stages imports it. It therefore imports nothing of the project, only NumPy at
 import time (ONNX Runtime, OpenVINO, TensorRT, torch inside the factories that use them), and runs on the
 GPU container's Python 3.10.
 """
@@ -297,7 +297,7 @@ class Engine:
     runner: Callable[..., Runner]  # its scoring runner: (model, **options) -> batch -> logits (core.runners)
     target: Target | None = None  # the target that serves it (None: a reference runner, never served)
     # its served classifier: (ONNX path or bytes, threads, inference precision) -> (batch, outputs) -> outputs;
-    # every engine of the embedded target has one (it runs in Triton's Python backend, core.stages)
+    # every engine of the embedded target has one (it runs in Triton's Python backend, served.stages)
     classifier: Callable[..., Classifier] | None = None
     file_precisions: tuple[Precision, ...] = ()  # the artifact files' precisions it serves, as the file computes
     # the precision hints it computes at: f32 as the file says; another hint lowers the FP32 file's arithmetic

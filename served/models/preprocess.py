@@ -1,11 +1,11 @@
 """Triton Python-backend model: encoded image bytes -> normalized CHW float, with DALI on the CPU.
 
 Runs the serialized DALI pipeline ``model.dali``, which ``build.render_repo`` serializes from
-``dali.py`` beside it: the graph the training package evaluates with (core/dali_graph.py). The
+``dali.py`` beside it: the graph the training package evaluates with (served/dali_graph.py). The
 GPU target's DALI backend serializes the same ``dali.py`` itself, with its own DALI.
 
 The stage itself (header checks, per-image isolation, the pipeline rebuilt after a failed batch) is
-``stages.Preprocessor`` (core/stages.py): only the requests holding a bad image get an INVALID_ARG
+``stages.Preprocessor`` (served/stages.py): only the requests holding a bad image get an INVALID_ARG
 error naming the image's index; a failure that is not the images' fault is INTERNAL for the requests
 of that batch, and is logged.
 """
@@ -17,9 +17,8 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
-import metrics  # noqa: E402
-import stages  # noqa: E402
+sys.path.insert(0, str(HERE))  # the served package, copied beside this file (<model>/1/served/) by `make repo`
+from served import metrics, stages  # noqa: E402
 
 
 def internal_error(stage: str, err: Exception):

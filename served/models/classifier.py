@@ -2,7 +2,7 @@
 
 The embedded target's stand-in for Triton's onnxruntime/tensorrt backends, which the pip-installed
 server does not bundle. All requests of a dynamic batch are run as one ONNX Runtime call, in the
-session core/stages.py creates with the serving options (threads, no spinning).
+session served/stages.py creates with the serving options (threads, no spinning).
 """
 
 import json
@@ -13,9 +13,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
-import metrics  # noqa: E402
-import stages  # noqa: E402
+sys.path.insert(0, str(HERE))  # the served package, copied beside this file (<model>/1/served/) by `make repo`
+from served import metrics, stages  # noqa: E402
 
 
 class TritonPythonModel:

@@ -9,7 +9,8 @@ see the candidate; a full queue drops the batch (counted) rather than wait. The 
 most every ``flush_s`` and at close, to ``<directory>/<instance>.json`` (one file per model instance,
 replaced atomically), which `python -m serve.rollout` reads to promote or withdraw the candidate.
 
-Copied beside the served model by ``make repo`` (build/render_repo.py), so it imports only the standard
+Copied with the served package beside the served model by ``make repo`` (build/render_repo.py), so it
+imports only the standard
 library and NumPy; the BLS call is passed in (``send``), so this runs without Triton too.
 """
 

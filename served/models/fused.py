@@ -5,7 +5,7 @@ run one after the other in one stub, on one dynamic batch. The ensemble layouts 
 from stub to stub through Triton (shared memory, a queue and a scheduler per hop); here the batch
 stays in this process, which measured here serves more images per second on 2 CPU cores
 (docs/performance.md, "Throughput"). The stages are the very classes the ensemble's models run
-(core/stages.py, copied beside this file by ``make repo``), so both layouts answer alike.
+(served/stages.py, in the package copied beside this file by ``make repo``), so both layouts answer alike.
 """
 
 import json
@@ -17,11 +17,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # stages.py (core/stages.py, copied here by `make repo`) beside this file
-import metrics  # noqa: E402
-import payloads  # noqa: E402  (core/payloads.py, copied here too)
-import shadow  # noqa: E402  (core/shadow.py, copied here too)
-import stages  # noqa: E402
+sys.path.insert(0, str(HERE))  # the served package, copied beside this file (<model>/1/served/) by `make repo`
+from served import metrics, payloads, shadow, stages  # noqa: E402
 
 
 def failed(stage, err, requests):
