@@ -34,14 +34,18 @@ from core.metadata import (
     library_versions,
     read_metadata,
 )
-from core.preprocess import DaliPreprocessor
+from core.preprocess import DaliPreprocessor, PreprocessSpec
 from core.runners import OrtRunner
 from served.stages import answer_distribution
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
-from training.data import list_images
+from training.data import list_images, stratified
 from training.evaluate import logits_for_inputs
 
 OPSET = 18
+# The drift reference's size: the live window's score (PSI over B bins) has a noise floor of about
+# (B - 1) * (1 / window + 1 / reference) on in-distribution traffic; 2,000 answers keep the reference's share
+# of it at a fifth of a 500-answer window's, and cost ONNX Runtime seconds (the whole split when smaller)
+REFERENCE_IMAGES = 2000
 
 
 class ValidationError(RuntimeError):
@@ -139,19 +143,34 @@ def check_cleanup(model_bytes: bytes, proto: onnx.ModelProto, inputs: np.ndarray
     return cleanup_diff
 
 
-def with_reference(model_bytes: bytes, probs: np.ndarray, split: str) -> bytes:
+def reference_probabilities(model_bytes: bytes, spec: PreprocessSpec, paths: list[Path], known: np.ndarray,
+                            batch_size: int = 64) -> np.ndarray:
+    """ONNX Runtime's probabilities on every image of ``paths``; the first ``len(known)`` are ``known`` (the
+    validation sample's, already computed). The rest is streamed one batch at a time: memory stays flat."""
+    runner, parts = OrtRunner(model_bytes), [known]
+    for batch in DaliPreprocessor(spec, batch_size=batch_size).iter_files(paths[len(known):]):
+        parts.append(runner.run(batch, outputs=2)[1])
+    return np.concatenate(parts)
+
+
+def with_reference(model_bytes: bytes, probs: np.ndarray, split: str, labels: np.ndarray) -> bytes:
     """The model with its answers on ``split`` in its metadata (export.reference: served.stages.answer_distribution),
-    the reference the served model's drift score compares live answers with."""
+    the reference the served model's drift score compares live answers with; ``labels``: the images' classes,
+    of which the reference records how many it covers."""
     model = onnx.load_from_string(model_bytes)
     meta = read_metadata(model)
-    meta = replace(meta, export=replace(meta.export, reference={"split": split, **answer_distribution(probs)}))
+    covered = int(len(np.unique(labels)))
+    reference = {"split": split, **answer_distribution(probs), "split_classes_covered": covered}
+    meta = replace(meta, export=replace(meta.export, reference=reference))
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                         METADATA_KEY: meta.to_json()})
     return model.SerializeToString()
 
 
 def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance: float = 1e-3,
-           max_images: int = 256) -> dict:
+           max_images: int = 256, reference_images: int | None = REFERENCE_IMAGES) -> dict:
+    """Export, validate on a stratified sample of ``max_images`` images of ``split`` (PyTorch is slow), and embed
+    the drift reference: the answers on ``reference_images`` of them (stratified; None: the whole split)."""
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt)
     spec = spec_from_checkpoint(ckpt)
@@ -159,15 +178,18 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
     onnx.helper.set_model_props(proto, {METADATA_KEY: export_metadata(ckpt, ckpt_path, out).to_json()})
     model_bytes, counts = cleaned_graph(proto)
 
-    paths = [p for p, _ in list_images(Path(data) / split, ckpt["classes"])][:max_images]
-    inputs = DaliPreprocessor(spec).files(paths)
+    samples = stratified(list_images(Path(data) / split, ckpt["classes"]), reference_images)
+    paths = [p for p, _ in samples]
+    inputs = DaliPreprocessor(spec).files(paths[:max_images])
     cleanup_diff = check_cleanup(model_bytes, proto, inputs, tolerance)
     report, probs = validate(model_bytes, model, inputs, tolerance)
     report.update(counts, cleanup_max_abs_diff=cleanup_diff)
-    model_bytes = with_reference(model_bytes, probs, split)
+    probs = reference_probabilities(model_bytes, spec, paths, probs)
+    model_bytes = with_reference(model_bytes, probs, split, np.array([y for _, y in samples]))
     atomic_write_bytes(out, lambda tmp: tmp.write_bytes(model_bytes))
     print(f"exported {out}: {report['images']} {split} images, max |logit diff| {report['max_abs_logit_diff']:.2e} "
-          f"(tolerance {tolerance:g}), top-1 agreement {100 * report['top1_agreement']:.2f}%")
+          f"(tolerance {tolerance:g}), top-1 agreement {100 * report['top1_agreement']:.2f}%; drift reference: "
+          f"the answers on {len(probs)} {split} images")
     return report
 
 
@@ -178,12 +200,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--out", type=Path, default=Path("artifacts/model.onnx"))
     p.add_argument("--tolerance", type=float, default=1e-3, help="max absolute logit difference allowed")
-    p.add_argument("--max-images", type=int, default=256)
+    p.add_argument("--max-images", type=int, default=256,
+                   help="validation against PyTorch on this many images (stratified: every class in proportion)")
+    p.add_argument("--reference-images", type=int, default=REFERENCE_IMAGES,
+                   help="the drift reference: the model's answers on this many images (stratified; 0 = all)")
     return p
 
 
 def main(args: argparse.Namespace) -> dict:
-    return export(args.ckpt, args.data, args.out, args.split, args.tolerance, args.max_images)
+    return export(args.ckpt, args.data, args.out, args.split, args.tolerance, args.max_images,
+                  args.reference_images or None)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -206,6 +207,24 @@ def write_repository(out: Path, files: dict[Path, bytes], configs: dict[str, mc.
                     shutil.rmtree(stale)  # e.g. __pycache__, served/__pycache__
 
 
+def warn_about_the_drift_reference(reference: Mapping[str, Any] | None, classes: Sequence[str],
+                                   settings: RepoSettings) -> None:
+    """What the drift score cannot see: no reference at all, or classes the model never answered on it (their
+    bins hold only the smoothing's half answer, so a window that answers them scores higher)."""
+    if settings.drift_window <= 0:
+        return
+    if not reference:
+        print("warning: the model has no drift reference (imported with `make import`, or exported before it was "
+              "recorded): image_classifier_drift_psi is not served; `make onnx` records one")
+        return
+    missing = [name for name, share in zip(classes, reference["classes"], strict=True) if share == 0]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        print(f"warning: the drift reference ({reference['answers']} answers on the {reference['split']} split) has "
+              f"no answer of {len(missing)} of {len(classes)} classes ({shown}): traffic of those classes raises "
+              "the class-mix score; a val split with images of every class makes a reference that holds them")
+
+
 def check_payload_settings(s: RepoSettings, configs: dict[str, mc.ModelConfig], layout: str) -> None:
     """Payload sampling asked for is rendered, or refused with why (never silently dropped)."""
     if s.payload_upload and not (s.payload_dir and s.payload_percent > 0):
@@ -239,6 +258,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
     served = served if target == Target.EMBEDDED else None
     if target == Target.GPU:
         check_float32_io(onnx_path, export.tensor_names)
+    warn_about_the_drift_reference(export.reference, classes, settings)
     configs = lay.build_configs(ConfigInputs(spec, len(classes), settings, target, export))
     check_payload_settings(settings, configs, lay.name)
     if settings.response_cache_mb > 0:  # answers to requests seen before come from the server's cache

@@ -11,10 +11,11 @@ the models that see images or predictions; what is measured comes from the Trito
     image_classifier_predictions_total{class}    answers by predicted class
     image_classifier_inputs_total{format}        accepted images by format (JPEG, PNG)
     image_classifier_refusals_total{reason}      refused images by reason (stages.REFUSALS)
-    image_classifier_drift_psi{signal, model_instance}  the last drift_window answers of that instance against
-                                                 the model's answers on its val split (stages.DriftWindow: PSI
-                                                 of the confidence and of the class mix; absent until the
-                                                 window is full, and for a model exported without a reference)
+    image_classifier_drift_psi{signal}           the model version's last drift_window answers (all its
+                                                 instances together: stages.SharedDriftWindow) against its
+                                                 answers on its val split (PSI of the confidence and of the
+                                                 class mix; absent until the window is full, and for a model
+                                                 exported without a reference)
 
 Each histogram is a Prometheus histogram in its text form (cumulative ``_bucket`` series with ``le``,
 ``_sum`` and ``_count``; ``histogram_quantile`` reads it), made of counters. Why not the API's own
@@ -26,8 +27,10 @@ the model's name and version.
 """
 
 import json
+import tempfile
 import threading
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -38,6 +41,8 @@ from served import stages  # the package, copied beside every Python model (the 
 CONFIDENCE_BUCKETS, ENTROPY_BUCKETS = stages.CONFIDENCE_BUCKETS, stages.ENTROPY_BUCKETS
 BYTES_BUCKETS, PIXELS_BUCKETS = stages.BYTES_BUCKETS, stages.PIXELS_BUCKETS
 M = stages.METRICS
+# the served model versions' shared drift windows (small files, removed by their last instance)
+DRIFT_FOLDER = Path(tempfile.gettempdir()) / "image_classifier_drift"
 
 
 def enabled(config):
@@ -150,10 +155,11 @@ class ServedMetrics:
             reference = _parameter(config, "drift_reference", "")
             window = int(_parameter(config, "drift_window", "0"))
             if reference and window > 0:
-                # one window per instance, each its own series (the alert and the panel take the max): on one
-                # shared series the instances' scores would overwrite each other, the last flush winning
-                instance = {"model_instance": str(args.get("model_instance_name", ""))}
-                self.drift = Drift({**labels, **instance}, stages.DriftWindow(json.loads(reference), window))
+                # one window for the model version, shared by its instances (stages.SharedDriftWindow): a score
+                # after `window` answers in all; every instance sets the same series to the same score
+                shared = stages.SharedDriftWindow(json.loads(reference), window, DRIFT_FOLDER,
+                                                  f"{args['model_name']}-v{args['model_version']}")
+                self.drift = Drift(labels, shared)
                 self.metrics.append(self.drift)
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.interval = int(_parameter(config, "served_metrics_interval_ms", "1000")) / 1000
@@ -205,3 +211,5 @@ class ServedMetrics:
         if self.thread is not None:
             self.thread.join(5)
         self.flush()
+        if self.drift is not None:
+            self.drift.window.close()

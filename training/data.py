@@ -42,6 +42,18 @@ def list_images(split_dir: Path, classes: Sequence[str]) -> list[tuple[Path, int
     return samples
 
 
+def stratified(samples: Sequence[tuple[Path, int]], n: int | None = None) -> list[tuple[Path, int]]:
+    """The samples in an order of which every prefix holds each class in proportion to its share (the first
+    ``n``; all of them when ``n`` is None): a class's i-th of k samples is placed at (i + 0.5) / k. The
+    first images in folder order would be the first classes only. Deterministic."""
+    by_class: dict[int, list[tuple[Path, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    keyed = sorted(((i + 0.5) / len(items), c, i) for c, items in by_class.items() for i in range(len(items)))
+    order = [by_class[c][i] for _, c, i in keyed]
+    return order if n is None else order[:n]
+
+
 def image_problem(path: Path) -> str | None:
     """Why an image file cannot be used (unreadable, truncated, not JPEG/PNG), or None.
 

@@ -86,8 +86,8 @@ def val_labels(val: list[Path], classes: list[str]) -> list[tuple[Path, int]]:
 
 
 def drift_psi(metrics_url: str) -> dict[str, float]:
-    """The drift score per signal: the highest of the model's instances (each scores its own window), as the
-    alert rule takes it."""
+    """The drift score per signal, the highest over the served models and versions, as the alert rule takes it
+    (a version's instances share one window and report the same score)."""
     out: dict[str, float] = {}
     for k, v in scrape_metrics(metrics_url).items():
         if k.startswith("image_classifier_drift_psi{"):
