@@ -410,6 +410,12 @@ test: venv peers analyzer
 test-fast: venv
 	$(PY) -m pytest tests -m "not model and not server and not slow and not gpu" $(PYTEST_ARGS)
 
+# the data, the artifacts, the rendered repository's generated files and .cache/ (the workloads' and benchmarks'
+# trained models and data sets: hours to redo); the server's keys (.cache/*.key) stay unless KEYS=1
+KEYS        ?=
 clean:
-	rm -rf $(ARTIFACTS) $(SYNTHETIC) .cache .pytest_cache
-	cd $(REPO) && git clean -fqX .
+	@echo "removing $(ARTIFACTS)/, $(SYNTHETIC)/, the generated files of $(REPO)/ and .cache/ (trained workloads and" \
+	  "benchmark data: hours to redo)$(if $(KEYS),, except the server keys .cache/*.key (KEYS=1 removes them too))"
+	rm -rf $(ARTIFACTS) $(SYNTHETIC) .pytest_cache
+	@if [ -d .cache ]; then find .cache -mindepth 1 -maxdepth 1 $(if $(KEYS),,! -name '*.key') -exec rm -rf {} +; fi
+	@if [ -d $(REPO) ]; then cd $(REPO) && git clean -fqX .; fi

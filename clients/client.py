@@ -244,7 +244,10 @@ class ImageClassifierClient:
         if not live:
             raise ServerUnreachable(f"Triton at {self.url} is not live")
         if not self._client.is_model_ready(self.model, **self._call_kw):
-            raise ServerUnreachable(f"Triton at {self.url} is up but model '{self.model}' is not ready")
+            raise ServerUnreachable(
+                f"Triton at {self.url} is up but model '{self.model}' is not ready: the model repository it serves "
+                f"has no such model, or it failed to load (the server's log says why); `make repo` renders "
+                f"model_repository/, then restart `make serve`")
 
     def close(self) -> None:
         self._client.close()

@@ -496,8 +496,20 @@ def describe_access(kw: dict, host: str) -> str:
     return "; ".join(parts)
 
 
+def models_in(repo: Path | str) -> list[str]:
+    """The models of a local repository (folders with a config.pbtxt); an object store's are not listed here."""
+    if str(repo).startswith("s3://") or not Path(repo).is_dir():
+        return ["?"]  # an object store, or a missing folder (start() says so)
+    return sorted(p.parent.name for p in Path(repo).glob("*/config.pbtxt"))
+
+
 def main(args: argparse.Namespace) -> int:
     stop_on_signals()  # Ctrl-C and `kill` stop the server cleanly
+    if not models_in(args.repo):
+        print(f"error: the model repository {args.repo} holds no model (a fresh clone's has only its README): "
+              "render one with `make repo` (after `make train onnx`, or `make demo`), then `make serve`",
+              file=sys.stderr)
+        return 2
     try:
         kw = access(args)
     except (UnusableKeyError, ValueError) as e:

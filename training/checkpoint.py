@@ -40,7 +40,8 @@ def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path} (train one with `make train`, or name yours with "
+                                f"CKPT=<file.pt>)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
