@@ -151,3 +151,27 @@ def test_the_imported_model_is_quantized_and_served_as_onnx_runtime_computes(imp
             ImageClassifierClient(server.http_url, timeout_s=60) as client:
         served = client.classify_files(val_files)
     assert [p.labels[0] for p in served] == [meta.classes[i] for i in reference.argmax(1)]
+
+
+@pytest.mark.server
+def test_a_report_measures_the_imported_models_repository(imported, digits, tmp_path):
+    """make perf / loadtest / compare / report on a repository built from an imported model: everything is
+    measured; the naive baseline, which serves a PyTorch checkpoint, is left out with a line saying why."""
+    from dataclasses import replace
+
+    from perf import report
+
+    repo = tmp_path / "repo"
+    render(imported, repo, RepoSettings(max_batch_size=8, classifier_instances=1))
+    profile = replace(report.QUICK, parts=("ceiling", "compare", "perf", "loadtest"), concurrency=(1,),
+                      locust_users=2, locust_seconds=2, request_count=30)
+    out = report.run(repo, digits / "val", tmp_path / "reports", profile, browser=False)
+    results = json.loads((out / "results.json").read_text())
+    assert results["headline"]["triton_rps"] > 0
+    assert "baseline_ratio" not in results["headline"]
+    assert set(results["locust"]) == {"TritonHttpUser", "TritonGrpcUser"}
+    assert "baseline" not in results["compare"]["summary"]
+    assert "was imported (make import)" in results["baseline_left_out"]
+    md = (out / "report.md").read_text()
+    assert "**No naive baseline**" in md
+    assert (out / "triton_vs_baseline_vs_ceiling.png").read_bytes()[:4] == b"\x89PNG"

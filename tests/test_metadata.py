@@ -163,9 +163,10 @@ def test_writers_write_what_the_dict_writers_wrote(tmp_path):
 
     probs = np.random.default_rng(0).dirichlet(np.ones(3), size=20).astype(np.float32)
     model = model_with({"other": "kept", METADATA_KEY: json.dumps(EXPORTED)})
-    written = onnx.load_from_string(export_onnx.with_reference(model.SerializeToString(), probs, "val"))
+    labels = np.arange(20) % 2  # the sample's classes: two of the three
+    written = onnx.load_from_string(export_onnx.with_reference(model.SerializeToString(), probs, "val", labels))
     old = copy.deepcopy(EXPORTED)
-    old["export"]["reference"] = {"split": "val", **answer_distribution(probs)}
+    old["export"]["reference"] = {"split": "val", **answer_distribution(probs), "split_classes_covered": 2}
     assert {p.key: p.value for p in written.metadata_props} == {"other": "kept", METADATA_KEY: json.dumps(old)}
 
     for raw in (EXPORTED, IMPORTED, FIRST_V1):

@@ -56,11 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def side_by_side(repo: Path, ckpt: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: int = 10,
+def side_by_side(repo: Path, ckpt: Path | None, image_dir: Path, out: Path, rounds: int = 3, seconds: int = 10,
                  connections: int = 16, layouts: tuple[str, ...] = (), peers: tuple[str, ...] = (),
                  baseline_port: int = 0) -> dict:
     """Serve ``repo`` (and the same model in ``layouts``), start ``peers`` and the baseline (on ``ckpt``), and
-    measure them all with :func:`compare`, the in-process ceiling at each round's start. Logs go to ``out``."""
+    measure them all with :func:`compare`, the in-process ceiling at each round's start. Logs go to ``out``.
+    ``ckpt`` None (an imported model: no PyTorch checkpoint): no baseline."""
     from build.layouts import LAYOUTS
     from build.render_repo import render
     from build.settings import read_manifest, settings_from_manifest
@@ -80,7 +81,7 @@ def side_by_side(repo: Path, ckpt: Path, image_dir: Path, out: Path, rounds: int
     images = [b for _, b in sample_images(image_dir, 64)]
     onnx = served_onnx(repo)
     port = baseline_port or free_ports(1)[0]
-    baseline = start_baseline(str(ckpt), port, out / "baseline.log")
+    baseline = start_baseline(str(ckpt), port, out / "baseline.log") if ckpt is not None else None
     try:
         with contextlib.ExitStack() as stack:
             server = stack.enter_context(TritonServer(repo, None, log_file=out / "tritonserver.log"))
@@ -92,11 +93,13 @@ def side_by_side(repo: Path, ckpt: Path, image_dir: Path, out: Path, rounds: int
                 other = stack.enter_context(TritonServer(tmp, None, log_file=out / f"tritonserver-{layout}.log"))
                 targets.append(Target(f"triton ({layout})", f"http://{other.http_url}", path, "kserve"))
             targets += peer_targets(stack, repo, peers, images[0], out)
-            targets.append(Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw"))
+            if baseline is not None:
+                targets.append(Target("baseline", f"http://127.0.0.1:{port}", "/predict", "raw"))
             best, per_round = ceiling_per_round(onnx, image_dir, seconds, manifest)
             r = compare(targets, images, rounds, seconds, connections, ceiling=per_round)
     finally:
-        stop_baseline(baseline)
+        if baseline is not None:
+            stop_baseline(baseline)
     r.update(when=time.strftime("%Y-%m-%d %H:%M"), repo=str(repo), ceiling_batch=best,
              ceiling_engine=manifest.get("engine", "onnxruntime"), settings=manifest["settings"])
     return r

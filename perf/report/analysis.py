@@ -14,11 +14,13 @@ def headline(r: dict) -> dict:
     h: dict = {}
     if "locust" in r:
         loc = r["locust"]
-        triton, base = loc["TritonHttpUser"], loc["BaselineUser"]
-        h.update({"users": triton["users"], "triton_rps": triton["rps"], "baseline_rps": base["rps"],
-                  "baseline_ratio": triton["rps"] / base["rps"] if base["rps"] else float("inf"),
-                  "triton_p99_ms": triton["p99_ms"], "baseline_p99_ms": base["p99_ms"],
+        triton = loc["TritonHttpUser"]
+        h.update({"users": triton["users"], "triton_rps": triton["rps"], "triton_p99_ms": triton["p99_ms"],
                   "failures": {u: x["failures"] for u, x in loc.items()}})
+        if "BaselineUser" in loc:  # not for an imported model (no checkpoint to serve naively)
+            base = loc["BaselineUser"]
+            h.update({"baseline_rps": base["rps"], "baseline_p99_ms": base["p99_ms"],
+                      "baseline_ratio": triton["rps"] / base["rps"] if base["rps"] else float("inf")})
     if "perf_analyzer" in r and "ceiling" in r:
         h.update(ceiling_headline(r))
     return h

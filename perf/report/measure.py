@@ -55,11 +55,16 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
     manifest = read_manifest(repo)
     onnx = rendered_onnx(repo)
     meta = read_metadata(onnx)
-    ckpt = str(source_checkpoint(onnx, meta))
+    ckpt = str(source_checkpoint(onnx, meta)) if meta.has_checkpoint else None
     labels = labels_file(repo)
     top_k = min(manifest["settings"]["top_k"], manifest["classes"])
     blobs = [b for _, b in sample_images(images)]
     r = describe(repo, images, profile, manifest, ckpt, blobs)
+    if ckpt is None:  # the naive baseline serves a PyTorch checkpoint of this project
+        r["baseline_left_out"] = (f"{onnx.name} was imported (make import), not exported from a checkpoint of "
+                                  "this project: the naive Flask + PyTorch baseline has no model to serve, so it "
+                                  "is left out")
+        print(f"note: {r['baseline_left_out']}")
     if "ceiling" in profile.parts:
         r.update(measure_ceiling(onnx, images, profile, manifest))
     if "compare" in profile.parts:
@@ -75,11 +80,13 @@ def measure_all(repo: Path, images: Path, out: Path, profile: Profile) -> dict:
         if "loadtest" not in profile.parts:
             return r
         r["locust"] = locust_on_triton(server, images, out, profile, labels, top_k)
-    r["locust"]["BaselineUser"] = locust_on_baseline(ckpt, images, out, profile, labels, top_k)
+    if ckpt is not None:
+        r["locust"]["BaselineUser"] = locust_on_baseline(ckpt, images, out, profile, labels, top_k)
     return r
 
 
-def describe(repo: Path, images: Path, profile: Profile, manifest: dict, ckpt: str, blobs: list[bytes]) -> dict:
+def describe(repo: Path, images: Path, profile: Profile, manifest: dict, ckpt: str | None,
+             blobs: list[bytes]) -> dict:
     """What is measured: the machine, the repository (its manifest and configurations) and the payload."""
     meta = read_metadata(manifest["onnx"])
     arch = {"arch": meta.arch, "parameters": parameter_count(Path(manifest["onnx"])),
@@ -116,13 +123,14 @@ def measure_ceiling(onnx: Path, images: Path, profile: Profile, manifest: dict) 
     return r
 
 
-def measure_compare(repo: Path, ckpt: str, images: Path, out: Path, profile: Profile) -> dict:
+def measure_compare(repo: Path, ckpt: str | None, images: Path, out: Path, profile: Profile) -> dict:
     """Every server under one generator (perf/reference/compare.py): Triton, its other layouts, the peers, the
-    baseline."""
-    print("side by side (wrk): Triton, " + ", ".join((*profile.compare_layouts, *profile.compare_peers, "baseline"))
-          + " ...")
-    return side_by_side(repo, Path(ckpt), images, out / "compare", profile.compare_rounds, profile.compare_seconds,
-                        profile.compare_connections, profile.compare_layouts, profile.compare_peers)
+    baseline (where there is a checkpoint)."""
+    others = (*profile.compare_layouts, *profile.compare_peers, *(("baseline",) if ckpt else ()))
+    print("side by side (wrk): Triton" + "".join(f", {x}" for x in others) + " ...")
+    return side_by_side(repo, Path(ckpt) if ckpt else None, images, out / "compare", profile.compare_rounds,
+                        profile.compare_seconds, profile.compare_connections, profile.compare_layouts,
+                        profile.compare_peers)
 
 
 def perf_analyzer_sweeps(server: TritonServer, blobs: list[bytes], out: Path, profile: Profile,

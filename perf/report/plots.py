@@ -108,9 +108,11 @@ def triton_vs_baseline(plt: Any, r: dict) -> Drawn:
     if "locust" not in r:
         return None
     loc = r["locust"]
-    users: list[str | None] = ["TritonHttpUser", "TritonGrpcUser", "BaselineUser"]
-    names = ["Triton HTTP", "Triton gRPC", "baseline (Flask+PyTorch)"]
-    vals = [loc[u]["rps"] for u in users]
+    named = {"TritonHttpUser": "Triton HTTP", "TritonGrpcUser": "Triton gRPC",
+             "BaselineUser": "baseline (Flask+PyTorch)"}
+    users: list[str | None] = [u for u in named if u in loc]  # no baseline for an imported model
+    names = [named[u] for u in named if u in loc]
+    vals = [loc[u]["rps"] for u in named if u in loc]
     if "ceiling" in r:
         users, names = users + [None], names + ["ceiling (in-process)"]
         vals.append(r["ceiling"]["ceiling_images_per_s"])

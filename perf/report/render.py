@@ -36,6 +36,8 @@ def headline_section(r: dict, h: dict) -> list[str]:
     lines = []
     if "baseline_ratio" in h:
         lines.append(baseline_bullet(r, h))
+    elif "baseline_left_out" in r:
+        lines.append(f"- **No naive baseline**: {r['baseline_left_out']}.")
     if "ceiling_ratio" in h:
         lines.append(ceiling_bullet(r, h))
     if "compare" in r:  # issue 12's targets, from every server under one generator
@@ -93,7 +95,7 @@ def machine_section(r: dict) -> list[str]:
         f"{', fine-tuned from ' + str(r['model']['weights']) if r.get('model', {}).get('weights') else ''}), "
         f"`{man['onnx']}` "
         f"(sha256 {man['onnx_sha256'][:12]}…, {man['precision']}, "
-        f"input {man['input_shape']}, {man['classes']} classes), checkpoint `{r['checkpoint']}`. "
+        f"input {man['input_shape']}, {man['classes']} classes), checkpoint `{r['checkpoint'] or 'none (imported)'}`. "
         f"Payload: {r['payload_images']} JPEGs from `{r['images']}`, {r['payload_mean_bytes']:.0f} bytes on average, "
         "one image per request.",
         "",
