@@ -143,6 +143,12 @@ def test_the_mirror_survives_its_folder_being_removed(tmp_path):
     folder = tmp_path / "records"
     m = ShadowMirror(lambda batch: ["a"] * len(batch), folder, "inst0", flush_s=0)
     m.offer([np.frombuffer(b"\xff\xd8a", np.uint8)], ["a"])
+    # the reader removes the folder after the instance wrote its counts (removing it while a write is under way
+    # is the reader's race, which it ignores: rmtree(ignore_errors=True)); wait for that write, then remove it
+    deadline = time.monotonic() + 30
+    while not (m.path.is_file() and json.loads(m.path.read_text())["mirrored"] == 1):
+        assert time.monotonic() < deadline, "the mirror never wrote its counts"
+        time.sleep(0.01)
     sh.rmtree(folder)
     m.offer([np.frombuffer(b"\xff\xd8a", np.uint8)], ["a"])
     assert m.close()["mirrored"] == 2
