@@ -344,22 +344,37 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
                       f"default, {layouts.DEFAULT_LAYOUT[args.target]})")
     onnx_path, served = served_choice(args)
     if args.onnx is None and served is not None and not keeps_manifest(args, args.out):
-        given = frozenset(f for f in ("max_batch_size", "classifier_instances") if getattr(args, f, None) is not None)
+        given = frozenset(f for f in ("preferred_batch_sizes", "classifier_instances")
+                          if getattr(args, f, None) is not None)
         settings = fit_to_cost(settings, args.artifacts, served, keep=given)
     return render(onnx_path, args.out, settings, args.target, args.plan, layout, served)
 
 
+def shown(value: Any) -> str:
+    """A setting as the make variable takes it: 8, or 4 8 for a tuple, or none."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
 def fit_to_cost(settings: RepoSettings, artifacts: Path, served: Candidate, keep: frozenset[str] = frozenset(),
                 cores: int | None = None) -> RepoSettings:
-    """The settings with the largest batch and the classifier instances the served model's measured cost calls
-    for (build.artifacts fitted_max_batch, fitted_instances), where make quantize measured it and the field is
-    not in ``keep`` (given explicitly); else unchanged. ``cores``: the serving machine's (default: this one's)."""
-    fits = {"max_batch_size": (fitted_max_batch(artifacts, served), "MAX_BATCH"),
+    """The settings with the batch size and the classifier instances the served model's measured cost calls for
+    (build.artifacts fitted_max_batch, fitted_instances), where make quantize measured it and the field is not
+    in ``keep`` (given explicitly); else unchanged. ``cores``: the serving machine's (default: this one's).
+
+    The fitted batch is the batcher's preferred size, not ``max_batch_size``: the largest request a server
+    accepts is a contract with its clients (a client that sent 16 images in one request must not be refused
+    after a re-render), so it stays as given (32 by default); under load the batcher forms batches of the
+    preferred size, which is what bounds a batch's latency."""
+    batch = fitted_max_batch(artifacts, served)
+    fits = {"preferred_batch_sizes": (((batch[0],), batch[1]) if batch else None, "PREFERRED"),
             "classifier_instances": (fitted_instances(artifacts, served, cores or os.cpu_count() or 1), "INSTANCES")}
     changes: dict[str, Any] = {}
     for field_name, (fit, variable) in fits.items():
         if fit is not None and field_name not in keep and fit[0] != getattr(settings, field_name):
-            print(f"{field_name} {fit[0]} (not {getattr(settings, field_name)}) from {fit[1]}; {variable}= to choose")
+            print(f"{field_name} {shown(fit[0])} (not {shown(getattr(settings, field_name))}) from {fit[1]}; "
+                  f"{variable}= to choose")
             changes[field_name] = fit[0]
     return replace(settings, **changes)
 

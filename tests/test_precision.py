@@ -557,11 +557,14 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     assert "INT8 recovery" in (tmp_path / "build_report.md").read_text()
 
 
-def test_repository_batch_and_instances_follow_the_models_measured_cost(artifacts, tmp_path, capsys):
-    """`make repo` sets the classifier's largest batch to the smallest one make quantize measured within 95%
-    of the served candidate's best throughput (a costly model: 8 of these, not 32), and its instances to one
-    per core for a model that costs over LIGHT_MS_PER_IMAGE of a core per image, one more below it, unless
-    MAX_BATCH / INSTANCES is given or the repository keeps its own (tuned) settings; a cheap model keeps 32."""
+@pytest.mark.server
+def test_repository_batch_and_instances_follow_the_models_measured_cost(artifacts, val_files, tmp_path, capsys):
+    """`make repo` sets the batcher's preferred batch to the smallest one make quantize measured within 95% of
+    the served candidate's best throughput (a costly model: 8 of these, not none), and its instances to one per
+    core for a model that costs over LIGHT_MS_PER_IMAGE of a core per image, one more below it, unless
+    PREFERRED / INSTANCES is given or the repository keeps its own (tuned) settings; a cheap model gets 32.
+    The largest request the server accepts stays max_batch_size (32): a client's 32-image request is answered
+    after a re-render that fits a batch of 8."""
     from build import render_repo
 
     work = tmp_path / "artifacts"
@@ -577,22 +580,31 @@ def test_repository_batch_and_instances_follow_the_models_measured_cost(artifact
                                           for b, r in images_per_s.items()}
         (work / REPORT).write_text(json.dumps(report))
 
-    def rendered(*flags: str, field: str = "max_batch_size") -> int:
+    def rendered(*flags: str, field: str = "preferred_batch_sizes") -> object:
         render_repo.main(render_repo.get_args_parser().parse_args(
             ["--artifacts", str(work), "--out", str(tmp_path / "repo"), *flags]))
         return read_manifest(tmp_path / "repo")["settings"][field]
 
     measured({1: 90, 8: 520, 16: 540, 32: 530})  # a 224-px model: nothing gained past 8
-    assert rendered() == 8
-    assert "max_batch_size 8 (not 32)" in capsys.readouterr().out
+    assert rendered() == [8]
+    assert "preferred_batch_sizes 8 (not none)" in capsys.readouterr().out
+    assert rendered(field="max_batch_size") == 32  # the contract with the clients is unchanged
+    configs = read_configs(tmp_path / "repo")
+    assert list(configs["classify"].dynamic_batching.preferred_batch_size) == [8]
+    assert configs["classify"].max_batch_size == 32
+    with TritonServer(tmp_path / "repo", None, log_file=tmp_path / "server.log") as server, \
+            ImageClassifierClient(server.http_url) as client:
+        files = (val_files * 4)[:32]
+        answers = client.classify([f.read_bytes() for f in files], [str(f) for f in files], batch_size=32)
+        assert [a.ok for a in answers] == [True] * 32
     assert rendered("--reset-settings", field="classifier_instances") == cores  # 3.7 ms of a core per image
     assert rendered("--reset-settings", "--classifier-instances", "5", field="classifier_instances") == 5
     measured({1: 90, 8: 400, 16: 510, 32: 530})  # 400 < 0.95 x 530 <= 510
-    assert rendered("--reset-settings") == 16
-    assert rendered("--max-batch-size", "32") == 32  # MAX_BATCH wins
-    assert rendered() == 32  # a re-render keeps the repository's settings (make tune's, say)
+    assert rendered("--reset-settings") == [16]
+    assert rendered("--preferred-batch-sizes", "4") == [4]  # PREFERRED wins
+    assert rendered() == [4]  # a re-render keeps the repository's settings (make tune's, say)
     measured({1: 900, 8: 3000, 16: 4500, 32: 6000})  # a cheap model
-    assert rendered("--reset-settings") == 32
+    assert rendered("--reset-settings") == [32]
     assert rendered("--reset-settings", field="classifier_instances") == cores + 1  # 0.33 ms
 
 
