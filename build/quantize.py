@@ -25,16 +25,18 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from build.artifacts import ARTIFACT_NAMES, CANDIDATES, ENGINE_MARGIN, PRECISIONS, REPORT, Candidate, fastest
 from core.atomic_io import atomic_write_bytes
@@ -57,6 +59,8 @@ from training.checkpoint import load_checkpoint, model_from_checkpoint
 from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
 
+T = TypeVar("T")
+
 CALIB_METHODS = ("max", "entropy")
 ENGINE_MARGIN_TEXT = f"{round(100 * (ENGINE_MARGIN - 1))}%"
 # Defaults of the CLI, `make quantize` and `make gpu-check` (the Makefile passes only what is set).
@@ -74,6 +78,16 @@ class AccuracyGateError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 # calibration data
 # ------------------------------------------------------------------------------------------------
+
+def step(what: str) -> None:
+    """A long step's first line, always (a log, a pipe); the bar beside it only on a terminal (:func:`progress`)."""
+    print(f"{what} ...", flush=True)
+
+
+def progress(items: Iterable[T], desc: str, unit: str, total: int | None = None) -> Iterable[T]:
+    """tqdm's bar over ``items`` on a terminal (stderr), nothing elsewhere."""
+    return tqdm(items, desc=desc, unit=unit, total=total, leave=False, disable=not sys.stderr.isatty())
+
 
 def save_npy(path: Path, array: np.ndarray) -> None:
     """np.save to exactly ``path`` (np.save given a name would append .npy to a temporary's name)."""
@@ -304,7 +318,8 @@ def sensitivity(onnx_path: Path, calib: np.ndarray, method: str) -> list[tuple[s
 
         every = quantized_nodes(to_int8_ort(Path(onnx_path), calib, method, (), ranges).SerializeToString(),
                                 DATA_MOVEMENT_OPS)
-        ranked = [(name, sqnr([name])) for name in every]
+        step(f"sensitivity: {len(every)} layers, each quantized alone, on {len(sample)} images")
+        ranked = [(name, sqnr([name])) for name in progress(every, "sensitivity", "layer")]
     return sorted(ranked, key=lambda r: r[1])
 
 
@@ -458,6 +473,7 @@ def convert(onnx_path: Path, meta: ArtifactMetadata, calib: np.ndarray, calib_me
     extra = {"derived_from_sha256": hashlib.sha256(fp32_bytes).hexdigest(), "calibration_images": len(calib),
              "calibration_method": calib_method}
     for name in [n for n in CONVERSIONS if n in precisions]:
+        step(f"converting {name}")
         with private_copy(onnx_path) as source:
             model = CONVERSIONS[name](source, calib, calib_method, ())
         onnx.checker.check_model(model)
@@ -500,12 +516,16 @@ def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, 
     if "logits" not in reference:
         runs["reference"] = (partial(logits_for_inputs, model_from_checkpoint(ckpt)) if ckpt is not None
                              else here["fp32"])
-    logits = stream_logits(runs, pre.iter_files(paths))
+    step(f"scoring {', '.join(runs)} on {len(paths)} val images")
+    batches = progress(pre.iter_files(paths), "scoring", "batch", total=-(-len(paths) // pre.batch_size))
+    logits = stream_logits(runs, batches)
     if "reference" in logits:
         reference["logits"] = logits.pop("reference")
     reference_logits = reference["logits"]
+    step(f"timing {', '.join(here)} at batches 1, 8, 16, 32")
     timed = {name: latency(here.pop(name), sample) for name in list(here)}
     if others:
+        step(f"scoring and timing {', '.join(others)} in a process of their own (their engine's record: isolated)")
         measured = isolated(score_isolated, others, pre.spec.to_dict(), [str(p) for p in paths], sample)
         for name, m in measured.items():
             if "error" in m:

@@ -620,3 +620,15 @@ def test_quantize_leaves_the_fp32_model_as_it_was(onnx_model, tiny_data, tmp_pat
                    precisions=("int8",), engines=("onnxruntime",))
     assert (tmp_path / "model.onnx").read_bytes() == before
     assert served_for("int8", tmp_path)[0].name == ARTIFACT_NAMES["int8"]  # the report is the file's
+
+
+def test_every_long_step_of_quantize_says_what_it_does(onnx_model, tiny_data, tmp_path, capsys):
+    """Conversion, scoring, timing and the isolated engine's pass each print a line before they start (a log
+    or a pipe shows them; the bars beside them only draw on a terminal)."""
+    quantize.build(onnx_model, tiny_data, tmp_path, calib_size=8, max_top1_drop=100.0, precisions=("fp16",))
+    out = capsys.readouterr().out
+    val_images = len(list((tiny_data / "val").rglob("*.jpg")))
+    for line in ("converting fp16 ...", f"on {val_images} val images ...", "timing fp32, fp16 at batches",
+                 "in a process of their own"):
+        assert line in out, (line, out)
+    assert out.index("converting fp16 ...") < out.index("scoring") < out.index("timing")
