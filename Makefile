@@ -108,22 +108,22 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/experiments/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint ab metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help test-fast venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint ab metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help help-vars test-fast venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
-help:
-	@echo "make demo   - data -> train -> onnx -> repo -> serve + classify sample images (CPU, no Docker)"
-	@echo "make test   - run the test suite against the real tritonserver"
-	@echo "make test-fast - only the tests that need no trained model and no server (seconds)"
-	@echo "stages: venv data train distill prune eval onnx quantize repo serve client; variables: see docs/"
-	@echo "make lint   - ruff and mypy (pyproject.toml), as CI runs them before the tests"
-	@echo "GPU: engine gpu-check (GPU + TensorRT, in the container from docker/)"
-	@echo "load testing: make report (everything), perf (perf_analyzer), loadtest (locust), tune (batching sweep), baseline,"
-	@echo "              precisions (fp32 vs int8 served side by side), compare (Triton vs baseline, one generator: wrk)"
-	@echo "A/B measurements: make ab WHAT=<name> (make ab alone lists them: metrics-cost, cache, flood, precisions, ...);"
-	@echo "              aliases: metrics-cost client-metrics-cost shadow-cost cache-check flood-check batch-fit precisions"
-	@echo "reliability: make reliability (overload, fuzzing, shutdown, live update, killed stubs); soak DURATION=600;"
-	@echo "             publish / rollback (live model updates); s3-server, s3-upload, then serve REPO=s3://..."
-	@echo "benchmark-data - the default recipe trained and served on real data sets that packages ship"
+help: ## [start] this list, every target by stage (make help-vars: every variable and its default)
+	@awk '/^[a-zA-Z0-9_-]+:.*## \[/ { i = index($$0, "## ["); rest = substr($$0, i + 4); j = index(rest, "] "); \
+	  name = substr($$0, 1, index($$0, ":") - 1); group = substr(rest, 1, j - 1); \
+	  if (!(group in lines)) order[++n] = group; lines[group] = lines[group] sprintf("  make %-20s %s\n", name, substr(rest, j + 2)) } \
+	  END { for (k = 1; k <= n; k++) printf "%s\n%s", order[k], lines[order[k]] }' $(firstword $(MAKEFILE_LIST))
+
+# every `NAME ?= default` of the Makefile and mk/settings.mk, with the comment right above it
+help-vars: ## [start] every variable, its default and what it does (the repository settings: python -m build.render_repo --help)
+	@awk '/^#/ { if (!incomment) text = ""; text = text substr($$0, 3) " "; incomment = 1; next } \
+	  /^[A-Z][A-Z0-9_]* *\?=/ { k = index($$0, "?="); name = substr($$0, 1, k - 1); gsub(/ /, "", name); \
+	    value = substr($$0, k + 2); gsub(/^ +| +$$/, "", value); \
+	    printf "  %-22s %-30s %s\n", name, (value == "" ? "(unset)" : value), text; text = ""; incomment = 0; next } \
+	  { text = ""; incomment = 0 }' $(MAKEFILE_LIST)
+	@echo "  (the repository settings' built-in defaults, for every unset one: .venv/bin/python -m build.render_repo --help)"
 
 # Debian packages: perf_analyzer (shipped in tritonclient[all]) links libb64.so.0d; wrk is the one load
 # generator that measures every HTTP server side by side (make compare)
@@ -131,7 +131,7 @@ help:
 APT_PACKAGES := libb64-0d wrk chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed ## [setup] the project virtualenv .venv (requirements.txt) and the Debian packages it needs
 $(VENV)/.installed: requirements.txt requirements-data.txt
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES); }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -141,15 +141,15 @@ $(VENV)/.installed: requirements.txt requirements-data.txt
 
 # the peer servers `make compare` and `make report` measure beside Triton, each in its own virtualenv
 # (their pins clash with the project's): perf/reference/peers/
-peers: .venv-ray/.installed .venv-bentoml/.installed
+peers: .venv-ray/.installed .venv-bentoml/.installed ## [setup] the peer servers' virtualenvs (.venv-ray, .venv-bentoml) for compare and report
 # Triton Model Analyzer, also in its own virtualenv (perf/tuning/analyze.py)
-analyzer: .venv-analyzer/.installed
+analyzer: .venv-analyzer/.installed ## [setup] Triton Model Analyzer's virtualenv (.venv-analyzer) for make analyze
 .venv-%/.installed: requirements-%.txt
 	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/python -m pip install --quiet --disable-pip-version-check -r $<
 	touch $@
 
-data: venv
+data: venv ## [stages] the synthetic data set, or check DATA=<your ImageFolder> has train/ and val/
 ifeq ($(DATA),$(SYNTHETIC))
 	@test -f $(DATA)/.complete-seed$(SEED) || { $(PY) -m training.synthetic --out $(DATA) --seed $(SEED) && touch $(DATA)/.complete-seed$(SEED); }
 else
@@ -165,82 +165,82 @@ RUN_FLAGS = --data $(DATA) $(if $(RESUME),--resume $(RESUME)) $(if $(WEIGHTS),--
   $(if $(BACKBONE_LR_SCALE),--backbone-lr-scale $(BACKBONE_LR_SCALE)) \
   $(if $(FREEZE_EPOCHS),--freeze-epochs $(FREEZE_EPOCHS)) $(if $(LAYER_DECAY),--layer-decay $(LAYER_DECAY)) $(TRAIN_ARGS)
 
-train: data
+train: data ## [stages] train ARCH on DATA (WEIGHTS= to fine-tune a pretrained model): ARTIFACTS/best.pt
 	$(TRAIN) $(RECIPE) $(if $(CONFIG),,--arch $(ARCH)) $(RUN_FLAGS) --out $(ARTIFACTS)
 
-distill: data
+distill: data ## [stages] a smaller student (STUDENT_ARCH) distilled from TEACHER
 	$(TRAIN) $(RECIPE) --arch $(STUDENT_ARCH) --width $(STUDENT_WIDTH) --teacher $(TEACHER) $(RUN_FLAGS) --out $(STUDENT_OUT)
 
 # needs CKPT exported to ONNX (as `make demo` leaves it); writes PRUNE_OUT/{best.pt,model.onnx,prune_report.md}
-prune: artifacts
+prune: artifacts ## [stages] CKPT pruned to PRUNE_FLOPS of its FLOPs, fine-tuned, exported, served side by side
 	$(PY) -m training.prune --ckpt $(CKPT) --data $(DATA) --out $(PRUNE_OUT) --target-flops $(PRUNE_FLOPS) \
 	  $(if $(PRUNE_PARAMS),--target-params $(PRUNE_PARAMS)) --epochs $(PRUNE_EPOCHS) --sparsity $(SPARSITY) $(GATE_ARGS)
 	$(PY) -m build.export_onnx --ckpt $(PRUNE_OUT)/best.pt --data $(DATA) --out $(PRUNE_OUT)/model.onnx --tolerance $(TOLERANCE)
 	$(MAKE) --no-print-directory ab WHAT=pruned
 
-eval: venv
+eval: venv ## [stages] CKPT evaluated on SPLIT: metrics, confusion matrix
 	$(PY) -m training.evaluate --ckpt $(CKPT) --data $(DATA) --split $(SPLIT) --out $(EVAL_OUT)
 
-onnx: venv
+onnx: venv ## [stages] CKPT exported to ONNX, checked against PyTorch, metadata and drift reference embedded
 	$(PY) -m build.export_onnx --ckpt $(CKPT) --data $(DATA) --out $(ONNX) --tolerance $(TOLERANCE)
 
 # a model trained elsewhere: `make import ONNX=their_model.onnx LABELS=labels.txt LIKE=timm:<name> IMG_SIZE=224`
 # checks and fixes it, and writes $(ARTIFACTS)/model.onnx with the metadata contract (then quantize, repo, serve)
 LABELS      ?=
 LIKE        ?=
-import: venv
+import: venv ## [stages] a model trained elsewhere: ONNX=<file> LABELS=<names> [LIKE=timm:<name>] into ARTIFACTS/model.onnx
 	@test "$(origin ONNX)" = "command line" -a -n "$(LABELS)" || { echo "make import needs ONNX=<the model> LABELS=<class names, one per line>"; exit 2; }
 	$(PY) -m build.import_onnx --onnx $(ONNX) --labels $(LABELS) --out $(ARTIFACTS)/model.onnx --img-size $(IMG_SIZE) \
 	  $(if $(LIKE),--like $(LIKE)) $(if $(filter-out $(SYNTHETIC),$(DATA)),--data $(DATA))
 
-quantize: venv
+quantize: venv ## [stages] FP16 and INT8 (calibrated on DATA) on ONNX Runtime and OpenVINO, scored, gated, timed
 	$(PY) -m build.quantize --onnx $(ONNX) --data $(DATA) --out $(ARTIFACTS) \
 	  $(if $(CALIB_SIZE),--calib-size $(CALIB_SIZE)) $(if $(CALIB_METHOD),--calib-method $(CALIB_METHOD)) $(GATE_ARGS)
 
 # GPU + TensorRT only (the NGC container, see docker/); elsewhere it stops with what is missing
-engine: venv
+engine: venv ## [gpu] a TensorRT plan from the ONNX (GPU + TensorRT: the docker/ container)
 	$(PY) -m build.engine --onnx $(ARTIFACTS)/model_$(ENGINE_PRECISION).onnx --precision $(ENGINE_PRECISION) \
 	  --out $(ARTIFACTS)/model_$(ENGINE_PRECISION).plan --repo $(GPU_REPO) $(SETTINGS_ARGS) \
 	  $(if $(filter 2:4,$(SPARSITY)),--sparsity)
 
-gpu-check: venv
+gpu-check: venv ## [gpu] engines, serving and fidelity end to end on a GPU: artifacts/gpu_check/
 	$(PY) -m perf.checks.gpu_check --artifacts $(ARTIFACTS) --data $(DATA) --repo $(GPU_REPO) $(GATE_ARGS) $(SETTINGS_ARGS)
 
 # PRECISION and ENGINE pick what serves (ONNX=file overrides the file); TARGET=gpu renders the GPU repository
-repo: venv
+repo: venv ## [stages] render model_repository/ (PRECISION, ENGINE, TARGET, LAYOUT, the repository settings)
 	$(PY) -m build.render_repo $(if $(filter command line,$(origin ONNX)),--onnx $(ONNX)) --artifacts $(ARTIFACTS) \
 	  --precision $(PRECISION) $(if $(ENGINE),--engine $(ENGINE)) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) \
 	  $(if $(LAYOUT),--layout $(LAYOUT)) \
 	  --out $(REPO) $(SETTINGS_ARGS)
 
-serve: venv
+serve: venv ## [stages] start Triton on REPO (HTTP_PORT, GRPC_PORT, METRICS_PORT; HOST=0.0.0.0 with keys)
 	$(PY) -m serve --repo $(REPO) --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 	  --inference-key $(INFERENCE_KEY) $(if $(GRPC_TLS_CERT),--grpc-tls-cert $(GRPC_TLS_CERT) --grpc-tls-key $(GRPC_TLS_KEY)) \
 	  $(if $(GRPC_TLS_CLIENT_CA),--grpc-tls-client-ca $(GRPC_TLS_CLIENT_CA))
 
-client: venv
+client: venv ## [stages] classify IMAGES with the running server (PROTOCOL=http|grpc)
 	$(PY) -m clients $(IMAGES) --protocol $(PROTOCOL) \
 	  --url localhost:$(if $(filter grpc,$(PROTOCOL)),$(GRPC_PORT),$(HTTP_PORT)) $(if $(TLS_ROOT_CERT),--tls-root-cert $(TLS_ROOT_CERT)) \
 	  $(CLIENT_ARGS)
 
-demo: data train onnx repo
+demo: data train onnx repo ## [start] data -> train -> onnx -> repo, then Triton started, sample images classified over HTTP and gRPC, stopped
 	$(PY) -m serve.demo --repo $(REPO) --images $(DATA)/val \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 # `make demo`'s artifacts, built only when the repository has not been rendered yet
-artifacts: venv
+artifacts: venv ## [stages] make demo's artifacts, only if REPO has not been rendered yet
 	@test -f $(REPO)/build.json || $(MAKE) data train onnx repo
 
-perf: artifacts
+perf: artifacts ## [load testing] perf_analyzer sweeps (HTTP, gRPC, request rate) and the in-process ceiling
 	$(PY) -m perf.report --parts ceiling,perf --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY)
 
-loadtest: artifacts
+loadtest: artifacts ## [load testing] locust against Triton and the naive baseline
 	$(PY) -m perf.report --parts loadtest --repo $(REPO) --images $(IMAGES) --users $(USERS) --duration $(DURATION)
 
-baseline: venv
+baseline: venv ## [load testing] the naive Flask + PyTorch baseline server on CKPT
 	$(PY) -m perf.reference.baseline --ckpt $(CKPT) --port $(BASELINE_PORT)
 
-precisions: artifacts
+precisions: artifacts ## [A/B measurements] = make ab WHAT=precisions: PRECISIONS served side by side
 	@test -f $(ARTIFACTS)/build_report.json || $(MAKE) quantize
 	$(MAKE) --no-print-directory ab WHAT=precisions
 
@@ -254,7 +254,7 @@ SHADOW_REQUESTS ?= 500
 SHADOW_AGREEMENT ?= 99
 SHADOW_P99_MARGIN ?= 0.25
 SHADOW_PERCENT ?= 100
-publish: venv
+publish: venv ## [live updates] ONNX becomes the served classifier's next version after its checks (SHADOW=1: a shadow rollout)
 ifneq ($(SHADOW),)
 	$(PY) -m serve.rollout --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) \
 	  --metrics-url http://$(HOST):$(METRICS_PORT)/metrics --min-requests $(SHADOW_REQUESTS) \
@@ -263,7 +263,7 @@ else
 	$(PY) -m serve.publish --onnx $(ONNX) --repo $(REPO) --data $(DATA) --url $(HOST):$(HTTP_PORT) $(GATE_ARGS)
 endif
 
-rollback: venv
+rollback: venv ## [live updates] retire the newest version
 	$(PY) -m serve.publish --rollback --repo $(REPO) --url $(HOST):$(HTTP_PORT)
 
 # a model repository in an object store: `make s3-server` runs a local S3 (moto, in memory) in the foreground;
@@ -271,22 +271,22 @@ rollback: venv
 S3_PORT     ?= 9000
 S3_URL      ?= s3://127.0.0.1:$(S3_PORT)/models/classify
 REPO_DIR    ?= model_repository
-s3-server: venv
+s3-server: venv ## [live updates] a local S3 server (moto) in the foreground, for serving from an object store
 	$(PY) -m serve.object_store server --port $(S3_PORT)
 
-s3-upload: venv
+s3-upload: venv ## [live updates] copy REPO_DIR to S3_URL; then make serve REPO=s3://...
 	@test -f $(REPO_DIR)/build.json || $(MAKE) data train onnx repo REPO=$(REPO_DIR)
 	$(PY) -m serve.object_store upload --repo $(REPO_DIR) --to $(S3_URL)
 
 # overload, fuzzing, graceful shutdown, live updates and killed stubs on the real server: perf/reports/reliability/
 FUZZ_CASES ?= 2000
-reliability: artifacts
+reliability: artifacts ## [checks] overload, fuzzing, shutdown, live updates and killed stubs on the real server
 	$(PY) -m perf.checks.reliability --repo $(REPO) --images $(IMAGES) --data $(DATA) --fuzz-cases $(FUZZ_CASES)
 
 # a steady load for DURATION seconds (default 600 here): errors, memory and descriptor trends, latency per window
 SOAK_WORKERS ?= 4
 SOAK_WINDOW ?= 60
-soak: artifacts
+soak: artifacts ## [checks] a steady load for DURATION seconds: errors, memory, descriptors, latency per window
 	$(PY) -m perf.checks.soak --repo $(REPO) --images $(IMAGES) --workers $(SOAK_WORKERS) --window $(SOAK_WINDOW) \
 	  --duration $(if $(filter command line environment,$(origin DURATION)),$(DURATION),600)
 
@@ -297,23 +297,23 @@ COMPARE_SECONDS ?= 10
 COMPARE_CONNECTIONS ?= 16
 COMPARE_LAYOUTS ?= postprocess
 COMPARE_PEERS ?= ray,bentoml
-compare: artifacts $(if $(COMPARE_PEERS),peers)
+compare: artifacts $(if $(COMPARE_PEERS),peers) ## [load testing] Triton, its other layouts, the peers and the baseline side by side under wrk
 	$(PY) -m perf.reference.compare --repo $(REPO) --ckpt $(CKPT) --images $(IMAGES) --rounds $(COMPARE_ROUNDS) \
 	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --layouts "$(COMPARE_LAYOUTS)" \
 	  --peers "$(COMPARE_PEERS)"
 
 # Triton Model Analyzer's quick search (instances, max batch size, concurrency) on the fused model; the
 # winner within P99_BUDGET_MS is written back: perf/reports/analyze/
-analyze: artifacts analyzer
+analyze: artifacts analyzer ## [load testing] Triton Model Analyzer's search within P99_BUDGET_MS, the winner written back
 	$(PY) -m perf.tuning.analyze --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS)
 
 TUNE_ROUNDS ?= 3
-tune: artifacts
+tune: artifacts ## [load testing] the batching sweep within P99_BUDGET_MS, the winner written back
 	$(PY) -m perf.tuning.tune --repo $(REPO) --images $(IMAGES) --p99-budget-ms $(P99_BUDGET_MS) --rounds $(TUNE_ROUNDS)
 
 # everything in one run: ceiling, perf_analyzer, locust, and every server side by side under wrk (the
 # COMPARE_* variables); the page is then checked in headless Chromium (a screenshot, report.png, beside it)
-report: artifacts $(if $(COMPARE_PEERS),peers)
+report: artifacts $(if $(COMPARE_PEERS),peers) ## [load testing] everything in one run: ceiling, perf_analyzer, locust, every server under wrk, the page
 	$(PY) -m perf.report --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) --users $(USERS) --duration $(DURATION) \
 	  --layouts "$(COMPARE_LAYOUTS)" --peers "$(COMPARE_PEERS)" --compare-rounds $(COMPARE_ROUNDS) \
 	  --compare-seconds $(COMPARE_SECONDS) --workloads "$(REPORT_WORKLOADS)" --ckpt $(CKPT) --data $(DATA)
@@ -339,47 +339,47 @@ AB_ARGS_precisions = --repo $(REPO) --artifacts $(ARTIFACTS) --images $(IMAGES) 
   --concurrency $(PRECISION_CONCURRENCY)
 AB_ARGS_pruned = --unpruned $(ONNX) --pruned $(PRUNE_OUT) --repo $(REPO) --images $(IMAGES) --rounds $(PRUNE_ROUNDS) \
   --concurrency $(PRECISION_CONCURRENCY)
-ab: venv
+ab: venv ## [A/B measurements] one A/B measurement: WHAT=<name> (make ab alone lists them)
 	$(PY) -m perf.ab $(or $(WHAT),list) $(AB_ARGS_$(WHAT)) $(AB_ARGS)
 
 # the served metrics' cost: the repository's model with them on and off, side by side (perf/ab/metrics_cost.py)
-metrics-cost:
+metrics-cost: ## [A/B measurements] = make ab WHAT=metrics-cost: the served metrics on and off
 	$(MAKE) --no-print-directory ab WHAT=metrics-cost
 
 # the client library's served metrics (the GPU target's: clients/metrics.py), on and off
 # (perf/ab/client_metrics_cost.py)
-client-metrics-cost:
+client-metrics-cost: ## [A/B measurements] = make ab WHAT=client-metrics-cost: the client library's metrics on and off
 	$(MAKE) --no-print-directory ab WHAT=client-metrics-cost
 
 # Triton's response cache on a workload with repeats: hit rate and throughput against it off (perf/ab/cache.py)
-cache-check:
+cache-check: ## [A/B measurements] = make ab WHAT=cache: Triton's response cache on a workload with repeats
 	$(MAKE) --no-print-directory ab WHAT=cache
 
 # the served model's sampled requests (make repo PAYLOAD_PERCENT=... PAYLOAD_DIR=...) as an ImageFolder tree by
 # predicted class, for a person to correct and train on (training/relabel.py)
 SAMPLES     ?= /var/lib/image-inference/payloads/classify
 RELABEL_OUT ?= data/relabel
-relabel: venv
+relabel: venv ## [checks] the sampled requests as an ImageFolder by predicted class, for relabelling
 	$(PY) -m training.relabel --samples $(SAMPLES) --out $(RELABEL_OUT)
 
 # goodput under a flood (256 connections resending at once after a 503) against capacity, with the queue
 # held by time (the default) and the old count of 64 (perf/ab/flood.py)
 FLOOD_CONNECTIONS ?= 256
-flood-check:
+flood-check: ## [A/B measurements] = make ab WHAT=flood: goodput under a flood of resending clients
 	$(MAKE) --no-print-directory ab WHAT=flood
 
 # the monitoring end to end on the real server: metrics, drift on shifted sets, payload samples, shadow promotion
 # and refusal under load, the cache, the dashboards' and alert rules' metrics (perf/checks/monitor_check.py)
-monitor-check: venv
+monitor-check: venv ## [checks] the monitoring end to end: metrics, drift, payloads, shadow rollout, cache
 	$(PY) -m perf.checks.monitor_check --repo $(REPO) --data $(DATA)
 
 # what shadowing costs the clients: the mirror off and on (SHADOW_PERCENT), side by side (perf/ab/shadow_cost.py)
-shadow-cost:
+shadow-cost: ## [A/B measurements] = make ab WHAT=shadow-cost: the shadow mirror off and on
 	$(MAKE) --no-print-directory ab WHAT=shadow-cost
 
 # the classifier's largest batch fitted to the model's cost (make repo) against a fixed 32, side by side
 # (perf/ab/batch_fit.py)
-batch-fit:
+batch-fit: ## [A/B measurements] = make ab WHAT=batch-fit: the fitted preferred batch against none
 	$(MAKE) --no-print-directory ab WHAT=batch-fit
 
 # the demo and 224-px workloads on real photographs, each on its fastest engine, side by side with the
@@ -387,33 +387,33 @@ batch-fit:
 WORKLOADS   ?= demo-synthetic demo-photos resnet50-photos mobilenet-photos convnext-photos vit-photos
 # make report REPORT_WORKLOADS=all (or a comma list) measures the workloads in the report's own run
 REPORT_WORKLOADS ?=
-workloads: artifacts $(if $(COMPARE_PEERS),peers)
+workloads: artifacts $(if $(COMPARE_PEERS),peers) ## [load testing] the 224-px workloads on real photographs, each on its fastest engine
 	$(PY) -m perf.report.workloads --workloads $(WORKLOADS) --ckpt $(CKPT) --data $(DATA) --rounds $(COMPARE_ROUNDS) \
 	  --seconds $(COMPARE_SECONDS) --connections $(COMPARE_CONNECTIONS) --peers "$(COMPARE_PEERS)" \
 	  --p99-budget-ms $(P99_BUDGET_MS)
 
-transfer: venv
+transfer: venv ## [experiments] fine-tuning against training from scratch, measured on real data sets
 	$(PY) -m perf.experiments.transfer --source $(TRANSFER_SOURCE) --target $(TRANSFER_TARGET) --work .cache/transfer
 
-benchmark-data: venv
+benchmark-data: venv ## [experiments] the default recipe trained and served on real data sets that packages ship
 	$(PY) -m perf.experiments.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")
 
 # lint and types (configured in pyproject.toml); .ci/run runs this before the tests
-lint: venv
+lint: venv ## [start] ruff and mypy (pyproject.toml), as CI runs them before the tests
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: venv peers analyzer
+test: venv peers analyzer ## [start] the test suite against the real tritonserver (CI: .ci/run)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # the tests that need no trained model and no server (tests/conftest.py marks the others): seconds, not minutes
-test-fast: venv
+test-fast: venv ## [start] only the tests that need no trained model and no server (under a minute)
 	$(PY) -m pytest tests -m "not model and not server and not slow and not gpu" $(PYTEST_ARGS)
 
 # the data, the artifacts, the rendered repository's generated files and .cache/ (the workloads' and benchmarks'
 # trained models and data sets: hours to redo); the server's keys (.cache/*.key) stay unless KEYS=1
 KEYS        ?=
-clean:
+clean: ## [stages] remove data, artifacts, the repository's generated files and .cache/ (keys kept unless KEYS=1)
 	@echo "removing $(ARTIFACTS)/, $(SYNTHETIC)/, the generated files of $(REPO)/ and .cache/ (trained workloads and" \
 	  "benchmark data: hours to redo)$(if $(KEYS),, except the server keys .cache/*.key (KEYS=1 removes them too))"
 	rm -rf $(ARTIFACTS) $(SYNTHETIC) .pytest_cache
