@@ -190,7 +190,8 @@ LABELS      ?=
 LIKE        ?=
 import: venv ## [stages] a model trained elsewhere: ONNX=<file> LABELS=<names> [LIKE=timm:<name>] into ARTIFACTS/model.onnx
 	@test "$(origin ONNX)" = "command line" -a -n "$(LABELS)" || { echo "make import needs ONNX=<the model> LABELS=<class names, one per line>"; exit 2; }
-	$(PY) -m build.import_onnx --onnx $(ONNX) --labels $(LABELS) --out $(ARTIFACTS)/model.onnx --img-size $(IMG_SIZE) \
+	$(PY) -m build.import_onnx --onnx $(ONNX) --labels $(LABELS) --out $(ARTIFACTS)/model.onnx \
+	  $(if $(filter command line,$(origin IMG_SIZE)),--img-size $(IMG_SIZE)) \
 	  $(if $(LIKE),--like $(LIKE)) $(if $(filter-out $(SYNTHETIC),$(DATA)),--data $(DATA))
 
 quantize: venv ## [stages] FP16 and INT8 (calibrated on DATA) on ONNX Runtime and OpenVINO, scored, gated, timed

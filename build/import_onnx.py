@@ -2,7 +2,7 @@
 
     python -m build.import_onnx --onnx their_model.onnx --labels labels.txt --like timm:convnext_nano \\
         --img-size 224 --out artifacts/model.onnx [--data DATA]
-    make import ONNX_IN=their_model.onnx LABELS=labels.txt LIKE=timm:convnext_nano IMG_SIZE=224
+    make import ONNX=their_model.onnx LABELS=labels.txt LIKE=timm:convnext_nano   # IMG_SIZE=: only to override
 
 What is checked: one float32 image input in NCHW with 3 channels; one output of [batch, classes] with
 as many classes as the labels file names. What is fixed: a fixed batch dimension is made dynamic (then
@@ -159,7 +159,8 @@ def import_onnx(src: Path, labels_file: Path, out: Path, args: argparse.Namespac
     spec = spec_for(args, inp.shape[2])
     if any(isinstance(d, int) and d != spec.crop_size for d in inp.shape[2:]):
         raise ImportCheckError(f"input {inp.name!r} is fixed at {inp.shape[2:]} but the preprocessing crops "
-                           f"{spec.crop_size}: give --img-size {inp.shape[2]}")
+                           f"{spec.crop_size}: give --img-size {inp.shape[2]} (make import IMG_SIZE={inp.shape[2]}, "
+                           "or leave IMG_SIZE out: the input's own size is taken)")
     original = OrtRunner(model.SerializeToString())
     softmax = outputs_probabilities(original, spec.input_shape)
     rewired, fixes = rewire(graph, model.ir_version, len(labels), softmax)
