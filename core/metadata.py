@@ -272,7 +272,8 @@ def read_metadata(model: onnx.ModelProto | Path | str) -> ArtifactMetadata:
     if METADATA_KEY not in props:
         old = " (it has the unversioned 'platform' metadata of an older export)" if "platform" in props else ""
         raise MetadataError(f"ONNX model has no '{METADATA_KEY}' metadata{old}: export it with `make onnx` "
-                            f"(build.export_onnx)")
+                            f"(build.export_onnx), or bring a model trained elsewhere in with `make import "
+                            f"ONNX=<file> LABELS=<class names>`")
     return ArtifactMetadata.from_dict(json.loads(props[METADATA_KEY]))
 
 

@@ -223,6 +223,8 @@ def test_today_there_is_no_older_version_to_upgrade():
         read_metadata(model_with({"platform": json.dumps(old)}))
     with pytest.raises(ValueError, match="has no 'image_platform.metadata' metadata: export it with `make onnx`"):
         read_metadata(model_with({}))
+    with pytest.raises(ValueError, match="trained elsewhere in with `make import ONNX=<file> LABELS=<class names>`"):
+        read_metadata(model_with({}))
 
 
 @pytest.mark.parametrize("version,message", [
