@@ -108,7 +108,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/experiments/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint ab metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help help-vars test-fast venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint ab metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help help-vars test-fast export venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help: ## [start] this list, every target by stage (make help-vars: every variable and its default)
 	@awk '/^[a-zA-Z0-9_-]+:.*## \[/ { i = index($$0, "## ["); rest = substr($$0, i + 4); j = index(rest, "] "); \
@@ -183,6 +183,18 @@ eval: venv ## [stages] CKPT evaluated on SPLIT: metrics, confusion matrix
 
 onnx: venv ## [stages] CKPT exported to ONNX, checked against PyTorch, metadata and drift reference embedded
 	$(PY) -m build.export_onnx --ckpt $(CKPT) --data $(DATA) --out $(ONNX) --tolerance $(TOLERANCE)
+
+# a pretrained torchvision or timm model as it is (its own classes and preprocessing, nothing trained), validated on
+# EXPORT_IMAGES (any folder of images: by default scikit-image's photographs, written to data/photos), whose answers
+# also become the drift reference: give images like the traffic it will serve
+PHOTOS      := data/photos
+EXPORT_IMAGES ?= $(PHOTOS)
+export: venv ## [stages] a pretrained model as it is: ARCH=timm:<name>|torchvision:<name> WEIGHTS=<file or tag> [EXPORT_IMAGES=]
+	@test -n "$(WEIGHTS)" || { echo "make export needs ARCH=<torchvision:name or timm:name> WEIGHTS=<a file, or the library's name for its weights>"; exit 2; }
+	@test "$(EXPORT_IMAGES)" != "$(PHOTOS)" -o -f $(PHOTOS)/.complete-seed0 || $(PY) -m training.real_datasets --name photos --out $(PHOTOS)
+	$(PY) -m training.pretrained --arch $(ARCH) --weights $(WEIGHTS) --out $(ARTIFACTS)/pretrained.pt \
+	  $(if $(filter command line,$(origin IMG_SIZE)),--img-size $(IMG_SIZE))
+	$(PY) -m build.export_onnx --ckpt $(ARTIFACTS)/pretrained.pt --data $(EXPORT_IMAGES) --out $(ONNX) --tolerance $(TOLERANCE)
 
 # a model trained elsewhere: `make import ONNX=their_model.onnx LABELS=labels.txt LIKE=timm:<name> IMG_SIZE=224`
 # checks and fixes it, and writes $(ARTIFACTS)/model.onnx with the metadata contract (then quantize, repo, serve)

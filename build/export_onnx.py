@@ -38,7 +38,7 @@ from core.preprocess import DaliPreprocessor, PreprocessSpec
 from core.runners import OrtRunner
 from served.stages import answer_distribution
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
-from training.data import list_images, stratified
+from training.data import IMAGE_EXTENSIONS, list_images, stratified
 from training.evaluate import logits_for_inputs
 
 OPSET = 18
@@ -159,12 +159,28 @@ def with_reference(model_bytes: bytes, probs: np.ndarray, split: str, labels: np
     of which the reference records how many it covers."""
     model = onnx.load_from_string(model_bytes)
     meta = read_metadata(model)
-    covered = int(len(np.unique(labels)))
+    covered = int(len(np.unique(labels[labels >= 0])))  # -1: unlabelled images
     reference = {"split": split, **answer_distribution(probs), "split_classes_covered": covered}
     meta = replace(meta, export=replace(meta.export, reference=reference))
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                         METADATA_KEY: meta.to_json()})
     return model.SerializeToString()
+
+
+def validation_images(data: Path, split: str, classes: list[str]) -> tuple[list[tuple[Path, int]], str]:
+    """(the images to validate on and record the reference from, labelled; what they are): ``data/split/<class>/``
+    where every class has its folder, else every image under ``data``, unlabelled (label -1): a pretrained
+    ImageNet model has 1,000 classes and its user a folder of photographs."""
+    split_dir = data / split
+    if split_dir.is_dir() and all((split_dir / c).is_dir() for c in classes):
+        return list_images(split_dir, classes), split
+    files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no images under {data} to validate the export on (an ImageFolder with "
+                                f"{split}/<class>/, or any folder of images)")
+    print(f"{data} has no {split}/<class>/ folder for each of the model's {len(classes)} classes: validating on its "
+          f"{len(files)} images, unlabelled")
+    return [(p, -1) for p in files], "unlabelled"
 
 
 def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance: float = 1e-3,
@@ -178,7 +194,8 @@ def export(ckpt_path: Path, data: Path, out: Path, split: str = "val", tolerance
     onnx.helper.set_model_props(proto, {METADATA_KEY: export_metadata(ckpt, ckpt_path, out).to_json()})
     model_bytes, counts = cleaned_graph(proto)
 
-    samples = stratified(list_images(Path(data) / split, ckpt["classes"]), reference_images)
+    samples, split = validation_images(Path(data), split, ckpt["classes"])
+    samples = stratified(samples, reference_images)
     paths = [p for p, _ in samples]
     inputs = DaliPreprocessor(spec).files(paths[:max_images])
     cleanup_diff = check_cleanup(model_bytes, proto, inputs, tolerance)

@@ -184,3 +184,53 @@ def test_layer_wise_decay_follows_timms_layers(tmp_path):
         train.make_optimizer(build_model("torchvision:mobilenet_v3_small", num_classes=3),
                              train.parse_args(["--data", str(tmp_path), "--arch", "torchvision:mobilenet_v3_small",
                                                "--layer-decay", "0.5"]))
+
+
+@pytest.mark.model
+@pytest.mark.server
+def test_a_pretrained_model_is_served_as_it_is_with_its_own_classes(tmp_path, capsys):
+    """make export: a timm ImageNet classifier with a weights file (written here: no download) becomes a checkpoint
+    with timm's 1,000 ImageNet class names and its own preprocessing, nothing trained, exported and validated on
+    real photographs in no class folders, and served; the served top-1 agrees with timm's own eval transform +
+    PyTorch on those photos."""
+    import timm
+    from PIL import Image
+
+    from training import pretrained
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_convnext", pretrained=False).eval()
+    with torch.no_grad():  # spread the logits: random weights give near-ties that any resampling would flip
+        model.head.fc.weight.mul_(30)
+    weights = tmp_path / "test_convnext.pth"
+    torch.save(model.state_dict(), weights)
+    ckpt_path = pretrained.main(pretrained.get_args_parser().parse_args(
+        ["--arch", "timm:test_convnext", "--weights", str(weights), "--out", str(tmp_path / "pretrained.pt")]))
+    ckpt = load_checkpoint(ckpt_path)
+    assert len(ckpt["classes"]) == 1000
+    assert ckpt["classes"][:2] == ["tench", "goldfish"]
+    assert len(set(ckpt["classes"])) == 1000  # ImageNet's two cranes told apart
+    assert ckpt["pretrained"]["head_reinitialised"] == []
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())  # the head included
+    photos = write_imagefolder("photos", tmp_path / "photos")  # 7 class folders, none of them ImageNet's
+    onnx_path = tmp_path / "model.onnx"
+    export(ckpt_path, photos, onnx_path)
+    assert "validating on its 168 images, unlabelled" in capsys.readouterr().out
+    meta = read_metadata(onnx_path)
+    assert meta.export.reference["split"] == "unlabelled"
+    assert meta.export.reference["answers"] == 168
+    assert meta.preprocess.interpolation == "cubic"
+    files = sorted(photos.rglob("*.jpg"))[::4]
+    config = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**config)
+    with torch.no_grad():
+        reference = [ckpt["classes"][int(model(transform(Image.open(f).convert("RGB"))[None]).argmax())]
+                     for f in files]
+    render(onnx_path, tmp_path / "repo", RepoSettings(max_batch_size=8, classifier_instances=1))
+    with TritonServer(tmp_path / "repo", None, log_file=tmp_path / "server.log") as server, \
+            ImageClassifierClient(server.http_url, timeout_s=60) as client:
+        served = [p.labels[0] for p in client.classify_files(files)]
+    agreement = np.mean([a == b for a, b in zip(served, reference, strict=True)])
+    print(f"served top-1 against timm's eval transform + PyTorch: {100 * agreement:.1f}% of {len(files)} photos")
+    assert agreement >= 0.95
+    assert len(set(reference)) > 3  # the photographs get different answers: the check can tell

@@ -228,9 +228,10 @@ def head_module(model: nn.Module, arch: str) -> nn.Module:
     return last_linear(model) if source == "builtin" else SOURCES[source].head(model)
 
 
-def load_pretrained(model: nn.Module, arch: str, weights: str) -> dict[str, Any]:
+def load_pretrained(model: nn.Module, arch: str, weights: str, keep_head: bool = False) -> dict[str, Any]:
     """Load ``weights`` (a file, or the library's name for them) into ``model`` but for its head, which
-    stays the new one for the data set's classes. Returns the record the checkpoint keeps."""
+    stays the new one for the data set's classes; with ``keep_head``, the head too (the model served as it is,
+    with the classes it was trained on: training/pretrained.py). Returns the record the checkpoint keeps."""
     source, name = split(arch)
     path = Path(weights)
     if path.is_file():
@@ -241,7 +242,8 @@ def load_pretrained(model: nn.Module, arch: str, weights: str) -> dict[str, Any]
         state = SOURCES[source].named_weights(name, weights)
     own = model.state_dict()
     head_mod = head_module(model, arch)
-    head = {f"{n}.{k}" for n, m in model.named_modules() if m is head_mod for k in m.state_dict()}
+    head = set() if keep_head else {f"{n}.{k}" for n, m in model.named_modules() if m is head_mod
+                                    for k in m.state_dict()}
     # the head is the data set's, always new; everything else must fit
     misfits = sorted(k for k, v in state.items()
                      if k in own and k not in head and tuple(v.shape) != tuple(own[k].shape))
