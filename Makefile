@@ -108,7 +108,7 @@ BASELINE_PORT ?= 8080
 # the default recipe on real data sets that packages ship (perf/experiments/real_data.py)
 REAL_DATASETS ?= digits mnist5k animals faces
 
-.PHONY: lint ab metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help help-vars test-fast export venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
+.PHONY: lint ab metrics-cost client-metrics-cost cache-check flood-check shadow-cost monitor-check batch-fit relabel workloads transfer import peers analyzer analyze compare publish rollback reliability soak s3-server s3-upload help help-vars test-fast export dali1 venv data train distill prune eval onnx quantize engine gpu-check repo serve client demo test clean artifacts perf loadtest baseline tune report precisions benchmark-data
 
 help: ## [start] this list, every target by stage (make help-vars: every variable and its default)
 	@awk '/^[a-zA-Z0-9_-]+:.*## \[/ { i = index($$0, "## ["); rest = substr($$0, i + 4); j = index(rest, "] "); \
@@ -144,6 +144,8 @@ $(VENV)/.installed: requirements.txt requirements-data.txt
 peers: .venv-ray/.installed .venv-bentoml/.installed ## [setup] the peer servers' virtualenvs (.venv-ray, .venv-bentoml) for compare and report
 # Triton Model Analyzer, also in its own virtualenv (perf/tuning/analyze.py)
 analyzer: .venv-analyzer/.installed ## [setup] Triton Model Analyzer's virtualenv (.venv-analyzer) for make analyze
+# DALI 1.53 (the GPU container's 1.x line) in its own virtualenv, for the served graph's check under it (tests/test_dali1.py)
+dali1: .venv-dali1/.installed ## [setup] DALI of the GPU container's 1.x line (.venv-dali1), for tests/test_dali1.py
 .venv-%/.installed: requirements-%.txt
 	test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
 	.venv-$*/bin/python -m pip install --quiet --disable-pip-version-check -r $<
@@ -416,7 +418,7 @@ lint: venv ## [start] ruff and mypy (pyproject.toml), as CI runs them before the
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: venv peers analyzer ## [start] the test suite against the real tritonserver (CI: .ci/run)
+test: venv peers analyzer dali1 ## [start] the test suite against the real tritonserver (CI: .ci/run)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # the tests that need no trained model and no server (tests/conftest.py marks the others): seconds, not minutes

@@ -10,6 +10,7 @@ namespace), and uses only operator arguments that DALI 1.42 (the NGC 24.10 conta
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import nvidia.dali
@@ -37,8 +38,8 @@ def dali_graph(encoded: Any, spec: Any, device: str) -> Any:
     # "mixed" = nvJPEG: parse on the host, decode on the GPU; everything after stays on the GPU.
     # jpeg_fancy_upsampling: nvJPEG upsamples 4:2:0 chroma (most cameras' JPEGs) as libjpeg-turbo does
     # on the CPU; without it the two devices' pixels differ. The CPU decoder always does so.
-    images: Any = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu",
-                                    output_type=COLOR_TYPES[spec.color], jpeg_fancy_upsampling=True)
+    images: Any = decoder()(encoded, device="mixed" if device == "gpu" else "cpu",
+                            output_type=COLOR_TYPES[spec.color], jpeg_fancy_upsampling=True)
     if spec.resize_policy == "shorter_center_crop":
         (new_h, new_w), (top, left) = library_geometry(encoded, spec.resize_size, spec.crop_size)
         images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.DALIDataType.FLOAT),
@@ -59,6 +60,20 @@ def dali_graph(encoded: Any, spec: Any, device: str) -> Any:
     )
 
 
+def dali_major() -> int:
+    return int(nvidia.dali.__version__.split(".")[0])
+
+
+def decoder() -> Any:
+    """The image decoder that applies EXIF orientation, as training's and the peek's decode does. DALI 2's
+    fn.decoders.image does; DALI 1.x's (1.42 in the 24.10 container) ignores it ("EXIF orientation metadata is
+    disregarded"), so a phone's portrait photo would be served unrotated and, the peeked shape being rotated,
+    resized with its sides swapped: there the experimental (nvImageCodec) decoder, asked to rotate."""
+    if dali_major() >= 2:
+        return fn.decoders.image
+    return partial(fn.experimental.decoders.image, adjust_orientation=True)
+
+
 def library_geometry(encoded: Any, resize: int, crop: int) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """The resized (height, width) and the centre crop's (top, left) of each image, as torchvision's
     ``Resize(resize)`` + ``CenterCrop(crop)`` (and timm's eval transform, built from them) compute them.
@@ -70,7 +85,7 @@ def library_geometry(encoded: Any, resize: int, crop: int) -> tuple[tuple[Any, A
     EXIF orientation, on the CPU: argument inputs must be CPU data on either device).
     core/preprocess.py ``library_geometry`` is the same arithmetic in Python, for Pillow."""
     # DALI 2 moved the orientation-aware peek out of ``experimental``; 1.42 (the 24.10 image's) has it there
-    peek = fn.peek_image_shape if int(nvidia.dali.__version__.split(".")[0]) >= 2 else fn.experimental.peek_image_shape
+    peek = fn.peek_image_shape if dali_major() >= 2 else fn.experimental.peek_image_shape
     shape = peek(encoded, dtype=types.DALIDataType.INT32)
     h, w = shape[0], shape[1]
     portrait = h > w  # the bools of a comparison act as 0/1 in DALI's arithmetic
