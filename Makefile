@@ -134,6 +134,8 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 venv: $(VENV)/.installed ## [setup] the project virtualenv .venv (requirements.txt) and the Debian packages it needs
 $(VENV)/.installed: requirements.txt requirements-data.txt
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_PACKAGES); }
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))' || { echo "$(PYTHON) is Python \
+	  $$($(PYTHON) -c 'import platform; print(platform.python_version())'): the project needs 3.10-3.13 (PYTHON=python3.11 ...)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-data.txt
