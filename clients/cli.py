@@ -19,7 +19,6 @@ from pathlib import Path
 
 from clients.client import DEFAULT_URLS, ImageClassifierClient, Prediction, ServerUnreachable, Tls
 from clients.keys import UnusableKeyError
-from clients.metrics import ClientMetrics
 from core import protocol as P
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -102,7 +101,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     blobs, sources = [f.read_bytes() for f in files], [str(f) for f in files]
     try:  # the inference key (clients.keys), the TLS files and the drift reference
-        metrics = ClientMetrics.from_reference(args.drift_reference) if args.metrics_file else None
+        metrics = None
+        if args.metrics_file:  # prometheus_client only then: the GPU container's lock has no need of it otherwise
+            from clients.metrics import ClientMetrics
+
+            metrics = ClientMetrics.from_reference(args.drift_reference)
         client = ImageClassifierClient(args.url, args.protocol, args.model, timeout_s=args.timeout, top_k=args.top_k,
                                        retries=args.retries, tls=tls_options(args), metrics=metrics)
     except (UnusableKeyError, ValueError, FileNotFoundError, OSError) as e:

@@ -175,3 +175,12 @@ def test_clients_import_without_torch_or_dali():
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_client_command_line_imports_without_prometheus_client():
+    """The GPU container's locked packages have no prometheus_client: `python3 -m clients` must still start
+    there (the served metrics' exporter is imported only when --metrics-file asks for it)."""
+    code = ("import sys; sys.modules['prometheus_client'] = None\n"
+            "import clients.cli\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -137,3 +137,71 @@ def test_every_deployment_requires_both_keys():
     for key in (ADMIN, INFERENCE):  # Kubernetes expands $(VAR) in args from the container's env
         assert all(flag in model["args"] for flag in key.server_args(f"$({key.env})"))
         assert {"name": key.env, "valueFrom": {"secretKeyRef": {"name": "triton-keys", "key": key.env}}} in model["env"]
+
+
+# KServe's stock Triton runtime (kserve/kserve config/runtimes/kserve-tritonserver.yaml): its container's resources,
+# into which KServe merges the predictor's container (pkg/utils/container_merge.go: a strategic merge patch)
+KSERVE_TRITON_RUNTIME_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+
+
+def merged(base: dict, patch: dict) -> dict:
+    """A strategic merge patch of maps (what a container's resources are): keys merged, leaves replaced."""
+    out = dict(base)
+    for key, value in patch.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def quantity(value: str | int) -> float:
+    """A Kubernetes quantity as a number (cpu in cores, memory in bytes): 500m, 4, 2Gi, 512Mi."""
+    text = str(value)
+    units = {"m": 1e-3, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "k": 1e3, "M": 1e6, "G": 1e9}
+    for suffix, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def test_the_kserve_predictor_merged_into_its_runtime_is_admissible():
+    """Kubernetes refuses a container whose request of a resource exceeds its limit: after KServe's merge into
+    the runtime (limit cpu 1), every request of the predictor is within its limit."""
+    isvc = yaml.safe_load((DOCKER / "k8s" / "kserve" / "inferenceservice.yaml").read_text())
+    resources = merged(KSERVE_TRITON_RUNTIME_RESOURCES, isvc["spec"]["predictor"]["model"]["resources"])
+    over = {name: (request, resources["limits"].get(name)) for name, request in resources["requests"].items()
+            if name in resources["limits"] and quantity(request) > quantity(resources["limits"][name])}
+    assert over == {}
+    assert quantity(resources["requests"]["cpu"]) == 4  # the predictor's own request survives the merge
+    assert merged({"a": {"b": "1", "c": "2"}}, {"a": {"b": "3"}}) == {"a": {"b": "3", "c": "2"}}
+
+
+def test_every_secret_a_manifest_reads_is_generated_or_documented_with_its_keys():
+    """A Secret no manifest generates and no doc describes leaves pods in CreateContainerConfigError."""
+    names: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key in ("secretRef", "secretKeyRef"):
+                if isinstance(node.get(key), dict):
+                    names.add(node[key]["name"])
+            if node.get("kind") == "ServiceAccount":
+                names.update(s["name"] for s in node.get("secrets", []))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    generated = set()
+    for path in (DOCKER / "k8s").rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            walk(doc)
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                generated.add(doc["metadata"]["name"])
+    kustomization = yaml.safe_load((DOCKER / "k8s" / "kustomization.yaml").read_text())
+    generated |= {g["name"] for g in kustomization.get("secretGenerator", [])}
+    assert {"triton-keys", "model-store-credentials"} <= names
+    readme = (DOCKER / "README.md").read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9-]+)` \|.*$", readme, re.M)}
+    undocumented = sorted(n for n in names - generated
+                          if n not in rows or f"kubectl create secret generic {n}" not in rows[n])
+    assert undocumented == []
