@@ -205,3 +205,25 @@ def test_every_secret_a_manifest_reads_is_generated_or_documented_with_its_keys(
     undocumented = sorted(n for n in names - generated
                           if n not in rows or f"kubectl create secret generic {n}" not in rows[n])
     assert undocumented == []
+
+
+def test_the_image_check_asks_the_servers_own_environment_for_the_backends_dali():
+    """`make -C docker check`: the DALI that `import nvidia.dali` finds with the server's environment (no
+    PYTHONPATH of ours) must be the DALI backend's, the version base-image.json records."""
+    out = subprocess.run(["make", "-n", "-C", str(DOCKER), "check"], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.replace("\\\n", " ")
+    (line,) = [x for x in out.splitlines() if "import nvidia.dali" in x]
+    assert f"docker run --rm {IMAGE} python3 -c" in line
+    assert "PYTHONPATH" not in line
+    assert f"{FACTS['dali_backend_dali']}|{FACTS['dali_backend_dali']}.*)" in line
+
+
+def test_the_containers_gpu_targets_pass_what_the_top_level_ones_do():
+    out = subprocess.run(["make", "-n", "-C", str(DOCKER), "gpu-check", "test-gpu", "MAX_TOP1_DROP=2"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.replace("\\\n", " ")
+    (check,) = [x for x in out.splitlines() if "perf.checks.gpu_check" in x]
+    assert "--data data/synthetic" in check
+    assert "--repo model_repository_gpu" in check
+    assert "--max-top1-drop 2" in check
+    (tests,) = [x for x in out.splitlines() if "-m pytest" in x]
+    assert tests.rstrip().endswith("-m pytest -m gpu -ra tests")  # every gpu-marked test, not one file's
