@@ -20,6 +20,8 @@ MAX_IMAGE_PIXELS ?=
 MAX_IMAGE_BYTES ?=
 # the Python models' own Prometheus metrics (confidence, entropy, class mix, inputs, refusals): 1 on, 0 off
 SERVED_METRICS ?=
+# how often those metrics are handed to Triton, in ms (0 = after every batch, which costs throughput)
+SERVED_METRICS_INTERVAL_MS ?=
 # Triton's response cache for repeated images, in MiB (0 = off)
 RESPONSE_CACHE_MB ?=
 # answers the drift score compares with the val split's answers (0 = off)
@@ -39,6 +41,7 @@ SETTINGS_ARGS = $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) $(if $(PREFERRE
   $(if $(MAX_IMAGE_PIXELS),--max-image-pixels $(MAX_IMAGE_PIXELS)) $(if $(MAX_IMAGE_BYTES),--max-image-bytes $(MAX_IMAGE_BYTES)) \
   $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_MS),--queue-timeout-ms $(QUEUE_TIMEOUT_MS)) \
   $(if $(SERVED_METRICS),--served-metrics $(SERVED_METRICS)) $(if $(RESPONSE_CACHE_MB),--response-cache-mb $(RESPONSE_CACHE_MB)) \
+  $(if $(SERVED_METRICS_INTERVAL_MS),--served-metrics-interval-ms $(SERVED_METRICS_INTERVAL_MS)) \
   $(if $(DRIFT_WINDOW),--drift-window $(DRIFT_WINDOW)) $(if $(PAYLOAD_PERCENT),--payload-percent $(PAYLOAD_PERCENT)) \
   $(if $(PAYLOAD_DIR),--payload-dir $(PAYLOAD_DIR)) $(if $(PAYLOAD_MAX_KB),--payload-max-kb $(PAYLOAD_MAX_KB)) \
   $(if $(PAYLOAD_IMAGES),--payload-images $(PAYLOAD_IMAGES)) $(if $(PAYLOAD_UPLOAD),--payload-upload $(PAYLOAD_UPLOAD)) \

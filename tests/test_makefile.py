@@ -40,3 +40,20 @@ def test_make_help_vars_lists_every_variable_with_its_default():
     assert sorted(defined - set(listed)) == []
     assert listed["ARCH"] == "resnet_tiny"
     assert listed["MAX_BATCH"] == "(unset)"
+
+
+def test_every_variable_a_documented_make_command_sets_exists():
+    """`make repo FOO=1` in a doc with no FOO in the Makefiles would be silently ignored by make."""
+    defined = {name for f in (*MAKEFILES, ROOT / "docker" / "Makefile")
+               for name in re.findall(r"^([A-Z][A-Z0-9_]*) *[:?]?=", f.read_text(), re.M)}
+    docs = [ROOT / "README.md", ROOT / "docker" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    named = {(var, doc.name) for doc in docs for command in re.findall(r"make [^`\n|]*", doc.read_text())
+             for var in re.findall(r"\b([A-Z][A-Z0-9_]{2,})=", command)}
+    assert len(named) > 50
+    assert sorted((var, doc) for var, doc in named if var not in defined) == []
+
+
+def test_the_settings_variables_become_the_render_flags():
+    out = make("-n", "repo", "SERVED_METRICS_INTERVAL_MS=0", "PREFERRED=8", "DRIFT_WINDOW=200")
+    for flag in ("--served-metrics-interval-ms 0", "--preferred-batch-sizes 8", "--drift-window 200"):
+        assert flag in out, flag
