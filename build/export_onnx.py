@@ -38,7 +38,7 @@ from core.preprocess import DaliPreprocessor, PreprocessSpec
 from core.runners import OrtRunner
 from served.stages import answer_distribution
 from training.checkpoint import load_checkpoint, model_from_checkpoint, spec_from_checkpoint
-from training.data import IMAGE_EXTENSIONS, list_images, stratified
+from training.data import image_files, list_images, stratified
 from training.evaluate import logits_for_inputs
 
 OPSET = 18
@@ -174,7 +174,7 @@ def validation_images(data: Path, split: str, classes: list[str]) -> tuple[list[
     split_dir = data / split
     if split_dir.is_dir() and all((split_dir / c).is_dir() for c in classes):
         return list_images(split_dir, classes), split
-    files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(data)
     if not files:
         raise FileNotFoundError(f"no images under {data} to validate the export on (an ImageFolder with "
                                 f"{split}/<class>/, or any folder of images)")

@@ -31,11 +31,16 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every image file (IMAGE_EXTENSIONS) under ``root``, at any depth, sorted for determinism."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def list_images(split_dir: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
     """(path, class index) for every image under split_dir/<class>/, sorted for determinism."""
     samples = []
     for idx, name in enumerate(classes):
-        files = sorted(p for p in (split_dir / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = image_files(split_dir / name)
         if not files:
             raise ValueError(f"class folder {split_dir / name} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
         samples += [(p, idx) for p in files]
@@ -129,7 +134,7 @@ def drop_bad_images(samples: list[tuple[Path, int]], on_bad: str = "fail") -> li
 def dataset_fingerprint(root: Path) -> str:
     """sha256 over every image's relative path and bytes: the data set's identity in provenance
     (cached by :func:`listing_key`, so only a changed data set is read again)."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(root)
 
     def compute() -> str:
         h = hashlib.sha256()

@@ -41,7 +41,7 @@ from core.preprocess import DALI_INPUT_NAME, DaliPreprocessor, PreprocessSpec, b
 from core.runners import TrtRunner, latency
 from perf.load.perf_analyzer import Sources, jpeg_and_tensor_inputs, jpegs_and_tensors
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.data import list_images
+from training.data import image_files, list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_files, stream_logits
 from training.photo_variants import variants
 
@@ -182,8 +182,7 @@ def start_run(args: argparse.Namespace, ref: Reference, out: Path, tensorrt_vers
     binary = CONTAINER_TRITON if CONTAINER_TRITON.exists() else Path(shutil.which("tritonserver") or CONTAINER_TRITON)
     blobs = [p.read_bytes() for p in ref.val[:args.perf_images]]  # the same payload for every engine
     perf_inputs = jpeg_and_tensor_inputs(ref.meta.export.input, blobs, ref.pre(blobs), out / "perf_inputs")
-    photo_files = sorted(f for f in args.photos.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png")) \
-        if args.photos else ref.val
+    photo_files = image_files(args.photos) if args.photos else ref.val
     return CheckRun(args, ref, out, tensorrt_version, cc, fp32_top1, binary, perf_inputs,
                     decoder_photos(photo_files, args.decoder_photos))
 

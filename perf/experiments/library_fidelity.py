@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from core.preprocess import DaliPreprocessor, decode_image
+from training.data import image_files
 from training.sources import model_spec
 
 PHOTOS = ("astronaut", "camera", "immunohistochemistry", "coffee", "chelsea", "rocket", "hubble_deep_field")
@@ -93,7 +94,7 @@ def agreement(checkpoint: str, images: str) -> list[dict[str, Any]]:
     model, spec = model_from_checkpoint(ckpt), spec_from_checkpoint(ckpt)
     if spec.resize_policy != "shorter_center_crop" or spec.color != "RGB" or spec.layout != "CHW":
         raise ValueError(f"the library transform is the shorter-side resize and centre crop to RGB CHW, not {spec}")
-    files = sorted(p for p in Path(images).rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = image_files(Path(images))
     if not files:
         raise ValueError(f"no .jpg, .jpeg or .png files under {images}")
     encoded = [p.read_bytes() for p in files]
