@@ -31,11 +31,6 @@ import numpy as np
 
 from served import engines  # in a rendered repository, the package copied beside model.py
 
-# the served classifiers' own factories, where they were (served/engines.py holds them with their records)
-INFERENCE_PRECISIONS = engines.INFERENCE_PRECISIONS
-OnnxClassifier, OpenVinoClassifier = engines.OnnxClassifier, engines.OpenVinoClassifier
-ort_session, ov_compiled = engines.ort_session, engines.ov_compiled
-
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
 FORMATS = tuple(name for _, name in SIGNATURES)
 # JPEG start-of-frame markers (they carry the image size): C0-CF except DHT (C4), JPG (C8), DAC (CC)

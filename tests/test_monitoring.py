@@ -213,6 +213,7 @@ def test_drift_on_a_real_data_set_with_the_default_instances_and_window(tmp_path
     scores under 0.1 after one window in all, and two real shifts, the digits inverted and photographs of
     another domain, cross the alert threshold within one window each."""
     from build.export_onnx import export
+    from perf.checks.monitor_check import jpeg
     from training import train
     from training.data import list_images
     from training.real_datasets import DATASETS, write_imagefolder
@@ -233,9 +234,9 @@ def test_drift_on_a_real_data_set_with_the_default_instances_and_window(tmp_path
     render(onnx_path, tmp_path / "repo", settings)
     rng = np.random.default_rng(0)
     own = [val[i] for i in rng.choice(len(val), window)]  # the val split's own mix, shuffled
-    inverted = [jpeg_of(Image.fromarray(255 - np.asarray(Image.open(p).convert("L")))) for p in own]
+    inverted = [jpeg(Image.fromarray(255 - np.asarray(Image.open(p).convert("L")))) for p in own]
     photos = DATASETS["photos"]()[0]
-    other_domain = [jpeg_of(Image.fromarray(photos[i % len(photos)]).resize((64, 48))) for i in range(window)]
+    other_domain = [jpeg(Image.fromarray(photos[i % len(photos)]).resize((64, 48))) for i in range(window)]
     with TritonServer(tmp_path / "repo", None, log_file=tmp_path / "server.log") as s, \
             ImageClassifierClient(s.http_url, timeout_s=60) as c:
         c.classify_files(own[:window - 50], batch_size=8)
@@ -253,12 +254,6 @@ def test_drift_on_a_real_data_set_with_the_default_instances_and_window(tmp_path
             assert max(shifted[name].values()) > DRIFT_ALERT_PSI, (name, shifted[name])
             c.classify_files(own, batch_size=8)  # a window of the val split again before the next shift
     print(f"drift PSI on digits: own val traffic {in_distribution}, shifted {shifted}")
-
-
-def jpeg_of(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def test_payload_samples_are_written_bounded_and_relabelled(onnx_model, val_files, tmp_path):

@@ -41,7 +41,8 @@ from core.preprocess import DaliPreprocessor
 from core.runners import isolated, logits_of, make_runner
 from perf.ab import precisions
 from serve.server import TritonServer
-from served.stages import TopK, ort_session
+from served.engines import ort_session
+from served.stages import TopK
 
 ROOT = Path(__file__).resolve().parent.parent
 

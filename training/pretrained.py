@@ -20,15 +20,15 @@ from typing import Any
 
 from core.metadata import git_commit, library_versions
 from training.checkpoint import save_checkpoint
-from training.sources import SOURCES, create, load_pretrained, model_spec, size_arguments, split
+from training.sources import SOURCES, _torchvision_weights, create, load_pretrained, size_arguments, split
 
 
 def torchvision_classes(name: str, weights: str | None) -> list[str]:
+    """The categories torchvision records with the weights (a file: with the architecture's default weights)."""
     from torchvision.models import get_model_weights
 
-    enum = get_model_weights(name)
-    tag = weights.split(".")[-1] if weights and not Path(weights).is_file() else None
-    record = enum[tag] if tag in enum.__members__ else enum.DEFAULT
+    record = _torchvision_weights(name, weights) if weights and not Path(weights).is_file() \
+        else get_model_weights(name).DEFAULT
     return list(record.meta["categories"])
 
 
@@ -56,10 +56,8 @@ def checkpoint(arch: str, weights: str, img_size: int | None = None) -> dict[str
     if source not in SOURCES:
         raise ValueError(f"--arch {arch}: a pretrained model comes from a library (torchvision:<name> or "
                          "timm:<name>); a built-in network has no pretrained classes")
-    tag = weights if not Path(weights).is_file() else None
-    native = SOURCES[source].eval_transform(name, tag).native_size
-    spec = model_spec(arch, weights, img_size or native)
-    assert spec is not None  # a library architecture always has its transform
+    transform = SOURCES[source].eval_transform(name, weights if not Path(weights).is_file() else None)
+    spec = transform.spec(img_size or transform.native_size)
     classes = CLASSES[source](name, weights)
     arch_args = {"num_classes": len(classes), **size_arguments(arch, spec.crop_size)}
     model = create(arch, **arch_args)
