@@ -394,7 +394,7 @@ monitor-check: venv ## [checks] the monitoring end to end: metrics, drift, paylo
 shadow-cost: ## [A/B measurements] = make ab WHAT=shadow-cost: the shadow mirror off and on
 	$(MAKE) --no-print-directory ab WHAT=shadow-cost
 
-# the classifier's largest batch fitted to the model's cost (make repo) against a fixed 32, side by side
+# the batcher's preferred batch fitted to the model's cost (make repo) against none, both accepting 32, side by side
 # (perf/ab/batch_fit.py)
 batch-fit: ## [A/B measurements] = make ab WHAT=batch-fit: the fitted preferred batch against none
 	$(MAKE) --no-print-directory ab WHAT=batch-fit

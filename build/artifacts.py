@@ -165,10 +165,11 @@ def served_for(precision: str, artifacts: Path, engine: str | None = None) -> tu
     return path, CANDIDATES[name]
 
 
-# The classifier's largest batch follows the served candidate's measured cost: the smallest batch
-# make quantize measured within BATCH_THROUGHPUT_SHARE of that candidate's best throughput. A bigger batch
-# gains nothing and only lengthens each one: with 16 requests in flight and max batch 32, an idle
-# instance takes all 16 at once, and a 224-px ResNet-50 on one core answers them after ~300 ms
+# The batcher's preferred batch follows the served candidate's measured cost (max_batch_size, the largest
+# request a client may send, does not: build/render_repo.py fit_to_cost): the smallest batch make quantize
+# measured within BATCH_THROUGHPUT_SHARE of that candidate's best throughput. A bigger batch gains nothing
+# and only lengthens each one: with 16 requests in flight and no preferred size, an idle instance takes all
+# 16 at once, and a 224-px ResNet-50 on one core answers them after ~300 ms
 # (p99 332 ms measured), where a cheap 64-px model keeps 32.
 BATCH_THROUGHPUT_SHARE = 0.95
 
@@ -187,8 +188,8 @@ def measured_throughput(artifacts: Path, candidate: Candidate) -> tuple[str | No
     return name, report, {int(b): m["images_per_s"] for b, m in row.get("latency", {}).get("by_batch", {}).items()}
 
 
-def fitted_max_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] | None:
-    """(max batch size, why) from the current build report's latencies of ``candidate``, or None without them."""
+def fitted_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] | None:
+    """(the batch size, why) from the current build report's latencies of ``candidate``, or None without them."""
     name, _, by_batch = measured_throughput(artifacts, candidate)
     if not by_batch:
         return None

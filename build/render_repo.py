@@ -33,8 +33,8 @@ from build.artifacts import (
     PRECISIONS,
     Candidate,
     artifact_for,
+    fitted_batch,
     fitted_instances,
-    fitted_max_batch,
     served_for,
 )
 from build.layouts import MODEL_DALI, PIPELINE_FILE, ConfigInputs, Layout
@@ -156,10 +156,11 @@ def model_files(lay: Layout, target: str, onnx_path: Path, onnx_bytes: bytes, se
 def code_files(lay: Layout, target: str) -> dict[Path, bytes]:
     """Each Python-backend model's model.py (its file of served/models/) and the served package beside it."""
     files: dict[Path, bytes] = {}
+    package = package_files()
     for model, main in lay.code.get(target, {}).items():
         version = Path(model, "1")
         files[version / "model.py"] = (MODEL_CODE / f"{main}.py").read_bytes()
-        files.update({version / name: data for name, data in package_files().items()})
+        files.update({version / name: data for name, data in package.items()})
     if not lay.single_model:  # the ensemble's version folder must exist and, in object stores, hold a file
         files[Path(P.ENSEMBLE, "1", ".placeholder")] = b""
     return files
@@ -360,14 +361,14 @@ def shown(value: Any) -> str:
 def fit_to_cost(settings: RepoSettings, artifacts: Path, served: Candidate, keep: frozenset[str] = frozenset(),
                 cores: int | None = None) -> RepoSettings:
     """The settings with the batch size and the classifier instances the served model's measured cost calls for
-    (build.artifacts fitted_max_batch, fitted_instances), where make quantize measured it and the field is not
+    (build.artifacts fitted_batch, fitted_instances), where make quantize measured it and the field is not
     in ``keep`` (given explicitly); else unchanged. ``cores``: the serving machine's (default: this one's).
 
     The fitted batch is the batcher's preferred size, not ``max_batch_size``: the largest request a server
     accepts is a contract with its clients (a client that sent 16 images in one request must not be refused
     after a re-render), so it stays as given (32 by default); under load the batcher forms batches of the
     preferred size, which is what bounds a batch's latency."""
-    batch = fitted_max_batch(artifacts, served)
+    batch = fitted_batch(artifacts, served)
     fits = {"preferred_batch_sizes": (((batch[0],), batch[1]) if batch else None, "PREFERRED"),
             "classifier_instances": (fitted_instances(artifacts, served, cores or os.cpu_count() or 1), "INSTANCES")}
     changes: dict[str, Any] = {}

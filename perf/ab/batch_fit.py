@@ -5,7 +5,7 @@
 The repository's model and settings served twice under the same load generator (wrk, perf/load/wrk.py),
 alternating rounds, both accepting requests of up to max_batch_size 32 images: without a preferred batch size
 (the batcher forms the largest batch it can) and with the preferred size `make repo` fits to the served
-candidate's cost from make quantize's latencies (build.artifacts fitted_max_batch). Throughput and p99 of
+candidate's cost from make quantize's latencies (build.artifacts fitted_batch). Throughput and p99 of
 each, with their spread.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from build.artifacts import fitted_max_batch, rendered_candidate
+from build.artifacts import fitted_batch, rendered_candidate
 from build.settings import RepoSettings, read_manifest, rendered_onnx
 from perf.ab.variants import Variant, command, variants
 from perf.paths import REPORTS
@@ -25,7 +25,7 @@ def measure(repo: Path, image_dir: Path, out: Path, rounds: int = 3, seconds: in
             connections: int = 16) -> dict:
     onnx = rendered_onnx(repo)
     served = rendered_candidate(read_manifest(repo), onnx)
-    fit = fitted_max_batch(onnx.parent, served) if served is not None else None
+    fit = fitted_batch(onnx.parent, served) if served is not None else None
     if fit is None:
         raise ValueError(f"{repo}: no make quantize latencies for its served model to fit the batch to")
     servers: tuple[Variant, ...] = (

@@ -48,7 +48,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                "(make shadow-cost)"),
     Experiment("cache", "perf.ab.cache", "the response cache off, hitting, missing (make cache-check)"),
     Experiment("batch-fit", "perf.ab.batch_fit",
-               "the largest batch fitted to the model's cost against a fixed 32 (make batch-fit)"),
+               "the preferred batch fitted to the model's cost against none (make batch-fit)"),
     Experiment("instances", "perf.ab.instances", "the served model's instances x threads on this machine's cores"),
     Experiment("flood", "perf.ab.flood", "goodput under a flood: the queue held by time against a count of 64 "
                "(make flood-check)"),
