@@ -48,6 +48,8 @@ PRECISION   ?= fp32
 ENGINE      ?=
 TARGET      ?= embedded
 PLAN        ?=
+# TARGET=gpu: the serving host's CPU cores, which size the DALI threads (unset: this machine's)
+HOST_CORES  ?=
 # the served layout (build/layouts.py): fused (embedded only: one Python model runs the whole chain) |
 # postprocess (an ensemble; a Python model returns LABELS/SCORES) | classification (no Python model after the
 # classifier: top-k via Triton's classification extension); unset: as the repository was rendered, else
@@ -227,7 +229,7 @@ gpu-check: venv ## [gpu] engines, serving and fidelity end to end on a GPU: arti
 repo: venv ## [stages] render model_repository/ (PRECISION, ENGINE, TARGET, LAYOUT, the repository settings)
 	$(PY) -m build.render_repo $(if $(filter command line,$(origin ONNX)),--onnx $(ONNX)) --artifacts $(ARTIFACTS) \
 	  --precision $(PRECISION) $(if $(ENGINE),--engine $(ENGINE)) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) \
-	  $(if $(LAYOUT),--layout $(LAYOUT)) \
+	  $(if $(LAYOUT),--layout $(LAYOUT)) $(if $(HOST_CORES),--host-cores $(HOST_CORES)) \
 	  --out $(REPO) $(SETTINGS_ARGS)
 
 serve: venv ## [stages] start Triton on REPO (HTTP_PORT, GRPC_PORT, METRICS_PORT; HOST=0.0.0.0 with keys)

@@ -10,6 +10,9 @@ One :class:`Layout` per way of serving, read by rendering (build.render_repo), l
   returns LABELS/SCORES); on the GPU target the DALI backend and TensorRT run the first two.
 - ``classification`` (GPU default): no Python model after the classifier; clients ask for the top k
   with ``class_count`` (Triton's classification extension) and get "score:index:label" strings.
+
+On the GPU target both ensembles begin with the guard (served/models/guard.py): the decode policy's checks
+before Triton's DALI backend, which cannot refuse one image of a batch and has no size limit.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build.model_config import (
     FP32,
+    U8,
     Step,
     check_ensemble,
     dynamic_batching,
@@ -113,6 +117,14 @@ class Layout:
 # --------------------------------------------------------------------------------------------
 
 PREPROCESS_STEP: Step = (P.PREPROCESS, {P.IMAGE: P.IMAGE}, {P.PIXELS: "pixels"})  # IMAGE -> ensemble "pixels"
+# the GPU target: the guard's checks first (served/models/guard.py), then DALI on the bytes it passed on
+GUARDED_STEPS: list[Step] = [(P.GUARD, {P.IMAGE: P.IMAGE}, {P.CHECKED: "checked"}),
+                             (P.PREPROCESS, {P.IMAGE: "checked"}, {P.PIXELS: "pixels"})]
+
+
+def front_steps(target: str) -> list[Step]:
+    """The ensemble's steps from IMAGE to its "pixels", on ``target``."""
+    return [PREPROCESS_STEP] if target == "embedded" else list(GUARDED_STEPS)
 
 
 def stage_parameters(s: RepoSettings, c: ConfigInputs) -> dict[str, dict[str, Any]]:
@@ -121,10 +133,11 @@ def stage_parameters(s: RepoSettings, c: ConfigInputs) -> dict[str, dict[str, An
     metrics = {"served_metrics": s.served_metrics, "served_metrics_interval_ms": s.served_metrics_interval_ms}
     reference = c.export.reference
     drift = {"drift_window": s.drift_window, "drift_reference": json.dumps(reference)} if reference else {}
-    return {P.PREPROCESS: {"dali_pipeline": MODEL_DALI, "dali_num_threads": s.dali_threads,
-                           "max_image_pixels": s.max_image_pixels, "max_image_bytes": s.max_image_bytes, **metrics},
+    limits = {"max_image_pixels": s.max_image_pixels, "max_image_bytes": s.max_image_bytes}
+    return {P.PREPROCESS: {"dali_pipeline": MODEL_DALI, "dali_num_threads": s.dali_threads, **limits, **metrics},
             P.CLASSIFIER: {"onnx_file": "model.onnx", "intra_op_threads": s.intra_op_threads, **metrics, **drift},
-            P.POSTPROCESS: {"top_k": c.top_k, **metrics, **drift}}
+            P.POSTPROCESS: {"top_k": c.top_k, **metrics, **drift},
+            P.GUARD: {**limits, **metrics}}
 
 
 def _embedded_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
@@ -168,9 +181,12 @@ def _gpu_stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     warm.inputs[onnx_in].dims.extend(c.spec.input_shape)
     warm.inputs[onnx_in].zero_data = True
 
+    params = stage_parameters(s, c)
+    guard = python_model(P.GUARD, s, [image_input()], [tensor(P.CHECKED, U8, [-1])], s.preprocess_instances,
+                         params[P.GUARD])
     post = python_model(P.POSTPROCESS, s, [tensor(P.LOGITS, FP32, [c.num_classes])],
-                        ensemble_outputs(c.num_classes, c.top_k), 1, stage_parameters(s, c)[P.POSTPROCESS])
-    return {P.PREPROCESS: pre, P.CLASSIFIER: cls, P.POSTPROCESS: post}
+                        ensemble_outputs(c.num_classes, c.top_k), 1, params[P.POSTPROCESS])
+    return {P.GUARD: guard, P.PREPROCESS: pre, P.CLASSIFIER: cls, P.POSTPROCESS: post}
 
 
 def _stages(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
@@ -185,7 +201,7 @@ def postprocess_configs(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     """preprocess -> classifier -> postprocess behind the ensemble."""
     configs = _stages(c)
     cls_in, cls_out = c.classifier_io("output")
-    steps = [PREPROCESS_STEP, (P.CLASSIFIER, {cls_in: "pixels"}, {cls_out: "logits"}),
+    steps = [*front_steps(c.target), (P.CLASSIFIER, {cls_in: "pixels"}, {cls_out: "logits"}),
              (P.POSTPROCESS, {P.LOGITS: "logits"}, {o: o for o in P.OUTPUTS})]
     configs[P.ENSEMBLE] = ensemble(c.settings, ensemble_outputs(c.num_classes, c.top_k), steps)
     return configs
@@ -199,8 +215,8 @@ def classification_configs(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
     cls = stages[P.CLASSIFIER]
     cls.output.append(mc.ModelOutput(**tensor(cls_probs, FP32, [c.num_classes]), label_filename=LABELS_FILE))
     ens = ensemble(c.settings, [tensor(P.PROBABILITIES, FP32, [c.num_classes])],
-                   [PREPROCESS_STEP, (P.CLASSIFIER, {cls_in: "pixels"}, {cls_probs: P.PROBABILITIES})])
-    return {P.PREPROCESS: stages[P.PREPROCESS], P.CLASSIFIER: cls, P.ENSEMBLE: ens}
+                   [*front_steps(c.target), (P.CLASSIFIER, {cls_in: "pixels"}, {cls_probs: P.PROBABILITIES})])
+    return {**{m: stages[m] for m in (P.GUARD, P.PREPROCESS) if m in stages}, P.CLASSIFIER: cls, P.ENSEMBLE: ens}
 
 
 def fused_configs(c: ConfigInputs) -> dict[str, mc.ModelConfig]:
@@ -224,10 +240,11 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
            configs=fused_configs, single_model=True),
     Layout("postprocess", targets=TARGETS, onnx_model=P.CLASSIFIER, pipeline_model=P.PREPROCESS,
            labels_dir=f"{P.POSTPROCESS}/1",
-           code={"embedded": {m: m for m in STAGE_CODE}, "gpu": {P.POSTPROCESS: P.POSTPROCESS}},
+           code={"embedded": {m: m for m in STAGE_CODE}, "gpu": {m: m for m in (P.GUARD, P.POSTPROCESS)}},
            configs=postprocess_configs),
     Layout("classification", targets=TARGETS, onnx_model=P.CLASSIFIER, pipeline_model=P.PREPROCESS,
-           labels_dir=P.CLASSIFIER, code={"embedded": {m: m for m in (P.PREPROCESS, P.CLASSIFIER)}},
+           labels_dir=P.CLASSIFIER, code={"embedded": {m: m for m in (P.PREPROCESS, P.CLASSIFIER)},
+                                          "gpu": {P.GUARD: P.GUARD}},
            configs=classification_configs, needs_probabilities=True),
 )}
 DEFAULT_LAYOUT = {"embedded": "fused", "gpu": "classification"}

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,13 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
     onnx_sha = hashlib.sha256(onnx_bytes).hexdigest()
     lay = layouts.get(layout) if layout else layouts.default_for(target)
     lay.check(target, export, Path(onnx_path))
+    if export.fixed_batch is not None:  # a graph make import could not make dynamic (build.import_onnx)
+        if target == Target.GPU:
+            raise ValueError(f"{onnx_path}'s batch is fixed at {export.fixed_batch} inside the graph (make import "
+                             "could not make it dynamic): the GPU target's TensorRT plan is built for a range of "
+                             "batches; serve it on the embedded target")
+        print(f"note: {onnx_path}'s batch is fixed at {export.fixed_batch} inside the graph (make import): "
+              f"{engines.fixed_batch_cost(export.fixed_batch)}")
     if target == Target.EMBEDDED and served is None:
         precision = export.precision
         served = CANDIDATES[precision] if precision in CANDIDATES else CANDIDATES[Precision.FP32]
@@ -305,6 +312,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"how the chain is cut into Triton models (build/layouts.py; default: as the repository was "
                         f"rendered, else {defaults})")
     p.add_argument("--out", type=Path, default=DEFAULT_REPO)
+    p.add_argument("--host-cores", type=int, default=None,
+                   help="gpu target: the serving host's CPU cores, which size the DALI threads (default: this "
+                        "machine's)")
     add_settings_args(p)
     return p
 
@@ -344,10 +354,11 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
                 print(f"layout from {Path(args.out) / MANIFEST}: {layout} (--layout, or RESET_SETTINGS=1 for the "
                       f"default, {layouts.DEFAULT_LAYOUT[args.target]})")
     onnx_path, served = served_choice(args)
+    given = frozenset(f.name for f in fields(RepoSettings) if getattr(args, f.name, None) is not None)
     if args.onnx is None and served is not None and not keeps_manifest(args, args.out):
-        given = frozenset(f for f in ("preferred_batch_sizes", "classifier_instances")
-                          if getattr(args, f, None) is not None)
         settings = fit_to_cost(settings, args.artifacts, served, keep=given)
+    if args.target == Target.GPU and not keeps_manifest(args, args.out):
+        settings = fit_to_host(settings, args.host_cores or os.cpu_count() or 1, keep=given)
     return render(onnx_path, args.out, settings, args.target, args.plan, layout, served)
 
 
@@ -378,6 +389,23 @@ def fit_to_cost(settings: RepoSettings, artifacts: Path, served: Candidate, keep
                   f"{variable}= to choose")
             changes[field_name] = fit[0]
     return replace(settings, **changes)
+
+
+def fit_to_host(settings: RepoSettings, cores: int, keep: frozenset[str] = frozenset()) -> RepoSettings:
+    """The GPU target's DALI threads for a serving host of ``cores`` cores, unless given (``keep``).
+
+    The embedded target's default (1 thread per preprocessing instance) was measured on 2 cores, where the
+    threads compete with inference. On a GPU host, DALI's thread pool does the host side of nvJPEG's decoding
+    (Huffman decoding below the hardware decoder's size threshold, progressive JPEGs, PNG, the shape peek)
+    while the GPU does the rest: one thread per instance would cap preprocessing at that many cores of a
+    16-64-core host. So the instances share the host's cores."""
+    if "dali_threads" in keep:
+        return settings
+    threads = max(1, cores // max(1, settings.preprocess_instances))
+    if threads != settings.dali_threads:
+        print(f"dali_threads {threads} (not {settings.dali_threads}): {settings.preprocess_instances} DALI instances "
+              f"sharing a serving host of {cores} cores; DALI_THREADS= to choose, HOST_CORES= to size for another host")
+    return replace(settings, dali_threads=threads)
 
 
 if __name__ == "__main__":

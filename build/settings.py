@@ -36,13 +36,14 @@ class RepoSettings:
         (), "dynamic batcher: sizes to form without waiting (the largest is the TensorRT profile's opt)")
     preprocess_instances: int = _setting(2, "DALI preprocessing model instances")
     classifier_instances: int = _setting(3, "classifier model instances (fused layout: instances of its one model)")
-    dali_threads: int = _setting(1, "DALI CPU threads per preprocessing instance")
+    dali_threads: int = _setting(
+        1, "DALI CPU threads per preprocessing instance (gpu target: the serving host's cores / instances)")
     intra_op_threads: int = _setting(1, "ONNX Runtime threads per classifier instance (0 = one per core)")
     top_k: int = _setting(5, "labels and scores returned per image")
     max_image_pixels: int = _setting(
-        MAX_IMAGE_PIXELS, "embedded target: images with more pixels are refused before decoding")
+        MAX_IMAGE_PIXELS, "images with more pixels are refused before decoding (GPU target: by the guard model)")
     max_image_bytes: int = _setting(
-        MAX_IMAGE_BYTES, "embedded target: larger encoded images are refused before decoding")
+        MAX_IMAGE_BYTES, "larger encoded images are refused before decoding (GPU target: by the guard model)")
     # overload: each composing model queues at most this many requests; beyond it, and for a request
     # that waited longer than the timeout, Triton answers UNAVAILABLE (HTTP 503) instead of letting latency
     # grow without bound (0 = unbounded / no timeout). The timeout is what bounds latency; the count only

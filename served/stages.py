@@ -299,32 +299,76 @@ class Preprocessor:
     def decode(self, per_request: Sequence[np.ndarray]) -> list[np.ndarray | Rejected]:
         """Per request (an array of rows, or one row): its pixels (N, C, H, W) float32, or a Rejected naming
         each bad image by its index. Raises on a failure that is not the images' fault."""
-        slots_per_request: list[list[int | Rejected]] = []
-        good: list[bytes] = []
-        infos: list[ImageInfo] = []
-        for rows in per_request:  # gather every image of every request, refusing bad ones up front
-            rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
-            slots: list[int | Rejected] = []
-            for row in rows:
-                try:
-                    data, info = inspect_image(image_bytes(row), self.max_pixels, self.max_bytes)
-                    good.append(data)
-                    infos.append(info)
-                    slots.append(len(good) - 1)
-                except Rejected as e:
-                    slots.append(e)
-            slots_per_request.append(slots)
-        results = self._run_isolating(good) if good else []
-        self.observed = Observed([i for i, r in zip(infos, results, strict=True) if not isinstance(r, Rejected)],
-                                 [s.reason for slots in slots_per_request for s in slots if isinstance(s, Rejected)]
-                                 + [r.reason for r in results if isinstance(r, Rejected)])
+        screened = screen(per_request, self.max_pixels, self.max_bytes)
+        results = self._run_isolating(screened.good) if screened.good else []
+        self.observed = Observed(
+            [i for i, r in zip(screened.infos, results, strict=True) if not isinstance(r, Rejected)],
+            screened.refusals() + [r.reason for r in results if isinstance(r, Rejected)])
         out: list[np.ndarray | Rejected] = []
-        for slots in slots_per_request:
+        for slots in screened.slots:
             resolved = [results[s] if isinstance(s, int) else s for s in slots]
-            errors = [f"image {i} of {len(resolved)}: {r}" for i, r in enumerate(resolved) if isinstance(r, Rejected)]
-            arrays = [r for r in resolved if not isinstance(r, Rejected)]
-            out.append(Rejected("; ".join(errors)) if errors else np.stack(arrays))
+            out.append(request_refusal(resolved) or np.stack([r for r in resolved if not isinstance(r, Rejected)]))
         return out
+
+
+@dataclass
+class Screened:
+    """A batch of requests after the decode policy's checks: per request, per image, the index of its bytes in
+    ``good`` or why it was refused."""
+
+    slots: list[list[int | Rejected]]
+    good: list[bytes]
+    infos: list[ImageInfo]
+
+    def refusals(self) -> list[str]:
+        return [s.reason for slots in self.slots for s in slots if isinstance(s, Rejected)]
+
+
+def screen(per_request: Sequence[np.ndarray], max_pixels: int, max_bytes: int) -> Screened:
+    """Every image of every request through :func:`inspect_image`, refusing bad ones up front."""
+    screened = Screened([], [], [])
+    for rows in per_request:
+        rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
+        slots: list[int | Rejected] = []
+        for row in rows:
+            try:
+                data, info = inspect_image(image_bytes(row), max_pixels, max_bytes)
+                screened.good.append(data)
+                screened.infos.append(info)
+                slots.append(len(screened.good) - 1)
+            except Rejected as e:
+                slots.append(e)
+        screened.slots.append(slots)
+    return screened
+
+
+def request_refusal(resolved: Sequence[Any]) -> Rejected | None:
+    """One request's refusal naming each of its bad images by index, or None when all passed: a request is
+    answered whole or refused whole."""
+    errors = [f"image {i} of {len(resolved)}: {r}" for i, r in enumerate(resolved) if isinstance(r, Rejected)]
+    return Rejected("; ".join(errors)) if errors else None
+
+
+class Guard:
+    """The GPU target's first stage: the decode policy's checks (size limits, JPEG/PNG, a sound header) before
+    Triton's DALI backend sees the bytes. DALI cannot refuse one image: a decode error fails its whole batch,
+    and a small PNG that decodes to billions of pixels exhausts the host's or the GPU's memory. So the same
+    checks as the embedded target's, with the same messages; a request that passes goes on unchanged."""
+
+    def __init__(self, max_pixels: int, max_bytes: int):
+        self.max_pixels, self.max_bytes = max_pixels, max_bytes
+        self.observed = Observed()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Guard:
+        params = parameters(config)
+        return cls(int(params["max_image_pixels"]), int(params["max_image_bytes"]))
+
+    def check(self, per_request: Sequence[np.ndarray]) -> list[np.ndarray | Rejected]:
+        """Per request: its rows as they came, or a Rejected naming each bad image by its index."""
+        screened = screen(per_request, self.max_pixels, self.max_bytes)
+        self.observed = Observed(list(screened.infos), screened.refusals())
+        return [request_refusal(slots) or rows for rows, slots in zip(per_request, screened.slots, strict=True)]
 
 
 def make_classifier(engine: str, path: Path | str | bytes, threads: int = 1,

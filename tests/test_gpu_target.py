@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import lzma
 import re
@@ -393,23 +394,80 @@ def test_kserve_reads_the_private_bucket_with_a_service_accounts_secret():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_gpu_repository_has_no_python_model(onnx_model, tmp_path):
-    """The GPU target's request path is DALI backend -> TensorRT: the softmax is in the exported graph and
-    the top-k come from Triton's classification extension, labelled from the classifier's labels.txt."""
+def test_gpu_repository_has_no_python_model_after_the_guard(onnx_model, tmp_path):
+    """The GPU target's request path is guard -> DALI backend -> TensorRT: the softmax is in the exported graph
+    and the top-k come from Triton's classification extension, labelled from the classifier's labels.txt; the
+    one Python model checks the bytes before DALI (served/models/guard.py)."""
 
     repo = tmp_path / "gpu"
     (repo / P.POSTPROCESS / "1").mkdir(parents=True)  # left by an earlier render with a postprocess model
     render(onnx_model, repo, RepoSettings(max_batch_size=8), target="gpu")
     configs = read_configs(repo)
     check_ensemble(configs)
-    assert sorted(configs) == sorted([P.ENSEMBLE, P.PREPROCESS, P.CLASSIFIER])
+    assert sorted(configs) == sorted([P.ENSEMBLE, P.GUARD, P.PREPROCESS, P.CLASSIFIER])
     assert not (repo / P.POSTPROCESS).exists()
-    assert [c.backend for c in configs.values() if c.backend] == ["dali"]
-    assert not list(repo.rglob("model.py"))
+    assert [c.backend for c in configs.values() if c.backend] == ["python", "dali"]
+    assert [p.parent.parent.name for p in repo.rglob("model.py")] == [P.GUARD]
     probs = next(o for o in configs[P.CLASSIFIER].output if o.name == "probabilities")
     assert probs.label_filename == "labels.txt"
     assert (repo / P.CLASSIFIER / "labels.txt").read_text().splitlines() == list(read_metadata(onnx_model).classes)
     assert [o.name for o in configs[P.ENSEMBLE].output] == [P.PROBABILITIES]
+
+
+@pytest.mark.parametrize("layout", ["classification", "postprocess"])
+def test_gpu_path_refuses_oversized_images_before_dali(onnx_model, tmp_path, layout):
+    """Issue 37: DALI decodes whatever reaches it, and a decode error fails its whole batch, so on the GPU target
+    the ensemble's first step is the guard, with the repository's limits. The guard itself runs here, on the
+    real server's Python backend (the steps after it need a GPU): a small PNG declaring 3 MP over a 1 MP limit
+    and a file that is no image are refused with the embedded target's messages, each request on its own,
+    while a real photograph sent beside them passes on byte for byte."""
+    from PIL import Image
+    from skimage import data as skdata
+    from tritonclient import http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from serve.server import TritonServer
+
+    limit = 1_000_000
+    repo = tmp_path / "gpu"
+    render(onnx_model, repo, RepoSettings(max_batch_size=8, max_image_pixels=limit), target="gpu", layout=layout)
+    ensemble_steps = read_configs(repo)[P.ENSEMBLE].ensemble_scheduling.step
+    assert [s.model_name for s in ensemble_steps[:2]] == [P.GUARD, P.PREPROCESS]
+    assert dict(ensemble_steps[1].input_map) == {P.IMAGE: ensemble_steps[0].output_map[P.CHECKED]}
+
+    buf = io.BytesIO()
+    Image.fromarray(skdata.chelsea()).save(buf, "JPEG", quality=90)
+    photo = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("L", (2_000, 1_500)).save(buf, "PNG")  # 3 MP of one colour: a few kB
+    bomb = buf.getvalue()
+    assert len(bomb) < 20_000
+
+    alone = tmp_path / "alone"
+    shutil.copytree(repo / P.GUARD, alone / P.GUARD)
+    with TritonServer(alone, None) as server, \
+            httpclient.InferenceServerClient(server.http_url, concurrency=3, network_timeout=120) as client:
+        def request(images: list[bytes]):
+            width = max(map(len, images))
+            rows = np.zeros((len(images), width), np.uint8)
+            for i, image in enumerate(images):
+                rows[i, :len(image)] = np.frombuffer(image, np.uint8)
+            tensor = httpclient.InferInput(P.IMAGE, list(rows.shape), "UINT8")
+            tensor.set_data_from_numpy(rows)
+            return client.async_infer(P.GUARD, [tensor]), rows
+
+        sent = [request([photo]), request([photo, bomb]), request([b"GIF89a not served"]), request([photo, photo])]
+        outcomes = []
+        for pending, rows in sent:
+            try:
+                outcomes.append((pending.get_result(timeout=120).as_numpy(P.CHECKED), rows))
+            except InferenceServerException as e:
+                outcomes.append((e.message(), rows))
+    (first, rows0), (refused, _), (not_image, _), (pair, rows3) = outcomes
+    assert np.array_equal(first, rows0)
+    assert np.array_equal(pair, rows3)
+    assert f"image 1 of 2: image is 2000x1500 = 3000000 pixels, over the limit of {limit} pixels" in refused
+    assert "image 0 of 1: not a JPEG or PNG image" in not_image
 
 
 def test_classification_layout_serves_what_the_postprocess_layout_serves(onnx_model, server, val_files, tmp_path):
@@ -532,3 +590,40 @@ def test_the_served_preprocess_model_is_checked_against_the_cpu_pipeline(ensembl
     assert len(problems) == len(photos)
     assert all(p.startswith("fp16: served preprocess differs") for p in problems)
     assert verdict({**report, "engines": {"fp16": {**entry, "served_preprocess_vs_cpu": check}}}, 99.0) == []
+
+
+def test_gpu_dali_threads_follow_the_serving_host(onnx_model, tmp_path, capsys):
+    """Issue 37: the GPU target's DALI threads do the host side of nvJPEG's decoding; rendered with the embedded
+    target's 1 thread per instance, a 32-core GPU host would preprocess on 2 of its cores. `make repo
+    TARGET=gpu` sizes them for the serving host (HOST_CORES, default this machine's), unless DALI_THREADS is
+    given; a re-render keeps what the repository has."""
+    from build import render_repo
+
+    def rendered(repo: Path, *flags: str) -> tuple[str, int]:
+        render_repo.main(render_repo.get_args_parser().parse_args(
+            ["--onnx", str(onnx_model), "--target", "gpu", "--out", str(repo), *flags]))
+        config = read_configs(repo)[P.PREPROCESS]
+        pipeline = json.loads((repo / P.PREPROCESS / "1" / PIPELINE_CONFIG).read_text())
+        return config.parameters["num_threads"].string_value, pipeline["num_threads"]
+
+    assert rendered(tmp_path / "a", "--host-cores", "32") == ("16", 16)  # 2 instances sharing 32 cores
+    assert "dali_threads 16 (not 1): 2 DALI instances sharing a serving host of 32 cores" in capsys.readouterr().out
+    assert rendered(tmp_path / "b", "--host-cores", "32", "--preprocess-instances", "4") == ("8", 8)
+    assert rendered(tmp_path / "c", "--host-cores", "32", "--dali-threads", "3") == ("3", 3)  # given: kept
+    assert rendered(tmp_path / "a", "--host-cores", "4") == ("16", 16)  # a re-render keeps the repository's
+    assert rendered(tmp_path / "a", "--host-cores", "4", "--reset-settings") == ("2", 2)
+
+
+def test_gpu_check_reports_the_host_side_against_the_tensor_path():
+    """Issue 37: `make gpu-check` says how the JPEG path's best throughput compares with the classifier's alone,
+    with the DALI threads and cores it ran with, so a host-side preprocessing bottleneck shows."""
+    from perf.checks.gpu_check import host_side, host_side_line
+
+    rows = [{"source": "jpeg", "concurrency": c, "images_per_s": v} for c, v in ((4, 900.0), (16, 1200.0))]
+    rows += [{"source": "tensors", "concurrency": c, "images_per_s": v} for c, v in ((4, 2000.0), (16, 4800.0))]
+    h = host_side(rows, RepoSettings(dali_threads=8, preprocess_instances=2), cores=16)
+    assert h["jpeg_over_tensors"] == pytest.approx(0.25)
+    line = host_side_line("fp16", h)
+    assert "JPEG path 1200 img/s at its best concurrency, 0.25 of the tensor path's 4800" in line
+    assert "DALI 8 threads x 2 instances on 16 cores" in line
+    assert host_side([r for r in rows if r["source"] == "jpeg"], RepoSettings(), 2)["jpeg_over_tensors"] is None

@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from build.engine import EngineBuilder, EngineEnvironmentError, PlanStamp, check_environment, check_plan
 from build.quantize import accuracy
-from build.render_repo import render
-from build.settings import BatchProfile, RepoSettings, add_settings_args, repo_settings
+from build.render_repo import fit_to_host, render
+from build.settings import BatchProfile, RepoSettings, add_settings_args, keeps_manifest, repo_settings
 from clients.client import ImageClassifierClient, Prediction, image_input, triton_modules
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes
@@ -154,6 +155,9 @@ def load_reference(args: argparse.Namespace) -> Reference:
     items = list_images(args.data / "val", meta.classes)
     val, labels = [p for p, _ in items], np.array([y for _, y in items])
     settings = repo_settings(args, args.repo)
+    if not keeps_manifest(args, args.repo):  # as `make repo TARGET=gpu` sizes them: for this host
+        given = frozenset(f.name for f in fields(RepoSettings) if getattr(args, f.name, None) is not None)
+        settings = fit_to_host(settings, os.cpu_count() or 1, keep=given)
     profile = BatchProfile.from_repo_settings(settings.max_batch_size, settings.preferred_batch_sizes)
     pre = DaliPreprocessor(spec, batch_size=profile.max)  # the val split is streamed: any size fits in memory
     sample = next(pre.iter_files(val[:profile.max]))
@@ -239,12 +243,32 @@ def check_engine(run: CheckRun, precision: str) -> dict:
              "gate": "pass" if scored["top1"] >= run.fp32_top1 - run.args.max_top1_drop else "FAIL",
              "served_agreement_with_pytorch": float(100 * np.mean(served == run.ref.predictions)),
              "errors": sum(not p.ok for p in preds), "throughput": throughput,
-             "served_preprocess_vs_cpu": decoder}
+             "served_preprocess_vs_cpu": decoder,
+             "host_side": host_side(throughput, run.ref.settings, os.cpu_count() or 1)}
     print(f"{precision}: engine top-1 {scored['top1']:.2f}% (PyTorch FP32 {run.fp32_top1:.2f}%, gate {entry['gate']}), "
           f"{scored['latency']['best_images_per_s']:.0f} img/s at batch {scored['latency']['best_batch']}; "
           f"served agreement with PyTorch {entry['served_agreement_with_pytorch']:.2f}%; served preprocess vs CPU: "
           f"worst mean {decoder['worst_mean_levels']:.2f} levels ({decoder['worst']}), max {decoder['max_levels']:.1f}")
     return entry
+
+
+def host_side(throughput: list[dict], settings: RepoSettings, cores: int) -> dict:
+    """The JPEG path's best throughput against the tensor path's (the classifier alone): well below 1, the
+    host side of preprocessing (DALI's threads: nvJPEG's Huffman decoding, PNG, the peek; the guard) is what
+    limits the server, not the GPU."""
+    best = {source: max((r["images_per_s"] for r in throughput if r["source"] == source), default=0.0)
+            for source in ("jpeg", "tensors")}
+    return {"jpeg_images_per_s": best["jpeg"], "tensors_images_per_s": best["tensors"],
+            "jpeg_over_tensors": best["jpeg"] / best["tensors"] if best["tensors"] else None,
+            "dali_threads": settings.dali_threads, "dali_instances": settings.preprocess_instances,
+            "host_cores": cores}
+
+
+def host_side_line(name: str, h: dict) -> str:
+    ratio = "n/a" if h["jpeg_over_tensors"] is None else f"{h['jpeg_over_tensors']:.2f}"
+    return (f"- {name}: JPEG path {h['jpeg_images_per_s']:.0f} img/s at its best concurrency, {ratio} of the tensor "
+            f"path's {h['tensors_images_per_s']:.0f} (DALI {h['dali_threads']} threads x {h['dali_instances']} "
+            f"instances on {h['host_cores']} cores)")
 
 
 def engine_row(name: str, entry: dict) -> str:
@@ -284,6 +308,9 @@ def markdown(report: dict, val_images: int) -> str:
               "to the TensorRT model alone.", "",
               "| engine | input | concurrency | img/s | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [throughput_row(k, r) for k, v in report["engines"].items() for r in v["throughput"]]
+    lines += ["", "The host side: the JPEG path's best throughput over the tensor path's (well below 1: preprocessing "
+              "on the host limits the server; raise DALI_THREADS, or HOST_CORES for another host):", ""]
+    lines += [host_side_line(k, v["host_side"]) for k, v in report["engines"].items() if "host_side" in v]
     return "\n".join(lines) + "\n"
 
 
