@@ -5,10 +5,15 @@
     make import ONNX=their_model.onnx LABELS=labels.txt LIKE=timm:convnext_nano   # IMG_SIZE=: only to override
 
 What is checked: one float32 image input in NCHW with 3 channels; one output of [batch, classes] with
-as many classes as the labels file names. What is fixed: a fixed batch dimension is made dynamic (then
-run at two batch sizes to prove it); an output that is already a softmax is turned back into logits
-(log), since the served top-k takes logits; the tensors get the project's names (input, logits) and a
-softmax output is added (probabilities, for the classification layout); other outputs are dropped.
+as many classes as the labels file names. What is fixed: a fixed batch dimension is made dynamic, with each
+Reshape that writes the fixed batch where the graph shows it is the batch rewritten to follow it
+(build.graph_cleanup.unfix_batch), and proved by running it at batch 1 and 3 against the original run one
+image at a time; where the proof fails (the graph fixes its batch in a way not rewritten), the model is
+imported with its batch fixed, recorded in its metadata, and served one image per inference call
+(served.engines.in_fixed_batches), which is printed with its cost. An output that is already a softmax is
+turned back into logits (log), since the served top-k takes logits; the tensors get the project's names
+(input, logits) and a softmax output is added (probabilities, for the classification layout); other outputs
+are dropped.
 The preprocessing comes from ``--like`` (a torchvision or timm model name: that library's eval
 transform, training/sources.py) or from the flags. The copy carries the versioned metadata with its
 provenance (imported, the source file's sha256), and from there `make quantize`, `make repo`,
@@ -27,6 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from build.graph_cleanup import BATCH_DIM, unfix_batch
 from core.atomic_io import atomic_write_bytes
 from core.metadata import (
     INPUT_NAME,
@@ -41,8 +47,11 @@ from core.metadata import (
 )
 from core.preprocess import INTERPOLATIONS, PreprocessSpec
 from core.runners import OrtRunner
+from served.engines import fixed_batch, fixed_batch_cost
 
 IMPORTED_ARCH = "imported"  # the metadata's arch for a model this project did not train
+PROOF_BATCH = 3  # the batch the imported graph is proved at, besides 1
+TOLERANCE = 1e-4  # the largest difference from the original's outputs taken as equal (float32 rounding)
 
 
 class ImportCheckError(ValueError):
@@ -99,54 +108,74 @@ def spec_for(args: argparse.Namespace, height: Any) -> PreprocessSpec:
                           mean=tuple(args.mean), std=tuple(args.std), interpolation=args.interpolation)
 
 
-def outputs_probabilities(original: OrtRunner, shape: tuple[int, int, int]) -> bool:
+def alone(original: OrtRunner, x: np.ndarray, batch: int) -> np.ndarray:
+    """The original's output for each image of ``x`` run alone (where its batch is fixed above 1: among copies
+    of itself): the reference every imported graph is proved against."""
+    return np.concatenate([original(np.repeat(xi[None], batch, axis=0))[:1] for xi in x])
+
+
+def outputs_probabilities(original: OrtRunner, shape: tuple[int, int, int], batch: int) -> bool:
     """Whether the output is already a softmax: non-negative rows summing to 1 on random inputs."""
-    x = np.random.default_rng(0).standard_normal((4, 1, *shape)).astype(np.float32)
-    y = np.concatenate([original(xi) for xi in x])  # one image at a time: the original's batch may be fixed at 1
+    y = alone(original, np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32), batch)
     return bool(np.all(y >= 0) and np.allclose(y.sum(1), 1.0, atol=1e-4))
 
 
-def rewire(graph: gs.Graph, ir_version: int, num_classes: int,
-           already_softmax: bool) -> tuple[onnx.ModelProto, dict]:
-    """The checked graph with the standard names, a dynamic batch, logits out and a softmax beside them."""
+def rewire(model: onnx.ModelProto, num_classes: int, already_softmax: bool,
+           batch: int | str) -> tuple[onnx.ModelProto, dict]:
+    """The checked graph with the standard names, the input's ``batch`` (a number: fixed; else the symbol),
+    logits out and a softmax beside them; and what was changed."""
+    graph = gs.import_onnx(model)
     inp, out = image_input(graph), classifier_output(graph, num_classes)
     renamed: dict[str, str] = {inp.name: INPUT_NAME}
-    fixes = {"dynamic_batch": not isinstance(inp.shape[0], str), "softmax_turned_to_logits": bool(already_softmax),
-             "dropped_outputs": [t.name for t in graph.outputs[1:]], "renamed": renamed}
-    inp.name, inp.shape = INPUT_NAME, ["batch", *inp.shape[1:]]
-    for t in graph.tensors().values():  # shapes recorded inside were for the fixed batch: let ORT infer them
+    fixes = {"softmax_turned_to_logits": bool(already_softmax), "dropped_outputs": [t.name for t in graph.outputs[1:]],
+             "renamed": renamed}
+    inp.name, inp.shape = INPUT_NAME, [batch, *inp.shape[1:]]
+    for t in graph.tensors().values():  # shapes recorded inside may be for another batch: let ORT infer them
         if isinstance(t, gs.Variable) and t is not inp and t not in graph.outputs:
             t.shape = None
     if already_softmax:
-        logits = gs.Variable(OUTPUT_NAME, dtype=np.float32, shape=["batch", num_classes])
+        logits = gs.Variable(OUTPUT_NAME, dtype=np.float32, shape=[batch, num_classes])
         graph.nodes.append(gs.Node("Log", inputs=[out], outputs=[logits]))
     else:
         renamed[out.name] = OUTPUT_NAME
-        out.name, out.shape, logits = OUTPUT_NAME, ["batch", num_classes], out
-    probs = gs.Variable(PROBABILITIES_NAME, dtype=np.float32, shape=["batch", num_classes])
+        out.name, out.shape, logits = OUTPUT_NAME, [batch, num_classes], out
+    probs = gs.Variable(PROBABILITIES_NAME, dtype=np.float32, shape=[batch, num_classes])
     graph.nodes.append(gs.Node("Softmax", attrs={"axis": 1}, inputs=[logits], outputs=[probs]))
     graph.outputs = [logits, probs]
     graph.cleanup().toposort()
     rewired = gs.export_onnx(graph)
-    rewired.ir_version = ir_version  # gs writes its own default; ORT reads the original one
+    rewired.ir_version = model.ir_version  # gs writes its own default; ORT reads the original one
     onnx.checker.check_model(rewired)
     return rewired, fixes
 
 
-def check_runs(original: OrtRunner, imported: bytes, shape: tuple[int, int, int], softmax: bool) -> float:
-    """Run at batch 1 and 3 (the batch really is dynamic) and compare with the original at batch 1."""
-    x = np.random.default_rng(1).standard_normal((3, *shape)).astype(np.float32)
-    runner = OrtRunner(imported)
+def prove(imported: bytes, x: np.ndarray, expected: np.ndarray, softmax: bool) -> float:
+    """The largest difference of the imported graph's outputs, run as served (a fixed batch in calls of that
+    batch), at batch 1 and ``len(x)``, from the original's for each image alone (``expected``); an
+    ImportCheckError saying where they part."""
+    def refusal(e: Exception) -> str:  # ONNX Runtime refuses a graph or a batch in its own words and types
+        return " ".join(str(e).split())[:300]
+
     try:
-        logits, probs = runner.run(x, outputs=2)
+        runner = OrtRunner(imported)
     except Exception as e:
-        raise ImportCheckError(f"the batch dimension cannot be made dynamic (the graph fixes it inside: "
-                               f"{str(e)[:300]}); export the model with a dynamic batch") from e
-    first = original(x[:1])
-    ours = np.exp(logits[:1]) if softmax else logits[:1]
-    diff = float(np.abs(ours - first).max())
-    if not np.allclose(probs, np.exp(logits) / np.exp(logits).sum(1, keepdims=True), atol=1e-5) or diff > 1e-4:
-        raise ImportCheckError(f"the imported graph computes other outputs than the original (max diff {diff:.3g})")
+        raise ImportCheckError(f"ONNX Runtime cannot load it: {refusal(e)}") from e
+    diff = 0.0
+    for n in (1, len(x)):
+        try:
+            logits, probs = runner.run(x[:n], outputs=2)
+        except Exception as e:
+            raise ImportCheckError(f"at batch {n}: {refusal(e)}") from e
+        ours = np.exp(logits) if softmax else logits
+        if ours.shape != expected[:n].shape:
+            raise ImportCheckError(f"at batch {n} the output has shape {list(ours.shape)}, not "
+                                   f"{list(expected[:n].shape)}")
+        diff = max(diff, float(np.abs(ours - expected[:n]).max()))
+        if diff > TOLERANCE:
+            raise ImportCheckError(f"at batch {n} the outputs differ from the original's, one image at a time, by "
+                                   f"up to {diff:.3g}")
+        if not np.allclose(probs, np.exp(logits) / np.exp(logits).sum(1, keepdims=True), atol=1e-5):
+            raise ImportCheckError(f"at batch {n} the added softmax does not match the logits")
     return diff
 
 
@@ -162,26 +191,60 @@ def import_onnx(src: Path, labels_file: Path, out: Path, args: argparse.Namespac
                            f"{spec.crop_size}: give --img-size {inp.shape[2]} (make import IMG_SIZE={inp.shape[2]}, "
                            "or leave IMG_SIZE out: the input's own size is taken)")
     original = OrtRunner(model.SerializeToString())
-    softmax = outputs_probabilities(original, spec.input_shape)
-    rewired, fixes = rewire(graph, model.ir_version, len(labels), softmax)
-    meta = ArtifactMetadata(
-        arch=IMPORTED_ARCH, arch_args={}, classes=tuple(labels), preprocess=spec, metrics={},
-        source=ImportedSource(imported=str(Path(src).resolve()), imported_sha256=file_sha256(src),
-                              labels_sha256=file_sha256(labels_file), preprocessing_like=args.like, fixes=fixes),
-        export=ExportInfo(opset=max(o.version for o in rewired.opset_import if o.domain in ("", "ai.onnx")),
-                          input=INPUT_NAME, output=OUTPUT_NAME, probabilities=PROBABILITIES_NAME,
-                          precision="fp32", versions={**library_versions(), "onnx": onnx.__version__}),
-        records_pretrained=False)  # an import records no fine-tuning: the key is left out
-    onnx.helper.set_model_props(rewired, {METADATA_KEY: meta.to_json()})
-    model_bytes = rewired.SerializeToString()
-    diff = check_runs(original, model_bytes, spec.input_shape, softmax)
-    report = {"fixes": fixes, "max_abs_diff_vs_original": diff, "classes": len(labels), "input": spec.input_shape}
+    in_input = fixed_batch(inp.shape[0])
+    batch = in_input or 1  # what the file runs at (a symbolic batch may be fixed inside)
+    softmax = outputs_probabilities(original, spec.input_shape, batch)
+    x = np.random.default_rng(1).standard_normal((PROOF_BATCH, *spec.input_shape)).astype(np.float32)
+    expected = alone(original, x, batch)
+
+    def written(graph_model: onnx.ModelProto, served_batch: int | str, batch_fixes: dict) -> tuple[bytes, dict]:
+        """The file to write for ``graph_model`` served at ``served_batch``, and the fixes it records."""
+        rewired, fixes = rewire(graph_model, len(labels), softmax, served_batch)
+        fixes = {**batch_fixes, **fixes}
+        meta = ArtifactMetadata(
+            arch=IMPORTED_ARCH, arch_args={}, classes=tuple(labels), preprocess=spec, metrics={},
+            source=ImportedSource(imported=str(Path(src).resolve()), imported_sha256=file_sha256(src),
+                                  labels_sha256=file_sha256(labels_file), preprocessing_like=args.like, fixes=fixes),
+            export=ExportInfo(opset=max(o.version for o in rewired.opset_import if o.domain in ("", "ai.onnx")),
+                              input=INPUT_NAME, output=OUTPUT_NAME, probabilities=PROBABILITIES_NAME,
+                              precision="fp32", versions={**library_versions(), "onnx": onnx.__version__},
+                              fixed_batch=served_batch if isinstance(served_batch, int) else None),
+            records_pretrained=False)  # an import records no fine-tuning: the key is left out
+        onnx.helper.set_model_props(rewired, {METADATA_KEY: meta.to_json()})
+        return rewired.SerializeToString(), fixes
+
+    unfixed, reshapes = unfix_batch(model, batch)
+    served_fixed: int | None = None
+    try:
+        model_bytes, fixes = written(unfixed, BATCH_DIM, {
+            "dynamic_batch": bool(in_input or reshapes),
+            **({"reshapes_following_the_batch": reshapes} if reshapes else {})})
+        diff = prove(model_bytes, x, expected, softmax)
+        places = ((["its input"] if in_input else [])
+                  + ([f"{len(reshapes)} Reshape(s), now following it ({', '.join(reshapes)})"] if reshapes else []))
+        how = (f"batch: made dynamic (the file fixed it at {batch} in {' and in '.join(places)})" if places
+               else "batch: dynamic, as in the file")
+        how += (f"; proved: at batch 1 and {PROOF_BATCH} the outputs equal the original's, one image at a time "
+                f"(max diff {diff:.2g})")
+    except (ImportCheckError, onnx.checker.ValidationError) as e:
+        why = f"the batch could not be made dynamic: {e}"
+        model_bytes, fixes = written(model, batch, {"dynamic_batch": False, "batch_kept_fixed": why})
+        try:
+            diff = prove(model_bytes, x, expected, softmax)
+        except ImportCheckError as refused:
+            raise ImportCheckError(f"the imported graph computes other outputs than the original ({refused})") \
+                from refused
+        served_fixed = batch
+        how = f"batch: fixed at {batch} inside the graph; {why}; {fixed_batch_cost(batch)}"
+    report = {"fixes": fixes, "max_abs_diff_vs_original": diff, "classes": len(labels), "input": spec.input_shape,
+              "fixed_batch": served_fixed, "batch": how}
     if args.data:
         report["val_top1"] = val_top1(model_bytes, spec, labels, Path(args.data))
     atomic_write_bytes(out, lambda tmp: tmp.write_bytes(model_bytes))
     print(f"imported {src} -> {out}: {len(labels)} classes, input {spec.input_shape}, {spec.interpolation} resize "
           f"to {spec.resize_size}; fixes: {json.dumps(fixes)}"
           + (f"; val top-1 {report['val_top1']:.2f}%" if "val_top1" in report else ""))
+    print(how)
     return report
 
 

@@ -43,7 +43,8 @@ PROBABILITIES_NAME = "probabilities"
 # the first versioned schema. The unversioned 'platform' metadata before it is refused by name, not
 # upgraded (read_metadata): its checkpoint path is absolute and its graph has no softmax output, which
 # no change to the metadata can add. Within version 1, the keys later writers added are optional
-# (ArtifactMetadata.pretrained, ExportInfo.probabilities, .reference): an older file reads back as it is.
+# (ArtifactMetadata.pretrained, ExportInfo.probabilities, .reference, .fixed_batch): an older file reads back
+# as it is.
 Upgrader = Callable[[dict[str, Any]], dict[str, Any]]
 UPGRADERS: dict[int, Upgrader] = {}
 
@@ -119,7 +120,8 @@ def source_from_dict(d: Mapping[str, Any]) -> Source:
 
 
 # ExportInfo's optional keys, in the order the writers append them; None = not written
-_EXPORT_OPTIONAL = ("reference", "derived_from_sha256", "calibration_images", "calibration_method", "kept_fp32")
+_EXPORT_OPTIONAL = ("reference", "derived_from_sha256", "calibration_images", "calibration_method", "kept_fp32",
+                    "fixed_batch")
 _EXPORT_KNOWN = ("opset", "input", "output", "probabilities", "precision", "versions", *_EXPORT_OPTIONAL)
 
 
@@ -140,6 +142,9 @@ class ExportInfo:
     calibration_images: int | None = None
     calibration_method: str | None = None
     kept_fp32: tuple[str, ...] | None = None  # an INT8 file's nodes kept in FP32 by the recovery
+    # the batch the graph is fixed at, where build.import_onnx could not make it dynamic: served in calls of
+    # that many images (served.engines.in_fixed_batches); None: the batch varies
+    fixed_batch: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -154,7 +159,8 @@ class ExportInfo:
                    versions=d["versions"], probabilities=d.get("probabilities"), reference=d.get("reference"),
                    derived_from_sha256=d.get("derived_from_sha256"), calibration_images=d.get("calibration_images"),
                    calibration_method=d.get("calibration_method"),
-                   kept_fp32=None if kept is None else tuple(kept), extra=_extra(d, _EXPORT_KNOWN))
+                   kept_fp32=None if kept is None else tuple(kept), fixed_batch=d.get("fixed_batch"),
+                   extra=_extra(d, _EXPORT_KNOWN))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"opset": self.opset, "input": self.input, "output": self.output}

@@ -95,6 +95,32 @@ Classifier = Callable[..., list[Array]]  # (batch, outputs=1) -> the first ``out
 INFERENCE_PRECISIONS = tuple(str(p) for p in InferencePrecision)
 
 
+def fixed_batch(dim: Any) -> int | None:
+    """The batch a graph's input is fixed at (its first dimension, where that is a number), None if it varies."""
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def in_fixed_batches(run: Callable[[Array], list[Array]], batch: Array, size: int | None) -> list[Array]:
+    """``run``'s outputs for ``batch``, where the graph's batch is fixed at ``size`` (None: it varies, one call):
+    one call per ``size`` images, the last call filled up with copies of its last image, whose rows are dropped.
+    A model imported with its batch fixed inside (build.import_onnx) runs so: one image per call at batch 1."""
+    if size is None or len(batch) in (0, size):
+        return run(batch)
+    parts = []
+    for i in range(0, len(batch), size):
+        chunk = batch[i:i + size]
+        filled = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+        parts.append([out[:len(chunk)] for out in run(filled)])
+    return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
+
+
+def fixed_batch_cost(size: int) -> str:
+    """What serving a graph whose batch is fixed at ``size`` costs, as `make import` and `make repo` say it."""
+    calls = "one image per inference call" if size == 1 else f"{size} images per inference call (filled up)"
+    return (f"served without batching: the classifier runs {calls}, so its throughput is that of batch {size} "
+            "whatever the batch Triton forms (Triton still batches the requests and the preprocessing)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # ONNX Runtime
 # ----------------------------------------------------------------------------------------------------------
@@ -124,10 +150,12 @@ class OnnxClassifier:
         self.session = ort_session(path, intra_op_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.fixed_batch = fixed_batch(self.session.get_inputs()[0].shape[0])
 
     def __call__(self, batch: Array, outputs: int = 1) -> list[Array]:
         """The first ``outputs`` ONNX outputs for ``batch``."""
-        return list(self.session.run(self.output_names[:outputs], {self.input_name: batch}))
+        return in_fixed_batches(lambda b: list(self.session.run(self.output_names[:outputs], {self.input_name: b})),
+                                batch, self.fixed_batch)
 
 
 def onnxruntime_classifier(path: Path | str | bytes, threads: int = 1,
@@ -146,16 +174,20 @@ class OrtRunner:
         self.session = ort_session(model, threads, allow_spinning)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.fixed_batch = fixed_batch(self.session.get_inputs()[0].shape[0])
+
+    def _run(self, x: Array, outputs: int) -> list[Array]:
+        return in_fixed_batches(lambda b: list(self.session.run(self.output_names[:outputs], {self.input_name: b})),
+                                x, self.fixed_batch)
 
     def run(self, x: Array, outputs: int = 1, batch_size: int | None = None) -> list[Array]:
         """The first ``outputs`` outputs, in batches of ``batch_size`` (None: all at once)."""
         step = batch_size or max(1, len(x))
-        runs = [self.session.run(self.output_names[:outputs], {self.input_name: x[i:i + step]})
-                for i in range(0, len(x), step)]
+        runs = [self._run(x[i:i + step], outputs) for i in range(0, len(x), step)]
         return [np.concatenate([r[k] for r in runs]) for k in range(outputs)]
 
     def __call__(self, x: Array) -> Array:
-        return np.asarray(self.session.run(self.output_names[:1], {self.input_name: x})[0])
+        return np.asarray(self._run(x, 1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,11 +223,16 @@ class OpenVinoClassifier:
         self.compiled = ov_compiled(path, intra_op_threads, inference_precision)
         self.request = self.compiled.create_infer_request()
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        first = self.compiled.inputs[0].get_partial_shape()[0]
+        self.fixed_batch = fixed_batch(first.get_length()) if first.is_static else None
 
-    def __call__(self, batch: Array, outputs: int = 1) -> list[Array]:
+    def _infer(self, batch: Array, outputs: int) -> list[Array]:
         self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
         # the request's output buffers are reused by the next call: copied out
         return [np.array(self.request.get_output_tensor(i).data) for i in range(outputs)]
+
+    def __call__(self, batch: Array, outputs: int = 1) -> list[Array]:
+        return in_fixed_batches(lambda b: self._infer(b, outputs), batch, self.fixed_batch)
 
 
 class OvRunner:
