@@ -68,17 +68,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=4,
                    help="re-sends of a request the server refused as overloaded (503)")
-    p.add_argument("--tls", action="store_true", help="gRPC over TLS (the server's certificate checked against "
-                                                     "--tls-root-cert, else the system's CAs)")
-    p.add_argument("--tls-root-cert", type=Path, help="PEM CA that signed the server's certificate (implies --tls)")
-    p.add_argument("--tls-cert", type=Path, help="PEM client certificate chain, for mutual TLS")
-    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    add_tls_arguments(p)
     p.add_argument("--metrics-file", type=Path,
                    help="write the served metrics of these answers here, in Prometheus' text format (for "
                         "node_exporter's textfile collector; clients/metrics.py)")
     p.add_argument("--drift-reference", type=Path,
                    help="with --metrics-file: the exported model.onnx (or a reference JSON) to score drift against")
     return p
+
+
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """gRPC over TLS from the client's side: the options tls_options reads (perf.report takes them too)."""
+    p.add_argument("--tls", action="store_true", help="gRPC over TLS (the server's certificate checked against "
+                                                     "--tls-root-cert, else the system's CAs)")
+    p.add_argument("--tls-root-cert", type=Path, help="PEM CA that signed the server's certificate (implies --tls)")
+    p.add_argument("--tls-cert", type=Path, help="PEM client certificate chain, for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
 
 
 def tls_options(args: argparse.Namespace) -> Tls | None:

@@ -11,34 +11,47 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from clients.client import Tls
+from clients.keys import INFERENCE
 from perf.load.stats import UsageMeter
 from perf.paths import PROJECT_ROOT
+from serve import die_with_parent
 
 LOCUSTFILE = PROJECT_ROOT / "perf" / "load" / "locustfile.py"
 USERS = ("TritonHttpUser", "TritonGrpcUser", "BaselineUser")
+TRITON_USERS = {"http": "TritonHttpUser", "grpc": "TritonGrpcUser"}  # Triton's user of each protocol
+TLS_ENV = "LOAD_TLS"  # TritonGrpcUser's TLS: clients.client.Tls's fields as JSON (locustfile.py)
 
 
 def run_locust(user: str, host: str, users: int, duration_s: int, out_dir: Path, images: Path,
                labels: Path | None = None, top_k: int = 5, grpc_url: str | None = None, spawn_rate: float | None = None,
-               server_pid: int | None = None) -> dict:
-    """One headless run; returns the aggregated row (requests/s, failures, percentiles in ms)."""
+               server_pid: int | None = None, key: str | None = None, tls: Tls | None = None) -> dict:
+    """One headless run; returns the aggregated row (requests/s, failures, percentiles in ms). ``key``: the
+    inference key Triton's users send (None: none); ``tls``: TritonGrpcUser's gRPC over TLS."""
     if user not in USERS:
         raise ValueError(f"user must be one of {USERS}")
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / f"locust_{user}_{users}u"
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "LOAD_IMAGES": str(images), "LOAD_TOPK": str(top_k)}
+    # the users send the key they find in the environment: exactly this one, or none
+    env = {k: v for k, v in os.environ.items() if k != INFERENCE.env}
+    env |= {"PYTHONPATH": str(PROJECT_ROOT), "LOAD_IMAGES": str(images), "LOAD_TOPK": str(top_k),
+            **({INFERENCE.env: key} if key else {})}
     if labels:
         env["LOAD_LABELS"] = str(labels)
     if grpc_url:
         env["LOAD_GRPC"] = grpc_url
+    if tls:
+        env[TLS_ENV] = json.dumps({k: v and str(v) for k, v in asdict(tls).items()})
     cmd = [str(Path(sys.executable).parent / "locust"), "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
            "-r", str(spawn_rate or users), "-t", f"{duration_s}s", "--host", host, "--csv", str(prefix),
            "--html", f"{prefix}.html", "--only-summary", "--stop-timeout", "5", "--exit-code-on-error", "0", user]
     meter = UsageMeter(server_pid).start() if server_pid else None
-    try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + 60, cwd=PROJECT_ROOT)
+    try:  # locust dies with us, however we die (a killed make); a timeout or Ctrl-C kills it (subprocess.run)
+        r = subprocess.run([*die_with_parent(), *cmd], env=env, capture_output=True, text=True,
+                           timeout=duration_s + 60, cwd=PROJECT_ROOT)
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"locust did not stop {duration_s + 60} s after starting a {duration_s} s run; killed it. "
                            f"Output:\n{(e.stdout or b'')[-2000:]!r}") from None

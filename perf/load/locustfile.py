@@ -7,6 +7,8 @@ Configured by environment (perf/load/loadtest.py sets it):
   LOAD_LABELS   file with the class names, one per line (the answers must come from this set)
   LOAD_GRPC     host:port of Triton's gRPC endpoint (TritonGrpcUser)
   LOAD_TOPK     expected number of labels per answer
+  LOAD_TLS      TritonGrpcUser's gRPC over TLS: clients.client.Tls's fields as JSON
+  $TRITON_INFERENCE_KEY  the inference key Triton's users send (clients.keys), if set
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ from pathlib import Path
 import grpc.experimental.gevent as grpc_gevent
 from locust import FastHttpUser, User, constant, events, task
 
+from clients.client import Tls
+from clients.keys import INFERENCE
 from core import protocol as P
 from perf.load.bodies import sample_images
+from perf.load.loadtest import TLS_ENV
 
 IMAGES = [b for _, b in sample_images(Path(os.environ.get("LOAD_IMAGES", "data/synthetic/val")), 64)]
 LABELS = set(Path(os.environ["LOAD_LABELS"]).read_text().split()) if os.environ.get("LOAD_LABELS") else None
 TOPK = int(os.environ.get("LOAD_TOPK", "5"))
 REQUEST_TIMEOUT_S = 60.0  # FastHttpUser's network and connection timeouts default to the same
+KEY = os.environ.get(INFERENCE.env)  # run_locust sets it to the key to send, or leaves it out
+TLS = (Tls(**{k: v and Path(v) for k, v in json.loads(os.environ[TLS_ENV]).items()})
+       if os.environ.get(TLS_ENV) else None)
 
 # grpcio must cooperate with locust's gevent loop: patch once, before any channel exists
 grpc_gevent.init_gevent()
@@ -48,7 +56,7 @@ def kserve_binary_request(data: bytes) -> tuple[bytes, dict]:
                     {"name": P.SCORES, "parameters": {"binary_data": False}}],
     }).encode()
     return header + data, {"Inference-Header-Content-Length": str(len(header)),
-                           "Content-Type": "application/octet-stream"}
+                           "Content-Type": "application/octet-stream", **INFERENCE.headers("http", KEY)}
 
 
 class TritonHttpUser(FastHttpUser):
@@ -78,7 +86,9 @@ class TritonGrpcUser(User):
         import tritonclient.grpc as grpcclient
 
         self.mod = grpcclient
-        self.client = grpcclient.InferenceServerClient(os.environ.get("LOAD_GRPC", "localhost:8001"))
+        self.client = grpcclient.InferenceServerClient(os.environ.get("LOAD_GRPC", "localhost:8001"),
+                                                       **(TLS.grpc_kwargs() if TLS else {}))
+        self.headers = INFERENCE.headers("grpc", KEY) or None
         self.images = itertools.cycle(IMAGES)
         self.outputs = [grpcclient.InferRequestedOutput(P.LABELS), grpcclient.InferRequestedOutput(P.SCORES)]
 
@@ -94,7 +104,8 @@ class TritonGrpcUser(User):
         inp.set_data_from_numpy(np.frombuffer(data, np.uint8)[None])
         start, exc = time.perf_counter(), None
         try:
-            result = self.client.infer(P.ENSEMBLE, [inp], outputs=self.outputs, client_timeout=REQUEST_TIMEOUT_S)
+            result = self.client.infer(P.ENSEMBLE, [inp], outputs=self.outputs, client_timeout=REQUEST_TIMEOUT_S,
+                                       headers=self.headers)
             labels = result.as_numpy(P.LABELS)
             if labels.shape != (1, TOPK):
                 raise ValueError(f"LABELS shape {labels.shape}")

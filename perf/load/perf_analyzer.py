@@ -19,9 +19,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ from build.render_repo import render
 from build.settings import RepoSettings, read_manifest
 from core import protocol as P
 from perf.load.bodies import sample_images
+from perf.load.deployment import Deployment
 from perf.load.stats import UsageMeter, metrics_summary, model_stats, scrape_metrics, stats_delta
+from serve import die_with_parent
 from serve.server import TritonServer
 
 
@@ -119,12 +122,15 @@ class PerfPoint:
                 "generator_behind": self.generator_behind}
 
 
-def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, input_json: Path, out_dir: Path,
-              server_pid: int | None = None, interval_ms: int = 2000, model: str = P.ENSEMBLE,
-              timeout_s: float = 300, metrics_url: str | None = None, request_count: int = 0) -> PerfPoint:
+def run_point(url: str, http_url: str | None, protocol: str, mode: str, value: float, input_json: Path,
+              out_dir: Path, server_pid: int | None = None, interval_ms: int = 2000, model: str = P.ENSEMBLE,
+              timeout_s: float = 300, metrics_url: str | None = None, request_count: int = 0,
+              deployment: Deployment | None = None) -> PerfPoint:
     """One perf_analyzer measurement; raises RuntimeError with perf_analyzer's own output on failure.
     ``request_count`` > 0: exactly that many requests, no stabilization (a smoke test on a busy machine
-    cannot fail to stabilize)."""
+    cannot fail to stabilize). ``deployment``: a server this run did not start (``url`` is its own): its keys
+    and TLS go to perf_analyzer, its statistics are read over its protocol (``http_url`` unused), and the keys
+    are in no log or error."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{protocol}_{mode}_{value:g}"
     csv_path = out_dir / f"perf_analyzer_{tag}.csv"
@@ -133,18 +139,28 @@ def run_point(url: str, http_url: str, protocol: str, mode: str, value: float, i
            f"--{mode.replace('_', '-')}-range", rng, *(OPEN_LOOP if mode == "request_rate" else ()),
            "--measurement-interval", str(interval_ms),
            "--max-trials", "5", "--stability-percentage", "50", "-f", str(csv_path), "--verbose-csv",
-           *(["--request-count", str(request_count)] if request_count else [])]
-    before = model_stats(http_url)
+           *(["--request-count", str(request_count)] if request_count else []),
+           *(deployment.perf_analyzer_args() if deployment else [])]
+    if deployment is not None:
+        stats: Callable[[], dict[str, dict]] = deployment.statistics
+    elif http_url is not None:
+        stats = partial(model_stats, http_url)
+    else:
+        raise ValueError("run_point needs http_url (the statistics API) or a deployment")
+    shown = deployment.redact if deployment else str
+    before = stats()
     m_before = scrape_metrics(metrics_url) if metrics_url else {}
     meter = UsageMeter(server_pid).start() if server_pid else None
-    r = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=timeout_s)
+    # it dies with us, however we die (a killed make); a timeout or Ctrl-C kills it (subprocess.run)
+    r = subprocess.run([*die_with_parent(), *cmd], env=perf_analyzer_env(), capture_output=True, text=True,
+                       timeout=timeout_s)
     usage = meter.stop() if meter else {}
-    (out_dir / f"perf_analyzer_{tag}.log").write_text("$ " + " ".join(cmd) + "\n" + r.stdout + r.stderr)
+    (out_dir / f"perf_analyzer_{tag}.log").write_text(shown("$ " + " ".join(cmd) + "\n" + r.stdout + r.stderr))
     if r.returncode != 0 or not csv_path.exists():
-        raise RuntimeError(f"perf_analyzer failed ({' '.join(cmd)}):\n{(r.stdout + r.stderr)[-2000:]}")
+        raise RuntimeError(shown(f"perf_analyzer failed ({' '.join(cmd)}):\n{(r.stdout + r.stderr)[-2000:]}"))
     with open(csv_path) as f:
         row = next(csv.DictReader(f))
-    server = stats_delta(before, model_stats(http_url))
+    server = stats_delta(before, stats())
     metrics = metrics_summary(m_before, scrape_metrics(metrics_url)) if metrics_url else {}
     return PerfPoint(protocol, mode, value, row, server, usage, metrics, BEHIND in r.stdout + r.stderr)
 
@@ -209,19 +225,20 @@ def measure_rendered(onnx: Path, settings: RepoSettings, protocol: str, concurre
     return point, manifest
 
 
-def sweep(url: str, http_url: str, protocol: str, mode: str, values: list[float], blobs: list[bytes],
+def sweep(url: str, http_url: str | None, protocol: str, mode: str, values: list[float], blobs: list[bytes],
           out_dir: Path, server_pid: int | None = None, interval_ms: int = 2000,
-          metrics_url: str | None = None, request_count: int = 0, shed: list[float] | None = None) -> list[PerfPoint]:
+          metrics_url: str | None = None, request_count: int = 0, shed: list[float] | None = None,
+          deployment: Deployment | None = None) -> list[PerfPoint]:
     """One point per value. A request rate past the server's capacity fills its queue and the server sheds
     load ("Exceeds maximum queue size"): that rate goes into ``shed`` and the sweep stops (higher ones
-    would too); any other perf_analyzer failure raises."""
+    would too); any other perf_analyzer failure raises. ``deployment``: as run_point's."""
     out_dir.mkdir(parents=True, exist_ok=True)
     input_json = write_input_data(blobs, out_dir / "perf_analyzer_input.json")
     points = []
     for v in values:
         try:
             p = run_point(url, http_url, protocol, mode, v, input_json, out_dir, server_pid, interval_ms,
-                          metrics_url=metrics_url, request_count=request_count)
+                          metrics_url=metrics_url, request_count=request_count, deployment=deployment)
         except RuntimeError as e:
             if mode != "request_rate" or QUEUE_FULL not in str(e) or shed is None:
                 raise

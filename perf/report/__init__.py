@@ -7,6 +7,11 @@ load with the same JPEGs. Headline ratios come first; every figure is a measurem
 
     python -m perf.report --repo model_repository --images data/synthetic/val [--quick]
 
+A running server instead (a deployment: nothing started or stopped, the parts that need a local server left out
+with why, the inference key and gRPC TLS as the client sends them, what was measured as the server reports it):
+
+    python -m perf.report --url triton.example.com:8001 --protocol grpc --tls-root-cert ca.pem --parts perf,loadtest
+
 Split by what each step does: measure.py (run everything, one dict of figures), analysis.py (headline
 ratios and verdicts), plots.py (figures), render.py (Markdown, and HTML through a template).
 """
@@ -14,15 +19,19 @@ ratios and verdicts), plots.py (figures), render.py (Markdown, and HTML through 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+from clients.cli import add_tls_arguments, tls_options
+from clients.keys import INFERENCE
+from perf.load.deployment import PROTOCOLS, Deployment, DeploymentError
 from perf.paths import REPORTS
 from perf.reference.baseline_process import start_baseline
 from perf.report.analysis import headline
-from perf.report.measure import FULL, QUICK, Profile, measure_all
+from perf.report.measure import FULL, QUICK, Profile, measure_all, measure_deployment
 from perf.report.plots import plots
 from perf.report.render import markdown, to_html
 
@@ -33,13 +42,28 @@ __all__ = ["FULL", "QUICK", "Profile", "main", "run", "start_baseline"]
 
 def run(repo: Path, images: Path, out_root: Path = REPORTS, profile: Profile = FULL,
         tuning_json: Path | None = None, browser: bool = True, workloads: tuple[str, ...] = (),
-        workload_args: dict | None = None) -> Path:
+        workload_args: dict | None = None, deployment: Deployment | None = None,
+        metrics_url: str | None = None) -> Path:
     """``workloads``: also measure these (perf/report/workloads.py) in this run, with ``workload_args`` (its
-    measure()'s keyword arguments: work, demo_ckpt, demo_data, rounds, seconds, connections, ...)."""
+    measure()'s keyword arguments: work, demo_ckpt, demo_data, rounds, seconds, connections, ...).
+    ``deployment``: measure that running server instead of serving ``repo`` (measure_deployment; ``repo`` unused,
+    no workloads or tuning sweep: those are local servers' figures); ``metrics_url``: its Prometheus endpoint."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = out_root / stamp
     out.mkdir(parents=True, exist_ok=True)
-    r = measure_all(repo, images, out, profile)
+    if deployment is None:
+        r = measure_all(repo, images, out, profile)
+    else:
+        for what, asked in (("workloads", workloads), ("the batching sweep", tuning_json and tuning_json.exists())):
+            if asked:
+                print(f"left out: {what}: measured on servers started here, not on the deployment")
+        workloads, tuning_json = (), None
+        try:
+            r = measure_deployment(deployment, images, out, profile, metrics_url)
+        except DeploymentError:  # refused before anything was measured: no empty report folder left behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+            raise
     if workloads:
         from perf.report import workloads as w
 
@@ -51,7 +75,8 @@ def run(repo: Path, images: Path, out_root: Path = REPORTS, profile: Profile = F
     (out / "results.json").write_text(json.dumps(r, indent=2, default=str))
     md = markdown(r, h, plots(r, out, tuning), tuning)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(to_html(md, f"Load-testing report {stamp}"))
+    title = f"Load-testing report {stamp}" + (f": {deployment.url}" if deployment else "")
+    (out / "report.html").write_text(to_html(md, title))
     print("\n".join(md.splitlines()[:8]))
     print(f"\nwrote {out / 'report.html'} and {out / 'report.md'}")
     if browser:  # seen, not assumed: the page in a real browser, its figures counted, a screenshot kept
@@ -88,6 +113,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="*", help="perf_analyzer concurrencies (default 1 2 4 8 16 32)")
     p.add_argument("--users", type=int, help="locust users (default 16)")
     p.add_argument("--duration", type=int, help="locust seconds per run (default 20)")
+    # a running server (a deployment): nothing is started or stopped, --repo is not read
+    p.add_argument("--url", help="measure the running server at host:port (its --protocol endpoint) instead of "
+                   f"serving --repo; the inference key is sent from ${INFERENCE.env}, else its key file "
+                   f"(${INFERENCE.file_env}, default {INFERENCE.file()})")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="http", help="--url's protocol (default http)")
+    add_tls_arguments(p)  # --url over gRPC
+    p.add_argument("--metrics-url", help="--url's Prometheus endpoint (http://host:8002/metrics), scraped around "
+                   "each perf_analyzer point")
     return p
 
 
@@ -114,10 +147,23 @@ def main(a: argparse.Namespace) -> Path:
     profile = Profile(**{**asdict(profile), **overrides})
     from perf.report.workloads import WORKLOADS
 
+    deployment = None
+    tls = tls_options(a)
+    try:
+        if a.url:
+            deployment = Deployment.from_environment(a.url, a.protocol, tls)
+        elif tls or a.metrics_url:
+            raise DeploymentError("--tls*, --metrics-url: options of --url (a running server)")
+    except DeploymentError as e:
+        raise SystemExit(f"error: {e}") from None
     names = tuple(WORKLOADS) if a.workloads == "all" else tuple(x for x in a.workloads.split(",") if x)
     if unknown := set(names) - set(WORKLOADS):
         raise SystemExit(f"error: unknown --workloads {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     workload_args = {"work": Path(".cache/workloads"), "demo_ckpt": a.ckpt, "demo_data": a.data,
                      "rounds": profile.compare_rounds, "seconds": profile.compare_seconds,
                      "peers": profile.compare_peers}
-    return run(a.repo, a.images, a.out, profile, a.tuning, not a.no_browser, names, workload_args)
+    try:
+        return run(a.repo, a.images, a.out, profile, a.tuning, not a.no_browser, names, workload_args, deployment,
+                   a.metrics_url)
+    except DeploymentError as e:  # unreachable, TLS, a key refused: the reason and the fix, no traceback
+        raise SystemExit(f"error: {e}") from None

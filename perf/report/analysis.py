@@ -14,7 +14,7 @@ def headline(r: dict) -> dict:
     h: dict = {}
     if "locust" in r:
         loc = r["locust"]
-        triton = loc["TritonHttpUser"]
+        triton = loc[triton_user(loc)]
         h.update({"users": triton["users"], "triton_rps": triton["rps"], "triton_p99_ms": triton["p99_ms"],
                   "failures": {u: x["failures"] for u, x in loc.items()}})
         if "BaselineUser" in loc:  # not for an imported model (no checkpoint to serve naively)
@@ -26,9 +26,17 @@ def headline(r: dict) -> dict:
     return h
 
 
+def triton_user(locust: dict) -> str:
+    """Triton's locust user of the results: HTTP's where there is one (a deployment has its protocol's only)."""
+    return next(u for u in ("TritonHttpUser", "TritonGrpcUser") if u in locust)
+
+
 def computing_models(r: dict) -> tuple[str, ...]:
-    """The models of the measured repository that run code (an ensemble's statistics only add theirs up)."""
-    return layouts.of_manifest(r["manifest"]).python_models()
+    """The models of the measured repository that run code (an ensemble's statistics only add theirs up); of a
+    deployment, whose repository is not read, every model its statistics counted requests of."""
+    if "manifest" in r:
+        return layouts.of_manifest(r["manifest"]).python_models()
+    return tuple(sorted({m for pts in r.get("perf_analyzer", {}).values() for p in pts for m in p["server"]}))
 
 
 def ceiling_headline(r: dict) -> dict:

@@ -1,6 +1,7 @@
 """Measuring for the report: the in-process ceiling, perf_analyzer sweeps and locust runs on the real
 server, the naive baseline under the same locust load, and the side-by-side comparison (perf/reference/compare.py:
 Triton, its other layouts, the peers and the baseline under one generator). Returns one dict of figures.
+A deployment (a running server at a URL, perf/load/deployment.py) is measured by measure_deployment instead.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from build.artifacts import ARTIFACT_NAMES, CANDIDATES, current_report
 from build.model_config import config_text, read_configs
 from build.render_repo import labels_file
 from build.settings import read_manifest, rendered_onnx
+from clients.keys import ADMIN
 from core.metadata import parameter_count, read_metadata, source_checkpoint
 from perf.load.bodies import sample_images
-from perf.load.loadtest import run_locust
+from perf.load.deployment import PROTOCOL_NAMES, Deployment, DeploymentError
+from perf.load.loadtest import TRITON_USERS, run_locust
 from perf.load.perf_analyzer import PerfPoint, sweep
 from perf.load.stats import machine_info
 from perf.reference import ceiling
@@ -139,21 +142,84 @@ def perf_analyzer_sweeps(server: TritonServer, blobs: list[bytes], out: Path, pr
     the best throughput measured, up to past it (the first rate the server shed load at goes into ``shed``);
     none unless the profile's parts include perf."""
     assert server.proc is not None  # serving
-    pid, metrics_url = server.proc.pid, server.metrics_url
+    urls = {"http": server.http_url, "grpc": server.grpc_url}
+    return sweeps(urls, blobs, out, profile, shed, server.http_url, server.proc.pid, server.metrics_url)
+
+
+def sweeps(urls: dict[str, str], blobs: list[bytes], out: Path, profile: Profile, shed: list[float] | None = None,
+           http_url: str | None = None, pid: int | None = None, metrics_url: str | None = None,
+           deployment: Deployment | None = None) -> dict[str, list[PerfPoint]]:
+    """perf_analyzer_sweeps on the endpoints ``urls`` (protocol: host:port) of the profile's protocols; the
+    request-rate sweep ("<protocol>_rate") over gRPC where there is one. ``deployment``: run_point's."""
     pa: dict[str, list[PerfPoint]] = {}
     if "perf" not in profile.parts:
-        profile = Profile(**{**asdict(profile), "protocols": (), "rate_fractions": ()})
-    for proto in profile.protocols:
-        url = server.http_url if proto == "http" else server.grpc_url
-        pa[proto] = sweep(url, server.http_url, proto, "concurrency", list(profile.concurrency), blobs,
-                          out / "perf_analyzer", pid, profile.interval_ms, metrics_url, profile.request_count)
+        return pa
+    for proto in (p for p in profile.protocols if p in urls):
+        pa[proto] = sweep(urls[proto], http_url, proto, "concurrency", list(profile.concurrency), blobs,
+                          out / "perf_analyzer", pid, profile.interval_ms, metrics_url, profile.request_count,
+                          deployment=deployment)
     if pa:
         peak = max(p.throughput for pts in pa.values() for p in pts)
         rates = [max(1.0, round(f * peak)) for f in profile.rate_fractions]
-        pa["grpc_rate"] = sweep(server.grpc_url, server.http_url, "grpc", "request_rate", rates, blobs,
-                                out / "perf_analyzer", pid, profile.interval_ms, metrics_url, profile.request_count,
-                                shed)
+        proto = "grpc" if "grpc" in pa else next(iter(pa))
+        pa[f"{proto}_rate"] = sweep(urls[proto], http_url, proto, "request_rate", rates, blobs, out / "perf_analyzer",
+                                    pid, profile.interval_ms, metrics_url, profile.request_count, shed,
+                                    deployment=deployment)
     return pa
+
+
+# what a deployment (a server this run did not start, at a URL) cannot have measured, and why
+LOCAL_ONLY = {
+    "ceiling": "the in-process ceiling runs the local repository's model on this machine, not the server at the URL",
+    "compare": "the side by side starts every server it measures (Triton's other layouts, the peers, the baseline)",
+    "baseline": "the naive baseline is a Flask server started here on the local checkpoint, not the deployment",
+}
+
+
+def left_out(profile: Profile) -> dict[str, str]:
+    """The parts of ``profile`` a deployment leaves out, with why (the baseline is the loadtest part's)."""
+    asked = set(profile.parts) | ({"baseline"} if "loadtest" in profile.parts else set())
+    return {part: why for part, why in LOCAL_ONLY.items() if part in asked}
+
+
+def measure_deployment(deployment: Deployment, images: Path, out: Path, profile: Profile,
+                       metrics_url: str | None = None) -> dict:
+    """The profile's perf and loadtest parts on a running server, over its one URL, with its key and TLS: nothing
+    is started or stopped, and nothing local is read but the JPEGs; the parts that need a local server are left
+    out, each with a printed line saying why. What was measured is the server's own account of itself
+    (Deployment.describe). ``metrics_url``: its Prometheus endpoint, scraped around each perf_analyzer point."""
+    print(f"measuring the running server at {deployment.url} over {PROTOCOL_NAMES[deployment.protocol]} "
+          "(nothing is started or stopped) ...")
+    deployment, measured = deployment.describe()
+    print(f"measured: Triton {measured['server']['version']} at {deployment.url}, model {measured['model']} version "
+          f"{measured['version']}; {'TLS' if measured['tls'] else 'no TLS'}, "
+          f"{'inference key sent' if measured['inference_key'] else 'no inference key'}; "
+          f"configuration {measured['config_note']}")
+    skipped = left_out(profile)
+    for part, why in skipped.items():
+        print(f"left out: {part}: {why}")
+    if "perf" in profile.parts and measured["config"] is None:  # perf_analyzer reads it before measuring
+        raise DeploymentError(f"perf_analyzer reads the configuration of model '{measured['model']}', and "
+                              f"{deployment.url} does not let it be read: {measured['config_note']}. Set "
+                              f"${ADMIN.env} to the server's admin key (or measure with `make loadtest URL=...`, "
+                              "which needs the inference key only)")
+    top_k = deployment.top_k(measured) if "loadtest" in profile.parts else 0  # refused before any load too
+    blobs = [b for _, b in sample_images(images)]
+    r: dict = {"deployment": measured, "left_out": skipped, "machine": machine_info(), "profile": asdict(profile),
+               "images": str(images), "payload_images": len(blobs),
+               "payload_mean_bytes": sum(map(len, blobs)) / len(blobs)}
+    shed: list[float] = []
+    pa = sweeps({deployment.protocol: deployment.url}, blobs, out, profile, shed, metrics_url=metrics_url,
+                deployment=deployment)
+    if pa:
+        r["perf_analyzer"] = {k: [p.to_dict() for p in v] for k, v in pa.items()}
+        r["rate_shed_at"] = shed[0] if shed else None
+    if "loadtest" in profile.parts:
+        user = TRITON_USERS[deployment.protocol]
+        r["locust"] = {user: run_locust(user, f"http://{deployment.url}", profile.locust_users,
+                                        profile.locust_seconds, out / "locust", images, None, top_k,
+                                        deployment.url, key=deployment.key, tls=deployment.tls)}
+    return r
 
 
 def locust_on_triton(server: TritonServer, images: Path, out: Path, profile: Profile, labels: Path,

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from perf.load.deployment import PROTOCOL_NAMES
 from perf.load.perf_analyzer import rate_limits
 from perf.reference.compare_report import plot as compare_plot
+from perf.report.analysis import triton_user
 
 # a drawn figure: (the matplotlib figure, its file name, its title); None: nothing to draw
 Drawn = tuple[Any, str, str] | None
@@ -83,10 +85,16 @@ def latency_vs_concurrency(plt: Any, r: dict) -> Drawn:
     return fig, "latency_vs_concurrency.png", "Latency percentiles against concurrency (perf_analyzer)"
 
 
+def rate_points(r: dict) -> list[dict]:
+    """The request-rate sweep's points ("<protocol>_rate": gRPC's, or a deployment's one protocol's)."""
+    return next((pts for k, pts in r.get("perf_analyzer", {}).items() if k.endswith("_rate")), [])
+
+
 def request_rate(plt: Any, r: dict) -> Drawn:
-    pts = r.get("perf_analyzer", {}).get("grpc_rate")
+    pts = rate_points(r)
     if not pts:
         return None
+    proto = PROTOCOL_NAMES[pts[0]["protocol"]]
     fig, ax = plt.subplots(figsize=(6, 3.4))
     offered = [p["value"] for p in pts]
     ax.plot(offered, [float(p["client"]["Inferences/Second"]) for p in pts], "o-", label="achieved")
@@ -98,10 +106,10 @@ def request_rate(plt: Any, r: dict) -> Drawn:
     ax.legend(loc="upper left", fontsize=7)
     ax2 = ax.twinx()
     ax2.plot([p["value"] for p in pts], [float(p["client"]["p99 latency"]) / 1000 for p in pts], "s--", color="C3")
-    ax.set_xlabel("offered request rate (req/s, gRPC)")
+    ax.set_xlabel(f"offered request rate (req/s, {proto})")
     ax.set_ylabel("images / s (solid)")
     ax2.set_ylabel("p99 latency, ms (dashed)")
-    return fig, "request_rate.png", "Request-rate sweep (perf_analyzer, gRPC, open loop): achieved against offered"
+    return fig, "request_rate.png", f"Request-rate sweep (perf_analyzer, {proto}, open loop): achieved against offered"
 
 
 def triton_vs_baseline(plt: Any, r: dict) -> Drawn:
@@ -123,7 +131,7 @@ def triton_vs_baseline(plt: Any, r: dict) -> Drawn:
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
     ax.set_ylabel("images / s")
-    ax.set_title(f"locust, {loc['TritonHttpUser']['users']} users, same JPEGs", fontsize=9)
+    ax.set_title(f"locust, {loc[triton_user(loc)]['users']} users, same JPEGs", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
     return fig, "triton_vs_baseline_vs_ceiling.png", "Triton vs naive baseline vs in-process ceiling"
 

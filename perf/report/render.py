@@ -3,9 +3,11 @@ the Markdown library inside a Jinja2 template (templates/report.html.j2)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC
 from pathlib import Path
 
+from perf.load.deployment import PROTOCOL_NAMES
 from perf.load.perf_analyzer import rate_limits
 from perf.reference.compare_report import render_markdown as render_compare
 from perf.reference.targets import verdicts
@@ -16,7 +18,8 @@ def markdown(r: dict, h: dict, made: list[tuple[str, str]], tuning: dict | None)
     """The whole report as Markdown: the headline first, then the machine, the figures and every section."""
     lines = [f"# Load-testing report ({r['timestamp']})", ""]
     lines += headline_section(r, h)
-    lines += machine_section(r)
+    deployed = "deployment" in r  # a running server at a URL: no local repository, ceiling or tuning sweep
+    lines += deployment_section(r) if deployed else machine_section(r)
     lines += figures_section(r, made)
     if "perf_analyzer" in r:
         lines += perf_analyzer_section(r)
@@ -24,16 +27,23 @@ def markdown(r: dict, h: dict, made: list[tuple[str, str]], tuning: dict | None)
         lines += locust_section(r)
     if "ceiling" in r:
         lines += ceiling_section(r)
-    lines += precisions_section(r)
+    if not deployed:
+        lines += precisions_section(r)
     lines += workloads_section(r)
-    lines += tuning_section(tuning)
-    lines += configs_section(r)
+    if not deployed:
+        lines += tuning_section(tuning)
+    lines += deployment_config_section(r["deployment"]) if deployed else configs_section(r)
     return "\n".join(lines)
 
 
 def headline_section(r: dict, h: dict) -> list[str]:
     """The headline bullets: each target met or missed, failed requests, what was measured."""
     lines = []
+    if "deployment" in r:
+        lines.append(measured_bullet(r["deployment"]))
+    if r.get("left_out"):
+        lines.append("- **Left out** (they need a server started here): "
+                     + "; ".join(f"{part}: {why}" for part, why in r["left_out"].items()) + ".")
     if "baseline_ratio" in h:
         lines.append(baseline_bullet(r, h))
     elif "baseline_left_out" in r:
@@ -45,12 +55,61 @@ def headline_section(r: dict, h: dict) -> list[str]:
                   for v in verdicts(r["compare"])]
     if "failures" in h:
         lines.append("- Failed requests: " + ", ".join(f"{u} {n}" for u, n in h["failures"].items()) + ".")
+    measured = [p for p in r["profile"]["parts"] if p not in r.get("left_out", {})]
+    where = "against the server above, the load sent from this machine" if "deployment" in r else \
+        "on this machine, side by side"
     return lines + [
-        f"- Parts measured: {', '.join(r['profile']['parts'])}.",
+        f"- Parts measured: {', '.join(measured) or 'none'}.",
         "",
-        "All figures were measured in this run, on this machine, side by side.",
+        f"All figures were measured in this run, {where}.",
         "",
     ]
+
+
+def measured_bullet(d: dict) -> str:
+    """What a deployment's figures are of, as the server itself reported it."""
+    return (f"- **Measured**: {d['server']['name']} {d['server']['version']} at `{d['url']}` over "
+            f"{PROTOCOL_NAMES[d['protocol']]}{', TLS' if d['tls'] else ''}, "
+            f"{'with the inference key' if d['inference_key'] else 'no inference key sent'}: model `{d['model']}` "
+            f"version {d['version']} (the server's metadata); nothing was started or stopped by this run.")
+
+
+def deployment_section(r: dict) -> list[str]:
+    """What a deployment's figures were measured on, as the server reported it, and the machine the load came from."""
+    d, mach = r["deployment"], r["machine"]
+    tls = (f"yes, the server's certificate checked against `{d['tls_root_cert'] or 'the system CAs'}`" if d["tls"]
+           else "no")
+    return [
+        "## What was measured", "",
+        "A running server this run did not start or stop. Its name, version and model are its own answers (Triton's "
+        "server and model metadata APIs), read before the load.", "",
+        "| what | measured |", "| --- | --- |",
+        f"| URL | `{d['url']}` |",
+        f"| protocol | {PROTOCOL_NAMES[d['protocol']]} |",
+        f"| TLS | {tls} |",
+        f"| inference key | {'sent, from ' + d['key_from'] if d['inference_key'] else 'none sent'} |",
+        f"| server | {d['server']['name']} {d['server']['version']} |",
+        f"| model | `{d['model']}` version {d['version']} (versions ready: {', '.join(d['versions']) or 'none'}; "
+        f"platform {d['platform']}) |",
+        f"| configuration | {d['config_note']} |",
+        "",
+        f"Load generator: {mach['cpu']}, {mach['cores']} cores, {mach['memory']}; {mach['platform']}; Python "
+        f"{mach['python']}; " + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()
+                                          if k in ("tritonclient", "locust")) + ". "
+        f"Payload: {r['payload_images']} JPEGs from `{r['images']}`, {r['payload_mean_bytes']:.0f} bytes on average, "
+        "one image per request; locust checks each answer's number of labels (the deployment's class names are "
+        "not read here).",
+        "",
+    ]
+
+
+def deployment_config_section(d: dict) -> list[str]:
+    lines = ["## Configuration measured", ""]
+    if d["config"] is None:
+        return lines + [f"Model `{d['model']}`'s configuration: {d['config_note']}.", ""]
+    return lines + [f"Model `{d['model']}`'s configuration as the server loaded it ({d['config_note']}):", "",
+                    f"<details><summary>{d['model']} (JSON)</summary>", "", "```",
+                    json.dumps(d["config"], indent=2, sort_keys=True), "```", "", "</details>", ""]
 
 
 def baseline_bullet(r: dict, h: dict) -> str:
@@ -121,7 +180,7 @@ def locust_section(r: dict) -> list[str]:
         lines.append(f"| {u} | {x['users']} | {x['duration_s']} | {x['requests']} | {x['failures']} | "
                      f"{x['rps']:.0f} | "
                      f"{x['p50_ms']:.0f} | {x['p90_ms']:.0f} | {x['p99_ms']:.0f} | "
-                     f"{x['usage'].get('cpu_cores_busy', 0):.2f} | {x['usage'].get('rss_mib', 0):.0f} |")
+                     f"{_usage(x['usage'], 'cpu_cores_busy', '.2f')} | {_usage(x['usage'], 'rss_mib', '.0f')} |")
         for f in x["failure_kinds"]:
             lines.append(f"|  | failure: {f['error']} ({f['count']}) | | | | | | | | | |")
     return lines + ["", "locust's own HTML reports: " + ", ".join(
@@ -174,12 +233,17 @@ def configs_section(r: dict) -> list[str]:
     return lines
 
 
+def _usage(usage: dict, field: str, fmt: str) -> str:
+    """The server's CPU or memory over a run; n/a where it was not measured (a deployment's process is not here)."""
+    return format(usage[field], fmt) if field in usage else "n/a"
+
+
 def rate_section(r: dict) -> list[str]:
     """The open-loop request-rate sweep: achieved against offered, and what limited each point."""
     points = [p for pts in r["perf_analyzer"].values() for p in pts if p["mode"] == "request_rate"]
     if not points:
         return []
-    lines = ["", "### Request rate: achieved against offered (gRPC, open loop)", "",
+    lines = ["", f"### Request rate: achieved against offered ({PROTOCOL_NAMES[points[0]['protocol']]}, open loop)", "",
              "Requests leave on schedule, however many are in flight (perf_analyzer `--async`). A point short of "
              "its rate while latency stays at the unloaded level (or perf_analyzer fell behind) was limited by "
              "the load generator, not the server, and is in no headline.", "",
@@ -206,7 +270,7 @@ def perf_analyzer_section(r: dict) -> list[str]:
             batches = "/".join(f"{(s.get(m) or {}).get('avg_batch') or 0:.1f}" for m in composing)
             lines.append(f"| {p['protocol']} | {p['mode']} | {p['value']:g} | {float(c['Inferences/Second']):.0f} | "
                          f"{float(c['p50 latency']) / 1000:.1f} | {float(c['p90 latency']) / 1000:.1f} | "
-                         f"{float(c['p99 latency']) / 1000:.1f} | {p['usage'].get('cpu_cores_busy', 0):.2f} | "
+                         f"{float(c['p99 latency']) / 1000:.1f} | {_usage(p['usage'], 'cpu_cores_busy', '.2f')} | "
                          f"{batches} |")
     lines += rate_section(r)
     lines += ["", "### Server-side breakdown per model (µs per request; Triton statistics API)", "",
@@ -219,6 +283,8 @@ def perf_analyzer_section(r: dict) -> list[str]:
                              f"{s['compute_input_us']:.0f} | "
                              f"{s['compute_infer_us']:.0f} | {s['compute_output_us']:.0f} | "
                              f"{s['avg_batch'] or 0:.2f} |")
+    if not any(p.get("metrics") for pts in r["perf_analyzer"].values() for p in pts):
+        return lines + ["", "Prometheus metrics: not scraped (a deployment's endpoint: `--metrics-url`).", ""]
     lines += ["", "### Prometheus metrics scraped during each run", "",
               "| protocol | mode | value | Triton CPU utilisation | Triton memory (MiB) | "
               f"avg batch from metrics ({'/'.join(composing)}) |",
