@@ -42,9 +42,10 @@ EVAL_OUT    ?= $(ARTIFACTS)/eval
 # export and repository
 ONNX        ?= $(ARTIFACTS)/model.onnx
 TOLERANCE   ?= 1e-3
-# embedded: fp32 | fp16 | bf16 | int8 | auto (the fastest that passed make quantize's gate), on ENGINE
-# (onnxruntime | openvino; unset: the fastest make quantize measured for PRECISION, else onnxruntime)
-PRECISION   ?= fp32
+# embedded: fp32 | fp16 | bf16 | int8 | auto (the fastest candidate that passed make quantize's gate; without
+# make quantize, make repo measures the FP32 file on every engine and hint that needs no calibration), on ENGINE
+# (onnxruntime | openvino; unset: the fastest measured for PRECISION, else onnxruntime); gpu: auto = the plan's
+PRECISION   ?= auto
 ENGINE      ?=
 TARGET      ?= embedded
 PLAN        ?=
@@ -72,8 +73,12 @@ SPARSITY    ?= none
 CALIB_SIZE  ?=
 CALIB_METHOD ?=
 MAX_TOP1_DROP ?=
+# the gate's least top-1 agreement with the reference, labelled data or not (make quantize, and make repo's
+# own engine choice without it), in percent (unset: build/gate.py's 99.0)
+MIN_AGREEMENT ?=
 GATE_ARGS = $(if $(MAX_TOP1_DROP),--max-top1-drop $(MAX_TOP1_DROP))
-ENGINE_PRECISION = $(if $(filter fp32,$(PRECISION)),fp16,$(PRECISION))
+AGREEMENT_ARGS = $(if $(MIN_AGREEMENT),--min-agreement $(MIN_AGREEMENT))
+ENGINE_PRECISION = $(if $(filter fp32 auto,$(PRECISION)),fp16,$(PRECISION))
 include $(dir $(lastword $(MAKEFILE_LIST)))mk/settings.mk
 # serving and clients: the server listens on HOST only (0.0.0.0 opens it to the network); its model
 # control and config APIs need the admin key ($$TRITON_ADMIN_KEY, else ADMIN_KEY_FILE, generated on first use)
@@ -85,8 +90,8 @@ export TRITON_ADMIN_KEY_FILE := $(abspath $(ADMIN_KEY_FILE))
 INFERENCE_KEY ?= auto
 INFERENCE_KEY_FILE ?= .cache/inference.key
 export TRITON_INFERENCE_KEY_FILE := $(abspath $(INFERENCE_KEY_FILE))
-# gRPC over TLS: GRPC_TLS_CERT + GRPC_TLS_KEY (PEM; GRPC_TLS_CLIENT_CA: mutual TLS); `make client` checks the
-# server against TLS_ROOT_CERT
+# gRPC over TLS: GRPC_TLS_CERT + GRPC_TLS_KEY (PEM; GRPC_TLS_CLIENT_CA: mutual TLS); `make client` and the load
+# targets with URL= check the server against TLS_ROOT_CERT
 GRPC_TLS_CERT ?=
 GRPC_TLS_KEY ?=
 GRPC_TLS_CLIENT_CA ?=
@@ -94,6 +99,7 @@ TLS_ROOT_CERT ?=
 HTTP_PORT   ?= 8000
 GRPC_PORT   ?= 8001
 METRICS_PORT ?= 8002
+# http | grpc: what `make client` speaks, and the load targets with URL=
 PROTOCOL    ?= http
 IMAGES      ?= $(DATA)/val
 CLIENT_ARGS ?=
@@ -103,6 +109,14 @@ CONCURRENCY ?= 1 2 4 8 16 32
 USERS       ?= 16
 DURATION    ?= 20
 P99_BUDGET_MS ?= 50
+# make perf, loadtest, report URL=host:port: a running server's PROTOCOL endpoint, measured as it is (nothing started or
+# stopped, the parts that need a local server left out), with the inference key as `make client` sends it
+# ($$TRITON_INFERENCE_KEY, else INFERENCE_KEY_FILE) and gRPC TLS checked against TLS_ROOT_CERT; perf_analyzer also
+# needs the admin key ($$TRITON_ADMIN_KEY, else ADMIN_KEY_FILE) where the server keeps the model's configuration behind it
+URL         ?=
+DEPLOYMENT_ARGS = $(if $(URL),--url $(URL) --protocol $(PROTOCOL) $(if $(TLS_ROOT_CERT),--tls-root-cert $(TLS_ROOT_CERT)))
+# what the load targets build first: make demo's artifacts; with URL= only the images to send (make data's, unless IMAGES=)
+LOAD_DEPS = $(if $(URL),$(if $(filter command line,$(origin IMAGES)),venv,data),artifacts)
 # served side by side by `make precisions` (fp32 is the reference), at this one concurrency
 PRECISIONS  ?= fp32 int8
 PRECISION_CONCURRENCY ?= 16
@@ -212,9 +226,9 @@ import: venv ## [stages] a model trained elsewhere: ONNX=<file> LABELS=<names> [
 	  $(if $(filter command line,$(origin IMG_SIZE)),--img-size $(IMG_SIZE)) \
 	  $(if $(LIKE),--like $(LIKE)) $(if $(filter-out $(SYNTHETIC),$(DATA)),--data $(DATA))
 
-quantize: venv ## [stages] FP16 and INT8 (calibrated on DATA) on ONNX Runtime and OpenVINO, scored, gated, timed
+quantize: venv ## [stages] FP16 and INT8 (calibrated on DATA, labelled or not) on ONNX Runtime and OpenVINO, scored, gated, timed
 	$(PY) -m build.quantize --onnx $(ONNX) --data $(DATA) --out $(ARTIFACTS) \
-	  $(if $(CALIB_SIZE),--calib-size $(CALIB_SIZE)) $(if $(CALIB_METHOD),--calib-method $(CALIB_METHOD)) $(GATE_ARGS)
+	  $(if $(CALIB_SIZE),--calib-size $(CALIB_SIZE)) $(if $(CALIB_METHOD),--calib-method $(CALIB_METHOD)) $(GATE_ARGS) $(AGREEMENT_ARGS)
 
 # GPU + TensorRT only (the NGC container, see docker/); elsewhere it stops with what is missing
 engine: venv ## [gpu] a TensorRT plan from the ONNX (GPU + TensorRT: the docker/ container)
@@ -230,7 +244,7 @@ repo: venv ## [stages] render model_repository/ (PRECISION, ENGINE, TARGET, LAYO
 	$(PY) -m build.render_repo $(if $(filter command line,$(origin ONNX)),--onnx $(ONNX)) --artifacts $(ARTIFACTS) \
 	  --precision $(PRECISION) $(if $(ENGINE),--engine $(ENGINE)) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) \
 	  $(if $(LAYOUT),--layout $(LAYOUT)) $(if $(HOST_CORES),--host-cores $(HOST_CORES)) \
-	  --out $(REPO) $(SETTINGS_ARGS)
+	  --data $(DATA) $(GATE_ARGS) $(AGREEMENT_ARGS) --out $(REPO) $(SETTINGS_ARGS)
 
 serve: venv ## [stages] start Triton on REPO (HTTP_PORT, GRPC_PORT, METRICS_PORT; HOST=0.0.0.0 with keys)
 	$(PY) -m serve --repo $(REPO) --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
@@ -250,11 +264,12 @@ demo: data train onnx repo ## [start] data -> train -> onnx -> repo, then Triton
 artifacts: venv ## [stages] make demo's artifacts, only if REPO has not been rendered yet
 	@test -f $(REPO)/build.json || $(MAKE) data train onnx repo
 
-perf: artifacts ## [load testing] perf_analyzer sweeps (HTTP, gRPC, request rate) and the in-process ceiling
-	$(PY) -m perf.report --parts ceiling,perf --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY)
+perf: $(LOAD_DEPS) ## [load testing] perf_analyzer sweeps (HTTP, gRPC, request rate) and the in-process ceiling (URL=: a running server)
+	$(PY) -m perf.report --parts ceiling,perf --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) $(DEPLOYMENT_ARGS)
 
-loadtest: artifacts ## [load testing] locust against Triton and the naive baseline
-	$(PY) -m perf.report --parts loadtest --repo $(REPO) --images $(IMAGES) --users $(USERS) --duration $(DURATION)
+loadtest: $(LOAD_DEPS) ## [load testing] locust against Triton and the naive baseline (URL=: a running server)
+	$(PY) -m perf.report --parts loadtest --repo $(REPO) --images $(IMAGES) --users $(USERS) --duration $(DURATION) \
+	  $(DEPLOYMENT_ARGS)
 
 baseline: venv ## [load testing] the naive Flask + PyTorch baseline server on CKPT
 	$(PY) -m perf.reference.baseline --ckpt $(CKPT) --port $(BASELINE_PORT)
@@ -332,10 +347,10 @@ tune: artifacts ## [load testing] the batching sweep within P99_BUDGET_MS, the w
 
 # everything in one run: ceiling, perf_analyzer, locust, and every server side by side under wrk (the
 # COMPARE_* variables); the page is then checked in headless Chromium (a screenshot, report.png, beside it)
-report: artifacts $(if $(COMPARE_PEERS),peers) ## [load testing] everything in one run: ceiling, perf_analyzer, locust, every server under wrk, the page
+report: $(if $(URL),$(LOAD_DEPS),artifacts $(if $(COMPARE_PEERS),peers)) ## [load testing] everything in one run: ceiling, perf_analyzer, locust, every server under wrk, the page (URL=: a running server's)
 	$(PY) -m perf.report --repo $(REPO) --images $(IMAGES) --concurrency $(CONCURRENCY) --users $(USERS) --duration $(DURATION) \
 	  --layouts "$(COMPARE_LAYOUTS)" --peers "$(COMPARE_PEERS)" --compare-rounds $(COMPARE_ROUNDS) \
-	  --compare-seconds $(COMPARE_SECONDS) --workloads "$(REPORT_WORKLOADS)" --ckpt $(CKPT) --data $(DATA)
+	  --compare-seconds $(COMPARE_SECONDS) --workloads "$(REPORT_WORKLOADS)" --ckpt $(CKPT) --data $(DATA) $(DEPLOYMENT_ARGS)
 
 # transfer, measured offline: this project's own pretrained network (TRANSFER_SOURCE) fine-tuned on another real
 # data set against training from scratch, equal epochs, several seeds: .cache/transfer/results.md

@@ -20,6 +20,8 @@ ARTIFACT_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "mode
 ARTIFACT_PRECISIONS = {"fp32": Precision.FP32, "fp16": Precision.FP16, "int8": Precision.INT8,
                        "int8_ort": Precision.INT8}
 REPORT = "build_report.json"  # build.quantize's report: every candidate's scores and the embedded INT8 choice
+# make repo's own measurement where make quantize has not run (build.engine_choice): the FP32 file's candidates
+ENGINE_REPORT = "engine_report.json"
 # An engine other than ONNX Runtime (the default) is chosen for a precision only when make quantize measured
 # it this much faster: equal engines (both run f32 kernels) would otherwise swap on the timing noise.
 ENGINE_MARGIN = 1.05
@@ -104,17 +106,22 @@ def artifact_for(precision: str, artifacts: Path, target: str = Target.EMBEDDED)
     return path
 
 
-def current_report(artifacts: Path) -> dict[str, Any] | None:
-    """The build report, if it was measured on the FP32 model that is in ``artifacts`` now."""
-    path, fp32 = Path(artifacts) / REPORT, Path(artifacts) / ARTIFACT_NAMES["fp32"]
-    if not path.is_file():
-        return None
-    report: dict[str, Any] = json.loads(path.read_text())
-    measured = report.get("fp32_sha256")
-    if measured and fp32.is_file() and hashlib.sha256(fp32.read_bytes()).hexdigest() != measured:
-        print(f"note: {path} was measured on another {fp32.name} (exported since): its engine timings are not used")
-        return None
-    return report
+def current_report(artifacts: Path, names: tuple[str, ...] = (REPORT, ENGINE_REPORT)) -> dict[str, Any] | None:
+    """The build report, if it was measured on the FP32 model that is in ``artifacts`` now; else make repo's
+    engine report (build.engine_choice), if that was."""
+    fp32 = Path(artifacts) / ARTIFACT_NAMES["fp32"]
+    for path in (Path(artifacts) / name for name in names):
+        if not path.is_file():
+            continue
+        report: dict[str, Any] = json.loads(path.read_text())
+        measured = report.get("fp32_sha256")
+        if measured and fp32.is_file() and hashlib.sha256(fp32.read_bytes()).hexdigest() != measured:
+            print(f"note: {path} was measured on another {fp32.name} (exported since): its engine timings are not "
+                  "used")
+            continue
+        report["path"] = str(path)
+        return report
+    return None
 
 
 def _images_per_s(report: dict[str, Any], name: str) -> float:
@@ -147,12 +154,13 @@ def served_for(precision: str, artifacts: Path, engine: str | None = None) -> tu
         serves = sorted({c.precision for c in CANDIDATES.values() if c.engine == engine})
         raise ValueError(f"{engine} does not serve {precision} on the CPU (it serves {', '.join(serves)})")
     if report is None:
-        exact = [n for n in matching if precision in (Precision.FP32, Precision.FP16)
+        exact = [n for n in matching if precision in (Precision.FP32, Precision.FP16, "auto")
+                 and CANDIDATES[n].precision in (Precision.FP32, Precision.FP16)
                  and CANDIDATES[n].inference_precision == InferencePrecision.F32]
         if not exact:
             raise FileNotFoundError(f"{Path(artifacts) / REPORT} for this model not found: run `make quantize` first "
                                     f"(it scores, gates and times every engine x precision; {precision} needs it)")
-        name = exact[0]  # ONNX Runtime first
+        name = exact[0]  # ONNX Runtime first: FP32 as exported
     else:
         passing = [n for n in matching if n in report["artifacts"] and n not in report["gate_failures"]]
         if not passing:
@@ -190,13 +198,13 @@ def measured_throughput(artifacts: Path, candidate: Candidate) -> tuple[str | No
 
 def fitted_batch(artifacts: Path, candidate: Candidate) -> tuple[int, str] | None:
     """(the batch size, why) from the current build report's latencies of ``candidate``, or None without them."""
-    name, _, by_batch = measured_throughput(artifacts, candidate)
+    name, report, by_batch = measured_throughput(artifacts, candidate)
     if not by_batch:
         return None
     best = max(by_batch.values())
     batch = min(b for b, r in by_batch.items() if r >= BATCH_THROUGHPUT_SHARE * best)
     return batch, (f"{name}'s measured cost: {by_batch[batch]:.0f} img/s at batch {batch}, best "
-                   f"{best:.0f} (make quantize, {Path(artifacts) / REPORT})")
+                   f"{best:.0f} ({report.get('path', Path(artifacts) / REPORT)})")
 
 
 # The classifier's instances follow the cost too (the embedded target: one single-threaded instance per core,

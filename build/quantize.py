@@ -39,6 +39,18 @@ import onnx
 from tqdm import tqdm
 
 from build.artifacts import ARTIFACT_NAMES, CANDIDATES, ENGINE_MARGIN, PRECISIONS, REPORT, Candidate, fastest
+from build.gate import (
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_MIN_TOP5_OVERLAP,
+    REFERENCE_ROW,
+    Bounds,
+    GateImages,
+    accuracy,
+    describe,
+    gate_images,
+    reasons,
+)
+from build.gate import failures as gate_failures
 from core.atomic_io import atomic_write_bytes
 from core.metadata import (
     INPUT_NAME,
@@ -56,7 +68,6 @@ from core.runners import Runner, isolated, latency, openvino_capabilities, score
 from served import engines as registry
 from served.engines import EngineName, Target, ort_session
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.data import list_images
 from training.evaluate import DEFAULT_MAX_TOP1_DROP, logits_for_inputs, stream_logits
 
 T = TypeVar("T")
@@ -103,13 +114,13 @@ def write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
 
 
-def calibration_batch(meta: ArtifactMetadata, data: Path, n: int, out_dir: Path) -> np.ndarray:
-    """N training images, spread evenly over the sorted train set, through the serving preprocess."""
-    samples = list_images(Path(data) / "train", meta.classes)
+def calibration_batch(meta: ArtifactMetadata, images: Sequence[Path], data: Path, n: int, out_dir: Path) -> np.ndarray:
+    """N of ``images`` (the train split, or an unlabelled folder's images not held out), spread evenly over
+    them, through the serving preprocess. Calibration needs no labels."""
     if n <= 0:
         raise ValueError(f"--calib-size must be positive, got {n}")
-    idx = np.linspace(0, len(samples) - 1, num=min(n, len(samples))).round().astype(int)
-    paths = [samples[i][0] for i in sorted(set(idx.tolist()))]
+    idx = np.linspace(0, len(images) - 1, num=min(n, len(images))).round().astype(int)
+    paths = [images[i] for i in sorted(set(idx.tolist()))]
     batch = DaliPreprocessor(meta.preprocess).files(paths)
     calib_dir = out_dir / "calib"
     atomic_write_bytes(calib_dir / "calib.npy", lambda tmp: save_npy(tmp, batch))
@@ -213,9 +224,14 @@ def ort_ranges(onnx_path: Path, calib: np.ndarray, method: str, tmp: Path) -> Pa
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
+    # a graph whose batch is fixed inside (build.import_onnx's fallback) takes batches of that size only
+    dim = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    fixed = dim.dim_value  # 0: the batch varies
+    step, end = (fixed, len(calib) - len(calib) % fixed) if fixed else (16, len(calib))
+
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter(calib[i:i + 16] for i in range(0, len(calib), 16))
+            self.batches = iter(calib[i:i + step] for i in range(0, end, step))
 
         def get_next(self):
             b = next(self.batches, None)
@@ -336,12 +352,17 @@ def recovery_plan(calib_method: str, ranked: list[tuple[str, float]]) -> list[tu
 
 def recover_int8(name: str, onnx_path: Path, meta: ArtifactMetadata, calib: np.ndarray, calib_method: str,
                  out_dir: Path, produced: dict[str, bytes], results: dict[str, dict], extra: dict, rescore: Callable,
-                 max_top1_drop: float, ranked: list[tuple[str, float]]) -> dict:
+                 bounds: Bounds, ranked: list[tuple[str, float]]) -> dict:
     """Retry a failing INT8 artifact by :func:`recovery_plan` until its ONNX Runtime candidate passes the gate.
     On success ``produced`` and ``results`` hold the recovered artifact; returns what was tried. ``ranked``:
     :func:`sensitivity`, computed once for both INT8 files (it is a property of the model's layers)."""
-    base = results["fp32"]["top1"]
-    tries = [{"calibration": calib_method, "kept_fp32": [], "top1": results[name]["top1"], "passed": False}]
+    base = results[REFERENCE_ROW]["top1"]
+
+    def tried(method: str, keep: list[str], r: dict, passed: bool) -> dict:
+        return {"calibration": method, "kept_fp32": keep, "top1": r["top1"],
+                "agreement": r["agreement_with_pytorch"], "passed": passed}
+
+    tries = [tried(calib_method, [], results[name], False)]
     for method, keep in recovery_plan(calib_method, ranked):
         with private_copy(onnx_path) as source:
             model = CONVERSIONS[name](source, calib, method, keep)
@@ -349,10 +370,10 @@ def recover_int8(name: str, onnx_path: Path, meta: ArtifactMetadata, calib: np.n
         blob = stamp(model, rebase_metadata(meta, Path(onnx_path).parent, out_dir), "int8",
                      {**extra, "calibration_method": method, "kept_fp32": keep}).SerializeToString()
         scored = rescore({name: blob})
-        passed = scored[name]["top1"] >= base - max_top1_drop
-        tries.append({"calibration": method, "kept_fp32": keep, "top1": scored[name]["top1"], "passed": passed})
-        print(f"{name}: recovery with {method} calibration, {len(keep)} node(s) in FP32: top-1 "
-              f"{scored[name]['top1']:.2f}% ({'passes' if passed else 'fails'} the gate)")
+        passed = not reasons(scored[name], base, bounds)
+        tries.append(tried(method, keep, scored[name], passed))
+        print(f"{name}: recovery with {method} calibration, {len(keep)} node(s) in FP32: {scores_text(scored[name])} "
+              f"({'passes' if passed else 'fails'} the gate)")
         if passed:
             produced[name] = blob
             results.update(scored)
@@ -372,24 +393,20 @@ def stamp(model: onnx.ModelProto, meta: ArtifactMetadata, precision: str, extra:
 # scoring
 # ------------------------------------------------------------------------------------------------
 
-def accuracy(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict:
-    """top-1 on the labels, top-1 agreement with the PyTorch reference logits, max |logit difference|."""
-    return {"top1": float(100 * np.mean(logits.argmax(1) == labels)),
-            "agreement_with_pytorch": float(100 * np.mean(logits.argmax(1) == reference.argmax(1))),
-            "max_abs_logit_diff": float(np.abs(logits.astype(np.float32) - reference).max())}
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
-def gate(results: dict[str, dict], max_drop: float) -> list[str]:
-    """Names of artifacts whose top-1 is more than max_drop points below FP32."""
-    base = results["fp32"]["top1"]
-    return [name for name, r in results.items() if name != "fp32" and r["top1"] < base - max_drop]
+def scores_text(r: dict) -> str:
+    return (f"top1 {percent(r['top1'])}%  agreement {r['agreement_with_pytorch']:.2f}%  "
+            f"top-5 overlap {r.get('top5_overlap', 100.0):.2f}%")
 
 
 def artifact_row(name: str, r: dict, failed: bool) -> str:
     lat = r["latency"]
     return (f"| {name} | {r.get('engine', EngineName.ONNXRUNTIME)} | {r.get('precision', name)} | {r['file']} | "
-            f"{r['size_bytes'] / 2 ** 20:.2f} MiB | {r['top1']:.2f} | "
-            f"{r['agreement_with_pytorch']:.2f} | {r['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | "
+            f"{r['size_bytes'] / 2 ** 20:.2f} MiB | {percent(r['top1'])} | {r['agreement_with_pytorch']:.2f} | "
+            f"{percent(r.get('top5_overlap'))} | {r['max_abs_logit_diff']:.3g} | {lat['batch1_ms']:.2f} | "
             f"{lat['best_batch']} | {lat['best_images_per_s']:.0f} | {'FAIL' if failed else 'pass'} |")
 
 
@@ -414,19 +431,20 @@ def pruned_lines(pruned: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     calibration = report["calibration"]
+    judged = report.get("judged_on", f"the val split `{report['data']}/val`")
+    gate_text = report.get("gate", f"top-1 may drop at most {report['max_top1_drop']} points below FP32")
     lines = [f"# Build report: {report['source_onnx']}", "",
-             f"Val split `{report['data']}/val`, {report['val_images']} images; calibration: "
-             f"{calibration['images']} training images, method `{calibration['method']}` "
-             "(`calib/calib.npy`, `calib/calib_sources.txt`). "
-             f"Gate: top-1 may drop at most {report['max_top1_drop']} points below FP32.", "",
+             f"Judged on {judged}: {report['val_images']} images; calibration: "
+             f"{calibration['images']} images, method `{calibration['method']}` "
+             f"(`calib/calib.npy`, `calib/calib_sources.txt`). Gate: {gate_text}.", "",
              f"Model: {report.get('model', {}).get('arch', '?')}, "
              f"{report.get('model', {}).get('parameters', 0) / 1e6:.2f}M parameters.", "",
              f"| candidate | engine | precision | file | size | top-1 % | agreement with "
-             f"{report.get('reference', 'PyTorch')} % | max logit diff | ms at batch 1 | best batch | img/s at best "
-             "| gate |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{report.get('reference', 'PyTorch')} % | top-5 overlap % | max logit diff | ms at batch 1 | best batch "
+             "| img/s at best | gate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [artifact_row(name, r, name in report["gate_failures"]) for name, r in report["artifacts"].items()]
-    lines += [f"| {name} | {u['engine']} | {u['precision']} | {u['file']} | – | – | – | – | – | – | – | "
+    lines += [f"| {name} | {u['engine']} | {u['precision']} | {u['file']} | – | – | – | – | – | – | – | – | "
               f"cannot run: {u['error'][-200:]} |" for name, u in report.get("unsupported", {}).items()]
     serving = ", ".join(f"{p} → **{name}**" for p, name in report.get("serving", {}).items())
     lines += ["", f"Embedded (CPU, ONNX Runtime) INT8 choice: **{report['embedded_int8']}** — "
@@ -440,28 +458,31 @@ def markdown(report: dict) -> str:
         lines += ["", "## INT8 recovery", "",
                   "Weights are per channel in both INT8 files. A file that failed the gate was retried with the "
                   "other calibration method, then with its most sensitive layers kept in FP32:", "",
-                  "| file | calibration | layers kept in FP32 | top-1 % | gate |", "| --- | --- | --- | --- | --- |"]
+                  "| file | calibration | layers kept in FP32 | top-1 % | agreement % | gate |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for name, r in report["int8_recovery"].items():
             lines += [f"| {ARTIFACT_NAMES[name]} | {t['calibration']} | {', '.join(t['kept_fp32']) or 'none'} | "
-                      f"{t['top1']:.2f} | {'pass' if t['passed'] else 'FAIL'} |" for t in r["tries"]]
+                      f"{percent(t['top1'])} | {percent(t.get('agreement'))} | {'pass' if t['passed'] else 'FAIL'} |"
+                      for t in r["tries"]]
     if report.get("pruned"):  # rows added by `make prune` (perf.ab.pruned) for this same FP32 model
         lines += pruned_lines(report["pruned"])
     return "\n".join(lines) + "\n"
 
 
-def load_val(
-    meta: ArtifactMetadata, data: Path, max_top1_drop: float
-) -> tuple[list[Path], np.ndarray, DaliPreprocessor, np.ndarray]:
-    """(val paths, labels, the streaming preprocess, a first batch for the latencies); warn when one image
-    is worth more top-1 than the gate allows."""
-    val = list_images(Path(data) / "val", meta.classes)
-    paths, labels = [p for p, _ in val], np.array([y for _, y in val])
-    pre = DaliPreprocessor(meta.preprocess, batch_size=32)  # the val split is streamed: any size fits in memory
-    sample = next(pre.iter_files(paths[:32]))
-    if val and 100 / len(val) > max_top1_drop:
-        print(f"warning: the val split has {len(val)} images, so one image is {100 / len(val):.2f} points of top-1, "
-              f"more than the allowed drop of {max_top1_drop}: a single changed prediction fails the gate")
-    return paths, labels, pre, sample
+def load_judged(meta: ArtifactMetadata, images: GateImages, bounds: Bounds
+                ) -> tuple[DaliPreprocessor, np.ndarray]:
+    """(the streaming preprocess of the judged images, a first batch for the latencies); warn when one image is
+    worth more than a bound allows."""
+    pre = DaliPreprocessor(meta.preprocess, batch_size=32)  # the images are streamed: any number fits in memory
+    sample = next(pre.iter_files(images.judge[:32]))
+    one = 100 / max(1, len(images.judge))
+    if images.labelled and one > bounds.max_top1_drop:
+        print(f"warning: {len(images.judge)} images are judged, so one image is {one:.2f} points of top-1, more than "
+              f"the allowed drop of {bounds.max_top1_drop}: a single changed prediction fails the gate")
+    if one > 100 - bounds.min_agreement:
+        print(f"warning: {len(images.judge)} images are judged, so one changed answer is {one:.2f}% of agreement, "
+              f"more than the {100 - bounds.min_agreement:.2f}% MIN_AGREEMENT={bounds.min_agreement} allows")
+    return pre, sample
 
 
 def convert(onnx_path: Path, meta: ArtifactMetadata, calib: np.ndarray, calib_method: str, out_dir: Path,
@@ -493,10 +514,11 @@ def candidates_for(produced: Collection[str], engines: Collection[str] | None = 
 
 
 def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, paths: list[Path],
-          labels: np.ndarray, sample: np.ndarray, engines: Collection[str] | None = None,
+          labels: np.ndarray | None, sample: np.ndarray, engines: Collection[str] | None = None,
           unsupported: dict[str, dict] | None = None, reference: dict[str, np.ndarray] | None = None
           ) -> dict[str, dict]:
-    """Every candidate's accuracy against the labels and the reference (one streamed pass), size and latency.
+    """Every candidate's accuracy against the labels (None: none) and the reference (one streamed pass), size and
+    latency.
     The reference is PyTorch, or for an imported model (no checkpoint) the imported FP32 ONNX itself.
     ``reference``: its logits are kept there under "logits" and reused when already there (a rescore).
 
@@ -543,9 +565,8 @@ def score(produced: dict[str, bytes], ckpt: dict | None, pre: DaliPreprocessor, 
                          **accuracy(logits[name], labels, reference_logits), "size_bytes": len(produced[c.artifact]),
                          "latency": timed[name]}
         r = results[name]
-        print(f"{name:17s} top1 {r['top1']:.2f}%  agreement {r['agreement_with_pytorch']:.2f}%  "
-              f"max|diff| {r['max_abs_logit_diff']:.3g}  {r['latency']['best_images_per_s']:.0f} img/s "
-              f"(batch {r['latency']['best_batch']})")
+        print(f"{name:17s} {scores_text(r)}  max|diff| {r['max_abs_logit_diff']:.3g}  "
+              f"{r['latency']['best_images_per_s']:.0f} img/s (batch {r['latency']['best_batch']})")
     return results
 
 
@@ -622,38 +643,43 @@ def write_report(report: dict, out_dir: Path, fp32_sha256: str) -> None:
 
 
 def gate_error(results: dict[str, dict], failures: list[str], calib_method: str, calib_images: int,
-               max_top1_drop: float, recovery: dict | None = None) -> AccuracyGateError:
-    """The error that fails the build: each failing artifact against FP32, what recovery tried, and what is
-    left to try for INT8."""
+               bounds: Bounds, recovery: dict | None = None) -> AccuracyGateError:
+    """The error that fails the build: why each failing artifact fails, what recovery tried, and what is left to
+    try for INT8."""
     tried = "; ".join(f"{name} recovery tried {len(r['tries']) - 1} ways (other calibration, up to "
                       f"{max(len(t['kept_fp32']) for t in r['tries'])} layers in FP32; build_report.md)"
                       for name, r in (recovery or {}).items() if not r["recovered"])
     hint = (f"; for INT8 try more calibration images (CALIB_SIZE, now {calib_images})"
             if any(n.startswith("int8") for n in failures) else "") + (f"; {tried}" if tried else "")
-    scores = ", ".join(f"{n} top-1 {results[n]['top1']:.2f}% vs FP32 {results['fp32']['top1']:.2f}%" for n in failures)
-    return AccuracyGateError(f"accuracy gate failed: {scores} (allowed drop {max_top1_drop} points); not written"
-                             + hint)
+    base = results[REFERENCE_ROW]["top1"]
+    why = ", ".join(f"{n}: {' and '.join(reasons(results[n], base, bounds))}" for n in failures)
+    return AccuracyGateError(f"accuracy gate failed: {why}; not written" + hint)
 
 
 def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_CALIB_SIZE,
           calib_method: str = DEFAULT_CALIB_METHOD, max_top1_drop: float = DEFAULT_MAX_TOP1_DROP,
           precisions: Collection[str] = ("fp16", "int8", "int8_ort"),
-          engines: Collection[str] | None = None) -> dict:
-    """Calibrate, convert, score every candidate (artifact x engine) on the val split, gate, write what passed
-    and the report."""
+          engines: Collection[str] | None = None, min_agreement: float = DEFAULT_MIN_AGREEMENT,
+          min_top5_overlap: float = DEFAULT_MIN_TOP5_OVERLAP) -> dict:
+    """Calibrate, convert, score every candidate (artifact x engine) on the judged images (build.gate: a
+    labelled val split, or a held-out part of an unlabelled folder), gate, write what passed and the report."""
     if calib_method not in CALIB_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {calib_method!r}")
+    bounds = Bounds(max_top1_drop, min_agreement, min_top5_overlap)
     meta = read_metadata(onnx_path)
     ckpt = load_checkpoint(source_checkpoint(onnx_path, meta)) if has_checkpoint(meta) else None
-    paths, labels, pre, sample = load_val(meta, data, max_top1_drop)
-    calib = calibration_batch(meta, Path(data), calib_size, out_dir)
-    print(f"calibration: {len(calib)} training images ({calib_method}) -> {out_dir / 'calib' / 'calib.npy'}")
+    images = gate_images(Path(data), meta.classes)
+    paths, labels = images.judge, images.labels
+    pre, sample = load_judged(meta, images, bounds)
+    calib = calibration_batch(meta, images.calibrate, Path(data), calib_size, out_dir)
+    print(f"calibration: {len(calib)} images ({calib_method}) -> {out_dir / 'calib' / 'calib.npy'}; judged on "
+          f"{images.source}")
 
     produced, extra = convert(onnx_path, meta, calib, calib_method, out_dir, precisions)
     unsupported: dict[str, dict] = {}
     reference: dict[str, np.ndarray] = {}
     results = score(produced, ckpt, pre, paths, labels, sample, engines, unsupported, reference)
-    failures = gate(results, max_top1_drop)
+    failures = gate_failures(results, bounds)
     rescore = partial(score, ckpt=ckpt, pre=pre, paths=paths, labels=labels, sample=sample, engines=engines,
                       unsupported=unsupported, reference=reference)
     failing = [name for name in ("int8_ort", "int8") if name in failures]
@@ -662,12 +688,14 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
         with private_copy(onnx_path) as source:
             ranked = sensitivity(source, calib, calib_method)
     recovery = {name: recover_int8(name, onnx_path, meta, calib, calib_method, out_dir, produced, results, extra,
-                                   rescore, max_top1_drop, ranked) for name in failing}
-    failures = gate(results, max_top1_drop)
+                                   rescore, bounds, ranked) for name in failing}
+    failures = gate_failures(results, bounds)
     embedded, reason = embedded_int8(results, failures)
     passing = [n for n in results if n not in failures]
     report = {"source_onnx": str(onnx_path), "data": str(data), "val_images": len(paths),
-              "max_top1_drop": max_top1_drop, "calibration": {"images": len(calib), "method": calib_method},
+              "judged_on": images.source, "labelled": images.labelled, "gate": describe(bounds, images.labelled),
+              "max_top1_drop": max_top1_drop, "min_agreement": min_agreement, "min_top5_overlap": min_top5_overlap,
+              "calibration": {"images": len(calib), "method": calib_method},
               "artifacts": results, "gate_failures": failures, "embedded_int8": embedded,
               "embedded_int8_reason": reason,
               "fastest_passing": max(passing, key=lambda n: images_per_s(results[n])),
@@ -679,7 +707,7 @@ def build(onnx_path: Path, data: Path, out_dir: Path, calib_size: int = DEFAULT_
     write_artifacts(produced, failures, out_dir)
     write_report(report, out_dir, extra["derived_from_sha256"])
     if failures:
-        raise gate_error(results, failures, calib_method, len(calib), max_top1_drop, recovery)
+        raise gate_error(results, failures, calib_method, len(calib), bounds, recovery)
     return report
 
 
@@ -688,14 +716,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, default=Path("artifacts/model.onnx"),
                    help="the FP32 ONNX from build.export_onnx")
     p.add_argument("--data", type=Path, required=True,
-                   help="ImageFolder root: train/ for calibration, val/ for scoring")
+                   help="ImageFolder root (train/ calibrates, val/ is scored), or any folder of images without "
+                        "labels (a quarter held out to judge on agreement, the rest calibrates)")
     p.add_argument("--out", type=Path, default=Path("artifacts"))
     p.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE,
                    help="training images used for INT8 calibration")
     p.add_argument("--calib-method", choices=CALIB_METHODS, default=DEFAULT_CALIB_METHOD,
                    help="max: full observed range; entropy: KL-optimal clipping (TensorRT's entropy calibrator)")
     p.add_argument("--max-top1-drop", type=float, default=DEFAULT_MAX_TOP1_DROP,
-                   help="allowed top-1 drop below FP32, in points")
+                   help="allowed top-1 drop below FP32, in points (labelled data)")
+    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                   help="the least top-1 agreement with the reference (PyTorch, or the FP32 file), in %%")
+    p.add_argument("--min-top5-overlap", type=float, default=DEFAULT_MIN_TOP5_OVERLAP,
+                   help="the least mean share of the reference's top 5 in a candidate's top 5, in %%")
     p.add_argument("--precisions", nargs="*", default=list(CONVERSIONS), choices=list(CONVERSIONS))
     # (run in CONVERSIONS order whatever the order given)
     p.add_argument("--engines", nargs="+", default=list(registry.names(Target.EMBEDDED)),
@@ -708,6 +741,6 @@ if __name__ == "__main__":
     a = get_args_parser().parse_args()
     try:
         build(a.onnx, a.data, a.out, a.calib_size, a.calib_method, a.max_top1_drop, tuple(a.precisions),
-              tuple(a.engines))
+              tuple(a.engines), a.min_agreement, a.min_top5_overlap)
     except (AccuracyGateError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e

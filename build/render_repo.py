@@ -29,20 +29,25 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build import layouts
 from build.artifacts import (
+    ARTIFACT_NAMES,
     CANDIDATES,
     PRECISIONS,
     Candidate,
     artifact_for,
+    candidate_name,
+    current_report,
     fitted_batch,
     fitted_instances,
     served_for,
 )
+from build.engine_choice import probe, why
+from build.gate import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_TOP5_OVERLAP, Bounds
 from build.layouts import MODEL_DALI, PIPELINE_FILE, ConfigInputs, Layout
 from build.model_config import config_text
 from build.settings import MANIFEST, RepoSettings, add_settings_args, keeps_manifest, read_manifest, repo_settings
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes, staged_directory
-from core.metadata import ArtifactMetadata, read_metadata
+from core.metadata import ArtifactMetadata, file_sha256, read_metadata
 from core.preprocess import DALI_INPUT_NAME, PreprocessSpec
 from served import engines
 from served.engines import InferencePrecision, Precision, Target
@@ -167,7 +172,8 @@ def code_files(lay: Layout, target: str) -> dict[Path, bytes]:
 
 
 def manifest(lay: Layout, target: str, onnx_path: Path, onnx_sha: str, plan: Path | None, out: Path,
-             meta: ArtifactMetadata, spec: PreprocessSpec, settings: RepoSettings, served: Candidate | None) -> bytes:
+             meta: ArtifactMetadata, spec: PreprocessSpec, settings: RepoSettings, served: Candidate | None,
+             choice: str | None = None) -> bytes:
     """What this repository was rendered from and with: read back by the tuner and the reports."""
     def rel(p: Path) -> str:
         return os.path.relpath(Path(p).resolve(), Path(out).resolve())
@@ -178,6 +184,7 @@ def manifest(lay: Layout, target: str, onnx_path: Path, onnx_sha: str, plan: Pat
         "precision": served.precision if served else meta.export.precision,
         "engine": served.engine if served else engines.default_for(Target.GPU).name,
         "inference_precision": served.inference_precision if served else None,
+        "engine_choice": choice,  # why this engine and precision: what was measured, or None
         "settings": asdict(settings), "classes": len(meta.classes), "input_shape": list(spec.input_shape)},
         indent=2).encode()
 
@@ -239,7 +246,8 @@ def check_payload_settings(s: RepoSettings, configs: dict[str, mc.ModelConfig], 
 
 
 def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, target: str = Target.EMBEDDED,
-           plan: Path | None = None, layout: str | None = None, served: Candidate | None = None) -> dict[str, Path]:
+           plan: Path | None = None, layout: str | None = None, served: Candidate | None = None,
+           choice: str | None = None) -> dict[str, Path]:
     """Write the repository: everything is computed in memory first, then the repository is replaced as a whole.
 
     embedded: the ONNX runs on ``served``'s engine (default: ONNX Runtime, in the file's own precision). gpu:
@@ -287,7 +295,7 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
     files.update(code_files(lay, target))
     files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
     files[Path(MANIFEST)] = manifest(lay, target, Path(onnx_path), onnx_sha, plan, Path(out), meta, spec, settings,
-                                     served)
+                                     served, choice)
     write_repository(Path(out), files, configs, target)
     engine = f", {served.engine} {served.precision}" if served else ""
     print(f"rendered {out} ({target}, {lay.name} layout{engine}): {', '.join(sorted(configs))} ({len(classes)} "
@@ -300,9 +308,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="ONNX exported by build.export_onnx / build.quantize "
                    "(default: the --precision artifact in --artifacts)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    p.add_argument("--precision", choices=(*map(str, PRECISIONS), "auto"), default=str(Precision.FP32),
+    p.add_argument("--precision", choices=(*map(str, PRECISIONS), "auto"), default="auto",
                    help="embedded: the fastest engine for it that passed make quantize's gate (bf16 and int8 need "
-                        "its report; auto: the fastest passing candidate of any precision); gpu: fp32, fp16, int8")
+                        "its report; auto: the fastest passing candidate of any precision, measured here on the "
+                        "FP32 file's engines when make quantize has not run); gpu: fp32, fp16, int8 (auto: the "
+                        "plan's)")
+    p.add_argument("--data", type=Path, help="PRECISION=auto without make quantize: the ImageFolder root whose val/ "
+                                             "the engines are measured on")
+    p.add_argument("--max-top1-drop", type=float,
+                   help="PRECISION=auto without make quantize: allowed top-1 drop below FP32, in points (default: "
+                        "make quantize's)")
+    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
+                   help="PRECISION=auto without make quantize: the least top-1 agreement with the FP32 file, in %%")
+    p.add_argument("--min-top5-overlap", type=float, default=DEFAULT_MIN_TOP5_OVERLAP,
+                   help="PRECISION=auto without make quantize: the least top-5 overlap with the FP32 file, in %%")
     p.add_argument("--engine", choices=engines.names(Target.EMBEDDED),
                    help="embedded: the CPU engine (default: the fastest measured by make quantize, else onnxruntime)")
     p.add_argument("--target", choices=layouts.TARGETS, default=str(Target.EMBEDDED))
@@ -319,15 +338,51 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def gpu_precision(args: argparse.Namespace) -> str:
+    """PRECISION=auto on the GPU target: the precision of the ONNX file the plan was built from, else fp32."""
+    if args.precision != "auto":
+        return str(args.precision)
+    if args.plan is not None and Path(f"{args.plan}.json").is_file():
+        built_from = json.loads(Path(f"{args.plan}.json").read_text())["onnx_sha256"]
+        for precision in engines.default_for(Target.GPU).file_precisions:
+            path = Path(args.artifacts) / ARTIFACT_NAMES[precision]
+            if path.is_file() and file_sha256(path) == built_from:
+                return str(precision)
+    return str(Precision.FP32)
+
+
+def choose_engine(args: argparse.Namespace) -> None:
+    """PRECISION=auto without a report measured on this model (make quantize's, or an earlier make repo's):
+    measure the candidates that need no calibration (build.engine_choice), when there is a val split to
+    measure on."""
+    if current_report(args.artifacts) is not None:
+        return
+    fp32 = Path(args.artifacts) / ARTIFACT_NAMES["fp32"]
+    if args.data is None or not Path(args.data).is_dir() or not fp32.is_file():
+        print(f"engine: ONNX Runtime, FP32 as exported (no images at {args.data} to measure the other engines on: "
+              "DATA=<an ImageFolder root, or any folder of images>)")
+        return
+    from training.evaluate import DEFAULT_MAX_TOP1_DROP  # torch: only when measuring
+
+    drop = DEFAULT_MAX_TOP1_DROP if args.max_top1_drop is None else args.max_top1_drop
+    try:
+        probe(fp32, args.data, args.artifacts, Bounds(drop, args.min_agreement, args.min_top5_overlap))
+    except ValueError as e:  # too few images: serve what needs no measurement rather than nothing
+        print(f"engine: ONNX Runtime, FP32 as exported: {e}")
+
+
 def served_choice(args: argparse.Namespace) -> tuple[Path, Candidate | None]:
     """(the ONNX file, how the embedded target serves it) from --onnx / --artifacts, --precision, --engine."""
     if args.target == Target.GPU:
         gpu = engines.default_for(Target.GPU)
+        args.precision = gpu_precision(args)
         if args.engine or args.precision not in gpu.file_precisions:
             raise ValueError(f"the GPU target serves {gpu.title} at {', '.join(gpu.file_precisions)}: ENGINE and "
                              f"PRECISION={args.precision} are for the embedded target")
         return args.onnx or artifact_for(args.precision, args.artifacts, args.target), None
     if args.onnx is None:
+        if args.precision == "auto":
+            choose_engine(args)
         return served_for(args.precision, args.artifacts, args.engine)
     if not (args.engine or args.precision == Precision.BF16):
         return args.onnx, None  # as exported, on ONNX Runtime
@@ -354,12 +409,18 @@ def main(args: argparse.Namespace) -> dict[str, Path]:
                 print(f"layout from {Path(args.out) / MANIFEST}: {layout} (--layout, or RESET_SETTINGS=1 for the "
                       f"default, {layouts.DEFAULT_LAYOUT[args.target]})")
     onnx_path, served = served_choice(args)
+    choice = None
+    if args.onnx is None and served is not None:
+        report, name = current_report(args.artifacts), candidate_name(served)
+        if report is not None and name is not None and name in report["artifacts"]:
+            choice = f"{why(report, name, served)} ({report['path']})"
+        print(f"engine: {choice or f'{served.engine} {served.precision}, as exported (nothing measured)'}")
     given = frozenset(f.name for f in fields(RepoSettings) if getattr(args, f.name, None) is not None)
     if args.onnx is None and served is not None and not keeps_manifest(args, args.out):
         settings = fit_to_cost(settings, args.artifacts, served, keep=given)
     if args.target == Target.GPU and not keeps_manifest(args, args.out):
         settings = fit_to_host(settings, args.host_cores or os.cpu_count() or 1, keep=given)
-    return render(onnx_path, args.out, settings, args.target, args.plan, layout, served)
+    return render(onnx_path, args.out, settings, args.target, args.plan, layout, served, choice)
 
 
 def shown(value: Any) -> str:

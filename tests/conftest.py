@@ -24,6 +24,8 @@ NEEDS = {"checkpoint": "model", "server": "server", "ensemble_server": "server",
          # the modules' own trained models
          "uninterrupted": "model", "finetuned": "model", "imported": "model", "pruned": "model"}
 MAX_BATCH = 8  # small, so that "batch larger than max_batch_size" is cheap to send
+# make quantize's gate wide open (top-1 and agreement), for tests about something else than the gate
+GATE_OPEN = {"max_top1_drop": 100.0, "min_agreement": 0.0, "min_top5_overlap": 0.0}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import GATE_OPEN
 
 from build import quantize
 from build.artifacts import CANDIDATES
@@ -58,7 +59,7 @@ def test_a_family_goes_through_the_chain(family, digits, tmp_path):
     # FP16 and INT8 with the gate wide open: this test is about the chain, the report states each drop;
     # the FP32 file is left as it was (ModelOpt once rewrote a ConvNeXt's in place)
     exported = (tmp_path / "model.onnx").read_bytes()
-    build = quantize.build(tmp_path / "model.onnx", data, tmp_path, calib_size=32, max_top1_drop=100.0)
+    build = quantize.build(tmp_path / "model.onnx", data, tmp_path, calib_size=32, **GATE_OPEN)
     assert (tmp_path / "model.onnx").read_bytes() == exported
     # every file on ONNX Runtime and on OpenVINO, or the engine's reason why not (never served)
     assert set(build["artifacts"]) | set(build["unsupported"]) == set(CANDIDATES)

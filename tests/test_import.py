@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import GATE_OPEN
 
 from build import import_onnx, quantize
 from build.import_onnx import ImportCheckError
@@ -130,7 +131,7 @@ def test_what_cannot_be_served_is_refused_with_the_reason(timm_classifier, label
 @pytest.mark.server
 def test_the_imported_model_is_quantized_and_served_as_onnx_runtime_computes(imported, digits, tmp_path):
     val_files = sorted((digits / "val").rglob("*.jpg"))
-    report = quantize.build(imported, digits, tmp_path, calib_size=16, max_top1_drop=100.0,
+    report = quantize.build(imported, digits, tmp_path, calib_size=16, **GATE_OPEN,
                             precisions=("int8_ort",))
     assert report["reference"] == "the imported FP32 ONNX"
     assert report["artifacts"]["fp32"]["max_abs_logit_diff"] == 0

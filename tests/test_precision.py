@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import MAX_BATCH
+from conftest import GATE_OPEN, MAX_BATCH
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -30,6 +30,7 @@ from build.engine import (
     gpu_compute_capability,
     verify_repository,
 )
+from build.gate import gate_images
 from build.graph_cleanup import clean
 from build.model_config import check_ensemble, read_configs
 from build.render_repo import render
@@ -63,9 +64,9 @@ NO_CUDA_GPU = None if gpu_compute_capability() else "no NVIDIA GPU here (nvidia-
 def artifacts(onnx_model, tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts")
     shutil.copy(onnx_model, out / "model.onnx")
-    # the tiny val split has 80 images: one image is 1.25 points of top-1, so the default 1.0-point gate
+    # the tiny val split has 80 images: one image is 1.25 points of top-1 and of agreement, so the default gate
     # would fail on a single flipped image; allow two (the gate itself is tested below)
-    quantize.build(out / "model.onnx", tiny_data, out, calib_size=32, max_top1_drop=2.5)
+    quantize.build(out / "model.onnx", tiny_data, out, calib_size=32, max_top1_drop=2.5, min_agreement=97.5)
     return out
 
 
@@ -123,8 +124,9 @@ def test_build_report_and_artifacts(artifacts):
 
 def test_calibration_batch_is_reproducible_from_its_source_list(onnx_model, tiny_data, tmp_path):
     meta = read_metadata(onnx_model)
-    first = quantize.calibration_batch(meta, tiny_data, 12, tmp_path / "a")
-    again = quantize.calibration_batch(meta, tiny_data, 12, tmp_path / "b")
+    train = gate_images(tiny_data, meta.classes).calibrate
+    first = quantize.calibration_batch(meta, train, tiny_data, 12, tmp_path / "a")
+    again = quantize.calibration_batch(meta, train, tiny_data, 12, tmp_path / "b")
     assert np.array_equal(first, again)
     assert np.array_equal(first, np.load(tmp_path / "a" / "calib" / "calib.npy"))
     lines = (tmp_path / "a" / "calib" / "calib_sources.txt").read_text().splitlines()
@@ -149,7 +151,7 @@ def test_calibration_method_entropy_clips_the_ranges(artifacts, tiny_data, tmp_p
     shutil.copy(artifacts / "model.onnx", tmp_path / "model.onnx")
     # gate wide open: this test is about the ranges; what entropy costs in accuracy is in the report
     report = quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=32, calib_method="entropy",
-                            max_top1_drop=100.0, precisions=("int8_ort", "int8"))
+                            **GATE_OPEN, precisions=("int8_ort", "int8"))
     assert report["calibration"] == {"images": 32, "method": "entropy"}
     assert (json.loads((artifacts / REPORT).read_text())["calibration"]["method"]
             == quantize.DEFAULT_CALIB_METHOD)
@@ -178,7 +180,7 @@ def test_accuracy_gate_fails_the_build_and_writes_no_artifact(onnx_model, tiny_d
     # its recovery tries), and an INT8 failure says what was tried and which knob is left; an artifact
     # left by an earlier, passing build is removed
     (tmp_path / "model_fp16.onnx").write_bytes(b"an earlier build's artifact")
-    with pytest.raises(quantize.AccuracyGateError, match=r"fp16 top-1 .* vs FP32 .*int8_ort top-1 .*"
+    with pytest.raises(quantize.AccuracyGateError, match=r"fp16: top-1 .* vs FP32 .*int8_ort: top-1 .*"
                                                          r"more calibration images \(CALIB_SIZE, now 8\); "
                                                          r"int8_ort recovery tried \d+ ways \(other calibration"):
         quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=8, max_top1_drop=-1.0,
@@ -536,7 +538,7 @@ def test_int8_failing_the_gate_is_recovered_by_keeping_its_sensitive_layers_in_f
     assert plan("max", [("a", 1.0)])[0] == ("entropy", [])
     monkeypatch.setattr(quantize, "recovery_plan", lambda method, ranked: plan(method, ranked)[1:])
     report = quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=32, max_top1_drop=2.5,
-                            precisions=("int8_ort",), engines=("onnxruntime",))
+                            precisions=("int8_ort",), engines=("onnxruntime",), min_agreement=0.0)
     recovery = report["int8_recovery"]["int8_ort"]
     first, last = recovery["tries"][0], recovery["tries"][-1]
     base = report["artifacts"]["fp32"]["top1"]
@@ -617,7 +619,7 @@ def test_quantize_leaves_the_fp32_model_as_it_was(onnx_model, tiny_data, tmp_pat
     del model.graph.value_info[:]
     onnx.save(model, str(tmp_path / "model.onnx"))
     before = (tmp_path / "model.onnx").read_bytes()
-    quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=16, max_top1_drop=100.0,
+    quantize.build(tmp_path / "model.onnx", tiny_data, tmp_path, calib_size=16, **GATE_OPEN,
                    precisions=("int8",), engines=("onnxruntime",))
     assert (tmp_path / "model.onnx").read_bytes() == before
     assert served_for("int8", tmp_path)[0].name == ARTIFACT_NAMES["int8"]  # the report is the file's
@@ -626,7 +628,7 @@ def test_quantize_leaves_the_fp32_model_as_it_was(onnx_model, tiny_data, tmp_pat
 def test_every_long_step_of_quantize_says_what_it_does(onnx_model, tiny_data, tmp_path, capsys):
     """Conversion, scoring, timing and the isolated engine's pass each print a line before they start (a log
     or a pipe shows them; the bars beside them only draw on a terminal)."""
-    quantize.build(onnx_model, tiny_data, tmp_path, calib_size=8, max_top1_drop=100.0, precisions=("fp16",))
+    quantize.build(onnx_model, tiny_data, tmp_path, calib_size=8, **GATE_OPEN, precisions=("fp16",))
     out = capsys.readouterr().out
     val_images = len(list((tiny_data / "val").rglob("*.jpg")))
     for line in ("converting fp16 ...", f"on {val_images} val images ...", "timing fp32, fp16 at batches",

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from build.engine import EngineBuilder, EngineEnvironmentError, PlanStamp, check_environment, check_plan
-from build.quantize import accuracy
+from build.gate import accuracy
 from build.render_repo import fit_to_host, render
 from build.settings import BatchProfile, RepoSettings, add_settings_args, keeps_manifest, repo_settings
 from clients.client import ImageClassifierClient, Prediction, image_input, triton_modules
