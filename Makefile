@@ -242,7 +242,8 @@ gpu-check: venv ## [gpu] engines, serving and fidelity end to end on a GPU: arti
 # PRECISION and ENGINE pick what serves (ONNX=file overrides the file); TARGET=gpu renders the GPU repository
 repo: venv ## [stages] render model_repository/ (PRECISION, ENGINE, TARGET, LAYOUT, the repository settings)
 	$(PY) -m build.render_repo $(if $(filter command line,$(origin ONNX)),--onnx $(ONNX)) --artifacts $(ARTIFACTS) \
-	  --precision $(PRECISION) $(if $(ENGINE),--engine $(ENGINE)) --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) \
+	  $(if $(filter command line environment,$(origin PRECISION)),--precision $(PRECISION)) $(if $(ENGINE),--engine $(ENGINE)) \
+	  --target $(TARGET) $(if $(PLAN),--plan $(PLAN)) \
 	  $(if $(LAYOUT),--layout $(LAYOUT)) $(if $(HOST_CORES),--host-cores $(HOST_CORES)) \
 	  --data $(DATA) $(GATE_ARGS) $(AGREEMENT_ARGS) --out $(REPO) $(SETTINGS_ARGS)
 

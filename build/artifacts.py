@@ -231,7 +231,8 @@ def fitted_instances(artifacts: Path, candidate: Candidate, cores: int) -> tuple
     instances = cores + 1 if light else cores
     return instances, (f"{name}'s measured cost: {ms:.2f} ms of one core per image, "
                        f"{'under' if light else 'over'} {LIGHT_MS_PER_IMAGE} ms: "
-                       f"{'one more instance than' if light else 'one instance per'} core ({cores})")
+                       f"{'one more instance than' if light else 'one instance per'} core ({cores}; "
+                       f"{report.get('path', Path(artifacts) / REPORT)})")
 
 
 def rendered_candidate(manifest: dict[str, Any], onnx_path: Path) -> Candidate | None:

@@ -40,11 +40,19 @@ from build.artifacts import (
     fitted_instances,
     served_for,
 )
+from build.deployment_file import (
+    CONFIG_HEADER,
+    DEPLOYMENT_FILE,
+    DeploymentFile,
+    Setting,
+    Source,
+    table,
+)
 from build.engine_choice import probe, why
 from build.gate import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_TOP5_OVERLAP, Bounds
 from build.layouts import MODEL_DALI, PIPELINE_FILE, ConfigInputs, Layout
 from build.model_config import config_text
-from build.settings import MANIFEST, RepoSettings, add_settings_args, keeps_manifest, read_manifest, repo_settings
+from build.settings import MANIFEST, RepoSettings, add_settings_args, read_manifest
 from core import protocol as P
 from core.atomic_io import atomic_write_bytes, staged_directory
 from core.metadata import ArtifactMetadata, file_sha256, read_metadata
@@ -173,8 +181,9 @@ def code_files(lay: Layout, target: str) -> dict[Path, bytes]:
 
 def manifest(lay: Layout, target: str, onnx_path: Path, onnx_sha: str, plan: Path | None, out: Path,
              meta: ArtifactMetadata, spec: PreprocessSpec, settings: RepoSettings, served: Candidate | None,
-             choice: str | None = None) -> bytes:
-    """What this repository was rendered from and with: read back by the tuner and the reports."""
+             choice: str | None = None, deployment: DeploymentFile | None = None) -> bytes:
+    """What this repository was rendered from and with: read back by the tuner and the reports. ``deployment``:
+    the values its deployment file was written with, by name (a later render finds what was edited since)."""
     def rel(p: Path) -> str:
         return os.path.relpath(Path(p).resolve(), Path(out).resolve())
 
@@ -185,8 +194,25 @@ def manifest(lay: Layout, target: str, onnx_path: Path, onnx_sha: str, plan: Pat
         "engine": served.engine if served else engines.default_for(Target.GPU).name,
         "inference_precision": served.inference_precision if served else None,
         "engine_choice": choice,  # why this engine and precision: what was measured, or None
-        "settings": asdict(settings), "classes": len(meta.classes), "input_shape": list(spec.input_shape)},
+        "settings": asdict(settings), "classes": len(meta.classes), "input_shape": list(spec.input_shape),
+        "deployment": {n: as_written(s.value) for n, s in
+                       ({**deployment.choices, **deployment.settings} if deployment else {}).items()}},
         indent=2).encode()
+
+
+def deployment_of(settings: RepoSettings, target: str, layout: str, served: Candidate | None) -> DeploymentFile:
+    """The deployment file of a render that was not `make repo`'s (make tune, make analyze, the reports): values
+    other than the defaults are the caller's, and pinned."""
+    defaults = RepoSettings()
+
+    def entry(value: Any, default: Any) -> Setting:
+        return Setting(value) if value == default else Setting(value, Source.PINNED, "set by the render's caller")
+
+    entries = {f.name: entry(getattr(settings, f.name), getattr(defaults, f.name)) for f in fields(RepoSettings)}
+    engine = served.engine if served else engines.default_for(target).name
+    return DeploymentFile({}, {"target": Setting(target), "layout": entry(layout, layouts.DEFAULT_LAYOUT[target]),
+                               "precision": Setting(served.precision if served else "auto"),
+                               "engine": Setting(engine)}, entries)
 
 
 def write_repository(out: Path, files: dict[Path, bytes], configs: dict[str, mc.ModelConfig], target: str) -> None:
@@ -247,7 +273,7 @@ def check_payload_settings(s: RepoSettings, configs: dict[str, mc.ModelConfig], 
 
 def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, target: str = Target.EMBEDDED,
            plan: Path | None = None, layout: str | None = None, served: Candidate | None = None,
-           choice: str | None = None) -> dict[str, Path]:
+           choice: str | None = None, deployment: DeploymentFile | None = None) -> dict[str, Path]:
     """Write the repository: everything is computed in memory first, then the repository is replaced as a whole.
 
     embedded: the ONNX runs on ``served``'s engine (default: ONNX Runtime, in the file's own precision). gpu:
@@ -293,13 +319,19 @@ def render(onnx_path: Path, out: Path, settings: RepoSettings | None = None, tar
         files[pre_dir / MODEL_DALI] = autoserialize(pipeline)
     files[lay.labels_file()] = ("\n".join(classes) + "\n").encode()
     files.update(code_files(lay, target))
-    files.update({Path(name, "config.pbtxt"): config_text(cfg).encode() for name, cfg in configs.items()})
+    files.update({Path(name, "config.pbtxt"): (CONFIG_HEADER + config_text(cfg)).encode()
+                  for name, cfg in configs.items()})
+    deployment = replace(deployment or deployment_of(settings, target, lay.name, served),
+                         model={"onnx": os.path.relpath(Path(onnx_path).resolve(), Path(out).resolve()),
+                                "sha256": onnx_sha, "classes": len(classes), "input_shape": list(spec.input_shape)})
+    files[Path(DEPLOYMENT_FILE)] = deployment.to_yaml().encode()
     files[Path(MANIFEST)] = manifest(lay, target, Path(onnx_path), onnx_sha, plan, Path(out), meta, spec, settings,
-                                     served, choice)
+                                     served, choice, deployment)
     write_repository(Path(out), files, configs, target)
     engine = f", {served.engine} {served.precision}" if served else ""
     print(f"rendered {out} ({target}, {lay.name} layout{engine}): {', '.join(sorted(configs))} ({len(classes)} "
-          f"classes, input {spec.input_shape}, max_batch_size {settings.max_batch_size})")
+          f"classes, input {spec.input_shape}, max_batch_size {settings.max_batch_size}); "
+          f"{Path(out) / DEPLOYMENT_FILE}:\n{table(deployment)}")
     return {str(rel): Path(out) / rel for rel in files}
 
 
@@ -308,11 +340,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="ONNX exported by build.export_onnx / build.quantize "
                    "(default: the --precision artifact in --artifacts)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    p.add_argument("--precision", choices=(*map(str, PRECISIONS), "auto"), default="auto",
-                   help="embedded: the fastest engine for it that passed make quantize's gate (bf16 and int8 need "
-                        "its report; auto: the fastest passing candidate of any precision, measured here on the "
-                        "FP32 file's engines when make quantize has not run); gpu: fp32, fp16, int8 (auto: the "
-                        "plan's)")
+    p.add_argument("--precision", choices=(*map(str, PRECISIONS), "auto"),
+                   help="default: what the deployment file pins, else auto. embedded: the fastest engine for it "
+                        "that passed make quantize's gate (bf16 and int8 need its report; auto: the fastest "
+                        "passing candidate of any precision, measured here on the FP32 file's engines when make "
+                        "quantize has not run); gpu: fp32, fp16, int8 (auto: the plan's)")
     p.add_argument("--data", type=Path, help="PRECISION=auto without make quantize: the ImageFolder root whose val/ "
                                              "the engines are measured on")
     p.add_argument("--max-top1-drop", type=float,
@@ -398,62 +430,105 @@ def served_choice(args: argparse.Namespace) -> tuple[Path, Candidate | None]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Path]:
-    settings = repo_settings(args, args.out)
-    layout = args.layout
-    if layout is None and keeps_manifest(args, args.out):
-        # like the settings: a re-render keeps the layout the repository has, for the same target
-        previous = read_manifest(args.out)
-        if previous.get("target") == args.target and previous.get("layout") in layouts.LAYOUTS:
-            layout = previous["layout"]
-            if layout != layouts.DEFAULT_LAYOUT[args.target]:
-                print(f"layout from {Path(args.out) / MANIFEST}: {layout} (--layout, or RESET_SETTINGS=1 for the "
-                      f"default, {layouts.DEFAULT_LAYOUT[args.target]})")
+    """`make repo`: the choices and settings the deployment file pins (build.deployment_file), the given ones,
+    the rest fitted to this model's measurements or default; rendered, and the table printed."""
+    out = Path(args.out)
+    previous, rendered = DeploymentFile.read(out), read_manifest(out) if (out / MANIFEST).is_file() else None
+    names = [f.name for f in fields(RepoSettings)]
+    given = {n: tuple(v) if isinstance(v, list) else v for n in names if (v := getattr(args, n, None)) is not None}
+    given.update({n: v for n in ("layout", "precision", "engine") if (v := getattr(args, n, None)) is not None})
+    pinned = pins(previous, rendered, given, args.reset_settings)
+    if "layout" in pinned and args.target not in layouts.get(pinned["layout"].value).targets and "layout" not in given:
+        print(f"note: the pinned layout {pinned['layout'].value} is not for the {args.target} target: its default")
+        del pinned["layout"]
+    args.precision = pinned["precision"].value if "precision" in pinned else "auto"
+    args.engine = pinned["engine"].value if "engine" in pinned else None
     onnx_path, served = served_choice(args)
     choice = None
     if args.onnx is None and served is not None:
         report, name = current_report(args.artifacts), candidate_name(served)
         if report is not None and name is not None and name in report["artifacts"]:
             choice = f"{why(report, name, served)} ({report['path']})"
-        print(f"engine: {choice or f'{served.engine} {served.precision}, as exported (nothing measured)'}")
-    given = frozenset(f.name for f in fields(RepoSettings) if getattr(args, f.name, None) is not None)
-    if args.onnx is None and served is not None and not keeps_manifest(args, args.out):
-        settings = fit_to_cost(settings, args.artifacts, served, keep=given)
-    if args.target == Target.GPU and not keeps_manifest(args, args.out):
-        settings = fit_to_host(settings, args.host_cores or os.cpu_count() or 1, keep=given)
-    return render(onnx_path, args.out, settings, args.target, args.plan, layout, served, choice)
+    settings = replace(RepoSettings(), **{n: s.value for n, s in pinned.items() if n in names})
+    keep = frozenset(pinned) & set(names)
+    fitted: dict[str, tuple[Any, str]] = {}
+    if args.onnx is None and served is not None:
+        fitted.update(cost_fits(settings, args.artifacts, served, keep))
+    if args.target == Target.GPU:
+        fitted.update(host_fits(replace(settings, **{n: v for n, (v, _) in fitted.items()}),
+                                args.host_cores or os.cpu_count() or 1, keep))
+    settings = replace(settings, **{n: v for n, (v, _) in fitted.items()})
+    entries = {n: pinned.get(n) or (Setting(v, Source.FITTED, fitted[n][1]) if n in fitted else Setting(v))
+               for n, v in ((n, getattr(settings, n)) for n in names)}
+    layout = pinned["layout"].value if "layout" in pinned else layouts.DEFAULT_LAYOUT[args.target]
+    engine = served.engine if served else engines.default_for(Target.GPU).name
+    choices = {"target": Setting(args.target, Source.PINNED if "target" in given else Source.DEFAULT),
+               "layout": pinned.get("layout") or Setting(layout),
+               "precision": pinned.get("precision") or Setting("auto"),
+               "engine": pinned.get("engine") or Setting(engine, Source.FITTED if choice else Source.DEFAULT,
+                                                         choice or "")}
+    deployment = DeploymentFile({}, choices, entries)
+    return render(onnx_path, args.out, settings, args.target, args.plan, layout, served, choice, deployment)
 
 
-def shown(value: Any) -> str:
-    """A setting as the make variable takes it: 8, or 4 8 for a tuple, or none."""
-    if isinstance(value, tuple):
-        return " ".join(map(str, value)) or "none"
-    return str(value)
+def pins(previous: DeploymentFile | None, rendered: dict[str, Any] | None, given: dict[str, Any],
+         reset: bool) -> dict[str, Setting]:
+    """What this render keeps as it is, by name (settings and choices): what was ``given`` (flags, make variables
+    on the command line); unless ``reset``, what the deployment file pins, and what was edited in it since the
+    last render (its value differs from the one ``rendered``, build.json, records); and for a repository rendered
+    before deployment files, its build.json's settings that differ from the defaults."""
+    out: dict[str, Setting] = {}
+    if not reset and previous is not None:
+        written = (rendered or {}).get("deployment", {})
+        for name, s in {**previous.choices, **previous.settings}.items():
+            if s.source == Source.PINNED:
+                out[name] = s
+            elif name in written and as_written(s.value) != written[name]:
+                out[name] = Setting(s.value, Source.PINNED, f"edited in {DEPLOYMENT_FILE}")
+    elif not reset and rendered is not None:  # before deployment.yaml: build.json's own values were kept
+        defaults = asdict(RepoSettings())
+        for name, value in rendered.get("settings", {}).items():
+            if name in defaults and as_written(value) != as_written(defaults[name]):
+                out[name] = Setting(tuple(value) if isinstance(value, list) else value, Source.PINNED,
+                                    f"kept from {MANIFEST}, rendered before {DEPLOYMENT_FILE}")
+    out.update({n: Setting(v, Source.PINNED, "given to make repo") for n, v in given.items()})
+    return out
+
+
+def as_written(value: Any) -> Any:
+    """A value as JSON and YAML read it back (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def fit_to_cost(settings: RepoSettings, artifacts: Path, served: Candidate, keep: frozenset[str] = frozenset(),
                 cores: int | None = None) -> RepoSettings:
-    """The settings with the batch size and the classifier instances the served model's measured cost calls for
-    (build.artifacts fitted_batch, fitted_instances), where make quantize measured it and the field is not
-    in ``keep`` (given explicitly); else unchanged. ``cores``: the serving machine's (default: this one's).
+    """``settings`` with :func:`cost_fits` applied."""
+    return replace(settings, **{n: v for n, (v, _) in cost_fits(settings, artifacts, served, keep, cores).items()})
+
+
+def cost_fits(settings: RepoSettings, artifacts: Path, served: Candidate, keep: frozenset[str] = frozenset(),
+              cores: int | None = None) -> dict[str, tuple[Any, str]]:
+    """The batch size and the classifier instances the served model's measured cost calls for (build.artifacts
+    fitted_batch, fitted_instances), with why, where it was measured (make quantize, or make repo's own engine
+    choice) and the field is not in ``keep`` (pinned). ``cores``: the serving machine's (default: this one's).
 
     The fitted batch is the batcher's preferred size, not ``max_batch_size``: the largest request a server
     accepts is a contract with its clients (a client that sent 16 images in one request must not be refused
     after a re-render), so it stays as given (32 by default); under load the batcher forms batches of the
     preferred size, which is what bounds a batch's latency."""
     batch = fitted_batch(artifacts, served)
-    fits = {"preferred_batch_sizes": (((batch[0],), batch[1]) if batch else None, "PREFERRED"),
-            "classifier_instances": (fitted_instances(artifacts, served, cores or os.cpu_count() or 1), "INSTANCES")}
-    changes: dict[str, Any] = {}
-    for field_name, (fit, variable) in fits.items():
-        if fit is not None and field_name not in keep and fit[0] != getattr(settings, field_name):
-            print(f"{field_name} {shown(fit[0])} (not {shown(getattr(settings, field_name))}) from {fit[1]}; "
-                  f"{variable}= to choose")
-            changes[field_name] = fit[0]
-    return replace(settings, **changes)
+    fits = {"preferred_batch_sizes": ((batch[0],), batch[1]) if batch else None,
+            "classifier_instances": fitted_instances(artifacts, served, cores or os.cpu_count() or 1)}
+    return {n: fit for n, fit in fits.items() if fit is not None and n not in keep}
 
 
 def fit_to_host(settings: RepoSettings, cores: int, keep: frozenset[str] = frozenset()) -> RepoSettings:
-    """The GPU target's DALI threads for a serving host of ``cores`` cores, unless given (``keep``).
+    """``settings`` with :func:`host_fits` applied."""
+    return replace(settings, **{n: v for n, (v, _) in host_fits(settings, cores, keep).items()})
+
+
+def host_fits(settings: RepoSettings, cores: int, keep: frozenset[str] = frozenset()) -> dict[str, tuple[Any, str]]:
+    """The GPU target's DALI threads for a serving host of ``cores`` cores, with why, unless pinned (``keep``).
 
     The embedded target's default (1 thread per preprocessing instance) was measured on 2 cores, where the
     threads compete with inference. On a GPU host, DALI's thread pool does the host side of nvJPEG's decoding
@@ -461,12 +536,10 @@ def fit_to_host(settings: RepoSettings, cores: int, keep: frozenset[str] = froze
     while the GPU does the rest: one thread per instance would cap preprocessing at that many cores of a
     16-64-core host. So the instances share the host's cores."""
     if "dali_threads" in keep:
-        return settings
+        return {}
     threads = max(1, cores // max(1, settings.preprocess_instances))
-    if threads != settings.dali_threads:
-        print(f"dali_threads {threads} (not {settings.dali_threads}): {settings.preprocess_instances} DALI instances "
-              f"sharing a serving host of {cores} cores; DALI_THREADS= to choose, HOST_CORES= to size for another host")
-    return replace(settings, dali_threads=threads)
+    return {"dali_threads": (threads, f"{settings.preprocess_instances} DALI instances sharing a serving host of "
+                                      f"{cores} cores (HOST_CORES= for another host)")}
 
 
 if __name__ == "__main__":

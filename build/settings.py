@@ -121,7 +121,8 @@ def settings_from_manifest(manifest: dict[str, Any]) -> RepoSettings:
 def add_settings_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """One --flag per RepoSettings field (or those in ``only``); unset flags stay None so repo_settings()
     can tell them apart."""
-    g = p.add_argument_group("batching and instance settings (default: the repository's build.json, else built-in)")
+    g = p.add_argument_group("repository settings (given: pinned in the repository's deployment.yaml; default: "
+                             "as that file pins it, else fitted or built-in)")
     defaults = RepoSettings()
     for f in fields(RepoSettings):
         if only is not None and f.name not in only:
@@ -131,7 +132,8 @@ def add_settings_args(p: argparse.ArgumentParser, only: tuple[str, ...] | None =
         g.add_argument("--" + f.name.replace("_", "-"), type=kind, nargs="*" if tuple_field else None, default=None,
                        help=f"{f.metadata['help']} (built-in default {getattr(defaults, f.name)})")
     g.add_argument("--reset-settings", action="store_true",
-                   help="ignore the settings the repository was last rendered or tuned with")
+                   help="make repo: unpin every value of the repository's deployment.yaml (fitted or default again); "
+                        "the GPU tools: ignore the settings its build.json records")
 
 
 def keeps_manifest(args: argparse.Namespace, repo: Path | None) -> bool:

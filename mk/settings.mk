@@ -2,8 +2,9 @@
 # docker/Makefile, so that `make engine` and `make -C docker engine` pass the same ones. Their built-in
 # defaults are printed by `python -m build.render_repo --help` (build/settings.py); an unset variable
 # passes nothing.
-# batching settings: unset means "as the repository was last rendered or tuned (its build.json), else
-# the built-in defaults" (python -m build.render_repo --help); RESET_SETTINGS=1 goes back to the defaults
+# the repository settings: one given here pins it in the repository's deployment.yaml; unset means "as that
+# file pins it, else fitted to the model's measurements, else the built-in default" (python -m
+# build.render_repo --help); RESET_SETTINGS=1 unpins everything
 MAX_BATCH   ?=
 PREFERRED   ?=
 QUEUE_DELAY_US ?=

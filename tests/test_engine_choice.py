@@ -57,7 +57,7 @@ def test_make_repo_serves_the_fastest_passing_engine_without_make_quantize(artif
     params = read_configs(tmp_path / "repo")[P.ENSEMBLE].parameters
     assert params["engine"].string_value == served.engine
     assert params["inference_precision"].string_value == served.inference_precision
-    assert f"engine: {manifest['engine_choice']}" in capsys.readouterr().out
+    assert f"{served.engine}  fitted ({manifest['engine_choice']})" in capsys.readouterr().out  # make repo's table
 
     # measured once per model: a re-render reads the report back
     measured = (artifacts / ENGINE_REPORT).stat().st_mtime_ns

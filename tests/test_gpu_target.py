@@ -595,8 +595,8 @@ def test_the_served_preprocess_model_is_checked_against_the_cpu_pipeline(ensembl
 def test_gpu_dali_threads_follow_the_serving_host(onnx_model, tmp_path, capsys):
     """Issue 37: the GPU target's DALI threads do the host side of nvJPEG's decoding; rendered with the embedded
     target's 1 thread per instance, a 32-core GPU host would preprocess on 2 of its cores. `make repo
-    TARGET=gpu` sizes them for the serving host (HOST_CORES, default this machine's), unless DALI_THREADS is
-    given; a re-render keeps what the repository has."""
+    TARGET=gpu` sizes them for the serving host (HOST_CORES, default this machine's), fitted again at each
+    render, unless DALI_THREADS pins them."""
     from build import render_repo
 
     def rendered(repo: Path, *flags: str) -> tuple[str, int]:
@@ -607,11 +607,12 @@ def test_gpu_dali_threads_follow_the_serving_host(onnx_model, tmp_path, capsys):
         return config.parameters["num_threads"].string_value, pipeline["num_threads"]
 
     assert rendered(tmp_path / "a", "--host-cores", "32") == ("16", 16)  # 2 instances sharing 32 cores
-    assert "dali_threads 16 (not 1): 2 DALI instances sharing a serving host of 32 cores" in capsys.readouterr().out
+    assert re.search(r"dali_threads +16 +fitted \(2 DALI instances sharing a serving host of 32 cores",
+                     capsys.readouterr().out)
     assert rendered(tmp_path / "b", "--host-cores", "32", "--preprocess-instances", "4") == ("8", 8)
-    assert rendered(tmp_path / "c", "--host-cores", "32", "--dali-threads", "3") == ("3", 3)  # given: kept
-    assert rendered(tmp_path / "a", "--host-cores", "4") == ("16", 16)  # a re-render keeps the repository's
-    assert rendered(tmp_path / "a", "--host-cores", "4", "--reset-settings") == ("2", 2)
+    assert rendered(tmp_path / "c", "--host-cores", "32", "--dali-threads", "3") == ("3", 3)  # given: pinned
+    assert rendered(tmp_path / "c", "--host-cores", "8") == ("3", 3)  # and kept
+    assert rendered(tmp_path / "a", "--host-cores", "4") == ("2", 2)  # fitted again for another host
 
 
 def test_gpu_check_reports_the_host_side_against_the_tensor_path():

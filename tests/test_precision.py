@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -565,7 +566,7 @@ def test_repository_batch_and_instances_follow_the_models_measured_cost(artifact
     """`make repo` sets the batcher's preferred batch to the smallest one make quantize measured within 95% of
     the served candidate's best throughput (a costly model: 8 of these, not none), and its instances to one per
     core for a model that costs over LIGHT_MS_PER_IMAGE of a core per image, one more below it, unless
-    PREFERRED / INSTANCES is given or the repository keeps its own (tuned) settings; a cheap model gets 32.
+    PREFERRED / INSTANCES pins it (given, or in the deployment file); a cheap model gets 32.
     The largest request the server accepts stays max_batch_size (32): a client's 32-image request is answered
     after a re-render that fits a batch of 8."""
     from build import render_repo
@@ -585,12 +586,13 @@ def test_repository_batch_and_instances_follow_the_models_measured_cost(artifact
 
     def rendered(*flags: str, field: str = "preferred_batch_sizes") -> object:
         render_repo.main(render_repo.get_args_parser().parse_args(
-            ["--artifacts", str(work), "--out", str(tmp_path / "repo"), *flags]))
+            ["--artifacts", str(work), "--out", str(tmp_path / "repo"), "--precision", "fp32", *flags]))
         return read_manifest(tmp_path / "repo")["settings"][field]
 
     measured({1: 90, 8: 520, 16: 540, 32: 530})  # a 224-px model: nothing gained past 8
     assert rendered() == [8]
-    assert "preferred_batch_sizes 8 (not none)" in capsys.readouterr().out
+    assert re.search(r"preferred_batch_sizes +8 +fitted \(\w+'s measured cost: 520 img/s at batch 8",
+                     capsys.readouterr().out)
     assert rendered(field="max_batch_size") == 32  # the contract with the clients is unchanged
     configs = read_configs(tmp_path / "repo")
     assert list(configs["classify"].dynamic_batching.preferred_batch_size) == [8]
@@ -605,7 +607,8 @@ def test_repository_batch_and_instances_follow_the_models_measured_cost(artifact
     measured({1: 90, 8: 400, 16: 510, 32: 530})  # 400 < 0.95 x 530 <= 510
     assert rendered("--reset-settings") == [16]
     assert rendered("--preferred-batch-sizes", "4") == [4]  # PREFERRED wins
-    assert rendered() == [4]  # a re-render keeps the repository's settings (make tune's, say)
+    assert rendered() == [4]  # and stays pinned in the deployment file
+    assert rendered("--reset-settings") == [16]  # until the pins go: fitted again
     measured({1: 900, 8: 3000, 16: 4500, 32: 6000})  # a cheap model
     assert rendered("--reset-settings") == [32]
     assert rendered("--reset-settings", field="classifier_instances") == cores + 1  # 0.33 ms
