@@ -16,18 +16,22 @@ Retries happen only where a retry can help:
 Every call has a timeout (``timeout_s``). Every request carries the inference key when there is one
 (``key``; default: ``$TRITON_INFERENCE_KEY`` or its key file, see clients.keys), and gRPC can go over TLS
 (``tls``).
+
+Inside a running event loop (Jupyter, FastAPI) await ``aclassify`` / ``aclassify_files``; ``classify_async`` is
+their synchronous convenience for scripts, which starts an event loop of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -129,8 +133,15 @@ class _Wait:
     seconds: float
 
 
-# yields its steps, is sent each _Send's result (or the exception the call raised), returns the predictions
-_Plan = Generator[_Send | _Wait, Any, list[Prediction]]
+@dataclass(frozen=True)
+class _Metadata:
+    """A plan's step: ask the model's metadata (as a dict)."""
+
+
+_Step = _Send | _Wait | _Metadata
+_T = TypeVar("_T")
+# yields its steps, is sent each call's result (or the exception the call raised), returns the predictions
+_Plan = Generator[_Step, Any, list[Prediction]]
 
 
 def _batches(blobs: Sequence[bytes], sources: Sequence[str],
@@ -173,6 +184,17 @@ class Tls:
 
 
 AUTO = "auto"  # ImageClassifierClient's key: the inference key from the environment or its file, if any
+
+
+def outside_event_loop(method: str, instead: str) -> None:
+    """Raise, naming the awaitable ``instead``, if an event loop is running in this thread: ``method`` starts
+    its own (asyncio.run), which cannot run inside another."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"ImageClassifierClient.{method} starts an event loop of its own, and one is already running "
+                       f"here (Jupyter, an async web handler): use `await client.{instead}(...)` instead")
 
 
 def request_error(e: BaseException) -> RequestError:
@@ -220,6 +242,11 @@ class ImageClassifierClient:
         (tritonclient's HTTP client adds its own entries to the headers it is given)."""
         return {**self._timeout_kw, **({"headers": dict(self._headers)} if self._headers else {})}
 
+    @property
+    def _metadata_kw(self) -> dict[str, Any]:
+        """get_model_metadata's keyword arguments: gRPC answers a protobuf unless asked for JSON."""
+        return {"as_json": True, **self._call_kw} if self.protocol == "grpc" else self._call_kw
+
     def _retry_delay(self, e: Exception, attempt: int) -> float:
         """Seconds to wait before re-sending after failed attempt ``attempt`` (0-based), or the RequestError
         raised when no retry can help: only UNAVAILABLE is retried, at most ``retries`` times. The wait is
@@ -259,32 +286,29 @@ class ImageClassifierClient:
         self.close()
 
     # -- requests ---------------------------------------------------------------------------------
-    def _classification(self) -> int | None:
-        """How the model answers, from its metadata (asked once): None when it returns LABELS and SCORES
-        (a postprocess model), else its number of classes: it returns PROBABILITIES, and the top k come
-        from Triton's classification extension ("score:index:label" strings)."""
+    def _classification(self) -> Generator[_Step, Any, int | None]:
+        """A plan: how the model answers, from its metadata (asked once): None when it returns LABELS and
+        SCORES (a postprocess model), else its number of classes: it returns PROBABILITIES, and the top k
+        come from Triton's classification extension ("score:index:label" strings)."""
         if self._num_classes is False:
-            try:
-                kw = {"as_json": True, **self._call_kw} if self.protocol == "grpc" else self._call_kw
-                meta = self._client.get_model_metadata(self.model, **kw)
-            except Exception as e:
-                raise request_error(e) from None
+            meta = yield _Metadata()
+            if isinstance(meta, Exception):
+                raise request_error(meta) from None
             outputs = {o["name"]: o for o in meta["outputs"]}
             self._version = max(meta.get("versions") or [""], key=lambda v: int(v) if v.isdigit() else -1)
             self._num_classes = None if P.LABELS in outputs else int(outputs[P.PROBABILITIES]["shape"][-1])
         return self._num_classes
 
-    def _inputs_outputs(self, mod: ModuleType, blobs: Sequence[bytes]) -> tuple[list[Any], list[Any]]:
+    def _inputs_outputs(self, mod: ModuleType, blobs: Sequence[bytes],
+                        classes: int | None) -> tuple[list[Any], list[Any]]:
         inp = image_input(mod, blobs)
-        classes = self._classification()
         if classes is not None:  # every class when the whole distribution is wanted
             k = classes if self.with_probabilities else min(self.top_k, classes)
             return [inp], [mod.InferRequestedOutput(P.PROBABILITIES, class_count=k)]
         names = P.OUTPUTS if self.with_probabilities else (P.LABELS, P.SCORES)
         return [inp], [mod.InferRequestedOutput(n) for n in names]
 
-    def _predictions(self, result: Any, sources: Sequence[str]) -> list[Prediction]:
-        classes = self._classification()
+    def _predictions(self, result: Any, sources: Sequence[str], classes: int | None) -> list[Prediction]:
         if classes is not None:
             out: list[Prediction] = []
             for src, row in zip(sources, result.as_numpy(P.PROBABILITIES).reshape(len(sources), -1), strict=True):
@@ -306,21 +330,22 @@ class ImageClassifierClient:
 
     # -- one copy of the retry and isolation logic, for the sync and the asyncio paths -------------
     # A plan is a generator that decides what to send and what to do with the answers; it yields a
-    # _Send (and is sent back the result, or the exception the call raised) or a _Wait. _run carries
-    # a plan out with the sync client and time.sleep, _run_async with an asyncio client and
-    # asyncio.sleep: they differ only in how they wait.
+    # _Send or a _Metadata (and is sent back the result, or the exception the call raised) or a _Wait.
+    # _run carries a plan out with the sync client and time.sleep, _run_async with an asyncio client
+    # and asyncio.sleep: they differ only in how they call and wait.
     def _request(self, mod: ModuleType, blobs: Sequence[bytes], sources: Sequence[str] | None) -> _Plan:
         """One request for the whole batch, re-sent after UNAVAILABLE (with backoff); raises RequestError
         if the server rejects it."""
         sources = list(sources or [f"image{i}" for i in range(len(blobs))])
-        inputs, outputs = self._inputs_outputs(mod, blobs)
+        classes = yield from self._classification()
+        inputs, outputs = self._inputs_outputs(mod, blobs, classes)
         attempt = 0
         while True:
             answer = yield _Send(inputs, outputs)
             try:
                 if isinstance(answer, Exception):
                     raise answer
-                return self._predictions(answer, sources)
+                return self._predictions(answer, sources, classes)
             except Exception as e:
                 delay = self._retry_delay(e, attempt)
             yield _Wait(delay)
@@ -353,7 +378,7 @@ class ImageClassifierClient:
                 out += _failed([s], e)
         return out
 
-    def _run(self, plan: _Plan) -> list[Prediction]:
+    def _run(self, plan: Generator[_Step, Any, _T]) -> _T:
         """Carry out a plan with the sync client."""
         answer: Any = None
         while True:
@@ -366,11 +391,14 @@ class ImageClassifierClient:
                 time.sleep(step.seconds)
                 continue
             try:
-                answer = self._client.infer(self.model, step.inputs, outputs=step.outputs, **self._call_kw)
+                if isinstance(step, _Metadata):
+                    answer = self._client.get_model_metadata(self.model, **self._metadata_kw)
+                else:
+                    answer = self._client.infer(self.model, step.inputs, outputs=step.outputs, **self._call_kw)
             except Exception as e:
                 answer = e
 
-    async def _run_async(self, client: Any, plan: _Plan) -> list[Prediction]:
+    async def _run_async(self, client: Any, plan: Generator[_Step, Any, _T]) -> _T:
         """Carry out a plan with an asyncio client (tritonclient's .aio): as _run, awaiting instead."""
         answer: Any = None
         while True:
@@ -383,7 +411,10 @@ class ImageClassifierClient:
                 await asyncio.sleep(step.seconds)
                 continue
             try:
-                answer = await client.infer(self.model, step.inputs, outputs=step.outputs, **self._call_kw)
+                if isinstance(step, _Metadata):
+                    answer = await client.get_model_metadata(self.model, **self._metadata_kw)
+                else:
+                    answer = await client.infer(self.model, step.inputs, outputs=step.outputs, **self._call_kw)
             except Exception as e:
                 answer = e
 
@@ -410,14 +441,18 @@ class ImageClassifierClient:
     # -- asyncio ----------------------------------------------------------------------------------
     def classify_async(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int = 8,
                        concurrency: int = 4, progress: Callable[[int], None] | None = None) -> list[Prediction]:
-        """Async: up to ``concurrency`` batches in flight at once (tritonclient's asyncio clients)."""
-        self._classification()  # asked once, with the sync client, before the event loop starts
-        return asyncio.run(self._classify_async(blobs, sources, batch_size, concurrency, progress))
+        """``aclassify`` for synchronous code: runs it in an event loop of its own, so only where none is
+        running (a script, the command line); inside one (Jupyter, FastAPI) ``await c.aclassify(...)``."""
+        outside_event_loop("classify_async", "aclassify")
+        return asyncio.run(self.aclassify(blobs, sources, batch_size, concurrency, progress))
 
-    async def _classify_async(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int,
-                              concurrency: int, progress: Callable[[int], None] | None) -> list[Prediction]:
+    async def aclassify(self, blobs: Sequence[bytes], sources: Sequence[str], batch_size: int = 8,
+                        concurrency: int = 4, progress: Callable[[int], None] | None = None) -> list[Prediction]:
+        """Up to ``concurrency`` batches in flight at once on tritonclient's asyncio client, awaited in the
+        caller's event loop; the same answers, retries and isolation as ``classify``. The asyncio client is
+        opened for this call and closed at its end (it belongs to the loop that made it)."""
         mod, aio = triton_modules(self.protocol, aio=True)
-        # HTTP: conn_timeout is aiohttp's total timeout per request; gRPC: a deadline per call
+        # HTTP: conn_timeout is aiohttp's total timeout per request; gRPC: a deadline per call (_call_kw)
         kw = {"conn_timeout": self.timeout_s} if self.protocol == "http" else {}
         client = aio.InferenceServerClient(self.url, **kw, **self._tls_kw)
         gate = asyncio.Semaphore(concurrency)
@@ -427,7 +462,16 @@ class ImageClassifierClient:
                 return await self._run_async(client, self._batch(mod, b, s, progress))
 
         try:
+            # the metadata once, not by every batch at once; if it fails, each batch asks again and reports
+            # the error as its images' (as classify does)
+            with contextlib.suppress(RequestError):
+                await self._run_async(client, self._classification())
             batches = [one_batch(b, s) for b, s in _batches(blobs, sources, batch_size)]
             return [p for preds in await asyncio.gather(*batches) for p in preds]
         finally:
             await client.close()
+
+    async def aclassify_files(self, paths: Sequence[Path | str], batch_size: int = 8,
+                              concurrency: int = 4) -> list[Prediction]:
+        blobs = await asyncio.to_thread(lambda: [Path(p).read_bytes() for p in paths])  # disk reads off the loop
+        return await self.aclassify(blobs, [str(p) for p in paths], batch_size, concurrency)

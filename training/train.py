@@ -15,10 +15,10 @@ seed, a run that is killed and resumed from last.pt ends with bit-identical weig
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,8 +186,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, epoch: int, 
                     scaler=None, amp_dtype=None, ema=None, teacher=None) -> dict[str, float]:
     model.train()
     total, correct, loss_sum, start = 0, 0, 0.0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-               disable=args.quiet or not dist.is_main or not sys.stderr.isatty())
+    # disable=None: tqdm's own test, a bar only when its stream (stderr) is a terminal; logs and pipes get
+    # the epoch's line (score_and_save) instead of carriage-return frames
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", leave=False,
+               disable=True if args.quiet or not dist.is_main else None)
     for images, target in bar:
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if args.channels_last_on:
@@ -520,7 +522,8 @@ def main(args: argparse.Namespace) -> dict:
     amp_dtype = resolve_amp(args.amp, device)
     args.channels_last_on = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     seed_everything(args.seed)
-    log = print if dist.is_main else _silent
+    # flushed: through a pipe (a log file, CI) each epoch's line arrives when the epoch ends, not at exit
+    log = functools.partial(print, flush=True) if dist.is_main else _silent
 
     data = load_train_data(args, dist, device)
     student = make_student(args, data.classes, device)
