@@ -485,7 +485,7 @@ def pins(previous: DeploymentFile | None, rendered: dict[str, Any] | None, given
                 out[name] = s
             elif name in written and as_written(s.value) != written[name]:
                 out[name] = Setting(s.value, Source.PINNED, f"edited in {DEPLOYMENT_FILE}")
-    elif not reset and rendered is not None:  # before deployment.yaml: build.json's own values were kept
+    elif not reset and rendered is not None and "deployment" not in rendered:  # from before deployment files
         defaults = asdict(RepoSettings())
         for name, value in rendered.get("settings", {}).items():
             if name in defaults and as_written(value) != as_written(defaults[name]):

@@ -139,3 +139,12 @@ def test_a_repository_from_before_deployment_files_keeps_its_settings(artifacts,
         assert MANIFEST in s.why
     assert d.settings["top_k"].source == Source.DEFAULT
     assert yaml.safe_load((repo / DEPLOYMENT_FILE).read_text())["version"] == 1
+
+
+def test_deleting_the_file_unpins_everything(artifacts, tiny_data, tmp_path):
+    repo = tmp_path / "repo"
+    assert make_repo(artifacts, repo, tiny_data, "--top-k", "3").settings["top_k"].source == Source.PINNED
+    (repo / DEPLOYMENT_FILE).unlink()
+    d = make_repo(artifacts, repo, tiny_data)
+    assert not d.pinned()
+    assert d.settings["top_k"].value == RepoSettings().top_k

@@ -49,6 +49,10 @@ def test_a_workload_is_trained_quantized_served_on_its_fastest_engine_and_compar
         assert [p["concurrency"] for p in x["latency"]["rows"]] == [1, 4]
         assert all(p["images_per_s"] > 0 and p["p99_ms"] > 0 and p["errors"] == 0 for p in x["latency"]["rows"])
         assert x["latency"]["highest_within_budget"] == 4
+        sat = x["latency"]["saturation"]
+        assert sat["peak_images_per_s"] == max(p["images_per_s"] for p in x["latency"]["rows"])
+        assert sat["images_per_s"] >= 0.9 * sat["peak_images_per_s"]
+    assert "| tiny-photos | " in workloads.saturation_markdown(r)
     assert "| tiny-photos | " in workloads.latency_markdown(r)
     assert "highest within" in workloads.latency_markdown(r)
     md = workloads.markdown(r)
@@ -107,3 +111,15 @@ def test_each_target_is_met_or_missed_by_how_much_and_why():
     assert "| bentoml img/s |" in md
     assert "(bentoml; ≥ 1.5: met)" in md
     assert "- w: the served path spends" in md
+
+
+def test_saturation_is_the_peak_and_the_latency_of_getting_near_it():
+    from perf.load.wrk import saturation
+
+    rows = [{"concurrency": c, "images_per_s": t, "p99_ms": p, "errors": e}
+            for c, t, p, e in ((1, 100, 10, 0), (4, 380, 14, 0), (16, 400, 60, 0), (64, 420, 250, 3))]
+    s = saturation(rows)
+    assert (s["peak_images_per_s"], s["peak_concurrency"]) == (400, 16)  # 64 connections dropped requests
+    assert (s["concurrency"], s["images_per_s"], s["p99_ms"]) == (4, 380, 14)  # 380 >= 0.9 x 400
+    assert saturation(rows, share=0.99)["concurrency"] == 16
+

@@ -114,3 +114,18 @@ def within_budget(rows: list[dict], p99_budget_ms: float) -> dict | None:
     """The highest concurrency whose p99 is within the budget (and answered every request), or None."""
     ok = [r for r in rows if r["p99_ms"] <= p99_budget_ms and r["errors"] == 0]
     return max(ok, key=lambda r: r["concurrency"]) if ok else None
+
+
+# Saturation: the sweep's highest throughput, and the latency it costs to get near it (this share of it)
+SATURATION_SHARE = 0.9
+
+
+def saturation(rows: list[dict], share: float = SATURATION_SHARE) -> dict:
+    """The sweep's highest throughput (of the points that answered every request, if any did) and the lowest
+    concurrency reaching ``share`` of it, with that point's throughput and p99."""
+    answered = [r for r in rows if r["errors"] == 0] or rows
+    peak = max(answered, key=lambda r: r["images_per_s"])
+    near = min((r for r in answered if r["images_per_s"] >= share * peak["images_per_s"]),
+               key=lambda r: r["concurrency"])
+    return {"peak_images_per_s": peak["images_per_s"], "peak_concurrency": peak["concurrency"], "share": share,
+            "concurrency": near["concurrency"], "images_per_s": near["images_per_s"], "p99_ms": near["p99_ms"]}

@@ -41,7 +41,7 @@ from build.gate import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_TOP5_OVERLAP
 from build.render_repo import fit_to_cost, render
 from build.settings import RepoSettings
 from perf.load.bodies import sample_images
-from perf.load.wrk import Target, latency_sweep, within_budget
+from perf.load.wrk import Target, latency_sweep, saturation, within_budget
 from perf.paths import REPORTS
 from perf.reference.compare import side_by_side
 from training import train
@@ -120,7 +120,8 @@ def sweep(repo: Path, image_dir: Path, out: Path, concurrencies: tuple[int, ...]
         rows = latency_sweep(Target("triton", f"http://{s.http_url}", f"/v2/models/{P.ENSEMBLE}/infer", "kserve"),
                              images, concurrencies, seconds)
     best = within_budget(rows, p99_budget_ms)
-    return {"rows": rows, "p99_budget_ms": p99_budget_ms, "highest_within_budget": best and best["concurrency"]}
+    return {"rows": rows, "p99_budget_ms": p99_budget_ms, "highest_within_budget": best and best["concurrency"],
+            "saturation": saturation(rows)}
 
 
 def measure(names: list[str], work: Path, demo_ckpt: Path, demo_data: Path, out: Path, epochs: int = 1,
@@ -245,6 +246,31 @@ def latency_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def saturation_markdown(r: dict) -> str:
+    """Per workload, in one run: Triton's highest throughput over the sweep's concurrencies and its p99 at the
+    lowest concurrency reaching 90% of it, beside the in-process limit of the same engine (the side-by-side
+    ceiling, median [range] over its rounds) and of the fastest engine make quantize measured in-process."""
+    lines = ["| workload | Triton peak img/s (at concurrency) | p99 ms at 90% of it (concurrency) | same engine "
+             "in-process img/s | Triton peak / same engine | fastest engine in-process img/s | Triton peak / fastest |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, x in r["workloads"].items():
+        sat = x.get("latency", {}).get("saturation")
+        if not sat:
+            continue
+        ceiling = x["compare"]["summary"]["in-process ceiling"]["images_per_s"]
+        fastest, best_cell, best_ratio = None, "–", "–"
+        if x.get("build"):
+            arts = x["build"]["artifacts"]
+            fastest = max((n for n in arts if n not in x["build"]["gate_failures"]),
+                          key=lambda n: arts[n]["latency"]["best_images_per_s"])
+            rate = arts[fastest]["latency"]["best_images_per_s"]
+            best_cell, best_ratio = f"{rate:.0f} ({fastest})", f"{sat['peak_images_per_s'] / rate:.2f}"
+        lines.append(f"| {name} | {sat['peak_images_per_s']:.0f} ({sat['peak_concurrency']}) | "
+                     f"{sat['p99_ms']:.1f} ({sat['concurrency']}) | {_cell(ceiling, 0)} | "
+                     f"{sat['peak_images_per_s'] / ceiling['median']:.2f} | {best_cell} | {best_ratio} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def architectures_markdown(r: dict) -> str:
     """The 224-px models' table: parameters, top-1, every INT8 candidate's drop, the engine served and speed."""
     lines = ["| model | parameters | val top-1 FP32 | served (top-1) | INT8 drop, points: ORT / OpenVINO on ORT's "
@@ -297,7 +323,8 @@ if __name__ == "__main__":
                      a.connections, peers, a.max_top1_drop, tuple(a.concurrency), a.p99_budget_ms)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "workloads.json").write_text(json.dumps(result, indent=2))
-    text = markdown(result) + "\n" + latency_markdown(result) + "\n" + architectures_markdown(result) + "".join(
+    text = markdown(result) + "\n" + latency_markdown(result) + "\n" + saturation_markdown(result) + "\n" + \
+        architectures_markdown(result) + "".join(
         f"\nNot measured: {name}: {why}\n" for name, why in result["not_measured"].items())
     (a.out / "workloads.md").write_text(text)
     print(text)
