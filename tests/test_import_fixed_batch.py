@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,24 @@ def test_a_fixed_batch_model_is_served_answering_several_images_in_one_request(f
     for p, row in zip(served, expected, strict=True):  # each image as the original answers it alone
         np.testing.assert_allclose(p.scores, np.sort(row)[::-1][:len(p.scores)], atol=1e-4)
         assert p.labels[0] == meta.classes[int(row.argmax())]
+
+
+def test_a_fixed_batch_model_is_quantized_from_a_folder_of_images(fixed, tiny_data, tmp_path):
+    """ONNX Runtime's calibration feeds the graph its own batch (it fed 16 images at a time, which a batch-1
+    graph refuses); the folder has no labels, so the gate judges agreement with the imported file."""
+    from conftest import GATE_OPEN
+
+    from build import quantize
+
+    _, imported, _, _ = fixed
+    shutil.copy(imported, tmp_path / "model.onnx")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, path in enumerate(sorted((tiny_data / "val").rglob("*.jpg"))[:24]):
+        shutil.copy(path, folder / f"{i}.jpg")
+    report = quantize.build(tmp_path / "model.onnx", folder, tmp_path, calib_size=12, precisions=("int8_ort",),
+                            engines=("onnxruntime",), **GATE_OPEN)
+    assert report["labelled"] is False
+    assert set(report["artifacts"]) == {"fp32", "int8_ort"}
+    assert read_metadata(tmp_path / "model_int8_ort.onnx").export.fixed_batch == 1
+
