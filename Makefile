@@ -15,8 +15,8 @@ ARTIFACTS   ?= artifacts
 # torchvision:<name>, timm:<name> (training/sources.py)
 ARCH        ?= resnet_tiny
 # fine-tuning: WEIGHTS = pretrained weights (a file, or the library's name: IMAGENET1K_V1, a timm tag); the
-# backbone learns at BACKBONE_LR_SCALE of LR, and not at all for FREEZE_EPOCHS; the preprocessing is the
-# model's own (its resize fraction, interpolation, mean/std) at IMG_SIZE
+# backbone learns at BACKBONE_LR_SCALE of LR (unset: 0.1), and not at all for FREEZE_EPOCHS (unset: 1); the
+# preprocessing is the model's own (its resize fraction, interpolation, mean/std) at IMG_SIZE
 WEIGHTS     ?=
 BACKBONE_LR_SCALE ?=
 FREEZE_EPOCHS ?=
@@ -356,7 +356,9 @@ report: $(if $(URL),$(LOAD_DEPS),artifacts $(if $(COMPARE_PEERS),peers)) ## [loa
 # transfer, measured offline: this project's own pretrained network (TRANSFER_SOURCE) fine-tuned on another real
 # data set against training from scratch, equal epochs, several seeds: .cache/transfer/results.md
 TRANSFER_SOURCE ?= animals
-TRANSFER_TARGET ?= digits
+TRANSFER_TARGETS ?= digits faces
+# the architectures measured, each pretrained on TRANSFER_SOURCE
+TRANSFER_ARCHS ?= resnet_tiny torchvision:mobilenet_v3_small
 # the A/B measurements (perf/ab/: one registry, one entry point): `make ab WHAT=<name>`, `make ab` lists them;
 # AB_ARGS_<name> are each one's arguments (AB_ARGS adds more); the targets below are aliases of `make ab WHAT=...`
 WHAT        ?=
@@ -428,7 +430,8 @@ workloads: artifacts $(if $(COMPARE_PEERS),peers) ## [load testing] the 224-px w
 	  --p99-budget-ms $(P99_BUDGET_MS)
 
 transfer: venv ## [experiments] fine-tuning against training from scratch, measured on real data sets
-	$(PY) -m perf.experiments.transfer --source $(TRANSFER_SOURCE) --target $(TRANSFER_TARGET) --work .cache/transfer
+	$(PY) -m perf.experiments.transfer --source $(TRANSFER_SOURCE) --targets $(TRANSFER_TARGETS) --archs $(TRANSFER_ARCHS) \
+	  --work .cache/transfer
 
 benchmark-data: venv ## [experiments] the default recipe trained and served on real data sets that packages ship
 	$(PY) -m perf.experiments.real_data --datasets $(REAL_DATASETS) --work .cache/real_data $(if $(TRAIN_ARGS),--train-args "$(TRAIN_ARGS)")

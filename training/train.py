@@ -72,6 +72,21 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
              "backbone": k[0]} for k in keys if k in groups or head is None]
 
 
+# Fine-tuning from --weights, unless told otherwise: the new head learns alone for the first epoch (a random
+# head's large gradients would otherwise reach the pretrained features through the backbone), then the backbone
+# follows at a tenth of the rate, so the features adapt without being overwritten (perf/experiments/transfer.py
+# measures it: docs/results.md).
+FINETUNE_BACKBONE_LR_SCALE, FINETUNE_FREEZE_EPOCHS = 0.1, 1
+
+
+def resolve_fine_tuning(args) -> None:
+    """The fine-tuning recipe's defaults, where --backbone-lr-scale / --freeze-epochs were not given."""
+    if getattr(args, "backbone_lr_scale", None) is None:
+        args.backbone_lr_scale = FINETUNE_BACKBONE_LR_SCALE if args.weights and not args.layer_decay else 1.0
+    if getattr(args, "freeze_epochs", None) is None:
+        args.freeze_epochs = FINETUNE_FREEZE_EPOCHS if args.weights else 0
+
+
 def fine_tuning(args) -> bool:
     """Whether the backbone learns apart from the head: pretrained weights and a backbone recipe."""
     return bool(args.weights) and (args.backbone_lr_scale != 1.0 or args.freeze_epochs > 0)
@@ -517,6 +532,7 @@ def train_epochs(run: Run, model: nn.Module) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> dict:
+    resolve_fine_tuning(args)  # also for a Namespace built without parse_args
     device = resolve_device(args.device)
     dist = init_distributed(device)
     amp_dtype = resolve_amp(args.amp, device)
@@ -599,10 +615,12 @@ def add_model_args(g: argparse._ArgumentGroup) -> None:
                    "library's name for them (torchvision: IMAGENET1K_V1, DEFAULT; timm: a pretrained tag); the "
                    "head is new, and the preprocessing becomes the model's own (resize fraction, "
                    "interpolation, mean/std) at --img-size")
-    g.add_argument("--backbone-lr-scale", type=float, default=1.0,
-                   help="fine-tuning: the backbone learns at this fraction of --lr (the new head at --lr)")
-    g.add_argument("--freeze-epochs", type=int, default=0,
-                   help="fine-tuning: epochs at the start in which only the head learns")
+    g.add_argument("--backbone-lr-scale", type=float,
+                   help="fine-tuning: the backbone learns at this fraction of --lr (the new head at --lr); default "
+                        f"{FINETUNE_BACKBONE_LR_SCALE} with --weights (1 with --layer-decay), else 1")
+    g.add_argument("--freeze-epochs", type=int,
+                   help=f"fine-tuning: epochs at the start in which only the head learns; default "
+                        f"{FINETUNE_FREEZE_EPOCHS} with --weights, else 0")
     g.add_argument("--layer-decay", type=float,
                    help="fine-tuning a timm model: layer-wise learning-rate decay (each layer below the head learns "
                         "at this factor of the one above; timm's grouping), e.g. 0.75")
@@ -690,6 +708,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data is None:
         parser.error("--data is required (on the command line or in --config)")
+    resolve_fine_tuning(args)
     return args
 
 
