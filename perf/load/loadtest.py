@@ -62,6 +62,9 @@ def run_locust(user: str, host: str, users: int, duration_s: int, out_dir: Path,
         raise RuntimeError(f"locust failed ({' '.join(cmd)}):\n{(r.stdout + r.stderr)[-2000:]}")
     with open(stats) as f:
         row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    if int(row["Request Count"]) == 0:  # locust writes N/A for every percentile then
+        raise RuntimeError(f"locust completed no request in its {duration_s} s run against {host} ({user}): the "
+                           f"server did not answer in time, or the machine was too busy to send; {prefix}.log")
     failures = []
     fail_csv = Path(f"{prefix}_failures.csv")
     if fail_csv.exists():
