@@ -133,9 +133,13 @@ def named_paths(doc: Path) -> Iterator[tuple[int, str, Path]]:
 def test_every_repository_path_the_docs_name_exists():
     found = [(doc, n, token, path) for doc in docs() for n, token, path in named_paths(doc)]
     assert len(found) > 100
-    outputs = ignored({str(p.relative_to(ROOT)) for *_, p in found if p.is_relative_to(ROOT)})
+    # a folder git ignores by a pattern with a trailing '/' (perf/reports/) is only matched as a folder: a fresh
+    # clone lacks it, so it is asked about with the slash too
+    names = {str(p.relative_to(ROOT)) for *_, p in found if p.is_relative_to(ROOT)}
+    outputs = ignored(names | {name + "/" for name in names})
     missing = [f"{rel(doc)}:{n}: `{token}` does not exist" for doc, n, token, path in found
-               if not path.exists() and not (path.is_relative_to(ROOT) and str(path.relative_to(ROOT)) in outputs)]
+               if not path.exists() and not (path.is_relative_to(ROOT) and
+                                             {str(path.relative_to(ROOT)), f"{path.relative_to(ROOT)}/"} & outputs)]
     assert not missing, "\n".join(missing)
 
 
