@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from core.metadata import file_sha256
 from served import engines
 from served.engines import FILE_PRECISIONS, Engine, InferencePrecision, Precision, Target
 
@@ -106,6 +106,18 @@ def artifact_for(precision: str, artifacts: Path, target: str = Target.EMBEDDED)
     return path
 
 
+def fp32_sha256(path: Path) -> str:
+    """The file's sha256, hashed once per version of the file: one `make repo` asks for the current report
+    several times (the engine choice, the batch and the instances fits), and a 224-px model is 100 MB."""
+    st = path.stat()
+    return _sha256(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(Path(path))
+
+
 def current_report(artifacts: Path, names: tuple[str, ...] = (REPORT, ENGINE_REPORT)) -> dict[str, Any] | None:
     """The build report, if it was measured on the FP32 model that is in ``artifacts`` now; else make repo's
     engine report (build.engine_choice), if that was."""
@@ -115,7 +127,7 @@ def current_report(artifacts: Path, names: tuple[str, ...] = (REPORT, ENGINE_REP
             continue
         report: dict[str, Any] = json.loads(path.read_text())
         measured = report.get("fp32_sha256")
-        if measured and fp32.is_file() and hashlib.sha256(fp32.read_bytes()).hexdigest() != measured:
+        if measured and fp32.is_file() and fp32_sha256(fp32) != measured:
             print(f"note: {path} was measured on another {fp32.name} (exported since): its engine timings are not "
                   "used")
             continue

@@ -58,8 +58,7 @@ class Setting:
     why: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        value = list(self.value) if isinstance(self.value, tuple) else self.value
-        return {"value": value, "source": str(self.source), **({"why": self.why} if self.why else {})}
+        return {"value": as_written(self.value), "source": str(self.source), **({"why": self.why} if self.why else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Setting:
@@ -139,6 +138,11 @@ def table(d: DeploymentFile) -> str:
             for n, s in [*d.choices.items(), *((n, d.settings[n]) for names in SECTIONS.values() for n in names
                                                  if n in d.settings)]]
     return "\n".join(rows)
+
+
+def as_written(value: Any) -> Any:
+    """A value as JSON and YAML read it back (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def shown(value: Any) -> str:

@@ -46,6 +46,7 @@ from build.deployment_file import (
     DeploymentFile,
     Setting,
     Source,
+    as_written,
     table,
 )
 from build.engine_choice import probe, why
@@ -493,11 +494,6 @@ def pins(previous: DeploymentFile | None, rendered: dict[str, Any] | None, given
                                     f"kept from {MANIFEST}, rendered before {DEPLOYMENT_FILE}")
     out.update({n: Setting(v, Source.PINNED, "given to make repo") for n, v in given.items()})
     return out
-
-
-def as_written(value: Any) -> Any:
-    """A value as JSON and YAML read it back (tuples as lists)."""
-    return list(value) if isinstance(value, tuple) else value
 
 
 def fit_to_cost(settings: RepoSettings, artifacts: Path, served: Candidate, keep: frozenset[str] = frozenset(),
